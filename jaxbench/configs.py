@@ -1,0 +1,286 @@
+"""Training configurations shared by `jaxbench` and `torch_ref`.
+
+One frozen dataclass holds every knob of the recipe; presets are functions that
+override the default rather than copy it (as in Flax's `examples/imagenet`
+configs). This module imports only the standard library, so the PyTorch
+reference can read it without touching JAX.
+
+Units: `lr` and `weight_decay` are given per *mean* loss. With
+`loss_reduction="sum"` (the Myrtle convention) the trainers use `lr / batch`
+and `weight_decay * batch`, which is the same update; see `optimizer_scales`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Config:
+    """Every field of a training run. Field docs become `--help` text."""
+
+    name: str = field(default="resnet9", metadata={"help": "preset the config came from"})
+    # --- data -----------------------------------------------------------------
+    dataset: str = field(default="cifar10", metadata={"help": "cifar10 or cifar100"})
+    data_dir: str | None = field(
+        default=None,
+        metadata={"help": "folder with the official CIFAR layout (else $JAXBENCH_DATA_DIR, cache)"},
+    )
+    source: str = field(default="auto", metadata={"help": "auto (official files) or tfds"})
+    subset: int | None = field(
+        default=None, metadata={"help": "train on the first N training images (all if unset)"}
+    )
+    test_subset: int | None = field(
+        default=None, metadata={"help": "evaluate on the first N test images (all if unset)"}
+    )
+    # --- model ----------------------------------------------------------------
+    model: str = field(default="resnet9", metadata={"help": "network architecture"})
+    widths: tuple[int, ...] = field(
+        default=(64, 128, 256, 512), metadata={"help": "channel widths, e.g. 16,32,64,128"}
+    )
+    output_scale: float = field(default=0.125, metadata={"help": "logits multiplier"})
+    bn_momentum: float = field(
+        default=0.1, metadata={"help": "BN running-stat momentum, PyTorch convention"}
+    )
+    bn_eps: float = field(default=1e-5, metadata={"help": "BN epsilon"})
+    precision: str = field(
+        default="auto",
+        metadata={"help": "float32, bfloat16, or auto (bfloat16 on GPU, float32 on CPU)"},
+    )
+    # --- optimisation -----------------------------------------------------------
+    epochs: int = field(default=12, metadata={"help": "training epochs"})
+    batch_size: int = field(
+        default=512, metadata={"help": "batch size (last partial batch dropped)"}
+    )
+    lr: float = field(default=0.4, metadata={"help": "peak learning rate (per mean loss)"})
+    lr_peak_epoch: float = field(default=2.5, metadata={"help": "epoch at which the LR peaks"})
+    lr_start: float = field(default=0.0, metadata={"help": "LR at step 0, as a fraction of lr"})
+    lr_end: float = field(
+        default=0.0, metadata={"help": "LR at the last step, as a fraction of lr"}
+    )
+    momentum: float = field(default=0.9, metadata={"help": "SGD momentum"})
+    nesterov: bool = field(default=True, metadata={"help": "Nesterov momentum"})
+    weight_decay: float = field(
+        default=5e-4, metadata={"help": "coupled L2 decay (per mean loss), added to the gradient"}
+    )
+    bn_bias_lr_mult: float = field(default=1.0, metadata={"help": "LR multiplier for BN biases"})
+    bn_bias_wd_mult: float = field(
+        default=1.0, metadata={"help": "weight-decay multiplier for BN biases"}
+    )
+    label_smoothing: float = field(default=0.2, metadata={"help": "label smoothing"})
+    loss_reduction: str = field(
+        default="sum", metadata={"help": "sum (Myrtle; LR/WD rescaled by batch) or mean"}
+    )
+    # --- EMA and evaluation -------------------------------------------------------
+    ema_every: int = field(default=5, metadata={"help": "update the EMA every k steps (0: off)"})
+    ema_momentum: float = field(
+        default=0.99, metadata={"help": "EMA momentum: ema = m * ema + (1 - m) * params"}
+    )
+    tta: bool = field(default=True, metadata={"help": "flip test-time augmentation at evaluation"})
+    eval_batch_size: int = field(default=1000, metadata={"help": "evaluation batch size"})
+    # --- augmentation -------------------------------------------------------------
+    crop_pad: int = field(default=4, metadata={"help": "reflect-pad then random-crop (0: off)"})
+    flip: str = field(default="random", metadata={"help": "none, random or alternating"})
+    cutout: int = field(default=8, metadata={"help": "cutout square side in pixels (0: off)"})
+    # --- run --------------------------------------------------------------------
+    seed: int = field(default=0, metadata={"help": "seed for init, shuffling and augmentation"})
+    loop: str = field(
+        default="auto", metadata={"help": "scan (whole epoch in one jit), step, or auto"}
+    )
+    out: str | None = field(default=None, metadata={"help": "output folder for results"})
+
+    def replace(self, **changes: Any) -> Config:
+        """A copy with some fields changed, validated."""
+        return validate(dataclasses.replace(self, **changes))
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["widths"] = list(self.widths)
+        return d
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+
+def validate(cfg: Config) -> Config:
+    """Reject impossible combinations early, with a message that names the fix."""
+    choices = {
+        "dataset": ("cifar10", "cifar100"),
+        "source": ("auto", "tfds"),
+        "precision": ("auto", "float32", "bfloat16"),
+        "loss_reduction": ("sum", "mean"),
+        "flip": ("none", "random", "alternating"),
+        "loop": ("auto", "scan", "step"),
+    }
+    for name, allowed in choices.items():
+        if getattr(cfg, name) not in allowed:
+            raise ValueError(f"--{name.replace('_', '-')} must be one of {', '.join(allowed)}")
+    if cfg.model not in MODELS:
+        raise ValueError(f"--model must be one of {', '.join(MODELS)}")
+    if cfg.model == "resnet9" and len(cfg.widths) != 4:
+        raise ValueError("--widths for resnet9 takes four numbers, e.g. --widths 64,128,256,512")
+    if any(w <= 0 for w in cfg.widths):
+        raise ValueError("--widths must be positive")
+    for name in ("epochs", "batch_size", "eval_batch_size"):
+        if getattr(cfg, name) <= 0:
+            raise ValueError(f"--{name.replace('_', '-')} must be positive")
+    if cfg.subset is not None and cfg.subset < cfg.batch_size:
+        raise ValueError(
+            f"--subset {cfg.subset} is smaller than one batch ({cfg.batch_size}); "
+            "raise --subset or lower --batch-size"
+        )
+    if cfg.test_subset is not None and cfg.test_subset <= 0:
+        raise ValueError("--test-subset must be positive")
+    if not 0 <= cfg.cutout <= 32:
+        raise ValueError("--cutout must be between 0 and 32 pixels")
+    if not 0 <= cfg.crop_pad <= 16:
+        raise ValueError("--crop-pad must be between 0 and 16 pixels")
+    if not 0.0 <= cfg.label_smoothing < 1.0:
+        raise ValueError("--label-smoothing must be in [0, 1)")
+    if not 0.0 < cfg.lr_peak_epoch <= cfg.epochs:
+        raise ValueError("--lr-peak-epoch must be in (0, --epochs]")
+    if cfg.ema_every < 0 or not 0.0 <= cfg.ema_momentum < 1.0:
+        raise ValueError("--ema-every must be >= 0 and --ema-momentum in [0, 1)")
+    return cfg
+
+
+def optimizer_scales(cfg: Config) -> tuple[float, float]:
+    """(lr, weight_decay) as the optimizer sees them, for the configured loss reduction.
+
+    A summed loss has gradients `batch` times larger than a mean loss, so the
+    step uses `lr / batch`; the coupled decay term is added to that summed
+    gradient, so it is `weight_decay * batch`. The product is unchanged.
+    """
+    if cfg.loss_reduction == "sum":
+        return cfg.lr / cfg.batch_size, cfg.weight_decay * cfg.batch_size
+    return cfg.lr, cfg.weight_decay
+
+
+# --- presets ------------------------------------------------------------------
+
+
+def resnet9() -> Config:
+    """Myrtle ResNet-9, full CIFAR-10, one-cycle SGD-Nesterov, EMA, flip TTA.
+
+    Command: `python -m jaxbench.train --config resnet9 --data-dir DIR`
+    Hardware: one GPU (H100/H200 in this project), bfloat16 compute.
+    Expected: aims at >= 94% mean test accuracy in 12 epochs; not yet measured
+    on a GPU (see README for measured numbers as they arrive).
+    """
+    return validate(Config())
+
+
+def tiny() -> Config:
+    """A narrow ResNet-9 on a 10,000-image subset: a CPU smoke test that learns.
+
+    Command: `python -m jaxbench.train --config tiny --data-dir DIR`
+    Hardware: 2 CPU cores, float32.
+    Expected: >= 50% EMA test accuracy in under 3 minutes (see README).
+    """
+    return resnet9().replace(
+        name="tiny",
+        widths=(16, 32, 64, 128),
+        subset=10_000,
+        test_subset=2_000,
+        epochs=4,
+        batch_size=250,
+        lr_peak_epoch=1.0,
+        ema_momentum=0.9,
+        precision="float32",
+    )
+
+
+PRESETS: dict[str, Callable[[], Config]] = {"resnet9": resnet9, "tiny": tiny}
+MODELS: tuple[str, ...] = ("resnet9",)
+
+
+def get_config(name: str) -> Config:
+    """A preset by name, with a clear error for a typo."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown --config {name!r}; choose one of {', '.join(PRESETS)}")
+    return PRESETS[name]()
+
+
+# --- command line -----------------------------------------------------------------
+
+
+def _parse_widths(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(w) for w in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"--widths takes comma-separated integers, e.g. 16,32,64,128; got {text!r}"
+        ) from None
+
+
+def _parse_bool(text: str) -> bool:
+    lowered = text.lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
+def _parse_optional_int(text: str) -> int | None:
+    if text.lower() in ("none", "all", ""):
+        return None
+    return int(text)
+
+
+def add_config_args(parser: argparse.ArgumentParser, skip: Sequence[str] = ("name",)) -> None:
+    """Add `--config` and one `--field` flag per Config field; flags not given keep the preset."""
+    parser.add_argument(
+        "--config", default="resnet9", choices=sorted(PRESETS), help="preset to start from"
+    )
+    for f in dataclasses.fields(Config):
+        if f.name in skip:
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        kind: Callable[[str], Any]
+        if f.name == "widths":
+            kind = _parse_widths
+        elif f.type in ("bool",):
+            kind = _parse_bool
+        elif f.type in ("int | None",):
+            kind = _parse_optional_int
+        elif f.type in ("int",):
+            kind = int
+        elif f.type in ("float",):
+            kind = float
+        else:
+            kind = str
+        parser.add_argument(
+            flag,
+            dest=f.name,
+            type=kind,
+            default=argparse.SUPPRESS,
+            metavar=f.name.upper(),
+            help=f.metadata.get("help", ""),
+        )
+
+
+def config_from_args(args: argparse.Namespace) -> Config:
+    """The chosen preset with every flag the user gave applied on top."""
+    cfg = get_config(args.config)
+    changes = {
+        f.name: getattr(args, f.name) for f in dataclasses.fields(Config) if hasattr(args, f.name)
+    }
+    return cfg.replace(**changes)
+
+
+def config_from_dict(d: dict[str, Any]) -> Config:
+    """Inverse of `Config.to_dict` (for reading a saved config.json)."""
+    d = dict(d)
+    if "widths" in d:
+        d["widths"] = tuple(d["widths"])
+    known = {f.name for f in dataclasses.fields(Config)}
+    unknown = set(d) - known
+    if unknown:
+        raise ValueError(f"config has unknown fields {sorted(unknown)}")
+    return validate(Config(**d))

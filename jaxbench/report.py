@@ -1,0 +1,139 @@
+"""Results on disk and on stdout, shared by both trainers, the parity suite and the benchmark.
+
+Every file is written atomically (temp file in the same folder, then
+`os.replace`), so an interrupted run never leaves half a JSON behind.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import platform
+import sys
+import tempfile
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+EPOCH_COLUMNS: tuple[str, ...] = (
+    "epoch",
+    "train_loss",
+    "val_loss",
+    "train_acc",
+    "val_acc",
+    "ema_val_acc",
+    "total_time_seconds",
+)
+
+
+def _jsonable(x: Any) -> Any:
+    if isinstance(x, dict):
+        return {str(k): _jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_jsonable(v) for v in x]
+    if isinstance(x, np.ndarray):
+        return x.tolist()
+    if isinstance(x, np.generic):
+        return x.item()
+    if hasattr(x, "tolist") and callable(x.tolist):  # jax / torch scalars and arrays
+        return x.tolist()
+    return x
+
+
+def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
+    """Write `data` to `path` so readers see the old file or the new one, never a part."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_text(path: str | os.PathLike[str], text: str) -> None:
+    atomic_write_bytes(path, text.encode())
+
+
+def write_json(path: str | os.PathLike[str], obj: Any) -> None:
+    atomic_write_text(path, json.dumps(_jsonable(obj), indent=2, sort_keys=True) + "\n")
+
+
+def write_jsonl(path: str | os.PathLike[str], rows: Iterable[dict[str, Any]]) -> None:
+    """Rewrite the whole JSON-lines file atomically (runs are short; rows are few)."""
+    atomic_write_text(path, "".join(json.dumps(_jsonable(r), sort_keys=True) + "\n" for r in rows))
+
+
+def now_iso() -> str:
+    return _dt.datetime.now(_dt.UTC).replace(microsecond=0).isoformat()
+
+
+def environment(frameworks: Sequence[str] = ()) -> dict[str, Any]:
+    """Host, Python and framework versions, recorded beside every result."""
+    env: dict[str, Any] = {
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "processor": platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "numpy": np.__version__,
+        "date": now_iso(),
+        "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
+    }
+    if "jax" in frameworks:
+        import flax
+        import jax
+        import optax
+
+        dev = jax.devices()[0]
+        env.update(
+            jax=jax.__version__,
+            flax=flax.__version__,
+            optax=optax.__version__,
+            jax_backend=jax.default_backend(),
+            jax_device=getattr(dev, "device_kind", str(dev)),
+        )
+    if "torch" in frameworks:
+        import torch
+
+        env.update(torch=torch.__version__)
+        if torch.cuda.is_available():
+            env.update(
+                torch_device=torch.cuda.get_device_name(0),
+                cuda=torch.version.cuda,
+                cudnn=torch.backends.cudnn.version(),
+            )
+        else:
+            env.update(torch_device="cpu")
+    return env
+
+
+def format_row(values: dict[str, Any], columns: Sequence[str] = EPOCH_COLUMNS) -> str:
+    """One fixed-width table row; floats in [0, 1] accuracy columns print as percentages."""
+    cells = []
+    for c in columns:
+        v = values.get(c)
+        if v is None:
+            cells.append(f"{'-':>{_width(c)}}")
+        elif c.endswith("_acc"):
+            cells.append(f"{100 * v:>{_width(c) - 1}.2f}%")
+        elif isinstance(v, float):
+            cells.append(f"{v:>{_width(c)}.4f}")
+        else:
+            cells.append(f"{v!s:>{_width(c)}}")
+    return "  ".join(cells)
+
+
+def format_header(columns: Sequence[str] = EPOCH_COLUMNS) -> str:
+    return "  ".join(f"{c:>{_width(c)}}" for c in columns)
+
+
+def _width(column: str) -> int:
+    return max(len(column), 8)

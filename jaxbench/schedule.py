@@ -1,0 +1,30 @@
+"""The one-cycle learning-rate schedule, defined once as knots.
+
+Both trainers build their schedule from `lr_knots`: JAX through optax, PyTorch
+by setting each param group's LR before each step. `lr_at` is the float64
+reference the tests and the parity suite compare both against. The LR of
+optimizer update t (0-based) is `lr_at(t)`: the first update uses step 0.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from jaxbench.configs import Config, optimizer_scales
+
+
+def lr_knots(cfg: Config, steps_per_epoch: int) -> tuple[list[int], list[float]]:
+    """(steps, values): linear from lr_start*lr to lr at the peak, then to lr_end*lr.
+
+    Values are in optimizer units (already divided by the batch for a summed loss).
+    """
+    lr, _ = optimizer_scales(cfg)
+    total = cfg.epochs * steps_per_epoch
+    peak = min(max(int(round(cfg.lr_peak_epoch * steps_per_epoch)), 1), total)
+    return [0, peak, total], [cfg.lr_start * lr, lr, cfg.lr_end * lr]
+
+
+def lr_at(step: np.ndarray | int, cfg: Config, steps_per_epoch: int) -> np.ndarray:
+    """Reference LR of update `step`, piecewise linear between the knots."""
+    xs, ys = lr_knots(cfg, steps_per_epoch)
+    return np.interp(np.asarray(step, dtype=np.float64), xs, ys)

@@ -1,0 +1,122 @@
+"""The framework-neutral batch stream: shuffle order and augmentation parameters.
+
+Both trainers can consume the very same stream: `epoch_plan` draws, with numpy
+and from the seed alone, the image order of an epoch and every augmentation
+parameter (crop offsets, flip decisions, cutout corners). Each framework then
+*applies* a plan with its own batched tensor ops (`jaxbench.augment`,
+`torch_ref.augment`); `apply_plan_numpy` is the slow, obvious reference the
+tests compare both against. The benchmark's fast JAX path draws the same kinds
+of parameters with `jax.random` inside the jit instead (same distributions,
+different numbers).
+
+Semantics of applying a plan to batch position b (images are uint8 NHWC):
+  1. x = images[indices[b]]
+  2. crop (if crop_pad > 0): reflect-pad H and W by crop_pad (numpy 'reflect',
+     i.e. the edge pixel is not repeated), then take the 32x32 window whose
+     top-left corner is (crop_y[b], crop_x[b]), each in [0, 2 * crop_pad].
+  3. flip (if flip[b]): reverse the W axis.
+  4. cutout (if cutout > 0): fill rows cutout_y[b]:+cutout and columns
+     cutout_x[b]:+cutout, all channels, with FILL_RGB (the uint8 data mean), the
+     corner drawn in [0, 32 - cutout] so the square lies inside the image.
+The result stays uint8, so two frameworks agree bit for bit; normalisation
+(`(x / 255 - mean) / std`) happens afterwards, on the device.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from jaxbench.configs import Config
+
+IMAGE_SIZE = 32
+# Per-channel statistics of the training set, in [0, 1] units.
+MEAN_STD: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
+    "cifar10": ((0.49139968, 0.48215841, 0.44653091), (0.24703223, 0.24348513, 0.26158784)),
+    "cifar100": ((0.50707516, 0.48654887, 0.44091784), (0.26733429, 0.25643846, 0.27615047)),
+}
+# Cutout fill: the CIFAR-10 mean as uint8, so a cut square normalises to ~0.
+FILL_RGB: tuple[int, int, int] = (125, 123, 114)
+
+_STREAM_TAG = 0x5EED  # keeps the data stream's seeds apart from the init seeds
+_FLIP_TAG = 0xF11B
+
+
+@dataclass(frozen=True)
+class EpochPlan:
+    """Everything random about one epoch's batches; arrays have steps * batch entries."""
+
+    indices: np.ndarray  # int32, which training image sits at each batch position
+    crop_y: np.ndarray  # int32 in [0, 2 * crop_pad]
+    crop_x: np.ndarray  # int32 in [0, 2 * crop_pad]
+    flip: np.ndarray  # bool
+    cutout_y: np.ndarray  # int32 in [0, 32 - cutout]
+    cutout_x: np.ndarray  # int32 in [0, 32 - cutout]
+
+    def batch(self, step: int, batch_size: int) -> EpochPlan:
+        """The slice of the plan that step `step` of the epoch consumes."""
+        sl = slice(step * batch_size, (step + 1) * batch_size)
+        return EpochPlan(*(getattr(self, f)[sl] for f in _FIELDS))
+
+    def as_dict(self) -> dict[str, np.ndarray]:
+        return {f: getattr(self, f) for f in _FIELDS}
+
+
+_FIELDS = ("indices", "crop_y", "crop_x", "flip", "cutout_y", "cutout_x")
+
+
+def steps_per_epoch(cfg: Config, n_train: int) -> int:
+    """Full batches per epoch; the last partial batch is dropped."""
+    return n_train // cfg.batch_size
+
+
+def base_flips(cfg: Config, n_train: int) -> np.ndarray:
+    """The once-per-run random half for alternating flip (airbench's epoch-0 flips)."""
+    rng = np.random.default_rng(np.random.SeedSequence([cfg.seed, _FLIP_TAG]))
+    return rng.random(n_train) < 0.5
+
+
+def epoch_plan(cfg: Config, epoch: int, n_train: int) -> EpochPlan:
+    """The shared stream's plan for `epoch` (0-based); a pure function of (cfg, epoch, n)."""
+    n = steps_per_epoch(cfg, n_train) * cfg.batch_size
+    rng = np.random.default_rng(np.random.SeedSequence([cfg.seed, _STREAM_TAG, epoch]))
+    indices = rng.permutation(n_train)[:n].astype(np.int32)
+    span = 2 * cfg.crop_pad + 1
+    crop_y = rng.integers(0, span, n, dtype=np.int32)
+    crop_x = rng.integers(0, span, n, dtype=np.int32)
+    if cfg.flip == "random":
+        flip = rng.random(n) < 0.5
+    elif cfg.flip == "alternating":
+        flip = base_flips(cfg, n_train)[indices] ^ bool(epoch % 2)
+    else:
+        flip = np.zeros(n, dtype=bool)
+    corner = IMAGE_SIZE - cfg.cutout + 1
+    cutout_y = rng.integers(0, corner, n, dtype=np.int32)
+    cutout_x = rng.integers(0, corner, n, dtype=np.int32)
+    return EpochPlan(indices, crop_y, crop_x, flip, cutout_y, cutout_x)
+
+
+def apply_plan_numpy(images_NHWC: np.ndarray, plan: EpochPlan, cfg: Config) -> np.ndarray:
+    """Reference implementation of the semantics above, one image at a time."""
+    out = np.empty((len(plan.indices), IMAGE_SIZE, IMAGE_SIZE, 3), dtype=np.uint8)
+    p = cfg.crop_pad
+    for b, i in enumerate(plan.indices):
+        x = images_NHWC[i]
+        if p:
+            x = np.pad(x, ((p, p), (p, p), (0, 0)), mode="reflect")
+            x = x[plan.crop_y[b] : plan.crop_y[b] + 32, plan.crop_x[b] : plan.crop_x[b] + 32]
+        if plan.flip[b]:
+            x = x[:, ::-1]
+        x = np.array(x)
+        if cfg.cutout:
+            y0, x0, s = plan.cutout_y[b], plan.cutout_x[b], cfg.cutout
+            x[y0 : y0 + s, x0 : x0 + s] = FILL_RGB
+        out[b] = x
+    return out
+
+
+def normalize_numpy(images_NHWC: np.ndarray, dataset: str = "cifar10") -> np.ndarray:
+    """Float32 normalisation, for tests and host-side references."""
+    mean, std = (np.asarray(v, np.float32) for v in MEAN_STD[dataset])
+    return (images_NHWC.astype(np.float32) / 255.0 - mean) / std
