@@ -137,3 +137,39 @@ def format_header(columns: Sequence[str] = EPOCH_COLUMNS) -> str:
 
 def _width(column: str) -> int:
     return max(len(column), 8)
+
+
+class RunRecorder:
+    """The per-epoch table on stdout and the run's files, the same for both trainers.
+
+    `epoch(row)` prints a row and rewrites `metrics.jsonl`; `finish(summary)`
+    writes `summary.json`. A non-finite training loss raises `FloatingPointError`
+    naming the epoch, so a diverged run stops with a clear message.
+    """
+
+    def __init__(self, config: dict[str, Any], workdir: str | os.PathLike[str] | None, quiet: bool):
+        self.workdir = Path(workdir) if workdir is not None else None
+        self.quiet = quiet
+        self.rows: list[dict[str, Any]] = []
+        if self.workdir is not None:
+            write_json(self.workdir / "config.json", config)
+        if not quiet:
+            print(format_header(), flush=True)
+
+    def epoch(self, row: dict[str, Any]) -> None:
+        row = {k: _jsonable(v) for k, v in row.items()}
+        loss = row.get("train_loss")
+        if loss is not None and not np.isfinite(loss):
+            raise FloatingPointError(
+                f"training loss became {loss} in epoch {row.get('epoch')}; "
+                "lower --lr or check the data"
+            )
+        self.rows.append(row)
+        if not self.quiet:
+            print(format_row(row), flush=True)
+        if self.workdir is not None:
+            write_jsonl(self.workdir / "metrics.jsonl", self.rows)
+
+    def finish(self, summary: dict[str, Any]) -> None:
+        if self.workdir is not None:
+            write_json(self.workdir / "summary.json", summary)
