@@ -82,6 +82,20 @@ class Config:
         default=0.99, metadata={"help": "EMA momentum: ema = m * ema + (1 - m) * params"}
     )
     tta: bool = field(default=True, metadata={"help": "flip test-time augmentation at evaluation"})
+    tta_shift: bool = field(
+        default=False,
+        metadata={"help": "with --tta: also average 1-px shifted views (airbench's 3-view TTA)"},
+    )
+    lookahead: bool = field(
+        default=False,
+        metadata={"help": "reset the net to the EMA at each EMA update (airbench lookahead)"},
+    )
+    bn_scale_trainable: bool = field(
+        default=True, metadata={"help": "train BN scales (False: fixed at 1)"}
+    )
+    whiten_bias_epochs: int = field(
+        default=0, metadata={"help": "speedrun: epochs during which the whitening bias trains"}
+    )
     eval_batch_size: int = field(default=1000, metadata={"help": "evaluation batch size"})
     # --- augmentation -------------------------------------------------------------
     crop_pad: int = field(default=4, metadata={"help": "reflect-pad then random-crop (0: off)"})
