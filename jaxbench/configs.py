@@ -138,6 +138,10 @@ def validate(cfg: Config) -> Config:
         raise ValueError(f"--model must be one of {', '.join(MODELS)}")
     if cfg.model == "resnet9" and len(cfg.widths) != 4:
         raise ValueError("--widths for resnet9 takes four numbers, e.g. --widths 64,128,256,512")
+    if cfg.model == "speedrun" and len(cfg.widths) != 3:
+        raise ValueError("--widths for speedrun takes three numbers, e.g. --widths 64,256,256")
+    if cfg.whiten_bias_epochs < 0:
+        raise ValueError("--whiten-bias-epochs must be >= 0")
     if any(w <= 0 for w in cfg.widths):
         raise ValueError("--widths must be positive")
     for name in ("epochs", "batch_size", "eval_batch_size"):
@@ -190,27 +194,89 @@ def resnet9() -> Config:
 
 
 def tiny() -> Config:
-    """A narrow ResNet-9 on a 10,000-image subset: a CPU smoke test that learns.
+    """A narrow ResNet-9 on an 8,000-image subset: a CPU smoke test that learns.
 
     Command: `python -m jaxbench.train --config tiny --data-dir DIR`
-    Hardware: 2 CPU cores, float32.
-    Expected: >= 50% EMA test accuracy in under 3 minutes (see README).
+    Hardware: 2 CPU cores, float32 (per-step loop).
+    Expected: >= 50% EMA test accuracy (1,000 test images) in under 3 minutes.
+    Measured (jax 0.10.2, 2 CPU cores shared with other jobs, seed 0): 62.4% EMA,
+    62.5% plain; 104 s wall in all at load ~5 (86 s timed, 8 s compiling), 140 s
+    at load ~8 (115 s timed, 10 s compiling).
     """
     return resnet9().replace(
         name="tiny",
         widths=(16, 32, 64, 128),
-        subset=10_000,
-        test_subset=2_000,
-        epochs=4,
-        batch_size=250,
+        subset=8_000,
+        test_subset=1_000,
+        epochs=3,
+        batch_size=100,
         lr_peak_epoch=1.0,
-        ema_momentum=0.9,
+        ema_momentum=0.8,
         precision="float32",
     )
 
 
-PRESETS: dict[str, Callable[[], Config]] = {"resnet9": resnet9, "tiny": tiny}
-MODELS: tuple[str, ...] = ("resnet9",)
+def speedrun() -> Config:
+    """airbench94 (K. Jordan): whitened conv net, lookahead EMA, 3-view TTA, batch 1024.
+
+    Command: `python -m jaxbench.train --config speedrun --data-dir DIR` (same for
+    `torch_ref.train`). Hardware: one GPU, bfloat16 compute (float32 on CPU).
+    Expected: aims at >= 94.00% mean test accuracy (airbench: 94.01% in 9.9
+    epochs); not yet measured here. 10 whole epochs = 480 steps instead of 476.
+
+    Units (airbench's numbers -> this project's per-mean-loss fields):
+    - airbench: summed loss, kilostep = 1024 * (1 + 1 / (1 - 0.85)) = 7850.67,
+      torch SGD lr = 11.5 / 7850.67 = 1.4648e-3, wd = 0.0153 * 1024 / 7850.67
+      = 1.9957e-3, passed as `weight_decay=wd / lr` (coupled, g += (wd/lr) * w).
+    - lr (mean loss) = 1.4648e-3 * 1024 = 11.5 / (1 + 1 / 0.15) = 1.5, so the
+      optimizer sees 1.5 / 1024 = 1.4648e-3 (`optimizer_scales`).
+    - weight_decay: the optimizer's coupled coefficient must be wd / lr =
+      0.0153 * 1024 / 11.5 = 1.3624 = weight_decay * 1024, so weight_decay =
+      0.0153 / 11.5 = 1.3304e-3 (per-step shrink lr * wd = 1.9957e-3, as airbench).
+    - BN biases: lr x 64, decay coefficient / 64 (airbench: lr_biases = 64 lr,
+      weight_decay = wd / lr_biases).
+    - LR multiplier 0.2 -> 1 -> 0.07, peak at int(0.23 * total) steps: 109 of
+      476 in airbench, here round(2.3 * 48) = 110 of 480.
+    - EMA (`lookahead`): every 5 steps, decay = ema_momentum * (step / total)^3
+      with ema_momentum = 0.95^5, over params and BN stats; net reset to the EMA.
+    - BN momentum 0.4 (PyTorch convention), eps 1e-12, scale fixed at 1;
+      whitening bias trains for 3 epochs; output x 1/9; label smoothing 0.2.
+    """
+    return resnet9().replace(
+        name="speedrun",
+        model="speedrun",
+        widths=(64, 256, 256),
+        output_scale=1.0 / 9.0,
+        bn_momentum=0.4,
+        bn_eps=1e-12,
+        bn_scale_trainable=False,
+        whiten_bias_epochs=3,
+        epochs=10,
+        batch_size=1024,
+        lr=1.5,  # = 11.5 / (1 + 1 / (1 - 0.85))
+        lr_peak_epoch=2.3,
+        lr_start=0.2,
+        lr_end=0.07,
+        momentum=0.85,
+        nesterov=True,
+        weight_decay=0.0153 / 11.5,
+        bn_bias_lr_mult=64.0,
+        bn_bias_wd_mult=1.0 / 64.0,
+        label_smoothing=0.2,
+        loss_reduction="sum",
+        ema_every=5,
+        ema_momentum=0.95**5,
+        lookahead=True,
+        tta=True,
+        tta_shift=True,
+        crop_pad=2,
+        flip="alternating",
+        cutout=0,
+    )
+
+
+PRESETS: dict[str, Callable[[], Config]] = {"resnet9": resnet9, "tiny": tiny, "speedrun": speedrun}
+MODELS: tuple[str, ...] = ("resnet9", "speedrun")
 
 
 def get_config(name: str) -> Config:

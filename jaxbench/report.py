@@ -10,6 +10,9 @@ import datetime as _dt
 import json
 import os
 import platform
+import re
+import shutil
+import subprocess
 import sys
 import tempfile
 from collections.abc import Iterable, Sequence
@@ -76,6 +79,31 @@ def now_iso() -> str:
     return _dt.datetime.now(_dt.UTC).replace(microsecond=0).isoformat()
 
 
+def gpu_driver() -> str | None:
+    """The NVIDIA driver version (from /proc, else nvidia-smi), or None on a machine without one."""
+    try:
+        text = Path("/proc/driver/nvidia/version").read_text()
+        m = re.search(r"Kernel Module(?: for \S+)?\s+(\d+(?:\.\d+)+)", text)
+        if m:
+            return m.group(1)
+    except OSError:
+        pass
+    smi = shutil.which("nvidia-smi")
+    if smi is None:
+        return None
+    try:
+        out = subprocess.run(
+            [smi, "--query-gpu=driver_version", "--format=csv,noheader"],
+            capture_output=True,
+            text=True,
+            timeout=20,
+            check=True,
+        ).stdout.split()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out[0] if out else None
+
+
 def environment(frameworks: Sequence[str] = ()) -> dict[str, Any]:
     """Host, Python and framework versions, recorded beside every result."""
     env: dict[str, Any] = {
@@ -86,6 +114,7 @@ def environment(frameworks: Sequence[str] = ()) -> dict[str, Any]:
         "numpy": np.__version__,
         "date": now_iso(),
         "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
+        "gpu_driver": gpu_driver(),
     }
     if "jax" in frameworks:
         import flax

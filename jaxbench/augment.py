@@ -1,0 +1,127 @@
+"""Augmentation on the device: apply a batch plan, or draw a whole epoch's plan with jax.random.
+
+`apply_plan` implements the semantics of `jaxbench.stream` (crop -> flip ->
+cutout, uint8 in, uint8 out) as one gather plus one masked fill, so it runs
+inside the training jit and agrees bit for bit with `stream.apply_plan_numpy`.
+`draw_plan` is the fast path: the same distributions as `stream.epoch_plan`,
+drawn on the device from a key, so no plan ever crosses from the host.
+
+Plans are dicts of arrays with the `stream.EpochPlan` field names.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxbench.configs import Config
+from jaxbench.stream import FILL_RGB, IMAGE_SIZE, MEAN_STD, EpochPlan, steps_per_epoch
+
+Plan = dict[str, jax.Array]
+PLAN_FIELDS: tuple[str, ...] = ("indices", "crop_y", "crop_x", "flip", "cutout_y", "cutout_x")
+
+
+def _reflect(i: jax.Array) -> jax.Array:
+    """Index into the unpadded image of padded index i (numpy 'reflect': edge not repeated)."""
+    i = jnp.abs(i)
+    return jnp.where(i > IMAGE_SIZE - 1, 2 * (IMAGE_SIZE - 1) - i, i)
+
+
+def apply_plan(images_u8: jax.Array, plan: Plan | EpochPlan, cfg: Config) -> jax.Array:
+    """Augmented uint8 NHWC batch for one batch `plan` (see `jaxbench.stream` for semantics).
+
+    Crop and flip are folded into one gather: output pixel (r, c) of batch slot b
+    reads image `indices[b]` at row reflect(crop_y + r - pad) and column
+    reflect(crop_x + c' - pad), c' = 31 - c when flipped. Cutout is a masked fill.
+    """
+    if isinstance(plan, EpochPlan):
+        plan = plan.as_dict()
+    p = cfg.crop_pad
+    idx = jnp.asarray(plan["indices"], jnp.int32)
+    pos = jnp.arange(IMAGE_SIZE, dtype=jnp.int32)
+    flip = jnp.asarray(plan["flip"], bool)[:, None]
+    cols = jnp.where(flip, IMAGE_SIZE - 1 - pos[None, :], pos[None, :])  # (B, 32)
+    rows = jnp.broadcast_to(pos[None, :], cols.shape)
+    if p:
+        rows = _reflect(rows + jnp.asarray(plan["crop_y"], jnp.int32)[:, None] - p)
+        cols = _reflect(cols + jnp.asarray(plan["crop_x"], jnp.int32)[:, None] - p)
+    out = images_u8[idx[:, None, None], rows[:, :, None], cols[:, None, :]]  # (B, 32, 32, 3)
+    if cfg.cutout:
+        s = cfg.cutout
+        cy = jnp.asarray(plan["cutout_y"], jnp.int32)[:, None]
+        cx = jnp.asarray(plan["cutout_x"], jnp.int32)[:, None]
+        in_y = (pos[None, :] >= cy) & (pos[None, :] < cy + s)
+        in_x = (pos[None, :] >= cx) & (pos[None, :] < cx + s)
+        mask = in_y[:, :, None, None] & in_x[:, None, :, None]
+        out = jnp.where(mask, jnp.asarray(FILL_RGB, jnp.uint8), out)
+    return out
+
+
+def plan_to_device(plan: EpochPlan) -> Plan:
+    """A shared numpy plan as device arrays (one transfer per epoch)."""
+    return {f: jnp.asarray(getattr(plan, f)) for f in PLAN_FIELDS}
+
+
+def plan_batch(plan: Plan, step: jax.Array | int, batch_size: int) -> Plan:
+    """The slice of an epoch plan that `step` consumes; `step` may be traced."""
+    return {
+        f: jax.lax.dynamic_slice_in_dim(v, step * batch_size, batch_size) for f, v in plan.items()
+    }
+
+
+def apply_epoch_plan(
+    images_u8: jax.Array, plan: Plan, step: jax.Array | int, cfg: Config
+) -> jax.Array:
+    """Augmented batch `step` of an epoch plan: `plan_batch` then `apply_plan`."""
+    return apply_plan(images_u8, plan_batch(plan, step, cfg.batch_size), cfg)
+
+
+apply_epoch_plan_jit = jax.jit(apply_epoch_plan, static_argnames="cfg")
+
+
+def draw_plan(key: jax.Array, epoch: jax.Array | int, n_train: int, cfg: Config) -> Plan:
+    """An epoch plan drawn on the device: the distributions of `stream.epoch_plan`.
+
+    `key` is the run's data key. The epoch is folded in (it may be traced, so one
+    compiled function serves every epoch); the alternating-flip base flips come
+    from a key that ignores the epoch, so they are drawn once per run.
+    """
+    n = steps_per_epoch(cfg, n_train) * cfg.batch_size
+    plan_key, flip_key = jax.random.split(key)
+    k_perm, k_cy, k_cx, k_flip, k_uy, k_ux = jax.random.split(
+        jax.random.fold_in(plan_key, epoch), 6
+    )
+    indices = jax.random.permutation(k_perm, n_train)[:n].astype(jnp.int32)
+    span = 2 * cfg.crop_pad + 1
+    crop_y = jax.random.randint(k_cy, (n,), 0, span, jnp.int32)
+    crop_x = jax.random.randint(k_cx, (n,), 0, span, jnp.int32)
+    if cfg.flip == "random":
+        flip = jax.random.bernoulli(k_flip, 0.5, (n,))
+    elif cfg.flip == "alternating":
+        base = jax.random.bernoulli(flip_key, 0.5, (n_train,))
+        flip = base[indices] ^ (jnp.asarray(epoch) % 2 == 1)
+    else:
+        flip = jnp.zeros((n,), bool)
+    corner = IMAGE_SIZE - cfg.cutout + 1
+    cutout_y = jax.random.randint(k_uy, (n,), 0, corner, jnp.int32)
+    cutout_x = jax.random.randint(k_ux, (n,), 0, corner, jnp.int32)
+    return dict(
+        indices=indices,
+        crop_y=crop_y,
+        crop_x=crop_x,
+        flip=flip,
+        cutout_y=cutout_y,
+        cutout_x=cutout_x,
+    )
+
+
+def normalize(
+    images_u8: jax.Array, dataset: str = "cifar10", dtype: Any = jnp.float32
+) -> jax.Array:
+    """`(x / 255 - mean) / std` in float32 (as `stream.normalize_numpy`), then cast to `dtype`."""
+    mean, std = (np.asarray(v, np.float32) for v in MEAN_STD[dataset])
+    x = (images_u8.astype(jnp.float32) / 255.0 - mean) / std
+    return x.astype(dtype)

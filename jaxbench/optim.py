@@ -1,0 +1,127 @@
+"""Loss, optimizer and EMA, with PyTorch's semantics (docs/design.md, "Loss and optimizer").
+
+The chain per parameter group is `add_decayed_weights(wd)` then `sgd(lr_t,
+momentum, nesterov)`: the decay joins the gradient *before* the momentum
+(coupled L2, as torch.optim.SGD's weight_decay), and optax's Nesterov trace is
+torch's dampening-0 form (`buf = m * buf + g; step = g + m * buf`). BN biases
+form a second group with their own LR and decay multipliers. The LR of update
+t is `schedule.lr_at(t)`, computed in float32 without cancellation so it stays
+within ~1e-7 relative of the float64 reference even as it approaches zero.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import traverse_util
+
+from jaxbench.configs import Config, optimizer_scales
+from jaxbench.schedule import lr_knots
+
+PyTree = Any
+
+
+def piecewise_linear(xs: Sequence[int], ys: Sequence[float]) -> Callable[[jax.Array], jax.Array]:
+    """Schedule through the knots (xs, ys), constant outside them.
+
+    Each segment is evaluated as ((x1 - t) * y0 + (t - x0) * y1) / (x1 - x0) with
+    integer differences, so there is no `1 - fraction` cancellation near a zero end.
+    """
+    xs = [int(x) for x in xs]
+    ys = [float(y) for y in ys]
+
+    def schedule(count: jax.Array) -> jax.Array:
+        t = jnp.clip(jnp.asarray(count, jnp.int32), xs[0], xs[-1])
+        out = jnp.full(t.shape, ys[-1], jnp.float32)
+        for i in reversed(range(len(xs) - 1)):
+            x0, x1, y0, y1 = xs[i], xs[i + 1], ys[i], ys[i + 1]
+            if x1 <= x0:
+                continue
+            seg = ((x1 - t).astype(jnp.float32) * y0 + (t - x0).astype(jnp.float32) * y1) / (
+                x1 - x0
+            )
+            out = jnp.where(t < x1, seg, out)
+        return out
+
+    return schedule
+
+
+def lr_schedule(cfg: Config, steps_per_epoch: int) -> Callable[[jax.Array], jax.Array]:
+    """The one-cycle LR of `schedule.lr_knots` (optimizer units) as an optax schedule."""
+    return piecewise_linear(*lr_knots(cfg, steps_per_epoch))
+
+
+def is_bn_bias(path: tuple[str, ...]) -> bool:
+    return len(path) >= 2 and path[-2] == "bn" and path[-1] == "bias"
+
+
+def param_labels(params: PyTree) -> PyTree:
+    """'bn_bias' for BatchNorm biases, 'default' for everything else."""
+    return traverse_util.path_aware_map(
+        lambda path, _: "bn_bias" if is_bn_bias(tuple(path)) else "default", params
+    )
+
+
+def make_optimizer(cfg: Config, steps_per_epoch: int) -> optax.GradientTransformation:
+    """SGD-Nesterov with coupled decay and one-cycle LR; BN biases get their multipliers."""
+    _, wd = optimizer_scales(cfg)
+    base = lr_schedule(cfg, steps_per_epoch)
+
+    def group(lr_mult: float, wd_mult: float) -> optax.GradientTransformation:
+        def schedule(count: jax.Array) -> jax.Array:
+            return base(count) * lr_mult if lr_mult != 1.0 else base(count)
+
+        return optax.chain(
+            optax.add_decayed_weights(wd * wd_mult),
+            optax.sgd(schedule, momentum=cfg.momentum, nesterov=cfg.nesterov),
+        )
+
+    return optax.multi_transform(
+        {
+            "default": group(1.0, 1.0),
+            "bn_bias": group(cfg.bn_bias_lr_mult, cfg.bn_bias_wd_mult),
+        },
+        param_labels,
+    )
+
+
+def cross_entropy(
+    logits: jax.Array, labels: jax.Array, label_smoothing: float = 0.0, reduction: str = "mean"
+) -> jax.Array:
+    """Cross-entropy against smoothed one-hot targets (PyTorch's `label_smoothing`).
+
+    Targets are (1 - ls) * onehot + ls / classes; `reduction` is 'sum' or 'mean'.
+    """
+    logits = logits.astype(jnp.float32)
+    classes = logits.shape[-1]
+    targets = jax.nn.one_hot(labels, classes, dtype=jnp.float32)
+    if label_smoothing:
+        targets = targets * (1.0 - label_smoothing) + label_smoothing / classes
+    per_example = -jnp.sum(targets * jax.nn.log_softmax(logits, axis=-1), axis=-1)
+    if reduction == "sum":
+        return jnp.sum(per_example)
+    if reduction == "mean":
+        return jnp.mean(per_example)
+    raise ValueError(f"reduction must be 'sum' or 'mean', got {reduction!r}")
+
+
+def ema_update(ema: PyTree, new: PyTree, momentum: float | jax.Array) -> PyTree:
+    """`ema = m * ema + (1 - m) * new`, leaf by leaf (no zero start, no debiasing)."""
+    m = jnp.asarray(momentum, jnp.float32)
+    return jax.tree_util.tree_map(lambda e, w: m * e + (1.0 - m) * w, ema, new)
+
+
+def maybe_ema_update(ema: PyTree, new: PyTree, step: jax.Array, cfg: Config) -> PyTree:
+    """Apply `ema_update` after optimizer step `step` (counted from 1) when it is a multiple
+    of `cfg.ema_every`; unchanged otherwise or when the EMA is off."""
+    if cfg.ema_every <= 0:
+        return ema
+    return jax.lax.cond(
+        step % cfg.ema_every == 0,
+        lambda: ema_update(ema, new, cfg.ema_momentum),
+        lambda: ema,
+    )

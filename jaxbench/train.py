@@ -1,0 +1,510 @@
+"""Train the Flax ResNet-9 on CIFAR: `train_and_evaluate(cfg)` and `python -m jaxbench.train`.
+
+Everything between the data load and the summary runs on the device: images stay
+uint8 there, each epoch's plan is drawn on the device (`stream="fast"`) or moved
+once per epoch (`stream="shared"`), and augmentation plus normalisation happen
+inside the jitted step. The loop is chosen per backend (`cfg.loop`): one
+`lax.scan` per epoch on accelerators, a Python loop over one compiled step on
+the CPU (XLA:CPU runs convolutions inside a while loop ~30x slower). Neither
+loop synchronises with the host inside an epoch; metrics are fetched once per
+epoch. All functions are compiled ahead of time and `compile_seconds` is
+reported apart from `total_time_seconds` (training steps + final evaluation).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from jaxbench import augment, models, optim
+from jaxbench.configs import Config, add_config_args, config_from_args
+from jaxbench.report import RunRecorder, environment
+from jaxbench.stream import epoch_plan, steps_per_epoch
+
+PyTree = Any
+Metrics = dict[str, jax.Array]
+
+
+@flax.struct.dataclass
+class TrainState:
+    """Everything a training step changes; a pytree, so it can be donated and scanned."""
+
+    step: jax.Array  # int32: optimizer updates done so far
+    params: PyTree
+    batch_stats: PyTree
+    opt_state: PyTree
+    ema: PyTree  # {'params', 'batch_stats'}: the EMA copy evaluated as ema_val_acc
+
+    def variables(self) -> dict[str, PyTree]:
+        return {"params": self.params, "batch_stats": self.batch_stats}
+
+
+def check_supported(cfg: Config) -> None:
+    """Refuse config fields this trainer does not implement, instead of ignoring them."""
+    if cfg.model != "resnet9":
+        raise ValueError(f"jaxbench.train trains --model resnet9 only, not {cfg.model!r}")
+    unsupported = {
+        "lookahead": cfg.lookahead,
+        "tta_shift": cfg.tta_shift,
+        "bn_scale_trainable": not cfg.bn_scale_trainable,
+        "whiten_bias_epochs": cfg.whiten_bias_epochs,
+    }
+    for name, active in unsupported.items():
+        if active:
+            raise ValueError(
+                f"jaxbench.train does not implement --{name.replace('_', '-')} "
+                f"(got {getattr(cfg, name)!r}); leave it at its resnet9 default"
+            )
+
+
+def resolve_loop(cfg: Config) -> str:
+    """`auto`: whole-epoch scan on accelerators, per-step jit on the CPU."""
+    if cfg.loop != "auto":
+        return cfg.loop
+    return "step" if jax.default_backend() == "cpu" else "scan"
+
+
+def seed_keys(seed: int) -> tuple[jax.Array, jax.Array]:
+    """(init key, data key): the seed is split once; epochs are folded into the data key."""
+    init_key, data_key = jax.random.split(jax.random.PRNGKey(seed))
+    return init_key, data_key
+
+
+def _fresh_copy(tree: PyTree) -> PyTree:
+    """Float32 device copies, so donating the train state never invalidates a caller's arrays."""
+    return jax.tree_util.tree_map(lambda x: jnp.array(x, dtype=jnp.float32, copy=True), tree)
+
+
+def create_train_state(
+    model: models.ResNet9,
+    tx: optax.GradientTransformation,
+    key: jax.Array,
+    init_variables: PyTree | None = None,
+) -> TrainState:
+    """Initial state from `key`, or from given {'params', 'batch_stats'} (parity plants)."""
+    fresh = models.init_variables(model, key)
+    if init_variables is not None:
+        given = {"params": init_variables["params"], "batch_stats": init_variables["batch_stats"]}
+        want = jax.tree_util.tree_map(jnp.shape, fresh)
+        got = jax.tree_util.tree_map(jnp.shape, given)
+        if jax.tree_util.tree_structure(want) != jax.tree_util.tree_structure(got) or want != got:
+            raise ValueError(
+                "init_variables do not match the model built from the config "
+                "(names or shapes differ); check --widths and the conversion"
+            )
+        fresh = given
+    variables = _fresh_copy(fresh)
+    return TrainState(
+        step=jnp.zeros((), jnp.int32),
+        params=variables["params"],
+        batch_stats=variables["batch_stats"],
+        opt_state=tx.init(variables["params"]),
+        ema=_fresh_copy(variables),
+    )
+
+
+def make_train_step(
+    cfg: Config, model: models.ResNet9, tx: optax.GradientTransformation
+) -> Callable[[TrainState, dict[str, jax.Array]], tuple[TrainState, Metrics]]:
+    """The pure step `(state, {'images': uint8 NHWC augmented, 'labels'}) -> (state, metrics)`.
+
+    Metrics: `loss` is the mean per-example (label-smoothed) loss whatever
+    `loss_reduction`, `correct` the number of right predictions in the batch.
+    """
+    dtype = models.compute_dtype(cfg)
+
+    def train_step(state: TrainState, batch: dict[str, jax.Array]) -> tuple[TrainState, Metrics]:
+        x = augment.normalize(batch["images"], cfg.dataset, dtype)
+        labels = batch["labels"]
+
+        def loss_fn(params: PyTree) -> tuple[jax.Array, tuple[jax.Array, PyTree]]:
+            logits, mutated = model.apply(
+                {"params": params, "batch_stats": state.batch_stats},
+                x,
+                train=True,
+                mutable=["batch_stats"],
+            )
+            loss = optim.cross_entropy(logits, labels, cfg.label_smoothing, cfg.loss_reduction)
+            return loss, (logits, mutated["batch_stats"])
+
+        (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+            state.params
+        )
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        step = state.step + 1
+        ema = optim.maybe_ema_update(
+            state.ema, {"params": params, "batch_stats": batch_stats}, step, cfg
+        )
+        new_state = TrainState(step, params, batch_stats, opt_state, ema)
+        mean_loss = loss / labels.shape[0] if cfg.loss_reduction == "sum" else loss
+        correct = jnp.sum(jnp.argmax(logits, axis=-1) == labels).astype(jnp.int32)
+        return new_state, {"loss": mean_loss.astype(jnp.float32), "correct": correct}
+
+    return train_step
+
+
+def make_loop_fns(
+    cfg: Config, model: models.ResNet9, tx: optax.GradientTransformation
+) -> tuple[Callable[..., tuple[TrainState, Metrics]], Callable[..., tuple[TrainState, Metrics]]]:
+    """(step_fn, epoch_fn), both uncompiled.
+
+    `step_fn(state, images, labels, plan, i)` runs batch i of an epoch plan;
+    `epoch_fn(state, images, labels, plan)` scans it over every batch of the plan
+    and returns per-step metrics stacked along axis 0.
+    """
+    train_step = make_train_step(cfg, model, tx)
+
+    def step_fn(
+        state: TrainState, images: jax.Array, labels: jax.Array, plan: augment.Plan, i: jax.Array
+    ) -> tuple[TrainState, Metrics]:
+        bp = augment.plan_batch(plan, i, cfg.batch_size)
+        batch = {"images": augment.apply_plan(images, bp, cfg), "labels": labels[bp["indices"]]}
+        return train_step(state, batch)
+
+    def epoch_fn(
+        state: TrainState, images: jax.Array, labels: jax.Array, plan: augment.Plan
+    ) -> tuple[TrainState, Metrics]:
+        steps = plan["indices"].shape[0] // cfg.batch_size
+
+        def body(s: TrainState, i: jax.Array) -> tuple[TrainState, Metrics]:
+            return step_fn(s, images, labels, plan, i)
+
+        return jax.lax.scan(body, state, jnp.arange(steps, dtype=jnp.int32))
+
+    return step_fn, epoch_fn
+
+
+def make_eval_fn(
+    cfg: Config, model: models.ResNet9, eval_batch: int, with_ema: bool
+) -> Callable[..., dict[str, jax.Array]]:
+    """`eval_fn(acc, variables, ema_variables, images, labels, valid, i) -> acc` for batch i.
+
+    Sums of the cross-entropy (no label smoothing) and of correct predictions,
+    over valid (unpadded) test images; flip TTA averages the logits with the
+    mirrored image's when `cfg.tta`.
+    """
+    dtype = models.compute_dtype(cfg)
+
+    def logits_of(variables: PyTree, x: jax.Array) -> jax.Array:
+        logits = model.apply(variables, x, train=False)
+        if cfg.tta:
+            logits = 0.5 * (logits + model.apply(variables, x[:, :, ::-1], train=False))
+        return logits
+
+    def eval_fn(
+        acc: dict[str, jax.Array],
+        variables: PyTree,
+        ema_variables: PyTree,
+        images: jax.Array,
+        labels: jax.Array,
+        valid: jax.Array,
+        i: jax.Array,
+    ) -> dict[str, jax.Array]:
+        start = i * eval_batch
+        x = augment.normalize(
+            jax.lax.dynamic_slice_in_dim(images, start, eval_batch), cfg.dataset, dtype
+        )
+        y = jax.lax.dynamic_slice_in_dim(labels, start, eval_batch)
+        w = jax.lax.dynamic_slice_in_dim(valid, start, eval_batch)
+
+        def score(prefix: str, v: PyTree) -> dict[str, jax.Array]:
+            logits = logits_of(v, x).astype(jnp.float32)
+            ce = -jnp.take_along_axis(jax.nn.log_softmax(logits), y[:, None], axis=-1)[:, 0]
+            right = (jnp.argmax(logits, axis=-1) == y).astype(jnp.float32)
+            return {
+                prefix + "loss": acc[prefix + "loss"] + jnp.sum(ce * w),
+                prefix + "correct": acc[prefix + "correct"] + jnp.sum(right * w),
+            }
+
+        out = score("", variables)
+        if with_ema:
+            out.update(score("ema_", ema_variables))
+        return out
+
+    return eval_fn
+
+
+def _eval_zeros(with_ema: bool) -> dict[str, jax.Array]:
+    keys = ["loss", "correct"] + (["ema_loss", "ema_correct"] if with_ema else [])
+    return {k: jnp.zeros((), jnp.float32) for k in keys}
+
+
+def _pad_to(x: np.ndarray, n: int) -> np.ndarray:
+    return np.concatenate([x, np.zeros((n - len(x), *x.shape[1:]), x.dtype)]) if n > len(x) else x
+
+
+def train_and_evaluate(
+    cfg: Config,
+    workdir: str | os.PathLike[str] | None = None,
+    *,
+    data: Any = None,
+    init_variables: PyTree | None = None,
+    stream: str = "fast",
+    progress: bool = True,
+    quiet: bool = False,
+    return_variables: bool = False,
+) -> dict[str, Any]:
+    """Train per `cfg`, evaluate every epoch, and return the summary of docs/design.md.
+
+    `data`: a `jaxbench.data.Dataset` (loaded from the config when None; subset
+    prefixes are applied either way). `init_variables`: start from these
+    {'params', 'batch_stats'} instead of the seeded init. `stream`: 'fast'
+    (plan drawn with jax.random on the device) or 'shared' (`stream.epoch_plan`).
+    `workdir` (default `cfg.out`) receives config.json, metrics.jsonl and
+    summary.json. `return_variables` adds the final `variables` and
+    `ema_variables` (numpy pytrees) to the returned dict, not to summary.json.
+    Raises FloatingPointError, naming the epoch, when the training loss is not finite.
+    """
+    if stream not in ("fast", "shared"):
+        raise ValueError(f"stream must be 'fast' or 'shared', got {stream!r}")
+    check_supported(cfg)
+    if workdir is None:
+        workdir = cfg.out
+    if data is None:
+        from jaxbench.data import load_dataset
+
+        data = load_dataset(cfg)
+    train_x = np.asarray(data.train_images[: cfg.subset], np.uint8)
+    train_y = np.asarray(data.train_labels[: cfg.subset], np.int32)
+    test_x = np.asarray(data.test_images[: cfg.test_subset], np.uint8)
+    test_y = np.asarray(data.test_labels[: cfg.test_subset], np.int32)
+    n_train, n_test = len(train_x), len(test_x)
+    steps = steps_per_epoch(cfg, n_train)
+    if steps == 0:
+        raise ValueError(
+            f"{n_train} training images make no full batch of {cfg.batch_size}; "
+            "lower --batch-size or raise --subset"
+        )
+    if n_test == 0:
+        raise ValueError("the test set is empty; check the data or --test-subset")
+
+    loop = resolve_loop(cfg)
+    with_ema = cfg.ema_every > 0
+    model = models.model_from_config(cfg)
+    tx = optim.make_optimizer(cfg, steps)
+    init_key, data_key = seed_keys(cfg.seed)
+    state = create_train_state(model, tx, init_key, init_variables)
+    recorder = RunRecorder(cfg.to_dict(), workdir, quiet)
+
+    # --- data on the device, once ------------------------------------------------
+    images = jax.device_put(train_x)
+    labels = jax.device_put(train_y)
+    eval_batch = min(cfg.eval_batch_size, n_test)
+    eval_steps = math.ceil(n_test / eval_batch)
+    padded = eval_steps * eval_batch
+    t_images = jax.device_put(_pad_to(test_x, padded))
+    t_labels = jax.device_put(_pad_to(test_y, padded))
+    t_valid = jax.device_put(_pad_to(np.ones(n_test, np.float32), padded))
+
+    # --- ahead-of-time compilation -------------------------------------------------
+    t0 = time.perf_counter()
+    step_fn, epoch_fn = make_loop_fns(cfg, model, tx)
+    plan_compiled = (
+        jax.jit(lambda key, epoch: augment.draw_plan(key, epoch, n_train, cfg))
+        .lower(data_key, np.int32(0))
+        .compile()
+    )
+    plan_spec = jax.eval_shape(lambda: augment.draw_plan(data_key, 0, n_train, cfg))
+    if loop == "scan":
+        run = jax.jit(epoch_fn, donate_argnums=0).lower(state, images, labels, plan_spec).compile()
+    else:
+        run = (
+            jax.jit(step_fn, donate_argnums=0)
+            .lower(state, images, labels, plan_spec, np.int32(0))
+            .compile()
+        )
+    eval_zero = _eval_zeros(with_ema)
+    evaluate = (
+        jax.jit(make_eval_fn(cfg, model, eval_batch, with_ema))
+        .lower(
+            eval_zero,
+            state.variables(),
+            state.ema,
+            t_images,
+            t_labels,
+            t_valid,
+            np.int32(0),
+        )
+        .compile()
+    )
+    compile_seconds = time.perf_counter() - t0
+
+    def make_plan(epoch: int) -> augment.Plan:
+        if stream == "fast":
+            return plan_compiled(data_key, np.int32(epoch))
+        return augment.plan_to_device(epoch_plan(cfg, epoch, n_train))
+
+    def run_eval(st: TrainState) -> dict[str, float]:
+        acc = eval_zero
+        for i in range(eval_steps):
+            acc = evaluate(acc, st.variables(), st.ema, t_images, t_labels, t_valid, np.int32(i))
+        acc = jax.device_get(acc)
+        out = {"val_loss": float(acc["loss"]) / n_test, "val_acc": float(acc["correct"]) / n_test}
+        out["ema_val_acc"] = float(acc["ema_correct"]) / n_test if with_ema else None
+        return out
+
+    # --- training ----------------------------------------------------------------------
+    from tqdm.auto import tqdm
+
+    timed = 0.0
+    step_losses: list[float] = []
+    rows: list[dict[str, Any]] = []
+    for epoch in range(cfg.epochs):
+        t0 = time.perf_counter()
+        plan = make_plan(epoch)
+        if loop == "scan":
+            state, metrics = run(state, images, labels, plan)
+        else:
+            per_step = []
+            bar = tqdm(
+                range(steps),
+                desc=f"epoch {epoch + 1}/{cfg.epochs}",
+                leave=False,
+                disable=not progress or quiet,
+                file=sys.stderr,
+            )
+            for i in bar:
+                state, m = run(state, images, labels, plan, np.int32(i))
+                per_step.append(m)  # stays on the device until the epoch ends
+            bar.close()
+        jax.block_until_ready(state)
+        timed += time.perf_counter() - t0
+
+        if loop == "scan":
+            host = jax.device_get(metrics)  # the one fetch of the epoch
+        else:
+            fetched = jax.device_get(per_step)
+            host = {k: np.stack([m[k] for m in fetched]) for k in fetched[0]}
+        losses = np.asarray(host["loss"], np.float64)
+        step_losses.extend(float(v) for v in losses)
+        row: dict[str, Any] = {
+            "epoch": epoch + 1,
+            "train_loss": float(losses.mean()),
+            "train_acc": float(np.sum(host["correct"])) / (steps * cfg.batch_size),
+        }
+        if not np.isfinite(row["train_loss"]):
+            recorder.epoch(row)  # raises FloatingPointError naming the epoch
+        last = epoch == cfg.epochs - 1
+        t0 = time.perf_counter()
+        row.update(run_eval(state))  # fetching the sums synchronises
+        if last:  # the final evaluation is part of the timed run; monitoring evals are not
+            timed += time.perf_counter() - t0
+        row["total_time_seconds"] = timed
+        rows.append(row)
+        recorder.epoch(row)
+
+    final = {
+        k: rows[-1][k] for k in ("val_acc", "ema_val_acc", "val_loss", "train_loss", "train_acc")
+    }
+    train_images_seen = cfg.epochs * steps * cfg.batch_size
+    summary: dict[str, Any] = {
+        "final": final,
+        "epochs": rows,
+        "step_losses": step_losses,
+        "total_time_seconds": timed,
+        "compile_seconds": compile_seconds,
+        "images_per_second": train_images_seen / timed if timed > 0 else None,
+        "environment": environment(("jax",)),
+        "seed": cfg.seed,
+        "config": cfg.to_dict(),
+        "loop": loop,
+        "stream": stream,
+        "compute_dtype": jnp.dtype(models.compute_dtype(cfg)).name,
+        "n_train": n_train,
+        "n_test": n_test,
+        "steps_per_epoch": steps,
+        "framework": "jax",
+    }
+    recorder.finish(summary)
+    if return_variables:
+        summary = dict(summary)
+        summary["variables"] = jax.device_get(state.variables())
+        summary["ema_variables"] = jax.device_get(state.ema)
+    return summary
+
+
+# --- command line -------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m jaxbench.train",
+        description=(
+            "Train the Flax ResNet-9 on CIFAR and print a per-epoch table. Start from a "
+            "--config preset; every other flag overrides one field of it. With --out DIR "
+            "the run writes config.json, metrics.jsonl and summary.json there."
+        ),
+    )
+    add_config_args(parser)
+    parser.add_argument(
+        "--stream",
+        choices=("fast", "shared"),
+        default="fast",
+        help="fast: augmentation plan drawn on the device with jax.random; shared: the "
+        "framework-neutral numpy plan of jaxbench.stream (same batches as torch_ref)",
+    )
+    parser.add_argument(
+        "--no-progress", action="store_true", help="hide the progress bar within each epoch"
+    )
+    parser.add_argument("--quiet", action="store_true", help="print nothing but errors")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """CLI entry point: exit 0 on success, 1 if training diverged, 2 on bad input."""
+    args = build_parser().parse_args(argv)
+    try:
+        cfg = config_from_args(args)
+        check_supported(cfg)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+    try:
+        from jaxbench.data import load_dataset
+
+        data = load_dataset(cfg)
+    except (ValueError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+    try:
+        summary = train_and_evaluate(
+            cfg,
+            cfg.out,
+            data=data,
+            stream=args.stream,
+            progress=not args.no_progress,
+            quiet=args.quiet,
+        )
+    except FloatingPointError as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(1) from None
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+    if not args.quiet:
+        f = summary["final"]
+        ema = f["ema_val_acc"]
+        print(
+            f"final val_acc {100 * f['val_acc']:.2f}%"
+            + (f", ema_val_acc {100 * ema:.2f}%" if ema is not None else "")
+            + f"; {summary['total_time_seconds']:.1f} s timed"
+            f" ({summary['images_per_second']:.0f} img/s),"
+            f" {summary['compile_seconds']:.1f} s compiling"
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
