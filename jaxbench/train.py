@@ -307,6 +307,7 @@ def train_and_evaluate(
     t_images = jax.device_put(_pad_to(test_x, padded))
     t_labels = jax.device_put(_pad_to(test_y, padded))
     t_valid = jax.device_put(_pad_to(np.ones(n_test, np.float32), padded))
+    jax.block_until_ready((images, labels, t_images, t_labels, t_valid))  # untimed transfer
 
     # --- ahead-of-time compilation -------------------------------------------------
     t0 = time.perf_counter()

@@ -1,0 +1,111 @@
+"""Counted FLOPs per image for the configured model, so the benchmark can report a FLOP rate.
+
+Convention (the usual one in papers and in the airbench/Myrtle write-ups):
+  * only convolutions and linear layers are counted; BatchNorm, ReLU, pooling,
+    the residual additions, the loss and the optimizer update are ignored
+    (together well under 1% of the total for ResNet-9);
+  * one multiply-add is 2 FLOPs, so a k x k convolution from c_in to c_out
+    channels with an H x W output costs 2 * k * k * c_in * c_out * H * W, and a
+    linear layer 2 * d_in * d_out;
+  * a training step costs 3x the forward pass (forward, then the gradients with
+    respect to the activations and to the weights, each about one forward);
+  * an evaluation costs one forward per view: 1 without TTA, 2 with flip TTA,
+    6 with `tta_shift` (airbench's three translations, each mirrored).
+
+The figures are *counted* from the architecture, not measured, so the FLOP rate
+that the benchmark derives from them is comparable across frameworks and cards.
+This module is pure Python (no JAX, no PyTorch).
+"""
+
+from __future__ import annotations
+
+from jaxbench.configs import Config
+from jaxbench.stream import IMAGE_SIZE
+
+TRAIN_FORWARD_MULTIPLIER = 3
+NUM_CLASSES: dict[str, int] = {"cifar10": 10, "cifar100": 100}
+
+
+def conv_flops(k: int, c_in: int, c_out: int, h: int, w: int) -> int:
+    """FLOPs of one k x k convolution with an h x w output (2 per multiply-add)."""
+    return 2 * k * k * c_in * c_out * h * w
+
+
+def linear_flops(d_in: int, d_out: int) -> int:
+    """FLOPs of one dense layer (2 per multiply-add)."""
+    return 2 * d_in * d_out
+
+
+def layer_flops(cfg: Config) -> list[tuple[str, int]]:
+    """Forward FLOPs per image of every counted layer, named as the model's modules."""
+    if cfg.model == "resnet9":
+        return _resnet9(cfg)
+    if cfg.model == "speedrun":
+        return _speedrun(cfg)
+    raise ValueError(f"no FLOP count for --model {cfg.model}; add it to jaxbench/flops.py")
+
+
+def _resnet9(cfg: Config) -> list[tuple[str, int]]:
+    """ResNet-9 (docs/design.md): each `layer*` convolves at the incoming resolution and
+    then max-pools by 2, so its conv runs at the larger size; residual convs follow the pool.
+    """
+    w0, w1, w2, w3 = cfg.widths
+    s = IMAGE_SIZE  # 32: prep and layer1's conv run here
+    return [
+        ("prep", conv_flops(3, 3, w0, s, s)),
+        ("layer1", conv_flops(3, w0, w1, s, s)),
+        ("res1a", conv_flops(3, w1, w1, s // 2, s // 2)),
+        ("res1b", conv_flops(3, w1, w1, s // 2, s // 2)),
+        ("layer2", conv_flops(3, w1, w2, s // 2, s // 2)),
+        ("layer3", conv_flops(3, w2, w3, s // 4, s // 4)),
+        ("res3a", conv_flops(3, w3, w3, s // 8, s // 8)),
+        ("res3b", conv_flops(3, w3, w3, s // 8, s // 8)),
+        ("head", linear_flops(w3, NUM_CLASSES[cfg.dataset])),
+    ]
+
+
+def _speedrun(cfg: Config) -> list[tuple[str, int]]:
+    """airbench94's net (jaxbench/speedrun_model.py): a 2x2 VALID whitening conv 3 -> 24
+    (32 -> 31), then per block conv1 at the incoming size, pool 2 (floor), conv2 after it;
+    a final pool 3 leaves 1x1 for the head.
+    """
+    whiten = 2 * 3 * 4  # concat(W, -W) of the 2x2x3 patch eigenvectors
+    s = IMAGE_SIZE - 1
+    out = [("whiten", conv_flops(2, 3, whiten, s, s))]
+    c_in = whiten
+    for i, w in enumerate(cfg.widths, start=1):
+        out.append((f"block{i}.conv1", conv_flops(3, c_in, w, s, s)))
+        s //= 2
+        out.append((f"block{i}.conv2", conv_flops(3, w, w, s, s)))
+        c_in = w
+    s //= 3
+    out.append(("head", linear_flops(c_in * s * s, NUM_CLASSES[cfg.dataset])))
+    return out
+
+
+def eval_forwards(cfg: Config) -> int:
+    """Forward passes per test image: 1, 2 with flip TTA, 6 with flip + shifted views."""
+    if not cfg.tta:
+        return 1
+    return 6 if cfg.tta_shift else 2
+
+
+def forward_flops_per_image(cfg: Config) -> int:
+    """Counted forward FLOPs for one image (0.7585 GFLOP for the default ResNet-9)."""
+    return sum(f for _, f in layer_flops(cfg))
+
+
+def train_flops_per_image(cfg: Config) -> int:
+    """Counted FLOPs to train on one image: forward + backward = 3x forward."""
+    return TRAIN_FORWARD_MULTIPLIER * forward_flops_per_image(cfg)
+
+
+def eval_flops_per_image(cfg: Config) -> int:
+    """Counted FLOPs to evaluate one test image (one forward per TTA view)."""
+    return eval_forwards(cfg) * forward_flops_per_image(cfg)
+
+
+CONVENTION = (
+    "conv and linear layers only, 2 FLOPs per multiply-add (conv: 2*k*k*c_in*c_out*H_out*W_out); "
+    "training = 3x forward; evaluation = 1 forward per TTA view (2 flip, 6 flip+shift)"
+)

@@ -1,0 +1,115 @@
+"""`python -m parity`: run the parity suite, print the table, write the report; exit 0 iff all pass.
+
+Exit codes: 0 every check passed; 1 a check failed (for `--plant`, that is the
+expected outcome, and the verdict line names the check that caught it); 2 bad input.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+from collections.abc import Sequence
+
+from jaxbench.configs import PRESETS, get_config
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from parity.plants import PLANTS
+
+    p = argparse.ArgumentParser(
+        prog="python -m parity",
+        description="Check that jaxbench (JAX) and torch_ref (PyTorch) are the same training.",
+    )
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="narrow widths for checks 2-6 and a reduced tiny config for check 7 "
+        "(under 5 minutes on a 2-core CPU)",
+    )
+    p.add_argument("--data-dir", default=None, help="CIFAR-10 folder (else $JAXBENCH_DATA_DIR)")
+    p.add_argument(
+        "--out", default="parity_out", help="folder for parity.json, the report, the plot"
+    )
+    p.add_argument(
+        "--plant",
+        default=None,
+        metavar="NAME",
+        help=f"run checks 1-6 against a planted bug: {', '.join(PLANTS)}",
+    )
+    p.add_argument(
+        "--config", default="tiny", choices=sorted(PRESETS), help="preset (default tiny)"
+    )
+    p.add_argument("--checks", default=None, help="which checks, e.g. 1-6 or 2,5 (default: all)")
+    p.add_argument("--seeds", type=int, default=None, help="seeds per framework for check 7")
+    p.add_argument("--epochs", type=int, default=None, help="epochs for check 7 (default: preset)")
+    p.add_argument("--quiet", action="store_true", help="only the table and the verdict")
+    return p
+
+
+def _compile_cache(folder: str) -> None:
+    """Share XLA compilations between the suite's trainer runs (seeds differ, programs don't).
+
+    Must run before the first JAX compilation of the process, hence only here.
+    """
+    import jax
+
+    jax.config.update("jax_compilation_cache_dir", folder)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    with tempfile.TemporaryDirectory(prefix="parity-xla-") as folder:
+        import jax
+
+        if jax.config.jax_compilation_cache_dir is None:
+            _compile_cache(folder)
+        return _run(args)
+
+
+def _run(args: argparse.Namespace) -> int:
+    from parity import report
+    from parity.plants import get_plant
+    from parity.suite import load_data, parse_checks, run_suite
+
+    try:
+        cfg = get_config(args.config)
+        checks = parse_checks(args.checks) if args.checks else None
+        if args.plant is not None:
+            get_plant(args.plant)
+        if args.seeds is not None and args.seeds < 1:
+            raise ValueError("--seeds must be at least 1")
+        if args.epochs is not None and args.epochs < 1:
+            raise ValueError("--epochs must be at least 1")
+        data = load_data(args.data_dir, cfg.dataset)
+    except (ValueError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+    def log(msg: str) -> None:
+        if not args.quiet:
+            print(msg, file=sys.stderr, flush=True)
+
+    if data is None:
+        log("no --data-dir or JAXBENCH_DATA_DIR: checks 2-6 use random images, check 7 fails")
+    suite = run_suite(
+        cfg,
+        quick=args.quick,
+        data=data,
+        checks=checks,
+        plant=args.plant,
+        seeds=args.seeds,
+        epochs=args.epochs,
+        log=log,
+    )
+    print(report.format_table(suite))
+    for path in report.write_outputs(suite, args.out):
+        log(f"wrote {path}")
+    print(suite.verdict())
+    return 0 if suite.passed else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

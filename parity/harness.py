@@ -1,0 +1,134 @@
+"""The entry points of both frameworks that the checks call, gathered in one swappable record.
+
+Every check reaches `jaxbench` and `torch_ref` only through a `Harness`, so a
+plant (`parity.plants`) is just a `Harness` with one entry replaced by a
+broken one, plus optional monkeypatches that `active()` applies and always
+restores. The default harness is the real code, unchanged.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import jax
+import numpy as np
+import optax
+import torch
+
+from jaxbench import augment, models, optim
+from jaxbench.configs import Config
+from parity import convert
+from torch_ref import augment as torch_augment
+from torch_ref import model as torch_model
+
+PyTree = Any
+
+
+@dataclass(frozen=True)
+class EmaOps:
+    """The JAX EMA as three functions: init from variables, update after a step, read out."""
+
+    init: Callable[[PyTree], PyTree]
+    update: Callable[[PyTree, PyTree, int, Config], PyTree]  # (state, variables, step>=1, cfg)
+    read: Callable[[PyTree], PyTree]
+
+
+def _flax_model(cfg: Config) -> models.ResNet9:
+    return models.model_from_config(cfg)
+
+
+def _flax_init(model: models.ResNet9, seed: int) -> PyTree:
+    """The trainer's own init for `seed` (jaxbench.train splits the seed into init and data)."""
+    from jaxbench.train import seed_keys
+
+    return models.init_variables(model, seed_keys(seed)[0])
+
+
+def _torch_model(cfg: Config, seed: int) -> torch.nn.Module:
+    return torch_model.model_from_config(cfg, seed)
+
+
+def _jax_optimizer(cfg: Config, steps_per_epoch: int) -> optax.GradientTransformation:
+    return optim.make_optimizer(cfg, steps_per_epoch)
+
+
+def _jax_lr(cfg: Config, steps_per_epoch: int) -> Callable[[Any], Any]:
+    return optim.lr_schedule(cfg, steps_per_epoch)
+
+
+def _ema_update(state: PyTree, new: PyTree, step: int, cfg: Config) -> PyTree:
+    return optim.maybe_ema_update(state, new, jax.numpy.asarray(step, jax.numpy.int32), cfg)
+
+
+DEFAULT_EMA = EmaOps(
+    init=lambda v: jax.tree_util.tree_map(lambda x: jax.numpy.array(x, copy=True), v),
+    update=_ema_update,
+    read=lambda s: s,
+)
+
+
+def _jax_apply_plan(images: Any, plan: dict[str, np.ndarray], cfg: Config) -> np.ndarray:
+    return np.asarray(augment.apply_plan(jax.numpy.asarray(images), plan, cfg))
+
+
+def _torch_apply_plan(images: Any, plan: dict[str, np.ndarray], cfg: Config) -> np.ndarray:
+    tplan = torch_augment.plan_to_device(plan, "cpu")
+    return torch_augment.apply_plan(torch.as_tensor(np.asarray(images)), tplan, cfg).numpy()
+
+
+@dataclass(frozen=True)
+class Harness:
+    """How the checks build, convert, optimise and augment in each framework."""
+
+    name: str = "reference"
+    flax_model: Callable[[Config], Any] = _flax_model
+    flax_init: Callable[[Any, int], PyTree] = _flax_init
+    torch_model: Callable[[Config, int], torch.nn.Module] = _torch_model
+    to_flax: Callable[..., PyTree] = convert.torch_to_flax
+    to_torch: Callable[..., Any] = convert.flax_to_torch
+    jax_optimizer: Callable[[Config, int], optax.GradientTransformation] = _jax_optimizer
+    jax_lr: Callable[[Config, int], Callable[[Any], Any]] = _jax_lr
+    jax_ema: EmaOps = DEFAULT_EMA
+    jax_apply_plan: Callable[[Any, dict[str, np.ndarray], Config], np.ndarray] = _jax_apply_plan
+    torch_apply_plan: Callable[[Any, dict[str, np.ndarray], Config], np.ndarray] = _torch_apply_plan
+    # Context-manager factories entered for the whole run (monkeypatches that restore).
+    patches: tuple[Callable[[], contextlib.AbstractContextManager[Any]], ...] = field(
+        default_factory=tuple
+    )
+
+    @contextlib.contextmanager
+    def active(self) -> Iterator[Harness]:
+        """Enter every patch; leave them in reverse order, also on errors."""
+        with contextlib.ExitStack() as stack:
+            for make in self.patches:
+                stack.enter_context(make())
+            yield self
+
+
+@contextlib.contextmanager
+def setattr_patch(obj: Any, name: str, value: Any) -> Iterator[None]:
+    """`setattr(obj, name, value)` for the duration of the block, then the old value back."""
+    old = getattr(obj, name)
+    setattr(obj, name, value)
+    try:
+        yield
+    finally:
+        setattr(obj, name, old)
+
+
+@contextlib.contextmanager
+def full_precision() -> Iterator[None]:
+    """float32 matmuls/convs at full precision in both frameworks (no TF32), restored after."""
+    cuda_tf32 = torch.backends.cuda.matmul.allow_tf32
+    cudnn_tf32 = torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    try:
+        with jax.default_matmul_precision("highest"):
+            yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = cuda_tf32
+        torch.backends.cudnn.allow_tf32 = cudnn_tf32

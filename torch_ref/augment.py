@@ -1,0 +1,128 @@
+"""Batched, on-device augmentation: apply a batch plan, or draw an epoch's plan.
+
+`apply_plan` does what `jaxbench.stream.apply_plan_numpy` does (crop -> flip ->
+cutout on uint8 NHWC images) but for a whole batch in one gather: the reflect
+padding, the crop window and the flip are folded into per-image row and column
+index vectors, so nothing is padded or copied besides the output batch. The
+result is uint8, bit-identical to the numpy reference.
+
+`draw_plan` is the fast path: the same distributions as `stream.epoch_plan`,
+drawn with a seeded `torch.Generator` on the device (different numbers, no host
+round trip).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import numpy as np
+import torch
+
+from jaxbench.configs import Config
+from jaxbench.stream import FILL_RGB, IMAGE_SIZE, steps_per_epoch
+
+PLAN_FIELDS: tuple[str, ...] = ("indices", "crop_y", "crop_x", "flip", "cutout_y", "cutout_x")
+_FLIP_SEED_TAG = 0xF11B  # base flips get their own generator, so they are drawn "once"
+
+
+def plan_to_device(plan: Mapping[str, np.ndarray | torch.Tensor], device: torch.device | str):
+    """A plan (numpy arrays, e.g. `EpochPlan.as_dict()`) as int64/bool tensors on `device`."""
+    out: dict[str, torch.Tensor] = {}
+    for name in PLAN_FIELDS:
+        v = plan[name]
+        v = v if torch.is_tensor(v) else torch.from_numpy(np.ascontiguousarray(v))
+        out[name] = v.to(device, torch.bool if name == "flip" else torch.int64, non_blocking=True)
+    return out
+
+
+def slice_plan(
+    plan: Mapping[str, torch.Tensor], step: int, batch_size: int
+) -> dict[str, torch.Tensor]:
+    """The part of an epoch plan that step `step` consumes (views, no copy)."""
+    sl = slice(step * batch_size, (step + 1) * batch_size)
+    return {name: plan[name][sl] for name in PLAN_FIELDS}
+
+
+def _reflect(i: torch.Tensor, n: int) -> torch.Tensor:
+    """numpy 'reflect' padding as index arithmetic: -1 -> 1, n -> n - 2 (edge not repeated)."""
+    i = i.abs()
+    return torch.where(i > n - 1, 2 * (n - 1) - i, i)
+
+
+def apply_plan(images: torch.Tensor, plan: Mapping[str, torch.Tensor], cfg: Config) -> torch.Tensor:
+    """Augmented uint8 batch (B, 32, 32, 3) from uint8 NHWC `images` and one batch's plan.
+
+    `images` is the whole resident training set; `plan["indices"]` picks the batch.
+    """
+    idx = plan["indices"].to(images.device, torch.int64)
+    b = idx.shape[0]
+    iota = torch.arange(IMAGE_SIZE, device=images.device)
+    rows = iota.expand(b, IMAGE_SIZE)
+    cols = rows
+    p = cfg.crop_pad
+    if p:
+        crop_y = plan["crop_y"].to(images.device, torch.int64)
+        crop_x = plan["crop_x"].to(images.device, torch.int64)
+        rows = _reflect(crop_y[:, None] + iota - p, IMAGE_SIZE)
+        cols = _reflect(crop_x[:, None] + iota - p, IMAGE_SIZE)
+    if cfg.flip != "none":
+        flip = plan["flip"].to(images.device, torch.bool)
+        cols = torch.where(flip[:, None], cols.flip(-1), cols)
+    out = images[idx[:, None, None], rows[:, :, None], cols[:, None, :]]  # (B, 32, 32, 3)
+    if cfg.cutout:
+        s = cfg.cutout
+        cy = plan["cutout_y"].to(images.device, torch.int64)[:, None]
+        cx = plan["cutout_x"].to(images.device, torch.int64)[:, None]
+        in_y = (iota >= cy) & (iota < cy + s)  # (B, 32)
+        in_x = (iota >= cx) & (iota < cx + s)
+        mask = (in_y[:, :, None] & in_x[:, None, :])[..., None]
+        fill = torch.tensor(FILL_RGB, dtype=torch.uint8, device=images.device)
+        out = torch.where(mask, fill, out)
+    return out
+
+
+def draw_base_flips(cfg: Config, n_train: int, device: torch.device | str) -> torch.Tensor:
+    """The once-per-run random half for alternating flip, a function of the seed alone."""
+    gen = torch.Generator(device=device).manual_seed(cfg.seed * 65_537 + _FLIP_SEED_TAG)
+    return torch.rand(n_train, generator=gen, device=device) < 0.5
+
+
+def draw_plan(
+    generator: torch.Generator,
+    epoch: int,
+    n_train: int,
+    cfg: Config,
+    device: torch.device | str,
+    base_flips: torch.Tensor | None = None,
+) -> dict[str, torch.Tensor]:
+    """One epoch's plan drawn on the device; the distributions of `stream.epoch_plan`.
+
+    Order uniform without replacement (last partial batch dropped), crop offsets
+    uniform in [0, 2 * crop_pad], flips Bernoulli(1/2) (or the base flips XOR the
+    epoch parity for alternating flip), cutout corners uniform in [0, 32 - cutout].
+    Pass `base_flips` (from `draw_base_flips`) to avoid redrawing them each epoch.
+    """
+    n = steps_per_epoch(cfg, n_train) * cfg.batch_size
+    indices = torch.randperm(n_train, generator=generator, device=device)[:n]
+    span = 2 * cfg.crop_pad + 1
+    crop_y = torch.randint(0, span, (n,), generator=generator, device=device)
+    crop_x = torch.randint(0, span, (n,), generator=generator, device=device)
+    if cfg.flip == "random":
+        flip = torch.rand(n, generator=generator, device=device) < 0.5
+    elif cfg.flip == "alternating":
+        if base_flips is None:
+            base_flips = draw_base_flips(cfg, n_train, device)
+        flip = base_flips[indices] ^ bool(epoch % 2)
+    else:
+        flip = torch.zeros(n, dtype=torch.bool, device=device)
+    corner = IMAGE_SIZE - cfg.cutout + 1
+    cutout_y = torch.randint(0, corner, (n,), generator=generator, device=device)
+    cutout_x = torch.randint(0, corner, (n,), generator=generator, device=device)
+    return {
+        "indices": indices,
+        "crop_y": crop_y,
+        "crop_x": crop_x,
+        "flip": flip,
+        "cutout_y": cutout_y,
+        "cutout_x": cutout_x,
+    }

@@ -1,0 +1,113 @@
+"""The Myrtle ResNet-9 in PyTorch, named block for block like `jaxbench.models`.
+
+Module names (`prep`, `layer1`, `res1a`, ...; each with `.conv` and `.bn`; `head`)
+are the contract the parity suite converts weights by (docs/design.md), so do
+not rename them. Inputs are NCHW float tensors (channels-last memory is fine).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from jaxbench.configs import Config
+
+NUM_CLASSES: dict[str, int] = {"cifar10": 10, "cifar100": 100}
+
+
+class ConvBN(nn.Module):
+    """conv3x3 (no bias) -> BatchNorm -> ReLU, then an optional 2x2 max pool."""
+
+    def __init__(
+        self, c_in: int, c_out: int, *, pool: bool, bn_momentum: float, bn_eps: float
+    ) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(c_in, c_out, kernel_size=3, padding=1, bias=False)
+        self.bn = nn.BatchNorm2d(c_out, eps=bn_eps, momentum=bn_momentum)
+        self.pool = pool
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.relu(self.bn(self.conv(x)))
+        return F.max_pool2d(x, 2) if self.pool else x
+
+
+class ResNet9(nn.Module):
+    """prep, layer1 (+res1a/res1b), layer2, layer3 (+res3a/res3b), max pool, linear head."""
+
+    def __init__(
+        self,
+        widths: tuple[int, ...] = (64, 128, 256, 512),
+        output_scale: float = 0.125,
+        bn_momentum: float = 0.1,
+        bn_eps: float = 1e-5,
+        num_classes: int = 10,
+    ) -> None:
+        super().__init__()
+        if len(widths) != 4:
+            raise ValueError(f"ResNet9 takes four widths, got {tuple(widths)}")
+        w0, w1, w2, w3 = widths
+        bn = {"bn_momentum": bn_momentum, "bn_eps": bn_eps}
+        self.prep = ConvBN(3, w0, pool=False, **bn)
+        self.layer1 = ConvBN(w0, w1, pool=True, **bn)
+        self.res1a = ConvBN(w1, w1, pool=False, **bn)
+        self.res1b = ConvBN(w1, w1, pool=False, **bn)
+        self.layer2 = ConvBN(w1, w2, pool=True, **bn)
+        self.layer3 = ConvBN(w2, w3, pool=True, **bn)
+        self.res3a = ConvBN(w3, w3, pool=False, **bn)
+        self.res3b = ConvBN(w3, w3, pool=False, **bn)
+        self.head = nn.Linear(w3, num_classes, bias=False)
+        self.output_scale = output_scale
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self, generator: torch.Generator | None = None) -> None:
+        """The contract's init, spelled out rather than relying on torch's defaults.
+
+        Conv/linear weights ~ U(-1/sqrt(fan_in), 1/sqrt(fan_in)), fan_in = kh*kw*c_in;
+        BN scale 1, bias 0, running mean 0, running var 1.
+        """
+        for m in self.modules():
+            if isinstance(m, (nn.Conv2d, nn.Linear)):
+                fan_in = m.weight[0].numel()
+                bound = 1.0 / math.sqrt(fan_in)
+                m.weight.uniform_(-bound, bound, generator=generator)
+            elif isinstance(m, nn.BatchNorm2d):
+                m.reset_parameters()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.prep(x)
+        x = self.layer1(x)
+        x = x + self.res1b(self.res1a(x))
+        x = self.layer2(x)
+        x = self.layer3(x)
+        x = x + self.res3b(self.res3a(x))
+        x = torch.amax(x, dim=(2, 3))
+        return self.head(x).float() * self.output_scale  # float32 logits, also under autocast
+
+
+def model_from_config(cfg: Config, seed: int | None = None) -> ResNet9:
+    """The configured ResNet-9 on the CPU, initialised from `seed` (default `cfg.seed`).
+
+    Initialising on the CPU with a private generator makes the weights a function
+    of the seed alone, the same on every machine, and leaves torch's global RNG alone.
+    """
+    if cfg.model != "resnet9":
+        raise ValueError(f"torch_ref has no model {cfg.model!r}; use --model resnet9")
+    model = ResNet9(
+        widths=tuple(cfg.widths),
+        output_scale=cfg.output_scale,
+        bn_momentum=cfg.bn_momentum,
+        bn_eps=cfg.bn_eps,
+        num_classes=NUM_CLASSES[cfg.dataset],
+    )
+    gen = torch.Generator().manual_seed(cfg.seed if seed is None else seed)
+    model.reset_parameters(gen)
+    return model
+
+
+def count_params(model: nn.Module) -> int:
+    """Trainable parameters (BN running stats are buffers, not counted)."""
+    return sum(p.numel() for p in model.parameters())

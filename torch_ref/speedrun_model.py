@@ -1,0 +1,140 @@
+"""The airbench94-style net of the `speedrun` preset, in PyTorch (mirror of jaxbench's).
+
+Same structure and names as `jaxbench.speedrun_model`: `whiten` (conv 2x2, no
+padding, bias; weight frozen: `requires_grad=False`, loaded with
+`set_whitening`), exact GELU, `block1..3` each `conv1`, max pool 2, `bn1`, GELU,
+`conv2`, `bn2`, GELU; max pool 3, flatten, `head` (no bias), x output_scale.
+
+BN scale: with `bn_scale_trainable=False` (the preset) `bnK.weight` is None, so
+BN multiplies by an implicit 1 and the state dict maps one to one onto Flax's
+`use_scale=False` BatchNorm (`bias`, `running_mean`, `running_var`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from jaxbench.configs import Config
+
+WHITEN_CHANNELS = 24
+NUM_CLASSES = {"cifar10": 10, "cifar100": 100}
+
+
+class BatchNorm(nn.BatchNorm2d):
+    """BatchNorm2d whose scale is absent (fixed at 1) unless `scale_trainable`."""
+
+    def __init__(self, channels: int, eps: float, momentum: float, scale_trainable: bool):
+        super().__init__(channels, eps=eps, momentum=momentum, affine=True)
+        if not scale_trainable:
+            self.weight = None  # F.batch_norm treats a missing weight as 1
+
+
+def dirac_(conv: nn.Conv2d) -> None:
+    """Identity on the first min(C_in, C_out) filters, as airbench's init."""
+    with torch.no_grad():
+        w = conv.weight
+        nn.init.dirac_(w[: w.size(1)])
+
+
+class ConvGroup(nn.Module):
+    def __init__(
+        self, c_in: int, width: int, eps: float, momentum: float, scale_trainable: bool
+    ) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(c_in, width, 3, padding=1, bias=False)
+        self.pool = nn.MaxPool2d(2)
+        self.bn1 = BatchNorm(width, eps, momentum, scale_trainable)
+        self.conv2 = nn.Conv2d(width, width, 3, padding=1, bias=False)
+        self.bn2 = BatchNorm(width, eps, momentum, scale_trainable)
+        self.act = nn.GELU()  # approximate="none": the exact erf form
+        dirac_(self.conv1)
+        dirac_(self.conv2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.act(self.bn1(self.pool(self.conv1(x))))
+        return self.act(self.bn2(self.conv2(x)))
+
+
+class SpeedrunNet(nn.Module):
+    """airbench94's net; NCHW float input (normalised), logits out."""
+
+    def __init__(
+        self,
+        widths: Sequence[int] = (64, 256, 256),
+        num_classes: int = 10,
+        output_scale: float = 1.0 / 9.0,
+        bn_momentum: float = 0.4,
+        bn_eps: float = 1e-12,
+        bn_scale_trainable: bool = False,
+    ) -> None:
+        super().__init__()
+        self.output_scale = output_scale
+        self.whiten = nn.Conv2d(3, WHITEN_CHANNELS, 2, padding=0, bias=True)
+        self.whiten.weight.requires_grad_(False)
+        self.act = nn.GELU()
+        c_in = WHITEN_CHANNELS
+        for i, width in enumerate(widths):
+            group = ConvGroup(c_in, width, bn_eps, bn_momentum, bn_scale_trainable)
+            self.add_module(f"block{i + 1}", group)
+            c_in = width
+        self.n_blocks = len(widths)
+        self.pool = nn.MaxPool2d(3)
+        self.head = nn.Linear(c_in, num_classes, bias=False)
+
+    def set_whitening(self, kernel_OIHW: np.ndarray | torch.Tensor) -> None:
+        """Load the (frozen) whitening kernel from `jaxbench.whitening.whitening_kernel_OIHW`."""
+        kernel = torch.as_tensor(kernel_OIHW)
+        if tuple(kernel.shape) != tuple(self.whiten.weight.shape):
+            raise ValueError(
+                f"whitening kernel shape {tuple(kernel.shape)} != {tuple(self.whiten.weight.shape)}"
+            )
+        with torch.no_grad():
+            self.whiten.weight.copy_(kernel)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.act(self.whiten(x))
+        for i in range(self.n_blocks):
+            x = getattr(self, f"block{i + 1}")(x)
+        x = torch.flatten(self.pool(x), 1)
+        return self.head(x) * self.output_scale
+
+
+def tta_logits(
+    logits_fn: Callable[[torch.Tensor], torch.Tensor], x_NCHW: torch.Tensor, shift: bool = True
+) -> torch.Tensor:
+    """airbench's test-time augmentation (mirror of `jaxbench.speedrun_model.tta_logits`).
+
+    m(v) = mean of the logits of v and v mirrored; with `shift`, 0.5 * m(x) +
+    0.25 * m(up-left) + 0.25 * m(down-right), 1-px translates of a reflect-padded
+    copy. One batched call of `logits_fn` on all views.
+    """
+    views = [x_NCHW]
+    weights = [0.5]
+    if shift:
+        padded = F.pad(x_NCHW, (1, 1, 1, 1), mode="reflect")
+        h, w = x_NCHW.shape[2], x_NCHW.shape[3]
+        views += [padded[:, :, :h, :w], padded[:, :, 2 : 2 + h, 2 : 2 + w]]
+        weights = [0.25, 0.125, 0.125]
+    views = [v for view in views for v in (view, view.flip(3))]
+    logits = logits_fn(torch.cat(views)).float().reshape(len(views), x_NCHW.shape[0], -1)
+    coef = torch.tensor([c for c in weights for _ in range(2)], device=logits.device)
+    return torch.tensordot(coef, logits, dims=1)
+
+
+def speedrun_from_config(cfg: Config) -> SpeedrunNet:
+    """The net a config describes (`cfg.widths` has three numbers)."""
+    if len(cfg.widths) != 3:
+        raise ValueError(f"the speedrun net takes three --widths, got {cfg.widths}")
+    return SpeedrunNet(
+        widths=tuple(cfg.widths),
+        num_classes=NUM_CLASSES[cfg.dataset],
+        output_scale=cfg.output_scale,
+        bn_momentum=cfg.bn_momentum,
+        bn_eps=cfg.bn_eps,
+        bn_scale_trainable=cfg.bn_scale_trainable,
+    )

@@ -1,0 +1,524 @@
+"""Train and evaluate the ResNet-9 recipe in PyTorch: `python -m torch_ref.train`.
+
+The same recipe, config presets, flags, table and files as `python -m
+jaxbench.train` (docs/design.md), set up the way one would race PyTorch: data
+resident on the device as uint8, augmentation as batched tensor ops on the
+device, channels-last, bf16 autocast on GPU, optional `torch.compile`, cuDNN
+benchmark mode, no host syncs inside an epoch (metrics accumulate in device
+tensors and are fetched once per epoch), and compilation/warm-up kept off the
+clock.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import functools
+import os
+import sys
+import time
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from jaxbench import report, schedule
+from jaxbench.configs import Config, add_config_args, config_from_args, optimizer_scales
+from jaxbench.stream import MEAN_STD, epoch_plan, steps_per_epoch
+from torch_ref.augment import apply_plan, draw_base_flips, draw_plan, plan_to_device, slice_plan
+from torch_ref.model import model_from_config
+
+STREAMS: tuple[str, ...] = ("fast", "shared")
+FINAL_KEYS: tuple[str, ...] = ("val_acc", "ema_val_acc", "val_loss", "train_loss", "train_acc")
+_STREAM_SEED_TAG = 0x5EED  # keeps the fast stream's generator apart from the init seed
+
+
+# --- pieces the tests and the parity suite use directly ------------------------------------------
+
+
+def resolve_device(device: torch.device | str | None = None) -> torch.device:
+    """The requested device, else the first GPU, else the CPU."""
+    if device is not None:
+        return torch.device(device)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def use_bfloat16(cfg: Config, device: torch.device) -> bool:
+    """`precision=auto` means bf16 autocast on GPU and float32 on the CPU."""
+    if cfg.precision == "auto":
+        return device.type == "cuda"
+    return cfg.precision == "bfloat16"
+
+
+def make_optimizer(model: nn.Module, cfg: Config) -> torch.optim.SGD:
+    """SGD with Nesterov momentum and coupled decay; BN biases in their own group.
+
+    Each group carries `lr_mult`; the trainer sets `lr = lr_at(t) * lr_mult` before
+    update t. LR and decay are in optimizer units (`configs.optimizer_scales`).
+    """
+    lr, wd = optimizer_scales(cfg)
+    bn_biases = [m.bias for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+    bn_ids = {id(p) for p in bn_biases}
+    others = [p for p in model.parameters() if id(p) not in bn_ids]
+    groups = [
+        {"params": others, "lr": lr, "lr_mult": 1.0, "weight_decay": wd},
+        {
+            "params": bn_biases,
+            "lr": lr * cfg.bn_bias_lr_mult,
+            "lr_mult": cfg.bn_bias_lr_mult,
+            "weight_decay": wd * cfg.bn_bias_wd_mult,
+        },
+    ]
+    return torch.optim.SGD(
+        groups, lr=lr, momentum=cfg.momentum, dampening=0.0, nesterov=cfg.nesterov
+    )
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    """The LR of the coming update in every group (a host float: no device sync)."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr * group.get("lr_mult", 1.0)
+
+
+def ema_tensors(model: nn.Module) -> list[torch.Tensor]:
+    """What the EMA averages, in a fixed order: parameters, then float buffers (BN stats).
+
+    `num_batches_tracked` (an integer counter, unused with a set momentum) is left out.
+    """
+    params = list(model.parameters())
+    buffers = [b for b in model.buffers() if b.is_floating_point()]
+    return params + buffers
+
+
+@torch.no_grad()
+def ema_update(ema: Sequence[torch.Tensor], current: Sequence[torch.Tensor], m: float) -> None:
+    """`ema = m * ema + (1 - m) * w`, literally (two products, one sum), all tensors at once.
+
+    `m` and `1 - m` are formed in float32 (as `jaxbench.optim.ema_update` does), so
+    the two frameworks multiply by the very same coefficients.
+    """
+    m32 = np.float32(m)
+    scaled = torch._foreach_mul(list(current), float(np.float32(1.0) - m32))
+    torch._foreach_mul_(list(ema), float(m32))
+    torch._foreach_add_(list(ema), scaled)
+
+
+def normalize(images: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """uint8 NHWC -> float32 NCHW, `(x / 255 - mean) / std`; the permute makes it channels-last."""
+    x = (images.float() / 255.0 - mean) / std
+    return x.permute(0, 3, 1, 2)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def train_forward(
+    net: nn.Module,
+    x_u8: torch.Tensor,
+    y: torch.Tensor,
+    mean: torch.Tensor,
+    std: torch.Tensor,
+    *,
+    bf16: bool,
+    label_smoothing: float,
+    reduction: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(loss to backpropagate, mean per-example loss, correct count) for one uint8 batch.
+
+    A module-level function taking the net as an argument, so one `torch.compile`
+    serves every run in the process (closures over a fresh model would recompile
+    per run and hit dynamo's recompile limit in the benchmark's seed loop).
+    """
+    with torch.autocast(x_u8.device.type, dtype=torch.bfloat16, enabled=bf16):
+        logits = net(normalize(x_u8, mean, std))
+    logits = logits.float()
+    loss = F.cross_entropy(logits, y, label_smoothing=label_smoothing, reduction=reduction)
+    per_example = loss.detach() / y.shape[0] if reduction == "sum" else loss.detach()
+    correct = (logits.detach().argmax(1) == y).sum()
+    return loss, per_example, correct
+
+
+def eval_forward(
+    net: nn.Module,
+    x_u8: torch.Tensor,
+    y: torch.Tensor,
+    mean: torch.Tensor,
+    std: torch.Tensor,
+    *,
+    bf16: bool,
+    tta: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(summed cross-entropy without smoothing, correct count); flip TTA averages logits."""
+    with torch.autocast(x_u8.device.type, dtype=torch.bfloat16, enabled=bf16):
+        x = normalize(x_u8, mean, std)
+        logits = net(x).float()
+        if tta:
+            logits = 0.5 * (logits + net(x.flip(3)).float())
+    loss = F.cross_entropy(logits, y, reduction="sum")
+    return loss, (logits.argmax(1) == y).sum()
+
+
+@functools.cache
+def _compiled(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """One compiled version per function per process; static shapes (no dynamic batch dim)."""
+    return torch.compile(fn, dynamic=False)
+
+
+@torch.no_grad()
+def evaluate(
+    net: nn.Module,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    cfg: Config,
+    *,
+    bf16: bool = False,
+    compile: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean loss, number correct) as device tensors (no sync); BN in eval mode, flip TTA per cfg.
+
+    The count, not a float32 ratio, so the host divides exactly (accuracy = correct / n).
+    """
+    fwd = _compiled(eval_forward) if compile else eval_forward
+    mean, std = _stats_tensors(cfg.dataset, images.device)
+    was_training = net.training
+    net.eval()
+    loss_sum = torch.zeros((), device=images.device)
+    correct = torch.zeros((), dtype=torch.int64, device=images.device)
+    for i in range(0, len(images), cfg.eval_batch_size):
+        sl = slice(i, i + cfg.eval_batch_size)
+        loss, c = fwd(net, images[sl], labels[sl], mean, std, bf16=bf16, tta=cfg.tta)
+        loss_sum += loss
+        correct += c
+    net.train(was_training)
+    return loss_sum / len(images), correct
+
+
+def _stats_tensors(dataset: str, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    mean, std = MEAN_STD[dataset]
+    return (
+        torch.tensor(mean, dtype=torch.float32, device=device),
+        torch.tensor(std, dtype=torch.float32, device=device),
+    )
+
+
+def check_supported(cfg: Config) -> None:
+    """Refuse config fields this trainer does not implement, instead of ignoring them."""
+    if cfg.model != "resnet9":
+        raise ValueError(f"torch_ref.train trains --model resnet9 only, not {cfg.model!r}")
+    unsupported = {
+        "lookahead": cfg.lookahead,
+        "tta_shift": cfg.tta_shift,
+        "bn_scale_trainable": not cfg.bn_scale_trainable,
+        "whiten_bias_epochs": cfg.whiten_bias_epochs,
+    }
+    for name, active in unsupported.items():
+        if active:
+            raise ValueError(
+                f"torch_ref.train does not implement --{name.replace('_', '-')} "
+                f"(got {getattr(cfg, name)!r}); leave it at its resnet9 default"
+            )
+
+
+# --- the trainer ------------------------------------------------------------------------------
+
+
+def train_and_evaluate(
+    cfg: Config,
+    workdir: str | os.PathLike[str] | None = None,
+    *,
+    data: Any = None,
+    init_state_dict: Mapping[str, Any] | None = None,
+    stream: str = "fast",
+    progress: bool = True,
+    quiet: bool = False,
+    compile: bool | None = None,
+    device: torch.device | str | None = None,
+    return_variables: bool = False,
+) -> dict[str, Any]:
+    """Train `cfg`, evaluate every epoch, return the summary (docs/design.md, "Trainer API").
+
+    `workdir` (default `cfg.out`) receives config.json, metrics.jsonl, summary.json.
+    `data`: a `jaxbench.data.Dataset` (else `load_dataset(cfg)`; subset prefixes are
+    applied either way). `init_state_dict`: start from these weights (a `ResNet9`
+    state dict of tensors or arrays) instead of the seed's. `stream`: "fast" (plan
+    drawn on the device) or "shared" (`stream.epoch_plan`: the JAX trainer's very
+    batches). `compile`: `torch.compile` the train/eval forward passes (None: on for
+    CUDA, off on the CPU). `return_variables` adds the final `variables` and
+    `ema_variables` (CPU state dicts) to the returned dict, not to summary.json.
+    Raises FloatingPointError, naming the epoch, when the training loss is not finite.
+    """
+    if stream not in STREAMS:
+        raise ValueError(f"stream must be one of {', '.join(STREAMS)}, got {stream!r}")
+    check_supported(cfg)
+    if workdir is None:
+        workdir = cfg.out
+    dev = resolve_device(device)
+    if compile is None:
+        compile = dev.type == "cuda"
+    bf16 = use_bfloat16(cfg, dev)
+    if dev.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    if data is None:
+        from jaxbench.data import load_dataset
+
+        data = load_dataset(cfg)
+
+    # Data resident on the device, uint8 NHWC.
+    def put(a: Any, dtype: torch.dtype) -> torch.Tensor:
+        return torch.from_numpy(np.ascontiguousarray(a)).to(dev, dtype)
+
+    train_x = put(data.train_images[: cfg.subset], torch.uint8)
+    train_y = put(data.train_labels[: cfg.subset], torch.int64)
+    test_x = put(data.test_images[: cfg.test_subset], torch.uint8)
+    test_y = put(data.test_labels[: cfg.test_subset], torch.int64)
+    n_train, n_test, batch = len(train_x), len(test_x), cfg.batch_size
+    spe = steps_per_epoch(cfg, n_train)
+    if spe == 0:
+        raise ValueError(
+            f"{n_train} training images make no full batch of {batch}; "
+            "lower --batch-size or raise --subset"
+        )
+    if n_test == 0:
+        raise ValueError("the test set is empty; check the data or --test-subset")
+    mean, std = _stats_tensors(cfg.dataset, dev)
+
+    model = model_from_config(cfg)
+    if init_state_dict is not None:
+        model.load_state_dict(
+            {
+                k: v if torch.is_tensor(v) else torch.as_tensor(np.asarray(v))
+                for k, v in init_state_dict.items()
+            }
+        )
+    model = model.to(dev, memory_format=torch.channels_last)
+    ema_model = copy.deepcopy(model) if cfg.ema_every else None
+    optimizer = make_optimizer(model, cfg)
+    lrs = [float(v) for v in schedule.lr_at(np.arange(cfg.epochs * spe), cfg, spe)]
+    fwd = _compiled(train_forward) if compile else train_forward
+    loss_kw = {
+        "bf16": bf16,
+        "label_smoothing": cfg.label_smoothing,
+        "reduction": cfg.loss_reduction,
+    }
+
+    def run_eval(net: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+        return evaluate(net, test_x, test_y, cfg, bf16=bf16, compile=compile)
+
+    # Warm-up (compilation, cuDNN autotuning, first-call allocations) off the clock, on
+    # every shape and op the run uses; then weights and BN statistics are put back.
+    _sync(dev)
+    t_warm = time.perf_counter()
+    base_flips = draw_base_flips(cfg, n_train, dev) if cfg.flip == "alternating" else None
+    ema_live = ema_tensors(model)
+    ema_copy = ema_tensors(ema_model) if ema_model is not None else []
+    saved = {k: v.clone() for k, v in model.state_dict().items()}
+    scratch = make_optimizer(model, cfg)
+    warm_gen = torch.Generator(device=dev).manual_seed(0)
+    warm_plan = slice_plan(draw_plan(warm_gen, 0, n_train, cfg, dev, base_flips), 0, batch)
+    for _ in range(2 if compile else 1):
+        x = apply_plan(train_x, warm_plan, cfg)
+        loss, _, _ = fwd(model, x, train_y[warm_plan["indices"]], mean, std, **loss_kw)
+        loss.backward()
+        scratch.step()
+        scratch.zero_grad(set_to_none=True)
+        if ema_copy:
+            ema_update([e.clone() for e in ema_copy], ema_live, cfg.ema_momentum)
+    for net in (model, ema_model):
+        if net is not None:
+            run_eval(net)
+    model.load_state_dict(saved)
+    del scratch, saved, warm_plan
+    _sync(dev)
+    compile_seconds = time.perf_counter() - t_warm
+
+    generator = torch.Generator(device=dev).manual_seed(cfg.seed * 65_537 + _STREAM_SEED_TAG)
+    recorder = report.RunRecorder(cfg.to_dict(), workdir, quiet)
+    step_losses: list[float] = []
+    timed = 0.0  # training steps + final evaluation
+    t = 0
+    model.train()
+    for epoch in range(cfg.epochs):
+        _sync(dev)
+        t0 = time.perf_counter()
+        if stream == "shared":
+            plan = plan_to_device(epoch_plan(cfg, epoch, n_train).as_dict(), dev)
+        else:
+            plan = draw_plan(generator, epoch, n_train, cfg, dev, base_flips=base_flips)
+        losses = torch.empty(spe, device=dev)
+        correct = torch.zeros((), dtype=torch.int64, device=dev)
+        bar = tqdm(
+            range(spe),
+            desc=f"epoch {epoch + 1}/{cfg.epochs}",
+            leave=False,
+            disable=not progress or quiet,
+            file=sys.stderr,
+        )
+        for step in bar:
+            bp = slice_plan(plan, step, batch)
+            x = apply_plan(train_x, bp, cfg)
+            y = train_y[bp["indices"]]
+            set_lr(optimizer, lrs[t])
+            loss, per_example, c = fwd(model, x, y, mean, std, **loss_kw)
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            t += 1
+            if ema_model is not None and t % cfg.ema_every == 0:
+                ema_update(ema_copy, ema_live, cfg.ema_momentum)
+            losses[step] = per_example
+            correct += c
+        bar.close()
+        _sync(dev)
+        timed += time.perf_counter() - t0
+
+        epoch_losses = losses.tolist()  # the one fetch of the epoch's training metrics
+        step_losses.extend(epoch_losses)
+        row: dict[str, Any] = {
+            "epoch": epoch + 1,
+            "train_loss": float(np.mean(epoch_losses)),
+            "train_acc": correct.item() / (spe * batch),
+        }
+        if not np.isfinite(row["train_loss"]):
+            recorder.epoch(row)  # raises FloatingPointError naming the epoch
+        # Monitoring evaluation is off the clock, except the final one.
+        t1 = time.perf_counter()
+        val_loss, val_correct = run_eval(model)
+        ema_correct = run_eval(ema_model)[1].item() if ema_model is not None else None
+        row.update(
+            val_loss=val_loss.item(),
+            val_acc=val_correct.item() / n_test,
+            ema_val_acc=None if ema_correct is None else ema_correct / n_test,
+        )
+        if epoch == cfg.epochs - 1:
+            timed += time.perf_counter() - t1
+        row["total_time_seconds"] = timed
+        recorder.epoch(row)
+
+    final = {k: recorder.rows[-1][k] for k in FINAL_KEYS}
+    summary: dict[str, Any] = {
+        "final": final,
+        "epochs": recorder.rows,
+        "step_losses": step_losses,
+        "total_time_seconds": timed,
+        "compile_seconds": compile_seconds,
+        "images_per_second": cfg.epochs * spe * batch / timed if timed > 0 else None,
+        "environment": report.environment(["torch"]),
+        "seed": cfg.seed,
+        "config": cfg.to_dict(),
+        "stream": stream,
+        "compile": compile,
+        "compute_dtype": "bfloat16" if bf16 else "float32",
+        "device": str(dev),
+        "n_train": n_train,
+        "n_test": n_test,
+        "steps_per_epoch": spe,
+        "framework": "torch",
+    }
+    recorder.finish(summary)
+    if return_variables:
+        summary = dict(summary)
+        summary["variables"] = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+        if ema_model is not None:
+            summary["ema_variables"] = {
+                k: v.detach().cpu() for k, v in ema_model.state_dict().items()
+            }
+    return summary
+
+
+# --- command line -----------------------------------------------------------------------------
+
+
+def cpu_threads() -> int:
+    """The cores this process may use (affinity-aware), for `torch.set_num_threads`."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not on Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m torch_ref.train",
+        description=(
+            "Train the PyTorch ResNet-9 reference on CIFAR and print a per-epoch table. Start "
+            "from a --config preset; every other flag overrides one field of it. With --out DIR "
+            "the run writes config.json, metrics.jsonl and summary.json there."
+        ),
+    )
+    add_config_args(parser)
+    parser.add_argument(
+        "--stream",
+        choices=STREAMS,
+        default="fast",
+        help="fast: augmentation plan drawn on the device with a torch.Generator; shared: the "
+        "framework-neutral numpy plan of jaxbench.stream (same batches as jaxbench)",
+    )
+    parser.add_argument(
+        "--compile",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="torch.compile the forward/backward (default: on for CUDA, off on the CPU)",
+    )
+    parser.add_argument(
+        "--no-progress", action="store_true", help="hide the progress bar within each epoch"
+    )
+    parser.add_argument("--quiet", action="store_true", help="print nothing but errors")
+    return parser
+
+
+def _fail(message: object, code: int) -> SystemExit:
+    print(f"error: {message}", file=sys.stderr)
+    return SystemExit(code)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """CLI entry point: exit 0 on success, 1 if training diverged, 2 on bad input."""
+    args = build_parser().parse_args(argv)
+    try:
+        cfg = config_from_args(args)
+        check_supported(cfg)
+    except ValueError as e:
+        raise _fail(e, 2) from None
+    try:
+        from jaxbench.data import load_dataset
+
+        data = load_dataset(cfg)
+    except (ValueError, OSError) as e:
+        raise _fail(e, 2) from None
+    if not torch.cuda.is_available():
+        torch.set_num_threads(cpu_threads())
+    try:
+        summary = train_and_evaluate(
+            cfg,
+            cfg.out,
+            data=data,
+            stream=args.stream,
+            progress=not args.no_progress,
+            quiet=args.quiet,
+            compile=args.compile,
+        )
+    except FloatingPointError as e:
+        raise _fail(e, 1) from None
+    except ValueError as e:
+        raise _fail(e, 2) from None
+    if not args.quiet:
+        f = summary["final"]
+        ema = f["ema_val_acc"]
+        print(
+            f"final val_acc {100 * f['val_acc']:.2f}%"
+            + (f", ema_val_acc {100 * ema:.2f}%" if ema is not None else "")
+            + f"; {summary['total_time_seconds']:.1f} s timed"
+            f" ({summary['images_per_second']:.0f} img/s),"
+            f" {summary['compile_seconds']:.1f} s warm-up/compiling"
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
