@@ -45,6 +45,7 @@ from typing import Any
 import numpy as np
 
 from jaxbench.configs import Config
+from jaxbench.progress import progress_bar
 
 IMAGE_BYTES = 32 * 32 * 3
 DEFAULT_URL = "https://www.cs.toronto.edu/~kriz/"
@@ -527,9 +528,7 @@ def _download(archive: str, cache: Path, progress: bool) -> Path:
             try:
                 with _urlopen(url) as response:
                     total = int(response.headers.get("Content-Length") or 0) or None
-                    from tqdm import tqdm
-
-                    with tqdm(
+                    with progress_bar(
                         total=total,
                         unit="B",
                         unit_scale=True,

@@ -29,6 +29,7 @@ import optax
 
 from jaxbench import augment, models, optim
 from jaxbench.configs import Config, add_config_args, config_from_args
+from jaxbench.progress import progress_bar
 from jaxbench.report import RunRecorder, environment
 from jaxbench.stream import epoch_plan, steps_per_epoch
 
@@ -52,8 +53,10 @@ class TrainState:
 
 def check_supported(cfg: Config) -> None:
     """Refuse config fields this trainer does not implement, instead of ignoring them."""
-    if cfg.model != "resnet9":
-        raise ValueError(f"jaxbench.train trains --model resnet9 only, not {cfg.model!r}")
+    if cfg.model not in ("resnet9", "speedrun"):
+        raise ValueError(f"jaxbench.train trains --model resnet9 or speedrun, not {cfg.model!r}")
+    if cfg.model == "speedrun":
+        return  # the speedrun net implements every field below
     unsupported = {
         "lookahead": cfg.lookahead,
         "tta_shift": cfg.tta_shift,
@@ -115,13 +118,20 @@ def create_train_state(
 
 
 def make_train_step(
-    cfg: Config, model: models.ResNet9, tx: optax.GradientTransformation
+    cfg: Config,
+    model: models.ResNet9,
+    tx: optax.GradientTransformation,
+    total_steps: int | None = None,
 ) -> Callable[[TrainState, dict[str, jax.Array]], tuple[TrainState, Metrics]]:
     """The pure step `(state, {'images': uint8 NHWC augmented, 'labels'}) -> (state, metrics)`.
 
     Metrics: `loss` is the mean per-example (label-smoothed) loss whatever
     `loss_reduction`, `correct` the number of right predictions in the batch.
+    With `cfg.lookahead` the EMA step also resets the net to the EMA; its decay
+    ramp needs `total_steps` (the run's number of updates).
     """
+    if cfg.lookahead and total_steps is None:
+        raise ValueError("cfg.lookahead needs total_steps for the decay ramp")
     dtype = models.compute_dtype(cfg)
 
     def train_step(state: TrainState, batch: dict[str, jax.Array]) -> tuple[TrainState, Metrics]:
@@ -144,9 +154,13 @@ def make_train_step(
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         step = state.step + 1
-        ema = optim.maybe_ema_update(
-            state.ema, {"params": params, "batch_stats": batch_stats}, step, cfg
-        )
+        live = {"params": params, "batch_stats": batch_stats}
+        if cfg.lookahead:
+            assert total_steps is not None
+            ema, live = optim.lookahead_update(state.ema, live, step, cfg, total_steps)
+            params, batch_stats = live["params"], live["batch_stats"]
+        else:
+            ema = optim.maybe_ema_update(state.ema, live, step, cfg)
         new_state = TrainState(step, params, batch_stats, opt_state, ema)
         mean_loss = loss / labels.shape[0] if cfg.loss_reduction == "sum" else loss
         correct = jnp.sum(jnp.argmax(logits, axis=-1) == labels).astype(jnp.int32)
@@ -156,7 +170,10 @@ def make_train_step(
 
 
 def make_loop_fns(
-    cfg: Config, model: models.ResNet9, tx: optax.GradientTransformation
+    cfg: Config,
+    model: models.ResNet9,
+    tx: optax.GradientTransformation,
+    total_steps: int | None = None,
 ) -> tuple[Callable[..., tuple[TrainState, Metrics]], Callable[..., tuple[TrainState, Metrics]]]:
     """(step_fn, epoch_fn), both uncompiled.
 
@@ -164,7 +181,7 @@ def make_loop_fns(
     `epoch_fn(state, images, labels, plan)` scans it over every batch of the plan
     and returns per-step metrics stacked along axis 0.
     """
-    train_step = make_train_step(cfg, model, tx)
+    train_step = make_train_step(cfg, model, tx, total_steps)
 
     def step_fn(
         state: TrainState, images: jax.Array, labels: jax.Array, plan: augment.Plan, i: jax.Array
@@ -193,11 +210,16 @@ def make_eval_fn(
 
     Sums of the cross-entropy (no label smoothing) and of correct predictions,
     over valid (unpadded) test images; flip TTA averages the logits with the
-    mirrored image's when `cfg.tta`.
+    mirrored image's when `cfg.tta`, plus the two 1-px shifted views with `cfg.tta_shift`
+    (airbench's 3-view TTA, `speedrun_model.tta_logits`).
     """
     dtype = models.compute_dtype(cfg)
 
     def logits_of(variables: PyTree, x: jax.Array) -> jax.Array:
+        if cfg.tta and cfg.tta_shift:
+            from jaxbench.speedrun_model import tta_logits
+
+            return tta_logits(lambda v: model.apply(variables, v, train=False), x)
         logits = model.apply(variables, x, train=False)
         if cfg.tta:
             logits = 0.5 * (logits + model.apply(variables, x[:, :, ::-1], train=False))
@@ -234,6 +256,21 @@ def make_eval_fn(
         return out
 
     return eval_fn
+
+
+def _set_whitening(state: TrainState, train_x: np.ndarray, cfg: Config) -> TrainState:
+    """The speedrun net's whitening kernel from the training images, in the net and its EMA.
+
+    Computed with `jaxbench.whitening` (exact integer patch moments, float64
+    eigendecomposition), so torch_ref loads the very same kernel.
+    """
+    from jaxbench.speedrun_model import with_whitening
+    from jaxbench.whitening import whitening_kernel_HWIO
+
+    kernel = whitening_kernel_HWIO(train_x, dataset=cfg.dataset)
+    live = with_whitening(state.variables(), jax.device_put(kernel))
+    ema = with_whitening(state.ema, jax.device_put(kernel))
+    return state.replace(params=live["params"], ema=ema)
 
 
 def _eval_zeros(with_ema: bool) -> dict[str, jax.Array]:
@@ -311,7 +348,7 @@ def train_and_evaluate(
 
     # --- ahead-of-time compilation -------------------------------------------------
     t0 = time.perf_counter()
-    step_fn, epoch_fn = make_loop_fns(cfg, model, tx)
+    step_fn, epoch_fn = make_loop_fns(cfg, model, tx, cfg.epochs * steps)
     plan_compiled = (
         jax.jit(lambda key, epoch: augment.draw_plan(key, epoch, n_train, cfg))
         .lower(data_key, np.int32(0))
@@ -357,9 +394,12 @@ def train_and_evaluate(
         return out
 
     # --- training ----------------------------------------------------------------------
-    from tqdm.auto import tqdm
-
     timed = 0.0
+    if cfg.model == "speedrun":  # data-dependent init: on the clock, as airbench times it
+        t0 = time.perf_counter()
+        state = _set_whitening(state, train_x, cfg)
+        jax.block_until_ready(state)
+        timed += time.perf_counter() - t0
     step_losses: list[float] = []
     rows: list[dict[str, Any]] = []
     for epoch in range(cfg.epochs):
@@ -369,7 +409,7 @@ def train_and_evaluate(
             state, metrics = run(state, images, labels, plan)
         else:
             per_step = []
-            bar = tqdm(
+            bar = progress_bar(
                 range(steps),
                 desc=f"epoch {epoch + 1}/{cfg.epochs}",
                 leave=False,
@@ -380,6 +420,8 @@ def train_and_evaluate(
                 state, m = run(state, images, labels, plan, np.int32(i))
                 per_step.append(m)  # stays on the device until the epoch ends
             bar.close()
+        if cfg.lookahead and epoch == cfg.epochs - 1:  # airbench ends with net = EMA
+            state = state.replace(params=state.ema["params"], batch_stats=state.ema["batch_stats"])
         jax.block_until_ready(state)
         timed += time.perf_counter() - t0
 

@@ -24,13 +24,15 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
 
 from jaxbench import report, schedule
 from jaxbench.configs import Config, add_config_args, config_from_args, optimizer_scales
+from jaxbench.progress import progress_bar
 from jaxbench.stream import MEAN_STD, epoch_plan, steps_per_epoch
+from jaxbench.whitening import whitening_kernel_OIHW
 from torch_ref.augment import apply_plan, draw_base_flips, draw_plan, plan_to_device, slice_plan
 from torch_ref.model import model_from_config
+from torch_ref.speedrun_model import tta_logits
 
 STREAMS: tuple[str, ...] = ("fast", "shared")
 FINAL_KEYS: tuple[str, ...] = ("val_acc", "ema_val_acc", "val_loss", "train_loss", "train_acc")
@@ -107,6 +109,20 @@ def ema_update(ema: Sequence[torch.Tensor], current: Sequence[torch.Tensor], m: 
     torch._foreach_add_(list(ema), scaled)
 
 
+@torch.no_grad()
+def lookahead_reset(live: Sequence[torch.Tensor], ema: Sequence[torch.Tensor]) -> None:
+    """airbench's lookahead: after an EMA update the net (params and BN stats) becomes the EMA."""
+    for w, e in zip(live, ema, strict=True):
+        w.copy_(e)
+
+
+def set_whiten_bias_trainable(model: nn.Module, trainable: bool) -> None:
+    """Train or freeze the speedrun net's whitening bias (frozen: SGD skips it entirely)."""
+    whiten = getattr(model, "whiten", None)
+    if whiten is not None and whiten.bias is not None:
+        whiten.bias.requires_grad_(trainable)
+
+
 def normalize(images: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
     """uint8 NHWC -> float32 NCHW, `(x / 255 - mean) / std`; the permute makes it channels-last."""
     x = (images.float() / 255.0 - mean) / std
@@ -153,13 +169,18 @@ def eval_forward(
     *,
     bf16: bool,
     tta: bool,
+    tta_shift: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(summed cross-entropy without smoothing, correct count); flip TTA averages logits."""
+    """(summed cross-entropy without smoothing, correct count); flip TTA averages logits,
+    `tta_shift` adds airbench's two 1-px shifted views (`speedrun_model.tta_logits`)."""
     with torch.autocast(x_u8.device.type, dtype=torch.bfloat16, enabled=bf16):
         x = normalize(x_u8, mean, std)
-        logits = net(x).float()
-        if tta:
-            logits = 0.5 * (logits + net(x.flip(3)).float())
+        if tta and tta_shift:
+            logits = tta_logits(net, x)
+        else:
+            logits = net(x).float()
+            if tta:
+                logits = 0.5 * (logits + net(x.flip(3)).float())
     loss = F.cross_entropy(logits, y, reduction="sum")
     return loss, (logits.argmax(1) == y).sum()
 
@@ -192,7 +213,9 @@ def evaluate(
     correct = torch.zeros((), dtype=torch.int64, device=images.device)
     for i in range(0, len(images), cfg.eval_batch_size):
         sl = slice(i, i + cfg.eval_batch_size)
-        loss, c = fwd(net, images[sl], labels[sl], mean, std, bf16=bf16, tta=cfg.tta)
+        loss, c = fwd(
+            net, images[sl], labels[sl], mean, std, bf16=bf16, tta=cfg.tta, tta_shift=cfg.tta_shift
+        )
         loss_sum += loss
         correct += c
     net.train(was_training)
@@ -209,8 +232,10 @@ def _stats_tensors(dataset: str, device: torch.device) -> tuple[torch.Tensor, to
 
 def check_supported(cfg: Config) -> None:
     """Refuse config fields this trainer does not implement, instead of ignoring them."""
-    if cfg.model != "resnet9":
-        raise ValueError(f"torch_ref.train trains --model resnet9 only, not {cfg.model!r}")
+    if cfg.model not in ("resnet9", "speedrun"):
+        raise ValueError(f"torch_ref.train trains --model resnet9 or speedrun, not {cfg.model!r}")
+    if cfg.model == "speedrun":
+        return  # the speedrun net implements every field below
     unsupported = {
         "lookahead": cfg.lookahead,
         "tta_shift": cfg.tta_shift,
@@ -321,14 +346,20 @@ def train_and_evaluate(
     scratch = make_optimizer(model, cfg)
     warm_gen = torch.Generator(device=dev).manual_seed(0)
     warm_plan = slice_plan(draw_plan(warm_gen, 0, n_train, cfg, dev, base_flips), 0, batch)
-    for _ in range(2 if compile else 1):
-        x = apply_plan(train_x, warm_plan, cfg)
-        loss, _, _ = fwd(model, x, train_y[warm_plan["indices"]], mean, std, **loss_kw)
-        loss.backward()
-        scratch.step()
-        scratch.zero_grad(set_to_none=True)
-        if ema_copy:
-            ema_update([e.clone() for e in ema_copy], ema_live, cfg.ema_momentum)
+    # speedrun: the whitening bias is frozen mid-run, which changes the compiled graph;
+    # compile both variants here, off the clock.
+    bias_variants = (True, False) if cfg.model == "speedrun" and compile else (True,)
+    for trainable in bias_variants:
+        set_whiten_bias_trainable(model, trainable)
+        for _ in range(2 if compile else 1):
+            x = apply_plan(train_x, warm_plan, cfg)
+            loss, _, _ = fwd(model, x, train_y[warm_plan["indices"]], mean, std, **loss_kw)
+            loss.backward()
+            scratch.step()
+            scratch.zero_grad(set_to_none=True)
+            if ema_copy:
+                ema_update([e.clone() for e in ema_copy], ema_live, cfg.ema_momentum)
+    set_whiten_bias_trainable(model, True)
     for net in (model, ema_model):
         if net is not None:
             run_eval(net)
@@ -342,17 +373,31 @@ def train_and_evaluate(
     step_losses: list[float] = []
     timed = 0.0  # training steps + final evaluation
     t = 0
+    decays = schedule.ema_decays(cfg, cfg.epochs * spe)  # float32, the same table as JAX's
+    if cfg.model == "speedrun":  # data-dependent init: on the clock, as airbench times it
+        _sync(dev)
+        t0 = time.perf_counter()
+        kernel = torch.from_numpy(
+            whitening_kernel_OIHW(data.train_images[: cfg.subset], dataset=cfg.dataset)
+        ).to(dev)
+        for net in (model, ema_model):
+            if net is not None:
+                net.set_whitening(kernel)
+        _sync(dev)
+        timed += time.perf_counter() - t0
     model.train()
     for epoch in range(cfg.epochs):
         _sync(dev)
         t0 = time.perf_counter()
+        if cfg.model == "speedrun" and epoch == cfg.whiten_bias_epochs:
+            set_whiten_bias_trainable(model, False)
         if stream == "shared":
             plan = plan_to_device(epoch_plan(cfg, epoch, n_train).as_dict(), dev)
         else:
             plan = draw_plan(generator, epoch, n_train, cfg, dev, base_flips=base_flips)
         losses = torch.empty(spe, device=dev)
         correct = torch.zeros((), dtype=torch.int64, device=dev)
-        bar = tqdm(
+        bar = progress_bar(
             range(spe),
             desc=f"epoch {epoch + 1}/{cfg.epochs}",
             leave=False,
@@ -370,10 +415,14 @@ def train_and_evaluate(
             optimizer.zero_grad(set_to_none=True)
             t += 1
             if ema_model is not None and t % cfg.ema_every == 0:
-                ema_update(ema_copy, ema_live, cfg.ema_momentum)
+                ema_update(ema_copy, ema_live, float(decays[t]))
+                if cfg.lookahead:
+                    lookahead_reset(ema_live, ema_copy)
             losses[step] = per_example
             correct += c
         bar.close()
+        if cfg.lookahead and ema_model is not None and epoch == cfg.epochs - 1:
+            lookahead_reset(ema_live, ema_copy)  # airbench ends with net = EMA
         _sync(dev)
         timed += time.perf_counter() - t0
 
