@@ -97,6 +97,10 @@ class Config:
         default=0, metadata={"help": "speedrun: epochs during which the whitening bias trains"}
     )
     eval_batch_size: int = field(default=1000, metadata={"help": "evaluation batch size"})
+    eval_every: int = field(
+        default=1,
+        metadata={"help": "monitoring evaluation every k epochs (the last epoch always)"},
+    )
     # --- augmentation -------------------------------------------------------------
     crop_pad: int = field(default=4, metadata={"help": "reflect-pad then random-crop (0: off)"})
     flip: str = field(default="random", metadata={"help": "none, random or alternating"})
@@ -144,7 +148,7 @@ def validate(cfg: Config) -> Config:
         raise ValueError("--whiten-bias-epochs must be >= 0")
     if any(w <= 0 for w in cfg.widths):
         raise ValueError("--widths must be positive")
-    for name in ("epochs", "batch_size", "eval_batch_size"):
+    for name in ("epochs", "batch_size", "eval_batch_size", "eval_every"):
         if getattr(cfg, name) <= 0:
             raise ValueError(f"--{name.replace('_', '-')} must be positive")
     if cfg.subset is not None and cfg.subset < cfg.batch_size:

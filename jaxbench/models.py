@@ -129,10 +129,15 @@ def compute_dtype(cfg: Config) -> Any:
     return {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[cfg.precision]
 
 
-def model_from_config(cfg: Config, **overrides: Any) -> ResNet9:
-    """The ResNet-9 a config describes; `overrides` (e.g. `kernel_init`) win over the config."""
+def model_from_config(cfg: Config, **overrides: Any) -> Any:
+    """The net a config describes (ResNet9, or SpeedrunNet for `model="speedrun"`);
+    `overrides` (e.g. `kernel_init`) win over the config."""
+    if cfg.model == "speedrun":
+        from jaxbench.speedrun_model import speedrun_from_config
+
+        return speedrun_from_config(cfg, compute_dtype(cfg), **overrides)
     if cfg.model != "resnet9":
-        raise ValueError(f"unknown --model {cfg.model!r}; this trainer builds resnet9")
+        raise ValueError(f"unknown --model {cfg.model!r}; this trainer builds resnet9, speedrun")
     fields: dict[str, Any] = dict(
         widths=tuple(cfg.widths),
         num_classes=NUM_CLASSES[cfg.dataset],
@@ -145,7 +150,7 @@ def model_from_config(cfg: Config, **overrides: Any) -> ResNet9:
     return ResNet9(**fields)
 
 
-def init_variables(model: ResNet9, key: jax.Array) -> dict[str, Any]:
+def init_variables(model: nn.Module, key: jax.Array) -> dict[str, Any]:
     """Fresh {'params', 'batch_stats'} for 32x32x3 inputs.
 
     With the default `torch_default_init`, all kernels come from one

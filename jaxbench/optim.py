@@ -20,7 +20,7 @@ import optax
 from flax import traverse_util
 
 from jaxbench.configs import Config, optimizer_scales
-from jaxbench.schedule import lr_knots
+from jaxbench.schedule import ema_decays, lr_knots
 
 PyTree = Any
 
@@ -56,14 +56,37 @@ def lr_schedule(cfg: Config, steps_per_epoch: int) -> Callable[[jax.Array], jax.
 
 
 def is_bn_bias(path: tuple[str, ...]) -> bool:
-    return len(path) >= 2 and path[-2] == "bn" and path[-1] == "bias"
+    """A BatchNorm bias: `.../bn/bias` (ResNet-9) or `.../bnK/bias` (speedrun's bn1, bn2)."""
+    if len(path) < 2 or path[-1] != "bias":
+        return False
+    module = path[-2]
+    return module == "bn" or (module.startswith("bn") and module[2:].isdigit())
+
+
+def _label(path: tuple[str, ...]) -> str:
+    if is_bn_bias(path):
+        return "bn_bias"
+    if path == ("whiten", "kernel"):
+        return "frozen"  # speedrun: data-dependent whitening filters, never trained
+    if path == ("whiten", "bias"):
+        return "whiten_bias"  # speedrun: trained for cfg.whiten_bias_epochs, then frozen
+    return "default"
 
 
 def param_labels(params: PyTree) -> PyTree:
-    """'bn_bias' for BatchNorm biases, 'default' for everything else."""
-    return traverse_util.path_aware_map(
-        lambda path, _: "bn_bias" if is_bn_bias(tuple(path)) else "default", params
-    )
+    """'bn_bias' for BatchNorm biases, 'frozen' / 'whiten_bias' for the speedrun net's
+    whitening conv, 'default' for everything else."""
+    return traverse_util.path_aware_map(lambda path, _: _label(tuple(path)), params)
+
+
+def _freeze_after(updates: int) -> optax.GradientTransformation:
+    """Pass the first `updates` updates, then zero them: a frozen parameter without a recompile.
+
+    The switch reads optax's own update counter inside the jit, so nothing is
+    retraced when it flips. It zeroes the *update* (after decay and momentum),
+    as a PyTorch parameter with requires_grad=False is skipped by SGD entirely.
+    """
+    return optax.scale_by_schedule(lambda count: (count < updates).astype(jnp.float32))
 
 
 def make_optimizer(cfg: Config, steps_per_epoch: int) -> optax.GradientTransformation:
@@ -80,13 +103,16 @@ def make_optimizer(cfg: Config, steps_per_epoch: int) -> optax.GradientTransform
             optax.sgd(schedule, momentum=cfg.momentum, nesterov=cfg.nesterov),
         )
 
-    return optax.multi_transform(
-        {
-            "default": group(1.0, 1.0),
-            "bn_bias": group(cfg.bn_bias_lr_mult, cfg.bn_bias_wd_mult),
-        },
-        param_labels,
-    )
+    groups = {
+        "default": group(1.0, 1.0),
+        "bn_bias": group(cfg.bn_bias_lr_mult, cfg.bn_bias_wd_mult),
+    }
+    if cfg.model == "speedrun":
+        groups["frozen"] = optax.set_to_zero()
+        groups["whiten_bias"] = optax.chain(
+            group(1.0, 1.0), _freeze_after(cfg.whiten_bias_epochs * steps_per_epoch)
+        )
+    return optax.multi_transform(groups, param_labels)
 
 
 def cross_entropy(
@@ -113,6 +139,25 @@ def ema_update(ema: PyTree, new: PyTree, momentum: float | jax.Array) -> PyTree:
     """`ema = m * ema + (1 - m) * new`, leaf by leaf (no zero start, no debiasing)."""
     m = jnp.asarray(momentum, jnp.float32)
     return jax.tree_util.tree_map(lambda e, w: m * e + (1.0 - m) * w, ema, new)
+
+
+def lookahead_update(
+    ema: PyTree, live: PyTree, step: jax.Array, cfg: Config, total_steps: int
+) -> tuple[PyTree, PyTree]:
+    """airbench's lookahead after update `step` (from 1): every `cfg.ema_every` steps,
+    `ema = d * ema + (1 - d) * live` with d = `schedule.ema_decays(cfg, total_steps)[step]`,
+    then the live net is reset to the EMA. `ema` and `live` are whole variable trees
+    ({'params', 'batch_stats'}), so BN running statistics are averaged and reset too.
+    Returns (ema, live), both unchanged off the EMA steps."""
+    if cfg.ema_every <= 0:
+        return ema, live
+    decays = jnp.asarray(ema_decays(cfg, total_steps))
+
+    def update() -> tuple[PyTree, PyTree]:
+        new = ema_update(ema, live, decays[jnp.minimum(step, total_steps)])
+        return new, new
+
+    return jax.lax.cond(step % cfg.ema_every == 0, update, lambda: (ema, live))
 
 
 def maybe_ema_update(ema: PyTree, new: PyTree, step: jax.Array, cfg: Config) -> PyTree:

@@ -28,3 +28,16 @@ def lr_at(step: np.ndarray | int, cfg: Config, steps_per_epoch: int) -> np.ndarr
     """Reference LR of update `step`, piecewise linear between the knots."""
     xs, ys = lr_knots(cfg, steps_per_epoch)
     return np.interp(np.asarray(step, dtype=np.float64), xs, ys)
+
+
+def ema_decays(cfg: Config, total_steps: int) -> np.ndarray:
+    """EMA decay after update t (index t, counted from 1; index 0 unused), float32.
+
+    `cfg.ema_momentum` throughout, or with `cfg.lookahead` airbench's ramp
+    `ema_momentum * (t / total_steps) ** 3` (tiny early, the full value at the end).
+    Both trainers read this one table, so they multiply by the very same numbers.
+    """
+    t = np.arange(total_steps + 1, dtype=np.float64)
+    if cfg.lookahead:
+        return (cfg.ema_momentum * (t / max(total_steps, 1)) ** 3).astype(np.float32)
+    return np.full(total_steps + 1, cfg.ema_momentum, np.float32)

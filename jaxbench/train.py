@@ -413,7 +413,7 @@ def train_and_evaluate(
                 range(steps),
                 desc=f"epoch {epoch + 1}/{cfg.epochs}",
                 leave=False,
-                disable=not progress or quiet,
+                disable=True if (not progress or quiet) else None,  # None: off unless a terminal
                 file=sys.stderr,
             )
             for i in bar:
@@ -440,10 +440,13 @@ def train_and_evaluate(
         if not np.isfinite(row["train_loss"]):
             recorder.epoch(row)  # raises FloatingPointError naming the epoch
         last = epoch == cfg.epochs - 1
-        t0 = time.perf_counter()
-        row.update(run_eval(state))  # fetching the sums synchronises
-        if last:  # the final evaluation is part of the timed run; monitoring evals are not
-            timed += time.perf_counter() - t0
+        if last or (epoch + 1) % cfg.eval_every == 0:
+            t0 = time.perf_counter()
+            row.update(run_eval(state))  # fetching the sums synchronises
+            if last:  # the final evaluation is part of the timed run; monitoring evals are not
+                timed += time.perf_counter() - t0
+        else:
+            row.update(val_loss=None, val_acc=None, ema_val_acc=None)
         row["total_time_seconds"] = timed
         rows.append(row)
         recorder.epoch(row)

@@ -38,7 +38,10 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"run checks 1-6 against a planted bug: {', '.join(PLANTS)}",
     )
     p.add_argument(
-        "--config", default="tiny", choices=sorted(PRESETS), help="preset (default tiny)"
+        "--config",
+        default=None,
+        choices=sorted(PRESETS),
+        help="preset (default tiny; with --plant, the preset that plant breaks)",
     )
     p.add_argument("--checks", default=None, help="which checks, e.g. 1-6 or 2,5 (default: all)")
     p.add_argument("--seeds", type=int, default=None, help="seeds per framework for check 7")
@@ -75,10 +78,11 @@ def _run(args: argparse.Namespace) -> int:
     from parity.suite import load_data, parse_checks, run_suite
 
     try:
-        cfg = get_config(args.config)
         checks = parse_checks(args.checks) if args.checks else None
+        name = args.config or "tiny"
         if args.plant is not None:
-            get_plant(args.plant)
+            name = args.config or get_plant(args.plant).config
+        cfg = get_config(name)
         if args.seeds is not None and args.seeds < 1:
             raise ValueError("--seeds must be at least 1")
         if args.epochs is not None and args.epochs < 1:

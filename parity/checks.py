@@ -35,6 +35,27 @@ from parity.harness import Harness, full_precision
 
 PyTree = Any
 QUICK_WIDTHS = (8, 16, 32, 64)
+# speedrun: three widths; wider than 24 (the whitening conv's output) so that block1.conv1
+# and block2.conv1 keep some uniform filters beside their identity (dirac) ones.
+QUICK_WIDTHS_SPEEDRUN = (32, 48, 48)
+
+
+def quick_widths(cfg: Config) -> tuple[int, ...]:
+    """The narrow widths quick mode uses for this config's model."""
+    return QUICK_WIDTHS_SPEEDRUN if cfg.model == "speedrun" else QUICK_WIDTHS
+
+
+def dirac_filters(cfg: Config, layer: str, shape: tuple[int, ...], fw: str) -> int:
+    """How many leading filters of `layer` the model initialises as identity (dirac): the
+    speedrun net's 3x3 convs (`blockN.convK`) get min(C_in, C_out); all else none."""
+    parts = layer.split(".")
+    if cfg.model != "speedrun" or len(parts) != 2 or not parts[0].startswith("block"):
+        return 0
+    if not parts[1].startswith("conv"):
+        return 0
+    c_in, c_out = (shape[2], shape[3]) if fw == "jax" else (shape[1], shape[0])
+    return min(c_in, c_out)
+
 
 # --- result records ---------------------------------------------------------------------------
 
@@ -138,7 +159,7 @@ class Context:
     def arith_cfg(self) -> Config:
         """The config for arithmetic checks: narrow in quick mode, float32 always."""
         cfg = self.cfg.replace(precision="float32")
-        return cfg.replace(widths=QUICK_WIDTHS) if self.quick else cfg
+        return cfg.replace(widths=quick_widths(cfg)) if self.quick else cfg
 
 
 # --- helpers --------------------------------------------------------------------------------
@@ -207,8 +228,9 @@ def check_init(ctx: Context) -> CheckResult:
     BN at (1, 0, 0, 1), seeds that matter, and a bit-exact conversion round trip."""
     res = CheckResult(1, "initialisation")
     h = ctx.harness
-    cfg = ctx.cfg.replace(widths=QUICK_WIDTHS) if ctx.quick else ctx.cfg
+    cfg = ctx.cfg.replace(widths=quick_widths(ctx.cfg)) if ctx.quick else ctx.cfg
     seeds = list(range(4 if ctx.quick else 8))
+    dirac_dev = {"jax": 0.0, "torch": 0.0}
     fmodel = h.flax_model(cfg)
     samples: dict[str, dict[str, list[np.ndarray]]] = {"jax": {}, "torch": {}}
     fans: dict[str, dict[str, int]] = {"jax": {}, "torch": {}}
@@ -223,8 +245,18 @@ def check_init(ctx: Context) -> CheckResult:
             parts = name.split(".")
             if parts[-1] == "kernel":
                 layer = ".".join(parts[:-1])
-                samples["jax"].setdefault(layer, []).append(w)
+                n_id = dirac_filters(cfg, layer, w.shape, "jax")
+                if n_id:  # identity filters exactly, the rest joins the uniform fit
+                    delta = np.zeros((*w.shape[:3], n_id), w.dtype)
+                    delta[w.shape[0] // 2, w.shape[1] // 2, np.arange(n_id), np.arange(n_id)] = 1
+                    dirac_dev["jax"] = max(dirac_dev["jax"], _max_abs(w[..., :n_id], delta))
+                    w = w[..., n_id:]
+                if w.size:
+                    samples["jax"].setdefault(layer, []).append(w)
                 fans["jax"][layer] = math.prod(w.shape[:-1])
+            elif parts[-1] == "bias" and parts[0] == "whiten":  # a conv bias: uniform init
+                samples["jax"].setdefault(name, []).append(w)
+                fans["jax"][name] = math.prod(v["params"]["whiten"]["kernel"].shape[:-1])
             elif parts[-1] == "scale":
                 bn_dev["jax"] = max(bn_dev["jax"], _max_abs(w, 1.0))
             elif parts[-1] == "bias":
@@ -236,8 +268,18 @@ def check_init(ctx: Context) -> CheckResult:
             w = t.numpy()
             layer, leaf = key.rsplit(".", 1)
             if leaf == "weight" and w.ndim in (2, 4):
-                samples["torch"].setdefault(layer, []).append(w)
                 fans["torch"][layer] = math.prod(w.shape[1:])
+                n_id = dirac_filters(cfg, layer, w.shape, "torch")
+                if n_id:
+                    delta = np.zeros((n_id, *w.shape[1:]), w.dtype)
+                    delta[np.arange(n_id), np.arange(n_id), w.shape[2] // 2, w.shape[3] // 2] = 1
+                    dirac_dev["torch"] = max(dirac_dev["torch"], _max_abs(w[:n_id], delta))
+                    w = w[n_id:]
+                if w.size:
+                    samples["torch"].setdefault(layer, []).append(w)
+            elif leaf == "bias" and layer == "whiten":  # a conv bias: uniform init
+                samples["torch"].setdefault(key, []).append(w)
+                fans["torch"][key] = math.prod(sd["whiten.weight"].shape[1:])
             elif leaf in ("weight", "running_var"):
                 bn_dev["torch"] = max(bn_dev["torch"], _max_abs(w, 1.0))
             elif leaf in ("bias", "running_mean"):
@@ -265,6 +307,12 @@ def check_init(ctx: Context) -> CheckResult:
         res.figures.append(
             Figure(f"{fw} BN init max |x - (1,0,0,1)|", bn_dev[fw], 0.0, headline=False)
         )
+        if cfg.model == "speedrun":
+            res.figures.append(
+                Figure(
+                    f"{fw} identity (dirac) filters max |diff|", dirac_dev[fw], 0.0, headline=False
+                )
+            )
     missing = set(samples["jax"]) ^ set(samples["torch"])
     res.figures.append(
         Figure("layers present in only one framework", len(missing), 0, headline=False)
@@ -400,7 +448,12 @@ def check_forward(ctx: Context) -> CheckResult:
     tmodel.eval()
     with torch.no_grad():
         t_eval = tmodel(_nchw(x)).numpy()
-    f_eval = np.asarray(jax.jit(lambda v, xb: fmodel.apply(v, xb, train=False))(variables, x))
+    # Eval mode normalises by the *stored* running variance, unbiased in torch and biased
+    # in Flax, so the same eval function needs torch's numbers copied unchanged (the
+    # convention itself is the running-stats figure's business below). With few values per
+    # channel (the speedrun net's 3x3 maps) the two readings differ by ~1%.
+    eval_vars = {**variables, "batch_stats": h.to_flax(sd, raw_var=True)["batch_stats"]}
+    f_eval = np.asarray(jax.jit(lambda v, xb: fmodel.apply(v, xb, train=False))(eval_vars, x))
     res.figures.append(Figure("logits max |diff|, eval mode", _max_abs(f_eval, t_eval), 1e-5))
 
     # Train mode with every module's output captured.
@@ -483,6 +536,13 @@ def check_gradients(ctx: Context) -> CheckResult:
     h, cfg = ctx.harness, ctx.arith_cfg
     b = 16 if ctx.quick else 32
     x, y = _sample_batch(ctx, b)
+    if cfg.model == "speedrun":
+        # The identity-initialised convs carry (whitened) pixels straight into the max
+        # pools, and neighbouring pixels of real images are often equal or within float32
+        # rounding of each other: XLA and PyTorch then route a pool's gradient to different
+        # elements (measured: 1e-3 relative error in block3's conv grads on CIFAR, 1e-6 on
+        # noise). Unit-variance noise has no such ties; the check is about the arithmetic.
+        x = np.random.default_rng(3).standard_normal(x.shape).astype(np.float32)
     tmodel = h.torch_model(cfg, 1)
     sd = {k: v.clone() for k, v in tmodel.state_dict().items()}
     variables = h.to_flax(sd, momentum=cfg.bn_momentum)
@@ -499,6 +559,8 @@ def check_gradients(ctx: Context) -> CheckResult:
 
     f_loss, f_grads = jax.jit(jax.value_and_grad(loss_fn))(variables["params"])
     tmodel.train()
+    for p in tmodel.parameters():  # frozen ones too (speedrun's whitening): compare every grad
+        p.requires_grad_(True)
     tmodel.zero_grad(set_to_none=True)
     logits = tmodel(_nchw(x))
     t_loss = F.cross_entropy(
@@ -579,6 +641,10 @@ def _optimizer_run(h: Harness, cfg: Config, spe: int, steps: int, seed: int) -> 
         return optax.apply_updates(params, updates), opt_state
 
     ema_state = h.jax_ema.init({"params": params, "batch_stats": bstats})
+    # airbench's lookahead (speedrun): the decay ramp over these `steps`, so it is large
+    # enough to matter, and after each EMA step the live net (params and BN stats) = EMA.
+    lookahead_ema = jax.tree_util.tree_map(jnp.array, {"params": params, "batch_stats": bstats})
+    decays = schedule.ema_decays(cfg, steps)
     topt = ttrain.make_optimizer(tmodel, cfg)
     t_ema = copy.deepcopy(tmodel)
     lrs = schedule.lr_at(np.arange(cfg.epochs * spe), cfg, spe)
@@ -601,7 +667,8 @@ def _optimizer_run(h: Harness, cfg: Config, spe: int, steps: int, seed: int) -> 
         g_torch = convert.flax_to_torch({"params": grads})
         ttrain.set_lr(topt, float(lrs[t]))
         for name, p in named.items():
-            p.grad = g_torch[name].clone()
+            if p.requires_grad:  # frozen (speedrun's whitening): no grad, SGD skips it
+                p.grad = g_torch[name].clone()
         topt.step()
         topt.zero_grad(set_to_none=True)
         # New live BN statistics, the same numbers in both (raw: the EMA is linear).
@@ -613,16 +680,33 @@ def _optimizer_run(h: Harness, cfg: Config, spe: int, steps: int, seed: int) -> 
             if key in buffers and buffers[key].is_floating_point():
                 with torch.no_grad():
                     buffers[key].copy_(val)
-        ema_state = h.jax_ema.update(
-            ema_state, {"params": params, "batch_stats": bstats}, t + 1, cfg
-        )
-        if cfg.ema_every and (t + 1) % cfg.ema_every == 0:
-            ttrain.ema_update(
-                ttrain.ema_tensors(t_ema), ttrain.ema_tensors(tmodel), cfg.ema_momentum
+        if cfg.lookahead:
+            live = {"params": params, "batch_stats": bstats}
+            lookahead_ema, live = optim.lookahead_update(
+                lookahead_ema, live, jnp.asarray(t + 1, jnp.int32), cfg, steps
             )
+            params, bstats = live["params"], live["batch_stats"]
+        else:
+            ema_state = h.jax_ema.update(
+                ema_state, {"params": params, "batch_stats": bstats}, t + 1, cfg
+            )
+        if cfg.ema_every and (t + 1) % cfg.ema_every == 0:
+            m = float(decays[t + 1]) if cfg.lookahead else cfg.ema_momentum
+            ttrain.ema_update(ttrain.ema_tensors(t_ema), ttrain.ema_tensors(tmodel), m)
+            if cfg.lookahead:
+                ttrain.lookahead_reset(ttrain.ema_tensors(tmodel), ttrain.ema_tensors(t_ema))
     p_back = convert.flax_to_torch({"params": jax.device_get(params)})
     p_diff = {n: _max_abs(p_back[n].numpy(), p.detach().numpy()) for n, p in named.items()}
-    ema = jax.device_get(h.jax_ema.read(ema_state))
+    # The live BN statistics: rewritten every step, so they differ only if a lookahead
+    # reset (or its absence) touched them.
+    s_back = convert.flax_to_torch({"batch_stats": jax.device_get(bstats)}, raw_var=True)
+    for key, b in buffers.items():
+        if b.is_floating_point():
+            p_diff[key] = _max_abs(s_back[key].numpy(), b.numpy()) if key in s_back else math.inf
+    if cfg.lookahead:
+        ema = jax.device_get(lookahead_ema)
+    else:
+        ema = jax.device_get(h.jax_ema.read(ema_state))
     e_back = convert.flax_to_torch(ema, raw_var=True)
     tsd = t_ema.state_dict()
     e_diff = {
@@ -768,6 +852,8 @@ def check_trajectory(ctx: Context) -> CheckResult:
         lr_peak_epoch=1.0,
         seed=3,
     )
+    if cfg.model == "speedrun":  # freeze the whitening bias after epoch 1 of 2, so it shows
+        cfg = cfg.replace(whiten_bias_epochs=1)
     data = (
         _subset_data(ctx.data, n_train, n_test)
         if ctx.data is not None
@@ -833,7 +919,7 @@ def curve_config(ctx: Context) -> tuple[Config, str]:
     """The check-7 config and a sentence saying what it is."""
     if ctx.quick:
         cfg = ctx.cfg.replace(
-            widths=QUICK_WIDTHS,
+            widths=quick_widths(ctx.cfg),
             subset=2500,
             test_subset=1000,
             batch_size=250,
@@ -860,12 +946,11 @@ def check_curves(ctx: Context) -> CheckResult:
     Seed s starts both frameworks from the same weights (torch_ref's init for s,
     converted), so each seed is a matched pair and what remains is training
     dynamics; the inits themselves are check 1's business. The bar per epoch is
-    max(0.5 points, q standard errors of the difference of the means), the
-    standard error from the seed-to-seed spread (Welch, unpaired: conservative),
-    q = max(2, Student-t quantile at the Welch df, family-wise 5% over the
-    check's 2 x epochs comparisons): with 3 seeds, a flat 2 would fail correct
-    code in about half the runs. On the resnet9 preset (full mode) the floors are
-    0.3 points per epoch and 0.15 at the end.
+    the issue's max(0.5 points, 2 standard errors of the difference of the
+    means), the standard error from the seed-to-seed spread (Welch, unpaired).
+    Since seeds are matched pairs, the real difference is far below that
+    spread; the paired standard error is reported beside it. On the resnet9
+    preset (full mode) the floors are 0.3 points per epoch and 0.15 at the end.
     """
     from jaxbench import train as jtrain
     from torch_ref import train as ttrain
@@ -910,7 +995,7 @@ def check_curves(ctx: Context) -> CheckResult:
             md = stats.mean_diff(a, b)
             paired = np.asarray(a) - np.asarray(b)
             last = e == cfg.epochs - 1
-            q = md.multiplier(comparisons=2 * cfg.epochs)
+            q = 2.0  # standard errors, as the issue states the bar
             tol = md.tolerance(final_floor if last else floor, n_se=q)
             res.figures.append(
                 Figure(

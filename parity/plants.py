@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jaxbench import models, optim
+from jaxbench import models, optim, speedrun_model
 from jaxbench.configs import Config, optimizer_scales
 from parity import convert
 from parity.harness import EmaOps, Harness, setattr_patch
@@ -37,6 +37,7 @@ class Plant:
     check: int
     how: str
     build: Callable[[Harness], Harness]
+    config: str = "tiny"  # the preset whose code the plant breaks (the CLI's default for it)
 
 
 def _flax_default_init(h: Harness) -> Harness:
@@ -150,6 +151,32 @@ def _flip_mismatch(h: Harness) -> Harness:
     return dataclasses.replace(h, jax_apply_plan=apply_plan)
 
 
+def _gelu_tanh(h: Harness) -> Harness:
+    """jax.nn.gelu's default (tanh approximation) instead of the exact erf GELU torch uses."""
+
+    def gelu(x: jax.Array) -> jax.Array:
+        return jax.nn.gelu(x, approximate=True)
+
+    return dataclasses.replace(
+        h, patches=(*h.patches, lambda: setattr_patch(speedrun_model, "gelu", gelu))
+    )
+
+
+def _lookahead_without_bn_stats(h: Harness) -> Harness:
+    """The lookahead EMA over the params only: BN running stats neither averaged nor reset."""
+    real = optim.lookahead_update
+
+    def params_only(ema: Any, live: Any, step: Any, cfg: Config, total_steps: int) -> Any:
+        p_ema, p_live = real(
+            {"params": ema["params"]}, {"params": live["params"]}, step, cfg, total_steps
+        )
+        return {**ema, "params": p_ema["params"]}, {**live, "params": p_live["params"]}
+
+    return dataclasses.replace(
+        h, patches=(*h.patches, lambda: setattr_patch(optim, "lookahead_update", params_only))
+    )
+
+
 PLANTS: dict[str, Plant] = {
     p.name: p
     for p in (
@@ -207,6 +234,22 @@ PLANTS: dict[str, Plant] = {
             5,
             "the JAX apply_plan wrapped to flip rows (H) instead of columns (W), after cutout",
             _flip_mismatch,
+        ),
+        Plant(
+            "gelu_tanh",
+            2,
+            "with --config speedrun: jaxbench.speedrun_model.gelu patched for the run to "
+            "jax.nn.gelu's default tanh approximation (torch's nn.GELU is the exact erf form)",
+            _gelu_tanh,
+            config="speedrun",
+        ),
+        Plant(
+            "lookahead_without_bn_stats",
+            4,
+            "with --config speedrun: jaxbench.optim.lookahead_update patched for the run to "
+            "average and reset the params only, leaving the BN running statistics out",
+            _lookahead_without_bn_stats,
+            config="speedrun",
         ),
     )
 }

@@ -195,10 +195,9 @@ _CHECK_NOTES: dict[int, str] = {
     6: "Both trainers (train_and_evaluate, stream='shared') from the same weights: the "
     "per-step training losses.",
     7: "Both trainers, stream='shared', several seeds: per-epoch mean test accuracy and EMA "
-    "accuracy; bar max(floor, q standard errors of the difference of the means), floor 0.5 "
-    "points (resnet9 full mode: 0.3, final epoch 0.15), q = max(2, Student-t quantile at the "
-    "Welch df, Bonferroni over the check's comparisons): with 3 seeds a flat 2 SE would fail "
-    "correct code in about half the runs.",
+    "accuracy, each seed a matched pair (same weights, same batches); bar max(floor, 2 "
+    "standard errors of the difference of the means, Welch), floor 0.5 points (resnet9 full "
+    "mode: 0.3, final epoch 0.15); the paired standard error is reported beside it.",
 }
 
 

@@ -119,20 +119,6 @@ class MeanDiff:
         )
         return (va + vb) ** 2 / den if den > 0 else math.inf
 
-    def multiplier(self, comparisons: int = 1, alpha: float = 0.05) -> float:
-        """Standard errors a true zero difference stays within, family-wise at `alpha`.
-
-        Student-t quantile at the Welch df with a Bonferroni split over `comparisons`,
-        and never below 2: with three seeds per group "2 standard errors" alone would
-        fail correct code in a large share of runs (t with ~4 df, several epochs).
-        """
-        from scipy import stats as sps
-
-        if not math.isfinite(self.df):
-            return 2.0
-        q = float(sps.t.ppf(1.0 - alpha / (2.0 * comparisons), self.df))
-        return max(2.0, q)
-
     def tolerance(self, floor: float, n_se: float = 2.0) -> float:
         """max(floor, n_se standard errors): a fixed bar, widened only by measured noise."""
         return max(floor, n_se * self.se)

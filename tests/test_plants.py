@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from jaxbench.configs import tiny
+from jaxbench.configs import get_config
 from parity.plants import PLANTS
 from parity.suite import FAST_CHECKS, load_data, run_suite
 
@@ -27,7 +27,8 @@ def _quiet(_: str) -> None:
 @pytest.mark.parametrize("name", sorted(PLANTS))
 def test_plant_is_caught_by_its_check(name: str, data: Any) -> None:
     plant = PLANTS[name]
-    suite = run_suite(tiny(), quick=True, data=data, checks=[plant.check], plant=name, log=_quiet)
+    cfg = get_config(plant.config)
+    suite = run_suite(cfg, quick=True, data=data, checks=[plant.check], plant=name, log=_quiet)
     (result,) = suite.results
     assert result.error is None, result.details.get("traceback")
     assert not result.passed, f"{name} not caught by check {plant.check}"
@@ -36,8 +37,9 @@ def test_plant_is_caught_by_its_check(name: str, data: Any) -> None:
 
 @pytest.mark.slow
 @pytest.mark.realdata
-def test_unplanted_suite_passes_checks_1_to_6(data: Any) -> None:
-    suite = run_suite(tiny(), quick=True, data=data, checks=FAST_CHECKS, log=_quiet)
+@pytest.mark.parametrize("preset", ["tiny", "speedrun"])
+def test_unplanted_suite_passes_checks_1_to_6(preset: str, data: Any) -> None:
+    suite = run_suite(get_config(preset), quick=True, data=data, checks=FAST_CHECKS, log=_quiet)
     failed = {r.number: (r.error, [f.name for f in r.failed_figures]) for r in suite.results}
     assert suite.passed, {k: v for k, v in failed.items() if v[0] or v[1]}
 

@@ -88,14 +88,19 @@ class ResNet9(nn.Module):
         return self.head(x).float() * self.output_scale  # float32 logits, also under autocast
 
 
-def model_from_config(cfg: Config, seed: int | None = None) -> ResNet9:
-    """The configured ResNet-9 on the CPU, initialised from `seed` (default `cfg.seed`).
+def model_from_config(cfg: Config, seed: int | None = None) -> nn.Module:
+    """The configured net (ResNet-9, or the speedrun net for `model="speedrun"`) on the CPU,
+    initialised from `seed` (default `cfg.seed`).
 
     Initialising on the CPU with a private generator makes the weights a function
     of the seed alone, the same on every machine, and leaves torch's global RNG alone.
     """
+    if cfg.model == "speedrun":
+        from torch_ref.speedrun_model import speedrun_from_config
+
+        return speedrun_from_config(cfg, seed)
     if cfg.model != "resnet9":
-        raise ValueError(f"torch_ref has no model {cfg.model!r}; use --model resnet9")
+        raise ValueError(f"torch_ref has no model {cfg.model!r}; use --model resnet9 or speedrun")
     model = ResNet9(
         widths=tuple(cfg.widths),
         output_scale=cfg.output_scale,

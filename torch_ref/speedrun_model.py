@@ -12,6 +12,7 @@ BN multiplies by an implicit 1 and the state dict maps one to one onto Flax's
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 
 import numpy as np
@@ -52,8 +53,6 @@ class ConvGroup(nn.Module):
         self.conv2 = nn.Conv2d(width, width, 3, padding=1, bias=False)
         self.bn2 = BatchNorm(width, eps, momentum, scale_trainable)
         self.act = nn.GELU()  # approximate="none": the exact erf form
-        dirac_(self.conv1)
-        dirac_(self.conv2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.act(self.bn1(self.pool(self.conv1(x))))
@@ -85,6 +84,31 @@ class SpeedrunNet(nn.Module):
         self.n_blocks = len(widths)
         self.pool = nn.MaxPool2d(3)
         self.head = nn.Linear(c_in, num_classes, bias=False)
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self, generator: torch.Generator | None = None) -> None:
+        """The contract's init from `generator` (torch's default distributions, spelled out).
+
+        Conv/linear weights and the whitening bias ~ U(+-1/sqrt(fan_in)), then
+        identity on the first C_in filters of every 3x3 conv; BN bias 0, running
+        mean 0, var 1.
+        """
+        for m in self.modules():
+            if isinstance(m, (nn.Conv2d, nn.Linear)):
+                bound = 1.0 / math.sqrt(m.weight[0].numel())
+                m.weight.uniform_(-bound, bound, generator=generator)
+                if m.bias is not None:
+                    m.bias.uniform_(-bound, bound, generator=generator)
+            elif isinstance(m, nn.BatchNorm2d):
+                m.reset_running_stats()
+                if m.weight is not None:
+                    m.weight.fill_(1.0)
+                m.bias.zero_()
+        for i in range(self.n_blocks):
+            group = getattr(self, f"block{i + 1}")
+            dirac_(group.conv1)
+            dirac_(group.conv2)
 
     def set_whitening(self, kernel_OIHW: np.ndarray | torch.Tensor) -> None:
         """Load the (frozen) whitening kernel from `jaxbench.whitening.whitening_kernel_OIHW`."""
@@ -101,7 +125,7 @@ class SpeedrunNet(nn.Module):
         for i in range(self.n_blocks):
             x = getattr(self, f"block{i + 1}")(x)
         x = torch.flatten(self.pool(x), 1)
-        return self.head(x) * self.output_scale
+        return self.head(x).float() * self.output_scale  # float32 logits, also under autocast
 
 
 def tta_logits(
@@ -111,7 +135,7 @@ def tta_logits(
 
     m(v) = mean of the logits of v and v mirrored; with `shift`, 0.5 * m(x) +
     0.25 * m(up-left) + 0.25 * m(down-right), 1-px translates of a reflect-padded
-    copy. One batched call of `logits_fn` on all views.
+    copy. Each view goes through `logits_fn` together with its mirror image.
     """
     views = [x_NCHW]
     weights = [0.5]
@@ -120,17 +144,25 @@ def tta_logits(
         h, w = x_NCHW.shape[2], x_NCHW.shape[3]
         views += [padded[:, :, :h, :w], padded[:, :, 2 : 2 + h, 2 : 2 + w]]
         weights = [0.25, 0.125, 0.125]
-    views = [v for view in views for v in (view, view.flip(3))]
-    logits = logits_fn(torch.cat(views)).float().reshape(len(views), x_NCHW.shape[0], -1)
-    coef = torch.tensor([c for c in weights for _ in range(2)], device=logits.device)
-    return torch.tensordot(coef, logits, dims=1)
+    n = x_NCHW.shape[0]
+    out = None
+    for view, coef in zip(views, weights, strict=True):
+        pair = logits_fn(torch.cat([view, view.flip(3)])).float()
+        term = coef * (pair[:n] + pair[n:])
+        out = term if out is None else out + term
+    assert out is not None
+    return out
 
 
-def speedrun_from_config(cfg: Config) -> SpeedrunNet:
-    """The net a config describes (`cfg.widths` has three numbers)."""
+def speedrun_from_config(cfg: Config, seed: int | None = None) -> SpeedrunNet:
+    """The configured net on the CPU, initialised from `seed` (default `cfg.seed`).
+
+    A private generator makes the weights a function of the seed alone (as
+    `torch_ref.model.model_from_config` does for ResNet-9).
+    """
     if len(cfg.widths) != 3:
         raise ValueError(f"the speedrun net takes three --widths, got {cfg.widths}")
-    return SpeedrunNet(
+    net = SpeedrunNet(
         widths=tuple(cfg.widths),
         num_classes=NUM_CLASSES[cfg.dataset],
         output_scale=cfg.output_scale,
@@ -138,3 +170,5 @@ def speedrun_from_config(cfg: Config) -> SpeedrunNet:
         bn_eps=cfg.bn_eps,
         bn_scale_trainable=cfg.bn_scale_trainable,
     )
+    net.reset_parameters(torch.Generator().manual_seed(cfg.seed if seed is None else seed))
+    return net

@@ -401,7 +401,7 @@ def train_and_evaluate(
             range(spe),
             desc=f"epoch {epoch + 1}/{cfg.epochs}",
             leave=False,
-            disable=not progress or quiet,
+            disable=True if (not progress or quiet) else None,  # None: off unless a terminal
             file=sys.stderr,
         )
         for step in bar:
@@ -436,16 +436,20 @@ def train_and_evaluate(
         if not np.isfinite(row["train_loss"]):
             recorder.epoch(row)  # raises FloatingPointError naming the epoch
         # Monitoring evaluation is off the clock, except the final one.
-        t1 = time.perf_counter()
-        val_loss, val_correct = run_eval(model)
-        ema_correct = run_eval(ema_model)[1].item() if ema_model is not None else None
-        row.update(
-            val_loss=val_loss.item(),
-            val_acc=val_correct.item() / n_test,
-            ema_val_acc=None if ema_correct is None else ema_correct / n_test,
-        )
-        if epoch == cfg.epochs - 1:
-            timed += time.perf_counter() - t1
+        last = epoch == cfg.epochs - 1
+        if last or (epoch + 1) % cfg.eval_every == 0:
+            t1 = time.perf_counter()
+            val_loss, val_correct = run_eval(model)
+            ema_correct = run_eval(ema_model)[1].item() if ema_model is not None else None
+            row.update(
+                val_loss=val_loss.item(),
+                val_acc=val_correct.item() / n_test,
+                ema_val_acc=None if ema_correct is None else ema_correct / n_test,
+            )
+            if last:
+                timed += time.perf_counter() - t1
+        else:
+            row.update(val_loss=None, val_acc=None, ema_val_acc=None)
         row["total_time_seconds"] = timed
         recorder.epoch(row)
 

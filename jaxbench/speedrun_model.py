@@ -1,0 +1,225 @@
+"""The airbench94-style net of the `speedrun` preset, in Flax.
+
+    whiten (conv 2x2 VALID, 3 -> 24, bias; weight from `jaxbench.whitening`, frozen)
+    -> GELU (exact erf) -> block1, block2, block3 -> max pool 3 -> flatten -> head
+    (linear, no bias) -> x output_scale (1/9)
+
+Each block: `conv1` (3x3, pad 1, no bias), max pool 2, `bn1`, GELU, `conv2`
+(3x3, pad 1, no bias), `bn2`, GELU. Spatial sizes for 32x32 input: 31 after the
+whitening conv, then 15, 7, 3, and 1 after the final pool (so flattening is
+layout-independent and `head` sees `widths[-1]` features).
+
+Names mirror `torch_ref.speedrun_model` for the name-based weight conversion:
+`params["whiten"]["kernel"|"bias"]`, `params["blockN"]["convK"]["kernel"]`
+(HWIO), `params["blockN"]["bnK"]["bias"]`, `batch_stats["blockN"]["bnK"]["mean"|"var"]`
+(biased variance), `params["head"]["kernel"]` (in, out).
+
+BN scale: with `bn_scale_trainable=False` (the preset) BN has *no* scale
+parameter (`use_scale=False`), and PyTorch's BN has `weight=None`; both
+multiply by an implicit 1, nothing needs freezing or masking, and the two
+parameter trees map one to one. BN statistics are float32 (float32 params and
+reductions) whatever the compute dtype; `use_fast_variance=False` so variances
+match PyTorch's two-pass computation.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from functools import partial
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxbench.configs import Config
+
+Array = jax.Array
+Initializer = Callable[..., Array]
+
+WHITEN_CHANNELS = 24  # concat(W, -W) of 12 eigenvectors of 2x2x3 patches
+NUM_CLASSES = {"cifar10": 10, "cifar100": 100}
+
+
+def gelu(x: Array) -> Array:
+    """Exact (erf) GELU, as PyTorch's `nn.GELU()`; `jax.nn.gelu` defaults to tanh."""
+    return jax.nn.gelu(x, approximate=False)
+
+
+def torch_uniform_init(key: Array, shape: Sequence[int], dtype: Any = jnp.float32) -> Array:
+    """PyTorch's default conv/linear init: uniform(+-1/sqrt(fan_in)), fan_in = all but out."""
+    fan_in = math.prod(shape[:-1])
+    bound = 1.0 / math.sqrt(fan_in)
+    return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+
+def torch_bias_init(fan_in: int) -> Initializer:
+    """PyTorch's default bias init, uniform(+-1/sqrt(fan_in)) of the layer's weight fan-in."""
+    bound = 1.0 / math.sqrt(fan_in)
+
+    def init(key: Array, shape: Sequence[int], dtype: Any = jnp.float32) -> Array:
+        return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+    return init
+
+
+def dirac_init(base: Initializer = torch_uniform_init) -> Initializer:
+    """`base`, then identity on the first min(C_in, C_out) filters (torch `dirac_(w[:C_in])`).
+
+    Filter o < C_in becomes a centred delta on input channel o, so each conv starts
+    by passing its input through (airbench's identity init).
+    """
+
+    def init(key: Array, shape: Sequence[int], dtype: Any = jnp.float32) -> Array:
+        kh, kw, c_in, c_out = shape
+        n = min(c_in, c_out)
+        kernel = base(key, shape, dtype)
+        kernel = kernel.at[:, :, :, :n].set(0)
+        idx = jnp.arange(n)
+        return kernel.at[kh // 2, kw // 2, idx, idx].set(1)
+
+    return init
+
+
+class ConvGroup(nn.Module):
+    """conv1, max pool 2, bn1, GELU, conv2, bn2, GELU."""
+
+    width: int
+    bn_momentum: float = 0.4  # PyTorch convention: new = (1 - m) * old + m * batch
+    bn_eps: float = 1e-12
+    bn_scale_trainable: bool = False
+    dtype: Any = jnp.float32
+    kernel_init: Initializer = torch_uniform_init  # before the dirac part
+
+    @nn.compact
+    def __call__(self, x: Array, train: bool = True) -> Array:
+        conv = partial(
+            nn.Conv,
+            self.width,
+            (3, 3),
+            padding=((1, 1), (1, 1)),
+            use_bias=False,
+            kernel_init=dirac_init(self.kernel_init),
+            dtype=self.dtype,
+            param_dtype=jnp.float32,
+        )
+        bn = partial(
+            nn.BatchNorm,
+            use_running_average=not train,
+            momentum=1.0 - self.bn_momentum,
+            epsilon=self.bn_eps,
+            use_scale=self.bn_scale_trainable,
+            use_fast_variance=False,
+            dtype=self.dtype,
+            param_dtype=jnp.float32,
+        )
+        x = conv(name="conv1")(x)
+        x = nn.max_pool(x, (2, 2), strides=(2, 2))
+        x = gelu(bn(name="bn1")(x))
+        x = conv(name="conv2")(x)
+        return gelu(bn(name="bn2")(x))
+
+
+class SpeedrunNet(nn.Module):
+    """airbench94's net; NHWC float input (normalised), float32 logits out."""
+
+    widths: Sequence[int] = (64, 256, 256)
+    num_classes: int = 10
+    output_scale: float = 1.0 / 9.0
+    bn_momentum: float = 0.4
+    bn_eps: float = 1e-12
+    bn_scale_trainable: bool = False
+    dtype: Any = jnp.float32  # compute dtype; parameters and BN statistics stay float32
+    kernel_init: Initializer = torch_uniform_init  # overridable for the parity plants
+
+    @nn.compact
+    def __call__(self, x: Array, train: bool = True) -> Array:
+        c_in = x.shape[-1]
+        x = nn.Conv(
+            2 * c_in * 4,
+            (2, 2),
+            padding="VALID",
+            use_bias=True,
+            kernel_init=self.kernel_init,
+            bias_init=torch_bias_init(c_in * 4),
+            dtype=self.dtype,
+            param_dtype=jnp.float32,
+            name="whiten",
+        )(x.astype(self.dtype))
+        x = gelu(x)
+        for i, width in enumerate(self.widths):
+            x = ConvGroup(
+                width,
+                self.bn_momentum,
+                self.bn_eps,
+                self.bn_scale_trainable,
+                self.dtype,
+                self.kernel_init,
+                name=f"block{i + 1}",
+            )(x, train)
+        x = nn.max_pool(x, (3, 3), strides=(3, 3))  # VALID: floor, as torch MaxPool2d(3)
+        x = x.reshape(x.shape[0], -1)
+        x = nn.Dense(
+            self.num_classes,
+            use_bias=False,
+            kernel_init=self.kernel_init,
+            dtype=self.dtype,
+            param_dtype=jnp.float32,
+            name="head",
+        )(x)
+        return x.astype(jnp.float32) * self.output_scale
+
+
+def tta_logits(logits_fn: Callable[[Array], Array], x_NHWC: Array, shift: bool = True) -> Array:
+    """airbench's test-time augmentation of normalised NHWC images.
+
+    m(v) = mean of the logits of v and of v mirrored; without `shift` the result is
+    m(x), with it 0.5 * m(x) + 0.25 * m(up-left) + 0.25 * m(down-right), the two
+    1-px translates cut from a reflect-padded copy. Each view goes through
+    `logits_fn` together with its mirror image (one call of twice the batch).
+    """
+    views = [x_NHWC]
+    weights = [0.5]
+    if shift:
+        padded = jnp.pad(x_NHWC, ((0, 0), (1, 1), (1, 1), (0, 0)), mode="reflect")
+        h, w = x_NHWC.shape[1], x_NHWC.shape[2]
+        views += [padded[:, :h, :w], padded[:, 2 : 2 + h, 2 : 2 + w]]
+        weights = [0.25, 0.125, 0.125]
+    n = x_NHWC.shape[0]
+    out = None
+    for view, coef in zip(views, weights, strict=True):
+        pair = logits_fn(jnp.concatenate([view, view[:, :, ::-1]])).astype(jnp.float32)
+        term = coef * (pair[:n] + pair[n:])
+        out = term if out is None else out + term
+    return out
+
+
+def speedrun_from_config(cfg: Config, dtype: Any = jnp.float32, **overrides: Any) -> SpeedrunNet:
+    """The net a config describes (`cfg.widths` has three numbers); `overrides` win."""
+    if len(cfg.widths) != 3:
+        raise ValueError(f"the speedrun net takes three --widths, got {cfg.widths}")
+    fields: dict[str, Any] = dict(
+        widths=tuple(cfg.widths),
+        num_classes=NUM_CLASSES[cfg.dataset],
+        output_scale=cfg.output_scale,
+        bn_momentum=cfg.bn_momentum,
+        bn_eps=cfg.bn_eps,
+        bn_scale_trainable=cfg.bn_scale_trainable,
+        dtype=dtype,
+    )
+    fields.update(overrides)
+    return SpeedrunNet(**fields)
+
+
+def with_whitening(variables: dict[str, Any], kernel_HWIO: Array | np.ndarray) -> dict[str, Any]:
+    """A copy of `variables` whose whitening kernel is `kernel_HWIO` (shape-checked)."""
+    params = dict(variables["params"])
+    whiten = dict(params["whiten"])
+    old = whiten["kernel"]
+    if tuple(kernel_HWIO.shape) != tuple(old.shape):
+        raise ValueError(f"whitening kernel shape {kernel_HWIO.shape} != {old.shape}")
+    whiten["kernel"] = jnp.asarray(kernel_HWIO, old.dtype)
+    params["whiten"] = whiten
+    return {**variables, "params": params}
