@@ -420,12 +420,7 @@ def plot(doc: dict[str, Any], path: Path) -> bool:
 # --- command line -------------------------------------------------------------------------
 
 
-class _Parser(argparse.ArgumentParser):
-    """argparse that reports a bad flag in one line (no usage block), exit status 2."""
-
-    def error(self, message: str) -> None:  # type: ignore[override]
-        print(f"{self.prog}: error: {message} (see --help)", file=sys.stderr)
-        raise SystemExit(2)
+_Parser = configs.OneLineErrorParser
 
 
 @dataclass(frozen=True)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -169,6 +170,38 @@ def validate(cfg: Config) -> Config:
     if cfg.ema_every < 0 or not 0.0 <= cfg.ema_momentum < 1.0:
         raise ValueError("--ema-every must be >= 0 and --ema-momentum in [0, 1)")
     return cfg
+
+
+def check_supported(cfg: Config, trainer: str) -> None:
+    """Refuse fields a model does not implement, instead of silently ignoring them.
+
+    The speedrun net implements every field; ResNet-9 leaves the airbench-only
+    ones at their defaults. Both trainers call this with their own name.
+    """
+    if cfg.model not in MODELS:
+        raise ValueError(f"{trainer} trains --model {' or '.join(MODELS)}, not {cfg.model!r}")
+    if cfg.model == "speedrun":
+        return
+    unsupported = {
+        "lookahead": cfg.lookahead,
+        "tta_shift": cfg.tta_shift,
+        "bn_scale_trainable": not cfg.bn_scale_trainable,
+        "whiten_bias_epochs": cfg.whiten_bias_epochs,
+    }
+    for name, active in unsupported.items():
+        if active:
+            raise ValueError(
+                f"{trainer} does not implement --{name.replace('_', '-')} for {cfg.model} "
+                f"(got {getattr(cfg, name)!r}); leave it at its resnet9 default"
+            )
+
+
+class OneLineErrorParser(argparse.ArgumentParser):
+    """argparse that reports a bad flag in one line (no usage block), exit status 2."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        print(f"{self.prog}: error: {message} (see --help)", file=sys.stderr)
+        raise SystemExit(2)
 
 
 def optimizer_scales(cfg: Config) -> tuple[float, float]:

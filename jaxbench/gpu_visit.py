@@ -301,12 +301,7 @@ def enable_jax_cache(folder: Path) -> dict[str, Any]:
 # --- options ----------------------------------------------------------------------------------
 
 
-class _Parser(argparse.ArgumentParser):
-    """argparse that reports a bad flag in one line, exit status 2."""
-
-    def error(self, message: str) -> None:  # type: ignore[override]
-        print(f"{self.prog}: error: {message} (see --help)", file=sys.stderr)
-        raise SystemExit(2)
+_Parser = configs.OneLineErrorParser
 
 
 @dataclass(frozen=True)

@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jaxbench import augment, models, optim
+from jaxbench import augment, configs, models, optim
 from jaxbench.configs import Config, add_config_args, config_from_args
 from jaxbench.progress import progress_bar
 from jaxbench.report import RunRecorder, environment
@@ -52,23 +52,8 @@ class TrainState:
 
 
 def check_supported(cfg: Config) -> None:
-    """Refuse config fields this trainer does not implement, instead of ignoring them."""
-    if cfg.model not in ("resnet9", "speedrun"):
-        raise ValueError(f"jaxbench.train trains --model resnet9 or speedrun, not {cfg.model!r}")
-    if cfg.model == "speedrun":
-        return  # the speedrun net implements every field below
-    unsupported = {
-        "lookahead": cfg.lookahead,
-        "tta_shift": cfg.tta_shift,
-        "bn_scale_trainable": not cfg.bn_scale_trainable,
-        "whiten_bias_epochs": cfg.whiten_bias_epochs,
-    }
-    for name, active in unsupported.items():
-        if active:
-            raise ValueError(
-                f"jaxbench.train does not implement --{name.replace('_', '-')} "
-                f"(got {getattr(cfg, name)!r}); leave it at its resnet9 default"
-            )
+    """Refuse config fields this trainer does not implement (see `configs.check_supported`)."""
+    configs.check_supported(cfg, "jaxbench.train")
 
 
 def resolve_loop(cfg: Config) -> str:

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from jaxbench import report, schedule
+from jaxbench import configs, report, schedule
 from jaxbench.configs import Config, add_config_args, config_from_args, optimizer_scales
 from jaxbench.progress import progress_bar
 from jaxbench.stream import MEAN_STD, epoch_plan, steps_per_epoch
@@ -231,23 +231,8 @@ def _stats_tensors(dataset: str, device: torch.device) -> tuple[torch.Tensor, to
 
 
 def check_supported(cfg: Config) -> None:
-    """Refuse config fields this trainer does not implement, instead of ignoring them."""
-    if cfg.model not in ("resnet9", "speedrun"):
-        raise ValueError(f"torch_ref.train trains --model resnet9 or speedrun, not {cfg.model!r}")
-    if cfg.model == "speedrun":
-        return  # the speedrun net implements every field below
-    unsupported = {
-        "lookahead": cfg.lookahead,
-        "tta_shift": cfg.tta_shift,
-        "bn_scale_trainable": not cfg.bn_scale_trainable,
-        "whiten_bias_epochs": cfg.whiten_bias_epochs,
-    }
-    for name, active in unsupported.items():
-        if active:
-            raise ValueError(
-                f"torch_ref.train does not implement --{name.replace('_', '-')} "
-                f"(got {getattr(cfg, name)!r}); leave it at its resnet9 default"
-            )
+    """Refuse config fields this trainer does not implement (see `configs.check_supported`)."""
+    configs.check_supported(cfg, "torch_ref.train")
 
 
 # --- the trainer ------------------------------------------------------------------------------
