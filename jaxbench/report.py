@@ -114,6 +114,14 @@ def gpu_driver() -> str | None:
     return out[0] if out else None
 
 
+def _program() -> str:
+    """How this process was started: `python -m pkg.mod` for modules, else the script name."""
+    spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+    if spec is not None and spec.name:
+        return f"python -m {spec.name.removesuffix('.__main__')}"
+    return Path(sys.argv[0]).name
+
+
 def environment(frameworks: Sequence[str] = ()) -> dict[str, Any]:
     """Host, Python and framework versions, recorded beside every result."""
     env: dict[str, Any] = {
@@ -123,7 +131,7 @@ def environment(frameworks: Sequence[str] = ()) -> dict[str, Any]:
         "cpu_count": os.cpu_count(),
         "numpy": np.__version__,
         "date": now_iso(),
-        "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
+        "command": " ".join([_program(), *sys.argv[1:]]),
         "gpu_driver": gpu_driver(),
     }
     if "jax" in frameworks:
