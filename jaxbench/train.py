@@ -27,8 +27,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jaxbench import augment, configs, models, optim
-from jaxbench.configs import Config, add_config_args, config_from_args
+from jaxbench import augment, cli, configs, models, optim
+from jaxbench.configs import Config
 from jaxbench.progress import progress_bar
 from jaxbench.report import RunRecorder, environment
 from jaxbench.stream import epoch_plan, steps_per_epoch
@@ -470,71 +470,20 @@ def train_and_evaluate(
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m jaxbench.train",
-        description=(
-            "Train the Flax ResNet-9 on CIFAR and print a per-epoch table. Start from a "
-            "--config preset; every other flag overrides one field of it. With --out DIR "
-            "the run writes config.json, metrics.jsonl and summary.json there."
-        ),
+    return cli.trainer_parser(
+        "python -m jaxbench.train",
+        "Train the Flax ResNet-9 (or the speedrun net) on CIFAR and print a per-epoch "
+        "table. Start from a --config preset; every other flag overrides one field of it. "
+        "With --out DIR the run writes config.json, metrics.jsonl and summary.json there.",
     )
-    add_config_args(parser)
-    parser.add_argument(
-        "--stream",
-        choices=("fast", "shared"),
-        default="fast",
-        help="fast: augmentation plan drawn on the device with jax.random; shared: the "
-        "framework-neutral numpy plan of jaxbench.stream (same batches as torch_ref)",
-    )
-    parser.add_argument(
-        "--no-progress", action="store_true", help="hide the progress bar within each epoch"
-    )
-    parser.add_argument("--quiet", action="store_true", help="print nothing but errors")
-    return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """CLI entry point: exit 0 on success, 1 if training diverged, 2 on bad input."""
     args = build_parser().parse_args(argv)
-    try:
-        cfg = config_from_args(args)
-        check_supported(cfg)
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        raise SystemExit(2) from None
-    try:
-        from jaxbench.data import load_dataset
-
-        data = load_dataset(cfg)
-    except (ValueError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        raise SystemExit(2) from None
-    try:
-        summary = train_and_evaluate(
-            cfg,
-            cfg.out,
-            data=data,
-            stream=args.stream,
-            progress=not args.no_progress,
-            quiet=args.quiet,
-        )
-    except FloatingPointError as e:
-        print(f"error: {e}", file=sys.stderr)
-        raise SystemExit(1) from None
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        raise SystemExit(2) from None
-    if not args.quiet:
-        f = summary["final"]
-        ema = f["ema_val_acc"]
-        print(
-            f"final val_acc {100 * f['val_acc']:.2f}%"
-            + (f", ema_val_acc {100 * ema:.2f}%" if ema is not None else "")
-            + f"; {summary['total_time_seconds']:.1f} s timed"
-            f" ({summary['images_per_second']:.0f} img/s),"
-            f" {summary['compile_seconds']:.1f} s compiling"
-        )
-    return 0
+    return cli.run_trainer(
+        args, check_supported=check_supported, train=train_and_evaluate, compile_label="compiling"
+    )
 
 
 if __name__ == "__main__":

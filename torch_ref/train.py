@@ -25,8 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from jaxbench import configs, report, schedule
-from jaxbench.configs import Config, add_config_args, config_from_args, optimizer_scales
+from jaxbench import cli, configs, report, schedule
+from jaxbench.configs import Config, optimizer_scales
 from jaxbench.progress import progress_bar
 from jaxbench.stream import MEAN_STD, epoch_plan, steps_per_epoch
 from jaxbench.whitening import whitening_kernel_OIHW
@@ -481,21 +481,12 @@ def cpu_threads() -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m torch_ref.train",
-        description=(
-            "Train the PyTorch ResNet-9 reference on CIFAR and print a per-epoch table. Start "
-            "from a --config preset; every other flag overrides one field of it. With --out DIR "
-            "the run writes config.json, metrics.jsonl and summary.json there."
-        ),
-    )
-    add_config_args(parser)
-    parser.add_argument(
-        "--stream",
-        choices=STREAMS,
-        default="fast",
-        help="fast: augmentation plan drawn on the device with a torch.Generator; shared: the "
-        "framework-neutral numpy plan of jaxbench.stream (same batches as jaxbench)",
+    parser = cli.trainer_parser(
+        "python -m torch_ref.train",
+        "Train the PyTorch reference (ResNet-9 or the speedrun net) on CIFAR and print a "
+        "per-epoch table. Start from a --config preset; every other flag overrides one "
+        "field of it. With --out DIR the run writes config.json, metrics.jsonl and "
+        "summary.json there.",
     )
     parser.add_argument(
         "--compile",
@@ -503,59 +494,21 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="torch.compile the forward/backward (default: on for CUDA, off on the CPU)",
     )
-    parser.add_argument(
-        "--no-progress", action="store_true", help="hide the progress bar within each epoch"
-    )
-    parser.add_argument("--quiet", action="store_true", help="print nothing but errors")
     return parser
-
-
-def _fail(message: object, code: int) -> SystemExit:
-    print(f"error: {message}", file=sys.stderr)
-    return SystemExit(code)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """CLI entry point: exit 0 on success, 1 if training diverged, 2 on bad input."""
     args = build_parser().parse_args(argv)
-    try:
-        cfg = config_from_args(args)
-        check_supported(cfg)
-    except ValueError as e:
-        raise _fail(e, 2) from None
-    try:
-        from jaxbench.data import load_dataset
-
-        data = load_dataset(cfg)
-    except (ValueError, OSError) as e:
-        raise _fail(e, 2) from None
     if not torch.cuda.is_available():
         torch.set_num_threads(cpu_threads())
-    try:
-        summary = train_and_evaluate(
-            cfg,
-            cfg.out,
-            data=data,
-            stream=args.stream,
-            progress=not args.no_progress,
-            quiet=args.quiet,
-            compile=args.compile,
-        )
-    except FloatingPointError as e:
-        raise _fail(e, 1) from None
-    except ValueError as e:
-        raise _fail(e, 2) from None
-    if not args.quiet:
-        f = summary["final"]
-        ema = f["ema_val_acc"]
-        print(
-            f"final val_acc {100 * f['val_acc']:.2f}%"
-            + (f", ema_val_acc {100 * ema:.2f}%" if ema is not None else "")
-            + f"; {summary['total_time_seconds']:.1f} s timed"
-            f" ({summary['images_per_second']:.0f} img/s),"
-            f" {summary['compile_seconds']:.1f} s warm-up/compiling"
-        )
-    return 0
+    return cli.run_trainer(
+        args,
+        check_supported=check_supported,
+        train=train_and_evaluate,
+        compile_label="warm-up/compiling",
+        compile=args.compile,
+    )
 
 
 if __name__ == "__main__":

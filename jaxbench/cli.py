@@ -1,0 +1,85 @@
+"""The command-line driver both trainers share: flags, errors, exit codes, last line.
+
+`python -m jaxbench.train` and `python -m torch_ref.train` differ only in the
+function they call and a flag or two, so the error handling and the exit
+codes (0 done, 1 diverged, 2 bad input) live here once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable
+from typing import Any
+
+from jaxbench.configs import Config, add_config_args, config_from_args
+
+
+def trainer_parser(prog: str, description: str) -> argparse.ArgumentParser:
+    """Config flags plus the run flags every trainer takes."""
+    parser = argparse.ArgumentParser(prog=prog, description=description)
+    add_config_args(parser)
+    parser.add_argument(
+        "--stream",
+        choices=("fast", "shared"),
+        default="fast",
+        help="fast: augmentation plan drawn on the device from the seed; shared: the "
+        "framework-neutral numpy plan of jaxbench.stream (the same batches in both trainers)",
+    )
+    parser.add_argument(
+        "--no-progress", action="store_true", help="hide the progress bar within each epoch"
+    )
+    parser.add_argument("--quiet", action="store_true", help="print nothing but errors")
+    return parser
+
+
+def _fail(message: object, code: int) -> SystemExit:
+    print(f"error: {message}", file=sys.stderr)
+    return SystemExit(code)
+
+
+def run_trainer(
+    args: argparse.Namespace,
+    *,
+    check_supported: Callable[[Config], None],
+    train: Callable[..., dict[str, Any]],
+    compile_label: str,
+    **train_kwargs: Any,
+) -> int:
+    """Build the config, load the data, train, print the final line; errors exit 1 or 2."""
+    try:
+        cfg = config_from_args(args)
+        check_supported(cfg)
+    except ValueError as e:
+        raise _fail(e, 2) from None
+    try:
+        from jaxbench.data import load_dataset
+
+        data = load_dataset(cfg)
+    except (ValueError, OSError) as e:
+        raise _fail(e, 2) from None
+    try:
+        summary = train(
+            cfg,
+            cfg.out,
+            data=data,
+            stream=args.stream,
+            progress=not args.no_progress,
+            quiet=args.quiet,
+            **train_kwargs,
+        )
+    except FloatingPointError as e:
+        raise _fail(e, 1) from None
+    except ValueError as e:
+        raise _fail(e, 2) from None
+    if not args.quiet:
+        f = summary["final"]
+        ema = f["ema_val_acc"]
+        print(
+            f"final val_acc {100 * f['val_acc']:.2f}%"
+            + (f", ema_val_acc {100 * ema:.2f}%" if ema is not None else "")
+            + f"; {summary['total_time_seconds']:.1f} s timed"
+            f" ({summary['images_per_second']:.0f} img/s),"
+            f" {summary['compile_seconds']:.1f} s {compile_label}"
+        )
+    return 0
