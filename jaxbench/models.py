@@ -36,6 +36,33 @@ def torch_default_init(key: jax.Array, shape: Sequence[int], dtype: Any = jnp.fl
     return jax.random.uniform(key, tuple(shape), dtype, minval=-bound, maxval=bound)
 
 
+def torch_batch_norm(
+    train: bool,
+    momentum: float,
+    eps: float,
+    dtype: Any,
+    name: str,
+    use_scale: bool = True,
+) -> nn.BatchNorm:
+    """A Flax BatchNorm that behaves like PyTorch's BatchNorm2d with `momentum` (torch convention).
+
+    Flax's `momentum` is the weight of the *old* statistic (1 - PyTorch's); the
+    variance is two-pass (Flax's fast variance is not PyTorch's); statistics stay
+    float32 under bfloat16 compute. Both Flax nets build their BN layers here.
+    """
+    return nn.BatchNorm(
+        use_running_average=not train,
+        momentum=1.0 - momentum,
+        epsilon=eps,
+        use_scale=use_scale,
+        dtype=dtype,
+        param_dtype=jnp.float32,
+        use_fast_variance=False,
+        force_float32_reductions=True,
+        name=name,
+    )
+
+
 class ConvBN(nn.Module):
     """conv3x3 (no bias, padding 1 like PyTorch) -> BatchNorm -> ReLU [-> max pool 2]."""
 
@@ -58,16 +85,7 @@ class ConvBN(nn.Module):
             kernel_init=self.kernel_init,
             name="conv",
         )(x)
-        x = nn.BatchNorm(
-            use_running_average=not train,
-            momentum=1.0 - self.bn_momentum,  # Flax keeps `momentum` of the old value
-            epsilon=self.bn_eps,
-            dtype=self.dtype,
-            param_dtype=jnp.float32,
-            use_fast_variance=False,  # two-pass variance, as PyTorch computes it
-            force_float32_reductions=True,  # statistics in float32 under bfloat16 compute
-            name="bn",
-        )(x)
+        x = torch_batch_norm(train, self.bn_momentum, self.bn_eps, self.dtype, "bn")(x)
         x = nn.relu(x)
         if self.pool:
             x = nn.max_pool(x, (2, 2), strides=(2, 2))  # Flax's default stride is 1
@@ -153,14 +171,15 @@ def model_from_config(cfg: Config, **overrides: Any) -> Any:
 def init_variables(model: nn.Module, key: jax.Array) -> dict[str, Any]:
     """Fresh {'params', 'batch_stats'} for 32x32x3 inputs.
 
-    With the default `torch_default_init`, all kernels come from one
-    uniform(-1, 1) draw of `key`, cut in name order and scaled by 1/sqrt(fan_in)
-    (the same distribution as `model.init`, but XLA:CPU compiles one threefry
-    call in 0.3 s rather than nine in ~6 s). A planted `kernel_init` goes
+    For a ResNet9 with the default `torch_default_init`, all kernels come from
+    one uniform(-1, 1) draw of `key`, cut in name order and scaled by
+    1/sqrt(fan_in) (the same distribution as `model.init`, but XLA:CPU compiles
+    one threefry call in 0.3 s rather than nine in ~6 s). Every other net (the
+    speedrun net's dirac filters and conv bias) and a planted `kernel_init` go
     through Flax's own `model.init`.
     """
     x = jnp.zeros((1, 32, 32, 3), jnp.float32)
-    if model.kernel_init is not torch_default_init:
+    if not isinstance(model, ResNet9) or model.kernel_init is not torch_default_init:
         init = jax.jit(lambda k: model.init(k, x, train=False))
         variables = init(key)
         return {"params": variables["params"], "batch_stats": variables["batch_stats"]}

@@ -35,24 +35,16 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxbench.configs import Config
+from jaxbench.models import NUM_CLASSES, Initializer, torch_batch_norm, torch_default_init
 
 Array = jax.Array
-Initializer = Callable[..., Array]
 
 WHITEN_CHANNELS = 24  # concat(W, -W) of 12 eigenvectors of 2x2x3 patches
-NUM_CLASSES = {"cifar10": 10, "cifar100": 100}
 
 
 def gelu(x: Array) -> Array:
     """Exact (erf) GELU, as PyTorch's `nn.GELU()`; `jax.nn.gelu` defaults to tanh."""
     return jax.nn.gelu(x, approximate=False)
-
-
-def torch_uniform_init(key: Array, shape: Sequence[int], dtype: Any = jnp.float32) -> Array:
-    """PyTorch's default conv/linear init: uniform(+-1/sqrt(fan_in)), fan_in = all but out."""
-    fan_in = math.prod(shape[:-1])
-    bound = 1.0 / math.sqrt(fan_in)
-    return jax.random.uniform(key, shape, dtype, -bound, bound)
 
 
 def torch_bias_init(fan_in: int) -> Initializer:
@@ -65,7 +57,7 @@ def torch_bias_init(fan_in: int) -> Initializer:
     return init
 
 
-def dirac_init(base: Initializer = torch_uniform_init) -> Initializer:
+def dirac_init(base: Initializer = torch_default_init) -> Initializer:
     """`base`, then identity on the first min(C_in, C_out) filters (torch `dirac_(w[:C_in])`).
 
     Filter o < C_in becomes a centred delta on input channel o, so each conv starts
@@ -91,7 +83,7 @@ class ConvGroup(nn.Module):
     bn_eps: float = 1e-12
     bn_scale_trainable: bool = False
     dtype: Any = jnp.float32
-    kernel_init: Initializer = torch_uniform_init  # before the dirac part
+    kernel_init: Initializer = torch_default_init  # before the dirac part
 
     @nn.compact
     def __call__(self, x: Array, train: bool = True) -> Array:
@@ -105,21 +97,22 @@ class ConvGroup(nn.Module):
             dtype=self.dtype,
             param_dtype=jnp.float32,
         )
-        bn = partial(
-            nn.BatchNorm,
-            use_running_average=not train,
-            momentum=1.0 - self.bn_momentum,
-            epsilon=self.bn_eps,
-            use_scale=self.bn_scale_trainable,
-            use_fast_variance=False,
-            dtype=self.dtype,
-            param_dtype=jnp.float32,
-        )
+
+        def bn(name: str) -> nn.BatchNorm:
+            return torch_batch_norm(
+                train,
+                self.bn_momentum,
+                self.bn_eps,
+                self.dtype,
+                name,
+                use_scale=self.bn_scale_trainable,
+            )
+
         x = conv(name="conv1")(x)
         x = nn.max_pool(x, (2, 2), strides=(2, 2))
-        x = gelu(bn(name="bn1")(x))
+        x = gelu(bn("bn1")(x))
         x = conv(name="conv2")(x)
-        return gelu(bn(name="bn2")(x))
+        return gelu(bn("bn2")(x))
 
 
 class SpeedrunNet(nn.Module):
@@ -132,7 +125,7 @@ class SpeedrunNet(nn.Module):
     bn_eps: float = 1e-12
     bn_scale_trainable: bool = False
     dtype: Any = jnp.float32  # compute dtype; parameters and BN statistics stay float32
-    kernel_init: Initializer = torch_uniform_init  # overridable for the parity plants
+    kernel_init: Initializer = torch_default_init  # overridable for the parity plants
 
     @nn.compact
     def __call__(self, x: Array, train: bool = True) -> Array:
