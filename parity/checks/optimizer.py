@@ -1,0 +1,179 @@
+"""Check 4: the LR schedule, K optimizer updates and the EMA."""
+
+from __future__ import annotations
+
+import copy
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import torch
+
+from jaxbench import optim, schedule
+from jaxbench.configs import Config, optimizer_scales
+from jaxbench.stream import steps_per_epoch
+from parity import convert
+from parity.checks.base import (
+    CheckResult,
+    Context,
+    Figure,
+    PyTree,
+    max_abs,
+    path_keys,
+)
+from parity.harness import Harness
+
+
+def _lr_figure(h: Harness, cfg: Config, spe: int) -> tuple[float, dict[str, Any]]:
+    """max over every step of |jax LR - torch LR| / peak LR, torch's as torch_ref sets it."""
+    from torch_ref import train as ttrain
+
+    total = cfg.epochs * spe
+    steps = np.arange(total)
+    lr_fn = jax.jit(jax.vmap(h.jax_lr(cfg, spe)))
+    jax_lr = np.asarray(lr_fn(jnp.asarray(steps, jnp.int32)), np.float64)
+    dummy = torch.nn.Linear(1, 1, bias=False)
+    opt = torch.optim.SGD(
+        [{"params": dummy.parameters(), "lr": 0.0, "lr_mult": 1.0}], lr=0.0, momentum=0.0
+    )
+    torch_lr = np.empty(total)
+    for t, lr in enumerate(schedule.lr_at(steps, cfg, spe)):
+        ttrain.set_lr(opt, float(lr))
+        torch_lr[t] = opt.param_groups[0]["lr"]
+    peak = optimizer_scales(cfg)[0]
+    diff = np.abs(jax_lr - torch_lr) / peak
+    worst = int(np.argmax(diff))
+    return float(diff[worst]), {
+        "steps": total,
+        "worst_step": worst,
+        "jax_lr_at_worst": float(jax_lr[worst]),
+        "torch_lr_at_worst": float(torch_lr[worst]),
+        "peak_step": schedule.lr_knots(cfg, spe)[0][1],
+    }
+
+
+def _optimizer_run(h: Harness, cfg: Config, spe: int, steps: int, seed: int) -> dict[str, Any]:
+    """`steps` updates from the same params and gradients; live BN stats change every step
+    (identically) so the EMA of BN statistics is exercised too. Returns per-tensor max |diff|."""
+    from torch_ref import train as ttrain
+
+    tmodel = h.torch_model(cfg, seed)
+    sd = {k: v.clone() for k, v in tmodel.state_dict().items()}
+    variables = convert.torch_to_flax(sd, momentum=cfg.bn_momentum)
+    params, bstats = variables["params"], variables["batch_stats"]
+    tx = h.jax_optimizer(cfg, spe)
+    opt_state = tx.init(params)
+
+    @jax.jit
+    def update(grads: PyTree, opt_state: PyTree, params: PyTree) -> tuple[PyTree, PyTree]:
+        updates, opt_state = tx.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state
+
+    ema_state = h.jax_ema.init({"params": params, "batch_stats": bstats})
+    # airbench's lookahead (speedrun): the decay ramp over these `steps`, so it is large
+    # enough to matter, and after each EMA step the live net (params and BN stats) = EMA.
+    lookahead_ema = jax.tree_util.tree_map(jnp.array, {"params": params, "batch_stats": bstats})
+    decays = schedule.ema_decays(cfg, steps)
+    topt = ttrain.make_optimizer(tmodel, cfg)
+    t_ema = copy.deepcopy(tmodel)
+    lrs = schedule.lr_at(np.arange(cfg.epochs * spe), cfg, spe)
+    rng = np.random.default_rng(seed)
+    gscale = 1e-2 / optimizer_scales(cfg)[0]  # a peak-LR step moves weights by ~1e-2
+    named = dict(tmodel.named_parameters())
+    buffers = dict(tmodel.named_buffers())
+    for t in range(steps):
+        # BN biases' gradients are divided by their LR multiplier, so every tensor moves
+        # ~1e-2 per peak step and float32 rounding stays far below the 1e-6 bar.
+        grads = jax.tree_util.tree_map_with_path(
+            lambda path, p: (
+                gscale
+                / (cfg.bn_bias_lr_mult if optim.is_bn_bias(path_keys(path)) else 1.0)
+                * rng.standard_normal(np.shape(p))
+            ).astype(np.float32),
+            params,
+        )
+        params, opt_state = update(grads, opt_state, params)
+        g_torch = convert.flax_to_torch({"params": grads})
+        ttrain.set_lr(topt, float(lrs[t]))
+        for name, p in named.items():
+            if p.requires_grad:  # frozen (speedrun's whitening): no grad, SGD skips it
+                p.grad = g_torch[name].clone()
+        topt.step()
+        topt.zero_grad(set_to_none=True)
+        # New live BN statistics, the same numbers in both (raw: the EMA is linear).
+        new_stats = jax.tree_util.tree_map(
+            lambda s: rng.uniform(0.5, 2.0, np.shape(s)).astype(np.float32), bstats
+        )
+        bstats = new_stats
+        for key, val in convert.flax_to_torch({"batch_stats": new_stats}, raw_var=True).items():
+            if key in buffers and buffers[key].is_floating_point():
+                with torch.no_grad():
+                    buffers[key].copy_(val)
+        if cfg.lookahead:
+            live = {"params": params, "batch_stats": bstats}
+            lookahead_ema, live = optim.lookahead_update(
+                lookahead_ema, live, jnp.asarray(t + 1, jnp.int32), cfg, steps
+            )
+            params, bstats = live["params"], live["batch_stats"]
+        else:
+            ema_state = h.jax_ema.update(
+                ema_state, {"params": params, "batch_stats": bstats}, t + 1, cfg
+            )
+        if cfg.ema_every and (t + 1) % cfg.ema_every == 0:
+            m = float(decays[t + 1]) if cfg.lookahead else cfg.ema_momentum
+            ttrain.ema_update(ttrain.ema_tensors(t_ema), ttrain.ema_tensors(tmodel), m)
+            if cfg.lookahead:
+                ttrain.lookahead_reset(ttrain.ema_tensors(tmodel), ttrain.ema_tensors(t_ema))
+    p_back = convert.flax_to_torch({"params": jax.device_get(params)})
+    p_diff = {n: max_abs(p_back[n].numpy(), p.detach().numpy()) for n, p in named.items()}
+    # The live BN statistics: rewritten every step, so they differ only if a lookahead
+    # reset (or its absence) touched them.
+    s_back = convert.flax_to_torch({"batch_stats": jax.device_get(bstats)}, raw_var=True)
+    for key, b in buffers.items():
+        if b.is_floating_point():
+            p_diff[key] = max_abs(s_back[key].numpy(), b.numpy()) if key in s_back else math.inf
+    if cfg.lookahead:
+        ema = jax.device_get(lookahead_ema)
+    else:
+        ema = jax.device_get(h.jax_ema.read(ema_state))
+    e_back = convert.flax_to_torch(ema, raw_var=True)
+    tsd = t_ema.state_dict()
+    e_diff = {
+        k: max_abs(e_back[k].numpy(), v.numpy()) if k in e_back else math.inf
+        for k, v in tsd.items()
+        if v.is_floating_point()
+    }
+    return {"params": p_diff, "ema": e_diff}
+
+
+def check_optimizer(ctx: Context) -> CheckResult:
+    """LR at every step; K updates (preset and BN-bias multipliers) within 1e-6; the EMA."""
+    res = CheckResult(4, "optimizer")
+    h, cfg = ctx.harness, ctx.arith_cfg
+    spe = steps_per_epoch(cfg, cfg.subset or 50_000)
+    lr_diff, lr_info = _lr_figure(h, cfg, spe)
+    res.figures.append(Figure("LR max |diff| / peak over all steps", lr_diff, 1e-6))
+    k = 12 if ctx.quick else 25
+    variants = {
+        "preset": cfg,
+        "bn-bias multipliers 64x lr, 1/64 wd": cfg.replace(
+            bn_bias_lr_mult=64.0, bn_bias_wd_mult=1 / 64
+        ),
+    }
+    runs: dict[str, Any] = {}
+    for label, c in variants.items():
+        run = _optimizer_run(h, c, spe, k, seed=2)
+        runs[label] = run
+        res.figures.append(
+            Figure(
+                f"params after {k} steps ({label}): max |diff|", max(run["params"].values()), 1e-6
+            )
+        )
+        res.figures.append(
+            Figure(f"EMA after {k} steps ({label}): max |diff|", max(run["ema"].values()), 1e-6)
+        )
+    res.details = {"steps": k, "steps_per_epoch": spe, "lr": lr_info, "runs": runs}
+    return res
