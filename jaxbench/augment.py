@@ -11,6 +11,7 @@ Plans are dicts of arrays with the `stream.EpochPlan` field names.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -18,7 +19,14 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxbench.configs import Config
-from jaxbench.stream import FILL_RGB, IMAGE_SIZE, MEAN_STD, EpochPlan, steps_per_epoch
+from jaxbench.stream import (
+    FILL_RGB,
+    IMAGE_SIZE,
+    MEAN_STD,
+    EpochPlan,
+    steps_per_epoch,
+    tta_weights,
+)
 
 Plan = dict[str, jax.Array]
 PLAN_FIELDS: tuple[str, ...] = ("indices", "crop_y", "crop_x", "flip", "cutout_y", "cutout_x")
@@ -125,3 +133,28 @@ def normalize(
     mean, std = (np.asarray(v, np.float32) for v in MEAN_STD[dataset])
     x = (images_u8.astype(jnp.float32) / 255.0 - mean) / std
     return x.astype(dtype)
+
+
+def tta_logits(
+    logits_fn: Callable[[jax.Array], jax.Array], x_NHWC: jax.Array, cfg: Config
+) -> tuple[jax.Array, jax.Array]:
+    """(logits of every test-time view `[V, N, C]`, their weighted sum `[N, C]`), float32.
+
+    Views and weights are `stream.tta_weights`'s. Each view goes through
+    `logits_fn` together with its mirror (one call of twice the batch), as airbench does.
+    """
+    views = [x_NHWC]
+    if cfg.tta and cfg.tta_shift:
+        padded = jnp.pad(x_NHWC, ((0, 0), (1, 1), (1, 1), (0, 0)), mode="reflect")
+        h, w = x_NHWC.shape[1], x_NHWC.shape[2]
+        views += [padded[:, :h, :w], padded[:, 2 : 2 + h, 2 : 2 + w]]
+    n = x_NHWC.shape[0]
+    out: list[jax.Array] = []
+    for view in views:
+        if cfg.tta:
+            pair = logits_fn(jnp.concatenate([view, view[:, :, ::-1]])).astype(jnp.float32)
+            out += [pair[:n], pair[n:]]
+        else:
+            out.append(logits_fn(view).astype(jnp.float32))
+    combined = sum(w * v for w, v in zip(tta_weights(cfg), out, strict=True))
+    return jnp.stack(out), combined

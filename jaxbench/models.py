@@ -36,6 +36,48 @@ def torch_default_init(key: jax.Array, shape: Sequence[int], dtype: Any = jnp.fl
     return jax.random.uniform(key, tuple(shape), dtype, minval=-bound, maxval=bound)
 
 
+class BatchNorm(nn.Module):
+    """PyTorch's `BatchNorm2d` in Flax: the same arithmetic and the same stored statistics.
+
+    Flax's `nn.BatchNorm` stores the running average of the *biased* batch
+    variance; PyTorch stores the *unbiased* one (x n / (n - 1)) and normalises
+    by it in eval mode. Storing PyTorch's number makes eval-mode outputs and
+    the EMA of BN statistics the same in both frameworks and weight conversion
+    a plain copy. `momentum` is PyTorch's (the weight of the new statistic).
+    Statistics are two-pass and float32, also under bfloat16 compute; parameter
+    and variable names (`scale`, `bias`; `mean`, `var`) are Flax's.
+    """
+
+    train: bool = False  # batch statistics (and update the running ones) vs running ones
+    momentum: float = 0.1
+    epsilon: float = 1e-5
+    use_scale: bool = True
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        features = x.shape[-1]
+        axes = tuple(range(x.ndim - 1))
+        ra_mean = self.variable("batch_stats", "mean", jnp.zeros, (features,), jnp.float32)
+        ra_var = self.variable("batch_stats", "var", jnp.ones, (features,), jnp.float32)
+        if self.train:
+            x32 = x.astype(jnp.float32)
+            mean = jnp.mean(x32, axes)
+            var = jnp.mean(jnp.square(x32 - mean), axes)  # biased: what normalises the batch
+            if not self.is_initializing():
+                n = math.prod(x.shape[:-1])
+                m = self.momentum
+                ra_mean.value = (1.0 - m) * ra_mean.value + m * mean
+                ra_var.value = (1.0 - m) * ra_var.value + m * (var * (n / max(n - 1, 1)))
+        else:
+            mean, var = ra_mean.value, ra_var.value
+        mul = jax.lax.rsqrt(var + self.epsilon)
+        if self.use_scale:
+            mul = mul * self.param("scale", nn.initializers.ones, (features,), jnp.float32)
+        y = (x - mean) * mul + self.param("bias", nn.initializers.zeros, (features,), jnp.float32)
+        return y.astype(self.dtype)
+
+
 def torch_batch_norm(
     train: bool,
     momentum: float,
@@ -43,23 +85,10 @@ def torch_batch_norm(
     dtype: Any,
     name: str,
     use_scale: bool = True,
-) -> nn.BatchNorm:
-    """A Flax BatchNorm that behaves like PyTorch's BatchNorm2d with `momentum` (torch convention).
-
-    Flax's `momentum` is the weight of the *old* statistic (1 - PyTorch's); the
-    variance is two-pass (Flax's fast variance is not PyTorch's); statistics stay
-    float32 under bfloat16 compute. Both Flax nets build their BN layers here.
-    """
-    return nn.BatchNorm(
-        use_running_average=not train,
-        momentum=1.0 - momentum,
-        epsilon=eps,
-        use_scale=use_scale,
-        dtype=dtype,
-        param_dtype=jnp.float32,
-        use_fast_variance=False,
-        force_float32_reductions=True,
-        name=name,
+) -> nn.Module:
+    """The BN layer both Flax nets build, in training or eval mode (`BatchNorm`)."""
+    return BatchNorm(
+        train=train, momentum=momentum, epsilon=eps, use_scale=use_scale, dtype=dtype, name=name
     )
 
 

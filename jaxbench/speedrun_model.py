@@ -25,7 +25,7 @@ match PyTorch's two-pass computation.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from functools import partial
 from typing import Any
 
@@ -163,30 +163,6 @@ class SpeedrunNet(nn.Module):
             name="head",
         )(x)
         return x.astype(jnp.float32) * self.output_scale
-
-
-def tta_logits(logits_fn: Callable[[Array], Array], x_NHWC: Array, shift: bool = True) -> Array:
-    """airbench's test-time augmentation of normalised NHWC images.
-
-    m(v) = mean of the logits of v and of v mirrored; without `shift` the result is
-    m(x), with it 0.5 * m(x) + 0.25 * m(up-left) + 0.25 * m(down-right), the two
-    1-px translates cut from a reflect-padded copy. Each view goes through
-    `logits_fn` together with its mirror image (one call of twice the batch).
-    """
-    views = [x_NHWC]
-    weights = [0.5]
-    if shift:
-        padded = jnp.pad(x_NHWC, ((0, 0), (1, 1), (1, 1), (0, 0)), mode="reflect")
-        h, w = x_NHWC.shape[1], x_NHWC.shape[2]
-        views += [padded[:, :h, :w], padded[:, 2 : 2 + h, 2 : 2 + w]]
-        weights = [0.25, 0.125, 0.125]
-    n = x_NHWC.shape[0]
-    out = None
-    for view, coef in zip(views, weights, strict=True):
-        pair = logits_fn(jnp.concatenate([view, view[:, :, ::-1]])).astype(jnp.float32)
-        term = coef * (pair[:n] + pair[n:])
-        out = term if out is None else out + term
-    return out
 
 
 def speedrun_from_config(cfg: Config, dtype: Any = jnp.float32, **overrides: Any) -> SpeedrunNet:

@@ -120,3 +120,18 @@ def normalize_numpy(images_NHWC: np.ndarray, dataset: str = "cifar10") -> np.nda
     """Float32 normalisation, for tests and host-side references."""
     mean, std = (np.asarray(v, np.float32) for v in MEAN_STD[dataset])
     return (images_NHWC.astype(np.float32) / 255.0 - mean) / std
+
+
+def tta_weights(cfg: Config) -> tuple[float, ...]:
+    """Weights of the test-time views, in the order both trainers evaluate them.
+
+    No TTA: the image alone. Flip TTA: the image and its mirror, 0.5 each.
+    With `tta_shift` (airbench's 3-view TTA): the image and its mirror at 0.25
+    each, then the up-left and down-right 1-px translates (cut from a
+    reflect-padded copy) and their mirrors at 0.125 each.
+    """
+    if not cfg.tta:
+        return (1.0,)
+    if not cfg.tta_shift:
+        return (0.5, 0.5)
+    return (0.25, 0.25, 0.125, 0.125, 0.125, 0.125)

@@ -14,6 +14,7 @@ reported apart from `total_time_seconds` (training steps + final evaluation).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 import os
 import sys
@@ -102,6 +103,30 @@ def create_train_state(
     )
 
 
+def make_loss_fn(
+    cfg: Config, model: models.ResNet9
+) -> Callable[..., tuple[jax.Array, tuple[jax.Array, PyTree]]]:
+    """`loss_fn(params, batch_stats, images_u8, labels) -> (loss, (logits, new_batch_stats))`.
+
+    The training loss exactly as the step computes it: normalisation of the uint8
+    batch, the train-mode forward and the configured (label-smoothed, summed or
+    mean) cross-entropy. The parity suite differentiates this very function.
+    """
+    dtype = models.compute_dtype(cfg)
+
+    def loss_fn(
+        params: PyTree, batch_stats: PyTree, images_u8: jax.Array, labels: jax.Array
+    ) -> tuple[jax.Array, tuple[jax.Array, PyTree]]:
+        x = augment.normalize(images_u8, cfg.dataset, dtype)
+        logits, mutated = model.apply(
+            {"params": params, "batch_stats": batch_stats}, x, train=True, mutable=["batch_stats"]
+        )
+        loss = optim.cross_entropy(logits, labels, cfg.label_smoothing, cfg.loss_reduction)
+        return loss, (logits, mutated["batch_stats"])
+
+    return loss_fn
+
+
 def make_train_step(
     cfg: Config,
     model: models.ResNet9,
@@ -117,24 +142,12 @@ def make_train_step(
     """
     if cfg.lookahead and total_steps is None:
         raise ValueError("cfg.lookahead needs total_steps for the decay ramp")
-    dtype = models.compute_dtype(cfg)
+    loss_fn = make_loss_fn(cfg, model)
 
     def train_step(state: TrainState, batch: dict[str, jax.Array]) -> tuple[TrainState, Metrics]:
-        x = augment.normalize(batch["images"], cfg.dataset, dtype)
         labels = batch["labels"]
-
-        def loss_fn(params: PyTree) -> tuple[jax.Array, tuple[jax.Array, PyTree]]:
-            logits, mutated = model.apply(
-                {"params": params, "batch_stats": state.batch_stats},
-                x,
-                train=True,
-                mutable=["batch_stats"],
-            )
-            loss = optim.cross_entropy(logits, labels, cfg.label_smoothing, cfg.loss_reduction)
-            return loss, (logits, mutated["batch_stats"])
-
         (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-            state.params
+            state.params, state.batch_stats, batch["images"], labels
         )
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
@@ -188,27 +201,32 @@ def make_loop_fns(
     return step_fn, epoch_fn
 
 
+def make_logits_fn(
+    cfg: Config, model: models.ResNet9
+) -> Callable[[PyTree, jax.Array], tuple[jax.Array, jax.Array]]:
+    """`logits_fn(variables, images_u8) -> (per-view logits [V, N, C], TTA logits [N, C])`.
+
+    What evaluation scores: normalisation, the eval-mode forward, and the
+    test-time views of `cfg` (`augment.tta_logits`). The parity suite calls it.
+    """
+    dtype = models.compute_dtype(cfg)
+
+    def logits_fn(variables: PyTree, images_u8: jax.Array) -> tuple[jax.Array, jax.Array]:
+        x = augment.normalize(images_u8, cfg.dataset, dtype)
+        return augment.tta_logits(lambda v: model.apply(variables, v, train=False), x, cfg)
+
+    return logits_fn
+
+
 def make_eval_fn(
     cfg: Config, model: models.ResNet9, eval_batch: int, with_ema: bool
 ) -> Callable[..., dict[str, jax.Array]]:
     """`eval_fn(acc, variables, ema_variables, images, labels, valid, i) -> acc` for batch i.
 
-    Sums of the cross-entropy (no label smoothing) and of correct predictions,
-    over valid (unpadded) test images; flip TTA averages the logits with the
-    mirrored image's when `cfg.tta`, plus the two 1-px shifted views with `cfg.tta_shift`
-    (airbench's 3-view TTA, `speedrun_model.tta_logits`).
+    Sums of the cross-entropy (no label smoothing) and of correct predictions of
+    the TTA logits (`make_logits_fn`), over valid (unpadded) test images.
     """
-    dtype = models.compute_dtype(cfg)
-
-    def logits_of(variables: PyTree, x: jax.Array) -> jax.Array:
-        if cfg.tta and cfg.tta_shift:
-            from jaxbench.speedrun_model import tta_logits
-
-            return tta_logits(lambda v: model.apply(variables, v, train=False), x)
-        logits = model.apply(variables, x, train=False)
-        if cfg.tta:
-            logits = 0.5 * (logits + model.apply(variables, x[:, :, ::-1], train=False))
-        return logits
+    logits_fn = make_logits_fn(cfg, model)
 
     def eval_fn(
         acc: dict[str, jax.Array],
@@ -220,14 +238,12 @@ def make_eval_fn(
         i: jax.Array,
     ) -> dict[str, jax.Array]:
         start = i * eval_batch
-        x = augment.normalize(
-            jax.lax.dynamic_slice_in_dim(images, start, eval_batch), cfg.dataset, dtype
-        )
+        x = jax.lax.dynamic_slice_in_dim(images, start, eval_batch)
         y = jax.lax.dynamic_slice_in_dim(labels, start, eval_batch)
         w = jax.lax.dynamic_slice_in_dim(valid, start, eval_batch)
 
         def score(prefix: str, v: PyTree) -> dict[str, jax.Array]:
-            logits = logits_of(v, x).astype(jnp.float32)
+            _, logits = logits_fn(v, x)
             ce = -jnp.take_along_axis(jax.nn.log_softmax(logits), y[:, None], axis=-1)[:, 0]
             right = (jnp.argmax(logits, axis=-1) == y).astype(jnp.float32)
             return {
@@ -267,33 +283,56 @@ def _pad_to(x: np.ndarray, n: int) -> np.ndarray:
     return np.concatenate([x, np.zeros((n - len(x), *x.shape[1:]), x.dtype)]) if n > len(x) else x
 
 
-def train_and_evaluate(
+@dataclasses.dataclass
+class Run:
+    """What `setup` builds for one run: the compiled functions and the data on the device."""
+
+    cfg: Config
+    loop: str  # "scan" or "step"
+    stream: str  # "fast" or "shared"
+    steps: int  # optimizer steps per epoch
+    n_train: int
+    n_test: int
+    state: TrainState  # the initial state
+    images: jax.Array  # uint8 NHWC training images on the device
+    labels: jax.Array
+    train_x: np.ndarray  # the same images on the host (whitening moments)
+    run: Callable[..., tuple[TrainState, Any]]  # compiled epoch (scan) or step (step)
+    make_plan: Callable[[int], augment.Plan]
+    evaluate: Callable[[TrainState], dict[str, float]]
+    compile_seconds: float
+
+
+class Hooks:
+    """Observation points in the training loop, for the parity suite (no-ops by default).
+
+    They need the per-step loop (`cfg.loop="step"`). `before_step` and
+    `before_eval` may return a replacement state: the parity suite uses that
+    to start each step from the reference trainer's state, so float32 chaos
+    cannot build up between the two frameworks.
+    """
+
+    def before_step(self, t: int, state: TrainState) -> TrainState:
+        return state
+
+    def after_step(self, t: int, state: TrainState, metrics: Metrics) -> None:
+        pass
+
+    def before_eval(self, epoch: int, state: TrainState) -> TrainState:
+        return state
+
+
+def setup(
     cfg: Config,
-    workdir: str | os.PathLike[str] | None = None,
-    *,
     data: Any = None,
+    *,
     init_variables: PyTree | None = None,
     stream: str = "fast",
-    progress: bool = True,
-    quiet: bool = False,
-    return_variables: bool = False,
-) -> dict[str, Any]:
-    """Train per `cfg`, evaluate every epoch, and return the summary of docs/design.md.
-
-    `data`: a `jaxbench.data.Dataset` (loaded from the config when None; subset
-    prefixes are applied either way). `init_variables`: start from these
-    {'params', 'batch_stats'} instead of the seeded init. `stream`: 'fast'
-    (plan drawn with jax.random on the device) or 'shared' (`stream.epoch_plan`).
-    `workdir` (default `cfg.out`) receives config.json, metrics.jsonl and
-    summary.json. `return_variables` adds the final `variables` and
-    `ema_variables` (numpy pytrees) to the returned dict, not to summary.json.
-    Raises FloatingPointError, naming the epoch, when the training loss is not finite.
-    """
+) -> Run:
+    """Data on the device, the initial state, every function compiled ahead of time."""
     if stream not in ("fast", "shared"):
         raise ValueError(f"stream must be 'fast' or 'shared', got {stream!r}")
     check_supported(cfg)
-    if workdir is None:
-        workdir = cfg.out
     if data is None:
         from jaxbench.data import load_dataset
 
@@ -318,7 +357,6 @@ def train_and_evaluate(
     tx = optim.make_optimizer(cfg, steps)
     init_key, data_key = seed_keys(cfg.seed)
     state = create_train_state(model, tx, init_key, init_variables)
-    recorder = RunRecorder(cfg.to_dict(), workdir, quiet)
 
     # --- data on the device, once ------------------------------------------------
     images = jax.device_put(train_x)
@@ -349,17 +387,9 @@ def train_and_evaluate(
             .compile()
         )
     eval_zero = _eval_zeros(with_ema)
-    evaluate = (
+    eval_compiled = (
         jax.jit(make_eval_fn(cfg, model, eval_batch, with_ema))
-        .lower(
-            eval_zero,
-            state.variables(),
-            state.ema,
-            t_images,
-            t_labels,
-            t_valid,
-            np.int32(0),
-        )
+        .lower(eval_zero, state.variables(), state.ema, t_images, t_labels, t_valid, np.int32(0))
         .compile()
     )
     compile_seconds = time.perf_counter() - t0
@@ -369,65 +399,134 @@ def train_and_evaluate(
             return plan_compiled(data_key, np.int32(epoch))
         return augment.plan_to_device(epoch_plan(cfg, epoch, n_train))
 
-    def run_eval(st: TrainState) -> dict[str, float]:
+    def evaluate(st: TrainState) -> dict[str, float]:
         acc = eval_zero
         for i in range(eval_steps):
-            acc = evaluate(acc, st.variables(), st.ema, t_images, t_labels, t_valid, np.int32(i))
-        acc = jax.device_get(acc)
+            acc = eval_compiled(
+                acc, st.variables(), st.ema, t_images, t_labels, t_valid, np.int32(i)
+            )
+        acc = jax.device_get(acc)  # fetching the sums synchronises
         out = {"val_loss": float(acc["loss"]) / n_test, "val_acc": float(acc["correct"]) / n_test}
         out["ema_val_acc"] = float(acc["ema_correct"]) / n_test if with_ema else None
         return out
 
-    # --- training ----------------------------------------------------------------------
+    return Run(
+        cfg=cfg,
+        loop=loop,
+        stream=stream,
+        steps=steps,
+        n_train=n_train,
+        n_test=n_test,
+        state=state,
+        images=images,
+        labels=labels,
+        train_x=train_x,
+        run=run,
+        make_plan=make_plan,
+        evaluate=evaluate,
+        compile_seconds=compile_seconds,
+    )
+
+
+def train_epoch(
+    r: Run, state: TrainState, epoch: int, *, progress: bool = False, hooks: Hooks | None = None
+) -> tuple[TrainState, dict[str, np.ndarray]]:
+    """One epoch of training; returns the state and the per-step metrics, fetched once.
+
+    Nothing synchronises with the host inside the epoch (unless `hooks` observe it).
+    The caller times it: the state is ready when this returns.
+    """
+    cfg = r.cfg
+    plan = r.make_plan(epoch)
+    if r.loop == "scan":
+        if hooks is not None:
+            raise ValueError("training hooks need the per-step loop: set --loop step")
+        state, metrics = r.run(state, r.images, r.labels, plan)
+    else:
+        per_step = []
+        bar = progress_bar(
+            range(r.steps),
+            desc=f"epoch {epoch + 1}/{cfg.epochs}",
+            leave=False,
+            disable=None if progress else True,  # None: off unless a terminal
+            file=sys.stderr,
+        )
+        for i in bar:
+            t = epoch * r.steps + i
+            if hooks is not None:
+                state = hooks.before_step(t, state)
+            state, m = r.run(state, r.images, r.labels, plan, np.int32(i))
+            if hooks is not None:
+                hooks.after_step(t, state, m)
+            per_step.append(m)  # stays on the device until the epoch ends
+        bar.close()
+    if cfg.lookahead and epoch == cfg.epochs - 1:  # airbench ends with net = EMA
+        state = state.replace(params=state.ema["params"], batch_stats=state.ema["batch_stats"])
+    jax.block_until_ready(state)
+    if r.loop == "scan":
+        host = jax.device_get(metrics)  # the one fetch of the epoch
+    else:
+        fetched = jax.device_get(per_step)
+        host = {k: np.stack([m[k] for m in fetched]) for k in fetched[0]}
+    return state, host
+
+
+def train_and_evaluate(
+    cfg: Config,
+    workdir: str | os.PathLike[str] | None = None,
+    *,
+    data: Any = None,
+    init_variables: PyTree | None = None,
+    stream: str = "fast",
+    progress: bool = True,
+    quiet: bool = False,
+    return_variables: bool = False,
+    hooks: Hooks | None = None,
+) -> dict[str, Any]:
+    """Train per `cfg`, evaluate every epoch, and return the summary of docs/design.md.
+
+    `setup` -> `train_epoch` per epoch (+ evaluation) -> summary.
+    `data`: a `jaxbench.data.Dataset` (loaded from the config when None; subset
+    prefixes are applied either way). `init_variables`: start from these
+    {'params', 'batch_stats'} instead of the seeded init. `stream`: 'fast'
+    (plan drawn with jax.random on the device) or 'shared' (`stream.epoch_plan`).
+    `workdir` (default `cfg.out`) receives config.json, metrics.jsonl and
+    summary.json. `return_variables` adds the final `variables` and
+    `ema_variables` (numpy pytrees) to the returned dict, not to summary.json.
+    `hooks`: see `Hooks` (parity suite). Raises FloatingPointError, naming the
+    epoch, when the training loss is not finite.
+    """
+    r = setup(cfg, data, init_variables=init_variables, stream=stream)
+    if workdir is None:
+        workdir = cfg.out
+    recorder = RunRecorder(cfg.to_dict(), workdir, quiet)
+    state = r.state
     timed = 0.0
     if cfg.model == "speedrun":  # data-dependent init: on the clock, as airbench times it
         t0 = time.perf_counter()
-        state = _set_whitening(state, train_x, cfg)
+        state = _set_whitening(state, r.train_x, cfg)
         jax.block_until_ready(state)
         timed += time.perf_counter() - t0
     step_losses: list[float] = []
     rows: list[dict[str, Any]] = []
     for epoch in range(cfg.epochs):
         t0 = time.perf_counter()
-        plan = make_plan(epoch)
-        if loop == "scan":
-            state, metrics = run(state, images, labels, plan)
-        else:
-            per_step = []
-            bar = progress_bar(
-                range(steps),
-                desc=f"epoch {epoch + 1}/{cfg.epochs}",
-                leave=False,
-                disable=True if (not progress or quiet) else None,  # None: off unless a terminal
-                file=sys.stderr,
-            )
-            for i in bar:
-                state, m = run(state, images, labels, plan, np.int32(i))
-                per_step.append(m)  # stays on the device until the epoch ends
-            bar.close()
-        if cfg.lookahead and epoch == cfg.epochs - 1:  # airbench ends with net = EMA
-            state = state.replace(params=state.ema["params"], batch_stats=state.ema["batch_stats"])
-        jax.block_until_ready(state)
+        state, host = train_epoch(r, state, epoch, progress=progress and not quiet, hooks=hooks)
         timed += time.perf_counter() - t0
-
-        if loop == "scan":
-            host = jax.device_get(metrics)  # the one fetch of the epoch
-        else:
-            fetched = jax.device_get(per_step)
-            host = {k: np.stack([m[k] for m in fetched]) for k in fetched[0]}
         losses = np.asarray(host["loss"], np.float64)
         step_losses.extend(float(v) for v in losses)
         row: dict[str, Any] = {
             "epoch": epoch + 1,
             "train_loss": float(losses.mean()),
-            "train_acc": float(np.sum(host["correct"])) / (steps * cfg.batch_size),
+            "train_acc": float(np.sum(host["correct"])) / (r.steps * cfg.batch_size),
         }
         if not np.isfinite(row["train_loss"]):
             recorder.epoch(row)  # raises FloatingPointError naming the epoch
         last = epoch == cfg.epochs - 1
         if last or (epoch + 1) % cfg.eval_every == 0:
+            eval_state = state if hooks is None else hooks.before_eval(epoch, state)
             t0 = time.perf_counter()
-            row.update(run_eval(state))  # fetching the sums synchronises
+            row.update(r.evaluate(eval_state))
             if last:  # the final evaluation is part of the timed run; monitoring evals are not
                 timed += time.perf_counter() - t0
         else:
@@ -439,23 +538,23 @@ def train_and_evaluate(
     final = {
         k: rows[-1][k] for k in ("val_acc", "ema_val_acc", "val_loss", "train_loss", "train_acc")
     }
-    train_images_seen = cfg.epochs * steps * cfg.batch_size
+    train_images_seen = cfg.epochs * r.steps * cfg.batch_size
     summary: dict[str, Any] = {
         "final": final,
         "epochs": rows,
         "step_losses": step_losses,
         "total_time_seconds": timed,
-        "compile_seconds": compile_seconds,
+        "compile_seconds": r.compile_seconds,
         "images_per_second": train_images_seen / timed if timed > 0 else None,
         "environment": environment(("jax",)),
         "seed": cfg.seed,
         "config": cfg.to_dict(),
-        "loop": loop,
+        "loop": r.loop,
         "stream": stream,
         "compute_dtype": jnp.dtype(models.compute_dtype(cfg)).name,
-        "n_train": n_train,
-        "n_test": n_test,
-        "steps_per_epoch": steps,
+        "n_train": r.n_train,
+        "n_test": r.n_test,
+        "steps_per_epoch": r.steps,
         "framework": "jax",
     }
     recorder.finish(summary)

@@ -11,7 +11,6 @@ always restores it. Each `Plant` names the check expected to catch it; `python
 from __future__ import annotations
 
 import dataclasses
-import functools
 import types
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -25,7 +24,6 @@ import optax
 
 from jaxbench import models, optim, speedrun_model
 from jaxbench.configs import Config, optimizer_scales
-from parity import convert
 from parity.harness import EmaOps, Harness, setattr_patch
 
 
@@ -56,11 +54,32 @@ def _bn_momentum(h: Harness) -> Harness:
     return dataclasses.replace(h, flax_model=model)
 
 
+def _flax_batch_norm(
+    train: bool, momentum: float, eps: float, dtype: Any, name: str, use_scale: bool = True
+) -> nn.BatchNorm:
+    """Flax's own BatchNorm, otherwise configured like jaxbench's: it stores the running
+    average of the *biased* batch variance, where PyTorch stores the unbiased one."""
+    return nn.BatchNorm(
+        use_running_average=not train,
+        momentum=1.0 - momentum,
+        epsilon=eps,
+        use_scale=use_scale,
+        dtype=dtype,
+        param_dtype=jnp.float32,
+        use_fast_variance=False,
+        force_float32_reductions=True,
+        name=name,
+    )
+
+
 def _bn_unbiased_var(h: Harness) -> Harness:
     return dataclasses.replace(
         h,
-        to_flax=functools.partial(convert.torch_to_flax, raw_var=True),
-        to_torch=functools.partial(convert.flax_to_torch, raw_var=True),
+        patches=(
+            *h.patches,
+            lambda: setattr_patch(models, "torch_batch_norm", _flax_batch_norm),
+            lambda: setattr_patch(speedrun_model, "torch_batch_norm", _flax_batch_norm),
+        ),
     )
 
 
@@ -197,8 +216,8 @@ PLANTS: dict[str, Plant] = {
         Plant(
             "bn_unbiased_var",
             2,
-            "weight conversion copies running_var unchanged in both directions "
-            "(convert.*(raw_var=True)), ignoring unbiased vs biased",
+            "jaxbench's BN layers replaced, for the run, by Flax's nn.BatchNorm, which "
+            "stores the running average of the biased batch variance (PyTorch: unbiased)",
             _bn_unbiased_var,
         ),
         Plant(

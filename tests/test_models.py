@@ -80,7 +80,7 @@ def test_kernel_init_is_overridable() -> None:
     assert float(jnp.abs(v["params"]["layer2"]["conv"]["kernel"]).sum()) == 0.0
 
 
-def test_bn_running_stats_use_pytorch_momentum_and_biased_variance() -> None:
+def test_bn_running_stats_use_pytorch_momentum_and_unbiased_variance() -> None:
     model = ResNet9(widths=(4, 8, 8, 8), bn_momentum=0.1)
     v = init_variables(model, jax.random.PRNGKey(0))
     x = jax.random.normal(jax.random.PRNGKey(2), (8, 32, 32, 3))
@@ -95,7 +95,45 @@ def test_bn_running_stats_use_pytorch_momentum_and_biased_variance() -> None:
     )
     stats = mutated["batch_stats"]["prep"]["bn"]
     np.testing.assert_allclose(stats["mean"], 0.1 * conv.mean((0, 1, 2)), rtol=1e-4, atol=1e-6)
-    np.testing.assert_allclose(stats["var"], 0.9 + 0.1 * conv.var((0, 1, 2)), rtol=1e-4)
+    n = 8 * 32 * 32  # values per channel: PyTorch stores the unbiased variance
+    np.testing.assert_allclose(
+        stats["var"], 0.9 + 0.1 * conv.var((0, 1, 2)) * n / (n - 1), rtol=1e-4
+    )
+
+
+def test_bn_matches_torch_batchnorm2d_in_both_modes() -> None:
+    """Outputs and stored statistics of PyTorch's BatchNorm2d, train and eval, few values."""
+    torch = pytest.importorskip("torch")
+    from jaxbench.models import BatchNorm
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(1.0, 2.0, (4, 3, 3, 5)).astype(np.float32)  # 36 values per channel
+    tbn = torch.nn.BatchNorm2d(5, momentum=0.4, eps=1e-5)
+    with torch.no_grad():
+        tbn.weight.copy_(torch.from_numpy(rng.uniform(0.5, 2, 5).astype(np.float32)))
+        tbn.bias.copy_(torch.from_numpy(rng.normal(0, 1, 5).astype(np.float32)))
+    variables = {
+        "params": {"scale": tbn.weight.detach().numpy(), "bias": tbn.bias.detach().numpy()},
+        "batch_stats": {"mean": np.zeros(5, np.float32), "var": np.ones(5, np.float32)},
+    }
+    xt = torch.from_numpy(x).permute(0, 3, 1, 2)
+    for _ in range(2):
+        tbn.train()
+        with torch.no_grad():
+            want = tbn(xt).permute(0, 2, 3, 1).numpy()
+        got, mutated = BatchNorm(train=True, momentum=0.4).apply(
+            variables, x, mutable=["batch_stats"]
+        )
+        variables = {**variables, "batch_stats": mutated["batch_stats"]}
+        np.testing.assert_allclose(np.asarray(got), want, atol=2e-6)
+        stats = variables["batch_stats"]
+        np.testing.assert_allclose(stats["mean"], tbn.running_mean.numpy(), rtol=2e-6)
+        np.testing.assert_allclose(stats["var"], tbn.running_var.numpy(), rtol=2e-6)
+    tbn.eval()
+    with torch.no_grad():
+        want = tbn(xt).permute(0, 2, 3, 1).numpy()
+    got = BatchNorm(train=False).apply(variables, x)
+    np.testing.assert_allclose(np.asarray(got), want, atol=2e-6)
 
 
 def test_bfloat16_compute_keeps_float32_params_and_stats() -> None:

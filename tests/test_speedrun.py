@@ -12,18 +12,18 @@ import optax
 import pytest
 import torch
 
-from jaxbench import optim, schedule, whitening
+from jaxbench import augment, optim, schedule, whitening
 from jaxbench.configs import get_config, optimizer_scales
 from jaxbench.schedule import lr_knots
 from jaxbench.speedrun_model import (
     SpeedrunNet,
     gelu,
     speedrun_from_config,
-    tta_logits,
     with_whitening,
 )
 from jaxbench.stream import MEAN_STD
 from parity.convert import flax_to_torch, torch_to_flax
+from torch_ref import augment as taugment
 from torch_ref import speedrun_model as tsm
 
 WIDTHS = (64, 256, 256)
@@ -147,11 +147,6 @@ def test_param_counts_and_names_match() -> None:
     assert not torch_net.whiten.weight.requires_grad
 
 
-def bn_counts(batch: int) -> dict[str, int]:
-    """Values per channel each BN sees per batch (spatial 15, 7, 3 after each group's pool)."""
-    return {f"block{i + 1}.bn{k}": batch * s * s for i, s in enumerate((15, 7, 3)) for k in (1, 2)}
-
-
 @pytest.mark.parametrize("widths", [(16, 32, 32), WIDTHS])
 def test_forward_parity_train_and_eval(widths: tuple[int, ...]) -> None:
     """Same weights -> same logits (train and eval mode) and same updated BN statistics."""
@@ -184,7 +179,7 @@ def test_forward_parity_train_and_eval(widths: tuple[int, ...]) -> None:
         logits_t = torch_net(torch.from_numpy(x).permute(0, 3, 1, 2))
         np.testing.assert_allclose(np.asarray(logits_j), logits_t.detach().numpy(), atol=1e-5)
 
-        stats_t = torch_to_flax(torch_net.state_dict(), bn_counts=bn_counts(batch), momentum=0.4)
+        stats_t = torch_to_flax(torch_net.state_dict())  # both store PyTorch's unbiased var
         for path, value in jax.tree_util.tree_leaves_with_path(updates["batch_stats"]):
             keys = [p.key for p in path]
             ref = stats_t["batch_stats"]
@@ -192,10 +187,8 @@ def test_forward_parity_train_and_eval(widths: tuple[int, ...]) -> None:
                 ref = ref[k]
             np.testing.assert_allclose(np.asarray(value), ref, atol=1e-5, rtol=1e-5)
 
-        # Eval normalises by the *stored* variance, which is unbiased in torch and biased in
-        # Flax, so the same eval function needs torch's numbers copied unchanged.
-        raw = torch_to_flax(torch_net.state_dict(), raw_var=True)["batch_stats"]
-        evaluated = {**variables, "batch_stats": raw}
+        # Eval normalises by the stored (unbiased) variance, the same numbers in both.
+        evaluated = {**variables, "batch_stats": stats_t["batch_stats"]}
         eval_j = net.apply(evaluated, jnp.asarray(x), train=False)
         torch_net.eval()
         with torch.no_grad():
@@ -289,14 +282,29 @@ def test_tta_views_and_weights() -> None:
 
     p = np.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)), mode="reflect")
     want = 0.5 * mirror(x) + 0.25 * mirror(p[:, :6, :5]) + 0.25 * mirror(p[:, 2:8, 2:7])
-    got = tta_logits(lambda v: v.reshape(v.shape[0], -1) @ jnp.asarray(m), jnp.asarray(x))
+    cfg = get_config("speedrun")
+    views, got = augment.tta_logits(
+        lambda v: v.reshape(v.shape[0], -1) @ jnp.asarray(m), jnp.asarray(x), cfg
+    )
     np.testing.assert_allclose(np.asarray(got), want, atol=1e-4)
-    flip_only = tta_logits(lambda v: v.reshape(v.shape[0], -1) @ jnp.asarray(m), x, shift=False)
+    assert views.shape == (6, 3, 4)
+    np.testing.assert_allclose(np.asarray(views[1]), lin(x[:, :, ::-1]), atol=1e-4)
+    flip_cfg = cfg.replace(tta_shift=False)
+    _, flip_only = augment.tta_logits(
+        lambda v: v.reshape(v.shape[0], -1) @ jnp.asarray(m), x, flip_cfg
+    )
     np.testing.assert_allclose(np.asarray(flip_only), mirror(x), atol=1e-4)
+    _, plain = augment.tta_logits(
+        lambda v: v.reshape(v.shape[0], -1) @ jnp.asarray(m), x, cfg.replace(tta=False)
+    )
+    np.testing.assert_allclose(np.asarray(plain), lin(x), atol=1e-4)
     x_t = torch.from_numpy(x).permute(0, 3, 1, 2)
     m_t = torch.from_numpy(m)
-    got_t = tsm.tta_logits(lambda v: v.permute(0, 2, 3, 1).reshape(v.shape[0], -1) @ m_t, x_t)
+    views_t, got_t = taugment.tta_logits(
+        lambda v: v.permute(0, 2, 3, 1).reshape(v.shape[0], -1) @ m_t, x_t, cfg
+    )
     np.testing.assert_allclose(got_t.numpy(), want, atol=1e-4)
+    np.testing.assert_allclose(views_t.numpy(), np.asarray(views), atol=1e-4)
 
 
 def test_tta_parity_on_the_net() -> None:
@@ -306,10 +314,14 @@ def test_tta_parity_on_the_net() -> None:
     x = np.random.default_rng(6).normal(size=(4, 32, 32, 3)).astype(np.float32)
     net = SpeedrunNet(widths=(16, 32, 32))
     with jax.default_matmul_precision("highest"):
-        got = tta_logits(lambda v: net.apply(variables, v, train=False), jnp.asarray(x))
+        cfg = get_config("speedrun")
+        views, got = augment.tta_logits(
+            lambda v: net.apply(variables, v, train=False), jnp.asarray(x), cfg
+        )
     with torch.no_grad():
-        want = tsm.tta_logits(torch_net, torch.from_numpy(x).permute(0, 3, 1, 2))
+        views_t, want = taugment.tta_logits(torch_net, torch.from_numpy(x).permute(0, 3, 1, 2), cfg)
     np.testing.assert_allclose(np.asarray(got), want.numpy(), atol=1e-5)
+    np.testing.assert_allclose(np.asarray(views), views_t.numpy(), atol=1e-5)
 
 
 # --- the preset ---------------------------------------------------------------------------

@@ -13,13 +13,13 @@ round trip).
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import numpy as np
 import torch
 
 from jaxbench.configs import Config
-from jaxbench.stream import FILL_RGB, IMAGE_SIZE, steps_per_epoch
+from jaxbench.stream import FILL_RGB, IMAGE_SIZE, steps_per_epoch, tta_weights
 
 PLAN_FIELDS: tuple[str, ...] = ("indices", "crop_y", "crop_x", "flip", "cutout_y", "cutout_x")
 _FLIP_SEED_TAG = 0xF11B  # base flips get their own generator, so they are drawn "once"
@@ -126,3 +126,29 @@ def draw_plan(
         "cutout_y": cutout_y,
         "cutout_x": cutout_x,
     }
+
+
+def tta_logits(
+    logits_fn: Callable[[torch.Tensor], torch.Tensor], x_NCHW: torch.Tensor, cfg: Config
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(logits of every test-time view `[V, N, C]`, their weighted sum `[N, C]`), float32.
+
+    The views and weights of `stream.tta_weights`, as `jaxbench.augment.tta_logits`;
+    each view goes through `logits_fn` together with its mirror image.
+    """
+    views = [x_NCHW]
+    if cfg.tta and cfg.tta_shift:
+        padded = torch.nn.functional.pad(x_NCHW, (1, 1, 1, 1), mode="reflect")
+        h, w = x_NCHW.shape[2], x_NCHW.shape[3]
+        views += [padded[:, :, :h, :w], padded[:, :, 2 : 2 + h, 2 : 2 + w]]
+    n = x_NCHW.shape[0]
+    out: list[torch.Tensor] = []
+    for view in views:
+        if cfg.tta:
+            pair = logits_fn(torch.cat([view, view.flip(3)])).float()
+            out += [pair[:n], pair[n:]]
+        else:
+            out.append(logits_fn(view).float())
+    combined = sum(w * v for w, v in zip(tta_weights(cfg), out, strict=True))
+    assert isinstance(combined, torch.Tensor)
+    return torch.stack(out), combined

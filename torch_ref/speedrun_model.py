@@ -13,11 +13,10 @@ BN multiplies by an implicit 1 and the state dict maps one to one onto Flax's
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from jaxbench.configs import Config
@@ -126,32 +125,6 @@ class SpeedrunNet(nn.Module):
             x = getattr(self, f"block{i + 1}")(x)
         x = torch.flatten(self.pool(x), 1)
         return self.head(x).float() * self.output_scale  # float32 logits, also under autocast
-
-
-def tta_logits(
-    logits_fn: Callable[[torch.Tensor], torch.Tensor], x_NCHW: torch.Tensor, shift: bool = True
-) -> torch.Tensor:
-    """airbench's test-time augmentation (mirror of `jaxbench.speedrun_model.tta_logits`).
-
-    m(v) = mean of the logits of v and v mirrored; with `shift`, 0.5 * m(x) +
-    0.25 * m(up-left) + 0.25 * m(down-right), 1-px translates of a reflect-padded
-    copy. Each view goes through `logits_fn` together with its mirror image.
-    """
-    views = [x_NCHW]
-    weights = [0.5]
-    if shift:
-        padded = F.pad(x_NCHW, (1, 1, 1, 1), mode="reflect")
-        h, w = x_NCHW.shape[2], x_NCHW.shape[3]
-        views += [padded[:, :, :h, :w], padded[:, :, 2 : 2 + h, 2 : 2 + w]]
-        weights = [0.25, 0.125, 0.125]
-    n = x_NCHW.shape[0]
-    out = None
-    for view, coef in zip(views, weights, strict=True):
-        pair = logits_fn(torch.cat([view, view.flip(3)])).float()
-        term = coef * (pair[:n] + pair[n:])
-        out = term if out is None else out + term
-    assert out is not None
-    return out
 
 
 def speedrun_from_config(cfg: Config, seed: int | None = None) -> SpeedrunNet:

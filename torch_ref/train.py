@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import functools
 import os
 import sys
@@ -30,9 +31,15 @@ from jaxbench.configs import Config, optimizer_scales
 from jaxbench.progress import progress_bar
 from jaxbench.stream import MEAN_STD, epoch_plan, steps_per_epoch
 from jaxbench.whitening import whitening_kernel_OIHW
-from torch_ref.augment import apply_plan, draw_base_flips, draw_plan, plan_to_device, slice_plan
+from torch_ref.augment import (
+    apply_plan,
+    draw_base_flips,
+    draw_plan,
+    plan_to_device,
+    slice_plan,
+    tta_logits,
+)
 from torch_ref.model import model_from_config
-from torch_ref.speedrun_model import tta_logits
 
 STREAMS: tuple[str, ...] = ("fast", "shared")
 FINAL_KEYS: tuple[str, ...] = ("val_acc", "ema_val_acc", "val_loss", "train_loss", "train_acc")
@@ -160,27 +167,36 @@ def train_forward(
     return loss, per_example, correct
 
 
+def eval_logits(
+    net: nn.Module,
+    x_u8: torch.Tensor,
+    mean: torch.Tensor,
+    std: torch.Tensor,
+    cfg: Config,
+    *,
+    bf16: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(per-view logits [V, N, C], TTA logits [N, C]) of a uint8 NHWC batch, BN as `net` is.
+
+    What evaluation scores: normalisation, the forward, and `augment.tta_logits`'s
+    views of `cfg`. The parity suite calls it.
+    """
+    with torch.autocast(x_u8.device.type, dtype=torch.bfloat16, enabled=bf16):
+        return tta_logits(net, normalize(x_u8, mean, std), cfg)
+
+
 def eval_forward(
     net: nn.Module,
     x_u8: torch.Tensor,
     y: torch.Tensor,
     mean: torch.Tensor,
     std: torch.Tensor,
+    cfg: Config,
     *,
     bf16: bool,
-    tta: bool,
-    tta_shift: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(summed cross-entropy without smoothing, correct count); flip TTA averages logits,
-    `tta_shift` adds airbench's two 1-px shifted views (`speedrun_model.tta_logits`)."""
-    with torch.autocast(x_u8.device.type, dtype=torch.bfloat16, enabled=bf16):
-        x = normalize(x_u8, mean, std)
-        if tta and tta_shift:
-            logits = tta_logits(net, x)
-        else:
-            logits = net(x).float()
-            if tta:
-                logits = 0.5 * (logits + net(x.flip(3)).float())
+    """(summed cross-entropy without smoothing, correct count) of the TTA logits."""
+    _, logits = eval_logits(net, x_u8, mean, std, cfg, bf16=bf16)
     loss = F.cross_entropy(logits, y, reduction="sum")
     return loss, (logits.argmax(1) == y).sum()
 
@@ -213,9 +229,7 @@ def evaluate(
     correct = torch.zeros((), dtype=torch.int64, device=images.device)
     for i in range(0, len(images), cfg.eval_batch_size):
         sl = slice(i, i + cfg.eval_batch_size)
-        loss, c = fwd(
-            net, images[sl], labels[sl], mean, std, bf16=bf16, tta=cfg.tta, tta_shift=cfg.tta_shift
-        )
+        loss, c = fwd(net, images[sl], labels[sl], mean, std, cfg, bf16=bf16)
         loss_sum += loss
         correct += c
     net.train(was_training)
@@ -238,36 +252,76 @@ def check_supported(cfg: Config) -> None:
 # --- the trainer ------------------------------------------------------------------------------
 
 
-def train_and_evaluate(
+@dataclasses.dataclass
+class Run:
+    """What `setup` builds for one run: data on the device, the nets, the optimizer, the clock.
+
+    `t` counts optimizer updates done so far; `train_step` advances it.
+    """
+
+    cfg: Config
+    device: torch.device
+    stream: str
+    compile: bool
+    bf16: bool
+    steps: int  # optimizer steps per epoch
+    n_train: int
+    n_test: int
+    host_x: np.ndarray  # the training images on the host (whitening moments)
+    train_x: torch.Tensor  # uint8 NHWC on the device
+    train_y: torch.Tensor
+    test_x: torch.Tensor
+    test_y: torch.Tensor
+    mean: torch.Tensor
+    std: torch.Tensor
+    model: nn.Module
+    ema_model: nn.Module | None
+    optimizer: torch.optim.SGD
+    lrs: list[float]  # LR of update t, before group multipliers
+    decays: np.ndarray  # EMA decay after update t (float32, shared with JAX)
+    fwd: Callable[..., tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+    loss_kw: dict[str, Any]
+    generator: torch.Generator
+    base_flips: torch.Tensor | None
+    compile_seconds: float
+    t: int = 0
+
+    @property
+    def ema_live(self) -> list[torch.Tensor]:
+        return ema_tensors(self.model)
+
+    @property
+    def ema_copy(self) -> list[torch.Tensor]:
+        return ema_tensors(self.ema_model) if self.ema_model is not None else []
+
+
+class Hooks:
+    """Observation points in the training loop, for the parity suite (no-ops by default).
+
+    `after_step` sees the run after update `t` (model, optimizer, EMA) and the
+    step's mean loss (a device tensor); `before_eval` sees it before each evaluation.
+    """
+
+    def after_step(self, t: int, run: Run, loss: torch.Tensor) -> None:
+        pass
+
+    def before_eval(self, epoch: int, run: Run) -> None:
+        pass
+
+
+def setup(
     cfg: Config,
-    workdir: str | os.PathLike[str] | None = None,
-    *,
     data: Any = None,
+    *,
     init_state_dict: Mapping[str, Any] | None = None,
     stream: str = "fast",
-    progress: bool = True,
-    quiet: bool = False,
     compile: bool | None = None,
     device: torch.device | str | None = None,
-    return_variables: bool = False,
-) -> dict[str, Any]:
-    """Train `cfg`, evaluate every epoch, return the summary (docs/design.md, "Trainer API").
-
-    `workdir` (default `cfg.out`) receives config.json, metrics.jsonl, summary.json.
-    `data`: a `jaxbench.data.Dataset` (else `load_dataset(cfg)`; subset prefixes are
-    applied either way). `init_state_dict`: start from these weights (a `ResNet9`
-    state dict of tensors or arrays) instead of the seed's. `stream`: "fast" (plan
-    drawn on the device) or "shared" (`stream.epoch_plan`: the JAX trainer's very
-    batches). `compile`: `torch.compile` the train/eval forward passes (None: on for
-    CUDA, off on the CPU). `return_variables` adds the final `variables` and
-    `ema_variables` (CPU state dicts) to the returned dict, not to summary.json.
-    Raises FloatingPointError, naming the epoch, when the training loss is not finite.
-    """
+) -> Run:
+    """Data on the device, model, EMA copy and optimizer; warm-up off the clock."""
     if stream not in STREAMS:
         raise ValueError(f"stream must be one of {', '.join(STREAMS)}, got {stream!r}")
     check_supported(cfg)
-    if workdir is None:
-        workdir = cfg.out
     dev = resolve_device(device)
     if compile is None:
         compile = dev.type == "cuda"
@@ -283,7 +337,8 @@ def train_and_evaluate(
     def put(a: Any, dtype: torch.dtype) -> torch.Tensor:
         return torch.from_numpy(np.ascontiguousarray(a)).to(dev, dtype)
 
-    train_x = put(data.train_images[: cfg.subset], torch.uint8)
+    host_x = np.asarray(data.train_images[: cfg.subset], np.uint8)
+    train_x = put(host_x, torch.uint8)
     train_y = put(data.train_labels[: cfg.subset], torch.int64)
     test_x = put(data.test_images[: cfg.test_subset], torch.uint8)
     test_y = put(data.test_labels[: cfg.test_subset], torch.int64)
@@ -309,16 +364,8 @@ def train_and_evaluate(
     model = model.to(dev, memory_format=torch.channels_last)
     ema_model = copy.deepcopy(model) if cfg.ema_every else None
     optimizer = make_optimizer(model, cfg)
-    lrs = [float(v) for v in schedule.lr_at(np.arange(cfg.epochs * spe), cfg, spe)]
     fwd = _compiled(train_forward) if compile else train_forward
-    loss_kw = {
-        "bf16": bf16,
-        "label_smoothing": cfg.label_smoothing,
-        "reduction": cfg.loss_reduction,
-    }
-
-    def run_eval(net: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
-        return evaluate(net, test_x, test_y, cfg, bf16=bf16, compile=compile)
+    loss_kw = loss_options(cfg, bf16)
 
     # Warm-up (compilation, cuDNN autotuning, first-call allocations) off the clock, on
     # every shape and op the run uses; then weights and BN statistics are put back.
@@ -347,90 +394,188 @@ def train_and_evaluate(
     set_whiten_bias_trainable(model, True)
     for net in (model, ema_model):
         if net is not None:
-            run_eval(net)
+            evaluate(net, test_x, test_y, cfg, bf16=bf16, compile=compile)
     model.load_state_dict(saved)
     del scratch, saved, warm_plan
     _sync(dev)
     compile_seconds = time.perf_counter() - t_warm
 
-    generator = torch.Generator(device=dev).manual_seed(cfg.seed * 65_537 + _STREAM_SEED_TAG)
+    return Run(
+        cfg=cfg,
+        device=dev,
+        stream=stream,
+        compile=compile,
+        bf16=bf16,
+        steps=spe,
+        n_train=n_train,
+        n_test=n_test,
+        host_x=host_x,
+        train_x=train_x,
+        train_y=train_y,
+        test_x=test_x,
+        test_y=test_y,
+        mean=mean,
+        std=std,
+        model=model,
+        ema_model=ema_model,
+        optimizer=optimizer,
+        lrs=[float(v) for v in schedule.lr_at(np.arange(cfg.epochs * spe), cfg, spe)],
+        decays=schedule.ema_decays(cfg, cfg.epochs * spe),  # float32, the same table as JAX's
+        fwd=fwd,
+        loss_kw=loss_kw,
+        generator=torch.Generator(device=dev).manual_seed(cfg.seed * 65_537 + _STREAM_SEED_TAG),
+        base_flips=base_flips,
+        compile_seconds=compile_seconds,
+    )
+
+
+def loss_options(cfg: Config, bf16: bool) -> dict[str, Any]:
+    """The keyword arguments of `train_forward` for `cfg`: the trainer's loss call."""
+    return {"bf16": bf16, "label_smoothing": cfg.label_smoothing, "reduction": cfg.loss_reduction}
+
+
+def set_whitening(r: Run) -> None:
+    """The speedrun net's whitening filters from the training images, in the net and its EMA."""
+    kernel = torch.from_numpy(whitening_kernel_OIHW(r.host_x, dataset=r.cfg.dataset))
+    for net in (r.model, r.ema_model):
+        if net is not None:
+            net.set_whitening(kernel.to(r.device))
+
+
+def train_step(r: Run, bp: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Update `r.t` on batch plan `bp`: LR, forward, backward, SGD, EMA (and lookahead).
+
+    Returns (mean per-example loss, correct count) as device tensors: no sync.
+    """
+    cfg = r.cfg
+    x = apply_plan(r.train_x, bp, cfg)
+    y = r.train_y[bp["indices"]]
+    set_lr(r.optimizer, r.lrs[r.t])
+    loss, per_example, correct = r.fwd(r.model, x, y, r.mean, r.std, **r.loss_kw)
+    loss.backward()
+    r.optimizer.step()
+    r.optimizer.zero_grad(set_to_none=True)
+    r.t += 1
+    if r.ema_model is not None and r.t % cfg.ema_every == 0:
+        ema_update(r.ema_copy, r.ema_live, float(r.decays[r.t]))
+        if cfg.lookahead:
+            lookahead_reset(r.ema_live, r.ema_copy)
+    return per_example, correct
+
+
+def train_epoch(
+    r: Run, epoch: int, *, progress: bool = False, hooks: Hooks | None = None
+) -> tuple[list[float], int]:
+    """One epoch; returns (per-step mean losses, correct count), fetched once at the end."""
+    cfg = r.cfg
+    if cfg.model == "speedrun" and epoch == cfg.whiten_bias_epochs:
+        set_whiten_bias_trainable(r.model, False)
+    if r.stream == "shared":
+        plan = plan_to_device(epoch_plan(cfg, epoch, r.n_train).as_dict(), r.device)
+    else:
+        plan = draw_plan(r.generator, epoch, r.n_train, cfg, r.device, base_flips=r.base_flips)
+    losses = torch.empty(r.steps, device=r.device)
+    correct = torch.zeros((), dtype=torch.int64, device=r.device)
+    bar = progress_bar(
+        range(r.steps),
+        desc=f"epoch {epoch + 1}/{cfg.epochs}",
+        leave=False,
+        disable=None if progress else True,  # None: off unless a terminal
+        file=sys.stderr,
+    )
+    for step in bar:
+        t = r.t
+        per_example, c = train_step(r, slice_plan(plan, step, cfg.batch_size))
+        losses[step] = per_example
+        correct += c
+        if hooks is not None:
+            hooks.after_step(t, r, per_example)
+    bar.close()
+    if cfg.lookahead and r.ema_model is not None and epoch == cfg.epochs - 1:
+        lookahead_reset(r.ema_live, r.ema_copy)  # airbench ends with net = EMA
+    _sync(r.device)
+    return losses.tolist(), int(correct.item())  # the one fetch of the epoch
+
+
+def evaluate_run(r: Run) -> dict[str, float | None]:
+    """val_loss, val_acc and ema_val_acc of the run's nets on its test set (synchronises)."""
+    kw = {"bf16": r.bf16, "compile": r.compile}
+    val_loss, val_correct = evaluate(r.model, r.test_x, r.test_y, r.cfg, **kw)
+    ema_correct = (
+        evaluate(r.ema_model, r.test_x, r.test_y, r.cfg, **kw)[1].item()
+        if r.ema_model is not None
+        else None
+    )
+    return {
+        "val_loss": val_loss.item(),
+        "val_acc": val_correct.item() / r.n_test,
+        "ema_val_acc": None if ema_correct is None else ema_correct / r.n_test,
+    }
+
+
+def train_and_evaluate(
+    cfg: Config,
+    workdir: str | os.PathLike[str] | None = None,
+    *,
+    data: Any = None,
+    init_state_dict: Mapping[str, Any] | None = None,
+    stream: str = "fast",
+    progress: bool = True,
+    quiet: bool = False,
+    compile: bool | None = None,
+    device: torch.device | str | None = None,
+    return_variables: bool = False,
+    hooks: Hooks | None = None,
+) -> dict[str, Any]:
+    """Train `cfg`, evaluate every epoch, return the summary (docs/design.md, "Trainer API").
+
+    `setup` -> `train_epoch` per epoch (+ `evaluate_run`) -> summary.
+    `workdir` (default `cfg.out`) receives config.json, metrics.jsonl, summary.json.
+    `data`: a `jaxbench.data.Dataset` (else `load_dataset(cfg)`; subset prefixes are
+    applied either way). `init_state_dict`: start from these weights (a `ResNet9`
+    state dict of tensors or arrays) instead of the seed's. `stream`: "fast" (plan
+    drawn on the device) or "shared" (`stream.epoch_plan`: the JAX trainer's very
+    batches). `compile`: `torch.compile` the train/eval forward passes (None: on for
+    CUDA, off on the CPU). `return_variables` adds the final `variables` and
+    `ema_variables` (CPU state dicts) to the returned dict, not to summary.json.
+    `hooks`: see `Hooks` (parity suite). Raises FloatingPointError, naming the
+    epoch, when the training loss is not finite.
+    """
+    r = setup(
+        cfg, data, init_state_dict=init_state_dict, stream=stream, compile=compile, device=device
+    )
+    if workdir is None:
+        workdir = cfg.out
     recorder = report.RunRecorder(cfg.to_dict(), workdir, quiet)
     step_losses: list[float] = []
     timed = 0.0  # training steps + final evaluation
-    t = 0
-    decays = schedule.ema_decays(cfg, cfg.epochs * spe)  # float32, the same table as JAX's
     if cfg.model == "speedrun":  # data-dependent init: on the clock, as airbench times it
-        _sync(dev)
+        _sync(r.device)
         t0 = time.perf_counter()
-        kernel = torch.from_numpy(
-            whitening_kernel_OIHW(data.train_images[: cfg.subset], dataset=cfg.dataset)
-        ).to(dev)
-        for net in (model, ema_model):
-            if net is not None:
-                net.set_whitening(kernel)
-        _sync(dev)
+        set_whitening(r)
+        _sync(r.device)
         timed += time.perf_counter() - t0
-    model.train()
+    r.model.train()
     for epoch in range(cfg.epochs):
-        _sync(dev)
+        _sync(r.device)
         t0 = time.perf_counter()
-        if cfg.model == "speedrun" and epoch == cfg.whiten_bias_epochs:
-            set_whiten_bias_trainable(model, False)
-        if stream == "shared":
-            plan = plan_to_device(epoch_plan(cfg, epoch, n_train).as_dict(), dev)
-        else:
-            plan = draw_plan(generator, epoch, n_train, cfg, dev, base_flips=base_flips)
-        losses = torch.empty(spe, device=dev)
-        correct = torch.zeros((), dtype=torch.int64, device=dev)
-        bar = progress_bar(
-            range(spe),
-            desc=f"epoch {epoch + 1}/{cfg.epochs}",
-            leave=False,
-            disable=True if (not progress or quiet) else None,  # None: off unless a terminal
-            file=sys.stderr,
-        )
-        for step in bar:
-            bp = slice_plan(plan, step, batch)
-            x = apply_plan(train_x, bp, cfg)
-            y = train_y[bp["indices"]]
-            set_lr(optimizer, lrs[t])
-            loss, per_example, c = fwd(model, x, y, mean, std, **loss_kw)
-            loss.backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            t += 1
-            if ema_model is not None and t % cfg.ema_every == 0:
-                ema_update(ema_copy, ema_live, float(decays[t]))
-                if cfg.lookahead:
-                    lookahead_reset(ema_live, ema_copy)
-            losses[step] = per_example
-            correct += c
-        bar.close()
-        if cfg.lookahead and ema_model is not None and epoch == cfg.epochs - 1:
-            lookahead_reset(ema_live, ema_copy)  # airbench ends with net = EMA
-        _sync(dev)
+        epoch_losses, correct = train_epoch(r, epoch, progress=progress and not quiet, hooks=hooks)
         timed += time.perf_counter() - t0
-
-        epoch_losses = losses.tolist()  # the one fetch of the epoch's training metrics
         step_losses.extend(epoch_losses)
         row: dict[str, Any] = {
             "epoch": epoch + 1,
             "train_loss": float(np.mean(epoch_losses)),
-            "train_acc": correct.item() / (spe * batch),
+            "train_acc": correct / (r.steps * cfg.batch_size),
         }
         if not np.isfinite(row["train_loss"]):
             recorder.epoch(row)  # raises FloatingPointError naming the epoch
         # Monitoring evaluation is off the clock, except the final one.
         last = epoch == cfg.epochs - 1
         if last or (epoch + 1) % cfg.eval_every == 0:
+            if hooks is not None:
+                hooks.before_eval(epoch, r)
             t1 = time.perf_counter()
-            val_loss, val_correct = run_eval(model)
-            ema_correct = run_eval(ema_model)[1].item() if ema_model is not None else None
-            row.update(
-                val_loss=val_loss.item(),
-                val_acc=val_correct.item() / n_test,
-                ema_val_acc=None if ema_correct is None else ema_correct / n_test,
-            )
+            row.update(evaluate_run(r))
             if last:
                 timed += time.perf_counter() - t1
         else:
@@ -438,33 +583,34 @@ def train_and_evaluate(
         row["total_time_seconds"] = timed
         recorder.epoch(row)
 
+    spe = r.steps
     final = {k: recorder.rows[-1][k] for k in FINAL_KEYS}
     summary: dict[str, Any] = {
         "final": final,
         "epochs": recorder.rows,
         "step_losses": step_losses,
         "total_time_seconds": timed,
-        "compile_seconds": compile_seconds,
-        "images_per_second": cfg.epochs * spe * batch / timed if timed > 0 else None,
+        "compile_seconds": r.compile_seconds,
+        "images_per_second": cfg.epochs * spe * cfg.batch_size / timed if timed > 0 else None,
         "environment": report.environment(["torch"]),
         "seed": cfg.seed,
         "config": cfg.to_dict(),
         "stream": stream,
-        "compile": compile,
-        "compute_dtype": "bfloat16" if bf16 else "float32",
-        "device": str(dev),
-        "n_train": n_train,
-        "n_test": n_test,
+        "compile": r.compile,
+        "compute_dtype": "bfloat16" if r.bf16 else "float32",
+        "device": str(r.device),
+        "n_train": r.n_train,
+        "n_test": r.n_test,
         "steps_per_epoch": spe,
         "framework": "torch",
     }
     recorder.finish(summary)
     if return_variables:
         summary = dict(summary)
-        summary["variables"] = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-        if ema_model is not None:
+        summary["variables"] = {k: v.detach().cpu() for k, v in r.model.state_dict().items()}
+        if r.ema_model is not None:
             summary["ema_variables"] = {
-                k: v.detach().cpu() for k, v in ema_model.state_dict().items()
+                k: v.detach().cpu() for k, v in r.ema_model.state_dict().items()
             }
     return summary
 

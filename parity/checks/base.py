@@ -179,30 +179,6 @@ def sample_batch(ctx: Context, n: int, offset: int = 0) -> tuple[np.ndarray, np.
     return normalize_numpy(x, ctx.cfg.dataset), np.asarray(ctx.labels[offset : offset + n])
 
 
-def bn_counts(model: torch.nn.Module, x: torch.Tensor) -> dict[str, int]:
-    """Values per channel each BatchNorm2d sees for input `x` (batch x height x width)."""
-    counts: dict[str, int] = {}
-    hooks = []
-    for name, m in model.named_modules():
-        if isinstance(m, torch.nn.BatchNorm2d):
-
-            def hook(_m: Any, inp: Any, _out: Any, name: str = name) -> None:
-                s = inp[0].shape
-                counts[name] = int(s[0] * s[2] * s[3])
-
-            hooks.append(m.register_forward_hook(hook))
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            model(x)
-    finally:
-        model.train(was_training)
-        for h in hooks:
-            h.remove()
-    return counts
-
-
 def subset_data(ds: Any, n_train: int, n_test: int) -> Any:
     """The first n images of each split, as the trainers' `data=` argument."""
     return dataclasses.replace(

@@ -37,7 +37,7 @@ def check_gradients(ctx: Context) -> CheckResult:
         x = np.random.default_rng(3).standard_normal(x.shape).astype(np.float32)
     tmodel = h.torch_model(cfg, 1)
     sd = {k: v.clone() for k, v in tmodel.state_dict().items()}
-    variables = h.to_flax(sd, momentum=cfg.bn_momentum)
+    variables = h.to_flax(sd)
     fmodel = h.flax_model(cfg)
 
     def loss_fn(params: PyTree) -> jax.Array:

@@ -114,7 +114,7 @@ def check_init(ctx: Context) -> CheckResult:
         Figure("layers present in only one framework", len(missing), 0, headline=False)
     )
     # Conversion: names and shapes line up with Flax's own init, and both round trips are exact.
-    conv = h.to_flax(first["torch"], momentum=cfg.bn_momentum)
+    conv = h.to_flax(first["torch"])
     shapes_f = {k: v.shape for k, v in leaves(first["jax"]).items()}
     shapes_c = {k: v.shape for k, v in leaves(conv).items()}
     res.figures.append(
@@ -125,7 +125,7 @@ def check_init(ctx: Context) -> CheckResult:
             headline=False,
         )
     )
-    back = h.to_torch(conv, momentum=cfg.bn_momentum)
+    back = h.to_torch(conv)
     res.figures.append(
         Figure(
             "torch->flax->torch elements not bit-identical",
@@ -134,7 +134,7 @@ def check_init(ctx: Context) -> CheckResult:
             headline=False,
         )
     )
-    again = h.to_flax(h.to_torch(first["jax"], momentum=cfg.bn_momentum), momentum=cfg.bn_momentum)
+    again = h.to_flax(h.to_torch(first["jax"]))
     res.figures.append(
         Figure(
             "flax->torch->flax elements not bit-identical",

@@ -62,7 +62,7 @@ def _optimizer_run(h: Harness, cfg: Config, spe: int, steps: int, seed: int) -> 
 
     tmodel = h.torch_model(cfg, seed)
     sd = {k: v.clone() for k, v in tmodel.state_dict().items()}
-    variables = convert.torch_to_flax(sd, momentum=cfg.bn_momentum)
+    variables = convert.torch_to_flax(sd)
     params, bstats = variables["params"], variables["batch_stats"]
     tx = h.jax_optimizer(cfg, spe)
     opt_state = tx.init(params)
@@ -108,7 +108,7 @@ def _optimizer_run(h: Harness, cfg: Config, spe: int, steps: int, seed: int) -> 
             lambda s: rng.uniform(0.5, 2.0, np.shape(s)).astype(np.float32), bstats
         )
         bstats = new_stats
-        for key, val in convert.flax_to_torch({"batch_stats": new_stats}, raw_var=True).items():
+        for key, val in convert.flax_to_torch({"batch_stats": new_stats}).items():
             if key in buffers and buffers[key].is_floating_point():
                 with torch.no_grad():
                     buffers[key].copy_(val)
@@ -131,7 +131,7 @@ def _optimizer_run(h: Harness, cfg: Config, spe: int, steps: int, seed: int) -> 
     p_diff = {n: max_abs(p_back[n].numpy(), p.detach().numpy()) for n, p in named.items()}
     # The live BN statistics: rewritten every step, so they differ only if a lookahead
     # reset (or its absence) touched them.
-    s_back = convert.flax_to_torch({"batch_stats": jax.device_get(bstats)}, raw_var=True)
+    s_back = convert.flax_to_torch({"batch_stats": jax.device_get(bstats)})
     for key, b in buffers.items():
         if b.is_floating_point():
             p_diff[key] = max_abs(s_back[key].numpy(), b.numpy()) if key in s_back else math.inf
@@ -139,7 +139,7 @@ def _optimizer_run(h: Harness, cfg: Config, spe: int, steps: int, seed: int) -> 
         ema = jax.device_get(lookahead_ema)
     else:
         ema = jax.device_get(h.jax_ema.read(ema_state))
-    e_back = convert.flax_to_torch(ema, raw_var=True)
+    e_back = convert.flax_to_torch(ema)
     tsd = t_ema.state_dict()
     e_diff = {
         k: max_abs(e_back[k].numpy(), v.numpy()) if k in e_back else math.inf
