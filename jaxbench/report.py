@@ -7,11 +7,13 @@ Every file is written atomically (temp file in the same folder, then
 from __future__ import annotations
 
 import datetime as _dt
+import functools
 import json
 import os
 import platform
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -20,6 +22,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from jaxbench.threads import THREAD_ENV_VARS
 
 EPOCH_COLUMNS: tuple[str, ...] = (
     "epoch",
@@ -89,8 +93,11 @@ def now_iso() -> str:
     return _dt.datetime.now(_dt.UTC).replace(microsecond=0).isoformat()
 
 
+@functools.lru_cache(maxsize=1)
 def gpu_driver() -> str | None:
-    """The NVIDIA driver version (from /proc, else nvidia-smi), or None on a machine without one."""
+    """The NVIDIA driver version (from /proc, else nvidia-smi), or None on a machine without one.
+
+    Looked up once per process."""
     try:
         text = Path("/proc/driver/nvidia/version").read_text()
         m = re.search(r"Kernel Module(?: for \S+)?\s+(\d+(?:\.\d+)+)", text)
@@ -114,6 +121,138 @@ def gpu_driver() -> str | None:
     return out[0] if out else None
 
 
+_PROBE_TIMEOUT = 10.0  # seconds for each git / lscpu / nvidia-smi call
+
+
+def _probe(args: Sequence[str]) -> tuple[str | None, str]:
+    """(stdout, "") of a short command, or (None, why) when it is missing, fails or hangs.
+
+    Never raises. Runs in the C locale, so parsed labels are the English ones, and in its
+    own process group, so a timeout also ends any children still holding its pipes.
+    """
+    try:
+        proc = subprocess.Popen(
+            list(args),
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            errors="replace",
+            env={**os.environ, "LC_ALL": "C", "GIT_OPTIONAL_LOCKS": "0"},
+            start_new_session=True,
+        )
+    except (OSError, ValueError, subprocess.SubprocessError) as e:
+        return None, f"{type(e).__name__}: {e}"
+    with proc:
+        try:
+            out, err = proc.communicate(timeout=_PROBE_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except (AttributeError, OSError):  # not POSIX, or already gone
+                proc.kill()
+            proc.communicate()
+            return None, f"timed out after {_PROBE_TIMEOUT:g} s"
+    if proc.returncode != 0:
+        lines = (err or "").strip().splitlines()
+        return None, lines[0] if lines else f"exit status {proc.returncode}"
+    return out, ""
+
+
+def code_root() -> Path:
+    """The folder holding the `jaxbench` package that is running (a checkout's root, or
+    site-packages for an installed wheel), whatever the current directory."""
+    return Path(__file__).resolve().parent.parent
+
+
+def git_state(root: str | os.PathLike[str] | None = None) -> dict[str, Any]:
+    """`git_commit` (full sha, or None), `git_dirty` (tracked files differ from it; None when
+    unknown) and `git_note` (why either is missing; None when both are known) for the code at
+    `root` (default: `code_root()`). `root` must be the top of its checkout: a wheel installed
+    in a virtualenv that lies inside some other repository is not that repository's code.
+    Looked up once per process and root (`clear_environment_cache` forgets); never raises.
+    """
+    return dict(_git_state(str(Path(root) if root is not None else code_root())))
+
+
+@functools.lru_cache(maxsize=8)
+def _git_state(root: str) -> dict[str, Any]:
+    out: dict[str, Any] = {"git_commit": None, "git_dirty": None, "git_note": None}
+    git = shutil.which("git")
+    if git is None:
+        out["git_note"] = "git not found: commit not recorded"
+        return out
+    top, why = _probe([git, "-C", root, "rev-parse", "--show-toplevel"])
+    if top is None or Path(top.strip()).resolve() != Path(root).resolve():
+        reason = f"it lies inside {top.strip()}" if top is not None else why
+        out["git_note"] = f"{root} is not a git checkout ({reason}): commit not recorded"
+        return out
+    sha, why = _probe([git, "-C", root, "rev-parse", "--verify", "HEAD"])
+    if sha is None or not re.fullmatch(r"[0-9a-f]{40}|[0-9a-f]{64}", sha.strip()):
+        out["git_note"] = f"git rev-parse HEAD failed in {root} ({why or sha}): no commit"
+        return out
+    out["git_commit"] = sha.strip()
+    status, why = _probe(
+        [git, "-C", root, "--no-optional-locks", "status", "--porcelain", "--untracked-files=no"]
+    )
+    if status is None:
+        out["git_note"] = f"git status failed ({why}): dirty flag unknown"
+    else:
+        out["git_dirty"] = bool(status.strip())
+    return out
+
+
+@functools.lru_cache(maxsize=1)
+def cpu_model() -> str | None:
+    """The CPU's model name (Linux: lscpu, else /proc/cpuinfo; elsewhere platform.processor())."""
+    if sys.platform.startswith("linux"):
+        names: list[str] = []
+        text = _probe(["lscpu"])[0] if shutil.which("lscpu") else None
+        for line in (text or "").splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "Model name" and value.strip() and value.strip() not in names:
+                names.append(value.strip())
+        if not names:
+            try:
+                text = Path("/proc/cpuinfo").read_text(errors="replace")
+            except OSError:
+                text = ""
+            for line in text.splitlines():
+                key, _, value = line.partition(":")
+                if key.strip() == "model name" and value.strip():
+                    names.append(value.strip())
+                    break
+        if names:
+            return "; ".join(names)  # several only on hybrid CPUs (e.g. ARM big.LITTLE)
+    return platform.processor() or None
+
+
+def gpu_models() -> list[str] | None:
+    """`nvidia-smi -L` lines ("GPU 0: NVIDIA H100 ... (UUID: ...)"): [] without nvidia-smi,
+    None when it is there but fails. Looked up once per process."""
+    found = _gpu_models()
+    return list(found) if found is not None else None
+
+
+@functools.lru_cache(maxsize=1)
+def _gpu_models() -> tuple[str, ...] | None:
+    smi = shutil.which("nvidia-smi")
+    if smi is None:
+        return ()
+    text, _ = _probe([smi, "-L"])
+    if text is None:
+        return None
+    return tuple(line.strip() for line in text.splitlines() if line.strip())
+
+
+def clear_environment_cache() -> None:
+    """Forget the cached git, CPU and GPU look-ups (for tests, or after a checkout changed)."""
+    _git_state.cache_clear()
+    gpu_driver.cache_clear()
+    cpu_model.cache_clear()
+    _gpu_models.cache_clear()
+
+
 def _program() -> str:
     """How this process was started: `python -m pkg.mod` for modules, else the script name."""
     spec = getattr(sys.modules.get("__main__"), "__spec__", None)
@@ -123,7 +262,14 @@ def _program() -> str:
 
 
 def environment(frameworks: Sequence[str] = ()) -> dict[str, Any]:
-    """Host, Python and framework versions, recorded beside every result."""
+    """Host, Python and framework versions and the code's git commit, beside every result.
+
+    `git_commit` is the full sha of the checkout holding the `jaxbench` package that ran
+    (not of the current directory), `git_dirty` whether tracked files differed from it;
+    both None, with `git_note` saying why, outside a git checkout. `cpu_model`,
+    `gpu_models` (`nvidia-smi -L` lines; [] without nvidia-smi) and the git fields are
+    looked up once per process; no lookup raises or waits more than a few seconds.
+    """
     env: dict[str, Any] = {
         "python": platform.python_version(),
         "platform": platform.platform(),
@@ -133,6 +279,11 @@ def environment(frameworks: Sequence[str] = ()) -> dict[str, Any]:
         "date": now_iso(),
         "command": " ".join([_program(), *sys.argv[1:]]),
         "gpu_driver": gpu_driver(),
+        "cpu_model": cpu_model(),
+        "gpu_models": gpu_models(),
+        # set ones only: thread limits that change timings (jaxbench.threads sets them)
+        "thread_env": {k: os.environ[k] for k in THREAD_ENV_VARS if k in os.environ},
+        **git_state(),
     }
     if "jax" in frameworks:
         import flax

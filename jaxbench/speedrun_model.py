@@ -12,7 +12,7 @@ layout-independent and `head` sees `widths[-1]` features).
 Names mirror `torch_ref.speedrun_model` for the name-based weight conversion:
 `params["whiten"]["kernel"|"bias"]`, `params["blockN"]["convK"]["kernel"]`
 (HWIO), `params["blockN"]["bnK"]["bias"]`, `batch_stats["blockN"]["bnK"]["mean"|"var"]`
-(biased variance), `params["head"]["kernel"]` (in, out).
+(PyTorch's unbiased running variance), `params["head"]["kernel"]` (in, out).
 
 BN scale: with `bn_scale_trainable=False` (the preset) BN has *no* scale
 parameter (`use_scale=False`), and PyTorch's BN has `weight=None`; both

@@ -10,6 +10,7 @@ import argparse
 import sys
 import tempfile
 from collections.abc import Sequence
+from typing import Any
 
 from jaxbench.configs import PRESETS, get_config
 
@@ -47,7 +48,33 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", type=int, default=None, help="seeds per framework for check 7")
     p.add_argument("--epochs", type=int, default=None, help="epochs for check 7 (default: preset)")
     p.add_argument("--quiet", action="store_true", help="only the table and the verdict")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        metavar="N",
+        help="CPU threads for XLA:CPU (PJRT_NPROC) and PyTorch (intra- and inter-op); "
+        "default: XLA uses every core, PyTorch its default (1 in --quick)",
+    )
     return p
+
+
+def _setup_threads(argv: Sequence[str]) -> dict[str, Any] | None:
+    """Apply `--threads N` before JAX starts (build_parser imports it, via the plants).
+
+    Returns what was set (None without --threads); ValueError names a bad N. A value
+    that is not a number is left for build_parser's usage error.
+    """
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--threads", default=None)
+    text = pre.parse_known_args(argv)[0].threads
+    try:
+        n = int(text)
+    except (TypeError, ValueError):
+        return None
+    from jaxbench.threads import limit_threads
+
+    return limit_threads(n)
 
 
 def _compile_cache(folder: str) -> None:
@@ -63,13 +90,62 @@ def _compile_cache(folder: str) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    try:
+        _setup_threads(argv)
+    except (ValueError, RuntimeError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     args = build_parser().parse_args(argv)
+    if args.plant is not None:
+        from parity.plants import get_plant, running_planted
+
+        try:
+            plant = get_plant(args.plant)
+        except ValueError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        if plant.edit is not None and running_planted() != plant.name:
+            return _run_source_plant(plant, args, argv)
     with tempfile.TemporaryDirectory(prefix="parity-xla-") as folder:
         import jax
 
         if jax.config.jax_compilation_cache_dir is None:
             _compile_cache(folder)
         return _run(args)
+
+
+def _run_source_plant(plant: Any, args: argparse.Namespace, argv: Sequence[str]) -> int:
+    """Run this command again on a copy of the packages with the plant's edit applied."""
+    import os
+    import subprocess
+
+    from parity.plants import PLANTED_ENV, planted_tree
+
+    paths = {"--out": args.out, "--data-dir": args.data_dir}
+    child: list[str] = []
+    skip = False
+    for i, a in enumerate(argv):  # the same arguments, with paths made absolute
+        if skip:
+            skip = False
+            continue
+        key = a.split("=", 1)[0]
+        if key in paths and paths[key] is not None:
+            child += [key, os.path.abspath(paths[key])]
+            skip = "=" not in a and i + 1 < len(argv)
+        else:
+            child.append(a)
+    if args.out == build_parser().get_default("out") and "--out" not in child:
+        child += ["--out", os.path.abspath(args.out)]
+    try:
+        with planted_tree(plant) as tree:
+            env = {**os.environ, PLANTED_ENV: plant.name, "PYTHONPATH": str(tree)}
+            return subprocess.run(
+                [sys.executable, "-m", "parity", *child], cwd=tree, env=env, check=False
+            ).returncode
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -106,6 +182,7 @@ def _run(args: argparse.Namespace) -> int:
         plant=args.plant,
         seeds=args.seeds,
         epochs=args.epochs,
+        threads=args.threads,
         log=log,
     )
     print(report.format_table(suite))

@@ -1,19 +1,31 @@
 """Deliberately broken references: the suite must fail on each, naming the check that catches it.
 
-A plant is a `Harness` with one entry swapped for a classic framework-porting
-bug (docs: shared/docs/recipes.md, "Framework traps"). None edits jaxbench or
-torch_ref: a plant constructs their modules with other arguments, wraps their
-functions, or monkeypatches a module attribute inside a context manager that
-always restores it. Each `Plant` names the check expected to catch it; `python
--m parity --plant NAME` runs checks 1-6 and exits non-zero when it is caught.
+Two kinds of plant, each naming the check expected to catch it:
+
+- A harness plant swaps one entry of the `Harness` the checks call (a module
+  built with other arguments, a wrapped function, or a module attribute
+  monkeypatched inside a context manager that always restores it): the
+  classic framework-porting traps in the building blocks.
+- A source plant edits one line of a trainer's own code (`SourceEdit`: the
+  exact old text, which must occur once, and the new), in a temporary copy of
+  the packages; `python -m parity --plant NAME` re-runs itself on that copy.
+  These are the bugs of the trainers' glue: a loss call, the data path, the
+  EMA call site, the LR hand-over, the TTA average.
+
+`python -m parity --plant NAME` runs checks 1-6 and exits 1 when the plant is caught.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import os
+import shutil
+import tempfile
 import types
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import flax.linen as nn
@@ -28,14 +40,62 @@ from parity.harness import EmaOps, Harness, setattr_patch
 
 
 @dataclass(frozen=True)
+class SourceEdit:
+    """Replace `old` (which must occur exactly once) by `new` in `path` (from the repo root)."""
+
+    path: str
+    old: str
+    new: str
+
+
+@dataclass(frozen=True)
 class Plant:
-    """A named bug, the check that must catch it, how it is planted, and the harness it yields."""
+    """A named bug, the check that must catch it, how it is planted: a harness or a source edit."""
 
     name: str
     check: int
     how: str
-    build: Callable[[Harness], Harness]
+    build: Callable[[Harness], Harness] | None = None
     config: str = "tiny"  # the preset whose code the plant breaks (the CLI's default for it)
+    edit: SourceEdit | None = None
+
+
+PLANTED_ENV = "JAXBENCH_PARITY_PLANTED"  # set in the child that runs on an edited copy
+PACKAGES: tuple[str, ...] = ("jaxbench", "torch_ref", "parity")
+
+
+def repo_root() -> Path:
+    """The folder holding the packages that are running (the code a source plant copies)."""
+    return Path(models.__file__).resolve().parent.parent
+
+
+@contextlib.contextmanager
+def planted_tree(plant: Plant) -> Iterator[Path]:
+    """A temporary copy of the packages with `plant.edit` applied; removed afterwards."""
+    assert plant.edit is not None
+    root = repo_root()
+    with tempfile.TemporaryDirectory(prefix=f"parity-plant-{plant.name}-") as tmp:
+        for pkg in PACKAGES:
+            shutil.copytree(
+                root / pkg, Path(tmp) / pkg, ignore=shutil.ignore_patterns("__pycache__")
+            )
+        target = Path(tmp) / plant.edit.path
+        text = target.read_text()
+        if text.count(plant.edit.old) != 1:
+            raise ValueError(
+                f"plant {plant.name!r} no longer applies: {plant.edit.path} must contain its "
+                f"target line exactly once ({plant.edit.old.strip()!r}); update parity/plants.py"
+            )
+        target.write_text(text.replace(plant.edit.old, plant.edit.new))
+        yield Path(tmp)
+
+
+def running_planted() -> str | None:
+    """The source plant this process runs under (set by the parent that made the copy)."""
+    name = os.environ.get(PLANTED_ENV)
+    if name and not str(repo_root()).startswith(tempfile.gettempdir()):
+        raise RuntimeError(f"{PLANTED_ENV}={name} but the code runs from {repo_root()}")
+    return name or None
 
 
 def _flax_default_init(h: Harness) -> Harness:
@@ -270,6 +330,71 @@ PLANTS: dict[str, Plant] = {
             _lookahead_without_bn_stats,
             config="speedrun",
         ),
+        Plant(
+            "tta_sum",
+            6,
+            "jaxbench.augment.tta_logits sums the TTA views' logits instead of weighting them "
+            "(flip TTA: logits + mirrored instead of their mean)",
+            edit=SourceEdit(
+                "jaxbench/augment.py",
+                "    combined = sum(w * v for w, v in zip(tta_weights(cfg), out, strict=True))\n",
+                "    combined = sum(out)\n",
+            ),
+        ),
+        Plant(
+            "ema_interval_call_site",
+            6,
+            "jaxbench.train's step calls the EMA update with ema_every + 1",
+            edit=SourceEdit(
+                "jaxbench/train.py",
+                "ema = optim.maybe_ema_update(state.ema, live, step, cfg)",
+                "ema = optim.maybe_ema_update(\n"
+                "                state.ema, live, step, cfg.replace(ema_every=cfg.ema_every + 1)\n"
+                "            )",
+            ),
+        ),
+        Plant(
+            "label_smoothing_call_site",
+            6,
+            "jaxbench.train's loss call hard-codes label smoothing 0.1 (the preset has 0.2)",
+            edit=SourceEdit(
+                "jaxbench/train.py",
+                "optim.cross_entropy(logits, labels, cfg.label_smoothing, cfg.loss_reduction)",
+                "optim.cross_entropy(logits, labels, 0.1, cfg.loss_reduction)",
+            ),
+        ),
+        Plant(
+            "normalization_data_path",
+            6,
+            "jaxbench.train's training data path normalises with CIFAR-100's mean and std",
+            edit=SourceEdit(
+                "jaxbench/train.py",
+                "        x = augment.normalize(images_u8, cfg.dataset, dtype)\n"
+                "        logits, mutated = model.apply(",
+                '        x = augment.normalize(images_u8, "cifar100", dtype)\n'
+                "        logits, mutated = model.apply(",
+            ),
+        ),
+        Plant(
+            "bn_bias_no_weight_decay",
+            4,
+            "jaxbench.optim.make_optimizer gives the BN biases no weight decay",
+            edit=SourceEdit(
+                "jaxbench/optim.py",
+                '"bn_bias": group(cfg.bn_bias_lr_mult, cfg.bn_bias_wd_mult),',
+                '"bn_bias": group(cfg.bn_bias_lr_mult, 0.0),',
+            ),
+        ),
+        Plant(
+            "lr_one_step_late",
+            6,
+            "torch_ref.train's step sets the LR of the previous update (lr_at(t - 1))",
+            edit=SourceEdit(
+                "torch_ref/train.py",
+                "set_lr(r.optimizer, r.lrs[r.t])",
+                "set_lr(r.optimizer, r.lrs[max(r.t - 1, 0)])",
+            ),
+        ),
     )
 }
 
@@ -282,8 +407,20 @@ def get_plant(name: str) -> Plant:
 
 
 def planted_harness(name: str | None) -> Harness:
-    """The reference harness, or the one with plant `name` swapped in."""
+    """The reference harness, or the one with plant `name` swapped in.
+
+    A source plant's harness is the reference one: its bug is in the code itself,
+    which only the child process started by `python -m parity --plant` runs.
+    """
     base = Harness()
     if name is None:
         return base
-    return dataclasses.replace(get_plant(name).build(base), name=f"plant:{name}")
+    plant = get_plant(name)
+    if plant.build is None:
+        if running_planted() != name:
+            raise ValueError(
+                f"plant {name!r} edits the trainers' source: run it with "
+                f"`python -m parity --plant {name}`"
+            )
+        return dataclasses.replace(base, name=f"plant:{name}")
+    return dataclasses.replace(plant.build(base), name=f"plant:{name}")

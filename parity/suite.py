@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 
 from jaxbench.configs import Config
+from jaxbench.threads import thread_settings
 from parity.checks import CHECKS, CheckResult, Context, run_check, synthetic_dataset
 from parity.plants import get_plant, planted_harness
 
@@ -31,6 +32,7 @@ class SuiteResult:
     data_source: str
     seconds: float
     curves: dict[str, Any] = field(default_factory=dict)
+    threads: dict[str, Any] = field(default_factory=dict)  # CPU thread limits in force
 
     @property
     def passed(self) -> bool:
@@ -108,12 +110,15 @@ def run_suite(
     plant: str | None = None,
     seeds: int | None = None,
     epochs: int | None = None,
+    threads: int | None = None,
     log: Callable[[str], None] = print,
 ) -> SuiteResult:
     """Run `checks` (default: 1-7, or 1-6 under a plant) and return every result.
 
     `data`: a `jaxbench.data.Dataset` (see `load_data`); without it checks 2-6
-    use random images and check 7 fails, saying it needs CIFAR-10.
+    use random images and check 7 fails, saying it needs CIFAR-10. `threads`: PyTorch's
+    thread count (default 1 in quick mode, else as set); XLA's is set before JAX starts
+    (`python -m parity --threads`, `jaxbench.threads`).
     """
     if plant is not None:
         get_plant(plant)  # validates the name before any work
@@ -139,7 +144,9 @@ def run_suite(
     )
     results: list[CheckResult] = []
     t0 = time.perf_counter()
-    with harness.active(), _torch_threads(1 if quick else None):
+    torch_n = threads if threads is not None else (1 if quick else None)
+    with harness.active(), _torch_threads(torch_n):
+        thread_record = {"requested": threads, **thread_settings()}
         for number in chosen:
             log(f"check {number} ({CHECKS[number][0]}) ...")
             r = run_check(number, ctx)
@@ -154,4 +161,5 @@ def run_suite(
         data_source=source,
         seconds=time.perf_counter() - t0,
         curves=ctx.curves,
+        threads=thread_record,
     )

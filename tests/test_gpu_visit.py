@@ -330,8 +330,10 @@ def test_overrides_apply_to_every_preset() -> None:
 
 # --- one real visit, tiny, on the CPU ----------------------------------------------------------
 
+# The budget is generous: this test is about the phases and files of a complete visit, not
+# about any machine's speed (the scheduling is tested on a fake clock above).
 TINY = [
-    "--presets", "tiny", "--runs", "1", "--budget-seconds", "120",
+    "--presets", "tiny", "--runs", "1", "--budget-seconds", "1200",
     "--widths", "8,8,8,8", "--subset", "512", "--batch-size", "128", "--test-subset", "256",
     "--epochs", "2", "--lr-peak-epoch", "1", "--eval-batch-size", "256",
 ]  # fmt: skip
@@ -345,7 +347,7 @@ def test_real_tiny_visit(real_data_dir: Path, tmp_path: Path) -> None:
     argv = ["--data-dir", str(real_data_dir), "--out", str(out), *TINY]
     res = subprocess.run(
         [sys.executable, "-m", "jaxbench.gpu_visit", *argv],
-        capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300,
+        capture_output=True, text=True, env=env, cwd=tmp_path, timeout=1500,
     )  # fmt: skip
     assert res.returncode == 0, res.stderr[-3000:]
     files = sorted(p.name for p in out.iterdir())
@@ -353,7 +355,7 @@ def test_real_tiny_visit(real_data_dir: Path, tmp_path: Path) -> None:
     visit = json.loads((out / "visit.json").read_text())
     for key in ("complete", "environment", "card_slug", "phases", "skipped", "files", "table"):
         assert key in visit, key
-    assert visit["complete"] and visit["elapsed_seconds"] <= 120.0
+    assert visit["complete"] and visit["elapsed_seconds"] <= 1200.0
     env_rec = visit["environment"]
     assert {"jax", "torch", "nvidia_smi", "settings_start", "settings_end"} <= set(env_rec)
     assert env_rec["settings_start"]["env"]["XLA_PYTHON_CLIENT_PREALLOCATE"] == "false"

@@ -1,7 +1,9 @@
-"""Every planted bug is caught by the check meant to catch it; the unplanted suite passes 1-6."""
+"""Every planted bug is caught by the deterministic check meant to catch it (never check 7
+alone); the unplanted suite passes 1-6. Source plants edit a trainer's own code in a copy."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -23,8 +25,66 @@ def _quiet(_: str) -> None:
     pass
 
 
+HARNESS_PLANTS = sorted(n for n, p in PLANTS.items() if p.edit is None)
+SOURCE_PLANTS = sorted(n for n, p in PLANTS.items() if p.edit is not None)
+
+
+def test_plants_cover_every_deterministic_check_and_the_trainers_glue() -> None:
+    assert all(p.check in FAST_CHECKS for p in PLANTS.values())  # never check 7 alone
+    assert {p.check for p in PLANTS.values()} >= {1, 2, 4, 5, 6}
+    edited = {p.edit.path for p in PLANTS.values() if p.edit is not None}
+    assert {"jaxbench/train.py", "torch_ref/train.py"} <= edited
+
+
 @pytest.mark.realdata
-@pytest.mark.parametrize("name", sorted(PLANTS))
+@pytest.mark.parametrize("name", SOURCE_PLANTS)
+def test_source_plant_is_caught_by_its_check(
+    name: str, real_data_dir: Path, tmp_path: Path
+) -> None:
+    plant = PLANTS[name]
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "parity",
+            "--quick",
+            "--plant",
+            name,
+            "--checks",
+            str(plant.check),
+            "--data-dir",
+            str(real_data_dir),
+            "--out",
+            str(tmp_path / "out"),
+            "--quiet",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=tmp_path,
+    )
+    assert r.returncode == 1, r.stdout + r.stderr[-3000:]
+    assert f"plant {name!r} caught by check {plant.check}" in r.stdout, r.stdout
+    report = json.loads((tmp_path / "out" / "parity.json").read_text())
+    assert report["plant"] == name and not report["passed"]
+
+
+def test_source_plant_that_no_longer_applies_is_an_error() -> None:
+    from parity.plants import Plant, SourceEdit, planted_tree
+
+    stale = Plant("stale", 6, "x", edit=SourceEdit("jaxbench/train.py", "no such line", "y"))
+    with pytest.raises(ValueError, match="no longer applies"):
+        with planted_tree(stale):
+            pass
+
+
+def test_source_plant_refuses_to_run_in_process() -> None:
+    with pytest.raises(ValueError, match="python -m parity --plant"):
+        run_suite(get_config("tiny"), quick=True, checks=[6], plant=SOURCE_PLANTS[0], log=_quiet)
+
+
+@pytest.mark.realdata
+@pytest.mark.parametrize("name", HARNESS_PLANTS)
 def test_plant_is_caught_by_its_check(name: str, data: Any) -> None:
     plant = PLANTS[name]
     cfg = get_config(plant.config)

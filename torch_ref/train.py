@@ -298,9 +298,13 @@ class Run:
 class Hooks:
     """Observation points in the training loop, for the parity suite (no-ops by default).
 
-    `after_step` sees the run after update `t` (model, optimizer, EMA) and the
-    step's mean loss (a device tensor); `before_eval` sees it before each evaluation.
+    `before_step` sees the run before update `t`, `after_step` after it (model,
+    optimizer, EMA) with the step's mean loss (a device tensor); `before_eval`
+    sees it before each evaluation.
     """
+
+    def before_step(self, t: int, run: Run) -> None:
+        pass
 
     def after_step(self, t: int, run: Run, loss: torch.Tensor) -> None:
         pass
@@ -485,6 +489,8 @@ def train_epoch(
     )
     for step in bar:
         t = r.t
+        if hooks is not None:
+            hooks.before_step(t, r)
         per_example, c = train_step(r, slice_plan(plan, step, cfg.batch_size))
         losses[step] = per_example
         correct += c

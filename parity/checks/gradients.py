@@ -23,12 +23,20 @@ from parity.checks.base import (
 
 
 def check_gradients(ctx: Context) -> CheckResult:
-    """Per-parameter relative error of the gradient of the configured loss, same batch."""
+    """Per-parameter relative error of the gradient of each trainer's own training loss
+    (`jaxbench.train.make_loss_fn`, `torch_ref.train.train_forward` with `loss_options`:
+    normalisation of the uint8 batch, forward, smoothed cross-entropy), same batch."""
+    from jaxbench import train as jtrain
+    from torch_ref import train as ttrain
+
     res = CheckResult(3, "gradients")
     h, cfg = ctx.harness, ctx.arith_cfg
     b = 16 if ctx.quick else 32
     x, y = sample_batch(ctx, b)
+    assert ctx.images is not None
+    x_u8: np.ndarray | None = np.asarray(ctx.images[:b])  # the trainers' own input
     if cfg.model == "speedrun":
+        x_u8 = None
         # The identity-initialised convs carry (whitened) pixels straight into the max
         # pools, and neighbouring pixels of real images are often equal or within float32
         # rounding of each other: XLA and PyTorch then route a pool's gradient to different
@@ -40,7 +48,11 @@ def check_gradients(ctx: Context) -> CheckResult:
     variables = h.to_flax(sd)
     fmodel = h.flax_model(cfg)
 
+    trainer_loss = jtrain.make_loss_fn(cfg, fmodel)
+
     def loss_fn(params: PyTree) -> jax.Array:
+        if x_u8 is not None:
+            return trainer_loss(params, variables["batch_stats"], x_u8, jnp.asarray(y))[0]
         logits, _ = fmodel.apply(
             {"params": params, "batch_stats": variables["batch_stats"]},
             x,
@@ -54,13 +66,23 @@ def check_gradients(ctx: Context) -> CheckResult:
     for p in tmodel.parameters():  # frozen ones too (speedrun's whitening): compare every grad
         p.requires_grad_(True)
     tmodel.zero_grad(set_to_none=True)
-    logits = tmodel(nchw(x))
-    t_loss = F.cross_entropy(
-        logits,
-        torch.as_tensor(y, dtype=torch.int64),
-        label_smoothing=cfg.label_smoothing,
-        reduction=cfg.loss_reduction,
-    )
+    if x_u8 is not None:
+        mean, std = ttrain._stats_tensors(cfg.dataset, torch.device("cpu"))
+        t_loss, _, _ = ttrain.train_forward(
+            tmodel,
+            torch.from_numpy(x_u8),
+            torch.as_tensor(y, dtype=torch.int64),
+            mean,
+            std,
+            **ttrain.loss_options(cfg, False),
+        )
+    else:
+        t_loss = F.cross_entropy(
+            tmodel(nchw(x)),
+            torch.as_tensor(y, dtype=torch.int64),
+            label_smoothing=cfg.label_smoothing,
+            reduction=cfg.loss_reduction,
+        )
     t_loss.backward()
     t_loss_v = float(t_loss.detach())
     g_torch = convert.flax_to_torch({"params": jax.device_get(f_grads)})
@@ -76,6 +98,7 @@ def check_gradients(ctx: Context) -> CheckResult:
     res.figures.append(Figure("loss relative |diff|", loss_rel, 1e-6, headline=False))
     res.details = {
         "batch": b,
+        "input": "the trainers' loss on uint8 images" if x_u8 is not None else "float noise",
         "loss": {"jax": float(f_loss), "torch": t_loss_v},
         "label_smoothing": cfg.label_smoothing,
         "loss_reduction": cfg.loss_reduction,

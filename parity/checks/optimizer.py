@@ -61,6 +61,13 @@ def _optimizer_run(h: Harness, cfg: Config, spe: int, steps: int, seed: int) -> 
     from torch_ref import train as ttrain
 
     tmodel = h.torch_model(cfg, seed)
+    # BN scales and biases away from their init (1, 0), so that weight decay on them is
+    # as large as on any other weight from the first step on.
+    bn_rng = np.random.default_rng(seed + 100)
+    with torch.no_grad():
+        for p in tmodel.parameters():
+            if p.ndim == 1:
+                p.copy_(torch.from_numpy(bn_rng.uniform(0.5, 1.5, p.shape).astype(np.float32)))
     sd = {k: v.clone() for k, v in tmodel.state_dict().items()}
     variables = convert.torch_to_flax(sd)
     params, bstats = variables["params"], variables["batch_stats"]

@@ -1,0 +1,124 @@
+"""Limit XLA:CPU and PyTorch to N CPU threads (e.g. `python -m parity --threads N`).
+
+Importing this module is cheap: it imports neither JAX nor PyTorch.
+
+How XLA:CPU is limited, verified on jax/jaxlib 0.10.2 by counting the threads that
+burn CPU time during a jitted 2048x2048 matmul and a conv on a 2-core machine:
+
+- `PJRT_NPROC=N` sizes the CPU client's intra-op thread pool: the process then has
+  exactly N threads named `tf_XLAEigen` (default: one per core), and with 1 a matmul
+  keeps one thread busy at twice the wall time of the default 2. XLA reads it when the
+  CPU backend is created (the first `jax.devices()` or computation), so setting it after
+  `import jax` still works, after the first computation it does nothing.
+- `XLA_FLAGS=--xla_cpu_multi_thread_eigen=false` alone changes nothing on this version
+  (two busy threads, as by default), and `intra_op_parallelism_threads=1` is not an XLA
+  flag at all (alone in XLA_FLAGS it aborts: "Could not open file ... to read flags").
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import MutableMapping
+from typing import Any
+
+# what XLA:CPU (PJRT_NPROC, else NPROC), OpenMP and the BLAS libraries size their pools from
+THREAD_ENV_VARS: tuple[str, ...] = (
+    "PJRT_NPROC",
+    "NPROC",
+    "OMP_NUM_THREADS",
+    "MKL_NUM_THREADS",
+    "OPENBLAS_NUM_THREADS",
+)
+
+
+def check_threads(n: int) -> int:
+    """`n` if it is a valid thread count, else ValueError with a one-line message."""
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ValueError(f"--threads must be at least 1; got {n!r}")
+    return n
+
+
+def _jax_started() -> bool:
+    """Whether JAX has created its backends, after which XLA ignores PJRT_NPROC."""
+    if "jax" not in sys.modules:
+        return False
+    try:
+        from jax._src import xla_bridge
+
+        return bool(xla_bridge.backends_are_initialized())
+    except Exception:  # private API: when it moves, assume the caller got the order right
+        return False
+
+
+def xla_thread_env(n: int, environ: MutableMapping[str, str] | None = None) -> dict[str, str]:
+    """Set the environment so XLA:CPU (and any OpenMP runtime) uses `n` threads.
+
+    Must run before JAX's first computation (RuntimeError after it). Returns the
+    variables it set, as set; `environ` defaults to `os.environ`.
+    """
+    check_threads(n)
+    if environ is None:
+        if _jax_started():
+            raise RuntimeError("--threads must be applied before JAX starts its CPU backend")
+        environ = os.environ
+    flags = {"PJRT_NPROC": str(n), "OMP_NUM_THREADS": str(n)}
+    environ.update(flags)
+    return flags
+
+
+def torch_threads(n: int) -> dict[str, int]:
+    """torch.set_num_threads(n), and the inter-op pool too where it can still be sized
+    (only before PyTorch's first inter-op work). Returns the counts now in force."""
+    import torch
+
+    check_threads(n)
+    torch.set_num_threads(n)
+    if torch.get_num_interop_threads() != n:
+        try:
+            torch.set_num_interop_threads(n)
+        except RuntimeError:  # "cannot set ... after parallel work has started"
+            pass
+    return {
+        "torch_intra_op": torch.get_num_threads(),
+        "torch_interop": torch.get_num_interop_threads(),
+    }
+
+
+def limit_threads(n: int) -> dict[str, Any]:
+    """XLA:CPU and PyTorch on `n` threads, for the rest of the process: call before JAX's
+    first computation. Returns what was set, for the run's record."""
+    env = xla_thread_env(n)
+    return {"threads": n, "env": env, **torch_threads(n)}
+
+
+def xla_cpu_threads(environ: MutableMapping[str, str] | None = None) -> int:
+    """The size XLA:CPU gives its intra-op pool, worked out as XLA does: PJRT_NPROC, else
+    NPROC, else the cores this process may run on."""
+    environ = os.environ if environ is None else environ
+    for key in ("PJRT_NPROC", "NPROC"):
+        try:
+            return max(0, int(environ.get(key, "")))
+        except ValueError:
+            continue
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def thread_settings() -> dict[str, Any]:
+    """The thread limits in force now: XLA:CPU's pool size, the variables XLA/OpenMP read,
+    and PyTorch's counts (when PyTorch is loaded), for recording beside results."""
+    out: dict[str, Any] = {
+        "xla_cpu_threads": xla_cpu_threads(),
+        "env": {k: os.environ[k] for k in THREAD_ENV_VARS if k in os.environ},
+    }
+    if "torch" in sys.modules:
+        import torch
+
+        out.update(
+            torch_intra_op=torch.get_num_threads(),
+            torch_interop=torch.get_num_interop_threads(),
+        )
+    return out
