@@ -47,33 +47,11 @@ def test_layouts_map_index_for_index() -> None:
     assert v["params"]["head"]["kernel"][11, 3] == head[3, 11]
 
 
-def test_trained_variance_converts_between_conventions() -> None:
-    """After k batches of n values, flax_var = p + (torch_var - p) (n - 1) / n, p = 0.9^k."""
-    batch = 8
-    sd = _trained_state_dict(batch=batch)
-    counts = convert.resnet9_bn_counts(batch)
-    v = convert.torch_to_flax(sd, bn_counts=counts)
-    k, n = 3, counts["res3a.bn"]
-    p = 0.9**k
-    tv = sd["res3a.bn.running_var"].numpy().astype(np.float64)
-    np.testing.assert_allclose(
-        v["batch_stats"]["res3a"]["bn"]["var"], p + (tv - p) * (n - 1) / n, rtol=1e-6
-    )
-    back = convert.flax_to_torch(v, num_batches_tracked=k, bn_counts=counts)
-    for key, t in sd.items():
-        if key.endswith("running_var"):  # one rounding each way: within 2 ulp
-            np.testing.assert_array_max_ulp(back[key].numpy(), t.numpy(), maxulp=2)
-        else:
-            assert torch.equal(back[key], t), key
-    raw = convert.flax_to_torch(
-        convert.torch_to_flax(sd, raw_var=True), num_batches_tracked=k, raw_var=True
-    )
-    assert convert.state_dicts_equal(sd, raw)
-
-
-def test_trained_variance_without_counts_is_refused() -> None:
-    with pytest.raises(ValueError, match="bn_counts"):
-        convert.torch_to_flax(_trained_state_dict(batches=1))
+def test_trained_state_round_trips_bit_exactly() -> None:
+    """Both frameworks store PyTorch's unbiased running variance: BN statistics are copies."""
+    sd = _trained_state_dict(batches=3)
+    back = convert.flax_to_torch(convert.torch_to_flax(sd), num_batches_tracked=3)
+    assert convert.state_dicts_equal(sd, back)
 
 
 def test_uniform_fit_accepts_uniform_and_rejects_lecun_normal() -> None:
@@ -85,12 +63,206 @@ def test_uniform_fit_accepts_uniform_and_rejects_lecun_normal() -> None:
     assert not fit.passed and fit.max_ratio > 1.5 and fit.std_z > 10
 
 
-def test_mean_diff_bar_is_two_standard_errors_or_the_floor() -> None:
-    md = stats.mean_diff([0.50, 0.52, 0.48], [0.49, 0.51, 0.47])
-    assert md.diff == pytest.approx(0.01)
-    assert md.se == pytest.approx(math.sqrt(2 * 0.02**2 / 3))
-    assert md.tolerance(0.005, n_se=2.0) == pytest.approx(2 * md.se)
-    assert stats.mean_diff([0.5], [0.5]).tolerance(0.005) == 0.005
+# --- check 7: the chaos test, its false-alarm rate and power, the ulp perturbation -------------
+
+
+@pytest.mark.parametrize(
+    ("p", "df", "want"),
+    [
+        (0.975, 1, 12.706204736174703),  # tan(0.475 pi), exact
+        (0.975, 10, 2.228138851986274),
+        (0.995, 5, 4.032142983555228),
+        (0.9995, 3, 12.923978636687961),
+        (0.975, math.inf, 1.959963984540054),
+    ],
+)
+def test_t_quantile_matches_published_values(p: float, df: float, want: float) -> None:
+    assert stats.t_quantile(p, df) == pytest.approx(want, rel=1e-9)
+    assert stats.t_quantile(1 - p, df) == pytest.approx(-want, rel=1e-9)
+    assert stats.t_sf(want, df) == pytest.approx(1 - p, rel=1e-8)
+
+
+def test_betainc_meets_its_closed_forms() -> None:
+    for x in (0.0, 0.01, 0.3, 0.5, 0.9, 1.0):
+        assert stats.betainc(1.0, 1.0, x) == pytest.approx(x, abs=1e-14)
+        assert stats.betainc(3.0, 1.0, x) == pytest.approx(x**3, abs=1e-14)
+        assert stats.betainc(0.5, 0.5, x) == pytest.approx(
+            2 / math.pi * math.asin(math.sqrt(x)), abs=1e-13
+        )
+        assert stats.betainc(2.5, 0.5, x) + stats.betainc(0.5, 2.5, 1 - x) == pytest.approx(1.0)
+
+
+def test_chaos_test_by_hand() -> None:
+    treat = [0.62, 0.60]
+    ref = [[0.60, 0.61, 0.62], [0.59, 0.59, 0.62]]
+    t = stats.chaos_test(treat, ref, n_tests=4, alpha=0.01)
+    var = ((0.01**2 + 0 + 0.01**2) + (0.01**2 + 0.01**2 + 0.02**2)) / 4  # 2 seeds x 2 df
+    assert t.df == 4 and t.chaos_sd == pytest.approx(math.sqrt(var))
+    assert t.diff == pytest.approx(((0.62 - 0.61) + (0.60 - 0.60)) / 2)
+    assert t.se == pytest.approx(math.sqrt(var * (1 + 1 / 3) / 2))
+    assert t.quantile == pytest.approx(stats.t_quantile(1 - 0.01 / 8, 4))
+    assert t.bar == pytest.approx(t.quantile * t.se) and t.passed
+    assert not stats.chaos_test([0.70, 0.68], ref, n_tests=4, alpha=0.01).passed
+    with pytest.raises(ValueError, match="2 reference runs"):
+        stats.chaos_test([0.6], [[0.6]], alpha=0.01)
+
+
+def _family_rejections(
+    rng: np.random.Generator, sims: int, seeds: int, runs: int, shift: float = 0.0
+) -> tuple[np.ndarray, int]:
+    """Simulated check-7 calls on Gaussian chaos (sd 1) around large per-seed effects: for
+    each call and figure, whether the test rejects; the treatment's mean is off by `shift`."""
+    from parity.checks import curves
+
+    figures = 2 * 3  # metrics x epochs, as in quick mode
+    seed_effect = rng.normal(60.0, 5.0, (sims, figures, seeds))
+    treat = seed_effect + shift + rng.standard_normal((sims, figures, seeds))
+    ref = seed_effect[..., None] + rng.standard_normal((sims, figures, seeds, runs))
+    diff, _, se, df = stats.chaos_moments(treat, ref)
+    q = stats.t_quantile(1 - curves.ALPHA / (2 * figures), df)
+    return np.abs(diff) > q * se, figures
+
+
+@pytest.mark.parametrize("runs", [3, 2], ids=["real: jax vs 3 torch runs", "null: vs 2 runs"])
+def test_chaos_test_false_alarm_rate_is_the_stated_alpha(runs: int) -> None:
+    """The family-wise rate over 6 independent figures is 1 - (1 - alpha/6)^6 <= alpha, the
+    per-figure rate alpha/6: both within 4 binomial standard errors of 40,000 calls."""
+    from parity.checks import curves
+
+    sims = 40_000
+    reject, k = _family_rejections(np.random.default_rng(7), sims, seeds=3, runs=runs)
+    per_figure = curves.ALPHA / k
+    family = 1 - (1 - per_figure) ** k
+    for observed, p, n in (
+        (reject.any(-1).mean(), family, sims),
+        (reject.mean(), per_figure, sims * k),
+    ):
+        assert abs(observed - p) <= 4 * math.sqrt(p * (1 - p) / n), (observed, p)
+
+
+def test_chaos_test_detects_a_shift_of_a_few_chaos_sd() -> None:
+    """Quick mode's design (3 seeds, 3 torch runs): a bias of 6 chaos sd in one figure is
+    caught 9 times in 10, of 8 sd nearly always; 1 sd hardly ever."""
+    rng = np.random.default_rng(8)
+    rates = {s: _family_rejections(rng, 4000, 3, 3, shift=s)[0][:, 0].mean() for s in (1, 6, 8)}
+    assert rates[1] < 0.05 and rates[6] > 0.9 and rates[8] > 0.99, rates
+
+
+def test_perturb_moves_weights_by_about_one_ulp() -> None:
+    from parity.checks.curves import perturb
+
+    sd = {k: v.clone() for k, v in model_from_config(CFG, seed=3).state_dict().items()}
+    a, b = perturb(sd, 3, 1), perturb(sd, 3, 1)
+    assert all(torch.equal(a[k], b[k]) for k in sd)  # deterministic
+    assert not torch.equal(perturb(sd, 3, 2)["head.weight"], a["head.weight"])
+    ulps = []
+    for k, v in sd.items():
+        if not v.is_floating_point() or k.endswith(("running_mean", "running_var")):
+            assert torch.equal(a[k], v), k  # buffers untouched
+            continue
+        x, y = v.numpy(), a[k].numpy()
+        assert np.all(y[x == 0] == 0), k  # zeros stay zero
+        ulps.append(np.abs(y.astype(np.float64) - x) / np.spacing(np.abs(x)))
+    d = np.round(np.concatenate([u.ravel() for u in ulps]))
+    assert 0.6 < np.mean(d > 0) < 0.8 and np.median(d) == 1 and d.max() <= 8
+
+
+def _fake_runs(seeds: int = 3, epochs: int = 3, shift: float = 0.0) -> dict[str, list]:
+    rng = np.random.default_rng(0)
+    names = ["jax", "torch", "torch'", "torch''"]
+    base = rng.uniform(0.3, 0.6, (seeds, epochs))
+    return {
+        n: [
+            [
+                {
+                    "epoch": e + 1,
+                    "val_acc": base[s, e] + (shift if n == "jax" else 0) + rng.normal(0, 0.01),
+                    "ema_val_acc": base[s, e] + rng.normal(0, 0.01),
+                }
+                for e in range(epochs)
+            ]
+            for s in range(seeds)
+        ]
+        for n in names
+    }
+
+
+def test_curves_compare_and_report_show_real_and_null_side_by_side(tmp_path: Path) -> None:
+    from jaxbench.configs import tiny as tiny_cfg
+    from parity import report
+    from parity.checks import CheckResult, curves
+    from parity.suite import SuiteResult
+
+    runs = _fake_runs(shift=0.2)  # jax's test accuracy 20 points high: 20 chaos sd
+    refs = ["torch", "torch'", "torch''"]
+    real, table = curves.compare(runs, "jax", refs, 3, "")
+    null, null_table = curves.compare(runs, "torch''", refs[:2], 3, "null: ", headline=False)
+    assert [f.passed for f in real] == [False] * 3 + [True] * 3
+    assert all(f.passed for f in null) and len(null_table) == 6
+    assert table[0]["df"] == 6 and null_table[0]["df"] == 3 and table[0]["alpha"] == curves.ALPHA
+    r = CheckResult(7, "epoch accuracy curves", figures=real + null)
+    r.details = {
+        "note": "fake",
+        "seeds": 3,
+        "torch_runs": 3,
+        "alpha": curves.ALPHA,
+        "table": table,
+        "null_table": null_table,
+    }
+    suite = SuiteResult(
+        [r],
+        tiny_cfg(),
+        True,
+        None,
+        "fake",
+        1.0,
+        curves={"runs": runs, "note": "fake", "table": table, "null_table": null_table},
+    )
+    md = report.to_markdown(suite, has_plot=True)
+    assert "alpha = 0.5% per comparison" in md and "null: torch'' - torch" in md
+    assert md.count("**FAIL**") >= 3
+    json.dumps(report.to_json(suite))  # valid JSON, details per figure included
+    assert report.plot_curves(suite.curves)[:4] == b"\x89PNG"
+    r.details["table"] = suite.curves["table"] = []  # a null-only run (with_jax=False)
+    md = report.to_markdown(suite, has_plot=False)
+    row = next(line for line in md.splitlines() if line.startswith("| val_acc | 1 |"))
+    assert row.count("|") == 14 and row.split("|")[3].strip() == "-"
+    assert report.plot_curves(suite.curves)[:4] == b"\x89PNG"
+
+
+@pytest.mark.slow
+@pytest.mark.realdata
+def test_curves_null_comparison_passes_on_real_data(real_data_dir: Path) -> None:
+    """Check 7 without JAX (3 seeds x 3 torch runs of the quick config, ~2 minutes): the
+    torch-vs-torch null comparison passes, and the quick config learns (>= 60% EMA)."""
+    from jaxbench.configs import tiny as tiny_cfg
+    from parity.checks import Context, curves
+    from parity.harness import Harness
+    from parity.suite import load_data
+
+    ctx = Context(
+        cfg=tiny_cfg(),
+        harness=Harness(),
+        quick=True,
+        data=load_data(real_data_dir),
+        seeds=3,
+        log=lambda _msg: None,
+    )
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        res = curves.check_curves(ctx, with_jax=False)
+    finally:
+        torch.set_num_threads(threads)
+    assert res.error is None
+    assert len(res.figures) == 6 and all(f.name.startswith("null: ") for f in res.figures)
+    assert res.passed, [f for f in res.figures if not f.passed]
+    final = [
+        run[-1]["ema_val_acc"]
+        for name in ("torch", "torch'", "torch''")
+        for run in ctx.curves["runs"][name]
+    ]
+    assert np.mean(final) >= 0.60, final
 
 
 def _cli(*args: str, timeout: float = 600) -> subprocess.CompletedProcess[str]:

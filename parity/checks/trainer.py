@@ -82,7 +82,7 @@ def trainer_config(ctx: Context) -> Config:
     """Two short epochs that cross an epoch boundary, EMA (or lookahead) steps, the LR
     warm-up and decay, a padded last evaluation batch and, for the speedrun net, the
     whitening bias freeze."""
-    n_train, n_test, batch = (128, 500, 16) if ctx.quick else (1024, 1000, 32)
+    n_train, n_test, batch = (128, 500, 16) if ctx.quick else (512, 1000, 16)
     cfg = ctx.arith_cfg.replace(
         subset=n_train,
         test_subset=n_test,
@@ -110,9 +110,10 @@ def _torch_snapshot(r: Any) -> dict[str, Any]:
     """torch_ref's run state in Flax layout: variables, momentum buffers, EMA, trainable."""
     sd = {k: v.detach().cpu().clone() for k, v in r.model.state_dict().items()}
     bufs: dict[str, torch.Tensor] = {}
-    trainable: dict[str, bool] = {}
+    frozen: dict[str, torch.Tensor] = {}
     for name, p in r.model.named_parameters():
-        trainable[name] = p.requires_grad
+        if not p.requires_grad:
+            frozen[name] = p.detach()
         b = r.optimizer.state.get(p, {}).get("momentum_buffer")
         if b is not None:
             bufs[name] = b.detach().cpu().clone()
@@ -120,7 +121,7 @@ def _torch_snapshot(r: Any) -> dict[str, Any]:
         "t": r.t,
         "variables": convert.torch_to_flax(sd),
         "buffers": convert.torch_to_flax(bufs)["params"] if bufs else {},
-        "trainable": trainable,
+        "frozen": set(leaves(convert.torch_to_flax(frozen)["params"])) if frozen else set(),
     }
     if r.ema_model is not None:
         ema_sd = {k: v.detach().cpu().clone() for k, v in r.ema_model.state_dict().items()}
@@ -253,12 +254,7 @@ def _torch_parts(snap: dict[str, Any], template: dict[str, Any]) -> dict[str, Py
 
 def _frozen_buffers(snap: dict[str, Any]) -> set[str]:
     """Momentum buffers torch leaves alone (frozen parameters): JAX's may move, unused."""
-    out = set()
-    for name, trainable in snap["trainable"].items():
-        if not trainable:
-            key = convert.torch_to_flax({name: torch.zeros(2)})["params"]
-            out.add("/".join(leaves(key).popitem()[0].split(".")))
-    return out
+    return {name.replace(".", "/") for name in snap["frozen"]}
 
 
 def _stats_ratios(
