@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -123,7 +124,8 @@ class Config:
         return d
 
     def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+        """Strict JSON (no NaN or Infinity: `validate` refuses them)."""
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True, allow_nan=False)
 
 
 def validate(cfg: Config) -> Config:
@@ -169,6 +171,28 @@ def validate(cfg: Config) -> Config:
         raise ValueError("--lr-peak-epoch must be in (0, --epochs]")
     if cfg.ema_every < 0 or not 0.0 <= cfg.ema_momentum < 1.0:
         raise ValueError("--ema-every must be >= 0 and --ema-momentum in [0, 1)")
+    # Numbers that would train nothing or diverge at once: refused before any data loads.
+    ranges = {
+        "lr": (0.0, math.inf, "a positive finite number, e.g. 0.4"),
+        "weight_decay": (0.0, math.inf, "a finite number >= 0, e.g. 5e-4"),
+        "lr_start": (0.0, math.inf, "a finite fraction >= 0 of --lr"),
+        "lr_end": (0.0, math.inf, "a finite fraction >= 0 of --lr"),
+        "bn_bias_lr_mult": (0.0, math.inf, "a finite number >= 0"),
+        "bn_bias_wd_mult": (0.0, math.inf, "a finite number >= 0"),
+        "output_scale": (0.0, math.inf, "a positive finite number"),
+        "bn_eps": (0.0, math.inf, "a positive finite number, e.g. 1e-5"),
+    }
+    for name, (lo, hi, what) in ranges.items():
+        v = getattr(cfg, name)
+        positive = name in ("lr", "output_scale", "bn_eps")
+        if not (math.isfinite(v) and lo <= v < hi) or (positive and v <= 0):
+            raise ValueError(f"--{name.replace('_', '-')} must be {what}; got {v!r}")
+    if not 0.0 <= cfg.momentum < 1.0:
+        raise ValueError(f"--momentum must be in [0, 1); got {cfg.momentum!r}")
+    if not 0.0 < cfg.bn_momentum <= 1.0:
+        raise ValueError(
+            f"--bn-momentum must be in (0, 1] (PyTorch's convention); got {cfg.bn_momentum!r}"
+        )
     return cfg
 
 

@@ -365,7 +365,7 @@ PLANTS: dict[str, Plant] = {
         ),
         Plant(
             "normalization_data_path",
-            6,
+            3,
             "jaxbench.train's training data path normalises with CIFAR-100's mean and std",
             edit=SourceEdit(
                 "jaxbench/train.py",
