@@ -12,12 +12,12 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-from jaxbench.configs import Config, add_config_args, config_from_args
+from jaxbench.configs import Config, OneLineErrorParser, add_config_args, config_from_args
 
 
 def trainer_parser(prog: str, description: str) -> argparse.ArgumentParser:
     """Config flags plus the run flags every trainer takes."""
-    parser = argparse.ArgumentParser(prog=prog, description=description)
+    parser = OneLineErrorParser(prog=prog, description=description)
     add_config_args(parser)
     parser.add_argument(
         "--stream",

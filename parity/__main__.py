@@ -12,13 +12,13 @@ import tempfile
 from collections.abc import Sequence
 from typing import Any
 
-from jaxbench.configs import PRESETS, get_config
+from jaxbench.configs import PRESETS, OneLineErrorParser, get_config
 
 
 def build_parser() -> argparse.ArgumentParser:
     from parity.plants import PLANTS
 
-    p = argparse.ArgumentParser(
+    p = OneLineErrorParser(
         prog="python -m parity",
         description="Check that jaxbench (JAX) and torch_ref (PyTorch) are the same training.",
     )

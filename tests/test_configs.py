@@ -52,3 +52,21 @@ def test_trainer_refuses_nan_lr_before_loading_data(tmp_path) -> None:
     assert r.returncode == 2
     assert "--lr must be a positive finite number" in r.stderr and "Traceback" not in r.stderr
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    ("module", "args"),
+    [
+        ("jaxbench.train", ["--config", "resnet10"]),
+        ("jaxbench.train", ["--lr", "abc"]),
+        ("torch_ref.train", ["--widths", "a,b"]),
+        ("parity", ["--seeds", "x"]),
+    ],
+)
+def test_bad_flag_values_give_one_line(module: str, args: list[str]) -> None:
+    r = subprocess.run(
+        [sys.executable, "-m", module, *args], capture_output=True, text=True, timeout=120
+    )
+    assert r.returncode == 2
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "see --help" in lines[0], r.stderr
