@@ -305,7 +305,7 @@ def _pm(stat: dict[str, Any], digits: int) -> str:
 
 
 def format_table(doc: dict[str, Any]) -> str:
-    """The issue's table (plus FLOP rate and epoch-at-target), then the ratio line."""
+    """The results table (plus FLOP rate and epoch-at-target), then the ratio line."""
     header = [
         "framework",
         "preset",
