@@ -447,3 +447,37 @@ def test_cli_bad_input_exits_2_with_one_line(capsys: pytest.CaptureFixture[str])
 def test_importing_torch_ref_does_not_import_jax() -> None:
     code = "import sys, torch_ref.train, torch_ref.augment; sys.exit('jax' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
+
+
+class _Recording(train.Hooks):
+    """Observes every hook call with the update counter and the loss."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, int, int]] = []
+
+    def before_step(self, t: int, run: train.Run) -> None:
+        self.calls.append(("before_step", t, run.t))
+
+    def after_step(self, t: int, run: train.Run, loss: torch.Tensor) -> None:
+        assert torch.isfinite(loss)
+        self.calls.append(("after_step", t, run.t))
+
+    def before_eval(self, epoch: int, run: train.Run) -> None:
+        self.calls.append(("before_eval", epoch, run.t))
+
+
+def test_hooks_see_every_update_and_change_nothing() -> None:
+    kw: dict[str, Any] = {"data": _Data(96, 40), "progress": False, "quiet": True}
+    plain = train.train_and_evaluate(_small_cfg(), **kw)
+    rec = _Recording()
+    hooked = train.train_and_evaluate(_small_cfg(), hooks=rec, **kw)
+    assert plain["step_losses"] == hooked["step_losses"]
+    assert plain["final"] == hooked["final"]
+    steps = 3 * plain["steps_per_epoch"]
+    assert [c for c in rec.calls if c[0] == "before_step"] == [
+        ("before_step", t, t) for t in range(steps)
+    ]
+    assert [c for c in rec.calls if c[0] == "after_step"] == [
+        ("after_step", t, t + 1) for t in range(steps)
+    ]
+    assert [c[1] for c in rec.calls if c[0] == "before_eval"] == [0, 1, 2]

@@ -124,6 +124,43 @@ def test_scan_and_step_loops_give_the_same_parameters() -> None:
             np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6, err_msg=name)
 
 
+class _Counting(train.Hooks):
+    """Observes every hook call; returns the states unchanged."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, int]] = []
+
+    def before_step(self, t: int, state: train.TrainState) -> train.TrainState:
+        self.calls.append(("before_step", t))
+        return state
+
+    def after_step(self, t: int, state: train.TrainState, metrics: dict) -> None:
+        self.calls.append(("after_step", t))
+
+    def before_eval(self, epoch: int, state: train.TrainState) -> train.TrainState:
+        self.calls.append(("before_eval", epoch))
+        return state
+
+
+def test_hooks_see_every_step_and_change_nothing_they_do_not_replace() -> None:
+    cfg = NARROW.replace(loop="step", epochs=2, ema_every=1)
+    plain = _run(cfg)
+    hooks = _Counting()
+    hooked = _run(cfg, hooks=hooks)
+    assert plain["step_losses"] == hooked["step_losses"]
+    steps = plain["steps_per_epoch"] * 2
+    assert [c for c in hooks.calls if c[0] == "before_step"] == [
+        ("before_step", t) for t in range(steps)
+    ]
+    assert ("after_step", steps - 1) in hooks.calls
+    assert [c for c in hooks.calls if c[0] == "before_eval"] == [
+        ("before_eval", 0),
+        ("before_eval", 1),
+    ]
+    with pytest.raises(ValueError, match="per-step loop"):
+        _run(cfg.replace(loop="scan"), hooks=hooks)
+
+
 def test_summary_files_and_init_variables(tmp_path: os.PathLike[str]) -> None:
     cfg = NARROW.replace(epochs=2, lr_peak_epoch=1.0)
     first = _run(cfg, workdir=tmp_path, stream="shared")
