@@ -30,13 +30,18 @@ Figures, each a ratio that must stay <= 1:
   update), with a bar of 4x the float32 rounding bound of that recovery,
   computed per step. With lookahead: the net equals its EMA after each EMA
   step, and the EMA is untouched on the others, exactly;
+- the coupled weight decay each trainer applied to each parameter group,
+  recovered from its momentum buffers and its own loss gradient recomputed at
+  the step's start (`wd = <b1 - m b0 - g, w0> / |w0|^2`), against the config,
+  with a bar of 4x that recovery's error scale plus 1e-3 of the decay;
 - params, momentum buffers and EMA params after every step, as a whole:
   ||jax - torch|| / ||change|| <= 5e-2. These carry the gradient, which
   XLA:CPU and PyTorch compute differently by up to ~5e-3 of the step (measured,
   batch 16): a ReLU or a max-pool decided the other way where a value sits
   within rounding of a kink, and long sums of cancelling terms (a BN bias's
-  gradient) magnify rounding. The recovered LR and EMA decay above, the loss,
-  and check 4's exact optimizer comparison carry the tight verdict on the update;
+  gradient) magnify rounding. The recovered LR, weight decay and EMA decay
+  above, the loss, and check 4's exact optimizer comparison carry the tight
+  verdict on the update;
 - evaluation, from identical weights: every TTA view's logits and their
   weighted sum (relative, bar 1e-5), the evaluation loss (relative, 1e-5), and
   the accuracies of the live and EMA nets, which may differ only on test
@@ -351,6 +356,88 @@ def _applied_lr(
     }
 
 
+def _step_gradients(
+    cfg: Config, data: Any, rec: TorchRecorder, tf: TeacherForcing, steps: list[int]
+) -> dict[str, dict[int, dict[str, np.ndarray]]]:
+    """Each trainer's own loss gradient at each step's starting state, on that step's batch.
+
+    The batch comes from the shared plan (check 5: bit-identical to what the trainers
+    augment); the gradient from `jaxbench.train.make_loss_fn` / `torch_ref.train.
+    train_forward`, the functions the steps differentiate. Flax layout, by dotted name.
+    """
+    from jaxbench import models
+    from jaxbench import train as jtrain
+    from jaxbench.stream import apply_plan_numpy, epoch_plan
+    from torch_ref import model as tmodel_mod
+    from torch_ref import train as ttrain
+
+    loss_fn = jtrain.make_loss_fn(cfg, models.model_from_config(cfg))
+    grad_fn = jax.jit(jax.grad(lambda p, bs, x, y: loss_fn(p, bs, x, y)[0]))
+    mean, std = ttrain._stats_tensors(cfg.dataset, torch.device("cpu"))
+    images = np.asarray(data.train_images[: cfg.subset])
+    labels = np.asarray(data.train_labels[: cfg.subset])
+    spe = len(steps) // cfg.epochs
+    out: dict[str, dict[int, dict[str, np.ndarray]]] = {"jax": {}, "torch": {}}
+    for t in steps:
+        bp = epoch_plan(cfg, t // spe, len(images)).batch(t % spe, cfg.batch_size)
+        x = apply_plan_numpy(images, bp, cfg)
+        y = labels[bp.indices].astype(np.int32)
+        inj = tf.injected[t]
+        g = grad_fn(inj.params, inj.batch_stats, jnp.asarray(x), jnp.asarray(y))
+        out["jax"][t] = leaves(jax.device_get(g))
+        net = tmodel_mod.model_from_config(cfg)
+        net.load_state_dict(convert.flax_to_torch(rec.pre[t]["variables"]))
+        net = net.to(memory_format=torch.channels_last).train()
+        loss, _, _ = ttrain.train_forward(
+            net,
+            torch.from_numpy(x),
+            torch.from_numpy(y).long(),
+            mean,
+            std,
+            **ttrain.loss_options(cfg, False),
+        )
+        loss.backward()
+        grads = {n: q.grad for n, q in net.named_parameters() if q.grad is not None}
+        out["torch"][t] = leaves(convert.torch_to_flax(grads)["params"])
+    return out
+
+
+def _applied_weight_decay(
+    pre: dict[str, PyTree],
+    post: dict[str, PyTree],
+    grads: dict[str, np.ndarray],
+    cfg: Config,
+    labels: dict[str, str],
+) -> dict[str, tuple[float, float]]:
+    """The coupled weight decay each parameter group got in a step, and its error scale.
+
+    The momentum buffer takes b1 = m b0 + g + wd w0, so wd = <b1 - m b0 - g, w0> / |w0|^2
+    with g the loss gradient recomputed at the step's start. Error scale: the recomputed
+    gradient's float32 noise, taken as 1e-5 |g| per element, projected the same way.
+    """
+    m = cfg.momentum
+    w0s = leaves(pre["params"])
+    acc: dict[str, list[float]] = {}
+    for name, group in labels.items():
+        if group not in ("default", "bn_bias") or name not in grads:
+            continue
+        key = name.replace(".", "/")
+        w0 = w0s[name].astype(np.float64)
+        b0, b1 = pre["buffers"][key].astype(np.float64), post["buffers"][key].astype(np.float64)
+        g = grads[name].astype(np.float64)
+        r = b1 - m * b0 - g
+        a = acc.setdefault(group, [0.0, 0.0, 0.0])
+        a[0] += float(np.sum(r * w0))
+        a[1] += float(np.sum(w0 * w0))
+        a[2] += float(
+            np.sum(np.abs(w0) * (1e-5 * np.abs(g) + EPS32 * (np.abs(b1) + m * np.abs(b0))))
+        )
+    return {
+        grp: (n / d if d > 0 else 0.0, e / d if d > 0 else math.inf)
+        for grp, (n, d, e) in acc.items()
+    }
+
+
 def _lookahead_resets(
     tf: TeacherForcing, rec: TorchRecorder, steps: list[int], cfg: Config
 ) -> tuple[float, int]:
@@ -563,6 +650,40 @@ def check_trainer(ctx: Context) -> CheckResult:
         )
     res.figures.append(Figure("LR steps recovered", len(lr_rows), max(1, total // 2), ">=", False))
 
+    # the coupled weight decay each trainer applied, recovered from its momentum buffers
+    wd = optimizer_scales(cfg)[1]
+    wd_want = {"default": wd, "bn_bias": wd * cfg.bn_bias_wd_mult}
+    grads = _step_gradients(cfg, data, rec, tf, steps)
+    wd_rows: list[dict[str, Any]] = []
+    worst_wd = {"jax": (0.0, -1), "torch": (0.0, -1)}
+    for t in steps:
+        if t + 1 not in rec.pre or t not in tf.post:
+            continue
+        pre_t = _torch_parts(rec.pre[t], _jax_parts(tf.post[t]))
+        runs = {
+            "torch": (pre_t, _torch_parts(rec.pre[t + 1], pre_t)),
+            "jax": (_jax_parts(tf.injected[t]), _jax_parts(tf.post[t])),
+        }
+        row = {"step": t}
+        for fw, (pre, post) in runs.items():
+            for group, (got, err) in _applied_weight_decay(
+                pre, post, grads[fw][t], cfg, labels
+            ).items():
+                ratio = abs(got - wd_want[group]) / (4 * err + 1e-3 * wd_want[group] + 1e-12)
+                row[f"{fw} {group}"] = got
+                if ratio >= worst_wd[fw][0]:
+                    worst_wd[fw] = (ratio, t)
+        wd_rows.append(row)
+    for fw, (ratio, t) in worst_wd.items():
+        res.figures.append(
+            Figure(
+                f"{fw}: applied weight decay vs config / (4 x error scale + 1e-3 wd), "
+                f"worst (step {t})",
+                ratio,
+                1.0,
+            )
+        )
+
     # 4. evaluation of identical weights: the trainers' metrics, and every TTA view's logits
     eval_rows = []
     for e in sorted(rec.at_eval):
@@ -627,6 +748,7 @@ def check_trainer(ctx: Context) -> CheckResult:
         "loss_relative_diff": loss_rel,
         "state_after_step": state_rows,
         "applied_lr": lr_rows,
+        "applied_weight_decay": wd_rows,
         "evaluation": eval_rows,
         "logits_relative_diff": view_rows,
         "synthetic_data": ctx.data is None,
