@@ -277,8 +277,9 @@ _CHECK_NOTES: dict[int, str] = {
     "from torch_ref's state (params, BN statistics, momentum, step counters, EMA), so "
     "float32 chaos cannot build up; what JAX's loop carries into the next step is compared. "
     "Per-step loss; BN statistics per element; the LR, weight decay and EMA decay each "
-    "trainer actually applied, recovered from its own update, against the config; params, momentum and EMA "
-    "params as a whole (their gradient is float32-ambiguous near ReLU and max-pool kinks); "
+    "trainer actually applied, recovered from its own update, against the config; params, "
+    "momentum and EMA params as a whole (their gradient is float32-ambiguous near ReLU "
+    "and max-pool kinks); "
     "evaluation of identical weights: every TTA view's logits, the loss, the accuracies. "
     "Module docstring of parity/checks/trainer.py: the argument and the bars.",
     7: "Both trainers, stream='shared', several seeds, each a matched pair (same weights, "
