@@ -262,6 +262,18 @@ def _frozen_buffers(snap: dict[str, Any]) -> set[str]:
     return {name.replace(".", "/") for name in snap["frozen"]}
 
 
+def _step_pairs(
+    rec: TorchRecorder, tf: TeacherForcing, t: int
+) -> dict[str, tuple[dict[str, PyTree], dict[str, PyTree]]]:
+    """Each trainer's (state before, state after) step t, as comparable parts: torch's own
+    run, and JAX's step from the injected state (torch's, converted)."""
+    pre_t = _torch_parts(rec.pre[t], _jax_parts(tf.post[t]))
+    return {
+        "torch": (pre_t, _torch_parts(rec.pre[t + 1], pre_t)),
+        "jax": (_jax_parts(tf.injected[t]), _jax_parts(tf.post[t])),
+    }
+
+
 def _stats_ratios(
     got: dict[str, PyTree], want: dict[str, PyTree], before: dict[str, PyTree]
 ) -> dict[str, float]:
@@ -592,11 +604,7 @@ def check_trainer(ctx: Context) -> CheckResult:
             if cfg.lookahead or t + 1 not in rec.pre or t not in tf.post:
                 continue
             m = float(decays[t + 1]) if (t + 1) % cfg.ema_every == 0 else 1.0
-            pre_t = _torch_parts(rec.pre[t], _jax_parts(tf.post[t]))
-            runs = {
-                "torch": (pre_t, _torch_parts(rec.pre[t + 1], pre_t)),
-                "jax": (_jax_parts(tf.injected[t]), _jax_parts(tf.post[t])),
-            }
+            runs = _step_pairs(rec, tf, t)
             for fw, (pre, post) in runs.items():
                 d, err = _applied_decay(pre, post)
                 ratio = abs(d - m) / (4 * err + 1e-7)
@@ -625,11 +633,7 @@ def check_trainer(ctx: Context) -> CheckResult:
         if t + 1 not in rec.pre or t not in tf.post:
             continue
         want = float(schedule.lr_at(t, cfg, total // cfg.epochs))
-        pre_t = _torch_parts(rec.pre[t], _jax_parts(tf.post[t]))
-        runs = {
-            "torch": (pre_t, _torch_parts(rec.pre[t + 1], pre_t)),
-            "jax": (_jax_parts(tf.injected[t]), _jax_parts(tf.post[t])),
-        }
+        runs = _step_pairs(rec, tf, t)
         row: dict[str, Any] = {"step": t, "reference": want}
         for fw, (pre, post) in runs.items():
             for group, (lr, err) in _applied_lr(pre, post, cfg, labels).items():
@@ -659,11 +663,7 @@ def check_trainer(ctx: Context) -> CheckResult:
     for t in steps:
         if t + 1 not in rec.pre or t not in tf.post:
             continue
-        pre_t = _torch_parts(rec.pre[t], _jax_parts(tf.post[t]))
-        runs = {
-            "torch": (pre_t, _torch_parts(rec.pre[t + 1], pre_t)),
-            "jax": (_jax_parts(tf.injected[t]), _jax_parts(tf.post[t])),
-        }
+        runs = _step_pairs(rec, tf, t)
         row = {"step": t}
         for fw, (pre, post) in runs.items():
             for group, (got, err) in _applied_weight_decay(
