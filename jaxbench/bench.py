@@ -1,22 +1,38 @@
 """Race `jaxbench` against `torch_ref` on one machine: `python -m jaxbench.bench`.
 
-For each framework, in the order given: one untimed warm-up run (it pays for
-compilation, autotuning and allocator growth), then `--runs` timed runs with
-seeds 0..N-1. The dataset is loaded once and handed to both trainers through
-`data=`; moving it onto the device happens inside the trainers, outside their
-clock. What is timed is each trainer's `total_time_seconds`: data-dependent
+One command for a user who rents a GPU by the minute and wants the whole
+comparison: several presets (`--config resnet9,speedrun`), both frameworks,
+JAX's loop choice (`--loop scan,step`), within a wall-clock budget
+(`--max-seconds`), with profiles on request (`--profile DIR`).
+
+Order of work (docs/benchmark.md):
+1. The dataset is loaded once into host memory and handed to every run.
+2. Per preset and contender, one untimed warm-up run (seed `WARMUP_SEED`): it
+   compiles (JAX: `jit(...).lower().compile()` into a `CompileCache` shared by
+   later runs; PyTorch: `torch.compile` and a warm-up step, once per process),
+   autotunes and grows the allocators. Then the self-checks: JAX's program as
+   exported for the GPU (`jaxbench.program`), XLA's executed FLOPs against the
+   counted ones, and on CUDA PyTorch's timed steps under sync-debug mode.
+3. Rounds: one timed run of every contender of every preset, seed = round
+   index, the order alternating each round (ABAB, who goes first alternates),
+   until `--runs` rounds or the budget says the next round would not fit
+   (`jaxbench.budget`). Every contender so has the same seeds.
+4. With `--profile`: one more run per contender under the profilers.
+Results are written atomically after every run (a kill leaves valid JSON).
+
+What is timed is each trainer's `total_time_seconds`: data-dependent
 initialisation, every training step and the final evaluation with TTA, with a
 device synchronisation before each clock read; compilation and the per-epoch
-monitoring evaluations are excluded (docs/design.md, docs/benchmark.md).
+monitoring evaluations are excluded (docs/design.md).
 
-Both frameworks run sequentially in this one process. JAX would otherwise
-reserve 75% of GPU memory at start-up and leave PyTorch the rest, so `main`
-sets `XLA_PYTHON_CLIENT_PREALLOCATE=false` (unless the caller set it) before
-JAX is imported; ResNet-9 on CIFAR-10 needs a few GiB, far below one card.
+Both frameworks run in this one process; `main` sets
+`XLA_PYTHON_CLIENT_PREALLOCATE=false` (unless the caller set it) before JAX is
+imported, so JAX does not reserve 75% of the GPU before PyTorch runs.
 
-Statistics: mean, sample std (ddof=1), min and max over runs; the JAX/PyTorch
-time ratio of means has a 95% interval from the delta method on the log ratio
-with Welch's degrees of freedom (`ratio_ci`).
+Statistics: mean, sample std (ddof=1), min and max over runs; the time ratio
+of means has a 95% interval from the delta method on the log ratio with
+Welch's degrees of freedom (`ratio_ci`). A race whose contenders do not both
+reach `--target` on average has no winner: "target not reached", no ratio.
 """
 
 from __future__ import annotations
@@ -26,7 +42,9 @@ import io
 import math
 import os
 import shlex
+import signal
 import sys
+import traceback
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,10 +53,15 @@ from typing import Any, NoReturn
 import numpy as np
 
 from jaxbench import configs, flops, report
+from jaxbench.budget import SAFETY, SLACK_S, Budget, BudgetExceeded, Watchdog, fits, round_order
 from jaxbench.stream import steps_per_epoch
 
 FRAMEWORKS: tuple[str, ...] = ("jax", "torch")
-SCHEMA_VERSION = 1
+LOOPS: tuple[str, ...] = ("auto", "scan", "step")
+SCHEMA_VERSION = 2
+WARMUP_SEED = 1000  # never a timed seed (timed seeds are the round indices 0, 1, ...)
+DEFAULT_RUNS = 5  # rounds when neither --runs nor --max-seconds is given
+PROFILE_OVERHEAD = 2.0  # a profiled run's wall, predicted as this x a timed run's
 CI_LEVEL = 0.95
 RATIO_METHOD = (
     "ratio of mean times; 95% CI = ratio * exp(+-t * se), se^2 = s_a^2/(n_a m_a^2) + "
@@ -64,6 +87,7 @@ TRAINER_INFO_KEYS: tuple[str, ...] = (
     "loop",
     "stream",
     "compile",
+    "torch_setup",
 )
 
 Trainer = Callable[..., dict[str, Any]]
@@ -207,6 +231,12 @@ def run_record(
     }
     for key in ("val_acc", "ema_val_acc", "val_loss", "train_loss", "train_acc"):
         rec[key] = final.get(key)
+    # Did this run build its programs? JAX: compiled (vs reused from the cache);
+    # PyTorch: ran its compile/autotune warm-up. Dynamo compiles inside the clock must be 0.
+    built = summary.get("compiled", summary.get("warmup_ran"))
+    rec["built_programs"] = None if built is None else bool(built)
+    rec["dynamo_compiles"] = summary.get("dynamo_compiles")
+    rec["loop"] = summary.get("loop")
     return rec
 
 
@@ -242,6 +272,14 @@ def summarize(
     }
 
 
+def programs_built(runs: Sequence[dict[str, Any] | None]) -> int | None:
+    """How many of these runs (warm-up included) built programs; 1 is the goal per preset."""
+    flags = [r.get("built_programs") for r in runs if r is not None]
+    if not flags or any(f is None for f in flags):
+        return None
+    return int(sum(flags))
+
+
 def load_trainer(framework: str) -> Trainer:
     """Import a framework's `train_and_evaluate` only when it is raced."""
     try:
@@ -258,42 +296,50 @@ def load_trainer(framework: str) -> Trainer:
     return train_and_evaluate
 
 
-def run_framework(
-    framework: str,
-    cfg: configs.Config,
-    data: Any,
-    runs: int,
-    *,
-    stream: str = "fast",
-    torch_compile: bool | None = None,
-    trainer: Trainer | None = None,
-    on_record: Callable[[str, dict[str, Any]], None] | None = None,
-) -> tuple[dict[str, Any], list[dict[str, Any]], dict[str, Any]]:
-    """(warm-up record, timed records, trainer info) for one framework.
+@dataclass(frozen=True)
+class Entry:
+    """One contender: a framework, and for JAX possibly a fixed loop (`--loop scan,step`)."""
 
-    Trainer info: the warm-up summary's `environment` plus whatever set-up keys
-    the trainer reports (device, precision, loop, compile, ...).
+    name: str  # "jax", "torch", or "jax-scan" / "jax-step" when several loops race
+    framework: str
+    loop: str | None = None  # None: the trainer's own choice
 
-    The warm-up uses seed `runs` (the first seed no timed run uses), so its
-    numbers are kept but never mixed into the statistics.
+    def config(self, cfg: configs.Config) -> configs.Config:
+        return cfg if self.loop is None else cfg.replace(loop=self.loop)
+
+
+def make_entries(frameworks: Sequence[str], loops: Sequence[str]) -> tuple[Entry, ...]:
+    """The contenders: each framework once, JAX once per loop when several are asked for."""
+    out: list[Entry] = []
+    for fw in frameworks:
+        if fw == "jax" and len(loops) > 1:
+            out += [Entry(f"jax-{loop}", "jax", loop) for loop in loops]
+        elif fw == "jax" and tuple(loops) != ("auto",):
+            out.append(Entry("jax", "jax", loops[0]))
+        else:
+            out.append(Entry(fw, fw))
+    return tuple(out)
+
+
+def decide(
+    runs: dict[str, Sequence[dict[str, Any]]], numerator: str, denominator: str, target: float
+) -> dict[str, Any]:
+    """The race between two contenders' timed runs: a time ratio, or no winner.
+
+    Time-to-target only means something when both reach the target: if either
+    contender's mean accuracy is below `target`, the verdict is "target not
+    reached" and there is no ratio. Needs at least one timed run each.
     """
-    trainer = trainer or load_trainer(framework)
-    kwargs: dict[str, Any] = {"data": data, "stream": stream, "progress": False, "quiet": True}
-    if framework == "torch":
-        kwargs["compile"] = torch_compile
-    warmup_summary = trainer(cfg.replace(seed=runs, out=None), None, **kwargs)
-    n_train, n_test = len(data.train_labels), len(data.test_labels)
-    warmup = run_record(warmup_summary, cfg, n_train, n_test)
-    if on_record:
-        on_record("warm-up", warmup)
-    records = []
-    for seed in range(runs):
-        summary = trainer(cfg.replace(seed=seed, out=None), None, **kwargs)
-        records.append(run_record(summary, cfg, n_train, n_test))
-        if on_record:
-            on_record(f"run {seed + 1}/{runs}", records[-1])
-    info = {k: warmup_summary[k] for k in TRAINER_INFO_KEYS if k in warmup_summary}
-    return warmup, records, info
+    out: dict[str, Any] = {"numerator": numerator, "denominator": denominator, "target": target}
+    pair = (numerator, denominator)
+    if any(not runs.get(n) for n in pair):
+        return {**out, "status": "no runs", "ratio": None}
+    means = {n: float(np.mean([r["accuracy"] for r in runs[n]])) for n in pair}
+    below = {n: a for n, a in means.items() if a < target}
+    if below:
+        return {**out, "status": "target not reached", "below_target": below, "ratio": None}
+    times = [[r["time_seconds"] for r in runs[n]] for n in pair]
+    return {**out, "status": "ratio", "ratio": {**ratio_ci(*times), "method": RATIO_METHOD}}
 
 
 # --- output ---------------------------------------------------------------------------------
@@ -318,9 +364,13 @@ def format_table(doc: dict[str, Any]) -> str:
         "TFLOP/s",
         "epoch>=target",
     ]
+    header.append("built")
     rows = [header]
     for name, fw in doc["frameworks"].items():
         s = fw["summary"]
+        if s is None:
+            continue
+        built = programs_built([fw["warmup"], *fw["runs"]])
         comp = s["compile_seconds"]["warmup"]
         ips, tf, ep = (
             s["images_per_second"],
@@ -339,6 +389,7 @@ def format_table(doc: dict[str, Any]) -> str:
                 "-" if ips is None else f"{ips:.0f}",
                 "-" if tf is None else f"{tf:.3g}",
                 "-" if ep is None else str(ep),
+                "-" if built is None else str(built),
             ]
         )
     widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
@@ -347,14 +398,12 @@ def format_table(doc: dict[str, Any]) -> str:
         f"acc = {doc['accuracy_metric_description']}; target {doc['target']:.4f}; "
         "time = timed training + final evaluation; compile = warm-up run's"
     )
-    ratio = doc.get("ratio")
-    if ratio is not None:
-        ci = ratio["ci"]
-        span = "n/a (needs >= 2 runs each)" if ci is None else f"{ci[0]:.3f}..{ci[1]:.3f}"
-        lines.append(
-            f"time ratio {ratio['numerator']}/{ratio['denominator']} ({doc['preset']}): "
-            f"{ratio['value']:.3f}, {100 * ratio['level']:.0f}% CI {span}"
-        )
+    lines.append(
+        "built = runs that compiled their programs (JAX) or ran the compile/autotune warm-up "
+        "(PyTorch), warm-up included: 1 means every timed run reused them"
+    )
+    for verdict in doc.get("verdicts", {}).values():
+        lines.append(format_verdict(verdict, doc["preset"]))
     return "\n".join(lines)
 
 
@@ -373,7 +422,9 @@ def plot(doc: dict[str, Any], path: Path) -> bool:
     fig = Figure(figsize=(11, 4.5), layout="constrained")
     ax_t, ax_e = fig.subplots(1, 2)
     for name, fw in doc["frameworks"].items():
-        color = _COLORS.get(name)
+        if fw.get("summary") is None:
+            continue
+        color = _COLORS.get(name) if name in _COLORS else None
         runs = fw["runs"]
         ax_t.scatter(
             [r["time_seconds"] for r in runs],
@@ -417,6 +468,26 @@ def plot(doc: dict[str, Any], path: Path) -> bool:
     return True
 
 
+def format_verdict(verdict: dict[str, Any], preset: str) -> str:
+    """One line: the time ratio with its interval, or why the race has no winner."""
+    pair = f"{verdict['numerator']}/{verdict['denominator']} ({preset})"
+    if verdict["status"] == "target not reached":
+        below = ", ".join(f"{n} {a:.4f}" for n, a in verdict["below_target"].items())
+        return (
+            f"time ratio {pair}: target not reached (mean accuracy below "
+            f"{verdict['target']:.4f}: {below}); no winner"
+        )
+    if verdict["status"] != "ratio":
+        return f"time ratio {pair}: {verdict['status']}"
+    ratio = verdict["ratio"]
+    ci = ratio["ci"]
+    span = "n/a (needs >= 2 runs each)" if ci is None else f"{ci[0]:.3f}..{ci[1]:.3f}"
+    return (
+        f"time ratio {pair}: {ratio['value']:.3f}, {100 * ratio['level']:.0f}% CI {span} "
+        "(< 1: the numerator is faster)"
+    )
+
+
 # --- command line -------------------------------------------------------------------------
 
 
@@ -425,57 +496,140 @@ _Parser = configs.OneLineErrorParser
 
 @dataclass(frozen=True)
 class Options:
-    cfg: configs.Config
+    cfgs: tuple[configs.Config, ...]  # one per preset, overrides applied
     frameworks: tuple[str, ...]
-    runs: int
+    loops: tuple[str, ...]
+    runs: int | None  # None: as many rounds as --max-seconds allows
     target: float
     out: Path
     stream: str
     torch_compile: bool | None
+    torch_compile_mode: str | None
+    max_seconds: float | None
+    profile: Path | None
+
+    @property
+    def entries(self) -> tuple[Entry, ...]:
+        return make_entries(self.frameworks, self.loops)
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(
         prog="python -m jaxbench.bench",
-        description="Race jaxbench against torch_ref: warm-up, N seeded runs each, statistics.",
+        description="Race jaxbench against torch_ref: per preset a warm-up each, then rounds "
+        "of one timed run per contender (alternating order) until --runs or --max-seconds; "
+        "statistics, verdicts, bench.json and plots in --out.",
         allow_abbrev=False,
     )
+    p.add_argument(
+        "--config",
+        default="resnet9",
+        help=f"comma list of presets to race ({', '.join(configs.PRESETS)}); default resnet9",
+    )
     p.add_argument("--frameworks", default="jax,torch", help="comma list of jax, torch")
-    p.add_argument("--runs", type=int, default=5, help="timed runs per framework (seeds 0..N-1)")
+    p.add_argument(
+        "--loop",
+        dest="loops",
+        default="auto",
+        help="JAX loop(s): auto (scan on GPU, step on CPU), scan, step, or scan,step to race both",
+    )
+    p.add_argument(
+        "--runs",
+        type=int,
+        default=None,
+        help=f"timed runs per contender and preset (default {DEFAULT_RUNS}; with --max-seconds: "
+        "as many as fit)",
+    )
+    p.add_argument(
+        "--max-seconds",
+        type=float,
+        default=None,
+        help="wall-clock budget of the whole command; rounds are planned from measured run "
+        "times and the command stops in time with its results written",
+    )
     p.add_argument("--target", type=float, default=0.94, help="accuracy target in (0, 1]")
-    p.add_argument("--out", default=None, help="output folder (default bench-out/<preset>)")
+    p.add_argument("--out", default=None, help="output folder (default bench-out/<presets>)")
     p.add_argument("--stream", default="fast", choices=("fast", "shared"), help="batch stream")
     p.add_argument(
         "--torch-compile",
         action=argparse.BooleanOptionalAction,
         default=None,
-        help="torch.compile the PyTorch model (default: the trainer's choice)",
+        help="torch.compile the PyTorch model (default: the trainer's choice: on for CUDA)",
     )
-    # `--config` picks the preset; `--out` and `--seed` belong to the benchmark, not the run.
-    configs.add_config_args(p, skip=("name", "out", "seed"))
+    p.add_argument(
+        "--torch-compile-mode",
+        default=None,
+        help="torch.compile mode (default: the trainer's; max-autotune on CUDA)",
+    )
+    p.add_argument(
+        "--profile",
+        metavar="DIR",
+        default=None,
+        help="after the timed rounds, one profiled run per contender: traces in DIR and a "
+        "top-operations table per framework in the report",
+    )
+    # Every other Config field overrides every preset; --out and --seed belong to the bench.
+    configs.add_config_args(p, skip=("name", "out", "seed", "config", "loop"))
     return p
+
+
+def _comma_list(text: str) -> list[str]:
+    return [t.strip() for t in text.split(",") if t.strip()]
 
 
 def parse_args(argv: Sequence[str] | None = None) -> Options:
     """Flags -> Options; any bad value exits 2 with one line naming the fix."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    try:
-        cfg = configs.config_from_args(args)
-    except ValueError as e:
-        parser.error(str(e))
-    names = tuple(f.strip() for f in args.frameworks.split(",") if f.strip())
+    presets = _comma_list(args.config)
+    if not presets or len(set(presets)) != len(presets):
+        parser.error(
+            f"--config takes distinct preset names, e.g. tiny,speedrun; got {args.config!r}"
+        )
+    cfgs = []
+    for name in presets:
+        if name not in configs.PRESETS:
+            parser.error(
+                f"unknown preset {name!r} in --config; choose from {', '.join(configs.PRESETS)}"
+            )
+        try:
+            cfgs.append(
+                configs.config_from_args(argparse.Namespace(**{**vars(args), "config": name}))
+            )
+        except ValueError as e:
+            parser.error(f"{name}: {e}")
+    names = tuple(_comma_list(args.frameworks))
     bad = [f for f in names if f not in FRAMEWORKS]
     if not names or bad:
         parser.error(f"--frameworks takes a comma list of {', '.join(FRAMEWORKS)}; got {bad}")
     if len(set(names)) != len(names):
         parser.error(f"--frameworks lists a framework twice: {args.frameworks}")
-    if args.runs < 1:
+    loops = tuple(_comma_list(args.loops))
+    if not loops or any(lp not in LOOPS for lp in loops) or len(set(loops)) != len(loops):
+        parser.error(f"--loop takes distinct values from {', '.join(LOOPS)}; got {args.loops!r}")
+    if args.runs is not None and args.runs < 1:
         parser.error("--runs must be at least 1")
+    if args.max_seconds is not None and not (
+        args.max_seconds > 0 and math.isfinite(args.max_seconds)
+    ):
+        parser.error(f"--max-seconds must be a positive number of seconds, got {args.max_seconds}")
     if not 0.0 < args.target <= 1.0:
         parser.error(f"--target is an accuracy in (0, 1], e.g. 0.94; got {args.target}")
-    out = Path(args.out) if args.out else Path("bench-out") / cfg.name
-    return Options(cfg, names, args.runs, args.target, out, args.stream, args.torch_compile)
+    runs = args.runs if args.runs is not None or args.max_seconds is not None else DEFAULT_RUNS
+    out = Path(args.out) if args.out else Path("bench-out") / "+".join(presets)
+    return Options(
+        cfgs=tuple(cfgs),
+        frameworks=names,
+        loops=loops,
+        runs=runs,
+        target=args.target,
+        out=out,
+        stream=args.stream,
+        torch_compile=args.torch_compile,
+        torch_compile_mode=args.torch_compile_mode,
+        max_seconds=args.max_seconds,
+        profile=Path(args.profile) if args.profile else None,
+    )
 
 
 def _fail(message: str) -> NoReturn:
@@ -483,46 +637,56 @@ def _fail(message: str) -> NoReturn:
     raise SystemExit(2)
 
 
-def _load_trainers(frameworks: Sequence[str], cfg: configs.Config) -> dict[str, Trainer]:
-    """Import each trainer and let it refuse the config before any run starts."""
+def _load_trainers(frameworks: Sequence[str], cfgs: Sequence[configs.Config]) -> dict[str, Trainer]:
+    """Import each trainer and let it refuse every config before any run starts."""
     trainers = {}
     for name in frameworks:
         try:
             trainers[name] = load_trainer(name)
             check = getattr(sys.modules[trainers[name].__module__], "check_supported", None)
             if check is not None:
-                check(cfg)
+                for cfg in cfgs:
+                    check(cfg)
         except (RuntimeError, ValueError) as e:
             _fail(f"{name}: {e}")
     return trainers
 
 
-def _load_data(cfg: configs.Config) -> Any:
-    """The dataset, once, in host memory; a data problem is one line and exit 2."""
-    from jaxbench.data import load_dataset
+def _load_data(cfgs: Sequence[configs.Config]) -> dict[str, Any]:
+    """Each preset's data, from one load per dataset (host memory); a problem is exit 2."""
+    from jaxbench.data import load_dataset, take_subsets
 
-    try:
-        return load_dataset(cfg)
-    except (OSError, ValueError, KeyError) as e:
-        _fail(f"cannot load {cfg.dataset}: {e}")
+    full: dict[tuple[str, Any], Any] = {}
+    out = {}
+    for cfg in cfgs:
+        key = (cfg.dataset, cfg.data_dir)
+        try:
+            if key not in full:
+                full[key] = load_dataset(cfg.replace(subset=None, test_subset=None))
+            out[cfg.name] = take_subsets(full[key], cfg.subset, cfg.test_subset)
+        except (OSError, ValueError, KeyError) as e:
+            _fail(f"cannot load {cfg.dataset}: {e}")
+    return out
 
 
-def _new_doc(opts: Options, data: Any, command: str) -> dict[str, Any]:
-    """bench.json before any run: what is raced, on what, and how it is measured."""
-    cfg = opts.cfg
+def _error(e: BaseException) -> dict[str, Any]:
+    tail = traceback.format_exception(type(e), e, e.__traceback__)[-3:]
+    return {"error": f"{type(e).__name__}: {e}", "traceback_tail": "".join(tail)}
+
+
+def _new_race(cfg: configs.Config, data: Any, opts: Options) -> dict[str, Any]:
+    """One preset's part of bench.json before any run: what is raced and how it is measured."""
     return {
-        "schema": SCHEMA_VERSION,
-        "complete": False,
         "preset": cfg.name,
+        "complete": False,
         "target": opts.target,
-        "runs_per_framework": opts.runs,
-        "seeds": list(range(opts.runs)),
+        "runs_per_framework": 0,
+        "seeds": [],
         "accuracy_metric": headline_metric(cfg),
         "accuracy_metric_description": describe_metric(cfg),
         "time_definition": TIME_DEFINITION,
         "throughput_definition": THROUGHPUT_DEFINITION,
         "stream": opts.stream,
-        "torch_compile": opts.torch_compile,
         "config": cfg.to_dict(),
         "n_train": int(len(data.train_labels)),
         "n_test": int(len(data.test_labels)),
@@ -532,73 +696,401 @@ def _new_doc(opts: Options, data: Any, command: str) -> dict[str, Any]:
             "eval_per_image": flops.eval_flops_per_image(cfg),
             "convention": flops.CONVENTION,
         },
-        "environment": {**report.environment(opts.frameworks), "command": command},
+        "self_checks": {},
         "frameworks": {},
+        "verdicts": {},
         "ratio": None,
     }
 
 
+class Bench:
+    """The whole command's state: budget, contenders, bench.json, and the runs so far."""
+
+    def __init__(
+        self,
+        opts: Options,
+        trainers: dict[str, Trainer],
+        data: dict[str, Any],
+        command: str,
+        budget: Budget,
+        log: Callable[[str], None] = print,
+    ) -> None:
+        self.opts = opts
+        self.trainers = trainers
+        self.data = data
+        self.budget = budget
+        self.log = log
+        self.watchdog = Watchdog(budget)
+        self.entries = list(opts.entries)
+        self.caches: dict[str, Any] = {}  # JAX entry name -> CompileCache
+        self.estimates: dict[tuple[str, str], float] = {}  # (preset, entry) -> wall seconds
+        self.doc: dict[str, Any] = {
+            "schema": SCHEMA_VERSION,
+            "complete": False,
+            "command": command,
+            "started": report.now_iso(),
+            "finished": None,
+            "elapsed_seconds": 0.0,
+            "max_seconds": opts.max_seconds,
+            "runs_requested": opts.runs,
+            "target": opts.target,
+            "presets": [c.name for c in opts.cfgs],
+            "contenders": [vars(e) for e in self.entries],
+            "dropped": {},
+            "stop_reason": None,
+            "order": [],
+            "environment": None,
+            "races": {c.name: _new_race(c, data[c.name], opts) for c in opts.cfgs},
+            "files": ["bench.json"],
+        }
+        for cfg in opts.cfgs:
+            for e in self.entries:
+                self.doc["races"][cfg.name]["frameworks"][e.name] = {
+                    "framework": e.framework,
+                    "loop": e.loop,
+                    "warmup": None,
+                    "runs": [],
+                    "trainer": {},
+                    "summary": None,
+                    "programs_built": None,
+                    "error": None,
+                    "profile": None,
+                }
+
+    # -- files
+    def save(self) -> None:
+        self.doc["elapsed_seconds"] = round(self.budget.elapsed(), 2)
+        report.write_json(self.opts.out / "bench.json", self.doc)
+
+    def _stamp(self) -> str:
+        return f"[{self.budget.elapsed():7.1f}s]"
+
+    # -- environment
+    def record_environment(self) -> None:
+        """Versions and settings; a framework that would run on the CPU beside a GPU is dropped
+        (a full preset there would take the whole budget and say nothing of the GPU)."""
+        env = report.environment(self.opts.frameworks)
+        env["command"] = self.doc["command"]
+        env["nvidia_smi"] = report.nvidia_smi()
+        jax_gpu = env.get("jax_backend") in ("gpu", "cuda", "rocm")
+        torch_gpu = env.get("torch_device") not in (None, "cpu")
+        if env["nvidia_smi"].get("available") or jax_gpu or torch_gpu:
+            if "jax" in self.opts.frameworks and not jax_gpu:
+                self.drop("jax", f"no GPU backend (jax_backend={env.get('jax_backend')})")
+            if "torch" in self.opts.frameworks and not torch_gpu:
+                self.drop("torch", "torch.cuda.is_available() is False")
+        env["settings_start"] = report.numeric_settings()
+        self.doc["environment"] = env
+        self.save()
+
+    def drop(self, framework: str, reason: str) -> None:
+        self.entries = [e for e in self.entries if e.framework != framework]
+        self.doc["dropped"][framework] = reason
+        self.log(f"{self._stamp()} {framework}: dropped: {reason}")
+
+    # -- one run
+    def call(self, cfg: configs.Config, entry: Entry, seed: int, **extra: Any) -> dict[str, Any]:
+        """One trainer run (guarded by the watchdog); returns its summary."""
+        kwargs: dict[str, Any] = {
+            "data": self.data[cfg.name],
+            "stream": self.opts.stream,
+            "progress": False,
+            "quiet": True,
+            **extra,
+        }
+        if entry.framework == "torch":
+            kwargs["compile"] = self.opts.torch_compile
+            if self.opts.torch_compile_mode is not None:
+                kwargs["compile_mode"] = self.opts.torch_compile_mode
+        else:
+            if entry.name not in self.caches:
+                from jaxbench.train import CompileCache
+
+                self.caches[entry.name] = CompileCache()
+            kwargs["compile_cache"] = self.caches[entry.name]
+        run_cfg = entry.config(cfg).replace(seed=seed, out=None)
+        with self.watchdog.guard():
+            return self.trainers[entry.framework](run_cfg, None, **kwargs)
+
+    def run(self, cfg: configs.Config, entry: Entry, seed: int, kind: str) -> dict[str, Any] | None:
+        """A warm-up or timed run, recorded in bench.json; an error retires the contender."""
+        race = self.doc["races"][cfg.name]
+        fw = race["frameworks"][entry.name]
+        t0 = self.budget.elapsed()
+        try:
+            summary = self.call(cfg, entry, seed)
+        except BudgetExceeded:
+            raise
+        except Exception as e:  # one failure must not cost the rest of the race
+            fw["error"] = {**_error(e), "seed": seed, "kind": kind}
+            self.log(
+                f"{self._stamp()} {cfg.name} {entry.name}: {kind} failed: {fw['error']['error']}"
+            )
+            self.save()
+            return None
+        wall = self.budget.elapsed() - t0
+        rec = run_record(summary, cfg, race["n_train"], race["n_test"])
+        rec["wall_seconds"] = wall
+        self.doc["order"].append(
+            {"preset": cfg.name, "contender": entry.name, "seed": seed, "kind": kind}
+        )
+        key = (cfg.name, entry.name)
+        if kind == "warm-up":
+            fw["warmup"] = rec
+            fw["trainer"] = {k: summary[k] for k in TRAINER_INFO_KEYS if k in summary}
+            self.estimates[key] = wall
+        else:
+            fw["runs"].append(rec)
+            if seed not in race["seeds"]:
+                race["seeds"].append(seed)
+            timed_walls = [r["wall_seconds"] for r in fw["runs"]]
+            self.estimates[key] = max(timed_walls)
+        self.refresh(cfg)
+        self.save()
+        self.log(
+            f"{self._stamp()} {cfg.name:<9} {entry.name:<9} {kind:<8} seed {seed:<4} "
+            f"acc {rec['accuracy']:.4f}  time {rec['time_seconds']:.2f} s  "
+            f"compile {rec['compile_seconds'] or 0:.1f} s  wall {wall:.1f} s"
+        )
+        return summary
+
+    def active(self, cfg: configs.Config) -> list[Entry]:
+        """The contenders still racing in this preset (warmed up, no error)."""
+        race = self.doc["races"][cfg.name]["frameworks"]
+        return [
+            e
+            for e in self.entries
+            if race[e.name]["warmup"] is not None and not race[e.name]["error"]
+        ]
+
+    # -- statistics, after every run (so a kill leaves them current)
+    def refresh(self, cfg: configs.Config) -> None:
+        race = self.doc["races"][cfg.name]
+        fws = race["frameworks"]
+        for fw in fws.values():
+            fw["summary"] = (
+                summarize(fw["runs"], fw["warmup"], cfg, self.opts.target) if fw["runs"] else None
+            )
+            fw["programs_built"] = programs_built([fw["warmup"], *fw["runs"]])
+        counts = [len(fw["runs"]) for fw in fws.values() if fw["warmup"] is not None]
+        race["runs_per_framework"] = min(counts) if counts else 0
+        runs = {name: fw["runs"] for name, fw in fws.items()}
+        race["verdicts"] = {}
+        if "torch" in fws:
+            for name, fw in fws.items():
+                if fw["framework"] == "jax":
+                    race["verdicts"][name] = decide(runs, name, "torch", self.opts.target)
+        single = race["verdicts"].get("jax")
+        race["ratio"] = single["ratio"] if single else None
+
+    # -- the phases
+    def warmups(self) -> None:
+        """A warm-up of every contender in every preset, then the self-checks."""
+        for i, cfg in enumerate(self.opts.cfgs):
+            for entry in self.entries:
+                if i and self.budget.limited:
+                    guess = self.estimates.get((self.opts.cfgs[0].name, entry.name), 0.0)
+                    if not fits(self.budget.remaining(), guess):
+                        self.skip(cfg, entry, f"budget: its warm-up (~{guess:.0f} s) does not fit")
+                        continue
+                self.run(cfg, entry, WARMUP_SEED, "warm-up")
+            self.self_checks(cfg)
+
+    def skip(self, cfg: configs.Config, entry: Entry, reason: str) -> None:
+        self.doc["races"][cfg.name]["frameworks"][entry.name]["error"] = {
+            "error": f"skipped: {reason}"
+        }
+        self.log(f"{self._stamp()} {cfg.name} {entry.name}: skipped: {reason}")
+
+    def self_checks(self, cfg: configs.Config) -> None:
+        """Checks that hold each side to account, recorded in the race (never timed)."""
+        checks = self.doc["races"][cfg.name]["self_checks"]
+        for entry in self.active(cfg):
+            run_cfg = entry.config(cfg)
+            if entry.framework == "jax" and "jax_program" not in checks:
+                checks["jax_program"] = _guarded(_jax_program_check, run_cfg)
+                checks["jax_flops"] = _guarded(_jax_flop_check, run_cfg)
+            if entry.framework == "torch" and "torch_sync" not in checks:
+                checks["torch_sync"] = _guarded(_torch_sync_check, run_cfg, self.data[cfg.name])
+        for name, result in checks.items():
+            self.log(f"{self._stamp()} {cfg.name} self-check {name}: {result.get('status')}")
+        self.save()
+
+    def rounds(self) -> str:
+        """Timed rounds until --runs or the budget; returns why they stopped."""
+        r = 0
+        reserve = self.profile_cost()
+        while True:
+            todo = [(cfg, e) for cfg in self.opts.cfgs for e in self.active(cfg)]
+            if not todo:
+                return "no contender left to run"
+            if self.opts.runs is not None and r >= self.opts.runs:
+                return f"reached --runs {self.opts.runs}"
+            cost = sum(self.estimates[(cfg.name, e.name)] for cfg, e in todo)
+            if self.budget.limited and not fits(self.budget.remaining(), cost, reserve):
+                return (
+                    f"budget: next round predicted {cost:.1f} s (x{SAFETY} + {SLACK_S:.0f} s), "
+                    f"{self.budget.remaining():.1f} s left, {reserve:.1f} s kept for profiles"
+                )
+            for cfg in round_order(self.opts.cfgs, r):
+                for entry in round_order(self.active(cfg), r):
+                    self.run(cfg, entry, r, "timed")
+            r += 1
+
+    def profile_cost(self) -> float:
+        if self.opts.profile is None:
+            return 0.0
+        return sum(
+            PROFILE_OVERHEAD * self.estimates[(cfg.name, e.name)]
+            for cfg in self.opts.cfgs
+            for e in self.active(cfg)
+        )
+
+    def profiles(self) -> None:
+        """One profiled run per contender (off the statistics): traces and top-op tables."""
+        from jaxbench.profiling import format_top_ops
+
+        assert self.opts.profile is not None
+        for cfg in self.opts.cfgs:
+            for entry in self.active(cfg):
+                est = PROFILE_OVERHEAD * self.estimates[(cfg.name, entry.name)]
+                if self.budget.limited and not fits(self.budget.remaining(), est):
+                    self.log(f"{self._stamp()} {cfg.name} {entry.name}: profile skipped (budget)")
+                    continue
+                folder = self.opts.profile / cfg.name / entry.name
+                fw = self.doc["races"][cfg.name]["frameworks"][entry.name]
+                try:
+                    summary = self.call(cfg, entry, WARMUP_SEED, profile_dir=folder)
+                except BudgetExceeded:
+                    raise
+                except Exception as e:
+                    fw["profile"] = _error(e)
+                    continue
+                fw["profile"] = summary.get("profile")
+                if fw["profile"]:
+                    self.log(
+                        format_top_ops(
+                            fw["profile"]["top_ops"], f"{cfg.name} {entry.name}: top operations"
+                        )
+                    )
+                self.save()
+
+    def finish(self, complete: bool) -> None:
+        """Statistics, verdicts, plots and the table from whatever finished."""
+        self.watchdog.disarm()
+        for cfg in self.opts.cfgs:
+            race = self.doc["races"][cfg.name]
+            self.refresh(cfg)
+            race["complete"] = complete
+            if any(fw["runs"] for fw in race["frameworks"].values()):
+                png = f"bench-{cfg.name}.png"
+                try:
+                    if plot(race, self.opts.out / png) and png not in self.doc["files"]:
+                        self.doc["files"].append(png)
+                except Exception as e:  # a plot is not worth losing the JSON over
+                    race["plot_error"] = f"{type(e).__name__}: {e}"
+        if self.doc["environment"] is not None:
+            self.doc["environment"]["settings_end"] = report.numeric_settings()
+        self.doc["complete"] = complete
+        self.doc["finished"] = report.now_iso()
+        self.save()
+
+    def table(self) -> str:
+        parts = []
+        for race in self.doc["races"].values():
+            if any(fw["summary"] for fw in race["frameworks"].values()):
+                parts.append(format_table(race))
+            else:
+                parts.append(f"{race['preset']}: no timed runs")
+            for name, fw in race["frameworks"].items():
+                if fw["error"]:
+                    parts.append(f"{race['preset']} {name}: {fw['error']['error']}")
+        parts.append(f"stopped: {self.doc['stop_reason']}; {self.budget.elapsed():.0f} s in all")
+        return "\n".join(parts)
+
+
+def _guarded(fn: Callable[..., dict[str, Any]], *args: Any) -> dict[str, Any]:
+    try:
+        return fn(*args)
+    except Exception as e:
+        return {"status": "error", **_error(e)}
+
+
+def _jax_program_check(cfg: configs.Config) -> dict[str, Any]:
+    """JAX's training epoch as exported for CUDA: no host callback, no conditional in the
+    loop, convolutions in the compute dtype, the state donated (`jaxbench.program`)."""
+    from jaxbench import program
+
+    return program.bench_program_check(cfg)
+
+
+def _jax_flop_check(cfg: configs.Config) -> dict[str, Any]:
+    """XLA's executed FLOPs per image of the train step and eval batch against the count."""
+    from jaxbench import program
+
+    return {"status": "measured", **program.flop_accounting(cfg)}
+
+
+def _torch_sync_check(cfg: configs.Config, data: Any) -> dict[str, Any]:
+    """On CUDA: PyTorch's training steps under sync-debug mode "error" (skipped on the CPU)."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return {"status": "skipped", "detail": "no CUDA device: sync-debug mode is CUDA's"}
+    from torch_ref.train import check_no_host_sync, setup
+
+    return check_no_host_sync(setup(cfg.replace(seed=WARMUP_SEED), data))
+
+
 def main(argv: Sequence[str] | None = None) -> None:
-    """Run the race, print the table, write bench.json and bench.png to --out."""
+    """Run the race, print the tables, write bench.json and bench-<preset>.png to --out."""
+    budget = Budget()  # the clock starts first; the limit is set after parsing
     opts = parse_args(argv)
+    if opts.max_seconds is not None:
+        budget.seconds = opts.max_seconds
     # Before JAX is imported: let both frameworks allocate GPU memory on demand.
     os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
-    cfg = opts.cfg
     command = " ".join(
         ["python -m jaxbench.bench", *map(shlex.quote, sys.argv[1:] if argv is None else argv)]
     )
-    trainers = _load_trainers(opts.frameworks, cfg)
-    data = _load_data(cfg)
-    doc = _new_doc(opts, data, command)
-    json_path = opts.out / "bench.json"
+    trainers = _load_trainers(opts.frameworks, opts.cfgs)
+    data = _load_data(opts.cfgs)
+    b = Bench(opts, trainers, data, command, budget, log=lambda m: print(m, flush=True))
+    names = ", ".join(e.name for e in b.entries)
+    plan = f"{opts.runs} rounds" if opts.runs is not None else "rounds while they fit"
+    limit = f" within {opts.max_seconds:.0f} s" if opts.max_seconds is not None else ""
     print(
-        f"bench {cfg.name}: {', '.join(opts.frameworks)}; 1 warm-up + {opts.runs} runs each; "
-        f"{doc['n_train']} train / {doc['n_test']} test images -> {opts.out}",
+        f"bench {', '.join(c.name for c in opts.cfgs)}: {names}; a warm-up each, then {plan}"
+        f"{limit} -> {opts.out}",
         flush=True,
     )
-    for name in opts.frameworks:
-        fw: dict[str, Any] = {"warmup": None, "runs": [], "trainer": {}, "summary": None}
-        doc["frameworks"][name] = fw
+    previous = signal.signal(signal.SIGTERM, _terminate)
+    complete = False
+    try:
+        b.record_environment()
+        b.watchdog.arm()
+        b.warmups()
+        b.doc["stop_reason"] = b.rounds()
+        if opts.profile is not None:
+            b.profiles()
+        complete = True
+    except BudgetExceeded as e:
+        b.doc["stop_reason"] = f"watchdog: {e}"
+    except KeyboardInterrupt:
+        b.doc["stop_reason"] = "interrupted"
+        raise
+    finally:
+        if b.doc["stop_reason"] is None:
+            b.doc["stop_reason"] = "stopped by an error"
+        b.finish(complete)
+        signal.signal(signal.SIGTERM, previous)
+        print(b.table(), flush=True)
+        print(f"wrote {', '.join(str(opts.out / f) for f in b.doc['files'])}")
 
-        def on_record(label: str, rec: dict[str, Any], name: str = name, fw: dict = fw) -> None:
-            if label == "warm-up":
-                fw["warmup"] = rec
-            else:
-                fw["runs"].append(rec)
-            print(
-                f"  {name:<5} {label:<9} seed {rec['seed']}: acc {rec['accuracy']:.4f}  "
-                f"time {rec['time_seconds']:.2f} s  compile {rec['compile_seconds'] or 0:.1f} s",
-                flush=True,
-            )
-            report.write_json(json_path, doc)  # keep partial results if a later run dies
 
-        warmup, records, info = run_framework(
-            name,
-            cfg,
-            data,
-            opts.runs,
-            stream=opts.stream,
-            torch_compile=opts.torch_compile,
-            trainer=trainers[name],
-            on_record=on_record,
-        )
-        fw["trainer"] = info
-        fw["summary"] = summarize(records, warmup, cfg, opts.target)
-    if "jax" in doc["frameworks"] and "torch" in doc["frameworks"]:
-        times = {n: [r["time_seconds"] for r in doc["frameworks"][n]["runs"]] for n in FRAMEWORKS}
-        doc["ratio"] = {
-            "numerator": "jax",
-            "denominator": "torch",
-            **ratio_ci(times["jax"], times["torch"]),
-            "method": RATIO_METHOD,
-        }
-    doc["complete"] = True
-    report.write_json(json_path, doc)
-    wrote_png = plot(doc, opts.out / "bench.png")
-    print(format_table(doc))
-    print(f"wrote {json_path}" + (f" and {opts.out / 'bench.png'}" if wrote_png else ""))
-    if not wrote_png:
-        print("bench.png skipped: matplotlib is not installed (pip install -e .[plot])")
+def _terminate(signum: int, frame: Any) -> None:
+    """SIGTERM (a timeout, a closing session): finish bench.json, then exit 143."""
+    raise SystemExit(128 + signum)
 
 
 if __name__ == "__main__":

@@ -30,6 +30,13 @@ def trainer_parser(prog: str, description: str) -> argparse.ArgumentParser:
         "--no-progress", action="store_true", help="hide the progress bar within each epoch"
     )
     parser.add_argument("--quiet", action="store_true", help="print nothing but errors")
+    parser.add_argument(
+        "--profile",
+        metavar="DIR",
+        default=None,
+        help="write a profiler trace of the timed epochs to DIR (open it in Perfetto or "
+        "TensorBoard) and add a table of the top operations by time to the summary",
+    )
     return parser
 
 
@@ -66,6 +73,7 @@ def run_trainer(
             stream=args.stream,
             progress=not args.no_progress,
             quiet=args.quiet,
+            profile_dir=args.profile,
             **train_kwargs,
         )
     except FloatingPointError as e:

@@ -374,10 +374,14 @@ def _parse_optional_int(text: str) -> int | None:
 
 
 def add_config_args(parser: argparse.ArgumentParser, skip: Sequence[str] = ("name",)) -> None:
-    """Add `--config` and one `--field` flag per Config field; flags not given keep the preset."""
-    parser.add_argument(
-        "--config", default="resnet9", choices=sorted(PRESETS), help="preset to start from"
-    )
+    """Add `--config` and one `--field` flag per Config field; flags not given keep the preset.
+
+    Naming "config" in `skip` leaves `--config` to the caller (the benchmark takes a list).
+    """
+    if "config" not in skip:
+        parser.add_argument(
+            "--config", default="resnet9", choices=sorted(PRESETS), help="preset to start from"
+        )
     for f in dataclasses.fields(Config):
         if f.name in skip:
             continue

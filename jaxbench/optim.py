@@ -141,6 +141,21 @@ def ema_update(ema: PyTree, new: PyTree, momentum: float | jax.Array) -> PyTree:
     return jax.tree_util.tree_map(lambda e, w: m * e + (1.0 - m) * w, ema, new)
 
 
+def _select(flag: jax.Array, on: PyTree, off: PyTree) -> PyTree:
+    """`on` where `flag` else `off`, leaf by leaf: a select, not a branch.
+
+    XLA keeps `lax.cond` as a conditional whose predicate the host reads on a GPU,
+    which splits the scanned epoch and defeats command-buffer capture; a select
+    costs one fused elementwise pass over the EMA trees and keeps `off` bit-exact.
+    """
+    return jax.tree_util.tree_map(lambda a, b: jnp.where(flag, a, b), on, off)
+
+
+def is_ema_step(step: jax.Array, cfg: Config) -> jax.Array:
+    """Whether update `step` (counted from 1) is followed by an EMA update."""
+    return jnp.asarray(step, jnp.int32) % cfg.ema_every == 0
+
+
 def lookahead_update(
     ema: PyTree, live: PyTree, step: jax.Array, cfg: Config, total_steps: int
 ) -> tuple[PyTree, PyTree]:
@@ -148,25 +163,19 @@ def lookahead_update(
     `ema = d * ema + (1 - d) * live` with d = `schedule.ema_decays(cfg, total_steps)[step]`,
     then the live net is reset to the EMA. `ema` and `live` are whole variable trees
     ({'params', 'batch_stats'}), so BN running statistics are averaged and reset too.
-    Returns (ema, live), both unchanged off the EMA steps."""
+    Returns (ema, live), both unchanged (bit for bit) off the EMA steps. No control flow."""
     if cfg.ema_every <= 0:
         return ema, live
     decays = jnp.asarray(ema_decays(cfg, total_steps))
-
-    def update() -> tuple[PyTree, PyTree]:
-        new = ema_update(ema, live, decays[jnp.minimum(step, total_steps)])
-        return new, new
-
-    return jax.lax.cond(step % cfg.ema_every == 0, update, lambda: (ema, live))
+    new = ema_update(ema, live, decays[jnp.minimum(step, total_steps)])
+    flag = is_ema_step(step, cfg)
+    return _select(flag, new, ema), _select(flag, new, live)
 
 
 def maybe_ema_update(ema: PyTree, new: PyTree, step: jax.Array, cfg: Config) -> PyTree:
     """Apply `ema_update` after optimizer step `step` (counted from 1) when it is a multiple
-    of `cfg.ema_every`; unchanged otherwise or when the EMA is off."""
+    of `cfg.ema_every`; unchanged (bit for bit) otherwise or when the EMA is off.
+    A select, not a `lax.cond` (see `_select`)."""
     if cfg.ema_every <= 0:
         return ema
-    return jax.lax.cond(
-        step % cfg.ema_every == 0,
-        lambda: ema_update(ema, new, cfg.ema_momentum),
-        lambda: ema,
-    )
+    return _select(is_ema_step(step, cfg), ema_update(ema, new, cfg.ema_momentum), ema)

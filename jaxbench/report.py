@@ -17,6 +17,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import warnings
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -371,3 +372,73 @@ class RunRecorder:
     def finish(self, summary: dict[str, Any]) -> None:
         if self.workdir is not None:
             write_json(self.workdir / "summary.json", summary)
+
+
+# --- numeric settings and the GPU, for the benchmark's record ---------------------------
+
+# Environment variables that change what the frameworks compute or how they allocate.
+ENV_VARS = (
+    "XLA_FLAGS",
+    "XLA_PYTHON_CLIENT_PREALLOCATE",
+    "XLA_PYTHON_CLIENT_MEM_FRACTION",
+    "XLA_PYTHON_CLIENT_ALLOCATOR",
+    "JAX_DEFAULT_MATMUL_PRECISION",
+    "JAX_COMPILATION_CACHE_DIR",
+    "NVIDIA_TF32_OVERRIDE",
+    "TORCH_ALLOW_TF32_CUBLAS_OVERRIDE",
+    "CUDA_VISIBLE_DEVICES",
+    "PYTORCH_CUDA_ALLOC_CONF",
+)
+
+
+def nvidia_smi() -> dict[str, Any]:
+    """`nvidia-smi -L` and a read-only query of clocks and limits (never changes settings)."""
+    smi = shutil.which("nvidia-smi")
+    if smi is None:
+        return {"available": False}
+    out: dict[str, Any] = {"available": True}
+    query = "name,memory.total,clocks.max.sm,clocks.sm,power.limit,temperature.gpu"
+    for key, args in (
+        ("list", ["-L"]),
+        ("query", [f"--query-gpu={query}", "--format=csv"]),
+    ):
+        try:
+            res = subprocess.run([smi, *args], capture_output=True, text=True, timeout=20)
+            out[key] = (res.stdout or res.stderr).strip()
+        except (OSError, subprocess.SubprocessError) as e:
+            out[key] = f"failed: {e}"
+    return out
+
+
+def numeric_settings() -> dict[str, Any]:
+    """Environment variables, JAX config and PyTorch TF32 flags that change the numbers."""
+    out: dict[str, Any] = {"env": {k: os.environ.get(k) for k in ENV_VARS}}
+    if "jax" in sys.modules:
+        import jax
+
+        out["jax"] = {
+            k: getattr(jax.config, k, None)
+            for k in (
+                "jax_default_matmul_precision",
+                "jax_enable_x64",
+                "jax_compilation_cache_dir",
+                "jax_persistent_cache_min_compile_time_secs",
+            )
+        }
+    if "torch" in sys.modules:
+        import torch
+
+        t: dict[str, Any] = {"float32_matmul_precision": torch.get_float32_matmul_precision()}
+        with warnings.catch_warnings():  # newer torch deprecates allow_tf32 in favour of
+            warnings.simplefilter("ignore")  # fp32_precision; record whichever exists
+            for name, obj in (("cuda_matmul", torch.backends.cuda.matmul), ("cudnn", None)):
+                obj = obj if obj is not None else torch.backends.cudnn
+                for attr in ("allow_tf32", "fp32_precision"):
+                    try:
+                        t[f"{name}.{attr}"] = getattr(obj, attr)
+                    except (AttributeError, RuntimeError):
+                        pass
+        t["cudnn.benchmark"] = torch.backends.cudnn.benchmark
+        t["cudnn.deterministic"] = torch.backends.cudnn.deterministic
+        out["torch"] = {k: v if isinstance(v, (bool, int, float)) else str(v) for k, v in t.items()}
+    return out

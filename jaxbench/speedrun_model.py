@@ -192,3 +192,38 @@ def with_whitening(variables: dict[str, Any], kernel_HWIO: Array | np.ndarray) -
     whiten["kernel"] = jnp.asarray(kernel_HWIO, old.dtype)
     params["whiten"] = whiten
     return {**variables, "params": params}
+
+
+def patch_moment_groups(images_u8_NHWC: Array, patch: int = 2, group: int = 32) -> Array:
+    """Exact integer 2x2-patch second moments on the device, summed per group of images.
+
+    Returns int32 (ceil(N / group), d + 1, d + 1) with d = C * patch^2: the sums of
+    [u, 1] [u, 1]^T over every patch of each group's images, features ordered
+    (c, kh, kw) as `jaxbench.whitening.patch_moments` orders them, so the host
+    finishes in int64 and gets the very same numbers (and hence kernel).
+    Exactness: a row of 31 patches sums products <= 255^2 to < 2^24 (exact in
+    float32 at HIGHEST precision); an image's sum < 2^26 and a group of 32 < 2^31.
+    """
+    u = images_u8_NHWC.astype(jnp.float32)
+    n, h, w, c = u.shape
+    ho, wo = h - patch + 1, w - patch + 1
+    feats = [
+        u[:, kh : kh + ho, kw : kw + wo, ch]
+        for ch in range(c)
+        for kh in range(patch)
+        for kw in range(patch)
+    ]
+    feats.append(jnp.ones((n, ho, wo), jnp.float32))  # the constant: sum of u and the count
+    p = jnp.stack(feats, axis=-1)  # (N, H', W', d + 1)
+    rows = jnp.einsum("nhwi,nhwj->nhij", p, p, precision=jax.lax.Precision.HIGHEST)
+    per_image = rows.astype(jnp.int32).sum(axis=1)  # (N, d + 1, d + 1)
+    pad = (-n) % group
+    per_image = jnp.pad(per_image, ((0, pad), (0, 0), (0, 0)))
+    return per_image.reshape(-1, group, *per_image.shape[1:]).sum(axis=1)
+
+
+def moments_from_groups(groups: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
+    """(sum of u u^T, sum of u, number of patches) in int64 from `patch_moment_groups`."""
+    total = np.asarray(groups, np.int64).sum(axis=0)
+    d = total.shape[0] - 1
+    return total[:d, :d], total[:d, d], int(total[d, d])

@@ -30,6 +30,7 @@ import optax
 
 from jaxbench import augment, cli, configs, models, optim
 from jaxbench.configs import Config
+from jaxbench.profiling import JaxProfile, format_top_ops
 from jaxbench.progress import progress_bar
 from jaxbench.report import RunRecorder, environment
 from jaxbench.stream import epoch_plan, steps_per_epoch
@@ -259,16 +260,27 @@ def make_eval_fn(
     return eval_fn
 
 
-def _set_whitening(state: TrainState, train_x: np.ndarray, cfg: Config) -> TrainState:
+def _set_whitening(
+    state: TrainState, moments: Callable[[jax.Array], jax.Array], images: jax.Array, cfg: Config
+) -> TrainState:
     """The speedrun net's whitening kernel from the training images, in the net and its EMA.
 
-    Computed with `jaxbench.whitening` (exact integer patch moments, float64
-    eigendecomposition), so torch_ref loads the very same kernel.
+    The exact integer patch moments are summed on the device (`moments`, compiled
+    `speedrun_model.patch_moment_groups` of the first `WHITEN_IMAGES`); the 13x13
+    int64 result is finished on the host in float64 by `jaxbench.whitening`, so
+    torch_ref loads the very same kernel.
     """
-    from jaxbench.speedrun_model import with_whitening
-    from jaxbench.whitening import whitening_kernel_HWIO
+    from jaxbench.speedrun_model import moments_from_groups, with_whitening
+    from jaxbench.whitening import (
+        covariance_from_moments,
+        kernel_OIHW_to_HWIO,
+        whitening_from_covariance,
+    )
 
-    kernel = whitening_kernel_HWIO(train_x, dataset=cfg.dataset)
+    groups = jax.device_get(moments(images))
+    cov = covariance_from_moments(*moments_from_groups(groups), dataset=cfg.dataset)
+    kernel = kernel_OIHW_to_HWIO(whitening_from_covariance(cov))
+    # two device copies: the state is donated, and one buffer must not be donated twice
     live = with_whitening(state.variables(), jax.device_put(kernel))
     ema = with_whitening(state.ema, jax.device_put(kernel))
     return state.replace(params=live["params"], ema=ema)
@@ -284,6 +296,44 @@ def _pad_to(x: np.ndarray, n: int) -> np.ndarray:
 
 
 @dataclasses.dataclass
+class Programs:
+    """A run's compiled functions; they depend on the config and the shapes, never on the seed."""
+
+    run: Any  # compiled epoch (scan) or step (step)
+    plan: Any  # compiled `augment.draw_plan(data_key, epoch)`
+    eval_both: Any  # compiled eval batch of the net and its EMA (or the net alone)
+    eval_one: Any  # compiled eval batch of one weight set (the EMA equals the net)
+    moments: Any  # compiled whitening moments (speedrun) or None
+    seconds: float  # what compiling them took
+
+
+class CompileCache:
+    """Compiled programs reused across runs of one process (the benchmark's seeds).
+
+    Keyed by the config without its seed and output folder, the data shapes, the
+    loop, the backend and the parameter tree, so a run of a new seed reuses the
+    executables (and their warmed-up kernels) instead of compiling again.
+    Opt-in: the parity suite patches trainer functions between runs and must
+    not reuse a program traced before the patch. `compiles` counts misses.
+    """
+
+    def __init__(self) -> None:
+        self._programs: dict[Any, Programs] = {}
+        self.compiles = 0
+        self.hits = 0
+
+    def get(self, key: Any, build: Callable[[], Programs]) -> tuple[Programs, bool]:
+        """(programs, built): `build()` on a miss, the stored programs on a hit."""
+        if key in self._programs:
+            self.hits += 1
+            return self._programs[key], False
+        programs = build()
+        self._programs[key] = programs
+        self.compiles += 1
+        return programs, True
+
+
+@dataclasses.dataclass
 class Run:
     """What `setup` builds for one run: the compiled functions and the data on the device."""
 
@@ -296,11 +346,15 @@ class Run:
     state: TrainState  # the initial state
     images: jax.Array  # uint8 NHWC training images on the device
     labels: jax.Array
-    train_x: np.ndarray  # the same images on the host (whitening moments)
-    run: Callable[..., tuple[TrainState, Any]]  # compiled epoch (scan) or step (step)
+    programs: Programs
+    compiled: bool  # whether this run compiled its programs (False: reused from the cache)
     make_plan: Callable[[int], augment.Plan]
-    evaluate: Callable[[TrainState], dict[str, float]]
+    evaluate: Callable[..., dict[str, float]]  # (state, same_weights=False) -> metrics
     compile_seconds: float
+
+    @property
+    def run(self) -> Any:
+        return self.programs.run
 
 
 class Hooks:
@@ -328,8 +382,13 @@ def setup(
     *,
     init_variables: PyTree | None = None,
     stream: str = "fast",
+    compile_cache: CompileCache | None = None,
 ) -> Run:
-    """Data on the device, the initial state, every function compiled ahead of time."""
+    """Data on the device, the initial state, every function compiled ahead of time.
+
+    With a `compile_cache`, a run whose config and shapes were compiled before
+    in this process reuses those executables (`Run.compiled` is False).
+    """
     if stream not in ("fast", "shared"):
         raise ValueError(f"stream must be 'fast' or 'shared', got {stream!r}")
     check_supported(cfg)
@@ -369,45 +428,92 @@ def setup(
     t_valid = jax.device_put(_pad_to(np.ones(n_test, np.float32), padded))
     jax.block_until_ready((images, labels, t_images, t_labels, t_valid))  # untimed transfer
 
-    # --- ahead-of-time compilation -------------------------------------------------
-    t0 = time.perf_counter()
-    step_fn, epoch_fn = make_loop_fns(cfg, model, tx, cfg.epochs * steps)
-    plan_compiled = (
-        jax.jit(lambda key, epoch: augment.draw_plan(key, epoch, n_train, cfg))
-        .lower(data_key, np.int32(0))
-        .compile()
-    )
+    # --- ahead-of-time compilation (or reuse) ------------------------------------------
     plan_spec = jax.eval_shape(lambda: augment.draw_plan(data_key, 0, n_train, cfg))
-    if loop == "scan":
-        run = jax.jit(epoch_fn, donate_argnums=0).lower(state, images, labels, plan_spec).compile()
-    else:
-        run = (
-            jax.jit(step_fn, donate_argnums=0)
-            .lower(state, images, labels, plan_spec, np.int32(0))
+    eval_zero = _eval_zeros(with_ema)
+    eval_zero_one = _eval_zeros(False)
+    whiten_n = 0
+    if cfg.model == "speedrun":
+        from jaxbench.whitening import WHITEN_IMAGES
+
+        whiten_n = min(WHITEN_IMAGES, n_train)
+
+    def build() -> Programs:
+        t0 = time.perf_counter()
+        step_fn, epoch_fn = make_loop_fns(cfg, model, tx, cfg.epochs * steps)
+        plan_c = (
+            jax.jit(lambda key, epoch: augment.draw_plan(key, epoch, n_train, cfg))
+            .lower(data_key, np.int32(0))
             .compile()
         )
-    eval_zero = _eval_zeros(with_ema)
-    eval_compiled = (
-        jax.jit(make_eval_fn(cfg, model, eval_batch, with_ema))
-        .lower(eval_zero, state.variables(), state.ema, t_images, t_labels, t_valid, np.int32(0))
-        .compile()
-    )
-    compile_seconds = time.perf_counter() - t0
+        if loop == "scan":
+            run_c = (
+                jax.jit(epoch_fn, donate_argnums=0)
+                .lower(state, images, labels, plan_spec)
+                .compile()
+            )
+        else:
+            run_c = (
+                jax.jit(step_fn, donate_argnums=0)
+                .lower(state, images, labels, plan_spec, np.int32(0))
+                .compile()
+            )
+        args = (state.variables(), state.ema, t_images, t_labels, t_valid, np.int32(0))
+        eval_both = (
+            jax.jit(make_eval_fn(cfg, model, eval_batch, with_ema))
+            .lower(eval_zero, *args)
+            .compile()
+        )
+        eval_one = (
+            jax.jit(make_eval_fn(cfg, model, eval_batch, False))
+            .lower(eval_zero_one, *args)
+            .compile()
+            if with_ema
+            else eval_both
+        )
+        moments = None
+        if whiten_n:
+            from jaxbench.speedrun_model import patch_moment_groups
+
+            spec = jax.ShapeDtypeStruct((whiten_n, *train_x.shape[1:]), jnp.uint8)
+            moments = jax.jit(patch_moment_groups).lower(spec).compile()
+        return Programs(run_c, plan_c, eval_both, eval_one, moments, time.perf_counter() - t0)
+
+    if compile_cache is None:
+        programs, compiled = build(), True
+    else:
+        key = (
+            cfg.replace(seed=0, out=None),
+            n_train,
+            n_test,
+            loop,
+            jax.default_backend(),
+            jax.tree_util.tree_structure(state),
+            tuple((x.shape, x.dtype) for x in jax.tree_util.tree_leaves(state)),
+        )
+        programs, compiled = compile_cache.get(key, build)
+    compile_seconds = programs.seconds if compiled else 0.0
 
     def make_plan(epoch: int) -> augment.Plan:
         if stream == "fast":
-            return plan_compiled(data_key, np.int32(epoch))
+            return programs.plan(data_key, np.int32(epoch))
         return augment.plan_to_device(epoch_plan(cfg, epoch, n_train))
 
-    def evaluate(st: TrainState) -> dict[str, float]:
-        acc = eval_zero
+    def evaluate(st: TrainState, same_weights: bool = False) -> dict[str, float]:
+        """Sums over the test set; `same_weights`: the EMA equals the net (lookahead's end),
+        so it is scored once and its accuracy copied."""
+        one = same_weights and with_ema
+        fn, acc = (programs.eval_one, eval_zero_one) if one else (programs.eval_both, eval_zero)
         for i in range(eval_steps):
-            acc = eval_compiled(
-                acc, st.variables(), st.ema, t_images, t_labels, t_valid, np.int32(i)
-            )
+            acc = fn(acc, st.variables(), st.ema, t_images, t_labels, t_valid, np.int32(i))
         acc = jax.device_get(acc)  # fetching the sums synchronises
         out = {"val_loss": float(acc["loss"]) / n_test, "val_acc": float(acc["correct"]) / n_test}
-        out["ema_val_acc"] = float(acc["ema_correct"]) / n_test if with_ema else None
+        if not with_ema:
+            out["ema_val_acc"] = None
+        elif one:
+            out["ema_val_acc"] = out["val_acc"]
+        else:
+            out["ema_val_acc"] = float(acc["ema_correct"]) / n_test
         return out
 
     return Run(
@@ -420,8 +526,8 @@ def setup(
         state=state,
         images=images,
         labels=labels,
-        train_x=train_x,
-        run=run,
+        programs=programs,
+        compiled=compiled,
         make_plan=make_plan,
         evaluate=evaluate,
         compile_seconds=compile_seconds,
@@ -482,6 +588,8 @@ def train_and_evaluate(
     quiet: bool = False,
     return_variables: bool = False,
     hooks: Hooks | None = None,
+    compile_cache: CompileCache | None = None,
+    profile_dir: str | os.PathLike[str] | None = None,
 ) -> dict[str, Any]:
     """Train per `cfg`, evaluate every epoch, and return the summary of docs/design.md.
 
@@ -493,26 +601,38 @@ def train_and_evaluate(
     `workdir` (default `cfg.out`) receives config.json, metrics.jsonl and
     summary.json. `return_variables` adds the final `variables` and
     `ema_variables` (numpy pytrees) to the returned dict, not to summary.json.
-    `hooks`: see `Hooks` (parity suite). Raises FloatingPointError, naming the
-    epoch, when the training loss is not finite.
+    `hooks`: see `Hooks` (parity suite). `compile_cache`: reuse compiled programs
+    across runs (see `CompileCache`). `profile_dir`: trace the timed region with
+    `jax.profiler` into that folder and add `profile` (trace path, top
+    operations) to the summary. Raises FloatingPointError, naming the epoch,
+    when the training loss is not finite.
     """
-    r = setup(cfg, data, init_variables=init_variables, stream=stream)
+    r = setup(cfg, data, init_variables=init_variables, stream=stream, compile_cache=compile_cache)
     if workdir is None:
         workdir = cfg.out
     recorder = RunRecorder(cfg.to_dict(), workdir, quiet)
     state = r.state
+    profiler = JaxProfile(profile_dir) if profile_dir is not None else None
     timed = 0.0
     if cfg.model == "speedrun":  # data-dependent init: on the clock, as airbench times it
+        if profiler:
+            profiler.start()
         t0 = time.perf_counter()
-        state = _set_whitening(state, r.train_x, cfg)
+        state = _set_whitening(state, r.programs.moments, r.images, cfg)
         jax.block_until_ready(state)
         timed += time.perf_counter() - t0
+        if profiler:
+            profiler.pause()
     step_losses: list[float] = []
     rows: list[dict[str, Any]] = []
     for epoch in range(cfg.epochs):
+        if profiler:
+            profiler.start()
         t0 = time.perf_counter()
         state, host = train_epoch(r, state, epoch, progress=progress and not quiet, hooks=hooks)
         timed += time.perf_counter() - t0
+        if profiler:
+            profiler.pause()
         losses = np.asarray(host["loss"], np.float64)
         step_losses.extend(float(v) for v in losses)
         row: dict[str, Any] = {
@@ -525,10 +645,16 @@ def train_and_evaluate(
         last = epoch == cfg.epochs - 1
         if last or (epoch + 1) % cfg.eval_every == 0:
             eval_state = state if hooks is None else hooks.before_eval(epoch, state)
+            # lookahead ends with net = EMA: the final evaluation scores that one net once
+            same = last and cfg.lookahead and hooks is None
+            if last and profiler:
+                profiler.start()
             t0 = time.perf_counter()
-            row.update(r.evaluate(eval_state))
+            row.update(r.evaluate(eval_state, same_weights=same))
             if last:  # the final evaluation is part of the timed run; monitoring evals are not
                 timed += time.perf_counter() - t0
+                if profiler:
+                    profiler.pause()
         else:
             row.update(val_loss=None, val_acc=None, ema_val_acc=None)
         row["total_time_seconds"] = timed
@@ -545,6 +671,7 @@ def train_and_evaluate(
         "step_losses": step_losses,
         "total_time_seconds": timed,
         "compile_seconds": r.compile_seconds,
+        "compiled": r.compiled,
         "images_per_second": train_images_seen / timed if timed > 0 else None,
         "environment": environment(("jax",)),
         "seed": cfg.seed,
@@ -557,6 +684,10 @@ def train_and_evaluate(
         "steps_per_epoch": r.steps,
         "framework": "jax",
     }
+    if profiler:
+        summary["profile"] = profiler.finish()
+        if not quiet:
+            print(format_top_ops(summary["profile"]["top_ops"], "jax: top operations (self time)"))
     recorder.finish(summary)
     if return_variables:
         summary = dict(summary)

@@ -5,9 +5,11 @@ from __future__ import annotations
 import json
 import math
 import os
+import subprocess
 import sys
+import time
 from pathlib import Path
-from types import ModuleType, SimpleNamespace
+from types import ModuleType
 from typing import Any
 
 import pytest
@@ -100,34 +102,6 @@ def test_headline_metric_follows_ema() -> None:
     assert "trained weights" in bench.describe_metric(no_ema)
 
 
-def test_run_framework_seeds_and_warmup_kept_apart() -> None:
-    calls: list[tuple[int, dict[str, Any]]] = []
-
-    def fake_trainer(cfg: configs.Config, workdir: Any, **kw: Any) -> dict[str, Any]:
-        calls.append((cfg.seed, kw))
-        acc = 0.9 + cfg.seed / 100
-        return {
-            "final": {"val_acc": acc - 0.01, "ema_val_acc": acc},
-            "epochs": [],
-            "total_time_seconds": 2.0 + cfg.seed,
-            "compile_seconds": 9.0 if not calls[:-1] else 0.1,
-            "images_per_second": 100.0,
-            "seed": cfg.seed,
-        }
-
-    cfg = configs.tiny()
-    data = SimpleNamespace(train_labels=[0] * 10_000, test_labels=[0] * 2_000)
-    warm, recs, _ = bench.run_framework("torch", cfg, data, 3, trainer=fake_trainer)
-    assert [s for s, _ in calls] == [3, 0, 1, 2]  # warm-up first, on a seed no timed run uses
-    assert warm["compile_seconds"] == 9.0 and warm["seed"] == 3
-    assert [r["seed"] for r in recs] == [0, 1, 2]
-    assert [r["accuracy"] for r in recs] == pytest.approx([0.90, 0.91, 0.92])  # EMA accuracy
-    assert calls[0][1]["compile"] is None and calls[0][1]["quiet"] is True
-    calls.clear()
-    bench.run_framework("jax", cfg, data, 1, trainer=fake_trainer)
-    assert "compile" not in calls[0][1]  # the JAX trainer has no such argument
-
-
 def test_run_record_derives_throughput_from_timed_work() -> None:
     # 4 epochs x 40 batches x 250 = 40,000 images; 3 * 48,073,216 FLOPs each; the final
     # evaluation scores 2,000 test images with two weight sets (EMA), 2 forwards each (TTA).
@@ -204,15 +178,17 @@ def _doc() -> dict[str, Any]:
     for name, times in (("jax", [4.0, 5.0, 6.0]), ("torch", [8.0, 10.0, 12.0])):
         accs = [0.93, 0.95, 0.94]
         recs = [_record(a, t, i) for i, (a, t) in enumerate(zip(accs, times, strict=True))]
+        warm = {"compile_seconds": 12.34, "built_programs": True}
+        for r in recs:
+            r["built_programs"] = False
         doc["frameworks"][name] = {
+            "warmup": warm,
             "runs": recs,
-            "summary": bench.summarize(recs, {"compile_seconds": 12.34}, cfg, 0.94),
+            "summary": bench.summarize(recs, warm, cfg, 0.94),
         }
-    doc["ratio"] = {
-        "numerator": "jax",
-        "denominator": "torch",
-        **bench.ratio_ci([4, 5, 6], [8, 10, 12]),
-    }
+    runs = {n: fw["runs"] for n, fw in doc["frameworks"].items()}
+    doc["verdicts"] = {"jax": bench.decide(runs, "jax", "torch", 0.94)}
+    doc["ratio"] = doc["verdicts"]["jax"]["ratio"]
     return doc
 
 
@@ -220,18 +196,35 @@ def test_format_table_matches_issue_layout() -> None:
     lines = bench.format_table(_doc()).splitlines()
     assert lines[0].split() == [
         "framework", "preset", "runs", "acc", "mean±std", ">=target",
-        "time", "mean±std", "compile", "img/s", "TFLOP/s", "epoch>=target",
+        "time", "mean±std", "compile", "img/s", "TFLOP/s", "epoch>=target", "built",
     ]  # fmt: skip
     assert lines[1].split() == [
         "jax", "resnet9", "3", "0.9400±0.0100", "2/3", "5.00±1.00", "s", "12.3", "s",
-        "1000", "2.5", "1",
+        "1000", "2.5", "1", "1",
     ]  # fmt: skip
     assert lines[2].startswith("torch ") and "10.00±2.00 s" in lines[2]
     # columns line up: every row has its cells at the header's offsets
     assert lines[1].index("0.9400") == lines[0].index("acc mean")
     assert lines[2].index("2/3") == lines[0].index(">=target")
     assert "ema_val_acc" in lines[3] and "0.9400" in lines[3]
-    assert lines[4].startswith("time ratio jax/torch (resnet9): 0.500, 95% CI 0.")
+    assert lines[5].startswith("time ratio jax/torch (resnet9): 0.500, 95% CI 0.")
+
+
+def test_no_winner_below_target() -> None:
+    """Time-to-target needs both sides at the target: else no ratio, and the table says so."""
+    fast_but_wrong = [_record(0.935, 1.0, i) for i in range(3)]
+    slow_and_right = [_record(0.945, 9.0, i) for i in range(3)]
+    runs = {"jax": fast_but_wrong, "torch": slow_and_right}
+    v = bench.decide(runs, "jax", "torch", 0.94)
+    assert v["status"] == "target not reached" and v["ratio"] is None
+    assert v["below_target"] == {"jax": pytest.approx(0.935)}
+    line = bench.format_verdict(v, "resnet9")
+    assert "target not reached" in line and "jax 0.9350" in line and "ratio" not in line[15:]
+    ok = bench.decide(runs, "jax", "torch", 0.93)
+    assert ok["status"] == "ratio" and ok["ratio"]["value"] == pytest.approx(1 / 9)
+    assert bench.decide({"jax": [], "torch": slow_and_right}, "jax", "torch", 0.9)["status"] == (
+        "no runs"
+    )
 
 
 def test_plot_writes_png(tmp_path: Path) -> None:
@@ -252,6 +245,10 @@ def test_plot_writes_png(tmp_path: Path) -> None:
         (["--target", "94"], "--target"),
         (["--widths", "8,8"], "--widths"),
         (["--config", "huge"], "--config"),
+        (["--config", "tiny,tiny"], "--config"),
+        (["--loop", "scan,fast"], "--loop"),
+        (["--max-seconds", "0"], "--max-seconds"),
+        (["--max-seconds", "nan"], "--max-seconds"),
         (["--bogus"], "--bogus"),
         (["--seed", "3"], "--seed"),  # the benchmark owns the seeds
     ],
@@ -316,10 +313,30 @@ def test_flags_pass_through_to_config() -> None:
     opts = bench.parse_args(
         ["--config", "tiny", "--epochs", "2", "--widths", "8,8,8,8", "--no-torch-compile"]
     )
-    assert opts.cfg.name == "tiny" and opts.cfg.epochs == 2 and opts.cfg.widths == (8, 8, 8, 8)
-    assert opts.cfg.subset == configs.tiny().subset  # the preset's value survives
+    (cfg,) = opts.cfgs
+    assert cfg.name == "tiny" and cfg.epochs == 2 and cfg.widths == (8, 8, 8, 8)
+    assert cfg.subset == configs.tiny().subset  # the preset's value survives
     assert opts.torch_compile is False and opts.frameworks == ("jax", "torch")
-    assert opts.out == Path("bench-out/tiny")
+    assert opts.out == Path("bench-out/tiny") and opts.runs == bench.DEFAULT_RUNS
+    two = bench.parse_args(
+        [
+            "--config",
+            "tiny,speedrun",
+            "--epochs",
+            "2",
+            "--lr-peak-epoch",
+            "1",
+            "--max-seconds",
+            "60",
+        ]
+    )
+    assert [c.name for c in two.cfgs] == ["tiny", "speedrun"]
+    assert all(c.epochs == 2 for c in two.cfgs) and two.runs is None  # budget-driven
+    assert two.out == Path("bench-out/tiny+speedrun")
+    loops = bench.parse_args(["--config", "tiny", "--loop", "scan,step"])
+    assert [(e.name, e.loop) for e in loops.entries] == [
+        ("jax-scan", "scan"), ("jax-step", "step"), ("torch", None),
+    ]  # fmt: skip
 
 
 # --- end to end --------------------------------------------------------------------------------
@@ -338,6 +355,10 @@ def data_dir(request: pytest.FixtureRequest) -> str:
     return path
 
 
+SMALL = ["--subset", "500", "--test-subset", "500", "--epochs", "1", "--widths", "8,8,8,8",
+         "--batch-size", "100", "--lr-peak-epoch", "0.5"]  # fmt: skip
+
+
 @pytest.mark.slow
 @pytest.mark.realdata
 def test_smoke_race_writes_every_field(
@@ -346,26 +367,35 @@ def test_smoke_race_writes_every_field(
     pytest.importorskip("torch")
     out = tmp_path / "bench"
     bench.main(
-        ["--config", "tiny", "--frameworks", "jax,torch", "--runs", "2", "--target", "0.5",
-         "--data-dir", data_dir, "--out", str(out), "--subset", "500", "--test-subset", "500",
-         "--epochs", "1", "--widths", "8,8,8,8", "--batch-size", "100", "--lr-peak-epoch", "0.5"]
+        ["--config", "tiny", "--frameworks", "jax,torch", "--runs", "2", "--target", "0.05",
+         "--data-dir", data_dir, "--out", str(out), *SMALL]
     )  # fmt: skip
     printed = capsys.readouterr().out
     assert "framework" in printed and "time ratio jax/torch" in printed
     doc = json.loads((out / "bench.json").read_text())
-    assert (out / "bench.png").stat().st_size > 1000
-    assert doc["complete"] and doc["accuracy_metric"] == "ema_val_acc"
-    assert doc["config"]["widths"] == [8, 8, 8, 8] and doc["n_train"] == 500
+    assert doc["complete"] and doc["schema"] == bench.SCHEMA_VERSION
+    assert doc["stop_reason"] == "reached --runs 2"
+    assert (out / "bench-tiny.png").stat().st_size > 1000
+    race = doc["races"]["tiny"]
+    assert race["complete"] and race["accuracy_metric"] == "ema_val_acc"
+    assert race["config"]["widths"] == [8, 8, 8, 8] and race["n_train"] == 500
     env = doc["environment"]
     for key in ("date", "command", "gpu_driver", "jax", "jax_device", "torch", "torch_device"):
         assert key in env, key
     assert env["command"].startswith(
         "python -m jaxbench.bench --config tiny --frameworks jax,torch"
     )
+    # interleaved: warm-ups, then ABAB rounds (who goes first alternates)
+    order = [(o["contender"], o["seed"], o["kind"]) for o in doc["order"]]
+    assert order == [
+        ("jax", 1000, "warm-up"), ("torch", 1000, "warm-up"),
+        ("jax", 0, "timed"), ("torch", 0, "timed"), ("torch", 1, "timed"), ("jax", 1, "timed"),
+    ]  # fmt: skip
     for name in ("jax", "torch"):
-        fw = doc["frameworks"][name]
-        assert [r["seed"] for r in fw["runs"]] == [0, 1] and fw["warmup"]["seed"] == 2
+        fw = race["frameworks"][name]
+        assert [r["seed"] for r in fw["runs"]] == [0, 1] and fw["warmup"]["seed"] == 1000
         assert fw["trainer"]["environment"]["date"]  # each trainer's own record is kept
+        assert fw["error"] is None
         for r in fw["runs"]:
             assert 0.0 <= r["accuracy"] <= 1.0 and r["time_seconds"] > 0
             assert r["images_per_second"] > 0 and len(r["epochs"]) == 1
@@ -377,9 +407,58 @@ def test_smoke_race_writes_every_field(
         assert "epoch_reaching_target" in s and len(s["mean_curve"]) == 1
         assert s["compile_seconds"]["warmup"] >= 0.0
         assert s["images_per_second"] > 0 and s["tflops_per_second"] > 0
-    ratio = doc["ratio"]
-    assert ratio["numerator"] == "jax" and ratio["denominator"] == "torch"
-    jax_t = doc["frameworks"]["jax"]["summary"]["time_seconds"]["mean"]
-    torch_t = doc["frameworks"]["torch"]["summary"]["time_seconds"]["mean"]
+    # programs are built once per framework and preset: the warm-up's, reused by the runs
+    assert race["frameworks"]["jax"]["programs_built"] == 1
+    assert race["frameworks"]["jax"]["warmup"]["built_programs"] is True
+    assert race["frameworks"]["torch"]["programs_built"] <= 1
+    assert all(r["dynamo_compiles"] in (0, None) for r in race["frameworks"]["torch"]["runs"])
+    assert race["frameworks"]["torch"]["trainer"]["torch_setup"]["sgd_impl"]
+    checks = race["self_checks"]
+    assert checks["jax_program"]["status"] == "passed", checks["jax_program"]
+    flop = checks["jax_flops"]
+    assert 0.8 < flop["train_ratio"] < 1.5 and 0.8 < flop["eval_ratio"] < 1.5
+    assert checks["torch_sync"]["status"] in ("skipped", "passed")
+    ratio = race["ratio"]
+    assert race["verdicts"]["jax"]["status"] == "ratio"
+    jax_t = race["frameworks"]["jax"]["summary"]["time_seconds"]["mean"]
+    torch_t = race["frameworks"]["torch"]["summary"]["time_seconds"]["mean"]
     assert ratio["value"] == pytest.approx(jax_t / torch_t)
     assert ratio["ci"][0] <= ratio["value"] <= ratio["ci"][1]
+
+
+@pytest.mark.slow
+@pytest.mark.realdata
+def test_max_seconds_stops_in_time_with_valid_json(data_dir: str, tmp_path: Path) -> None:
+    """Two presets, a budget: rounds while they fit, then a complete bench.json in time."""
+    out = tmp_path / "bench"
+    budget = 45.0
+    t0 = time.monotonic()
+    res = subprocess.run(
+        [sys.executable, "-m", "jaxbench.bench", "--config", "tiny,speedrun", "--frameworks",
+         "jax", "--max-seconds", str(budget), "--target", "0.05", "--data-dir", data_dir,
+         "--out", str(out), *SMALL, "--whiten-bias-epochs", "1"],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    wall = time.monotonic() - t0
+    assert res.returncode == 0, res.stderr[-2000:]
+    doc = json.loads((out / "bench.json").read_text())
+    assert doc["elapsed_seconds"] <= budget and wall < budget + 30  # + start-up and imports
+    assert doc["stop_reason"].startswith("budget") or doc["stop_reason"].startswith("watchdog")
+    counts = [len(r["frameworks"]["jax"]["runs"]) for r in doc["races"].values()]
+    assert counts[0] >= 1 and max(counts) - min(counts) <= 1, counts
+
+
+@pytest.mark.slow
+@pytest.mark.realdata
+def test_watchdog_leaves_valid_json_when_a_run_overruns(data_dir: str, tmp_path: Path) -> None:
+    """A budget smaller than one warm-up: the run is interrupted, the JSON stays valid."""
+    out = tmp_path / "bench"
+    res = subprocess.run(
+        [sys.executable, "-m", "jaxbench.bench", "--config", "tiny", "--frameworks", "jax",
+         "--max-seconds", "3", "--data-dir", data_dir, "--out", str(out), *SMALL],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert res.returncode == 0, res.stderr[-2000:]
+    doc = json.loads((out / "bench.json").read_text())
+    assert doc["complete"] is False and doc["stop_reason"].startswith("watchdog")
+    assert doc["elapsed_seconds"] < 10

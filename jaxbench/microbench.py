@@ -1,0 +1,200 @@
+"""What the hot loop's choices cost, measured A/B: `python -m jaxbench.microbench`.
+
+Each item compiles two variants of one piece of the JAX trainer and times them
+alternately (A B B A ..., `reps` pairs after a warm-up call each), so drift on a
+shared machine hits both alike; it reports the median seconds per call of each
+and their ratio. The variants:
+
+* `ema`: the train step with the EMA/lookahead update as a select (what the
+  trainer does) vs as a `lax.cond` (what it did; a conditional on a GPU).
+* `bn_variance`: the train step with two-pass BN variance (parity with
+  PyTorch) vs one-pass `E[x^2] - E[x]^2`.
+* `final_eval`: the final evaluation scoring net and EMA separately vs once
+  (lookahead ends with net = EMA; only configs with lookahead use `once`).
+* `whitening` (speedrun only): the whitening moments on the device vs numpy.
+* `init`: the seconds of the PyTorch-style initialisation (off the clock).
+
+Timings are for the machine it runs on; CPU numbers say nothing about a GPU.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import statistics
+import sys
+import time
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxbench import configs, models, optim, report, train
+
+Timer = Callable[[], Any]
+
+
+def ab(a: Timer, b: Timer, reps: int) -> dict[str, float]:
+    """Median seconds per call of `a` and `b`, alternating A B B A; each warmed up once."""
+    jax.block_until_ready(a())
+    jax.block_until_ready(b())
+    times: dict[str, list[float]] = {"a": [], "b": []}
+    for i in range(reps):
+        for name, fn in (("a", a), ("b", b)) if i % 2 == 0 else (("b", b), ("a", a)):
+            t0 = time.perf_counter()
+            jax.block_until_ready(fn())
+            times[name].append(time.perf_counter() - t0)
+    ma, mb = statistics.median(times["a"]), statistics.median(times["b"])
+    return {"a_seconds": ma, "b_seconds": mb, "b_over_a": mb / ma, "reps": reps}
+
+
+def _cond_ema(ema: Any, new: Any, step: jax.Array, cfg: configs.Config) -> Any:
+    if cfg.ema_every <= 0:
+        return ema
+    return jax.lax.cond(
+        step % cfg.ema_every == 0, lambda: optim.ema_update(ema, new, cfg.ema_momentum), lambda: ema
+    )
+
+
+def _cond_lookahead(ema: Any, live: Any, step: jax.Array, cfg: configs.Config, total: int) -> Any:
+    if cfg.ema_every <= 0:
+        return ema, live
+    decays = jnp.asarray(optim.ema_decays(cfg, total))
+
+    def update() -> tuple[Any, Any]:
+        new = optim.ema_update(ema, live, decays[jnp.minimum(step, total)])
+        return new, new
+
+    return jax.lax.cond(step % cfg.ema_every == 0, update, lambda: (ema, live))
+
+
+class OnePassBatchNorm(models.BatchNorm):
+    """`models.BatchNorm` with the one-pass variance E[x^2] - E[x]^2 (for timing only)."""
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        features = x.shape[-1]
+        axes = tuple(range(x.ndim - 1))
+        ra_mean = self.variable("batch_stats", "mean", jnp.zeros, (features,), jnp.float32)
+        ra_var = self.variable("batch_stats", "var", jnp.ones, (features,), jnp.float32)
+        x32 = x.astype(jnp.float32)
+        mean = jnp.mean(x32, axes)
+        var = jnp.mean(jnp.square(x32), axes) - jnp.square(mean)
+        if not self.is_initializing():
+            n = x.size // features
+            m = self.momentum
+            ra_mean.value = (1.0 - m) * ra_mean.value + m * mean
+            ra_var.value = (1.0 - m) * ra_var.value + m * (var * (n / max(n - 1, 1)))
+        mul = jax.lax.rsqrt(var + self.epsilon)
+        if self.use_scale:
+            mul = mul * self.param("scale", nn.initializers.ones, (features,), jnp.float32)
+        y = (x - mean) * mul + self.param("bias", nn.initializers.zeros, (features,), jnp.float32)
+        return y.astype(self.dtype)
+
+
+@contextlib.contextmanager
+def patched(obj: Any, name: str, value: Any) -> Iterator[None]:
+    old = getattr(obj, name)
+    setattr(obj, name, value)
+    try:
+        yield
+    finally:
+        setattr(obj, name, old)
+
+
+def _one_pass_bn(train_: bool, momentum: float, eps: float, dtype: Any, name: str, **kw: Any):
+    if not train_:
+        return models.BatchNorm(momentum=momentum, epsilon=eps, dtype=dtype, name=name, **kw)
+    return OnePassBatchNorm(
+        train=True, momentum=momentum, epsilon=eps, dtype=dtype, name=name, **kw
+    )
+
+
+def _step_timer(cfg: configs.Config, data: Any) -> Timer:
+    """A timer of one compiled train step on a fixed batch (the state is not donated)."""
+    r = train.setup(cfg, data)
+    tx = optim.make_optimizer(cfg, r.steps)
+    step_fn, _ = train.make_loop_fns(cfg, models.model_from_config(cfg), tx, r.steps * cfg.epochs)
+    plan = r.make_plan(0)
+    compiled = jax.jit(step_fn).lower(r.state, r.images, r.labels, plan, np.int32(0)).compile()
+    return lambda: compiled(r.state, r.images, r.labels, plan, np.int32(4))
+
+
+def measure(cfg: configs.Config, data: Any, reps: int) -> dict[str, Any]:
+    """Every item of the module docstring for `cfg`."""
+    cfg = cfg.replace(loop="step")
+    out: dict[str, Any] = {"config": cfg.name}
+    select = _step_timer(cfg, data)
+    with (
+        patched(optim, "maybe_ema_update", _cond_ema),
+        patched(optim, "lookahead_update", _cond_lookahead),
+    ):
+        cond = _step_timer(cfg, data)
+    out["ema"] = {"a": "select (trainer)", "b": "lax.cond", **ab(select, cond, reps)}
+    sp = sys.modules["jaxbench.speedrun_model"] if cfg.model == "speedrun" else None
+    with (
+        patched(models, "torch_batch_norm", _one_pass_bn),
+        patched(sp, "torch_batch_norm", _one_pass_bn) if sp else contextlib.nullcontext(),
+    ):
+        one_pass = _step_timer(cfg, data)
+    out["bn_variance"] = {"a": "two-pass (trainer)", "b": "one-pass", **ab(select, one_pass, reps)}
+    r = train.setup(cfg, data)
+    st = r.state
+    out["final_eval"] = {
+        "a": "net and EMA scored once each",
+        "b": "one weight set (lookahead's end)",
+        **ab(lambda: r.evaluate(st), lambda: r.evaluate(st, same_weights=True), max(2, reps // 4)),
+    }
+    if cfg.model == "speedrun":
+        from jaxbench import whitening
+
+        host = np.asarray(data.train_images[: cfg.subset], np.uint8)
+        moments = r.programs.moments
+        out["whitening"] = {
+            "a": "device moments (trainer)",
+            "b": "numpy moments",
+            **ab(
+                lambda: moments(r.images),
+                lambda: whitening.patch_moments(host[: whitening.WHITEN_IMAGES]),
+                max(2, reps // 4),
+            ),
+        }
+    model = models.model_from_config(cfg)
+    t0 = time.perf_counter()
+    jax.block_until_ready(models.init_variables(model, jax.random.PRNGKey(0)))
+    out["init_seconds_off_clock"] = time.perf_counter() - t0
+    return out
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    p = configs.OneLineErrorParser(prog="python -m jaxbench.microbench", description=__doc__)
+    p.add_argument("--reps", type=int, default=10, help="A/B pairs per item")
+    p.add_argument("--out", default=None, help="write the results as JSON here")
+    configs.add_config_args(p, skip=("name", "out", "seed", "loop"))
+    args = p.parse_args(argv)
+    if args.reps < 2:
+        p.error("--reps must be at least 2")
+    try:
+        cfg = configs.config_from_args(args)
+    except ValueError as e:
+        p.error(str(e))
+    from jaxbench.data import load_dataset
+
+    res = measure(cfg, load_dataset(cfg), args.reps)
+    res["environment"] = report.environment(("jax",))
+    res["command"] = " ".join(["python -m jaxbench.microbench", *(argv or sys.argv[1:])])
+    for key, item in res.items():
+        if isinstance(item, dict) and "b_over_a" in item:
+            print(
+                f"{key:<12} A {item['a']}: {1e3 * item['a_seconds']:.2f} ms   "
+                f"B {item['b']}: {1e3 * item['b_seconds']:.2f} ms   B/A {item['b_over_a']:.3f}"
+            )
+    print(f"init (off the clock): {res['init_seconds_off_clock']:.2f} s")
+    if args.out:
+        report.write_json(args.out, res)
+
+
+if __name__ == "__main__":
+    main()
