@@ -463,3 +463,16 @@ def test_both_trainers_whiten_freeze_and_end_on_the_ema() -> None:
     for s in (js, ts):
         assert s["final"]["val_acc"] == s["final"]["ema_val_acc"]
         assert np.isfinite(s["step_losses"]).all()
+
+
+def test_device_patch_moments_are_exact() -> None:
+    """The trainer's on-device moments equal numpy's integer ones, saturated pixels included,
+    so the whitening kernel is the same bit for bit."""
+    from jaxbench.speedrun_model import moments_from_groups, patch_moment_groups
+
+    x = np.random.default_rng(3).integers(0, 256, (70, 32, 32, 3), dtype=np.uint8)
+    x[:33] = 255  # the largest sums: a group of 32 saturated images must not overflow int32
+    got = moments_from_groups(np.asarray(jax.jit(patch_moment_groups)(x)))
+    want = whitening.patch_moments(x)
+    assert np.array_equal(got[0], want[0]) and np.array_equal(got[1], want[1])
+    assert got[2] == want[2] == 70 * 31 * 31

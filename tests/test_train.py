@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from types import SimpleNamespace
@@ -12,7 +13,7 @@ import numpy as np
 import pytest
 
 from jaxbench import augment, models, optim, train
-from jaxbench.configs import Config, tiny
+from jaxbench.configs import Config, speedrun, tiny
 from jaxbench.report import EPOCH_COLUMNS
 from jaxbench.stream import epoch_plan
 
@@ -241,3 +242,52 @@ def test_tiny_learns_on_real_data(cifar_dir: str) -> None:
     summary = train.train_and_evaluate(cfg, progress=False, quiet=True)
     assert summary["final"]["ema_val_acc"] >= 0.35, summary["final"]
     assert summary["final"]["val_acc"] >= 0.35, summary["final"]
+
+
+def test_compile_cache_reuses_programs_and_changes_no_number() -> None:
+    """A second seed reuses the first run's executables; results equal an uncached run's."""
+    data = _synthetic()
+    cfg = NARROW.replace(epochs=2, ema_every=1)
+    cache = train.CompileCache()
+    first = train.train_and_evaluate(cfg, None, data=data, quiet=True, compile_cache=cache)
+    second = train.train_and_evaluate(
+        cfg.replace(seed=1), None, data=data, quiet=True, compile_cache=cache
+    )
+    assert first["compiled"] and not second["compiled"] and second["compile_seconds"] == 0.0
+    assert (cache.compiles, cache.hits) == (1, 1)
+    fresh = train.train_and_evaluate(cfg.replace(seed=1), None, data=data, quiet=True)
+    assert fresh["compiled"]
+    assert second["step_losses"] == fresh["step_losses"]
+    assert second["final"] == fresh["final"]
+    # another shape is another program
+    train.train_and_evaluate(cfg.replace(batch_size=8), None, data=data, quiet=True,
+                             compile_cache=cache)  # fmt: skip
+    assert cache.compiles == 2
+
+
+def test_final_evaluation_scores_equal_weights_once() -> None:
+    """With lookahead the net ends equal to the EMA: one scoring, the same numbers as two."""
+    data = _synthetic()
+    cfg = dataclasses.replace(
+        speedrun(), widths=(8, 8, 8), batch_size=16, subset=32, test_subset=24, epochs=1,
+        lr_peak_epoch=0.5, whiten_bias_epochs=0, eval_batch_size=16, precision="float32",
+    )  # fmt: skip
+    assert cfg.lookahead and cfg.tta_shift
+    r = train.setup(cfg, data)
+    st = r.state.replace(params=r.state.ema["params"], batch_stats=r.state.ema["batch_stats"])
+    both, once = r.evaluate(st), r.evaluate(st, same_weights=True)
+    assert once == both and once["ema_val_acc"] == once["val_acc"]
+    assert r.programs.eval_one is not r.programs.eval_both
+
+
+def test_profile_writes_a_trace_and_a_top_ops_table(tmp_path: os.PathLike[str]) -> None:
+    data = _synthetic()
+    s = train.train_and_evaluate(
+        NARROW, None, data=data, quiet=True, profile_dir=os.path.join(tmp_path, "prof")
+    )
+    prof = s["profile"]
+    assert prof["trace"].endswith("perfetto_trace.json.gz") and os.path.getsize(prof["trace"]) > 0
+    rows = prof["top_ops"]
+    assert rows and all(r["seconds"] >= 0 and r["calls"] >= 1 for r in rows)
+    assert [r["seconds"] for r in rows] == sorted((r["seconds"] for r in rows), reverse=True)
+    assert 0.0 < sum(r["share"] for r in rows) <= 1.0 + 1e-9
