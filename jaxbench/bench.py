@@ -1017,18 +1017,32 @@ def _guarded(fn: Callable[..., dict[str, Any]], *args: Any) -> dict[str, Any]:
 
 
 def _jax_program_check(cfg: configs.Config) -> dict[str, Any]:
-    """JAX's training epoch as exported for CUDA: no host callback, no conditional in the
-    loop, convolutions in the compute dtype, the state donated (`jaxbench.program`)."""
+    """JAX's epoch, step and eval as exported for CUDA (whatever this machine is): no host
+    callback, no conditional, convolutions and matmuls in the compute dtype, the state
+    donated (`jaxbench.program`)."""
     from jaxbench import program
 
-    return program.bench_program_check(cfg)
+    check = program.check_programs(cfg, platform="cuda")
+    problems = [p for f in check["programs"].values() for p in f["problems"]]
+    return {
+        "status": "passed" if check["ok"] else "failed",
+        "problems": problems,
+        "platform": check["platform"],
+        "compute_dtype": check["compute_dtype"],
+        "report": program.format_report(check=check),
+    }
 
 
 def _jax_flop_check(cfg: configs.Config) -> dict[str, Any]:
-    """XLA's executed FLOPs per image of the train step and eval batch against the count."""
+    """XLA's executed FLOPs per image of the compiled train step and eval batch against the
+    analytic count: redundant compute shows up as a ratio out of `program.RATIO_BOUNDS`."""
     from jaxbench import program
 
-    return {"status": "measured", **program.flop_accounting(cfg)}
+    acc = program.flop_accounting(cfg)
+    problems = program.flop_problems(acc)
+    bounds = {k: list(v) for k, v in program.RATIO_BOUNDS.items()}
+    return {"status": "failed" if problems else "passed", "problems": problems,
+            "bounds": bounds, **acc}  # fmt: skip
 
 
 def _torch_sync_check(cfg: configs.Config, data: Any) -> dict[str, Any]:

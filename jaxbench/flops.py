@@ -109,3 +109,85 @@ CONVENTION = (
     "conv and linear layers only, 2 FLOPs per multiply-add (conv: 2*k*k*c_in*c_out*H_out*W_out); "
     "training = 3x forward; evaluation = 1 forward per TTA view (2 flip, 6 flip+shift)"
 )
+
+
+# --- XLA's convention: what a compiled program's cost analysis should report ---------------
+#
+# XLA's HloCostAnalysis counts a convolution as 2 FLOPs per multiply-add that reads the
+# *input*: taps that fall on the zero padding are not counted. The count above includes
+# them (as GPUs execute them), so a 3x3 "same" convolution at 32x32 is counted (32/30.67)^2
+# ~ 4% higher than XLA reports, and 43% higher at 4x4. XLA's program for a training step
+# also leaves out what autodiff never builds: the input gradient of the first convolution
+# (its input is the data) and the weight gradient of a frozen kernel (speedrun's whitening).
+# These functions model that, so a compiled program can be checked to within the few
+# percent of non-matmul work (BN, activations, pooling, loss, optimizer) it adds.
+
+
+def valid_taps(size: int, k: int, pad: int) -> int:
+    """Kernel taps that land inside an input axis of `size`, summed over the output positions
+    of a stride-1 convolution padded by `pad` on each side (size * k without padding loss)."""
+    out = size + 2 * pad - k + 1
+    return sum(1 for o in range(out) for j in range(k) if 0 <= o + j - pad < size)
+
+
+def conv_flops_unpadded(k: int, c_in: int, c_out: int, size: int, pad: int) -> int:
+    """FLOPs of a square stride-1 k x k convolution over a size x size input, counting only the
+    multiply-adds that read the input (XLA's count; its gradients cost the same)."""
+    return 2 * c_in * c_out * valid_taps(size, k, pad) ** 2
+
+
+def conv_layers(cfg: Config) -> list[tuple[str, int, int, int, int, int, bool]]:
+    """(name, k, c_in, c_out, input size, pad, trained) of every convolution, input first.
+
+    The same layers as `layer_flops` (a test checks that the two agree); `trained` is False
+    for speedrun's whitening kernel, which the optimizer never updates (`optim.param_labels`).
+    """
+    s = IMAGE_SIZE
+    if cfg.model == "resnet9":
+        w0, w1, w2, w3 = cfg.widths
+        return [
+            ("prep", 3, 3, w0, s, 1, True),
+            ("layer1", 3, w0, w1, s, 1, True),
+            ("res1a", 3, w1, w1, s // 2, 1, True),
+            ("res1b", 3, w1, w1, s // 2, 1, True),
+            ("layer2", 3, w1, w2, s // 2, 1, True),
+            ("layer3", 3, w2, w3, s // 4, 1, True),
+            ("res3a", 3, w3, w3, s // 8, 1, True),
+            ("res3b", 3, w3, w3, s // 8, 1, True),
+        ]
+    if cfg.model == "speedrun":
+        out = [("whiten", 2, 3, 24, s, 0, False)]
+        s, c_in = s - 1, 24
+        for i, w in enumerate(cfg.widths, start=1):
+            out.append((f"block{i}.conv1", 3, c_in, w, s, 1, True))
+            s //= 2
+            out.append((f"block{i}.conv2", 3, w, w, s, 1, True))
+            c_in = w
+        return out
+    raise ValueError(f"no FLOP count for --model {cfg.model}; add it to jaxbench/flops.py")
+
+
+def _head_flops(cfg: Config) -> int:
+    return dict(layer_flops(cfg))["head"]
+
+
+def unpadded_forward_flops_per_image(cfg: Config) -> int:
+    """Forward FLOPs per image as XLA counts them (no padding taps); head included."""
+    convs = sum(conv_flops_unpadded(k, ci, co, n, p) for _, k, ci, co, n, p, _ in conv_layers(cfg))
+    return convs + _head_flops(cfg)
+
+
+def unpadded_train_flops_per_image(cfg: Config) -> int:
+    """Training FLOPs per image as XLA builds and counts them: every forward, the input
+    gradient of all but the first convolution, the weight gradient of every trained kernel,
+    and the head 3x (its input gradient and weight gradient are both needed)."""
+    total = 3 * _head_flops(cfg)
+    for i, (_, k, ci, co, n, p, trained) in enumerate(conv_layers(cfg)):
+        f = conv_flops_unpadded(k, ci, co, n, p)
+        total += f * (1 + (i > 0) + trained)
+    return total
+
+
+def unpadded_eval_flops_per_image(cfg: Config) -> int:
+    """Evaluation FLOPs per image (one weight set, every TTA view) as XLA counts them."""
+    return eval_forwards(cfg) * unpadded_forward_flops_per_image(cfg)
