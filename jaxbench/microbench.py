@@ -23,8 +23,9 @@ import contextlib
 import statistics
 import sys
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
+from unittest import mock
 
 import flax.linen as nn
 import jax
@@ -70,46 +71,14 @@ def _cond_lookahead(ema: Any, live: Any, step: jax.Array, cfg: configs.Config, t
     return jax.lax.cond(step % cfg.ema_every == 0, update, lambda: (ema, live))
 
 
-class OnePassBatchNorm(models.BatchNorm):
-    """`models.BatchNorm` with the one-pass variance E[x^2] - E[x]^2 (for timing only)."""
-
-    @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
-        features = x.shape[-1]
-        axes = tuple(range(x.ndim - 1))
-        ra_mean = self.variable("batch_stats", "mean", jnp.zeros, (features,), jnp.float32)
-        ra_var = self.variable("batch_stats", "var", jnp.ones, (features,), jnp.float32)
-        x32 = x.astype(jnp.float32)
-        mean = jnp.mean(x32, axes)
-        var = jnp.mean(jnp.square(x32), axes) - jnp.square(mean)
-        if not self.is_initializing():
-            n = x.size // features
-            m = self.momentum
-            ra_mean.value = (1.0 - m) * ra_mean.value + m * mean
-            ra_var.value = (1.0 - m) * ra_var.value + m * (var * (n / max(n - 1, 1)))
-        mul = jax.lax.rsqrt(var + self.epsilon)
-        if self.use_scale:
-            mul = mul * self.param("scale", nn.initializers.ones, (features,), jnp.float32)
-        y = (x - mean) * mul + self.param("bias", nn.initializers.zeros, (features,), jnp.float32)
-        return y.astype(self.dtype)
-
-
-@contextlib.contextmanager
-def patched(obj: Any, name: str, value: Any) -> Iterator[None]:
-    old = getattr(obj, name)
-    setattr(obj, name, value)
-    try:
-        yield
-    finally:
-        setattr(obj, name, old)
-
-
-def _one_pass_bn(train_: bool, momentum: float, eps: float, dtype: Any, name: str, **kw: Any):
-    if not train_:
-        return models.BatchNorm(momentum=momentum, epsilon=eps, dtype=dtype, name=name, **kw)
-    return OnePassBatchNorm(
-        train=True, momentum=momentum, epsilon=eps, dtype=dtype, name=name, **kw
-    )
+def _one_pass_bn(
+    train_: bool, momentum: float, eps: float, dtype: Any, name: str, use_scale: bool = True
+) -> nn.Module:
+    """`models.torch_batch_norm` with the one-pass variance (for timing only)."""
+    return models.BatchNorm(
+        train=train_, momentum=momentum, epsilon=eps, use_scale=use_scale, dtype=dtype,
+        name=name, fast_variance=True,
+    )  # fmt: skip
 
 
 def _step_timer(cfg: configs.Config, data: Any) -> Timer:
@@ -128,15 +97,15 @@ def measure(cfg: configs.Config, data: Any, reps: int) -> dict[str, Any]:
     out: dict[str, Any] = {"config": cfg.name}
     select = _step_timer(cfg, data)
     with (
-        patched(optim, "maybe_ema_update", _cond_ema),
-        patched(optim, "lookahead_update", _cond_lookahead),
+        mock.patch.object(optim, "maybe_ema_update", _cond_ema),
+        mock.patch.object(optim, "lookahead_update", _cond_lookahead),
     ):
         cond = _step_timer(cfg, data)
     out["ema"] = {"a": "select (trainer)", "b": "lax.cond", **ab(select, cond, reps)}
     sp = sys.modules["jaxbench.speedrun_model"] if cfg.model == "speedrun" else None
     with (
-        patched(models, "torch_batch_norm", _one_pass_bn),
-        patched(sp, "torch_batch_norm", _one_pass_bn) if sp else contextlib.nullcontext(),
+        mock.patch.object(models, "torch_batch_norm", _one_pass_bn),
+        mock.patch.object(sp, "torch_batch_norm", _one_pass_bn) if sp else contextlib.nullcontext(),
     ):
         one_pass = _step_timer(cfg, data)
     out["bn_variance"] = {"a": "two-pass (trainer)", "b": "one-pass", **ab(select, one_pass, reps)}

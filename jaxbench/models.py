@@ -53,6 +53,9 @@ class BatchNorm(nn.Module):
     epsilon: float = 1e-5
     use_scale: bool = True
     dtype: Any = jnp.float32
+    # One-pass E[x^2] - E[x]^2 (Flax's `use_fast_variance`): never used by the trainers,
+    # whose two-pass variance is PyTorch's; `jaxbench.microbench` times the difference.
+    fast_variance: bool = False
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -63,7 +66,10 @@ class BatchNorm(nn.Module):
         if self.train:
             x32 = x.astype(jnp.float32)
             mean = jnp.mean(x32, axes)
-            var = jnp.mean(jnp.square(x32 - mean), axes)  # biased: what normalises the batch
+            if self.fast_variance:
+                var = jnp.mean(jnp.square(x32), axes) - jnp.square(mean)
+            else:  # biased: what normalises the batch
+                var = jnp.mean(jnp.square(x32 - mean), axes)
             if not self.is_initializing():
                 n = math.prod(x.shape[:-1])
                 m = self.momentum

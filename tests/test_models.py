@@ -147,3 +147,22 @@ def test_bfloat16_compute_keeps_float32_params_and_stats() -> None:
     for leaf in jax.tree_util.tree_leaves((v["params"], mutated["batch_stats"])):
         assert leaf.dtype == jnp.float32
     assert model_from_config(Config(precision="float32")).dtype == jnp.float32
+
+
+def test_fast_variance_is_one_pass_and_off_by_default() -> None:
+    """The trainers keep PyTorch's two-pass variance; the one-pass switch (timed by
+    `jaxbench.microbench`) agrees on centred data and loses digits on offset data."""
+    from jaxbench.models import BatchNorm
+
+    x = np.random.default_rng(0).normal(size=(8, 4, 4, 3)).astype(np.float32)
+    assert not BatchNorm().fast_variance
+
+    def run(v: np.ndarray, fast: bool) -> np.ndarray:
+        bn = BatchNorm(train=True, fast_variance=fast)
+        variables = bn.init(jax.random.PRNGKey(0), v)
+        _, upd = bn.apply(variables, v, mutable=["batch_stats"])
+        return np.asarray(upd["batch_stats"]["var"])
+
+    np.testing.assert_allclose(run(x, True), run(x, False), rtol=1e-5)
+    far = x + 3000.0  # E[x^2] - E[x]^2 cancels catastrophically here
+    assert np.max(np.abs(run(far, True) - run(far, False))) > 1e-3
