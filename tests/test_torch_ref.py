@@ -296,8 +296,8 @@ def _record_lrs(monkeypatch: pytest.MonkeyPatch) -> list[list[float]]:
     seen: list[list[float]] = []
     real = train.make_optimizer
 
-    def recording(model: nn.Module, cfg: Config) -> torch.optim.SGD:
-        opt = real(model, cfg)
+    def recording(model: nn.Module, cfg: Config, *args: Any) -> torch.optim.SGD:
+        opt = real(model, cfg, *args)
         step = opt.step
 
         def wrapped(*a: Any, **k: Any) -> Any:
@@ -309,11 +309,11 @@ def _record_lrs(monkeypatch: pytest.MonkeyPatch) -> list[list[float]]:
 
     calls = {"n": 0}
 
-    def factory(model: nn.Module, cfg: Config) -> torch.optim.SGD:
+    def factory(model: nn.Module, cfg: Config, *args: Any) -> torch.optim.SGD:
         calls["n"] += 1  # the first optimizer is the trainer's; later ones are warm-up scratch
         if calls["n"] == 1:
-            return recording(model, cfg)
-        return real(model, cfg)
+            return recording(model, cfg, *args)
+        return real(model, cfg, *args)
 
     monkeypatch.setattr(train, "make_optimizer", factory)
     return seen
@@ -339,6 +339,10 @@ def test_lr_used_by_the_optimizer_equals_lr_at(monkeypatch: pytest.MonkeyPatch) 
 # --- the trainer ------------------------------------------------------------------------------
 
 
+def on_disk_keys(folder: Any) -> set[str]:
+    return set(json.loads((folder / "summary.json").read_text()))
+
+
 def test_trainer_summary_and_files(tmp_path: Any) -> None:
     cfg = _small_cfg()
     summary = train.train_and_evaluate(
@@ -350,7 +354,13 @@ def test_trainer_summary_and_files(tmp_path: Any) -> None:
     assert [r["epoch"] for r in summary["epochs"]] == [1, 2, 3]
     times = [r["total_time_seconds"] for r in summary["epochs"]]
     assert times == sorted(times) and summary["total_time_seconds"] == times[-1]
-    assert summary["compile_seconds"] > 0 and summary["images_per_second"] > 0
+    assert summary["images_per_second"] > 0 and summary["dynamo_compiles"] == 0
+    # the warm-up runs once per process and configuration; a skipped one costs nothing
+    if summary["warmup_ran"]:
+        assert summary["compile_seconds"] > 0
+    else:
+        assert summary["compile_seconds"] == 0.0
+    assert on_disk_keys(tmp_path) >= {"torch_setup", "warmup_ran", "dynamo_compiles", "compile"}
     assert summary["environment"]["torch"] == torch.__version__
     assert summary["config"]["widths"] == list(SMALL_WIDTHS) and summary["seed"] == cfg.seed
     assert (tmp_path / "config.json").exists()

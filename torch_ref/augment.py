@@ -13,6 +13,7 @@ round trip).
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Mapping
 
 import numpy as np
@@ -26,12 +27,21 @@ _FLIP_SEED_TAG = 0xF11B  # base flips get their own generator, so they are drawn
 
 
 def plan_to_device(plan: Mapping[str, np.ndarray | torch.Tensor], device: torch.device | str):
-    """A plan (numpy arrays, e.g. `EpochPlan.as_dict()`) as int64/bool tensors on `device`."""
+    """A plan (numpy arrays, e.g. `EpochPlan.as_dict()`) as int64/bool tensors on `device`.
+
+    Host arrays bound for CUDA go through pinned memory, so the copies are truly
+    asynchronous (a pageable host-to-device copy waits for the device).
+    """
+    device = torch.device(device)
     out: dict[str, torch.Tensor] = {}
     for name in PLAN_FIELDS:
         v = plan[name]
-        v = v if torch.is_tensor(v) else torch.from_numpy(np.ascontiguousarray(v))
-        out[name] = v.to(device, torch.bool if name == "flip" else torch.int64, non_blocking=True)
+        dtype = torch.bool if name == "flip" else torch.int64
+        if not torch.is_tensor(v):
+            v = torch.from_numpy(np.ascontiguousarray(v)).to(dtype)
+            if device.type == "cuda":
+                v = v.pin_memory()
+        out[name] = v.to(device, dtype, non_blocking=True)
     return out
 
 
@@ -49,10 +59,27 @@ def _reflect(i: torch.Tensor, n: int) -> torch.Tensor:
     return torch.where(i > n - 1, 2 * (n - 1) - i, i)
 
 
-def apply_plan(images: torch.Tensor, plan: Mapping[str, torch.Tensor], cfg: Config) -> torch.Tensor:
+@functools.cache
+def fill_tensor(device: torch.device) -> torch.Tensor:
+    """Cutout's uint8 fill colour on `device`, made once per device and process.
+
+    Built per step it would be a pageable host-to-device copy, i.e. a sync, on CUDA.
+    """
+    return torch.tensor(FILL_RGB, dtype=torch.uint8, device=device)
+
+
+def apply_plan(
+    images: torch.Tensor,
+    plan: Mapping[str, torch.Tensor],
+    cfg: Config,
+    *,
+    fill: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Augmented uint8 batch (B, 32, 32, 3) from uint8 NHWC `images` and one batch's plan.
 
     `images` is the whole resident training set; `plan["indices"]` picks the batch.
+    `fill`: `fill_tensor(images.device)` (the default), passed in by the trainer so a
+    compiled caller sees it as an input rather than tracing the cache.
     """
     idx = plan["indices"].to(images.device, torch.int64)
     b = idx.shape[0]
@@ -76,7 +103,8 @@ def apply_plan(images: torch.Tensor, plan: Mapping[str, torch.Tensor], cfg: Conf
         in_y = (iota >= cy) & (iota < cy + s)  # (B, 32)
         in_x = (iota >= cx) & (iota < cx + s)
         mask = (in_y[:, :, None] & in_x[:, None, :])[..., None]
-        fill = torch.tensor(FILL_RGB, dtype=torch.uint8, device=images.device)
+        if fill is None:
+            fill = fill_tensor(images.device)
         out = torch.where(mask, fill, out)
     return out
 

@@ -3,22 +3,25 @@
 The same recipe, config presets, flags, table and files as `python -m
 jaxbench.train` (docs/design.md), set up the way one would race PyTorch: data
 resident on the device as uint8, augmentation as batched tensor ops on the
-device, channels-last, bf16 autocast on GPU, optional `torch.compile`, cuDNN
-benchmark mode, no host syncs inside an epoch (metrics accumulate in device
-tensors and are fetched once per epoch), and compilation/warm-up kept off the
-clock.
+device, channels-last, bf16 autocast on GPU, `torch.compile` (max-autotune on
+CUDA), fused SGD, cuDNN benchmark mode, no host syncs inside an epoch (metrics
+accumulate in device tensors and are fetched once per epoch), and compilation/
+warm-up kept off the clock, once per process and configuration. `TorchSetup`
+(torch_ref.torch_setup) holds those choices; every summary records them.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import dataclasses
 import functools
 import os
 import sys
 import time
-from collections.abc import Callable, Mapping, Sequence
+import traceback
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -28,18 +31,28 @@ from torch import nn
 
 from jaxbench import cli, configs, report, schedule
 from jaxbench.configs import Config, optimizer_scales
+from jaxbench.profiling import format_top_ops
 from jaxbench.progress import progress_bar
 from jaxbench.stream import MEAN_STD, epoch_plan, steps_per_epoch
-from jaxbench.whitening import whitening_kernel_OIHW
+from jaxbench.whitening import (
+    PATCH,
+    WHITEN_IMAGES,
+    covariance_from_moments,
+    whitening_from_covariance,
+)
+from torch_ref import torch_setup as tsetup
 from torch_ref.augment import (
     apply_plan,
     draw_base_flips,
     draw_plan,
+    fill_tensor,
     plan_to_device,
     slice_plan,
     tta_logits,
 )
 from torch_ref.model import model_from_config
+from torch_ref.profiling import TorchProfile
+from torch_ref.torch_setup import TorchSetup
 
 STREAMS: tuple[str, ...] = ("fast", "shared")
 FINAL_KEYS: tuple[str, ...] = ("val_acc", "ema_val_acc", "val_loss", "train_loss", "train_acc")
@@ -63,11 +76,12 @@ def use_bfloat16(cfg: Config, device: torch.device) -> bool:
     return cfg.precision == "bfloat16"
 
 
-def make_optimizer(model: nn.Module, cfg: Config) -> torch.optim.SGD:
+def make_optimizer(model: nn.Module, cfg: Config, sgd_impl: str | None = None) -> torch.optim.SGD:
     """SGD with Nesterov momentum and coupled decay; BN biases in their own group.
 
     Each group carries `lr_mult`; the trainer sets `lr = lr_at(t) * lr_mult` before
     update t. LR and decay are in optimizer units (`configs.optimizer_scales`).
+    `sgd_impl`: "fused", "foreach" or "for-loop" (None: torch's own choice).
     """
     lr, wd = optimizer_scales(cfg)
     bn_biases = [m.bias for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
@@ -83,7 +97,12 @@ def make_optimizer(model: nn.Module, cfg: Config) -> torch.optim.SGD:
         },
     ]
     return torch.optim.SGD(
-        groups, lr=lr, momentum=cfg.momentum, dampening=0.0, nesterov=cfg.nesterov
+        groups,
+        lr=lr,
+        momentum=cfg.momentum,
+        dampening=0.0,
+        nesterov=cfg.nesterov,
+        **TorchSetup(sgd_impl=sgd_impl).sgd_kwargs(),
     )
 
 
@@ -130,10 +149,13 @@ def set_whiten_bias_trainable(model: nn.Module, trainable: bool) -> None:
         whiten.bias.requires_grad_(trainable)
 
 
-def normalize(images: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
-    """uint8 NHWC -> float32 NCHW, `(x / 255 - mean) / std`; the permute makes it channels-last."""
-    x = (images.float() / 255.0 - mean) / std
-    return x.permute(0, 3, 1, 2)
+def normalize(
+    images: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, *, channels_last: bool = True
+) -> torch.Tensor:
+    """uint8 NHWC -> float32 NCHW, `(x / 255 - mean) / std`; the permute makes it channels-last
+    (`channels_last=False`: made contiguous NCHW)."""
+    x = ((images.float() / 255.0 - mean) / std).permute(0, 3, 1, 2)
+    return x if channels_last else x.contiguous()
 
 
 def _sync(device: torch.device) -> None:
@@ -151,6 +173,7 @@ def train_forward(
     bf16: bool,
     label_smoothing: float,
     reduction: str,
+    channels_last: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(loss to backpropagate, mean per-example loss, correct count) for one uint8 batch.
 
@@ -159,12 +182,29 @@ def train_forward(
     per run and hit dynamo's recompile limit in the benchmark's seed loop).
     """
     with torch.autocast(x_u8.device.type, dtype=torch.bfloat16, enabled=bf16):
-        logits = net(normalize(x_u8, mean, std))
+        logits = net(normalize(x_u8, mean, std, channels_last=channels_last))
     logits = logits.float()
     loss = F.cross_entropy(logits, y, label_smoothing=label_smoothing, reduction=reduction)
     per_example = loss.detach() / y.shape[0] if reduction == "sum" else loss.detach()
     correct = (logits.detach().argmax(1) == y).sum()
     return loss, per_example, correct
+
+
+def augmented_train_forward(
+    net: nn.Module,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    plan: Mapping[str, torch.Tensor],
+    fill: torch.Tensor,
+    mean: torch.Tensor,
+    std: torch.Tensor,
+    cfg: Config,
+    **loss_kw: Any,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`train_forward` of the batch that `plan` cuts from the resident set: with
+    `compile_augment` the gather, cutout and normalisation fuse into the forward's graph."""
+    x = apply_plan(images, plan, cfg, fill=fill)
+    return train_forward(net, x, labels[plan["indices"]], mean, std, **loss_kw)
 
 
 def eval_logits(
@@ -175,14 +215,16 @@ def eval_logits(
     cfg: Config,
     *,
     bf16: bool,
+    channels_last: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(per-view logits [V, N, C], TTA logits [N, C]) of a uint8 NHWC batch, BN as `net` is.
 
     What evaluation scores: normalisation, the forward, and `augment.tta_logits`'s
     views of `cfg`. The parity suite calls it.
     """
+    x = normalize(x_u8, mean, std, channels_last=channels_last)
     with torch.autocast(x_u8.device.type, dtype=torch.bfloat16, enabled=bf16):
-        return tta_logits(net, normalize(x_u8, mean, std), cfg)
+        return tta_logits(net, x, cfg)
 
 
 def eval_forward(
@@ -194,17 +236,28 @@ def eval_forward(
     cfg: Config,
     *,
     bf16: bool,
+    channels_last: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(summed cross-entropy without smoothing, correct count) of the TTA logits."""
-    _, logits = eval_logits(net, x_u8, mean, std, cfg, bf16=bf16)
+    _, logits = eval_logits(net, x_u8, mean, std, cfg, bf16=bf16, channels_last=channels_last)
     loss = F.cross_entropy(logits, y, reduction="sum")
     return loss, (logits.argmax(1) == y).sum()
 
 
+def _compiled(fn: Callable[..., Any], setup: TorchSetup | None = None) -> Callable[..., Any]:
+    """One compiled version per function, compile mode and backend per process; static shapes.
+
+    `setup` None: the default compiled mode of the first GPU (or the CPU).
+    """
+    if setup is None:
+        setup = TorchSetup().resolve(resolve_device(None), compile=True)
+    return _compile(fn, setup.compile_mode, setup.compile_backend)
+
+
 @functools.cache
-def _compiled(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """One compiled version per function per process; static shapes (no dynamic batch dim)."""
-    return torch.compile(fn, dynamic=False)
+def _compile(fn: Callable[..., Any], mode: str | None, backend: str) -> Callable[..., Any]:
+    kw = TorchSetup(compile_mode=mode, compile_backend=backend).compile_kwargs()
+    return torch.compile(fn, **kw)
 
 
 @torch.no_grad()
@@ -216,20 +269,26 @@ def evaluate(
     *,
     bf16: bool = False,
     compile: bool = False,
+    fwd: Callable[..., tuple[torch.Tensor, torch.Tensor]] | None = None,
+    channels_last: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(mean loss, number correct) as device tensors (no sync); BN in eval mode, flip TTA per cfg.
 
     The count, not a float32 ratio, so the host divides exactly (accuracy = correct / n).
+    `fwd`: the (compiled) `eval_forward` to call; else per `compile`.
     """
-    fwd = _compiled(eval_forward) if compile else eval_forward
-    mean, std = _stats_tensors(cfg.dataset, images.device)
+    if fwd is None:
+        fwd = _compiled(eval_forward) if compile else eval_forward
+    mean, std = device_stats(cfg.dataset, images.device)
     was_training = net.training
     net.eval()
     loss_sum = torch.zeros((), device=images.device)
     correct = torch.zeros((), dtype=torch.int64, device=images.device)
     for i in range(0, len(images), cfg.eval_batch_size):
         sl = slice(i, i + cfg.eval_batch_size)
-        loss, c = fwd(net, images[sl], labels[sl], mean, std, cfg, bf16=bf16)
+        loss, c = fwd(
+            net, images[sl], labels[sl], mean, std, cfg, bf16=bf16, channels_last=channels_last
+        )
         loss_sum += loss
         correct += c
     net.train(was_training)
@@ -244,6 +303,12 @@ def _stats_tensors(dataset: str, device: torch.device) -> tuple[torch.Tensor, to
     )
 
 
+@functools.cache
+def device_stats(dataset: str, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The normalisation mean and std on `device`, made once per process (no per-call copy)."""
+    return _stats_tensors(dataset, device)
+
+
 def check_supported(cfg: Config) -> None:
     """Refuse config fields this trainer does not implement (see `configs.check_supported`)."""
     configs.check_supported(cfg, "torch_ref.train")
@@ -256,7 +321,9 @@ def check_supported(cfg: Config) -> None:
 class Run:
     """What `setup` builds for one run: data on the device, the nets, the optimizer, the clock.
 
-    `t` counts optimizer updates done so far; `train_step` advances it.
+    `t` counts optimizer updates done so far; `train_step` advances it. With
+    `setup.static_addresses` the nets and device data are the process's pooled
+    ones, reused in place by the next run of the same configuration.
     """
 
     cfg: Config
@@ -267,7 +334,7 @@ class Run:
     steps: int  # optimizer steps per epoch
     n_train: int
     n_test: int
-    host_x: np.ndarray  # the training images on the host (whitening moments)
+    host_x: np.ndarray  # the training images on the host
     train_x: torch.Tensor  # uint8 NHWC on the device
     train_y: torch.Tensor
     test_x: torch.Tensor
@@ -284,15 +351,25 @@ class Run:
     generator: torch.Generator
     base_flips: torch.Tensor | None
     compile_seconds: float
+    setup: TorchSetup = dataclasses.field(default_factory=TorchSetup)  # resolved
+    eval_fwd: Callable[..., tuple[torch.Tensor, torch.Tensor]] = eval_forward
+    fill: torch.Tensor | None = None  # cutout colour on the device
+    warmup_ran: bool = True
     t: int = 0
+    _live: list[torch.Tensor] | None = dataclasses.field(default=None, repr=False)
+    _ema: list[torch.Tensor] | None = dataclasses.field(default=None, repr=False)
 
     @property
     def ema_live(self) -> list[torch.Tensor]:
-        return ema_tensors(self.model)
+        if self._live is None:
+            self._live = ema_tensors(self.model)
+        return self._live
 
     @property
     def ema_copy(self) -> list[torch.Tensor]:
-        return ema_tensors(self.ema_model) if self.ema_model is not None else []
+        if self._ema is None:
+            self._ema = ema_tensors(self.ema_model) if self.ema_model is not None else []
+        return self._ema
 
 
 class Hooks:
@@ -313,6 +390,42 @@ class Hooks:
         pass
 
 
+@dataclasses.dataclass
+class _Pooled:
+    """A configuration's nets and device data, kept at fixed addresses across runs."""
+
+    model: nn.Module
+    ema_model: nn.Module | None
+    tensors: dict[str, torch.Tensor]
+
+
+# Warm-up and pooled tensors, per (config without seed/out, shapes, device, setup, bf16).
+_WARMED: set[Any] = set()
+_POOL: dict[Any, _Pooled] = {}
+
+
+def forget_warmups() -> None:
+    """Make the next run of every configuration warm up again (and drop pooled tensors)."""
+    _WARMED.clear()
+    _POOL.clear()
+
+
+def _run_key(
+    cfg: Config, n_train: int, n_test: int, dev: torch.device, s: TorchSetup, bf16: bool
+) -> tuple[Any, ...]:
+    """What the warm-up depends on: not the seed, the output folder or the data's values."""
+    return (dataclasses.replace(cfg, seed=0, out=None), n_train, n_test, str(dev), s, bf16)
+
+
+def _forward(r: Run, bp: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, ...]:
+    """The step's (loss, mean per-example loss, correct count) on batch plan `bp`."""
+    if r.setup.compile_augment:
+        args = (r.model, r.train_x, r.train_y, bp, r.fill, r.mean, r.std, r.cfg)
+        return r.fwd(*args, **r.loss_kw)
+    x = apply_plan(r.train_x, bp, r.cfg)  # its default fill is `r.fill`, the cached one
+    return r.fwd(r.model, x, r.train_y[bp["indices"]], r.mean, r.std, **r.loss_kw)
+
+
 def setup(
     cfg: Config,
     data: Any = None,
@@ -321,32 +434,37 @@ def setup(
     stream: str = "fast",
     compile: bool | None = None,
     device: torch.device | str | None = None,
+    torch_setup: TorchSetup | None = None,
 ) -> Run:
-    """Data on the device, model, EMA copy and optimizer; warm-up off the clock."""
+    """Data on the device, model, EMA copy and optimizer; warm-up off the clock, once per
+    process and configuration (`_run_key`).
+
+    `torch_setup`: see `TorchSetup` (None: the device's defaults); `compile` is the
+    older switch (False: mode "none"; True: the device's compiled default).
+    """
     if stream not in STREAMS:
         raise ValueError(f"stream must be one of {', '.join(STREAMS)}, got {stream!r}")
     check_supported(cfg)
     dev = resolve_device(device)
-    if compile is None:
-        compile = dev.type == "cuda"
+    if dev.type == "cuda" and dev.index is None:  # one name per device for the caches
+        dev = torch.device("cuda", torch.cuda.current_device())
+    s = (torch_setup or TorchSetup()).resolve(dev, compile)
     bf16 = use_bfloat16(cfg, dev)
     if dev.type == "cuda":
-        torch.backends.cudnn.benchmark = True
+        torch.backends.cudnn.benchmark = bool(s.cudnn_benchmark)
     if data is None:
         from jaxbench.data import load_dataset
 
         data = load_dataset(cfg)
 
-    # Data resident on the device, uint8 NHWC.
-    def put(a: Any, dtype: torch.dtype) -> torch.Tensor:
-        return torch.from_numpy(np.ascontiguousarray(a)).to(dev, dtype)
-
     host_x = np.asarray(data.train_images[: cfg.subset], np.uint8)
-    train_x = put(host_x, torch.uint8)
-    train_y = put(data.train_labels[: cfg.subset], torch.int64)
-    test_x = put(data.test_images[: cfg.test_subset], torch.uint8)
-    test_y = put(data.test_labels[: cfg.test_subset], torch.int64)
-    n_train, n_test, batch = len(train_x), len(test_x), cfg.batch_size
+    host = {
+        "train_x": (host_x, torch.uint8),
+        "train_y": (data.train_labels[: cfg.subset], torch.int64),
+        "test_x": (data.test_images[: cfg.test_subset], torch.uint8),
+        "test_y": (data.test_labels[: cfg.test_subset], torch.int64),
+    }
+    n_train, n_test, batch = len(host_x), len(host["test_x"][0]), cfg.batch_size
     spe = steps_per_epoch(cfg, n_train)
     if spe == 0:
         raise ValueError(
@@ -355,69 +473,68 @@ def setup(
         )
     if n_test == 0:
         raise ValueError("the test set is empty; check the data or --test-subset")
-    mean, std = _stats_tensors(cfg.dataset, dev)
+    key = _run_key(cfg, n_train, n_test, dev, s, bf16)
+    mean, std = device_stats(cfg.dataset, dev)
+    fill = fill_tensor(dev)
 
-    model = model_from_config(cfg)
+    init = model_from_config(cfg)
     if init_state_dict is not None:
-        model.load_state_dict(
+        init.load_state_dict(
             {
                 k: v if torch.is_tensor(v) else torch.as_tensor(np.asarray(v))
                 for k, v in init_state_dict.items()
             }
         )
-    model = model.to(dev, memory_format=torch.channels_last)
-    ema_model = copy.deepcopy(model) if cfg.ema_every else None
-    optimizer = make_optimizer(model, cfg)
-    fwd = _compiled(train_forward) if compile else train_forward
-    loss_kw = loss_options(cfg, bf16)
+    fmt = torch.channels_last if s.channels_last else torch.contiguous_format
+    pooled = _POOL.get(key) if s.static_addresses else None
+    if pooled is None:
+        # Data resident on the device, uint8 NHWC.
+        tensors = {
+            k: torch.from_numpy(np.ascontiguousarray(a)).to(dev, dt) for k, (a, dt) in host.items()
+        }
+        model = init.to(dev, memory_format=fmt)
+        ema_model = copy.deepcopy(model) if cfg.ema_every else None
+        if s.static_addresses:
+            from torch._dynamo import mark_static_address
 
-    # Warm-up (compilation, cuDNN autotuning, first-call allocations) off the clock, on
-    # every shape and op the run uses; then weights and BN statistics are put back.
-    _sync(dev)
-    t_warm = time.perf_counter()
-    base_flips = draw_base_flips(cfg, n_train, dev) if cfg.flip == "alternating" else None
-    ema_live = ema_tensors(model)
-    ema_copy = ema_tensors(ema_model) if ema_model is not None else []
-    saved = {k: v.clone() for k, v in model.state_dict().items()}
-    scratch = make_optimizer(model, cfg)
-    warm_gen = torch.Generator(device=dev).manual_seed(0)
-    warm_plan = slice_plan(draw_plan(warm_gen, 0, n_train, cfg, dev, base_flips), 0, batch)
-    # speedrun: the whitening bias is frozen mid-run, which changes the compiled graph;
-    # compile both variants here, off the clock.
-    bias_variants = (True, False) if cfg.model == "speedrun" and compile else (True,)
-    for trainable in bias_variants:
-        set_whiten_bias_trainable(model, trainable)
-        for _ in range(2 if compile else 1):
-            x = apply_plan(train_x, warm_plan, cfg)
-            loss, _, _ = fwd(model, x, train_y[warm_plan["indices"]], mean, std, **loss_kw)
-            loss.backward()
-            scratch.step()
-            scratch.zero_grad(set_to_none=True)
-            if ema_copy:
-                ema_update([e.clone() for e in ema_copy], ema_live, cfg.ema_momentum)
+            for t in tensors.values():  # the compiled augmentation reads train_x in place
+                mark_static_address(t, guard=False)  # new address: re-record, not recompile
+            _POOL[key] = _Pooled(model, ema_model, tensors)
+    else:  # the same tensors as the last run of this key, refilled in place
+        tensors = pooled.tensors
+        for k, (a, dt) in host.items():
+            tensors[k].copy_(torch.from_numpy(np.ascontiguousarray(a)).to(dt))
+        model, ema_model = pooled.model, pooled.ema_model
+        state = init.state_dict()
+        for net in (model, ema_model):
+            if net is not None:
+                net.load_state_dict(state)
+                net.train()
+        for p in model.parameters():
+            p.grad = None
     set_whiten_bias_trainable(model, True)
-    for net in (model, ema_model):
-        if net is not None:
-            evaluate(net, test_x, test_y, cfg, bf16=bf16, compile=compile)
-    model.load_state_dict(saved)
-    del scratch, saved, warm_plan
-    _sync(dev)
-    compile_seconds = time.perf_counter() - t_warm
+    optimizer = make_optimizer(model, cfg, s.sgd_impl)
+    train_fn = augmented_train_forward if s.compile_augment else train_forward
+    fwd = _compiled(train_fn, s) if s.compiled else train_fn
+    eval_fwd = _compiled(eval_forward, s) if s.compiled else eval_forward
+    loss_kw = loss_options(cfg, bf16)
+    if not s.channels_last:
+        loss_kw["channels_last"] = False
 
-    return Run(
+    r = Run(
         cfg=cfg,
         device=dev,
         stream=stream,
-        compile=compile,
+        compile=s.compiled,
         bf16=bf16,
         steps=spe,
         n_train=n_train,
         n_test=n_test,
         host_x=host_x,
-        train_x=train_x,
-        train_y=train_y,
-        test_x=test_x,
-        test_y=test_y,
+        train_x=tensors["train_x"],
+        train_y=tensors["train_y"],
+        test_x=tensors["test_x"],
+        test_y=tensors["test_y"],
         mean=mean,
         std=std,
         model=model,
@@ -428,9 +545,54 @@ def setup(
         fwd=fwd,
         loss_kw=loss_kw,
         generator=torch.Generator(device=dev).manual_seed(cfg.seed * 65_537 + _STREAM_SEED_TAG),
-        base_flips=base_flips,
-        compile_seconds=compile_seconds,
+        base_flips=draw_base_flips(cfg, n_train, dev) if cfg.flip == "alternating" else None,
+        compile_seconds=0.0,
+        setup=s,
+        eval_fwd=eval_fwd,
+        fill=fill,
+        warmup_ran=key not in _WARMED,
     )
+    if r.warmup_ran:
+        _sync(dev)
+        t_warm = time.perf_counter()
+        _warm_up(r)
+        _sync(dev)
+        r.compile_seconds = time.perf_counter() - t_warm
+        _WARMED.add(key)
+    return r
+
+
+def _warm_up(r: Run) -> None:
+    """Compilation, cuDNN autotuning, CUDA-graph recording and first-call allocations, on
+    every shape and op the run uses; then the weights and BN statistics are put back."""
+    cfg, model = r.cfg, r.model
+    compiled, graphs = r.setup.compiled, r.setup.cuda_graphs(r.device)
+    # inductor's CUDA graphs: the first call runs eagerly, the second records, the third replays
+    passes = 3 if graphs else 2 if compiled else 1
+    saved = {k: v.clone() for k, v in model.state_dict().items()}
+    scratch = make_optimizer(model, cfg, r.setup.sgd_impl)
+    warm_gen = torch.Generator(device=r.device).manual_seed(0)
+    plan = draw_plan(warm_gen, 0, r.n_train, cfg, r.device, r.base_flips)
+    warm_plan = slice_plan(plan, 0, cfg.batch_size)
+    # speedrun: the whitening bias is frozen mid-run, which changes the compiled graph;
+    # compile both variants here, off the clock.
+    variants = (True, False) if cfg.model == "speedrun" and compiled else (True,)
+    warm = dataclasses.replace(r, optimizer=scratch)
+    for trainable in variants:
+        set_whiten_bias_trainable(model, trainable)
+        for _ in range(passes):
+            loss, _, _ = _forward(warm, warm_plan)
+            loss.backward()
+            scratch.step()
+            scratch.zero_grad(set_to_none=True)
+            if r.ema_copy:
+                ema_update([e.clone() for e in r.ema_copy], r.ema_live, cfg.ema_momentum)
+    set_whiten_bias_trainable(model, True)
+    for net in (model, r.ema_model):
+        if net is not None:
+            for _ in range(3 if graphs else 1):
+                _evaluate(r, net)
+    model.load_state_dict(saved)
 
 
 def loss_options(cfg: Config, bf16: bool) -> dict[str, Any]:
@@ -438,12 +600,50 @@ def loss_options(cfg: Config, bf16: bool) -> dict[str, Any]:
     return {"bf16": bf16, "label_smoothing": cfg.label_smoothing, "reduction": cfg.loss_reduction}
 
 
+def device_patch_moments(
+    images: torch.Tensor, patch: int = PATCH, chunk: int = 1000
+) -> tuple[np.ndarray, np.ndarray, int]:
+    """`jaxbench.whitening.patch_moments` of uint8 NHWC `images`, summed on their device.
+
+    float64 on the device: every product and partial sum is an integer below 2^53,
+    so the sums are exact in any order and equal numpy's. One fetch at the end.
+    """
+    n, h, w, c = images.shape
+    d = c * patch * patch
+    sum_uu = torch.zeros((d, d), dtype=torch.float64, device=images.device)
+    sum_u = torch.zeros(d, dtype=torch.float64, device=images.device)
+    hh, ww = h - patch + 1, w - patch + 1
+    for start in range(0, n, chunk):
+        u = images[start : start + chunk].to(torch.float64)
+        # (B, H', W', C, kh * kw): the window offsets last, hence the (c, kh, kw) order
+        win = torch.stack(
+            [u[:, i : i + hh, j : j + ww, :] for i in range(patch) for j in range(patch)], dim=-1
+        )
+        rows = win.reshape(-1, d)
+        sum_uu += rows.T @ rows
+        sum_u += rows.sum(0)
+    fetched = torch.cat([sum_uu.reshape(-1), sum_u]).cpu().numpy()
+    return (
+        fetched[: d * d].reshape(d, d).astype(np.int64),
+        fetched[d * d :].astype(np.int64),
+        n * hh * ww,
+    )
+
+
+def whitening_kernel(r: Run) -> np.ndarray:
+    """The speedrun net's float32 OIHW whitening kernel from the run's first `WHITEN_IMAGES`
+    training images: the moments on the device, the float64 rest as `jaxbench.whitening`."""
+    images = r.train_x[:WHITEN_IMAGES]
+    cov = covariance_from_moments(*device_patch_moments(images), dataset=r.cfg.dataset)
+    return whitening_from_covariance(cov, channels=images.shape[3])
+
+
 def set_whitening(r: Run) -> None:
     """The speedrun net's whitening filters from the training images, in the net and its EMA."""
-    kernel = torch.from_numpy(whitening_kernel_OIHW(r.host_x, dataset=r.cfg.dataset))
+    kernel = torch.from_numpy(whitening_kernel(r)).to(r.device)
     for net in (r.model, r.ema_model):
         if net is not None:
-            net.set_whitening(kernel.to(r.device))
+            net.set_whitening(kernel)
 
 
 def train_step(r: Run, bp: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -452,10 +652,8 @@ def train_step(r: Run, bp: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, to
     Returns (mean per-example loss, correct count) as device tensors: no sync.
     """
     cfg = r.cfg
-    x = apply_plan(r.train_x, bp, cfg)
-    y = r.train_y[bp["indices"]]
     set_lr(r.optimizer, r.lrs[r.t])
-    loss, per_example, correct = r.fwd(r.model, x, y, r.mean, r.std, **r.loss_kw)
+    loss, per_example, correct = _forward(r, bp)
     loss.backward()
     r.optimizer.step()
     r.optimizer.zero_grad(set_to_none=True)
@@ -474,10 +672,7 @@ def train_epoch(
     cfg = r.cfg
     if cfg.model == "speedrun" and epoch == cfg.whiten_bias_epochs:
         set_whiten_bias_trainable(r.model, False)
-    if r.stream == "shared":
-        plan = plan_to_device(epoch_plan(cfg, epoch, r.n_train).as_dict(), r.device)
-    else:
-        plan = draw_plan(r.generator, epoch, r.n_train, cfg, r.device, base_flips=r.base_flips)
+    plan = _epoch_plan(r, epoch)
     losses = torch.empty(r.steps, device=r.device)
     correct = torch.zeros((), dtype=torch.int64, device=r.device)
     bar = progress_bar(
@@ -503,20 +698,79 @@ def train_epoch(
     return losses.tolist(), int(correct.item())  # the one fetch of the epoch
 
 
-def evaluate_run(r: Run) -> dict[str, float | None]:
-    """val_loss, val_acc and ema_val_acc of the run's nets on its test set (synchronises)."""
-    kw = {"bf16": r.bf16, "compile": r.compile}
-    val_loss, val_correct = evaluate(r.model, r.test_x, r.test_y, r.cfg, **kw)
-    ema_correct = (
-        evaluate(r.ema_model, r.test_x, r.test_y, r.cfg, **kw)[1].item()
-        if r.ema_model is not None
-        else None
+def _epoch_plan(r: Run, epoch: int) -> dict[str, torch.Tensor]:
+    if r.stream == "shared":
+        return plan_to_device(epoch_plan(r.cfg, epoch, r.n_train).as_dict(), r.device)
+    return draw_plan(r.generator, epoch, r.n_train, r.cfg, r.device, base_flips=r.base_flips)
+
+
+def _evaluate(r: Run, net: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+    return evaluate(
+        net,
+        r.test_x,
+        r.test_y,
+        r.cfg,
+        bf16=r.bf16,
+        fwd=r.eval_fwd,
+        channels_last=r.setup.channels_last,
     )
-    return {
+
+
+def weights_equal(a: Sequence[torch.Tensor], b: Sequence[torch.Tensor]) -> bool:
+    """Whether two tensor lists hold the same values (one host sync for all of them)."""
+    if len(a) != len(b):
+        return False
+    if not a:
+        return True
+    differs = torch.stack([(x != y).any() for x, y in zip(a, b, strict=True)])
+    return not bool(differs.any())
+
+
+def evaluate_run(r: Run, *, same_weights: bool | None = False) -> dict[str, float | None]:
+    """val_loss, val_acc and ema_val_acc of the run's nets on its test set (synchronises).
+
+    `same_weights`: True when the caller knows the net equals its EMA (lookahead's last
+    epoch), None to compare them here; equal weights are scored once, for both.
+    """
+    return _score(r, same_weights)[0]
+
+
+def _score(r: Run, same_weights: bool | None) -> tuple[dict[str, float | None], int]:
+    """`evaluate_run`'s numbers and how many weight sets it scored (1 or 2)."""
+    if r.ema_model is not None and same_weights is None:
+        same_weights = weights_equal(r.ema_live, r.ema_copy)
+    val_loss, val_correct = _evaluate(r, r.model)
+    correct = int(val_correct.item())
+    ema_correct: int | None = None
+    sets = 1
+    if r.ema_model is not None:
+        if same_weights:
+            ema_correct = correct
+        else:
+            ema_correct = int(_evaluate(r, r.ema_model)[1].item())
+            sets = 2
+    scores = {
         "val_loss": val_loss.item(),
-        "val_acc": val_correct.item() / r.n_test,
+        "val_acc": correct / r.n_test,
         "ema_val_acc": None if ema_correct is None else ema_correct / r.n_test,
     }
+    return scores, sets
+
+
+@contextlib.contextmanager
+def _clock(r: Run, acc: dict[str, float], profiler: TorchProfile | None) -> Iterator[None]:
+    """A timed region: synchronised wall seconds and dynamo graph compiles into `acc`."""
+    _sync(r.device)
+    if profiler is not None:
+        profiler.start()
+    graphs = tsetup.dynamo_graphs()
+    t0 = time.perf_counter()
+    yield
+    _sync(r.device)
+    acc["seconds"] += time.perf_counter() - t0
+    acc["compiles"] += max(0, tsetup.dynamo_graphs() - graphs)
+    if profiler is not None:
+        profiler.pause()
 
 
 def train_and_evaluate(
@@ -532,6 +786,8 @@ def train_and_evaluate(
     device: torch.device | str | None = None,
     return_variables: bool = False,
     hooks: Hooks | None = None,
+    torch_setup: TorchSetup | None = None,
+    profile_dir: str | os.PathLike[str] | None = None,
 ) -> dict[str, Any]:
     """Train `cfg`, evaluate every epoch, return the summary (docs/design.md, "Trainer API").
 
@@ -541,32 +797,101 @@ def train_and_evaluate(
     applied either way). `init_state_dict`: start from these weights (a `ResNet9`
     state dict of tensors or arrays) instead of the seed's. `stream`: "fast" (plan
     drawn on the device) or "shared" (`stream.epoch_plan`: the JAX trainer's very
-    batches). `compile`: `torch.compile` the train/eval forward passes (None: on for
-    CUDA, off on the CPU). `return_variables` adds the final `variables` and
-    `ema_variables` (CPU state dicts) to the returned dict, not to summary.json.
-    `hooks`: see `Hooks` (parity suite). Raises FloatingPointError, naming the
-    epoch, when the training loss is not finite.
+    batches). `torch_setup`: compile mode, SGD kernel, ... (`TorchSetup`; None: the
+    device's defaults); `compile`: the older switch (None: on for CUDA, off on the
+    CPU). `return_variables` adds the final `variables` and `ema_variables` (CPU
+    state dicts) to the returned dict, not to summary.json. `hooks`: see `Hooks`
+    (parity suite). `profile_dir`: profile the timed region with `torch.profiler`,
+    write `<profile_dir>/torch-trace.json` and add `profile` (trace, top_ops) to the
+    summary. Raises FloatingPointError, naming the epoch, when the training loss is
+    not finite.
     """
     r = setup(
-        cfg, data, init_state_dict=init_state_dict, stream=stream, compile=compile, device=device
+        cfg,
+        data,
+        init_state_dict=init_state_dict,
+        stream=stream,
+        compile=compile,
+        device=device,
+        torch_setup=torch_setup,
     )
     if workdir is None:
         workdir = cfg.out
     recorder = report.RunRecorder(cfg.to_dict(), workdir, quiet)
+    profiler = TorchProfile(profile_dir, r.device) if profile_dir is not None else None
+    try:
+        step_losses, timed, weight_sets = _train_loop(
+            r, recorder, profiler, hooks=hooks, progress=progress and not quiet
+        )
+    except BaseException:
+        if profiler is not None:
+            profiler.abort()  # leave no profiler running in the process
+        raise
+
+    spe = r.steps
+    seconds = timed["seconds"]
+    final = {k: recorder.rows[-1][k] for k in FINAL_KEYS}
+    summary: dict[str, Any] = {
+        "final": final,
+        "epochs": recorder.rows,
+        "step_losses": step_losses,
+        "total_time_seconds": seconds,
+        "compile_seconds": r.compile_seconds,
+        "warmup_ran": r.warmup_ran,
+        "dynamo_compiles": int(timed["compiles"]),
+        "final_eval_weight_sets": weight_sets,
+        "images_per_second": cfg.epochs * spe * cfg.batch_size / seconds if seconds > 0 else None,
+        "environment": report.environment(["torch"]),
+        "seed": cfg.seed,
+        "config": cfg.to_dict(),
+        "stream": stream,
+        "compile": r.compile,
+        "torch_setup": tsetup.record(r.setup, r.device, r.bf16),
+        "compute_dtype": "bfloat16" if r.bf16 else "float32",
+        "device": str(r.device),
+        "n_train": r.n_train,
+        "n_test": r.n_test,
+        "steps_per_epoch": spe,
+        "framework": "torch",
+    }
+    if profiler is not None:
+        summary["profile"] = profiler.finish()
+        if not quiet:
+            print(
+                format_top_ops(summary["profile"]["top_ops"], "torch: top operations (self time)")
+            )
+    recorder.finish(summary)
+    if return_variables:
+        summary = dict(summary)
+        summary["variables"] = {k: v.detach().cpu() for k, v in r.model.state_dict().items()}
+        if r.ema_model is not None:
+            summary["ema_variables"] = {
+                k: v.detach().cpu() for k, v in r.ema_model.state_dict().items()
+            }
+    return summary
+
+
+def _train_loop(
+    r: Run,
+    recorder: report.RunRecorder,
+    profiler: TorchProfile | None,
+    *,
+    hooks: Hooks | None,
+    progress: bool,
+) -> tuple[list[float], dict[str, float], int]:
+    """`train_and_evaluate`'s epochs: (step losses, timed {seconds, compiles}, weight sets
+    scored by the final evaluation)."""
+    cfg = r.cfg
     step_losses: list[float] = []
-    timed = 0.0  # training steps + final evaluation
+    timed = {"seconds": 0.0, "compiles": 0}  # training steps + final evaluation
     if cfg.model == "speedrun":  # data-dependent init: on the clock, as airbench times it
-        _sync(r.device)
-        t0 = time.perf_counter()
-        set_whitening(r)
-        _sync(r.device)
-        timed += time.perf_counter() - t0
+        with _clock(r, timed, profiler):
+            set_whitening(r)
     r.model.train()
+    weight_sets = 0
     for epoch in range(cfg.epochs):
-        _sync(r.device)
-        t0 = time.perf_counter()
-        epoch_losses, correct = train_epoch(r, epoch, progress=progress and not quiet, hooks=hooks)
-        timed += time.perf_counter() - t0
+        with _clock(r, timed, profiler):
+            epoch_losses, correct = train_epoch(r, epoch, progress=progress, hooks=hooks)
         step_losses.extend(epoch_losses)
         row: dict[str, Any] = {
             "epoch": epoch + 1,
@@ -580,45 +905,102 @@ def train_and_evaluate(
         if last or (epoch + 1) % cfg.eval_every == 0:
             if hooks is not None:
                 hooks.before_eval(epoch, r)
-            t1 = time.perf_counter()
-            row.update(evaluate_run(r))
+            # lookahead ends with net = EMA: score that one net once (hooks may have
+            # touched the nets, so then compare them instead)
+            same: bool | None = False
+            if last and cfg.lookahead and r.ema_model is not None:
+                same = True if hooks is None else None
             if last:
-                timed += time.perf_counter() - t1
+                with _clock(r, timed, profiler):
+                    scores, weight_sets = _score(r, same)
+            else:
+                scores, _ = _score(r, same)
+            row.update(scores)
         else:
             row.update(val_loss=None, val_acc=None, ema_val_acc=None)
-        row["total_time_seconds"] = timed
+        row["total_time_seconds"] = timed["seconds"]
         recorder.epoch(row)
 
-    spe = r.steps
-    final = {k: recorder.rows[-1][k] for k in FINAL_KEYS}
-    summary: dict[str, Any] = {
-        "final": final,
-        "epochs": recorder.rows,
-        "step_losses": step_losses,
-        "total_time_seconds": timed,
-        "compile_seconds": r.compile_seconds,
-        "images_per_second": cfg.epochs * spe * cfg.batch_size / timed if timed > 0 else None,
-        "environment": report.environment(["torch"]),
-        "seed": cfg.seed,
-        "config": cfg.to_dict(),
-        "stream": stream,
-        "compile": r.compile,
-        "compute_dtype": "bfloat16" if r.bf16 else "float32",
-        "device": str(r.device),
-        "n_train": r.n_train,
-        "n_test": r.n_test,
-        "steps_per_epoch": spe,
-        "framework": "torch",
+    return step_losses, timed, weight_sets
+
+
+# --- self-check -------------------------------------------------------------------------------
+
+SYNC_MESSAGE = "called a synchronizing CUDA operation"  # torch's error under mode "error"
+
+
+def check_no_host_sync(r: Run, steps: int = 3, *, raise_on_sync: bool = False) -> dict[str, Any]:
+    """Run `steps` real training steps (an EMA update among them), an epoch's plan draw and
+    an evaluation under `torch.cuda.set_sync_debug_mode("error")`.
+
+    Nothing in them may wait for the device (the per-epoch fetch and the final
+    `.item()` are outside what is checked; torch flags copies and stream syncs, not
+    every possible stall). The steps use the run's warmed-up nets and a scratch
+    optimizer; weights, BN statistics and EMA are restored, so the run is unchanged.
+    Returns {"status": "passed" | "skipped" | "failed", "detail": ...}; a failure
+    names the phase and the synchronising line (RuntimeError with `raise_on_sync`).
+    """
+    if r.device.type != "cuda":
+        return {"status": "skipped", "detail": "no CUDA device: sync-debug mode is CUDA's"}
+    cfg = r.cfg
+    nets = [n for n in (r.model, r.ema_model) if n is not None]
+    saved = [{k: v.clone() for k, v in n.state_dict().items()} for n in nets]
+    # start one update before an EMA step, so the EMA (and lookahead) path is checked too
+    t0 = max(cfg.ema_every - 1, 0) if r.ema_model is not None else 0
+    n = min(steps, r.steps)
+    t0 = max(0, min(t0, len(r.lrs) - n))
+    scratch = dataclasses.replace(
+        r,
+        optimizer=make_optimizer(r.model, cfg, r.setup.sgd_impl),
+        t=t0,
+        generator=torch.Generator(device=r.device).manual_seed(0),
+    )
+    phase = "draw_plan (once per epoch)"
+    previous = torch.cuda.get_sync_debug_mode()
+    detail = None
+    torch.cuda.synchronize(r.device)
+    try:
+        torch.cuda.set_sync_debug_mode("error")
+        plan = _epoch_plan(scratch, 0)
+        phase = "train_step"
+        for k in range(n):
+            train_step(scratch, slice_plan(plan, k, cfg.batch_size))
+        phase = "evaluate (before its one fetch)"
+        _evaluate(r, r.model)
+    except RuntimeError as e:
+        if SYNC_MESSAGE not in str(e):
+            raise
+        detail = f"{phase}: {SYNC_MESSAGE} at {_where(e)}"
+        if raise_on_sync:
+            raise RuntimeError(f"host sync in the training loop: {detail}") from e
+    finally:
+        torch.cuda.set_sync_debug_mode(previous)
+        torch.cuda.synchronize(r.device)
+        for net, state in zip(nets, saved, strict=True):
+            net.load_state_dict(state)
+    if detail is not None:
+        return {"status": "failed", "detail": detail}
+    return {
+        "status": "passed",
+        "detail": f"{n} training steps (updates {t0}..{t0 + n - 1}), a plan draw and an "
+        "evaluation ran under torch.cuda.set_sync_debug_mode('error') without a sync",
     }
-    recorder.finish(summary)
-    if return_variables:
-        summary = dict(summary)
-        summary["variables"] = {k: v.detach().cpu() for k, v in r.model.state_dict().items()}
-        if r.ema_model is not None:
-            summary["ema_variables"] = {
-                k: v.detach().cpu() for k, v in r.ema_model.state_dict().items()
-            }
-    return summary
+
+
+def _where(e: BaseException) -> str:
+    """The innermost project line of an exception's traceback, and the innermost line."""
+    frames = traceback.extract_tb(e.__traceback__)
+    if not frames:
+        return "an unknown line"
+
+    def fmt(f: traceback.FrameSummary) -> str:
+        return f"{f.filename}:{f.lineno} in {f.name}: {(f.line or '').strip()}"
+
+    ours = [f for f in frames if "torch_ref" in f.filename or "jaxbench" in f.filename]
+    where = fmt(ours[-1]) if ours else fmt(frames[-1])
+    if ours and ours[-1] is not frames[-1]:
+        where += f" (innermost: {fmt(frames[-1])})"
+    return where
 
 
 # --- command line -----------------------------------------------------------------------------
@@ -644,14 +1026,57 @@ def build_parser() -> argparse.ArgumentParser:
         "--compile",
         action=argparse.BooleanOptionalAction,
         default=None,
-        help="torch.compile the forward/backward (default: on for CUDA, off on the CPU)",
+        help="torch.compile the forward/backward (default: on for CUDA, off on the CPU); "
+        "--compile means --compile-mode's device default, --no-compile means 'none'",
+    )
+    parser.add_argument(
+        "--compile-mode",
+        choices=tsetup.COMPILE_MODES,
+        default=None,
+        help="torch.compile mode (default: max-autotune on CUDA, as airbench94_compiled; "
+        "none on the CPU)",
+    )
+    parser.add_argument(
+        "--compile-backend",
+        default="inductor",
+        help="torch.compile backend (inductor; eager/aot_eager take mode 'default' only)",
+    )
+    parser.add_argument(
+        "--compile-augment",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="compile the augmentation gather/cutout into the forward's graph (default: on "
+        "when compiling on CUDA) or run it eagerly before it",
+    )
+    parser.add_argument(
+        "--sgd-impl",
+        choices=tsetup.SGD_IMPLS,
+        default=None,
+        help="torch.optim.SGD kernel (default: fused on CUDA, foreach on the CPU)",
     )
     return parser
+
+
+def setup_from_args(args: argparse.Namespace) -> TorchSetup:
+    """The `TorchSetup` of the command line, checked against this machine's device."""
+    s = TorchSetup(
+        compile_mode=args.compile_mode,
+        compile_backend=args.compile_backend,
+        compile_augment=args.compile_augment,
+        sgd_impl=args.sgd_impl,
+    )
+    s.resolve(resolve_device(None), args.compile)  # raises ValueError on a contradiction
+    return s
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """CLI entry point: exit 0 on success, 1 if training diverged, 2 on bad input."""
     args = build_parser().parse_args(argv)
+    try:
+        torch_setup = setup_from_args(args)
+    except ValueError as e:  # one line, exit 2, as the config's own errors
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
     if not torch.cuda.is_available():
         torch.set_num_threads(cpu_threads())
     return cli.run_trainer(
@@ -660,6 +1085,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         train=train_and_evaluate,
         compile_label="warm-up/compiling",
         compile=args.compile,
+        torch_setup=torch_setup,
     )
 
 

@@ -1,0 +1,94 @@
+"""`torch.profiler` over the timed region of a run: a Chrome trace and the top-operations table.
+
+The table is `jaxbench.profiling.rank`'s rows, the same schema as the JAX
+trainer's, from `key_averages()`: self CPU time on the CPU; on CUDA the device's
+own events (kernels, copies), by self device time, since a CPU op's self device
+time repeats its kernels' and summing both would count them twice.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.profiler import ProfilerActivity
+
+from jaxbench.profiling import rank
+
+TRACE_NAME = "torch-trace.json"
+
+
+class TorchProfile:
+    """One profiler from the first `start()` to `finish()`; `pause()`/`start()` between.
+
+    Collection is switched off while paused (`toggle_collection_dynamic`), so the
+    untimed monitoring evaluations stay out of the trace and the table.
+    """
+
+    def __init__(self, folder: str | os.PathLike[str], device: torch.device) -> None:
+        self.folder = Path(folder)
+        self.cuda = device.type == "cuda"
+        self.activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if self.cuda else [])
+        self.prof: torch.profiler.profile | None = None
+        self.collecting = False
+
+    def start(self) -> None:
+        if self.prof is None:
+            self.prof = torch.profiler.profile(activities=self.activities)
+            self.prof.start()
+        elif not self.collecting:
+            self.prof.toggle_collection_dynamic(True, self.activities)
+        self.collecting = True
+
+    def pause(self) -> None:
+        """Stop collecting until the next `start()` (call after the device has synchronised)."""
+        if self.prof is not None and self.collecting:
+            self.prof.toggle_collection_dynamic(False, self.activities)
+            self.collecting = False
+
+    def abort(self) -> None:
+        """Stop without writing anything (the run failed)."""
+        if self.prof is not None:
+            if not self.collecting:
+                self.prof.toggle_collection_dynamic(True, self.activities)
+            self.prof.stop()
+            self.prof, self.collecting = None, False
+
+    def finish(self) -> dict[str, Any]:
+        """Stop; write `<folder>/torch-trace.json` atomically; {"trace": path, "top_ops": rows}."""
+        if self.prof is None:
+            return {"trace": None, "top_ops": []}
+        if not self.collecting:
+            self.prof.toggle_collection_dynamic(True, self.activities)  # stop() expects it on
+        self.prof.stop()
+        self.collecting = False
+        self.folder.mkdir(parents=True, exist_ok=True)
+        path = self.folder / TRACE_NAME
+        fd, tmp = tempfile.mkstemp(dir=self.folder, prefix=".torch-trace-", suffix=".json")
+        os.close(fd)
+        try:
+            self.prof.export_chrome_trace(tmp)
+            os.replace(tmp, path)
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+        return {"trace": str(path), "top_ops": rank(op_totals(self.prof, cuda=self.cuda))}
+
+
+def op_totals(prof: torch.profiler.profile, *, cuda: bool) -> dict[str, tuple[float, int]]:
+    """{op name: (self seconds, calls)}: CPU ops' self CPU time, or CUDA events' device time."""
+    totals: dict[str, tuple[float, int]] = {}
+    for evt in prof.key_averages():
+        is_device = evt.device_type != torch.autograd.DeviceType.CPU
+        if cuda != is_device:
+            continue
+        us = evt.self_device_time_total if cuda else evt.self_cpu_time_total
+        if us <= 0:
+            continue
+        sec, calls = totals.get(evt.key, (0.0, 0))
+        totals[evt.key] = (sec + us * 1e-6, calls + int(evt.count))
+    return totals
