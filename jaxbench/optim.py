@@ -169,7 +169,11 @@ def lookahead_update(
     decays = jnp.asarray(ema_decays(cfg, total_steps))
     new = ema_update(ema, live, decays[jnp.minimum(step, total_steps)])
     flag = is_ema_step(step, cfg)
-    return _select(flag, new, ema), _select(flag, new, live)
+    ema = _select(flag, new, ema)
+    # The reset reads the selected EMA, not `new`: XLA may recompute `new` inside each
+    # select's fusion, and two fusions of `d * e + (1 - d) * w` with their operands in
+    # another order can contract a different product into an FMA (1 ulp apart).
+    return ema, _select(flag, ema, live)
 
 
 def maybe_ema_update(ema: PyTree, new: PyTree, step: jax.Array, cfg: Config) -> PyTree:

@@ -476,3 +476,23 @@ def test_device_patch_moments_are_exact() -> None:
     want = whitening.patch_moments(x)
     assert np.array_equal(got[0], want[0]) and np.array_equal(got[1], want[1])
     assert got[2] == want[2] == 70 * 31 * 31
+
+
+def test_jitted_lookahead_resets_bit_for_bit_without_control_flow() -> None:
+    """Compiled, the reset net equals the EMA exactly (no 1-ulp FMA split between fusions),
+    untouched leaves stay bit-identical off EMA steps, and no conditional is emitted."""
+    cfg = get_config("speedrun")
+    rng = np.random.default_rng(11)
+    shapes = {"k": (2, 2, 3, 24), "w": (3, 3, 24, 64), "b": (64,), "s": ()}
+    ema = {n: jnp.asarray(rng.normal(size=s).astype(np.float32)) for n, s in shapes.items()}
+    live = {n: jnp.asarray(rng.normal(size=s).astype(np.float32)) for n, s in shapes.items()}
+    live["k"] = ema["k"] + 0.0  # a frozen leaf: equal in both trees
+    f = jax.jit(lambda e, w, t: optim.lookahead_update(e, w, t, cfg, 400))
+    assert "conditional" not in f.lower(ema, live, jnp.int32(5)).compile().as_text()
+    for t in (5, 50, 250, 395):
+        new_ema, new_live = f(ema, live, jnp.int32(t))
+        for n in shapes:
+            assert np.array_equal(np.asarray(new_ema[n]), np.asarray(new_live[n])), (t, n)
+    off_ema, off_live = f(ema, live, jnp.int32(7))
+    for n in shapes:
+        assert np.array_equal(off_ema[n], ema[n]) and np.array_equal(off_live[n], live[n])
