@@ -194,14 +194,19 @@ def first_epoch_at(curve: Sequence[dict[str, Any]], target: float) -> int | None
 # --- one framework ------------------------------------------------------------------------
 
 
-def timed_work(cfg: configs.Config, n_train: int, n_test: int) -> tuple[int, int]:
+def timed_work(
+    cfg: configs.Config, n_train: int, n_test: int, weight_sets: int | None = None
+) -> tuple[int, int]:
     """(training images, counted FLOPs) inside one run's timed region.
 
     Training: epochs x full batches; the final evaluation scores every test
-    image once per weight set (trained and, with EMA, the EMA copy).
+    image once per weight set the trainer scored (`final_eval_weight_sets`:
+    net and EMA, or one net when lookahead made them equal; by default 2 with
+    an EMA, else 1).
     """
     images = cfg.epochs * steps_per_epoch(cfg, n_train) * cfg.batch_size
-    weight_sets = 2 if cfg.ema_every > 0 else 1
+    if weight_sets is None:
+        weight_sets = 2 if cfg.ema_every > 0 else 1
     work = images * flops.train_flops_per_image(cfg)
     return images, work + n_test * weight_sets * flops.eval_flops_per_image(cfg)
 
@@ -217,7 +222,7 @@ def run_record(
     """
     final = summary["final"]
     time_s = float(summary["total_time_seconds"])
-    images, work = timed_work(cfg, n_train, n_test)
+    images, work = timed_work(cfg, n_train, n_test, summary.get("final_eval_weight_sets"))
     rec = {
         "seed": summary.get("seed", cfg.seed),
         "accuracy": float(final[headline_metric(cfg)]),
@@ -637,12 +642,17 @@ def _fail(message: str) -> NoReturn:
     raise SystemExit(2)
 
 
-def _load_trainers(frameworks: Sequence[str], cfgs: Sequence[configs.Config]) -> dict[str, Trainer]:
+def _load_trainers(opts: Options) -> dict[str, Trainer]:
     """Import each trainer and let it refuse every config before any run starts."""
     trainers = {}
-    for name in frameworks:
+    cfgs = opts.cfgs
+    for name in opts.frameworks:
         try:
             trainers[name] = load_trainer(name)
+            if name == "torch" and opts.torch_compile_mode is not None:
+                from torch_ref.torch_setup import TorchSetup
+
+                TorchSetup(compile_mode=opts.torch_compile_mode)  # a bad mode: ValueError
             check = getattr(sys.modules[trainers[name].__module__], "check_supported", None)
             if check is not None:
                 for cfg in cfgs:
@@ -799,9 +809,7 @@ class Bench:
             **extra,
         }
         if entry.framework == "torch":
-            kwargs["compile"] = self.opts.torch_compile
-            if self.opts.torch_compile_mode is not None:
-                kwargs["compile_mode"] = self.opts.torch_compile_mode
+            kwargs.update(_torch_kwargs(self.opts))
         else:
             if entry.name not in self.caches:
                 from jaxbench.train import CompileCache
@@ -911,7 +919,9 @@ class Bench:
                 checks["jax_program"] = _guarded(_jax_program_check, run_cfg)
                 checks["jax_flops"] = _guarded(_jax_flop_check, run_cfg)
             if entry.framework == "torch" and "torch_sync" not in checks:
-                checks["torch_sync"] = _guarded(_torch_sync_check, run_cfg, self.data[cfg.name])
+                checks["torch_sync"] = _guarded(
+                    _torch_sync_check, run_cfg, self.data[cfg.name], _torch_kwargs(self.opts)
+                )
         for name, result in checks.items():
             self.log(f"{self._stamp()} {cfg.name} self-check {name}: {result.get('status')}")
         self.save()
@@ -1045,15 +1055,26 @@ def _jax_flop_check(cfg: configs.Config) -> dict[str, Any]:
             "bounds": bounds, **acc}  # fmt: skip
 
 
-def _torch_sync_check(cfg: configs.Config, data: Any) -> dict[str, Any]:
-    """On CUDA: PyTorch's training steps under sync-debug mode "error" (skipped on the CPU)."""
+def _torch_kwargs(opts: Options) -> dict[str, Any]:
+    """The PyTorch trainer's set-up arguments from the bench flags."""
+    out: dict[str, Any] = {"compile": opts.torch_compile}
+    if opts.torch_compile_mode is not None:
+        from torch_ref.torch_setup import TorchSetup
+
+        out["torch_setup"] = TorchSetup(compile_mode=opts.torch_compile_mode)
+    return out
+
+
+def _torch_sync_check(cfg: configs.Config, data: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """On CUDA: PyTorch's training steps under sync-debug mode "error" (skipped on the CPU),
+    in the race's own set-up (its warm-up is the one the race already ran)."""
     import torch
 
     if not torch.cuda.is_available():
         return {"status": "skipped", "detail": "no CUDA device: sync-debug mode is CUDA's"}
     from torch_ref.train import check_no_host_sync, setup
 
-    return check_no_host_sync(setup(cfg.replace(seed=WARMUP_SEED), data))
+    return check_no_host_sync(setup(cfg.replace(seed=WARMUP_SEED, out=None), data, **kwargs))
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -1067,7 +1088,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     command = " ".join(
         ["python -m jaxbench.bench", *map(shlex.quote, sys.argv[1:] if argv is None else argv)]
     )
-    trainers = _load_trainers(opts.frameworks, opts.cfgs)
+    trainers = _load_trainers(opts)
     data = _load_data(opts.cfgs)
     b = Bench(opts, trainers, data, command, budget, log=lambda m: print(m, flush=True))
     names = ", ".join(e.name for e in b.entries)

@@ -106,7 +106,8 @@ def xla_events(events: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
     On an accelerator they live in the `/device:...` processes; on the CPU in the
     `tf_XLA...` threads of the host process. Python and runtime bookkeeping
-    events are left out, so the table ranks the program's own operations.
+    events (and the executor's waits) are left out, so the table ranks the
+    program's own operations.
     """
     procs: dict[Any, str] = {}
     threads: dict[tuple[Any, Any], str] = {}
@@ -118,7 +119,12 @@ def xla_events(events: list[dict[str, Any]]) -> list[dict[str, Any]]:
     devices = {pid for pid, name in procs.items() if "/device:" in name}
     if devices:
         return [e for e in events if e.get("pid") in devices]
-    return [e for e in events if threads.get((e.get("pid"), e.get("tid")), "").startswith("tf_XLA")]
+    return [
+        e
+        for e in events
+        if threads.get((e.get("pid"), e.get("tid")), "").startswith("tf_XLA")
+        and "wait for completion" not in str(e.get("name", ""))  # a runtime wait, not an op
+    ]
 
 
 class JaxProfile:

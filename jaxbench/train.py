@@ -647,6 +647,7 @@ def train_and_evaluate(
             eval_state = state if hooks is None else hooks.before_eval(epoch, state)
             # lookahead ends with net = EMA: the final evaluation scores that one net once
             same = last and cfg.lookahead and hooks is None
+            weight_sets = 1 if same or cfg.ema_every <= 0 else 2
             if last and profiler:
                 profiler.start()
             t0 = time.perf_counter()
@@ -672,6 +673,7 @@ def train_and_evaluate(
         "total_time_seconds": timed,
         "compile_seconds": r.compile_seconds,
         "compiled": r.compiled,
+        "final_eval_weight_sets": weight_sets,
         "images_per_second": train_images_seen / timed if timed > 0 else None,
         "environment": environment(("jax",)),
         "seed": cfg.seed,
