@@ -496,3 +496,32 @@ def test_jitted_lookahead_resets_bit_for_bit_without_control_flow() -> None:
     off_ema, off_live = f(ema, live, jnp.int32(7))
     for n in shapes:
         assert np.array_equal(off_ema[n], ema[n]) and np.array_equal(off_live[n], live[n])
+
+
+def test_trainer_whitening_uses_the_first_5000_images_on_the_device() -> None:
+    """More training images than the whitening needs: the trainer's compiled moments take
+    the first `WHITEN_IMAGES` and give numpy's kernel bit for bit."""
+    import dataclasses
+    from types import SimpleNamespace
+
+    from jaxbench import train
+
+    rng = np.random.default_rng(5)
+    n = whitening.WHITEN_IMAGES + 100
+    data = SimpleNamespace(
+        name="cifar10", classes=[str(i) for i in range(10)],
+        train_images=rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8),
+        train_labels=rng.integers(0, 10, n).astype(np.int32),
+        test_images=rng.integers(0, 256, (16, 32, 32, 3), dtype=np.uint8),
+        test_labels=rng.integers(0, 10, 16).astype(np.int32),
+    )  # fmt: skip
+    cfg = dataclasses.replace(
+        get_config("speedrun"), widths=(8, 8, 8), batch_size=1000, subset=None,
+        test_subset=None, epochs=1, lr_peak_epoch=0.5, whiten_bias_epochs=0,
+        eval_batch_size=16, precision="float32",
+    )  # fmt: skip
+    r = train.setup(cfg, data)
+    st = train._set_whitening(r.state, r.programs.moments, r.images, cfg)
+    want = whitening.whitening_kernel_HWIO(data.train_images)
+    assert np.array_equal(np.asarray(st.params["whiten"]["kernel"]), want)
+    assert np.array_equal(np.asarray(st.ema["params"]["whiten"]["kernel"]), want)
