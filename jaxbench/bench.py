@@ -893,13 +893,28 @@ class Bench:
 
     # -- the phases
     def warmups(self) -> None:
-        """A warm-up of every contender in every preset, then the self-checks."""
+        """A warm-up of every contender in every preset, then the self-checks.
+
+        Under a budget, a later preset starts only if its warm-up, one timed run of
+        it and one round of what is already warm fit: its runs are predicted from
+        the first preset's warm-up, scaled by the ratio of counted FLOPs per run.
+        """
+        first = self.opts.cfgs[0]
         for i, cfg in enumerate(self.opts.cfgs):
             for entry in self.entries:
                 if i and self.budget.limited:
-                    guess = self.estimates.get((self.opts.cfgs[0].name, entry.name), 0.0)
-                    if not fits(self.budget.remaining(), guess):
-                        self.skip(cfg, entry, f"budget: its warm-up (~{guess:.0f} s) does not fit")
+                    guess = self.estimates.get((first.name, entry.name), 0.0) * _work_ratio(
+                        cfg, first, self.doc["races"]
+                    )
+                    warm = sum(self.estimates[(c.name, e.name)] for c in self.opts.cfgs
+                               for e in self.active(c))  # fmt: skip
+                    if not fits(self.budget.remaining(), 2 * guess + warm):
+                        self.skip(
+                            cfg,
+                            entry,
+                            f"budget: its warm-up and one run (~{2 * guess:.0f} s predicted) "
+                            f"and a round of the others (~{warm:.0f} s) do not fit",
+                        )
                         continue
                 self.run(cfg, entry, WARMUP_SEED, "warm-up")
             self.self_checks(cfg)
@@ -923,7 +938,12 @@ class Bench:
                     _torch_sync_check, run_cfg, self.data[cfg.name], _torch_kwargs(self.opts)
                 )
         for name, result in checks.items():
-            self.log(f"{self._stamp()} {cfg.name} self-check {name}: {result.get('status')}")
+            why = result.get("problems") or result.get("error") or result.get("detail") or ""
+            why = "; ".join(why) if isinstance(why, list) else why
+            self.log(
+                f"{self._stamp()} {cfg.name} self-check {name}: {result.get('status')}"
+                + (f" ({why})" if why and result.get("status") != "passed" else "")
+            )
         self.save()
 
     def rounds(self) -> str:
@@ -1017,6 +1037,14 @@ class Bench:
                     parts.append(f"{race['preset']} {name}: {fw['error']['error']}")
         parts.append(f"stopped: {self.doc['stop_reason']}; {self.budget.elapsed():.0f} s in all")
         return "\n".join(parts)
+
+
+def _work_ratio(cfg: configs.Config, first: configs.Config, races: dict[str, Any]) -> float:
+    """Counted FLOPs of one run of `cfg` over one run of `first`: a run-time scale."""
+    work = [
+        timed_work(c, races[c.name]["n_train"], races[c.name]["n_test"])[1] for c in (cfg, first)
+    ]
+    return work[0] / work[1] if work[1] > 0 else 1.0
 
 
 def _guarded(fn: Callable[..., dict[str, Any]], *args: Any) -> dict[str, Any]:

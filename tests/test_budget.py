@@ -23,8 +23,9 @@ class FakeClock:
 
 
 class _Data:
-    train_labels = [0] * 1000
-    test_labels = [0] * 200
+    def __init__(self, n_train: int = 1000, n_test: int = 200) -> None:
+        self.train_labels = [0] * n_train
+        self.test_labels = [0] * n_test
 
 
 def _fake_trainers(clock: FakeClock, walls: dict[str, Any], log: list[tuple]) -> dict[str, Any]:
@@ -50,11 +51,13 @@ def _fake_trainers(clock: FakeClock, walls: dict[str, Any], log: list[tuple]) ->
     return {fw: make(fw) for fw in bench.FRAMEWORKS}
 
 
-def _bench(argv: list[str], clock: FakeClock, walls: dict[str, Any], tmp_path: Any) -> tuple:
+def _bench(
+    argv: list[str], clock: FakeClock, walls: dict[str, Any], tmp_path: Any, n_train: int = 1000
+) -> tuple:
     opts = bench.parse_args([*argv, "--out", str(tmp_path / "out")])
     log: list[tuple] = []
     budget = Budget(opts.max_seconds or float("inf"), clock=clock)
-    data = {cfg.name: _Data() for cfg in opts.cfgs}
+    data = {cfg.name: _Data(n_train) for cfg in opts.cfgs}
     b = bench.Bench(
         opts, _fake_trainers(clock, walls, log), data, "cmd", budget, log=lambda m: None
     )
@@ -187,3 +190,19 @@ def test_framework_on_the_cpu_beside_a_gpu_is_dropped(
     b.record_environment()
     assert [e.name for e in b.entries] == ["torch"]
     assert "no GPU backend" in b.doc["dropped"]["jax"]
+
+
+def test_later_preset_skipped_when_its_predicted_warmup_does_not_fit(tmp_path: Any) -> None:
+    """A later preset's runs are predicted from the first's warm-up scaled by counted FLOPs;
+    one that would not fit is skipped with the reason, and the first preset's rounds run."""
+    clock = FakeClock()
+    argv = ["--config", "tiny,speedrun", "--frameworks", "jax", "--max-seconds", "120"]
+    b, log = _bench(argv, clock, {"jax": 10.0}, tmp_path, n_train=50_000)
+    cfgs = b.opts.cfgs
+    ratio = bench._work_ratio(cfgs[1], cfgs[0], b.doc["races"])
+    assert ratio > 6  # speedrun's 10 epochs of a wider net vs tiny's 3
+    b.warmups()
+    err = b.doc["races"]["speedrun"]["frameworks"]["jax"]["error"]["error"]
+    assert err.startswith("skipped: budget") and [x[0] for x in log] == ["tiny"]
+    assert b.rounds().startswith("budget")
+    assert len(b.doc["races"]["tiny"]["frameworks"]["jax"]["runs"]) >= 5
