@@ -8,7 +8,8 @@ inside the jitted step. The loop is chosen per backend (`cfg.loop`): one
 the CPU (XLA:CPU runs convolutions inside a while loop ~30x slower). Neither
 loop synchronises with the host inside an epoch; metrics are fetched once per
 epoch. All functions are compiled ahead of time and `compile_seconds` is
-reported apart from `total_time_seconds` (training steps + final evaluation).
+reported apart from `total_time_seconds` (training steps + final evaluation);
+with a `CompileCache` (the benchmark's) runs of other seeds reuse them.
 """
 
 from __future__ import annotations
