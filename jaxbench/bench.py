@@ -1129,6 +1129,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     )
     previous = signal.signal(signal.SIGTERM, _terminate)
     complete = False
+    hard_exit: int | None = None
     try:
         b.record_environment()
         b.watchdog.arm()
@@ -1139,21 +1140,34 @@ def main(argv: Sequence[str] | None = None) -> None:
         complete = True
     except BudgetExceeded as e:
         b.doc["stop_reason"] = f"watchdog: {e}"
+        hard_exit = 0
     except KeyboardInterrupt:
-        b.doc["stop_reason"] = "interrupted"
-        raise
+        b.doc["stop_reason"] = "interrupted (Ctrl-C)"
+        hard_exit = 130
+    except Terminated as e:
+        b.doc["stop_reason"] = "terminated (SIGTERM)"
+        hard_exit = int(e.code or 143)
     finally:
         if b.doc["stop_reason"] is None:
             b.doc["stop_reason"] = "stopped by an error"
         b.finish(complete)
         signal.signal(signal.SIGTERM, previous)
         print(b.table(), flush=True)
-        print(f"wrote {', '.join(str(opts.out / f) for f in b.doc['files'])}")
+        print(f"wrote {', '.join(str(opts.out / f) for f in b.doc['files'])}", flush=True)
+    if hard_exit is not None:
+        # A run cut off mid-way can leave compilation or device work in flight, whose
+        # teardown at interpreter exit is not safe (XLA:CPU has crashed there). Every
+        # result is written and flushed, so leave without it.
+        sys.stderr.flush()
+        os._exit(hard_exit)
+
+
+class Terminated(SystemExit):
+    """SIGTERM (a timeout, a closing session), raised where the main thread runs."""
 
 
 def _terminate(signum: int, frame: Any) -> None:
-    """SIGTERM (a timeout, a closing session): finish bench.json, then exit 143."""
-    raise SystemExit(128 + signum)
+    raise Terminated(128 + signum)
 
 
 if __name__ == "__main__":

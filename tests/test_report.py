@@ -216,9 +216,12 @@ def test_bench_and_parity_records_carry_the_commit() -> None:
 
     want = report.git_state()
     opts = bench.parse_args(["--config", "tiny", "--frameworks", "jax"])
-    data = SimpleNamespace(train_labels=np.zeros(3), test_labels=np.zeros(2))
+    data = {"tiny": SimpleNamespace(train_labels=np.zeros(3), test_labels=np.zeros(2))}
+    b = bench.Bench(opts, {}, data, "python -m jaxbench.bench", bench.Budget(), log=print)
+    b.save = lambda: None  # nothing on disk: only the record is checked
+    b.record_environment()
     docs = [
-        bench._new_doc(opts, data, "python -m jaxbench.bench")["environment"],
+        b.doc["environment"],
         parity_report.to_json(
             SuiteResult(
                 results=[], config=tiny(), quick=True, plant=None, data_source="x", seconds=0.0
