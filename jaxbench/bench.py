@@ -38,6 +38,7 @@ reach `--target` on average has no winner: "target not reached", no ratio.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import io
 import math
 import os
@@ -61,6 +62,7 @@ LOOPS: tuple[str, ...] = ("auto", "scan", "step")
 SCHEMA_VERSION = 2
 WARMUP_SEED = 1000  # never a timed seed (timed seeds are the round indices 0, 1, ...)
 DEFAULT_RUNS = 5  # rounds when neither --runs nor --max-seconds is given
+BENCH_FILES: tuple[str, ...] = ("bench.json", "bench-*.png")
 PROFILE_OVERHEAD = 2.0  # a profiled run's wall, predicted as this x a timed run's
 CI_LEVEL = 0.95
 RATIO_METHOD = (
@@ -512,6 +514,7 @@ class Options:
     torch_compile_mode: str | None
     max_seconds: float | None
     profile: Path | None
+    overwrite: bool = False
 
     @property
     def entries(self) -> tuple[Entry, ...]:
@@ -554,6 +557,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--target", type=float, default=0.94, help="accuracy target in (0, 1]")
     p.add_argument("--out", default=None, help="output folder (default bench-out/<presets>)")
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace bench.json and bench-*.png already in --out",
+    )
     p.add_argument("--stream", default="fast", choices=("fast", "shared"), help="batch stream")
     p.add_argument(
         "--torch-compile",
@@ -634,6 +642,7 @@ def parse_args(argv: Sequence[str] | None = None) -> Options:
         torch_compile_mode=args.torch_compile_mode,
         max_seconds=args.max_seconds,
         profile=Path(args.profile) if args.profile else None,
+        overwrite=args.overwrite,
     )
 
 
@@ -1116,8 +1125,19 @@ def main(argv: Sequence[str] | None = None) -> None:
     command = " ".join(
         ["python -m jaxbench.bench", *map(shlex.quote, sys.argv[1:] if argv is None else argv)]
     )
-    trainers = _load_trainers(opts)
-    data = _load_data(opts.cfgs)
+    trainers = _load_trainers(opts)  # a trainer refusing the config: before any file
+    created = not opts.out.exists()
+    try:  # before the data loads: a bad --out costs nothing
+        report.prepare_output(opts.out, BENCH_FILES, overwrite=opts.overwrite)
+    except report.OutputError as e:
+        _fail(str(e))
+    try:
+        data = _load_data(opts.cfgs)
+    except SystemExit:
+        if created:  # leave no empty folder behind a command that did nothing
+            with contextlib.suppress(OSError):
+                opts.out.rmdir()
+        raise
     b = Bench(opts, trainers, data, command, budget, log=lambda m: print(m, flush=True))
     names = ", ".join(e.name for e in b.entries)
     plan = f"{opts.runs} rounds" if opts.runs is not None else "rounds while they fit"

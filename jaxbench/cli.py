@@ -8,11 +8,14 @@ codes (0 done, 1 diverged, 2 bad input) live here once.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from jaxbench.configs import Config, OneLineErrorParser, add_config_args, config_from_args
+from jaxbench.report import RUN_FILES, prepare_output
 
 
 def trainer_parser(prog: str, description: str) -> argparse.ArgumentParser:
@@ -30,6 +33,11 @@ def trainer_parser(prog: str, description: str) -> argparse.ArgumentParser:
         "--no-progress", action="store_true", help="hide the progress bar within each epoch"
     )
     parser.add_argument("--quiet", action="store_true", help="print nothing but errors")
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace the run files (config.json, metrics.jsonl, summary.json) already in --out",
+    )
     parser.add_argument(
         "--profile",
         metavar="DIR",
@@ -54,9 +62,13 @@ def run_trainer(
     **train_kwargs: Any,
 ) -> int:
     """Build the config, load the data, train, print the final line; errors exit 1 or 2."""
+    created = False
     try:
         cfg = config_from_args(args)
         check_supported(cfg)
+        if cfg.out is not None:  # before the data loads: a bad --out costs nothing
+            created = not Path(cfg.out).exists()
+            prepare_output(cfg.out, RUN_FILES, overwrite=args.overwrite)
     except ValueError as e:
         raise _fail(e, 2) from None
     try:
@@ -64,6 +76,9 @@ def run_trainer(
 
         data = load_dataset(cfg)
     except (ValueError, OSError) as e:
+        if created:  # leave no empty folder behind a run that never started
+            with contextlib.suppress(OSError):
+                Path(cfg.out).rmdir()
         raise _fail(e, 2) from None
     try:
         summary = train(

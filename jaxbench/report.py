@@ -442,3 +442,46 @@ def numeric_settings() -> dict[str, Any]:
         t["cudnn.deterministic"] = torch.backends.cudnn.deterministic
         out["torch"] = {k: v if isinstance(v, (bool, int, float)) else str(v) for k, v in t.items()}
     return out
+
+
+# --- output folders -------------------------------------------------------------------------
+
+RUN_FILES: tuple[str, ...] = ("config.json", "metrics.jsonl", "summary.json")
+
+
+class OutputError(ValueError):
+    """An output folder that cannot be used; the message is one line naming the fix."""
+
+
+def prepare_output(
+    path: str | os.PathLike[str], produces: Sequence[str], *, overwrite: bool, flag: str = "--out"
+) -> Path:
+    """Check an output folder before any work starts, and make it.
+
+    Refused: a path that is a file; a folder that already holds any of the files
+    this command `produces` (glob patterns), unless `overwrite`, which removes
+    exactly those files so no old result sits beside a new one; a folder that
+    cannot be created or written. Other files in the folder are left alone.
+    """
+    p = Path(path)
+    if p.exists() and not p.is_dir():
+        raise OutputError(f"{flag} {p} is a file, not a folder; choose another path")
+    existing = (
+        sorted({q.name for pattern in produces for q in p.glob(pattern)}) if p.is_dir() else []
+    )
+    if existing and not overwrite:
+        raise OutputError(
+            f"{flag} {p} already holds results ({', '.join(existing)}); pass --overwrite to "
+            "replace them or choose another folder"
+        )
+    try:
+        p.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=p, prefix=".write-probe-"):
+            pass
+    except OSError as e:
+        raise OutputError(
+            f"{flag} {p} is not writable ({e.strerror or e}); choose another folder"
+        ) from None
+    for name in existing:
+        (p / name).unlink()
+    return p

@@ -33,6 +33,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--out", default="parity_out", help="folder for parity.json, the report, the plot"
     )
     p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace parity.json, parity_report.md and curves.png already in --out",
+    )
+    p.add_argument(
         "--plant",
         default=None,
         metavar="NAME",
@@ -148,7 +153,11 @@ def _run_source_plant(plant: Any, args: argparse.Namespace, argv: Sequence[str])
         return 2
 
 
+PARITY_FILES: tuple[str, ...] = ("parity.json", "parity_report.md", "curves.png")
+
+
 def _run(args: argparse.Namespace) -> int:
+    from jaxbench.report import prepare_output
     from parity import report
     from parity.plants import get_plant
     from parity.suite import load_data, parse_checks, run_suite
@@ -163,6 +172,8 @@ def _run(args: argparse.Namespace) -> int:
             raise ValueError("--seeds must be at least 1")
         if args.epochs is not None and args.epochs < 1:
             raise ValueError("--epochs must be at least 1")
+        # before the data loads and the suite runs: a bad --out costs nothing
+        prepare_output(args.out, PARITY_FILES, overwrite=args.overwrite)
         data = load_data(args.data_dir, cfg.dataset)
     except (ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)

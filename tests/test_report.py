@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -232,3 +234,68 @@ def test_bench_and_parity_records_carry_the_commit() -> None:
         for key in ("git_commit", "git_dirty", "git_note", "cpu_model", "gpu_models"):
             assert key in env, key
         assert env["git_commit"] == want["git_commit"]
+
+
+# --- output folders -------------------------------------------------------------------------
+
+
+def test_prepare_output_refuses_files_old_results_and_unwritable_places(tmp_path: Path) -> None:
+    files = report.RUN_FILES
+    new = report.prepare_output(tmp_path / "a" / "b", files, overwrite=False)
+    assert new.is_dir() and not list(new.iterdir())  # made, and the probe left nothing
+    (new / "summary.json").write_text("{}")
+    (new / "notes.txt").write_text("mine")
+    with pytest.raises(
+        report.OutputError, match="already holds results .summary.json.*--overwrite"
+    ):
+        report.prepare_output(new, files, overwrite=False)
+    report.prepare_output(new, files, overwrite=True)
+    assert sorted(p.name for p in new.iterdir()) == ["notes.txt"]  # only run files go
+    a_file = tmp_path / "f"
+    a_file.write_text("x")
+    with pytest.raises(report.OutputError, match="is a file"):
+        report.prepare_output(a_file, files, overwrite=True)
+    with pytest.raises(report.OutputError, match="is a file|not writable"):
+        report.prepare_output(a_file / "sub", files, overwrite=False)
+    (new / "bench-tiny.png").write_text("x")
+    with pytest.raises(report.OutputError, match="bench-tiny.png"):
+        report.prepare_output(new, ("bench.json", "bench-*.png"), overwrite=False)
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders")
+def test_prepare_output_read_only_folder(tmp_path: Path) -> None:
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o500)
+    try:
+        with pytest.raises(report.OutputError, match="not writable"):
+            report.prepare_output(ro, report.RUN_FILES, overwrite=False)
+    finally:
+        ro.chmod(0o700)
+
+
+@pytest.mark.parametrize(
+    "command, produced",
+    [
+        (["jaxbench.train"], "summary.json"),
+        (["torch_ref.train"], "metrics.jsonl"),
+        (["jaxbench.bench", "--config", "tiny"], "bench.json"),
+        (["parity"], "parity.json"),
+    ],
+)
+def test_every_cli_checks_out_before_loading_data(
+    tmp_path: Path, command: list[str], produced: str
+) -> None:
+    """An --out holding old results is one line and exit 2 before any data is read (the
+    data folder here does not exist, so reaching the data would give another error)."""
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / produced).write_text("{}")
+    res = subprocess.run(
+        [sys.executable, "-m", *command, "--out", str(out), "--data-dir", str(tmp_path / "none")],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    err = res.stderr.strip()
+    assert res.returncode == 2 and len(err.splitlines()) == 1, err
+    assert "already holds results" in err and "--overwrite" in err
+    assert (out / produced).read_text() == "{}"  # nothing touched
