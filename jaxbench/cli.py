@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -61,7 +63,38 @@ def run_trainer(
     compile_label: str,
     **train_kwargs: Any,
 ) -> int:
-    """Build the config, load the data, train, print the final line; errors exit 1 or 2."""
+    """Build the config, load the data, train, print the final line; errors exit 1 or 2,
+    Ctrl-C exits 130 with one line (see `_interrupted`)."""
+    try:
+        return _run_trainer(args, check_supported, train, compile_label, train_kwargs)
+    except KeyboardInterrupt:
+        _interrupted(getattr(args, "out", None))
+    return 130  # not reached
+
+
+def _interrupted(out: str | None) -> None:
+    """One line, then exit 130 at once: Ctrl-C during compilation or a step can leave XLA
+    or PyTorch work in flight whose teardown at interpreter exit is not safe (XLA:CPU has
+    segfaulted there). The trainers have already marked status.json "interrupted"."""
+    where = ""
+    if out:
+        try:
+            status = json.loads((Path(out) / "status.json").read_text())
+            where = f" after epoch {status['epochs_completed']}; partial results in {out}"
+        except (OSError, ValueError, KeyError):
+            where = f" before training started; nothing written to {out}"
+    print(f"interrupted{where}", file=sys.stderr, flush=True)
+    sys.stdout.flush()
+    os._exit(130)
+
+
+def _run_trainer(
+    args: argparse.Namespace,
+    check_supported: Callable[[Config], None],
+    train: Callable[..., dict[str, Any]],
+    compile_label: str,
+    train_kwargs: dict[str, Any],
+) -> int:
     created = False
     try:
         cfg = config_from_args(args)

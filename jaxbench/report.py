@@ -6,6 +6,7 @@ Every file is written atomically (temp file in the same folder, then
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import functools
 import json
@@ -18,7 +19,7 @@ import subprocess
 import sys
 import tempfile
 import warnings
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -341,37 +342,68 @@ def _width(column: str) -> int:
 class RunRecorder:
     """The per-epoch table on stdout and the run's files, the same for both trainers.
 
-    `epoch(row)` prints a row and rewrites `metrics.jsonl`; `finish(summary)`
-    writes `summary.json`. A non-finite training loss raises `FloatingPointError`
-    naming the epoch, so a diverged run stops with a clear message.
+    `status.json` says what the folder holds at every moment: `running` from the
+    start, then `done`, `diverged` (with the epoch) or `interrupted`, with
+    `epochs_completed` always equal to the rows in `metrics.jsonl` (it is
+    rewritten after them). `epoch(row)` prints a row and rewrites
+    `metrics.jsonl`; `finish(summary)` writes `summary.json`. A non-finite
+    training loss raises `FloatingPointError` naming the epoch.
     """
 
     def __init__(self, config: dict[str, Any], workdir: str | os.PathLike[str] | None, quiet: bool):
         self.workdir = Path(workdir) if workdir is not None else None
         self.quiet = quiet
         self.rows: list[dict[str, Any]] = []
+        self.started = now_iso()
         if self.workdir is not None:
             write_json(self.workdir / "config.json", config)
+        self.set_status("running")
         if not quiet:
             print(format_header(), flush=True)
+
+    def set_status(self, status: str, **extra: Any) -> None:
+        """Rewrite `status.json` (atomically): the state, epochs completed, times, `extra`."""
+        if self.workdir is None:
+            return
+        doc = {
+            "status": status,
+            "epochs_completed": len(self.rows),
+            "started": self.started,
+            "updated": now_iso(),
+            **extra,
+        }
+        write_json(self.workdir / "status.json", doc)
 
     def epoch(self, row: dict[str, Any]) -> None:
         row = {k: _jsonable(v) for k, v in row.items()}
         loss = row.get("train_loss")
         if loss is not None and not np.isfinite(loss):
-            raise FloatingPointError(
+            message = (
                 f"training loss became {loss} in epoch {row.get('epoch')}; "
                 "lower --lr or check the data"
             )
+            self.set_status("diverged", epoch=row.get("epoch"), error=message)
+            raise FloatingPointError(message)
         self.rows.append(row)
         if not self.quiet:
             print(format_row(row), flush=True)
         if self.workdir is not None:
             write_jsonl(self.workdir / "metrics.jsonl", self.rows)
+        self.set_status("running")
 
     def finish(self, summary: dict[str, Any]) -> None:
         if self.workdir is not None:
             write_json(self.workdir / "summary.json", summary)
+        self.set_status("done")
+
+    @contextlib.contextmanager
+    def watch(self) -> Iterator[None]:
+        """Mark the run `interrupted` when Ctrl-C (KeyboardInterrupt) ends it in the block."""
+        try:
+            yield
+        except KeyboardInterrupt:
+            self.set_status("interrupted")
+            raise
 
 
 # --- numeric settings and the GPU, for the benchmark's record ---------------------------
@@ -446,7 +478,7 @@ def numeric_settings() -> dict[str, Any]:
 
 # --- output folders -------------------------------------------------------------------------
 
-RUN_FILES: tuple[str, ...] = ("config.json", "metrics.jsonl", "summary.json")
+RUN_FILES: tuple[str, ...] = ("config.json", "metrics.jsonl", "summary.json", "status.json")
 
 
 class OutputError(ValueError):

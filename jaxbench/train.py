@@ -611,86 +611,90 @@ def train_and_evaluate(
     if workdir is None:
         workdir = cfg.out
     recorder = RunRecorder(cfg.to_dict(), workdir, quiet)
-    state = r.state
-    profiler = JaxProfile(profile_dir) if profile_dir is not None else None
-    timed = 0.0
-    if cfg.model == "speedrun":  # data-dependent init: on the clock, as airbench times it
-        if profiler:
-            profiler.start()
-        t0 = time.perf_counter()
-        state = _set_whitening(state, r.programs.moments, r.images, cfg)
-        jax.block_until_ready(state)
-        timed += time.perf_counter() - t0
-        if profiler:
-            profiler.pause()
-    step_losses: list[float] = []
-    rows: list[dict[str, Any]] = []
-    for epoch in range(cfg.epochs):
-        if profiler:
-            profiler.start()
-        t0 = time.perf_counter()
-        state, host = train_epoch(r, state, epoch, progress=progress and not quiet, hooks=hooks)
-        timed += time.perf_counter() - t0
-        if profiler:
-            profiler.pause()
-        losses = np.asarray(host["loss"], np.float64)
-        step_losses.extend(float(v) for v in losses)
-        row: dict[str, Any] = {
-            "epoch": epoch + 1,
-            "train_loss": float(losses.mean()),
-            "train_acc": float(np.sum(host["correct"])) / (r.steps * cfg.batch_size),
-        }
-        if not np.isfinite(row["train_loss"]):
-            recorder.epoch(row)  # raises FloatingPointError naming the epoch
-        last = epoch == cfg.epochs - 1
-        if last or (epoch + 1) % cfg.eval_every == 0:
-            eval_state = state if hooks is None else hooks.before_eval(epoch, state)
-            # lookahead ends with net = EMA: the final evaluation scores that one net once
-            same = last and cfg.lookahead and hooks is None
-            weight_sets = 1 if same or cfg.ema_every <= 0 else 2
-            if last and profiler:
+    with recorder.watch():  # Ctrl-C: status.json says "interrupted"
+        state = r.state
+        profiler = JaxProfile(profile_dir) if profile_dir is not None else None
+        timed = 0.0
+        if cfg.model == "speedrun":  # data-dependent init: on the clock, as airbench times it
+            if profiler:
                 profiler.start()
             t0 = time.perf_counter()
-            row.update(r.evaluate(eval_state, same_weights=same))
-            if last:  # the final evaluation is part of the timed run; monitoring evals are not
-                timed += time.perf_counter() - t0
-                if profiler:
-                    profiler.pause()
-        else:
-            row.update(val_loss=None, val_acc=None, ema_val_acc=None)
-        row["total_time_seconds"] = timed
-        rows.append(row)
-        recorder.epoch(row)
+            state = _set_whitening(state, r.programs.moments, r.images, cfg)
+            jax.block_until_ready(state)
+            timed += time.perf_counter() - t0
+            if profiler:
+                profiler.pause()
+        step_losses: list[float] = []
+        rows: list[dict[str, Any]] = []
+        for epoch in range(cfg.epochs):
+            if profiler:
+                profiler.start()
+            t0 = time.perf_counter()
+            state, host = train_epoch(r, state, epoch, progress=progress and not quiet, hooks=hooks)
+            timed += time.perf_counter() - t0
+            if profiler:
+                profiler.pause()
+            losses = np.asarray(host["loss"], np.float64)
+            step_losses.extend(float(v) for v in losses)
+            row: dict[str, Any] = {
+                "epoch": epoch + 1,
+                "train_loss": float(losses.mean()),
+                "train_acc": float(np.sum(host["correct"])) / (r.steps * cfg.batch_size),
+            }
+            if not np.isfinite(row["train_loss"]):
+                recorder.epoch(row)  # raises FloatingPointError naming the epoch
+            last = epoch == cfg.epochs - 1
+            if last or (epoch + 1) % cfg.eval_every == 0:
+                eval_state = state if hooks is None else hooks.before_eval(epoch, state)
+                # lookahead ends with net = EMA: the final evaluation scores that one net once
+                same = last and cfg.lookahead and hooks is None
+                weight_sets = 1 if same or cfg.ema_every <= 0 else 2
+                if last and profiler:
+                    profiler.start()
+                t0 = time.perf_counter()
+                row.update(r.evaluate(eval_state, same_weights=same))
+                if last:  # the final evaluation is part of the timed run; monitoring evals are not
+                    timed += time.perf_counter() - t0
+                    if profiler:
+                        profiler.pause()
+            else:
+                row.update(val_loss=None, val_acc=None, ema_val_acc=None)
+            row["total_time_seconds"] = timed
+            rows.append(row)
+            recorder.epoch(row)
 
-    final = {
-        k: rows[-1][k] for k in ("val_acc", "ema_val_acc", "val_loss", "train_loss", "train_acc")
-    }
-    train_images_seen = cfg.epochs * r.steps * cfg.batch_size
-    summary: dict[str, Any] = {
-        "final": final,
-        "epochs": rows,
-        "step_losses": step_losses,
-        "total_time_seconds": timed,
-        "compile_seconds": r.compile_seconds,
-        "compiled": r.compiled,
-        "final_eval_weight_sets": weight_sets,
-        "images_per_second": train_images_seen / timed if timed > 0 else None,
-        "environment": environment(("jax",)),
-        "seed": cfg.seed,
-        "config": cfg.to_dict(),
-        "loop": r.loop,
-        "stream": stream,
-        "compute_dtype": jnp.dtype(models.compute_dtype(cfg)).name,
-        "n_train": r.n_train,
-        "n_test": r.n_test,
-        "steps_per_epoch": r.steps,
-        "framework": "jax",
-    }
-    if profiler:
-        summary["profile"] = profiler.finish()
-        if not quiet:
-            print(format_top_ops(summary["profile"]["top_ops"], "jax: top operations (self time)"))
-    recorder.finish(summary)
+        final = {
+            k: rows[-1][k]
+            for k in ("val_acc", "ema_val_acc", "val_loss", "train_loss", "train_acc")
+        }
+        train_images_seen = cfg.epochs * r.steps * cfg.batch_size
+        summary: dict[str, Any] = {
+            "final": final,
+            "epochs": rows,
+            "step_losses": step_losses,
+            "total_time_seconds": timed,
+            "compile_seconds": r.compile_seconds,
+            "compiled": r.compiled,
+            "final_eval_weight_sets": weight_sets,
+            "images_per_second": train_images_seen / timed if timed > 0 else None,
+            "environment": environment(("jax",)),
+            "seed": cfg.seed,
+            "config": cfg.to_dict(),
+            "loop": r.loop,
+            "stream": stream,
+            "compute_dtype": jnp.dtype(models.compute_dtype(cfg)).name,
+            "n_train": r.n_train,
+            "n_test": r.n_test,
+            "steps_per_epoch": r.steps,
+            "framework": "jax",
+        }
+        if profiler:
+            summary["profile"] = profiler.finish()
+            if not quiet:
+                print(
+                    format_top_ops(summary["profile"]["top_ops"], "jax: top operations (self time)")
+                )
+        recorder.finish(summary)
     if return_variables:
         summary = dict(summary)
         summary["variables"] = jax.device_get(state.variables())

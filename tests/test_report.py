@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -299,3 +301,82 @@ def test_every_cli_checks_out_before_loading_data(
     assert res.returncode == 2 and len(err.splitlines()) == 1, err
     assert "already holds results" in err and "--overwrite" in err
     assert (out / produced).read_text() == "{}"  # nothing touched
+
+
+# --- run status -----------------------------------------------------------------------------
+
+
+def _status(folder: Path) -> dict:
+    return json.loads((folder / "status.json").read_text())
+
+
+def test_run_status_follows_the_run(tmp_path: Path) -> None:
+    rec = report.RunRecorder({"lr": 1.0}, tmp_path, quiet=True)
+    assert _status(tmp_path)["status"] == "running" and _status(tmp_path)["epochs_completed"] == 0
+    rec.epoch({"epoch": 1, "train_loss": 2.0})
+    assert _status(tmp_path)["epochs_completed"] == 1
+    rec.finish({"final": {}})
+    assert _status(tmp_path)["status"] == "done"
+
+    diverged = tmp_path / "d"
+    rec = report.RunRecorder({}, diverged, quiet=True)
+    rec.epoch({"epoch": 1, "train_loss": 2.0})
+    with pytest.raises(FloatingPointError):
+        rec.epoch({"epoch": 2, "train_loss": float("nan")})
+    st = _status(diverged)
+    assert st["status"] == "diverged" and st["epoch"] == 2 and st["epochs_completed"] == 1
+    assert len((diverged / "metrics.jsonl").read_text().splitlines()) == 1
+
+    stopped = tmp_path / "i"
+    rec = report.RunRecorder({}, stopped, quiet=True)
+    with pytest.raises(KeyboardInterrupt), rec.watch():
+        rec.epoch({"epoch": 1, "train_loss": 2.0})
+        raise KeyboardInterrupt
+    assert _status(stopped)["status"] == "interrupted" and _status(stopped)["epochs_completed"] == 1
+
+
+@pytest.mark.slow
+@pytest.mark.realdata
+def test_ctrl_c_during_training_is_one_line_and_a_true_status(
+    real_data_dir: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "run"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "jaxbench.train", "--config", "tiny", "--subset", "1000",
+         "--test-subset", "200", "--epochs", "30", "--widths", "8,8,8,8", "--lr-peak-epoch", "1",
+         "--data-dir", str(real_data_dir), "--out", str(out), "--no-progress"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and not (out / "metrics.jsonl").exists():
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("interrupted after epoch "), err
+    st = _status(out)
+    rows = (out / "metrics.jsonl").read_text().splitlines()
+    assert st["status"] == "interrupted" and st["epochs_completed"] == len(rows) >= 1
+    assert not (out / "summary.json").exists()
+
+
+@pytest.mark.realdata
+def test_ctrl_c_before_training_is_one_line(real_data_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "jaxbench.train", "--config", "tiny", "--data-dir",
+         str(real_data_dir), "--out", str(out)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        time.sleep(4.0)  # imports, data, compilation: before any epoch ends
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, err
+    assert len(err.strip().splitlines()) == 1 and err.startswith("interrupted"), err

@@ -818,49 +818,54 @@ def train_and_evaluate(
     if workdir is None:
         workdir = cfg.out
     recorder = report.RunRecorder(cfg.to_dict(), workdir, quiet)
-    profiler = TorchProfile(profile_dir, r.device) if profile_dir is not None else None
-    try:
-        step_losses, timed, weight_sets = _train_loop(
-            r, recorder, profiler, hooks=hooks, progress=progress and not quiet
-        )
-    except BaseException:
-        if profiler is not None:
-            profiler.abort()  # leave no profiler running in the process
-        raise
-
-    spe = r.steps
-    seconds = timed["seconds"]
-    final = {k: recorder.rows[-1][k] for k in FINAL_KEYS}
-    summary: dict[str, Any] = {
-        "final": final,
-        "epochs": recorder.rows,
-        "step_losses": step_losses,
-        "total_time_seconds": seconds,
-        "compile_seconds": r.compile_seconds,
-        "warmup_ran": r.warmup_ran,
-        "dynamo_compiles": int(timed["compiles"]),
-        "final_eval_weight_sets": weight_sets,
-        "images_per_second": cfg.epochs * spe * cfg.batch_size / seconds if seconds > 0 else None,
-        "environment": report.environment(["torch"]),
-        "seed": cfg.seed,
-        "config": cfg.to_dict(),
-        "stream": stream,
-        "compile": r.compile,
-        "torch_setup": tsetup.record(r.setup, r.device, r.bf16),
-        "compute_dtype": "bfloat16" if r.bf16 else "float32",
-        "device": str(r.device),
-        "n_train": r.n_train,
-        "n_test": r.n_test,
-        "steps_per_epoch": spe,
-        "framework": "torch",
-    }
-    if profiler is not None:
-        summary["profile"] = profiler.finish()
-        if not quiet:
-            print(
-                format_top_ops(summary["profile"]["top_ops"], "torch: top operations (self time)")
+    with recorder.watch():  # Ctrl-C: status.json says "interrupted"
+        profiler = TorchProfile(profile_dir, r.device) if profile_dir is not None else None
+        try:
+            step_losses, timed, weight_sets = _train_loop(
+                r, recorder, profiler, hooks=hooks, progress=progress and not quiet
             )
-    recorder.finish(summary)
+        except BaseException:
+            if profiler is not None:
+                profiler.abort()  # leave no profiler running in the process
+            raise
+
+        spe = r.steps
+        seconds = timed["seconds"]
+        final = {k: recorder.rows[-1][k] for k in FINAL_KEYS}
+        summary: dict[str, Any] = {
+            "final": final,
+            "epochs": recorder.rows,
+            "step_losses": step_losses,
+            "total_time_seconds": seconds,
+            "compile_seconds": r.compile_seconds,
+            "warmup_ran": r.warmup_ran,
+            "dynamo_compiles": int(timed["compiles"]),
+            "final_eval_weight_sets": weight_sets,
+            "images_per_second": cfg.epochs * spe * cfg.batch_size / seconds
+            if seconds > 0
+            else None,
+            "environment": report.environment(["torch"]),
+            "seed": cfg.seed,
+            "config": cfg.to_dict(),
+            "stream": stream,
+            "compile": r.compile,
+            "torch_setup": tsetup.record(r.setup, r.device, r.bf16),
+            "compute_dtype": "bfloat16" if r.bf16 else "float32",
+            "device": str(r.device),
+            "n_train": r.n_train,
+            "n_test": r.n_test,
+            "steps_per_epoch": spe,
+            "framework": "torch",
+        }
+        if profiler is not None:
+            summary["profile"] = profiler.finish()
+            if not quiet:
+                print(
+                    format_top_ops(
+                        summary["profile"]["top_ops"], "torch: top operations (self time)"
+                    )
+                )
+        recorder.finish(summary)
     if return_variables:
         summary = dict(summary)
         summary["variables"] = {k: v.detach().cpu() for k, v in r.model.state_dict().items()}
