@@ -433,12 +433,17 @@ def _write_entry(
     cache.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=cache))
     try:
+        sha256 = {}
         for key, arr in zip(_ARRAYS, arrays, strict=True):
+            buf = io.BytesIO()
+            np.save(buf, arr, allow_pickle=False)
+            raw = buf.getvalue()
+            sha256[f"{key}.npy"] = hashlib.sha256(raw).hexdigest()
             with (tmp / f"{key}.npy").open("wb") as f:
-                np.save(f, arr, allow_pickle=False)
+                f.write(raw)
                 f.flush()
                 os.fsync(f.fileno())
-        info = {"classes": classes, "archive": archive, "archive_md5": md5}
+        info = {"classes": classes, "archive": archive, "archive_md5": md5, "sha256": sha256}
         (tmp / "info.json").write_text(json.dumps(info, indent=2) + "\n")
         try:
             os.replace(tmp, final)
@@ -456,9 +461,24 @@ def _read_entry(cache: Path, spec: Spec, archive: str) -> Dataset | None:
     fix = "run `python -m jaxbench.data --clear-cache` and load again"
     try:
         info = json.loads((entry / "info.json").read_text())
-        x, y, tx, ty = (np.load(entry / f"{k}.npy", allow_pickle=False) for k in _ARRAYS)
+        sums = info.get("sha256")
+        if not isinstance(sums, dict):
+            raise DataError(
+                f"cache entry {entry} has no checksums (an older version wrote it); {fix}"
+            )
+        arrays = []
+        for k in _ARRAYS:
+            raw = (entry / f"{k}.npy").read_bytes()
+            if hashlib.sha256(raw).hexdigest() != sums.get(f"{k}.npy"):
+                raise DataError(
+                    f"cache file {entry / f'{k}.npy'} is damaged (sha256 mismatch); {fix}"
+                )
+            arrays.append(np.load(io.BytesIO(raw), allow_pickle=False))
+        x, y, tx, ty = arrays
         classes = [str(c) for c in info["classes"]]
     except (OSError, ValueError, KeyError, TypeError) as e:
+        if isinstance(e, DataError):
+            raise
         raise DataError(f"cache entry {entry} is damaged ({type(e).__name__}); {fix}") from None
     ok = (
         x.dtype == np.uint8

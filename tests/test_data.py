@@ -744,3 +744,30 @@ def test_real_cli_json(real_data_dir: Path, isolated: Path) -> None:
     np.testing.assert_allclose(got["train_mean"], TRAIN_MEAN, rtol=0, atol=1e-6)
     np.testing.assert_allclose(got["train_std"], TRAIN_STD, rtol=0, atol=1e-6)
     assert files_in(isolated) == []
+
+
+def test_same_size_corruption_of_a_cached_array_is_caught(
+    tmp_path: Path, small, isolated: Path, monkeypatch
+) -> None:
+    """One flipped pixel byte keeps the file's size and shape; the sha256 in info.json
+    catches it, and the error names the damaged file. So does an entry without sums."""
+    spec = small["cifar10"]
+    s = make_synth(spec, seed=9)
+    folder = write_binary(tmp_path / "src", s)
+    (tmp_path / "d").mkdir()
+    register_md5(monkeypatch, make_archive(folder, tmp_path / "d" / spec.bin_archive))
+    load_dataset(Config(), data_dir=tmp_path / "d")  # decodes into the cache
+    entry = isolated / "cifar-10-binary.arrays"
+    target = entry / "train_images.npy"
+    raw = bytearray(target.read_bytes())
+    raw[-5] ^= 0xFF
+    target.write_bytes(bytes(raw))
+    with pytest.raises(DataError) as e:
+        load_dataset(Config())
+    one_line_error(e, f"{target} is damaged (sha256 mismatch)", "--clear-cache")
+    info = json.loads((entry / "info.json").read_text())
+    del info["sha256"]
+    (entry / "info.json").write_text(json.dumps(info))
+    with pytest.raises(DataError) as e:
+        load_dataset(Config())
+    one_line_error(e, "has no checksums", "--clear-cache")
