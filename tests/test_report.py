@@ -306,6 +306,12 @@ def test_every_cli_checks_out_before_loading_data(
 # --- run status -----------------------------------------------------------------------------
 
 
+def _sigint_default() -> None:
+    """In the child: Ctrl-C as in a terminal. A job started in the background (as CI may
+    start the tests) inherits SIGINT ignored, and Python then never raises KeyboardInterrupt."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _status(folder: Path) -> dict:
     return json.loads((folder / "status.json").read_text())
 
@@ -345,7 +351,7 @@ def test_ctrl_c_during_training_is_one_line_and_a_true_status(
         [sys.executable, "-m", "jaxbench.train", "--config", "tiny", "--subset", "1000",
          "--test-subset", "200", "--epochs", "30", "--widths", "8,8,8,8", "--lr-peak-epoch", "1",
          "--data-dir", str(real_data_dir), "--out", str(out), "--no-progress"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=_sigint_default,
     )  # fmt: skip
     try:
         deadline = time.monotonic() + 120
@@ -370,7 +376,7 @@ def test_ctrl_c_before_training_is_one_line(real_data_dir: Path, tmp_path: Path)
     proc = subprocess.Popen(
         [sys.executable, "-m", "jaxbench.train", "--config", "tiny", "--data-dir",
          str(real_data_dir), "--out", str(out)],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=_sigint_default,
     )  # fmt: skip
     try:
         time.sleep(4.0)  # imports, data, compilation: before any epoch ends
