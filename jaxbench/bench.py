@@ -1183,7 +1183,7 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 
 class Terminated(SystemExit):
-    """SIGTERM (a timeout, a closing session), raised where the main thread runs."""
+    """SIGTERM (a timeout, a closing terminal), raised where the main thread runs."""
 
 
 def _terminate(signum: int, frame: Any) -> None:

@@ -62,7 +62,7 @@ def fits(remaining: float, estimate: float, reserve: float = 0.0) -> bool:
 def round_order(items: Sequence[T], round_index: int) -> list[T]:
     """ABAB: round 0 runs `items` in order, round 1 reversed, and so on.
 
-    Alternating who goes first spreads drift within a session (clocks, heat,
+    Alternating who goes first spreads drift during the command (clocks, heat,
     allocator state) over every contender alike.
     """
     return list(items) if round_index % 2 == 0 else list(reversed(items))
