@@ -306,10 +306,13 @@ def test_every_cli_checks_out_before_loading_data(
 # --- run status -----------------------------------------------------------------------------
 
 
-def _sigint_default() -> None:
-    """In the child: Ctrl-C as in a terminal. A job started in the background (as CI may
-    start the tests) inherits SIGINT ignored, and Python then never raises KeyboardInterrupt."""
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
+# The child runs the trainer with Ctrl-C as in a terminal: a job started in the background
+# (as CI may start the tests) inherits SIGINT ignored, and Python then never raises
+# KeyboardInterrupt. (No preexec_fn: forking a process that has JAX loaded is unsafe.)
+_TRAIN_WITH_SIGINT = (
+    "import runpy, signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); "
+    "sys.argv[0] = 'jaxbench.train'; runpy.run_module('jaxbench.train', run_name='__main__')"
+)
 
 
 def _status(folder: Path) -> dict:
@@ -348,10 +351,10 @@ def test_ctrl_c_during_training_is_one_line_and_a_true_status(
 ) -> None:
     out = tmp_path / "run"
     proc = subprocess.Popen(
-        [sys.executable, "-m", "jaxbench.train", "--config", "tiny", "--subset", "1000",
+        [sys.executable, "-c", _TRAIN_WITH_SIGINT, "--config", "tiny", "--subset", "1000",
          "--test-subset", "200", "--epochs", "30", "--widths", "8,8,8,8", "--lr-peak-epoch", "1",
          "--data-dir", str(real_data_dir), "--out", str(out), "--no-progress"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=_sigint_default,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
     try:
         deadline = time.monotonic() + 120
@@ -374,9 +377,9 @@ def test_ctrl_c_during_training_is_one_line_and_a_true_status(
 def test_ctrl_c_before_training_is_one_line(real_data_dir: Path, tmp_path: Path) -> None:
     out = tmp_path / "run"
     proc = subprocess.Popen(
-        [sys.executable, "-m", "jaxbench.train", "--config", "tiny", "--data-dir",
+        [sys.executable, "-c", _TRAIN_WITH_SIGINT, "--config", "tiny", "--data-dir",
          str(real_data_dir), "--out", str(out)],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=_sigint_default,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
     try:
         time.sleep(4.0)  # imports, data, compilation: before any epoch ends
