@@ -427,6 +427,12 @@ def test_smoke_race_writes_every_field(
     assert ratio["ci"][0] <= ratio["value"] <= ratio["ci"][1]
 
 
+def _bench_cmd(presets: str, data_dir: str, out: Path, *flags: str) -> list[str]:
+    """`python -m jaxbench.bench` racing JAX alone on `presets` into `out`."""
+    return [sys.executable, "-m", "jaxbench.bench", "--config", presets, "--frameworks", "jax",
+            "--data-dir", data_dir, "--out", str(out), *flags]  # fmt: skip
+
+
 @pytest.mark.slow
 @pytest.mark.realdata
 def test_max_seconds_stops_in_time_with_valid_json(data_dir: str, tmp_path: Path) -> None:
@@ -436,12 +442,9 @@ def test_max_seconds_stops_in_time_with_valid_json(data_dir: str, tmp_path: Path
     t0 = time.monotonic()
     small = ["--subset", "500", "--test-subset", "500", "--epochs", "1", "--batch-size", "100",
              "--lr-peak-epoch", "0.5"]  # fmt: skip
-    res = subprocess.run(
-        [sys.executable, "-m", "jaxbench.bench", "--config", "tiny,speedrun", "--frameworks",
-         "jax", "--max-seconds", str(budget), "--target", "0.05", "--data-dir", data_dir,
-         "--out", str(out), *small],
-        capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+    cmd = _bench_cmd("tiny,speedrun", data_dir, out, "--max-seconds", str(budget),
+                     "--target", "0.05", *small)  # fmt: skip
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     wall = time.monotonic() - t0
     assert res.returncode == 0, res.stderr[-2000:]
     doc = json.loads((out / "bench.json").read_text())
@@ -461,11 +464,8 @@ def test_max_seconds_stops_in_time_with_valid_json(data_dir: str, tmp_path: Path
 def test_watchdog_leaves_valid_json_when_a_run_overruns(data_dir: str, tmp_path: Path) -> None:
     """A budget smaller than one warm-up: the run is interrupted, the JSON stays valid."""
     out = tmp_path / "bench"
-    res = subprocess.run(
-        [sys.executable, "-m", "jaxbench.bench", "--config", "tiny", "--frameworks", "jax",
-         "--max-seconds", "3", "--data-dir", data_dir, "--out", str(out), *SMALL],
-        capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+    cmd = _bench_cmd("tiny", data_dir, out, "--max-seconds", "3", *SMALL)
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-2000:]
     doc = json.loads((out / "bench.json").read_text())
     assert doc["complete"] is False and doc["stop_reason"].startswith("watchdog")
@@ -477,11 +477,8 @@ def test_watchdog_leaves_valid_json_when_a_run_overruns(data_dir: str, tmp_path:
 def test_sigterm_leaves_valid_json(data_dir: str, tmp_path: Path) -> None:
     """Killed politely mid-race (a timeout, a closing terminal): JSON written, exit 143."""
     out = tmp_path / "bench"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "jaxbench.bench", "--config", "tiny", "--frameworks", "jax",
-         "--runs", "50", "--data-dir", data_dir, "--out", str(out), *SMALL],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
+    cmd = _bench_cmd("tiny", data_dir, out, "--runs", "50", *SMALL)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:  # wait for the first timed run to be recorded

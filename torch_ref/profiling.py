@@ -1,9 +1,12 @@
-"""`torch.profiler` over the timed region of a run: a Chrome trace and the top-operations table.
+"""What `--profile DIR` gives a PyTorch run: a Chrome trace and a top-operations table.
 
-The table is `jaxbench.profiling.rank`'s rows, the same schema as the JAX
-trainer's, from `key_averages()`: self CPU time on the CPU; on CUDA the device's
-own events (kernels, copies), by self device time, since a CPU op's self device
-time repeats its kernels' and summing both would count them twice.
+The trace (`DIR/torch-trace.json`) opens in https://ui.perfetto.dev. The table
+has the rows of `jaxbench.profiling.rank`, the schema the JAX trainer reports,
+so the two frameworks' hot spots read side by side: on the CPU each operator's
+self CPU time; on CUDA the device's own events (kernels, copies) by self device
+time, since an operator's device time repeats its kernels' and summing both
+would count them twice. Only the timed region is traced: collection pauses for
+the untimed monitoring evaluations.
 """
 
 from __future__ import annotations
