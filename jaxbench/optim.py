@@ -66,16 +66,16 @@ def is_bn_bias(path: tuple[str, ...]) -> bool:
 def _label(path: tuple[str, ...]) -> str:
     if is_bn_bias(path):
         return "bn_bias"
-    if path == ("whiten", "kernel"):
-        return "frozen"  # speedrun: data-dependent whitening filters, never trained
-    if path == ("whiten", "bias"):
+    if path[-2:] == ("whiten", "kernel"):
+        return "frozen"  # data-dependent whitening filters (either stem), never trained
+    if path[-2:] == ("whiten", "bias"):
         return "whiten_bias"  # speedrun: trained for cfg.whiten_bias_epochs, then frozen
     return "default"
 
 
 def param_labels(params: PyTree) -> PyTree:
-    """'bn_bias' for BatchNorm biases, 'frozen' / 'whiten_bias' for the speedrun net's
-    whitening conv, 'default' for everything else."""
+    """'bn_bias' for BatchNorm biases, 'frozen' for a whitening kernel, 'whiten_bias' for
+    the speedrun net's whitening bias, 'default' for everything else."""
     return traverse_util.path_aware_map(lambda path, _: _label(tuple(path)), params)
 
 
@@ -107,8 +107,9 @@ def make_optimizer(cfg: Config, steps_per_epoch: int) -> optax.GradientTransform
         "default": group(1.0, 1.0),
         "bn_bias": group(cfg.bn_bias_lr_mult, cfg.bn_bias_wd_mult),
     }
-    if cfg.model == "speedrun":
+    if cfg.whiten != "none":
         groups["frozen"] = optax.set_to_zero()
+    if cfg.whiten == "patch2":
         groups["whiten_bias"] = optax.chain(
             group(1.0, 1.0), _freeze_after(cfg.whiten_bias_epochs * steps_per_epoch)
         )

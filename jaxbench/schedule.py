@@ -14,13 +14,18 @@ from jaxbench.configs import Config, optimizer_scales
 
 
 def lr_knots(cfg: Config, steps_per_epoch: int) -> tuple[list[int], list[float]]:
-    """(steps, values): linear from lr_start*lr to lr at the peak, then to lr_end*lr.
+    """(steps, values): linear from lr_start*lr to lr at the peak, then to lr_end*lr
+    `lr_flat_epochs` before the end (default: at the last step), flat after it (Page's
+    EMA epochs: `epochs - ema_epochs` in his schedule).
 
     Values are in optimizer units (already divided by the batch for a summed loss).
     """
     lr, _ = optimizer_scales(cfg)
     total = cfg.epochs * steps_per_epoch
     peak = min(max(int(round(cfg.lr_peak_epoch * steps_per_epoch)), 1), total)
+    end = max(total - int(round(cfg.lr_flat_epochs * steps_per_epoch)), peak)
+    if end < total:
+        return [0, peak, end, total], [cfg.lr_start * lr, lr, cfg.lr_end * lr, cfg.lr_end * lr]
     return [0, peak, total], [cfg.lr_start * lr, lr, cfg.lr_end * lr]
 
 

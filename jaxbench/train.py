@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jaxbench import augment, cli, configs, models, optim
+from jaxbench import augment, cli, configs, layers, models, optim
 from jaxbench.configs import Config
 from jaxbench.profiling import JaxProfile, format_top_ops
 from jaxbench.progress import progress_bar
@@ -264,26 +264,28 @@ def make_eval_fn(
 def _set_whitening(
     state: TrainState, moments: Callable[[jax.Array], jax.Array], images: jax.Array, cfg: Config
 ) -> TrainState:
-    """The speedrun net's whitening kernel from the training images, in the net and its EMA.
+    """The whitening stem's kernel from the training images, in the net and its EMA.
 
     The exact integer patch moments are summed on the device (`moments`, compiled
-    `speedrun_model.patch_moment_groups` of the first `WHITEN_IMAGES`); the 13x13
-    int64 result is finished on the host in float64 by `jaxbench.whitening`, so
+    `layers.patch_moment_groups` of the first `cfg.whiten_images`); the small int64
+    result is finished on the host in float64 by `jaxbench.whitening`, so
     torch_ref loads the very same kernel.
     """
-    from jaxbench.speedrun_model import moments_from_groups, with_whitening
     from jaxbench.whitening import (
         covariance_from_moments,
         kernel_OIHW_to_HWIO,
-        whitening_from_covariance,
+        moments_from_groups,
+        whitening_for_config,
     )
 
     groups = jax.device_get(moments(images))
-    cov = covariance_from_moments(*moments_from_groups(groups), dataset=cfg.dataset)
-    kernel = kernel_OIHW_to_HWIO(whitening_from_covariance(cov))
+    patch = layers.whiten_patch(cfg)
+    cov = covariance_from_moments(*moments_from_groups(groups), dataset=cfg.dataset, patch=patch)
+    kernel = kernel_OIHW_to_HWIO(whitening_for_config(cov, cfg.whiten, cfg.whiten_eps))
+    path = layers.whiten_path(cfg)
     # two device copies: the state is donated, and one buffer must not be donated twice
-    live = with_whitening(state.variables(), jax.device_put(kernel))
-    ema = with_whitening(state.ema, jax.device_put(kernel))
+    live = layers.with_whitening(state.variables(), jax.device_put(kernel), path)
+    ema = layers.with_whitening(state.ema, jax.device_put(kernel), path)
     return state.replace(params=live["params"], ema=ema)
 
 
@@ -304,7 +306,7 @@ class Programs:
     plan: Any  # compiled `augment.draw_plan(data_key, epoch)`
     eval_both: Any  # compiled eval batch of the net and its EMA (or the net alone)
     eval_one: Any  # compiled eval batch of one weight set (the EMA equals the net)
-    moments: Any  # compiled whitening moments (speedrun) or None
+    moments: Any  # compiled whitening moments (a whitening stem) or None
     seconds: float  # what compiling them took
 
 
@@ -433,11 +435,7 @@ def setup(
     plan_spec = jax.eval_shape(lambda: augment.draw_plan(data_key, 0, n_train, cfg))
     eval_zero = _eval_zeros(with_ema)
     eval_zero_one = _eval_zeros(False)
-    whiten_n = 0
-    if cfg.model == "speedrun":
-        from jaxbench.whitening import WHITEN_IMAGES
-
-        whiten_n = min(WHITEN_IMAGES, n_train)
+    whiten_n = min(cfg.whiten_images, n_train) if layers.whiten_patch(cfg) else 0
 
     def build() -> Programs:
         t0 = time.perf_counter()
@@ -474,9 +472,12 @@ def setup(
         )
         moments = None
         if whiten_n:
-            from jaxbench.speedrun_model import patch_moment_groups
-
-            moments = jax.jit(lambda x: patch_moment_groups(x[:whiten_n])).lower(images).compile()
+            patch = layers.whiten_patch(cfg)
+            moments = (
+                jax.jit(lambda x: layers.patch_moment_groups(x[:whiten_n], patch))
+                .lower(images)
+                .compile()
+            )
         return Programs(run_c, plan_c, eval_both, eval_one, moments, time.perf_counter() - t0)
 
     if compile_cache is None:
@@ -615,7 +616,7 @@ def train_and_evaluate(
         state = r.state
         profiler = JaxProfile(profile_dir) if profile_dir is not None else None
         timed = 0.0
-        if cfg.model == "speedrun":  # data-dependent init: on the clock, as airbench times it
+        if r.programs.moments is not None:  # data-dependent init: on the clock, as airbench
             if profiler:
                 profiler.start()
             t0 = time.perf_counter()

@@ -1,10 +1,12 @@
-"""Data-dependent weights of the speedrun net's whitening conv (airbench94), numpy only.
+"""Data-dependent weights of the frozen patch-whitening convs, numpy only.
 
-The first layer of the `speedrun` net is a frozen 2x2 conv whose filters whiten
-2x2 patches: with C the uncentred covariance of all 2x2 patches of the first
-5,000 (normalised) training images and C = V diag(lambda) V^T, the filters are
-the columns of W = V / sqrt(lambda + eps) and their negatives (so GELU sees both
-signs), 24 filters of 2x2x3 in all.
+Two stems use them (`Config.whiten`). With C the uncentred covariance of all
+k x k patches of the first N (normalised) training images and
+C = V diag(lambda) V^T, the filters are the columns of W = V / sqrt(lambda + eps):
+- `patch2` (airbench94, the `speedrun` net): k = 2, N = 5,000, eps 5e-4, and the
+  filters W and -W (so GELU sees both signs), 24 filters of 2x2x3;
+- `patch3` (Page's ResNet-9): k = 3, N = 10,000, eps 1e-2, W alone, 27 filters
+  of 3x3x3 (Page divides C by n - 1 rather than n: a 1e-7 relative change).
 
 Everything here is numpy (exact integer patch moments of the raw uint8 pixels,
 then float64), so JAX and PyTorch load the *same* float32 kernel: no framework
@@ -92,12 +94,26 @@ def eigh_descending(cov: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def whitening_from_covariance(
-    cov: np.ndarray, channels: int = 3, patch: int = PATCH, eps: float = WHITEN_EPS
+    cov: np.ndarray,
+    channels: int = 3,
+    patch: int = PATCH,
+    eps: float = WHITEN_EPS,
+    negate: bool = True,
 ) -> np.ndarray:
-    """The float32 OIHW kernel concat(W, -W) with W = V / sqrt(lambda + eps)."""
+    """The float32 OIHW kernel W = V / sqrt(lambda + eps), or concat(W, -W) with `negate`."""
     lam, vecs = eigh_descending(cov)
     filters = (vecs / np.sqrt(lam + eps)).T.reshape(-1, channels, patch, patch)
-    return np.concatenate([filters, -filters]).astype(np.float32)
+    if negate:
+        filters = np.concatenate([filters, -filters])
+    return filters.astype(np.float32)
+
+
+def moments_from_groups(groups: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
+    """(sum of u u^T, sum of u, number of patches) in int64 from per-group device sums
+    (`jaxbench.layers.patch_moment_groups`, `torch_ref.train.device_patch_moments`)."""
+    total = np.asarray(groups, np.int64).sum(axis=0)
+    d = total.shape[0] - 1
+    return total[:d, :d], total[:d, d], int(total[d, d])
 
 
 def whitening_kernel_OIHW(
@@ -107,8 +123,10 @@ def whitening_kernel_OIHW(
     n_images: int = WHITEN_IMAGES,
     patch: int = PATCH,
     eps: float = WHITEN_EPS,
+    negate: bool = True,
 ) -> np.ndarray:
-    """Whitening kernel (2 * 3 * patch^2, 3, patch, patch), float32, from the first `n_images`.
+    """Whitening kernel ((2 if negate else 1) * 3 * patch^2, 3, patch, patch), float32, from
+    the first `n_images`.
 
     Takes the raw uint8 training images (the order the trainers see them in,
     before any shuffling) and normalises them itself, in float64.
@@ -117,7 +135,7 @@ def whitening_kernel_OIHW(
     if images.dtype != np.uint8:
         raise ValueError(f"whitening expects uint8 NHWC images, got {images.dtype}")
     cov = covariance_from_moments(*patch_moments(images[:n_images], patch), dataset, patch)
-    return whitening_from_covariance(cov, images.shape[3], patch, eps)
+    return whitening_from_covariance(cov, images.shape[3], patch, eps, negate)
 
 
 def kernel_OIHW_to_HWIO(kernel_OIHW: np.ndarray) -> np.ndarray:
@@ -132,9 +150,26 @@ def whitening_kernel_HWIO(
     n_images: int = WHITEN_IMAGES,
     patch: int = PATCH,
     eps: float = WHITEN_EPS,
+    negate: bool = True,
 ) -> np.ndarray:
     """`whitening_kernel_OIHW` in Flax's HWIO layout (the same numbers)."""
     kernel_OIHW = whitening_kernel_OIHW(
-        train_images_uint8_NHWC, dataset=dataset, n_images=n_images, patch=patch, eps=eps
+        train_images_uint8_NHWC,
+        dataset=dataset,
+        n_images=n_images,
+        patch=patch,
+        eps=eps,
+        negate=negate,
     )
     return kernel_OIHW_to_HWIO(kernel_OIHW)
+
+
+def whitening_for_config(
+    cov: np.ndarray, whiten: str, eps: float, channels: int = 3
+) -> np.ndarray:
+    """The OIHW kernel of a config's stem (`patch2`: +-W of 2x2; `patch3`: W of 3x3)."""
+    if whiten == "patch2":
+        return whitening_from_covariance(cov, channels, 2, eps, negate=True)
+    if whiten == "patch3":
+        return whitening_from_covariance(cov, channels, 3, eps, negate=False)
+    raise ValueError(f"no whitening kernel for --whiten {whiten!r}")

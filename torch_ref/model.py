@@ -1,8 +1,11 @@
 """The Myrtle ResNet-9 in PyTorch, named block for block like `jaxbench.models`.
 
-Module names (`prep`, `layer1`, `res1a`, ...; each with `.conv` and `.bn`; `head`)
+Module names (`prep`, `layer1`, `res1a`, ...; each with `.conv` and `.bn`; with
+Page's whitening stem `prep` holds `.whiten`, `.conv` (1x1) and `.bn`; `head`)
 are the contract the parity suite converts weights by (docs/design.md), so do
-not rename them. Inputs are NCHW float tensors (channels-last memory is fine).
+not rename them. The layers (BN, activation, pool order, stem) come from
+`torch_ref.layers`, chosen by the config. Inputs are NCHW float tensors
+(channels-last memory is fine).
 """
 
 from __future__ import annotations
@@ -10,28 +13,29 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from jaxbench.configs import Config
+from torch_ref import layers
+from torch_ref.speedrun_model import speedrun_from_config
 
 NUM_CLASSES: dict[str, int] = {"cifar10": 10, "cifar100": 100}
 
 
 class ConvBN(nn.Module):
-    """conv3x3 (no bias) -> BatchNorm -> ReLU, then an optional 2x2 max pool."""
+    """conv3x3 (no bias), BN and the activation, with an optional 2x2 max pool placed by
+    `cfg.pool_before_act` (`layers.conv_block`)."""
 
-    def __init__(
-        self, c_in: int, c_out: int, *, pool: bool, bn_momentum: float, bn_eps: float
-    ) -> None:
+    def __init__(self, c_in: int, c_out: int, *, pool: bool, cfg: Config) -> None:
         super().__init__()
         self.conv = nn.Conv2d(c_in, c_out, kernel_size=3, padding=1, bias=False)
-        self.bn = nn.BatchNorm2d(c_out, eps=bn_eps, momentum=bn_momentum)
+        self.bn = layers.batch_norm(cfg, c_out)
+        self.act = layers.activation(cfg)
         self.pool = pool
+        self.cfg = cfg
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = F.relu(self.bn(self.conv(x)))
-        return F.max_pool2d(x, 2) if self.pool else x
+        return layers.conv_block(self.cfg, x, self.conv, self.bn, self.act, self.pool)
 
 
 class ResNet9(nn.Module):
@@ -44,20 +48,24 @@ class ResNet9(nn.Module):
         bn_momentum: float = 0.1,
         bn_eps: float = 1e-5,
         num_classes: int = 10,
+        cfg: Config | None = None,
     ) -> None:
         super().__init__()
         if len(widths) != 4:
             raise ValueError(f"ResNet9 takes four widths, got {tuple(widths)}")
+        cfg = (cfg or Config()).replace(bn_momentum=bn_momentum, bn_eps=bn_eps)
         w0, w1, w2, w3 = widths
-        bn = {"bn_momentum": bn_momentum, "bn_eps": bn_eps}
-        self.prep = ConvBN(3, w0, pool=False, **bn)
-        self.layer1 = ConvBN(w0, w1, pool=True, **bn)
-        self.res1a = ConvBN(w1, w1, pool=False, **bn)
-        self.res1b = ConvBN(w1, w1, pool=False, **bn)
-        self.layer2 = ConvBN(w1, w2, pool=True, **bn)
-        self.layer3 = ConvBN(w2, w3, pool=True, **bn)
-        self.res3a = ConvBN(w3, w3, pool=False, **bn)
-        self.res3b = ConvBN(w3, w3, pool=False, **bn)
+        if cfg.whiten == "patch3":
+            self.prep: nn.Module = layers.PatchWhiten(cfg, 3, w0)
+        else:
+            self.prep = ConvBN(3, w0, pool=False, cfg=cfg)
+        self.layer1 = ConvBN(w0, w1, pool=True, cfg=cfg)
+        self.res1a = ConvBN(w1, w1, pool=False, cfg=cfg)
+        self.res1b = ConvBN(w1, w1, pool=False, cfg=cfg)
+        self.layer2 = ConvBN(w1, w2, pool=True, cfg=cfg)
+        self.layer3 = ConvBN(w2, w3, pool=True, cfg=cfg)
+        self.res3a = ConvBN(w3, w3, pool=False, cfg=cfg)
+        self.res3b = ConvBN(w3, w3, pool=False, cfg=cfg)
         self.head = nn.Linear(w3, num_classes, bias=False)
         self.output_scale = output_scale
         self.reset_parameters()
@@ -66,8 +74,9 @@ class ResNet9(nn.Module):
     def reset_parameters(self, generator: torch.Generator | None = None) -> None:
         """The contract's init, spelled out rather than relying on torch's defaults.
 
-        Conv/linear weights ~ U(-1/sqrt(fan_in), 1/sqrt(fan_in)), fan_in = kh*kw*c_in;
-        BN scale 1, bias 0, running mean 0, running var 1.
+        Conv/linear weights ~ U(-1/sqrt(fan_in), 1/sqrt(fan_in)), fan_in = kh*kw*c_in
+        (the whitening conv too, until the trainer loads its kernel); BN scale
+        `cfg.bn_scale`, bias 0, running mean 0, running var 1.
         """
         for m in self.modules():
             if isinstance(m, (nn.Conv2d, nn.Linear)):
@@ -76,6 +85,10 @@ class ResNet9(nn.Module):
                 m.weight.uniform_(-bound, bound, generator=generator)
             elif isinstance(m, nn.BatchNorm2d):
                 m.reset_parameters()
+
+    def set_whitening(self, kernel_OIHW: torch.Tensor) -> None:
+        """Load the frozen 3x3 whitening kernel (`jaxbench.whitening`) into `prep.whiten`."""
+        layers.set_whitening(self, kernel_OIHW)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.prep(x)
@@ -96,8 +109,6 @@ def model_from_config(cfg: Config, seed: int | None = None) -> nn.Module:
     of the seed alone, the same on every machine, and leaves torch's global RNG alone.
     """
     if cfg.model == "speedrun":
-        from torch_ref.speedrun_model import speedrun_from_config
-
         return speedrun_from_config(cfg, seed)
     if cfg.model != "resnet9":
         raise ValueError(f"torch_ref has no model {cfg.model!r}; use --model resnet9 or speedrun")
@@ -107,6 +118,7 @@ def model_from_config(cfg: Config, seed: int | None = None) -> nn.Module:
         bn_momentum=cfg.bn_momentum,
         bn_eps=cfg.bn_eps,
         num_classes=NUM_CLASSES[cfg.dataset],
+        cfg=cfg,
     )
     gen = torch.Generator().manual_seed(cfg.seed if seed is None else seed)
     model.reset_parameters(gen)

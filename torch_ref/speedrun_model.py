@@ -1,7 +1,7 @@
 """The airbench94-style net of the `speedrun` preset, in PyTorch (mirror of jaxbench's).
 
 Same structure and names as `jaxbench.speedrun_model`: `whiten` (conv 2x2, no
-padding, bias; weight frozen: `requires_grad=False`, loaded with
+padding, bias from zero; weight frozen: `requires_grad=False`, loaded with
 `set_whitening`), exact GELU, `block1..3` each `conv1`, max pool 2, `bn1`, GELU,
 `conv2`, `bn2`, GELU; max pool 3, flatten, `head` (no bias), x output_scale.
 
@@ -19,19 +19,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from jaxbench.configs import Config
+from jaxbench.configs import Config, speedrun
+from torch_ref import layers
 
 WHITEN_CHANNELS = 24
 NUM_CLASSES = {"cifar10": 10, "cifar100": 100}
-
-
-class BatchNorm(nn.BatchNorm2d):
-    """BatchNorm2d whose scale is absent (fixed at 1) unless `scale_trainable`."""
-
-    def __init__(self, channels: int, eps: float, momentum: float, scale_trainable: bool):
-        super().__init__(channels, eps=eps, momentum=momentum, affine=True)
-        if not scale_trainable:
-            self.weight = None  # F.batch_norm treats a missing weight as 1
 
 
 def dirac_(conv: nn.Conv2d) -> None:
@@ -42,20 +34,20 @@ def dirac_(conv: nn.Conv2d) -> None:
 
 
 class ConvGroup(nn.Module):
-    def __init__(
-        self, c_in: int, width: int, eps: float, momentum: float, scale_trainable: bool
-    ) -> None:
+    """conv1, max pool 2, bn1, act, conv2, bn2, act (the pool's place: `cfg.pool_before_act`)."""
+
+    def __init__(self, c_in: int, width: int, cfg: Config) -> None:
         super().__init__()
+        self.cfg = cfg
         self.conv1 = nn.Conv2d(c_in, width, 3, padding=1, bias=False)
-        self.pool = nn.MaxPool2d(2)
-        self.bn1 = BatchNorm(width, eps, momentum, scale_trainable)
+        self.bn1 = layers.batch_norm(cfg, width)
         self.conv2 = nn.Conv2d(width, width, 3, padding=1, bias=False)
-        self.bn2 = BatchNorm(width, eps, momentum, scale_trainable)
-        self.act = nn.GELU()  # approximate="none": the exact erf form
+        self.bn2 = layers.batch_norm(cfg, width)
+        self.act = layers.activation(cfg)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.act(self.bn1(self.pool(self.conv1(x))))
-        return self.act(self.bn2(self.conv2(x)))
+        x = layers.conv_block(self.cfg, x, self.conv1, self.bn1, self.act, pool=True)
+        return layers.conv_block(self.cfg, x, self.conv2, self.bn2, self.act, pool=False)
 
 
 class SpeedrunNet(nn.Module):
@@ -69,16 +61,20 @@ class SpeedrunNet(nn.Module):
         bn_momentum: float = 0.4,
         bn_eps: float = 1e-12,
         bn_scale_trainable: bool = False,
+        cfg: Config | None = None,
     ) -> None:
         super().__init__()
+        cfg = (cfg or speedrun()).replace(
+            bn_momentum=bn_momentum, bn_eps=bn_eps, bn_scale_trainable=bn_scale_trainable
+        )
         self.output_scale = output_scale
+        self.whiten_bias_zero = cfg.whiten_bias_init == "zero"
         self.whiten = nn.Conv2d(3, WHITEN_CHANNELS, 2, padding=0, bias=True)
         self.whiten.weight.requires_grad_(False)
-        self.act = nn.GELU()
+        self.act = layers.activation(cfg)
         c_in = WHITEN_CHANNELS
         for i, width in enumerate(widths):
-            group = ConvGroup(c_in, width, bn_eps, bn_momentum, bn_scale_trainable)
-            self.add_module(f"block{i + 1}", group)
+            self.add_module(f"block{i + 1}", ConvGroup(c_in, width, cfg))
             c_in = width
         self.n_blocks = len(widths)
         self.pool = nn.MaxPool2d(3)
@@ -89,7 +85,8 @@ class SpeedrunNet(nn.Module):
     def reset_parameters(self, generator: torch.Generator | None = None) -> None:
         """The contract's init from `generator` (torch's default distributions, spelled out).
 
-        Conv/linear weights and the whitening bias ~ U(+-1/sqrt(fan_in)), then
+        Conv/linear weights and the whitening bias ~ U(+-1/sqrt(fan_in)) (the bias then
+        zeroed under `whiten_bias_init="zero"`, airbench's choice), then
         identity on the first C_in filters of every 3x3 conv; BN bias 0, running
         mean 0, var 1.
         """
@@ -100,10 +97,9 @@ class SpeedrunNet(nn.Module):
                 if m.bias is not None:
                     m.bias.uniform_(-bound, bound, generator=generator)
             elif isinstance(m, nn.BatchNorm2d):
-                m.reset_running_stats()
-                if m.weight is not None:
-                    m.weight.fill_(1.0)
-                m.bias.zero_()
+                m.reset_parameters()
+        if self.whiten_bias_zero:  # airbench: the whitening bias starts at zero
+            self.whiten.bias.zero_()
         for i in range(self.n_blocks):
             group = getattr(self, f"block{i + 1}")
             dirac_(group.conv1)
@@ -111,13 +107,7 @@ class SpeedrunNet(nn.Module):
 
     def set_whitening(self, kernel_OIHW: np.ndarray | torch.Tensor) -> None:
         """Load the (frozen) whitening kernel from `jaxbench.whitening.whitening_kernel_OIHW`."""
-        kernel = torch.as_tensor(kernel_OIHW)
-        if tuple(kernel.shape) != tuple(self.whiten.weight.shape):
-            raise ValueError(
-                f"whitening kernel shape {tuple(kernel.shape)} != {tuple(self.whiten.weight.shape)}"
-            )
-        with torch.no_grad():
-            self.whiten.weight.copy_(kernel)
+        layers.set_whitening(self, torch.as_tensor(kernel_OIHW))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.act(self.whiten(x))
@@ -142,6 +132,7 @@ def speedrun_from_config(cfg: Config, seed: int | None = None) -> SpeedrunNet:
         bn_momentum=cfg.bn_momentum,
         bn_eps=cfg.bn_eps,
         bn_scale_trainable=cfg.bn_scale_trainable,
+        cfg=cfg,
     )
     net.reset_parameters(torch.Generator().manual_seed(cfg.seed if seed is None else seed))
     return net

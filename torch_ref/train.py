@@ -34,12 +34,8 @@ from jaxbench.configs import Config, optimizer_scales
 from jaxbench.profiling import format_top_ops
 from jaxbench.progress import progress_bar
 from jaxbench.stream import MEAN_STD, epoch_plan, steps_per_epoch
-from jaxbench.whitening import (
-    PATCH,
-    WHITEN_IMAGES,
-    covariance_from_moments,
-    whitening_from_covariance,
-)
+from jaxbench.whitening import PATCH, covariance_from_moments, whitening_for_config
+from torch_ref import layers
 from torch_ref import torch_setup as tsetup
 from torch_ref.augment import (
     apply_plan,
@@ -576,7 +572,7 @@ def _warm_up(r: Run) -> None:
     warm_plan = slice_plan(plan, 0, cfg.batch_size)
     # speedrun: the whitening bias is frozen mid-run, which changes the compiled graph;
     # compile both variants here, off the clock.
-    variants = (True, False) if cfg.model == "speedrun" and compiled else (True,)
+    variants = (True, False) if cfg.whiten == "patch2" and compiled else (True,)
     warm = dataclasses.replace(r, optimizer=scratch)
     for trainable in variants:
         set_whiten_bias_trainable(model, trainable)
@@ -631,19 +627,22 @@ def device_patch_moments(
 
 
 def whitening_kernel(r: Run) -> np.ndarray:
-    """The speedrun net's float32 OIHW whitening kernel from the run's first `WHITEN_IMAGES`
+    """The whitening stem's float32 OIHW kernel from the run's first `cfg.whiten_images`
     training images: the moments on the device, the float64 rest as `jaxbench.whitening`."""
-    images = r.train_x[:WHITEN_IMAGES]
-    cov = covariance_from_moments(*device_patch_moments(images), dataset=r.cfg.dataset)
-    return whitening_from_covariance(cov, channels=images.shape[3])
+    cfg = r.cfg
+    patch = {"patch2": 2, "patch3": 3}[cfg.whiten]
+    images = r.train_x[: cfg.whiten_images]
+    moments = device_patch_moments(images, patch)
+    cov = covariance_from_moments(*moments, dataset=cfg.dataset, patch=patch)
+    return whitening_for_config(cov, cfg.whiten, cfg.whiten_eps, channels=images.shape[3])
 
 
 def set_whitening(r: Run) -> None:
-    """The speedrun net's whitening filters from the training images, in the net and its EMA."""
+    """The whitening filters from the training images, in the net and its EMA."""
     kernel = torch.from_numpy(whitening_kernel(r)).to(r.device)
     for net in (r.model, r.ema_model):
         if net is not None:
-            net.set_whitening(kernel)
+            layers.set_whitening(net, kernel)
 
 
 def train_step(r: Run, bp: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -670,7 +669,7 @@ def train_epoch(
 ) -> tuple[list[float], int]:
     """One epoch; returns (per-step mean losses, correct count), fetched once at the end."""
     cfg = r.cfg
-    if cfg.model == "speedrun" and epoch == cfg.whiten_bias_epochs:
+    if cfg.whiten == "patch2" and epoch == cfg.whiten_bias_epochs:
         set_whiten_bias_trainable(r.model, False)
     plan = _epoch_plan(r, epoch)
     losses = torch.empty(r.steps, device=r.device)
@@ -889,7 +888,7 @@ def _train_loop(
     cfg = r.cfg
     step_losses: list[float] = []
     timed = {"seconds": 0.0, "compiles": 0}  # training steps + final evaluation
-    if cfg.model == "speedrun":  # data-dependent init: on the clock, as airbench times it
+    if cfg.whiten != "none":  # data-dependent init: on the clock, as airbench times it
         with _clock(r, timed, profiler):
             set_whitening(r)
     r.model.train()

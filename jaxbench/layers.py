@@ -1,0 +1,301 @@
+"""The building blocks both Flax nets share, chosen by config fields, not by model name.
+
+Normalisation (`batch_norm`: PyTorch's BN, optionally ghost, with a trainable,
+frozen or absent scale), the activation (`activation`), the order of pool and
+norm in a conv block (`conv_block`) and the whitening input stems (`PatchWhiten`,
+`patch_moment_groups`) live here, so `models.ResNet9` and
+`speedrun_model.SpeedrunNet` are only wiring, and a new recipe is a config.
+`torch_ref.layers` is the mirror; names and orders match it one to one.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from jaxbench.configs import Config
+
+Array = jax.Array
+Initializer = Callable[[jax.Array, Sequence[int], Any], jax.Array]
+
+
+# --- initialisers: PyTorch's defaults, spelled out ---------------------------------------
+
+
+def torch_default_init(key: jax.Array, shape: Sequence[int], dtype: Any = jnp.float32) -> jax.Array:
+    """Uniform(-1/sqrt(fan_in), 1/sqrt(fan_in)), fan_in = all axes but the last (HWIO / (in, out)).
+
+    This is what PyTorch's `kaiming_uniform_(a=sqrt(5))` default amounts to for
+    conv and linear weights.
+    """
+    fan_in = math.prod(shape[:-1])
+    bound = 1.0 / math.sqrt(fan_in)
+    return jax.random.uniform(key, tuple(shape), dtype, minval=-bound, maxval=bound)
+
+
+def torch_bias_init(fan_in: int) -> Initializer:
+    """PyTorch's default bias init, uniform(+-1/sqrt(fan_in)) of the layer's weight fan-in."""
+    bound = 1.0 / math.sqrt(fan_in)
+
+    def init(key: Array, shape: Sequence[int], dtype: Any = jnp.float32) -> Array:
+        return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+    return init
+
+
+def dirac_init(base: Initializer = torch_default_init) -> Initializer:
+    """`base`, then identity on the first min(C_in, C_out) filters (torch `dirac_(w[:C_in])`).
+
+    Filter o < C_in becomes a centred delta on input channel o, so each conv starts
+    by passing its input through (airbench's identity init).
+    """
+
+    def init(key: Array, shape: Sequence[int], dtype: Any = jnp.float32) -> Array:
+        kh, kw, c_in, c_out = shape
+        n = min(c_in, c_out)
+        kernel = base(key, shape, dtype)
+        kernel = kernel.at[:, :, :, :n].set(0)
+        idx = jnp.arange(n)
+        return kernel.at[kh // 2, kw // 2, idx, idx].set(1)
+
+    return init
+
+
+# --- normalisation -------------------------------------------------------------------------
+
+
+class BatchNorm(nn.Module):
+    """PyTorch's `BatchNorm2d` in Flax: the same arithmetic and the same stored statistics.
+
+    Flax's `nn.BatchNorm` stores the running average of the *biased* batch
+    variance; PyTorch stores the *unbiased* one (x n / (n - 1)) and normalises
+    by it in eval mode. Storing PyTorch's number makes eval-mode outputs and
+    the EMA of BN statistics the same in both frameworks and weight conversion
+    a plain copy. `momentum` is PyTorch's (the weight of the new statistic).
+    Statistics are two-pass and float32, also under bfloat16 compute; parameter
+    and variable names (`scale`, `bias`; `mean`, `var`) are Flax's.
+
+    Ghost BN (`ghost` > 0, Page's trick): in training, image i of the batch is
+    normalised with the statistics of its group i mod (N / ghost) -- the groups
+    Page's `input.view(-1, C * splits, H, W)` forms -- and the running statistics
+    move towards the groups' mean statistics (each group's variance unbiased with
+    its own count), which is what Page's per-group buffers average to at eval.
+    Scale: trainable from `scale_init` (`use_scale`), or the constant `scale_init`.
+    """
+
+    train: bool = False  # batch statistics (and update the running ones) vs running ones
+    momentum: float = 0.1
+    epsilon: float = 1e-5
+    use_scale: bool = True
+    scale_init: float = 1.0  # the trainable scale's start, or the fixed scale
+    ghost: int = 0  # images per ghost batch (0: the whole batch)
+    dtype: Any = jnp.float32
+    # One-pass E[x^2] - E[x]^2 (Flax's `use_fast_variance`): never used by the trainers,
+    # whose two-pass variance is PyTorch's; `jaxbench.microbench` times the difference.
+    fast_variance: bool = False
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        features = x.shape[-1]
+        ra_mean = self.variable("batch_stats", "mean", jnp.zeros, (features,), jnp.float32)
+        ra_var = self.variable("batch_stats", "var", jnp.ones, (features,), jnp.float32)
+        n_batch = x.shape[0]
+        # A batch of at most `ghost` images is one group (as in `torch_ref.layers`).
+        splits = max(n_batch // self.ghost, 1) if self.ghost and self.train else 1
+        if splits > 1 and n_batch % self.ghost:
+            raise ValueError(f"ghost batch norm: batch {n_batch} is not a multiple of {self.ghost}")
+        # Ghost groups: (N / splits, splits, H, W, C), so image i lands in group i mod splits.
+        xs = x.reshape(n_batch // splits, splits, *x.shape[1:]) if splits > 1 else x
+        if self.train:
+            axes = (0, *range(2, xs.ndim - 1)) if splits > 1 else tuple(range(x.ndim - 1))
+            x32 = xs.astype(jnp.float32)
+            mean = jnp.mean(x32, axes, keepdims=splits > 1)
+            if self.fast_variance:
+                var = jnp.mean(jnp.square(x32), axes, keepdims=splits > 1) - jnp.square(mean)
+            else:  # biased: what normalises the batch
+                var = jnp.mean(jnp.square(x32 - mean), axes, keepdims=splits > 1)
+            if not self.is_initializing():
+                n = math.prod(x.shape[:-1]) // splits
+                m = self.momentum
+                unbiased = var * (n / max(n - 1, 1))
+                if splits > 1:  # the mean of the groups' statistics
+                    batch_mean = mean.reshape(splits, features).mean(0)
+                    batch_var = unbiased.reshape(splits, features).mean(0)
+                else:
+                    batch_mean, batch_var = mean, unbiased
+                ra_mean.value = (1.0 - m) * ra_mean.value + m * batch_mean
+                ra_var.value = (1.0 - m) * ra_var.value + m * batch_var
+        else:
+            mean, var = ra_mean.value, ra_var.value
+        mul = jax.lax.rsqrt(var + self.epsilon)
+        if self.use_scale:
+            init = nn.initializers.constant(self.scale_init)
+            mul = mul * self.param("scale", init, (features,), jnp.float32)
+        elif self.scale_init != 1.0:
+            mul = mul * jnp.float32(self.scale_init)
+        bias = self.param("bias", nn.initializers.zeros, (features,), jnp.float32)
+        y = ((xs - mean) * mul + bias).reshape(x.shape)
+        return y.astype(self.dtype)
+
+
+def batch_norm(cfg: Config, train: bool, dtype: Any, name: str) -> nn.Module:
+    """The BN layer of `cfg` (momentum, eps, ghost groups, scale), in training or eval mode."""
+    return BatchNorm(
+        train=train,
+        momentum=cfg.bn_momentum,
+        epsilon=cfg.bn_eps,
+        use_scale=cfg.bn_scale_trainable,
+        scale_init=cfg.bn_scale,
+        ghost=cfg.ghost_bn,
+        dtype=dtype,
+        name=name,
+    )
+
+
+# --- activation and block order ------------------------------------------------------------
+
+
+def activation(cfg: Config) -> Callable[[Array], Array]:
+    """relu; celu with `cfg.celu_alpha` (jax's default alpha is 1.0, Page's 0.3); or the
+    exact erf GELU of PyTorch's `nn.GELU()` (`jax.nn.gelu` defaults to the tanh form)."""
+    if cfg.activation == "relu":
+        return nn.relu
+    if cfg.activation == "celu":
+        alpha = cfg.celu_alpha
+        return lambda x: jax.nn.celu(x, alpha=alpha)
+    if cfg.activation == "gelu":
+        return lambda x: jax.nn.gelu(x, approximate=False)
+    raise ValueError(f"--activation must be relu, celu or gelu, got {cfg.activation!r}")
+
+
+def max_pool2(x: Array) -> Array:
+    """2x2 max pool, stride 2 (Flax's `max_pool` defaults to stride 1)."""
+    return nn.max_pool(x, (2, 2), strides=(2, 2))
+
+
+def conv_block(
+    cfg: Config,
+    x: Array,
+    conv: nn.Module,
+    norm: nn.Module,
+    pool: bool,
+) -> Array:
+    """conv -> BN -> act [-> pool], or with `cfg.pool_before_act` conv [-> pool] -> BN -> act.
+
+    Page's "moving max-pool layers" trick (and airbench's order): pooling first
+    normalises a quarter of the values. A function, so each net keeps its own
+    module names (`conv`/`bn`, `conv1`/`bn1`) for the name-based conversion.
+    """
+    act = activation(cfg)
+    x = conv(x)
+    if pool and cfg.pool_before_act:
+        x = max_pool2(x)
+    x = act(norm(x))
+    if pool and not cfg.pool_before_act:
+        x = max_pool2(x)
+    return x
+
+
+# --- whitening stems -------------------------------------------------------------------------
+
+
+class PatchWhiten(nn.Module):
+    """Page's input stem: a frozen 3x3 patch-whitening conv (27 filters, padding 1, no
+    bias; `whiten`), then a 1x1 conv (`conv`), BN (`bn`) and the activation.
+
+    The whitening kernel is data-dependent: the trainers overwrite `whiten/kernel`
+    with `jaxbench.whitening.whitening_kernel_OIHW(..., patch=3, negate=False)`
+    before training; the optimizer freezes it (`optim.param_labels`).
+    """
+
+    cfg: Config
+    features: int
+    train: bool
+    dtype: Any = jnp.float32
+    kernel_init: Initializer = torch_default_init
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        c_in = x.shape[-1]
+        x = nn.Conv(
+            c_in * 9,
+            (3, 3),
+            padding=((1, 1), (1, 1)),
+            use_bias=False,
+            kernel_init=self.kernel_init,
+            dtype=self.dtype,
+            param_dtype=jnp.float32,
+            name="whiten",
+        )(x)
+        conv = nn.Conv(
+            self.features,
+            (1, 1),
+            use_bias=False,
+            kernel_init=self.kernel_init,
+            dtype=self.dtype,
+            param_dtype=jnp.float32,
+            name="conv",
+        )
+        return conv_block(
+            self.cfg, x, conv, batch_norm(self.cfg, self.train, self.dtype, "bn"), pool=False
+        )
+
+
+def whiten_path(cfg: Config) -> tuple[str, ...]:
+    """Where the frozen whitening kernel sits in `params` for this config (() if none)."""
+    return {"patch3": ("prep", "whiten"), "patch2": ("whiten",)}.get(cfg.whiten, ())
+
+
+def whiten_patch(cfg: Config) -> int:
+    """The whitening patch side: 3 (Page), 2 (airbench), 0 without whitening."""
+    return {"patch3": 3, "patch2": 2}.get(cfg.whiten, 0)
+
+
+def with_whitening(
+    variables: dict[str, Any], kernel_HWIO: Array, path: tuple[str, ...]
+) -> dict[str, Any]:
+    """A copy of `variables` whose whitening kernel at `path` is `kernel_HWIO` (shape-checked)."""
+    params = dict(variables["params"])
+    node = params
+    for p in path:
+        node[p] = dict(node[p])
+        node = node[p]
+    old = node["kernel"]
+    if tuple(kernel_HWIO.shape) != tuple(old.shape):
+        raise ValueError(f"whitening kernel shape {kernel_HWIO.shape} != {old.shape}")
+    node["kernel"] = jnp.asarray(kernel_HWIO, old.dtype)
+    return {**variables, "params": params}
+
+
+def patch_moment_groups(images_u8_NHWC: Array, patch: int = 2, group: int = 32) -> Array:
+    """Exact integer patch second moments on the device, summed per group of images.
+
+    Returns int32 (ceil(N / group), d + 1, d + 1) with d = C * patch^2: the sums of
+    [u, 1] [u, 1]^T over every patch of each group's images, features ordered
+    (c, kh, kw) as `jaxbench.whitening.patch_moments` orders them, so the host
+    finishes in int64 and gets the very same numbers (and hence kernel).
+    Exactness (patch <= 3, 32x32 images): a row of <= 31 patches sums products
+    <= 255^2 to < 2^24 (exact in float32 at HIGHEST precision); an image's sum
+    < 2^26 and a group of 32 < 2^31.
+    """
+    u = images_u8_NHWC.astype(jnp.float32)
+    n, h, w, c = u.shape
+    ho, wo = h - patch + 1, w - patch + 1
+    feats = [
+        u[:, kh : kh + ho, kw : kw + wo, ch]
+        for ch in range(c)
+        for kh in range(patch)
+        for kw in range(patch)
+    ]
+    feats.append(jnp.ones((n, ho, wo), jnp.float32))  # the constant: sum of u and the count
+    p = jnp.stack(feats, axis=-1)  # (N, H', W', d + 1)
+    rows = jnp.einsum("nhwi,nhwj->nhij", p, p, precision=jax.lax.Precision.HIGHEST)
+    per_image = rows.astype(jnp.int32).sum(axis=1)  # (N, d + 1, d + 1)
+    pad = (-n) % group
+    per_image = jnp.pad(per_image, ((0, pad), (0, 0), (0, 0)))
+    return per_image.reshape(-1, group, *per_image.shape[1:]).sum(axis=1)

@@ -1,0 +1,166 @@
+"""The building blocks both PyTorch nets share, chosen by config fields (mirror of
+`jaxbench.layers`): BN (optionally ghost, with a trainable, frozen or absent scale),
+the activation, the pool/norm order of a conv block and Page's whitening stem.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from jaxbench.configs import Config
+
+
+class BatchNorm(nn.BatchNorm2d):
+    """`BatchNorm2d` with the config's scale and optional ghost batches.
+
+    Scale: a trainable `weight` starting at `scale`, or (not trainable) no
+    weight at all -- F.batch_norm then multiplies by 1 -- and a fixed non-1 scale
+    as a constant, so the state dict maps one to one onto Flax's BN either way.
+
+    Ghost BN (`ghost` > 0, Page's trick): in training, Page's
+    `input.view(-1, C * splits, H, W)` puts image i in group i mod splits; each
+    group is normalised with its own statistics and the running statistics move
+    towards the mean of the groups' (unbiased) statistics -- what Page's per-group
+    buffers average to when he switches to eval -- so the buffers stay (C,).
+    """
+
+    def __init__(
+        self,
+        channels: int,
+        eps: float,
+        momentum: float,
+        scale_trainable: bool = True,
+        scale: float = 1.0,
+        ghost: int = 0,
+    ) -> None:
+        super().__init__(channels, eps=eps, momentum=momentum, affine=True)
+        self.scale_trainable = scale_trainable
+        self.scale = float(scale)
+        self.ghost = int(ghost)
+        if not scale_trainable:
+            self.weight = None  # F.batch_norm treats a missing weight as 1
+            if self.scale != 1.0:
+                self.register_buffer(
+                    "fixed_scale", torch.full((channels,), self.scale), persistent=False
+                )
+
+    def reset_parameters(self) -> None:
+        self.reset_running_stats()
+        with torch.no_grad():
+            if self.weight is not None:
+                self.weight.fill_(getattr(self, "scale", 1.0))
+            self.bias.zero_()
+
+    def _scale(self) -> torch.Tensor | None:
+        if self.weight is not None:
+            return self.weight
+        return getattr(self, "fixed_scale", None)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n, c, h, w = x.shape
+        if not self.training or not self.ghost or n <= self.ghost:  # one group
+            if not hasattr(self, "fixed_scale"):
+                return super().forward(x)
+            return F.batch_norm(
+                x,
+                self.running_mean,
+                self.running_var,
+                self._scale(),
+                self.bias,
+                self.training,
+                self.momentum,
+                self.eps,
+            )
+        if n % self.ghost:
+            raise ValueError(f"ghost batch norm: batch {n} is not a multiple of {self.ghost}")
+        splits = n // self.ghost
+        mean = self.running_mean.repeat(splits)
+        var = self.running_var.repeat(splits)
+        scale = self._scale()
+        y = F.batch_norm(
+            x.reshape(n // splits, c * splits, h, w),
+            mean,
+            var,
+            None if scale is None else scale.repeat(splits),
+            self.bias.repeat(splits),
+            True,
+            self.momentum,
+            self.eps,
+        )
+        with torch.no_grad():  # fold the groups' updated buffers back into one (C,) set
+            self.running_mean.copy_(mean.view(splits, c).mean(0))
+            self.running_var.copy_(var.view(splits, c).mean(0))
+        return y.reshape(n, c, h, w)
+
+
+def batch_norm(cfg: Config, channels: int) -> BatchNorm:
+    """The config's BN layer for `channels` channels."""
+    return BatchNorm(
+        channels,
+        eps=cfg.bn_eps,
+        momentum=cfg.bn_momentum,
+        scale_trainable=cfg.bn_scale_trainable,
+        scale=cfg.bn_scale,
+        ghost=cfg.ghost_bn,
+    )
+
+
+def activation(cfg: Config) -> nn.Module:
+    """ReLU, CELU(`cfg.celu_alpha`) or the exact erf GELU."""
+    if cfg.activation == "relu":
+        return nn.ReLU()
+    if cfg.activation == "celu":
+        return nn.CELU(alpha=cfg.celu_alpha)
+    if cfg.activation == "gelu":
+        return nn.GELU()  # approximate="none"
+    raise ValueError(f"--activation must be relu, celu or gelu, got {cfg.activation!r}")
+
+
+def conv_block(
+    cfg: Config,
+    x: torch.Tensor,
+    conv: nn.Module,
+    norm: nn.Module,
+    act: nn.Module,
+    pool: bool,
+) -> torch.Tensor:
+    """conv -> BN -> act [-> pool], or with `cfg.pool_before_act` conv [-> pool] -> BN -> act."""
+    x = conv(x)
+    if pool and cfg.pool_before_act:
+        x = F.max_pool2d(x, 2)
+    x = act(norm(x))
+    if pool and not cfg.pool_before_act:
+        x = F.max_pool2d(x, 2)
+    return x
+
+
+class PatchWhiten(nn.Module):
+    """Page's input stem: frozen 3x3 whitening conv (`whiten`, 27 filters, padding 1, no
+    bias; loaded by `set_whitening`), 1x1 conv (`conv`), BN (`bn`), activation."""
+
+    def __init__(self, cfg: Config, c_in: int, c_out: int) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.whiten = nn.Conv2d(c_in, c_in * 9, 3, padding=1, bias=False)
+        self.whiten.weight.requires_grad_(False)
+        self.conv = nn.Conv2d(c_in * 9, c_out, 1, bias=False)
+        self.bn = batch_norm(cfg, c_out)
+        self.act = activation(cfg)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return conv_block(self.cfg, self.whiten(x), self.conv, self.bn, self.act, pool=False)
+
+
+def set_whitening(model: nn.Module, kernel_OIHW: torch.Tensor) -> None:
+    """Load the frozen whitening kernel into the module named `whiten` (either stem)."""
+    convs = [m for name, m in model.named_modules() if name.split(".")[-1] == "whiten"]
+    if len(convs) != 1:
+        raise ValueError(f"expected one whitening conv, found {len(convs)}")
+    weight = convs[0].weight
+    kernel = torch.as_tensor(kernel_OIHW)
+    if tuple(kernel.shape) != tuple(weight.shape):
+        raise ValueError(f"whitening kernel shape {tuple(kernel.shape)} != {tuple(weight.shape)}")
+    with torch.no_grad():
+        weight.copy_(kernel)
