@@ -67,7 +67,10 @@ class Config:
     )
     lr_flat_epochs: float = field(
         default=0.0,
-        metadata={"help": "last epochs with the LR held at lr_end (Page's EMA epochs; 0: none)"},
+        metadata={
+            "help": "last epochs with the LR held at lr_end (Page's EMA epochs; 0: none); "
+            "the decay never ends before the peak"
+        },
     )
     momentum: float = field(default=0.9, metadata={"help": "SGD momentum"})
     nesterov: bool = field(default=True, metadata={"help": "Nesterov momentum"})
@@ -190,7 +193,10 @@ def validate(cfg: Config) -> Config:
     if cfg.model == "resnet9" and cfg.whiten not in ("none", "patch3"):
         raise ValueError("--whiten for resnet9 is none or patch3 (Page's 3x3 patch whitening)")
     if cfg.model == "speedrun" and cfg.whiten != "patch2":
-        raise ValueError("the speedrun net's stem is its 2x2 whitening: leave --whiten patch2")
+        raise ValueError(
+            "the speedrun net's stem is airbench's 2x2 whitening: --whiten patch2 "
+            "(start from --config speedrun for airbench's whitening eps and image count)"
+        )
     if cfg.ghost_bn < 0 or (cfg.ghost_bn and cfg.batch_size % cfg.ghost_bn):
         raise ValueError(
             f"--ghost-bn {cfg.ghost_bn} must be 0 (off) or divide --batch-size {cfg.batch_size}, "
@@ -198,9 +204,9 @@ def validate(cfg: Config) -> Config:
         )
     if cfg.whiten_images <= 0:
         raise ValueError("--whiten-images must be positive")
-    if not (math.isfinite(cfg.lr_flat_epochs) and 0.0 <= cfg.lr_flat_epochs < cfg.epochs):
+    if not (math.isfinite(cfg.lr_flat_epochs) and cfg.lr_flat_epochs >= 0.0):
         raise ValueError(
-            f"--lr-flat-epochs must be in [0, --epochs), got {cfg.lr_flat_epochs!r}"
+            f"--lr-flat-epochs must be a finite number >= 0, got {cfg.lr_flat_epochs!r}"
         )
     if cfg.whiten_bias_epochs < 0:
         raise ValueError("--whiten-bias-epochs must be >= 0")
@@ -258,7 +264,8 @@ def check_supported(cfg: Config, trainer: str) -> None:
     """Refuse fields a model does not implement, instead of silently ignoring them.
 
     The speedrun net implements every field; ResNet-9 leaves the airbench-only
-    ones (lookahead, shifted TTA, a trained whitening bias) at their defaults. Both trainers call this with their own name.
+    ones (lookahead, shifted TTA, a trained whitening bias) at their defaults.
+    Both trainers call this with their own name.
     """
     if cfg.model not in MODELS:
         raise ValueError(f"{trainer} trains --model {' or '.join(MODELS)}, not {cfg.model!r}")
@@ -402,8 +409,10 @@ def speedrun() -> Config:
 
     Command: `python -m jaxbench.train --config speedrun --data-dir DIR` (same for
     `torch_ref.train`). Hardware: one GPU, bfloat16 compute (float32 on CPU).
-    Expected: aims at >= 94.00% mean test accuracy (airbench: 94.01% in 9.9
-    epochs); not yet measured here. 10 whole epochs = 480 steps instead of 476.
+    Published: airbench94 94.01% mean test accuracy (n=1000) in 9.9 epochs, 3.83 s
+    on an A100 (3.09 s with torch.compile). 10 whole epochs = 480 steps, not 476.
+    Measured here: full-data runs on a 2-core CPU in results/NOTES.md (one seed each;
+    the GPU mean over many runs is what the benchmark settles).
 
     Units (airbench's numbers -> this project's per-mean-loss fields):
     - airbench: summed loss, kilostep = 1024 * (1 + 1 / (1 - 0.85)) = 7850.67,

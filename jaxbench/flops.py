@@ -51,8 +51,15 @@ def _resnet9(cfg: Config) -> list[tuple[str, int]]:
     """
     w0, w1, w2, w3 = cfg.widths
     s = IMAGE_SIZE  # 32: prep and layer1's conv run here
+    if cfg.whiten == "patch3":  # Page's stem: frozen 3x3 whitening to 27 channels, then 1x1
+        prep = [
+            ("prep.whiten", conv_flops(3, 3, 27, s, s)),
+            ("prep.conv", conv_flops(1, 27, w0, s, s)),
+        ]
+    else:
+        prep = [("prep", conv_flops(3, 3, w0, s, s))]
     return [
-        ("prep", conv_flops(3, 3, w0, s, s)),
+        *prep,
         ("layer1", conv_flops(3, w0, w1, s, s)),
         ("res1a", conv_flops(3, w1, w1, s // 2, s // 2)),
         ("res1b", conv_flops(3, w1, w1, s // 2, s // 2)),
@@ -140,13 +147,16 @@ def conv_layers(cfg: Config) -> list[tuple[str, int, int, int, int, int, bool]]:
     """(name, k, c_in, c_out, input size, pad, trained) of every convolution, input first.
 
     The same layers as `layer_flops` (a test checks that the two agree); `trained` is False
-    for speedrun's whitening kernel, which the optimizer never updates (`optim.param_labels`).
+    for a whitening kernel, which the optimizer never updates (`optim.param_labels`).
     """
     s = IMAGE_SIZE
     if cfg.model == "resnet9":
         w0, w1, w2, w3 = cfg.widths
+        prep = [("prep", 3, 3, w0, s, 1, True)]
+        if cfg.whiten == "patch3":
+            prep = [("prep.whiten", 3, 3, 27, s, 1, False), ("prep.conv", 1, 27, w0, s, 0, True)]
         return [
-            ("prep", 3, 3, w0, s, 1, True),
+            *prep,
             ("layer1", 3, w0, w1, s, 1, True),
             ("res1a", 3, w1, w1, s // 2, 1, True),
             ("res1b", 3, w1, w1, s // 2, 1, True),
@@ -179,12 +189,16 @@ def unpadded_forward_flops_per_image(cfg: Config) -> int:
 
 def unpadded_train_flops_per_image(cfg: Config) -> int:
     """Training FLOPs per image as XLA builds and counts them: every forward, the input
-    gradient of all but the first convolution, the weight gradient of every trained kernel,
-    and the head 3x (its input gradient and weight gradient are both needed)."""
+    gradient of every convolution with something trainable before it, the weight gradient
+    of every trained kernel, and the head 3x (its input and weight gradients are both
+    needed). Page's frozen whitening conv has nothing trainable before or in it, so the 1x1
+    conv after it needs no input gradient either; speedrun's has a trained bias."""
     total = 3 * _head_flops(cfg)
-    for i, (_, k, ci, co, n, p, trained) in enumerate(conv_layers(cfg)):
+    upstream = False  # a trained parameter before this layer: its input gradient is needed
+    for _, k, ci, co, n, p, trained in conv_layers(cfg):
         f = conv_flops_unpadded(k, ci, co, n, p)
-        total += f * (1 + (i > 0) + trained)
+        total += f * (1 + upstream + trained)
+        upstream = upstream or trained or cfg.whiten == "patch2"  # patch2: the whitening bias
     return total
 
 

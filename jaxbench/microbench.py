@@ -11,7 +11,7 @@ and their ratio. The variants:
   PyTorch) vs one-pass `E[x^2] - E[x]^2`.
 * `final_eval`: the final evaluation scoring net and EMA separately vs once
   (lookahead ends with net = EMA; only configs with lookahead use `once`).
-* `whitening` (speedrun only): the whitening moments on the device vs numpy.
+* `whitening` (a whitening stem only): the whitening moments on the device vs numpy.
 * `init`: the seconds of the PyTorch-style initialisation (off the clock).
 
 Timings are for the machine it runs on; CPU numbers say nothing about a GPU.
@@ -19,7 +19,6 @@ Timings are for the machine it runs on; CPU numbers say nothing about a GPU.
 
 from __future__ import annotations
 
-import contextlib
 import statistics
 import sys
 import time
@@ -32,7 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxbench import configs, models, optim, report, train
+from jaxbench import configs, layers, models, optim, report, train
 
 Timer = Callable[[], Any]
 
@@ -71,13 +70,12 @@ def _cond_lookahead(ema: Any, live: Any, step: jax.Array, cfg: configs.Config, t
     return jax.lax.cond(step % cfg.ema_every == 0, update, lambda: (ema, live))
 
 
-def _one_pass_bn(
-    train_: bool, momentum: float, eps: float, dtype: Any, name: str, use_scale: bool = True
-) -> nn.Module:
-    """`models.torch_batch_norm` with the one-pass variance (for timing only)."""
-    return models.BatchNorm(
-        train=train_, momentum=momentum, epsilon=eps, use_scale=use_scale, dtype=dtype,
-        name=name, fast_variance=True,
+def _one_pass_bn(cfg: configs.Config, train_: bool, dtype: Any, name: str) -> nn.Module:
+    """`layers.batch_norm` with the one-pass variance (for timing only)."""
+    return layers.BatchNorm(
+        train=train_, momentum=cfg.bn_momentum, epsilon=cfg.bn_eps,
+        use_scale=cfg.bn_scale_trainable, scale_init=cfg.bn_scale, ghost=cfg.ghost_bn,
+        dtype=dtype, name=name, fast_variance=True,
     )  # fmt: skip
 
 
@@ -102,11 +100,7 @@ def measure(cfg: configs.Config, data: Any, reps: int) -> dict[str, Any]:
     ):
         cond = _step_timer(cfg, data)
     out["ema"] = {"a": "select (trainer)", "b": "lax.cond", **ab(select, cond, reps)}
-    sp = sys.modules["jaxbench.speedrun_model"] if cfg.model == "speedrun" else None
-    with (
-        mock.patch.object(models, "torch_batch_norm", _one_pass_bn),
-        mock.patch.object(sp, "torch_batch_norm", _one_pass_bn) if sp else contextlib.nullcontext(),
-    ):
+    with mock.patch.object(layers, "batch_norm", _one_pass_bn):
         one_pass = _step_timer(cfg, data)
     out["bn_variance"] = {"a": "two-pass (trainer)", "b": "one-pass", **ab(select, one_pass, reps)}
     r = train.setup(cfg, data)
@@ -116,17 +110,18 @@ def measure(cfg: configs.Config, data: Any, reps: int) -> dict[str, Any]:
         "b": "one weight set (lookahead's end)",
         **ab(lambda: r.evaluate(st), lambda: r.evaluate(st, same_weights=True), max(2, reps // 4)),
     }
-    if cfg.model == "speedrun":
+    if r.programs.moments is not None:
         from jaxbench import whitening
 
         host = np.asarray(data.train_images[: cfg.subset], np.uint8)
         moments = r.programs.moments
+        patch = layers.whiten_patch(cfg)
         out["whitening"] = {
             "a": "device moments (trainer)",
             "b": "numpy moments",
             **ab(
                 lambda: moments(r.images),
-                lambda: whitening.patch_moments(host[: whitening.WHITEN_IMAGES]),
+                lambda: whitening.patch_moments(host[: cfg.whiten_images], patch),
                 max(2, reps // 4),
             ),
         }

@@ -164,9 +164,7 @@ def whitening_kernel_HWIO(
     return kernel_OIHW_to_HWIO(kernel_OIHW)
 
 
-def whitening_for_config(
-    cov: np.ndarray, whiten: str, eps: float, channels: int = 3
-) -> np.ndarray:
+def whitening_for_config(cov: np.ndarray, whiten: str, eps: float, channels: int = 3) -> np.ndarray:
     """The OIHW kernel of a config's stem (`patch2`: +-W of 2x2; `patch3`: W of 3x3)."""
     if whiten == "patch2":
         return whitening_from_covariance(cov, channels, 2, eps, negate=True)

@@ -34,7 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jaxbench import models, optim, speedrun_model
+from jaxbench import layers, models, optim
 from jaxbench.configs import Config, optimizer_scales
 from parity.harness import EmaOps, Harness, setattr_patch
 
@@ -114,16 +114,14 @@ def _bn_momentum(h: Harness) -> Harness:
     return dataclasses.replace(h, flax_model=model)
 
 
-def _flax_batch_norm(
-    train: bool, momentum: float, eps: float, dtype: Any, name: str, use_scale: bool = True
-) -> nn.BatchNorm:
+def _flax_batch_norm(cfg: Config, train: bool, dtype: Any, name: str) -> nn.BatchNorm:
     """Flax's own BatchNorm, otherwise configured like jaxbench's: it stores the running
     average of the *biased* batch variance, where PyTorch stores the unbiased one."""
     return nn.BatchNorm(
         use_running_average=not train,
-        momentum=1.0 - momentum,
-        epsilon=eps,
-        use_scale=use_scale,
+        momentum=1.0 - cfg.bn_momentum,
+        epsilon=cfg.bn_eps,
+        use_scale=cfg.bn_scale_trainable,
         dtype=dtype,
         param_dtype=jnp.float32,
         use_fast_variance=False,
@@ -134,12 +132,7 @@ def _flax_batch_norm(
 
 def _bn_unbiased_var(h: Harness) -> Harness:
     return dataclasses.replace(
-        h,
-        patches=(
-            *h.patches,
-            lambda: setattr_patch(models, "torch_batch_norm", _flax_batch_norm),
-            lambda: setattr_patch(speedrun_model, "torch_batch_norm", _flax_batch_norm),
-        ),
+        h, patches=(*h.patches, lambda: setattr_patch(layers, "batch_norm", _flax_batch_norm))
     )
 
 
@@ -230,14 +223,47 @@ def _flip_mismatch(h: Harness) -> Harness:
     return dataclasses.replace(h, jax_apply_plan=apply_plan)
 
 
-def _gelu_tanh(h: Harness) -> Harness:
-    """jax.nn.gelu's default (tanh approximation) instead of the exact erf GELU torch uses."""
+def _activation_patch(h: Harness, kind: str, act: Callable[[jax.Array], jax.Array]) -> Harness:
+    """`layers.activation` returning `act` for `--activation kind`, the real one otherwise."""
+    real = layers.activation
 
-    def gelu(x: jax.Array) -> jax.Array:
-        return jax.nn.gelu(x, approximate=True)
+    def activation(cfg: Config) -> Callable[[jax.Array], jax.Array]:
+        return act if cfg.activation == kind else real(cfg)
 
     return dataclasses.replace(
-        h, patches=(*h.patches, lambda: setattr_patch(speedrun_model, "gelu", gelu))
+        h, patches=(*h.patches, lambda: setattr_patch(layers, "activation", activation))
+    )
+
+
+def _gelu_tanh(h: Harness) -> Harness:
+    """jax.nn.gelu's default (tanh approximation) instead of the exact erf GELU torch uses."""
+    return _activation_patch(h, "gelu", lambda x: jax.nn.gelu(x, approximate=True))
+
+
+def _celu_default_alpha(h: Harness) -> Harness:
+    """jax.nn.celu's default alpha (1.0) instead of the config's (Page: 0.3, as torch gets)."""
+    return _activation_patch(h, "celu", jax.nn.celu)
+
+
+def _ghost_bn_chunks(h: Harness) -> Harness:
+    """Ghost batches as contiguous chunks of the batch (images 0..g-1, g..2g-1, ...) instead
+    of Page's `view(-1, C * splits, H, W)` groups (image i in group i mod splits): each BN
+    sees its input permuted so that chunks become groups, and its output permuted back."""
+    real = layers.conv_block
+
+    def conv_block(cfg: Config, x: jax.Array, conv: Any, norm: Any, pool: bool) -> jax.Array:
+        def chunked(y: jax.Array) -> jax.Array:
+            n, g = y.shape[0], cfg.ghost_bn
+            if not g or n <= g:
+                return norm(y)
+            # position j * splits + k holds image k * g + j: chunk k lands in group k
+            perm = np.arange(n).reshape(n // g, g).T.reshape(-1)
+            return norm(y[perm])[np.argsort(perm)]
+
+        return real(cfg, x, conv, chunked, pool)
+
+    return dataclasses.replace(
+        h, patches=(*h.patches, lambda: setattr_patch(layers, "conv_block", conv_block))
     )
 
 
@@ -317,10 +343,38 @@ PLANTS: dict[str, Plant] = {
         Plant(
             "gelu_tanh",
             2,
-            "with --config speedrun: jaxbench.speedrun_model.gelu patched for the run to "
+            "with --config speedrun: jaxbench.layers.activation patched for the run to give "
             "jax.nn.gelu's default tanh approximation (torch's nn.GELU is the exact erf form)",
             _gelu_tanh,
             config="speedrun",
+        ),
+        Plant(
+            "celu_default_alpha",
+            2,
+            "with --config resnet9: jaxbench.layers.activation patched for the run to give "
+            "jax.nn.celu with its default alpha 1.0 (the config and torch_ref use 0.3)",
+            _celu_default_alpha,
+            config="resnet9",
+        ),
+        Plant(
+            "ghost_bn_chunks",
+            2,
+            "with --config resnet9: jaxbench's ghost batch norm groups contiguous chunks of "
+            "the batch instead of Page's groups (image i in group i mod splits)",
+            _ghost_bn_chunks,
+            config="resnet9",
+        ),
+        Plant(
+            "whiten_eps_airbench",
+            6,
+            "with --config resnet9: jaxbench.train builds Page's 3x3 whitening with airbench's "
+            "eps 5e-4 instead of the config's 1e-2",
+            config="resnet9",
+            edit=SourceEdit(
+                "jaxbench/train.py",
+                "whitening_for_config(cov, cfg.whiten, cfg.whiten_eps)",
+                "whitening_for_config(cov, cfg.whiten, 5e-4)",
+            ),
         ),
         Plant(
             "lookahead_without_bn_stats",

@@ -106,7 +106,9 @@ def test_headline_metric_follows_ema() -> None:
 def test_run_record_derives_throughput_from_timed_work() -> None:
     # 4 epochs x 40 batches x 250 = 40,000 images; 3 * 48,073,216 FLOPs each; the final
     # evaluation scores 2,000 test images with two weight sets (EMA), 2 forwards each (TTA).
-    cfg = configs.resnet9().replace(widths=(16, 32, 64, 128), epochs=4, batch_size=250)
+    cfg = configs.tiny().replace(
+        widths=(16, 32, 64, 128), epochs=4, batch_size=250, subset=None, test_subset=None
+    )
     images, work = bench.timed_work(cfg, 10_000, 2_000)
     assert images == 40_000
     assert work == 40_000 * 3 * 48_073_216 + 2_000 * 2 * 2 * 48_073_216
@@ -130,7 +132,7 @@ def test_flops_resnet9_default_widths_hand_count() -> None:
     # 2*k*k*cin*cout*H*W per conv: prep 2*9*3*64*32*32 = 3,538,944; layer1 (conv at 32x32),
     # res1a+res1b (16x16), layer2 (16x16), layer3 (8x8), res3a+res3b (4x4) are 150,994,944
     # each as pairs; head 2*512*10 = 10,240. Total 758,523,904.
-    cfg = configs.resnet9()
+    cfg = configs.myrtle24().replace(tta=True)
     per_layer = dict(flops.layer_flops(cfg))
     assert per_layer["prep"] == 3_538_944
     assert per_layer["layer1"] == 150_994_944
@@ -143,10 +145,33 @@ def test_flops_resnet9_default_widths_hand_count() -> None:
 
 
 def test_flops_follow_widths_and_classes() -> None:
-    narrow = configs.resnet9().replace(widths=(16, 32, 64, 128))
+    narrow = configs.myrtle24().replace(widths=(16, 32, 64, 128))
     assert flops.forward_flops_per_image(narrow) == 48_073_216
-    c100 = configs.resnet9().replace(dataset="cifar100")
+    c100 = configs.myrtle24().replace(dataset="cifar100")
     assert flops.forward_flops_per_image(c100) - 758_523_904 == 2 * 512 * 90
+
+
+def test_flops_page_whitening_stem_hand_count() -> None:
+    # Page's prep: a 3x3 whitening conv 3 -> 27 and a 1x1 conv 27 -> 64, both at 32x32,
+    # in place of the 3x3 conv 3 -> 64; the rest of the net is the same.
+    page = configs.resnet9()
+    per_layer = dict(flops.layer_flops(page))
+    assert per_layer["prep.whiten"] == 2 * 9 * 3 * 27 * 32 * 32
+    assert per_layer["prep.conv"] == 2 * 27 * 64 * 32 * 32
+    assert flops.forward_flops_per_image(page) == (
+        758_523_904 - 3_538_944 + 2 * 9 * 3 * 27 * 32 * 32 + 2 * 27 * 64 * 32 * 32
+    )
+    # XLA's count: the frozen whitening conv runs forward only, and the 1x1 conv after it
+    # needs no input gradient (nothing before it trains)
+    whiten = flops.conv_flops_unpadded(3, 3, 27, 32, 1)
+    one_by_one = flops.conv_flops_unpadded(1, 27, 64, 32, 0)
+    rest = flops.unpadded_train_flops_per_image(page) - whiten - 2 * one_by_one
+    plain = configs.myrtle24()
+    assert (
+        rest
+        == flops.unpadded_train_flops_per_image(plain)
+        - flops.conv_flops_unpadded(3, 3, 64, 32, 1) * 2
+    )
 
 
 def test_flops_speedrun_hand_count() -> None:

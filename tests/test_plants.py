@@ -97,7 +97,7 @@ def test_plant_is_caught_by_its_check(name: str, data: Any) -> None:
 
 @pytest.mark.slow
 @pytest.mark.realdata
-@pytest.mark.parametrize("preset", ["tiny", "speedrun"])
+@pytest.mark.parametrize("preset", ["tiny", "speedrun", "resnet9"])
 def test_unplanted_suite_passes_checks_1_to_6(preset: str, data: Any) -> None:
     suite = run_suite(get_config(preset), quick=True, data=data, checks=FAST_CHECKS, log=_quiet)
     failed = {r.number: (r.error, [f.name for f in r.failed_figures]) for r in suite.results}

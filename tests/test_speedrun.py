@@ -14,10 +14,10 @@ import torch
 
 from jaxbench import augment, optim, schedule, whitening
 from jaxbench.configs import get_config, optimizer_scales
+from jaxbench.layers import activation
 from jaxbench.schedule import lr_knots
 from jaxbench.speedrun_model import (
     SpeedrunNet,
-    gelu,
     speedrun_from_config,
     with_whitening,
 )
@@ -143,7 +143,7 @@ def test_param_counts_and_names_match() -> None:
     shapes = jax.tree_util.tree_map(np.shape, converted)
     assert shapes == jax.tree_util.tree_map(np.shape, jax.device_get(variables))
     # the frozen parts: no BN scale anywhere, torch's whitening weight frozen
-    assert all(m.weight is None for m in torch_net.modules() if isinstance(m, tsm.BatchNorm))
+    assert all(m.weight is None for m in torch_net.modules() if isinstance(m, torch.nn.BatchNorm2d))
     assert not torch_net.whiten.weight.requires_grad
 
 
@@ -237,13 +237,24 @@ def test_init_is_torch_uniform_not_lecun_normal() -> None:
     assert np.abs(head).max() <= bound
     assert abs(head.std() - bound / math.sqrt(3)) < 0.1 * bound / math.sqrt(3)
     bias = np.asarray(params["whiten"]["bias"])
+    assert np.all(bias == 0)  # airbench's zero start (the preset's whiten_bias_init)
+    cfg = get_config("speedrun").replace(widths=(16, 32, 256), whiten_bias_init="uniform")
+    net = speedrun_from_config(cfg)
+    variables = net.init(jax.random.PRNGKey(0), jnp.zeros((2, 32, 32, 3)), train=False)
+    bias = np.asarray(variables["params"]["whiten"]["bias"])
     assert np.abs(bias).max() <= 1.0 / math.sqrt(12) and np.abs(bias).max() > 0
+    tbias = tsm.speedrun_from_config(cfg).whiten.bias.detach().numpy()
+    assert np.abs(tbias).max() <= 1.0 / math.sqrt(12) and np.abs(tbias).max() > 0
+    assert np.all(
+        tsm.speedrun_from_config(get_config("speedrun")).whiten.bias.detach().numpy() == 0
+    )
 
 
 def test_gelu_is_the_exact_erf_form() -> None:
     x = np.linspace(-4, 4, 161)
     exact = np.array([0.5 * v * (1 + math.erf(v / math.sqrt(2))) for v in x])
     tanh = 0.5 * x * (1 + np.tanh(math.sqrt(2 / math.pi) * (x + 0.044715 * x**3)))
+    gelu = activation(get_config("speedrun"))
     got = np.asarray(gelu(jnp.asarray(x, jnp.float32)))
     np.testing.assert_allclose(got, exact, atol=1e-6)
     assert np.abs(got - tanh).max() > 1e-4  # the tanh approximation would fail above
@@ -468,7 +479,8 @@ def test_both_trainers_whiten_freeze_and_end_on_the_ema() -> None:
 def test_device_patch_moments_are_exact() -> None:
     """The trainer's on-device moments equal numpy's integer ones, saturated pixels included,
     so the whitening kernel is the same bit for bit."""
-    from jaxbench.speedrun_model import moments_from_groups, patch_moment_groups
+    from jaxbench.layers import patch_moment_groups
+    from jaxbench.whitening import moments_from_groups
 
     x = np.random.default_rng(3).integers(0, 256, (70, 32, 32, 3), dtype=np.uint8)
     x[:33] = 255  # the largest sums: a group of 32 saturated images must not overflow int32

@@ -13,6 +13,7 @@ import pytest
 import torch
 from test_torch_ref import _Data, _small_cfg
 
+from jaxbench.configs import get_config
 from jaxbench.whitening import patch_moments, whitening_kernel_OIHW
 from torch_ref import augment, train
 from torch_ref.torch_setup import TorchSetup, record
@@ -24,7 +25,10 @@ KW: dict[str, Any] = {"progress": False, "quiet": True}
 
 def _speedrun_cfg(**changes: Any) -> Any:
     """A tiny airbench-style run: lookahead EMA, 3-view TTA, whitening, frozen bias after 1."""
-    base = dict(
+    sr = get_config("speedrun")
+    stem = ("activation", "pool_before_act", "whiten", "whiten_eps", "whiten_images")
+    base: dict[str, Any] = {k: getattr(sr, k) for k in stem}
+    base |= dict(
         model="speedrun",
         widths=(8, 16, 16),
         lookahead=True,

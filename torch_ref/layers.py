@@ -45,6 +45,7 @@ class BatchNorm(nn.BatchNorm2d):
                 self.register_buffer(
                     "fixed_scale", torch.full((channels,), self.scale), persistent=False
                 )
+        self.reset_parameters()  # again: nn.BatchNorm2d's ran before `scale` was set
 
     def reset_parameters(self) -> None:
         self.reset_running_stats()

@@ -21,6 +21,7 @@ QUICK_WIDTHS = (8, 16, 32, 64)
 # speedrun: three widths; wider than 24 (the whitening conv's output) so that block1.conv1
 # and block2.conv1 keep some uniform filters beside their identity (dirac) ones.
 QUICK_WIDTHS_SPEEDRUN = (32, 48, 48)
+ARITH_GHOST = 4  # ghost-BN group size in the arithmetic checks (batches of 16-32)
 
 
 def quick_widths(cfg: Config) -> tuple[int, ...]:
@@ -140,8 +141,12 @@ class Context:
 
     @property
     def arith_cfg(self) -> Config:
-        """The config for arithmetic checks: narrow in quick mode, float32 always."""
+        """The config for arithmetic checks: narrow in quick mode, float32 always, and ghost
+        batch norm (if on) over groups of `ARITH_GHOST` images, so that the checks' batches
+        of 16-32 images hold several groups and the grouping itself is compared."""
         cfg = self.cfg.replace(precision="float32")
+        if cfg.ghost_bn:
+            cfg = cfg.replace(ghost_bn=ARITH_GHOST)
         return cfg.replace(widths=quick_widths(cfg)) if self.quick else cfg
 
 

@@ -79,6 +79,8 @@ def curve_config(ctx: Context) -> tuple[Config, str]:
             epochs=ctx.epochs or 3,
             lr=0.4,
             lr_peak_epoch=1.0,
+            lr_flat_epochs=0.0,
+            ghost_bn=10 if ctx.cfg.ghost_bn else 0,  # 5 groups of the batch of 50
             cutout=0,
             tta=False,
             ema_every=5,
@@ -86,9 +88,10 @@ def curve_config(ctx: Context) -> tuple[Config, str]:
             precision="float32",
         )
         note = (
-            "quick mode: ResNet-9 widths 8,16,32,64; 8,000 training and 1,000 test images; "
-            f"{cfg.epochs} epochs of batch 50; no cutout, no TTA; EMA every 5 steps, "
-            "momentum 0.8 (~62% final EMA accuracy), not the full preset"
+            f"quick mode: the {ctx.cfg.name} recipe at ResNet-9 widths 8,16,32,64; 8,000 "
+            f"training and 1,000 test images; {cfg.epochs} epochs of batch 50 (ghost BN "
+            "groups of 10 if on), LR 0.4 peaking at epoch 1; no cutout, no TTA; EMA every 5 "
+            "steps, momentum 0.8 (tiny: ~62% final EMA accuracy), not the full preset"
         )
         return cfg, note
     if ctx.quick:  # the speedrun net

@@ -21,7 +21,8 @@ from parity.checks.base import (
 
 def check_init(ctx: Context) -> CheckResult:
     """Both frameworks' own inits against uniform(+-1/sqrt(fan_in)), pooled over seeds,
-    BN at (1, 0, 0, 1), seeds that matter, and a bit-exact conversion round trip."""
+    BN at (bn_scale, 0, 0, 1), zero biases, seeds that matter, and a bit-exact conversion
+    round trip."""
     res = CheckResult(1, "initialisation")
     h = ctx.harness
     cfg = ctx.cfg.replace(widths=quick_widths(ctx.cfg)) if ctx.quick else ctx.cfg
@@ -31,6 +32,7 @@ def check_init(ctx: Context) -> CheckResult:
     samples: dict[str, dict[str, list[np.ndarray]]] = {"jax": {}, "torch": {}}
     fans: dict[str, dict[str, int]] = {"jax": {}, "torch": {}}
     bn_dev = {"jax": 0.0, "torch": 0.0}
+    uniform_bias = cfg.whiten_bias_init == "uniform"  # speedrun's whitening bias; else zero
     first: dict[str, Any] = {}
     for s in seeds:
         v = h.flax_init(fmodel, s)
@@ -50,11 +52,11 @@ def check_init(ctx: Context) -> CheckResult:
                 if w.size:
                     samples["jax"].setdefault(layer, []).append(w)
                 fans["jax"][layer] = math.prod(w.shape[:-1])
-            elif parts[-1] == "bias" and parts[0] == "whiten":  # a conv bias: uniform init
+            elif parts[-1] == "bias" and parts[0] == "whiten" and uniform_bias:  # conv bias
                 samples["jax"].setdefault(name, []).append(w)
                 fans["jax"][name] = math.prod(v["params"]["whiten"]["kernel"].shape[:-1])
             elif parts[-1] == "scale":
-                bn_dev["jax"] = max(bn_dev["jax"], max_abs(w, 1.0))
+                bn_dev["jax"] = max(bn_dev["jax"], max_abs(w, cfg.bn_scale))
             elif parts[-1] == "bias":
                 bn_dev["jax"] = max(bn_dev["jax"], max_abs(w, 0.0))
         for name, w in leaves(v.get("batch_stats", {})).items():
@@ -73,10 +75,12 @@ def check_init(ctx: Context) -> CheckResult:
                     w = w[n_id:]
                 if w.size:
                     samples["torch"].setdefault(layer, []).append(w)
-            elif leaf == "bias" and layer == "whiten":  # a conv bias: uniform init
+            elif leaf == "bias" and layer == "whiten" and uniform_bias:  # a conv bias
                 samples["torch"].setdefault(key, []).append(w)
                 fans["torch"][key] = math.prod(sd["whiten.weight"].shape[1:])
-            elif leaf in ("weight", "running_var"):
+            elif leaf == "weight":
+                bn_dev["torch"] = max(bn_dev["torch"], max_abs(w, cfg.bn_scale))
+            elif leaf == "running_var":
                 bn_dev["torch"] = max(bn_dev["torch"], max_abs(w, 1.0))
             elif leaf in ("bias", "running_mean"):
                 bn_dev["torch"] = max(bn_dev["torch"], max_abs(w, 0.0))

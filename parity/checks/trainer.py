@@ -20,6 +20,8 @@ of step t, plus any glue between steps) is compared with torch's state before
 step t+1, so the loop's between-step code is covered too.
 
 Figures, each a ratio that must stay <= 1:
+- the weights entering step 1, after each trainer's own data-dependent init (the
+  whitening kernels), against torch's: max |diff| / max |x| <= 1e-6;
 - the per-step training loss (relative, bar 1e-5; measured ~1e-7);
 - after every step and at every evaluation, the BN statistics (live and EMA),
   per element: |jax - torch| <= 3e-4 x |this step's change| + 8 ulp(|value|);
@@ -78,6 +80,7 @@ RTOL_UPDATE = 3e-4  # relative error allowed in one step's change of a BN statis
 ULPS = 8.0  # float32 ulps of the stored value allowed on top
 EPS32 = float(np.finfo(np.float32).eps)
 LOSS_RTOL = 1e-5
+START_RTOL = 1e-6  # the same converted weights and the same host-computed whitening kernel
 LOGITS_RTOL = 1e-5
 GROSS_RTOL = 5e-2  # see _gross_ratios: measured up to 5e-3 at batch 16
 MARGIN_FACTOR = 100.0  # top-2 margins within this x the logit difference may flip
@@ -96,6 +99,7 @@ def trainer_config(ctx: Context) -> Config:
         eval_every=1,
         epochs=2,
         lr_peak_epoch=1.0,
+        lr_flat_epochs=min(ctx.arith_cfg.lr_flat_epochs, 0.5),  # Page's flat end, if on
         seed=3,
         loop="step",
     )
@@ -548,6 +552,36 @@ def check_trainer(ctx: Context) -> CheckResult:
             1.0,
         )
     )
+
+    # 1b. the state entering the first step: the same weights plus each trainer's own
+    # data-dependent init (the whitening kernels), so it must match to float32 rounding
+    start = tf.carried.get(steps[0])
+    if start is not None:
+        got = leaves({"params": start.params, "ema": start.ema["params"]})
+        snap = rec.pre[steps[0]]
+        want = leaves(
+            {
+                "params": snap["variables"]["params"],
+                "ema": snap.get("ema", {}).get("params", snap["variables"]["params"]),
+            }
+        )
+        ratio, where = 0.0, ""
+        for name, w in want.items():
+            if name not in got:
+                ratio, where = math.inf, f"{name} missing"
+                break
+            scale = max(float(np.max(np.abs(w))), 1e-30)
+            max_rel = float(np.max(np.abs(got[name].astype(np.float64) - w))) / scale
+            if max_rel >= ratio:
+                ratio, where = max_rel, name
+        res.figures.append(
+            Figure(
+                f"weights entering step 1 (after the whitening init): max |diff| / max |x| "
+                f"/ {START_RTOL:g}, worst ({where})",
+                ratio / START_RTOL,
+                1.0,
+            )
+        )
 
     # 2. the state after each step (what JAX carries into the next step or evaluation)
     state_rows: dict[int, dict[str, float]] = {}
