@@ -114,7 +114,11 @@ def ema_tensors(model: nn.Module) -> list[torch.Tensor]:
     `num_batches_tracked` (an integer counter, unused with a set momentum) is left out.
     """
     params = list(model.parameters())
-    buffers = [b for b in model.buffers() if b.is_floating_point()]
+    buffers = [
+        b
+        for name, b in model.named_buffers()
+        if b.is_floating_point() and not name.endswith("fixed_scale")  # a constant, not state
+    ]
     return params + buffers
 
 
