@@ -16,7 +16,15 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from jaxbench.configs import Config, OneLineErrorParser, add_config_args, config_from_args
+from jaxbench import checkpoint
+from jaxbench.configs import (
+    Config,
+    OneLineErrorParser,
+    add_config_args,
+    config_from_args,
+    config_from_dict,
+    resumed_config,
+)
 from jaxbench.report import RUN_FILES, prepare_output
 
 
@@ -24,12 +32,20 @@ def trainer_parser(prog: str, description: str) -> argparse.ArgumentParser:
     """Config flags plus the run flags every trainer takes."""
     parser = OneLineErrorParser(prog=prog, description=description)
     add_config_args(parser)
+    parser.set_defaults(config=None)  # None: not given (the default preset, or a resumed run's)
     parser.add_argument(
         "--stream",
         choices=("fast", "shared"),
-        default="fast",
-        help="fast: augmentation plan drawn on the device from the seed; shared: the "
+        default=None,
+        help="fast (default): augmentation plan drawn on the device from the seed; shared: the "
         "framework-neutral numpy plan of jaxbench.stream (the same batches in both trainers)",
+    )
+    parser.add_argument(
+        "--resume",
+        metavar="DIR",
+        default=None,
+        help="continue the stopped run in DIR (its --out) from its latest checkpoint "
+        "(see --checkpoint-every), with the config saved there; DIR becomes --out",
     )
     parser.add_argument(
         "--no-progress", action="store_true", help="hide the progress bar within each epoch"
@@ -68,7 +84,7 @@ def run_trainer(
     try:
         return _run_trainer(args, check_supported, train, compile_label, train_kwargs)
     except KeyboardInterrupt:
-        _interrupted(getattr(args, "out", None))
+        _interrupted(getattr(args, "out", None) or getattr(args, "resume", None))
     return 130  # not reached
 
 
@@ -96,14 +112,28 @@ def _run_trainer(
     train_kwargs: dict[str, Any],
 ) -> int:
     created = False
+    resume = getattr(args, "resume", None)
+    stream = args.stream or "fast"
     try:
-        cfg = config_from_args(args)
+        if resume is not None:  # before the data loads: a bad folder costs nothing
+            prepare_output(
+                resume, RUN_FILES, overwrite=args.overwrite, flag="--resume", resume=True
+            )
+            saved = config_from_dict(json.loads((Path(resume) / "config.json").read_text()))
+            cfg = resumed_config(args, saved, resume)
+            _, progress = checkpoint.read_latest(resume)
+            stream = args.stream or progress.get("stream", "fast")
+            train_kwargs = {**train_kwargs, "resume": resume}
+        else:
+            cfg = config_from_args(args)
         check_supported(cfg)
-        if cfg.out is not None:  # before the data loads: a bad --out costs nothing
+        if cfg.out is not None and resume is None:
             created = not Path(cfg.out).exists()
             prepare_output(cfg.out, RUN_FILES, overwrite=args.overwrite)
     except ValueError as e:
         raise _fail(e, 2) from None
+    except OSError as e:
+        raise _fail(f"--resume {resume}: cannot read its config.json ({e})", 2) from None
     try:
         from jaxbench.data import load_dataset
 
@@ -118,7 +148,7 @@ def _run_trainer(
             cfg,
             cfg.out,
             data=data,
-            stream=args.stream,
+            stream=stream,
             progress=not args.no_progress,
             quiet=args.quiet,
             profile_dir=args.profile,

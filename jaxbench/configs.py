@@ -19,6 +19,7 @@ import math
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 
@@ -153,6 +154,13 @@ class Config:
         default="auto", metadata={"help": "scan (whole epoch in one jit), step, or auto"}
     )
     out: str | None = field(default=None, metadata={"help": "output folder for results"})
+    checkpoint_every: int = field(
+        default=0,
+        metadata={
+            "help": "save a checkpoint to OUT/checkpoints every N epochs, off the clock, "
+            "for --resume (0: never)"
+        },
+    )
 
     def replace(self, **changes: Any) -> Config:
         """A copy with some fields changed, validated."""
@@ -210,6 +218,8 @@ def validate(cfg: Config) -> Config:
         )
     if cfg.whiten_bias_epochs < 0:
         raise ValueError("--whiten-bias-epochs must be >= 0")
+    if cfg.checkpoint_every < 0:
+        raise ValueError("--checkpoint-every must be >= 0 (0: no checkpoints)")
     if any(w <= 0 for w in cfg.widths):
         raise ValueError("--widths must be positive")
     for name in ("epochs", "batch_size", "eval_batch_size", "eval_every"):
@@ -472,6 +482,7 @@ def speedrun() -> Config:
     )
 
 
+DEFAULT_PRESET = "resnet9"
 PRESETS: dict[str, Callable[[], Config]] = {
     "resnet9": resnet9,
     "myrtle24": myrtle24,
@@ -550,7 +561,7 @@ def add_config_args(parser: argparse.ArgumentParser, skip: Sequence[str] = ("nam
     """
     if "config" not in skip:
         parser.add_argument(
-            "--config", default="resnet9", choices=sorted(PRESETS), help="preset to start from"
+            "--config", default=DEFAULT_PRESET, choices=sorted(PRESETS), help="preset to start from"
         )
     for f in dataclasses.fields(Config):
         if f.name in skip:
@@ -594,9 +605,42 @@ def add_config_args(parser: argparse.ArgumentParser, skip: Sequence[str] = ("nam
         )
 
 
+def resumed_config(args: argparse.Namespace, saved: Config, run_dir: str) -> Config:
+    """The saved config of a run to resume, with the flags that may change (`MAY_DIFFER`)
+    applied; any other flag must repeat the saved value, else a one-line ValueError."""
+    from jaxbench.checkpoint import MAY_DIFFER
+
+    def refuse(flag: str, saved_value: object) -> ValueError:
+        return ValueError(
+            f"--resume {run_dir}: {flag} contradicts the run's saved config ({saved_value}); "
+            "drop the flag to resume, or start a new run with --out"
+        )
+
+    name = getattr(args, "config", None)
+    if name is not None and name != saved.name:
+        raise refuse(f"--config {name}", f"config {saved.name}")
+    for trick in getattr(args, "no_tricks", ()):
+        if without_trick(saved, trick) != saved:
+            raise refuse(f"--no-{trick}", "it has that trick")
+    changes: dict[str, Any] = {"out": run_dir}
+    for f in dataclasses.fields(Config):
+        if not hasattr(args, f.name):
+            continue
+        value = getattr(args, f.name)
+        flag = f"--{f.name.replace('_', '-')} {value}"
+        if f.name == "out":
+            if Path(value).resolve() != Path(run_dir).resolve():
+                raise refuse(flag, f"the run folder is {run_dir}")
+        elif f.name in MAY_DIFFER:
+            changes[f.name] = value
+        elif value != getattr(saved, f.name):
+            raise refuse(flag, f"{f.name}={getattr(saved, f.name)!r}")
+    return saved.replace(**changes)
+
+
 def config_from_args(args: argparse.Namespace) -> Config:
     """The chosen preset with every flag the user gave applied on top."""
-    cfg = get_config(args.config)
+    cfg = get_config(getattr(args, "config", None) or DEFAULT_PRESET)
     for trick in getattr(args, "no_tricks", ()):
         cfg = without_trick(cfg, trick)
     changes = {

@@ -350,16 +350,29 @@ class RunRecorder:
     training loss raises `FloatingPointError` naming the epoch.
     """
 
-    def __init__(self, config: dict[str, Any], workdir: str | os.PathLike[str] | None, quiet: bool):
+    def __init__(
+        self,
+        config: dict[str, Any],
+        workdir: str | os.PathLike[str] | None,
+        quiet: bool,
+        rows: Sequence[dict[str, Any]] = (),
+    ):
+        """`rows`: the epochs a resumed run already has (from its checkpoint); they are
+        printed and `metrics.jsonl` is rewritten to them, dropping any later row the
+        stopped run wrote after its last checkpoint."""
         self.workdir = Path(workdir) if workdir is not None else None
         self.quiet = quiet
-        self.rows: list[dict[str, Any]] = []
+        self.rows: list[dict[str, Any]] = [dict(r) for r in rows]
         self.started = now_iso()
         if self.workdir is not None:
             write_json(self.workdir / "config.json", config)
+            if self.rows:
+                write_jsonl(self.workdir / "metrics.jsonl", self.rows)
         self.set_status("running")
         if not quiet:
             print(format_header(), flush=True)
+            for row in self.rows:
+                print(format_row(row), flush=True)
 
     def set_status(self, status: str, **extra: Any) -> None:
         """Rewrite `status.json` (atomically): the state, epochs completed, times, `extra`."""
@@ -478,7 +491,13 @@ def numeric_settings() -> dict[str, Any]:
 
 # --- output folders -------------------------------------------------------------------------
 
-RUN_FILES: tuple[str, ...] = ("config.json", "metrics.jsonl", "summary.json", "status.json")
+RUN_FILES: tuple[str, ...] = (
+    "config.json",
+    "metrics.jsonl",
+    "summary.json",
+    "status.json",
+    "checkpoints",
+)
 
 
 class OutputError(ValueError):
@@ -486,18 +505,34 @@ class OutputError(ValueError):
 
 
 def prepare_output(
-    path: str | os.PathLike[str], produces: Sequence[str], *, overwrite: bool, flag: str = "--out"
+    path: str | os.PathLike[str],
+    produces: Sequence[str],
+    *,
+    overwrite: bool,
+    flag: str = "--out",
+    resume: bool = False,
 ) -> Path:
     """Check an output folder before any work starts, and make it.
 
     Refused: a path that is a file; a folder that already holds any of the files
     this command `produces` (glob patterns), unless `overwrite`, which removes
-    exactly those files so no old result sits beside a new one; a folder that
-    cannot be created or written. Other files in the folder are left alone.
+    exactly those files (and folders, such as old checkpoints) so no old result
+    sits beside a new one; a folder that cannot be created or written. Other
+    files in the folder are left alone. `resume`: the folder is a stopped run to
+    continue, so it must exist with its `config.json`, and its files stay.
     """
     p = Path(path)
     if p.exists() and not p.is_dir():
         raise OutputError(f"{flag} {p} is a file, not a folder; choose another path")
+    if resume:
+        if overwrite:
+            raise OutputError(f"{flag} {p}: --resume keeps the run's files; drop --overwrite")
+        if not (p / "config.json").is_file():
+            raise OutputError(
+                f"{flag} {p} holds no run (no config.json); pass the --out folder of a run"
+            )
+        _check_writable(p, flag)
+        return p
     existing = (
         sorted({q.name for pattern in produces for q in p.glob(pattern)}) if p.is_dir() else []
     )
@@ -506,6 +541,17 @@ def prepare_output(
             f"{flag} {p} already holds results ({', '.join(existing)}); pass --overwrite to "
             "replace them or choose another folder"
         )
+    _check_writable(p, flag)
+    for name in existing:
+        if (p / name).is_dir() and not (p / name).is_symlink():
+            shutil.rmtree(p / name)
+        else:
+            (p / name).unlink()
+    return p
+
+
+def _check_writable(p: Path, flag: str) -> None:
+    """Make the folder and prove a file can be created in it."""
     try:
         p.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=p, prefix=".write-probe-"):
@@ -514,6 +560,3 @@ def prepare_output(
         raise OutputError(
             f"{flag} {p} is not writable ({e.strerror or e}); choose another folder"
         ) from None
-    for name in existing:
-        (p / name).unlink()
-    return p

@@ -21,6 +21,7 @@ import os
 import sys
 import time
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import flax
@@ -29,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jaxbench import augment, cli, configs, layers, models, optim
+from jaxbench import augment, checkpoint, cli, configs, layers, models, optim
 from jaxbench.configs import Config
 from jaxbench.profiling import JaxProfile, format_top_ops
 from jaxbench.progress import progress_bar
@@ -591,6 +592,7 @@ def train_and_evaluate(
     hooks: Hooks | None = None,
     compile_cache: CompileCache | None = None,
     profile_dir: str | os.PathLike[str] | None = None,
+    resume: str | os.PathLike[str] | None = None,
 ) -> dict[str, Any]:
     """Train per `cfg`, evaluate every epoch, and return the summary of docs/design.md.
 
@@ -605,18 +607,28 @@ def train_and_evaluate(
     `hooks`: see `Hooks` (parity suite). `compile_cache`: reuse compiled programs
     across runs (see `CompileCache`). `profile_dir`: trace the timed region with
     `jax.profiler` into that folder and add `profile` (trace path, top
-    operations) to the summary. Raises FloatingPointError, naming the epoch,
+    operations) to the summary. `resume`: a run folder (default `workdir`) whose
+    latest checkpoint (`cfg.checkpoint_every`) the run continues from, bit for bit;
+    `cfg` must be that run's. Raises FloatingPointError, naming the epoch,
     when the training loss is not finite.
     """
-    r = setup(cfg, data, init_variables=init_variables, stream=stream, compile_cache=compile_cache)
     if workdir is None:
-        workdir = cfg.out
-    recorder = RunRecorder(cfg.to_dict(), workdir, quiet)
+        workdir = resume if resume is not None else cfg.out
+    if cfg.checkpoint_every and workdir is None:
+        raise ValueError("--checkpoint-every needs a run folder: pass --out DIR")
+    saved: dict[str, Any] = {"epoch": 0, "rows": [], "step_losses": [], "timed_seconds": 0.0}
+    if resume is not None:
+        ckpt, saved = checkpoint.load_progress(resume, cfg, "jax", stream)
+    r = setup(cfg, data, init_variables=init_variables, stream=stream, compile_cache=compile_cache)
+    recorder = RunRecorder(cfg.to_dict(), workdir, quiet, rows=saved["rows"])
     with recorder.watch():  # Ctrl-C: status.json says "interrupted"
         state = r.state
         profiler = JaxProfile(profile_dir) if profile_dir is not None else None
-        timed = 0.0
-        if r.programs.moments is not None:  # data-dependent init: on the clock, as airbench
+        timed = float(saved["timed_seconds"])
+        weight_sets = int(saved.get("final_eval_weight_sets", 0))
+        if resume is not None:  # the whitening kernel is part of the restored params
+            state = _restore_state(ckpt, state)
+        elif r.programs.moments is not None:  # data-dependent init: on the clock, as airbench
             if profiler:
                 profiler.start()
             t0 = time.perf_counter()
@@ -625,9 +637,9 @@ def train_and_evaluate(
             timed += time.perf_counter() - t0
             if profiler:
                 profiler.pause()
-        step_losses: list[float] = []
-        rows: list[dict[str, Any]] = []
-        for epoch in range(cfg.epochs):
+        step_losses: list[float] = [float(v) for v in saved["step_losses"]]
+        rows: list[dict[str, Any]] = list(recorder.rows)
+        for epoch in range(int(saved["epoch"]), cfg.epochs):
             if profiler:
                 profiler.start()
             t0 = time.perf_counter()
@@ -663,6 +675,18 @@ def train_and_evaluate(
             row["total_time_seconds"] = timed
             rows.append(row)
             recorder.epoch(row)
+            if checkpoint.should_save(cfg, epoch):  # off the clock
+                assert workdir is not None
+                progress_now = {
+                    "framework": "jax",
+                    "stream": stream,
+                    "config": cfg.to_dict(),
+                    "rows": recorder.rows,
+                    "step_losses": step_losses,
+                    "timed_seconds": timed,
+                    "final_eval_weight_sets": weight_sets,
+                }
+                checkpoint.save(workdir, epoch + 1, progress_now, _state_writer(state))
 
         final = {
             k: rows[-1][k]
@@ -701,6 +725,41 @@ def train_and_evaluate(
         summary["variables"] = jax.device_get(state.variables())
         summary["ema_variables"] = jax.device_get(state.ema)
     return summary
+
+
+def _state_writer(state: TrainState) -> Callable[[Path], None]:
+    """Writes the whole TrainState (step, params with the whitening kernel, batch stats,
+    optimizer state, EMA) with orbax into `folder/state`; returns once it is on disk."""
+
+    def write(folder: Path) -> None:
+        import orbax.checkpoint as ocp
+
+        with ocp.StandardCheckpointer() as ckptr:
+            ckptr.save(folder / "state", state)
+            ckptr.wait_until_finished()
+
+    return write
+
+
+def _restore_state(folder: Path, like: TrainState) -> TrainState:
+    """The TrainState saved by `_state_writer`, with the structure, dtypes and placement of
+    `like` (the freshly set-up state), so the compiled programs take it unchanged."""
+    import orbax.checkpoint as ocp
+
+    abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, like)
+    with ocp.StandardCheckpointer() as ckptr:
+        return ckptr.restore((folder / "state").resolve(), abstract)
+
+
+def load_checkpoint(run_dir: str | os.PathLike[str]) -> tuple[dict[str, Any], PyTree]:
+    """(progress, saved state as nested dicts of numpy arrays: `params`, `batch_stats`,
+    `opt_state`, `ema`, `step`) of a run folder's latest checkpoint, to inspect it."""
+    import orbax.checkpoint as ocp
+
+    folder, progress = checkpoint.read_latest(run_dir)
+    with ocp.StandardCheckpointer() as ckptr:
+        state = ckptr.restore((folder / "state").resolve())
+    return progress, jax.device_get(state)
 
 
 # --- command line -------------------------------------------------------------------------

@@ -22,6 +22,7 @@ import sys
 import time
 import traceback
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -29,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from jaxbench import cli, configs, report, schedule
+from jaxbench import checkpoint, cli, configs, report, schedule
 from jaxbench.configs import Config, optimizer_scales
 from jaxbench.profiling import format_top_ops
 from jaxbench.progress import progress_bar
@@ -791,6 +792,7 @@ def train_and_evaluate(
     hooks: Hooks | None = None,
     torch_setup: TorchSetup | None = None,
     profile_dir: str | os.PathLike[str] | None = None,
+    resume: str | os.PathLike[str] | None = None,
 ) -> dict[str, Any]:
     """Train `cfg`, evaluate every epoch, return the summary (docs/design.md, "Trainer API").
 
@@ -806,9 +808,19 @@ def train_and_evaluate(
     state dicts) to the returned dict, not to summary.json. `hooks`: see `Hooks`
     (parity suite). `profile_dir`: profile the timed region with `torch.profiler`,
     write `<profile_dir>/torch-trace.json` and add `profile` (trace, top_ops) to the
-    summary. Raises FloatingPointError, naming the epoch, when the training loss is
+    summary. `resume`: a run folder (default `workdir`) whose latest checkpoint
+    (`cfg.checkpoint_every`) the run continues from, bit for bit; `cfg` must be that
+    run's. Raises FloatingPointError, naming the epoch, when the training loss is
     not finite.
     """
+    if workdir is None:
+        workdir = resume if resume is not None else cfg.out
+    if cfg.checkpoint_every and workdir is None:
+        raise ValueError("--checkpoint-every needs a run folder: pass --out DIR")
+    saved: dict[str, Any] = {"epoch": 0, "rows": []}
+    ckpt = None
+    if resume is not None:
+        ckpt, saved = checkpoint.load_progress(resume, cfg, "torch", stream)
     r = setup(
         cfg,
         data,
@@ -818,14 +830,18 @@ def train_and_evaluate(
         device=device,
         torch_setup=torch_setup,
     )
-    if workdir is None:
-        workdir = cfg.out
-    recorder = report.RunRecorder(cfg.to_dict(), workdir, quiet)
+    recorder = report.RunRecorder(cfg.to_dict(), workdir, quiet, rows=saved["rows"])
     with recorder.watch():  # Ctrl-C: status.json says "interrupted"
         profiler = TorchProfile(profile_dir, r.device) if profile_dir is not None else None
         try:
             step_losses, timed, weight_sets = _train_loop(
-                r, recorder, profiler, hooks=hooks, progress=progress and not quiet
+                r,
+                recorder,
+                profiler,
+                hooks=hooks,
+                progress=progress and not quiet,
+                workdir=workdir,
+                resume_from=(ckpt, saved) if ckpt is not None else None,
             )
         except BaseException:
             if profiler is not None:
@@ -886,18 +902,31 @@ def _train_loop(
     *,
     hooks: Hooks | None,
     progress: bool,
+    workdir: str | os.PathLike[str] | None = None,
+    resume_from: tuple[Any, dict[str, Any]] | None = None,
 ) -> tuple[list[float], dict[str, float], int]:
     """`train_and_evaluate`'s epochs: (step losses, timed {seconds, compiles}, weight sets
-    scored by the final evaluation)."""
+    scored by the final evaluation). `resume_from`: (checkpoint folder, progress) to
+    continue from instead of the start; checkpoints go to `workdir`."""
     cfg = r.cfg
     step_losses: list[float] = []
     timed = {"seconds": 0.0, "compiles": 0}  # training steps + final evaluation
-    if cfg.whiten != "none":  # data-dependent init: on the clock, as airbench times it
+    weight_sets = 0
+    start = 0
+    if resume_from is not None:  # the whitening kernel is part of the restored weights
+        folder, saved = resume_from
+        _restore(r, folder)
+        start = int(saved["epoch"])
+        step_losses = [float(v) for v in saved["step_losses"]]
+        timed = {"seconds": float(saved["timed_seconds"]), "compiles": int(saved["compiles"])}
+        weight_sets = int(saved["final_eval_weight_sets"])
+        if cfg.whiten == "patch2" and start > cfg.whiten_bias_epochs:
+            set_whiten_bias_trainable(r.model, False)  # train_epoch froze it at that epoch
+    elif cfg.whiten != "none":  # data-dependent init: on the clock, as airbench times it
         with _clock(r, timed, profiler):
             set_whitening(r)
     r.model.train()
-    weight_sets = 0
-    for epoch in range(cfg.epochs):
+    for epoch in range(start, cfg.epochs):
         with _clock(r, timed, profiler):
             epoch_losses, correct = train_epoch(r, epoch, progress=progress, hooks=hooks)
         step_losses.extend(epoch_losses)
@@ -928,8 +957,59 @@ def _train_loop(
             row.update(val_loss=None, val_acc=None, ema_val_acc=None)
         row["total_time_seconds"] = timed["seconds"]
         recorder.epoch(row)
+        if checkpoint.should_save(cfg, epoch):  # off the clock
+            assert workdir is not None
+            progress_now = {
+                "framework": "torch",
+                "stream": r.stream,
+                "config": cfg.to_dict(),
+                "rows": recorder.rows,
+                "step_losses": step_losses,
+                "timed_seconds": timed["seconds"],
+                "compiles": int(timed["compiles"]),
+                "final_eval_weight_sets": weight_sets,
+            }
+            checkpoint.save(workdir, epoch + 1, progress_now, functools.partial(_write_state, r))
 
     return step_losses, timed, weight_sets
+
+
+STATE_FILE = "state.pt"
+
+
+def _write_state(r: Run, folder: Path) -> None:
+    """Everything the numbers depend on, as tensors and plain containers: both nets,
+    the optimizer, the update counter and the plan generator's state."""
+    state = {
+        "model": r.model.state_dict(),
+        "ema_model": r.ema_model.state_dict() if r.ema_model is not None else None,
+        "optimizer": r.optimizer.state_dict(),
+        "t": r.t,
+        "generator": r.generator.get_state(),
+    }
+    tmp = folder / f".{STATE_FILE}.tmp"
+    torch.save(state, tmp)
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, folder / STATE_FILE)
+
+
+def _restore(r: Run, folder: Path) -> None:
+    """Load `_write_state`'s file into the run, in place (the nets keep their addresses)."""
+    state = torch.load(folder / STATE_FILE, map_location=r.device, weights_only=True)
+    r.model.load_state_dict(state["model"])
+    if r.ema_model is not None:
+        r.ema_model.load_state_dict(state["ema_model"])
+    r.optimizer.load_state_dict(state["optimizer"])
+    r.t = int(state["t"])
+    r.generator.set_state(state["generator"].cpu())
+
+
+def load_checkpoint(run_dir: str | os.PathLike[str]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(progress, saved state: `model`, `ema_model`, `optimizer`, `t`, `generator`) of a run
+    folder's latest checkpoint, on the CPU, to inspect it."""
+    folder, progress = checkpoint.read_latest(run_dir)
+    return progress, torch.load(folder / STATE_FILE, map_location="cpu", weights_only=True)
 
 
 # --- self-check -------------------------------------------------------------------------------

@@ -1,0 +1,117 @@
+"""Checkpoints of a run folder, shared by both trainers: where they live, how they appear.
+
+A checkpoint is the folder `RUN/checkpoints/epoch_N` (N epochs done) holding the
+framework's tensors (`state/` from orbax, or `state.pt` from `torch.save`) and
+`progress.json`: the epoch, the metrics rows, the step losses and the timed
+seconds so far, so a resumed run continues exactly where the saved one stood.
+It is built under a hidden temporary name in the same folder and renamed into
+place when complete, so a killed run leaves either the whole checkpoint or
+none; names that are not `epoch_N` (such temporaries) are never read. Only the
+latest checkpoint is kept: older ones are removed after the new one is in place.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from jaxbench.configs import Config
+from jaxbench.report import write_json
+
+CHECKPOINTS = "checkpoints"
+PROGRESS = "progress.json"
+_NAME = re.compile(r"epoch_(\d+)")
+_TMP_PREFIX = ".tmp-"
+# Fields a resumed run may change: they do not touch the numbers.
+MAY_DIFFER: tuple[str, ...] = ("out", "data_dir", "checkpoint_every")
+
+
+def should_save(cfg: Config, epoch: int) -> bool:
+    """Whether the end of 0-based `epoch` is a checkpoint (every `checkpoint_every` epochs)."""
+    return cfg.checkpoint_every > 0 and (epoch + 1) % cfg.checkpoint_every == 0
+
+
+def latest(run_dir: str | os.PathLike[str]) -> tuple[int, Path] | None:
+    """(epochs done, folder) of the newest complete checkpoint, or None when there is none."""
+    folder = Path(run_dir) / CHECKPOINTS
+    if not folder.is_dir():
+        return None
+    found = []
+    for p in folder.iterdir():
+        m = _NAME.fullmatch(p.name)
+        if m and p.is_dir() and (p / PROGRESS).is_file():
+            found.append((int(m.group(1)), p))
+    return max(found) if found else None
+
+
+def save(
+    run_dir: str | os.PathLike[str],
+    epoch: int,
+    progress: dict[str, Any],
+    write_state: Callable[[Path], None],
+) -> Path:
+    """Write checkpoint `epoch_<epoch>` atomically: `write_state(folder)` puts the tensors
+    into a temporary folder, `progress` goes beside them, then one rename publishes it."""
+    folder = Path(run_dir).resolve() / CHECKPOINTS
+    folder.mkdir(parents=True, exist_ok=True)
+    final = folder / f"epoch_{epoch}"
+    tmp = folder / f"{_TMP_PREFIX}epoch_{epoch}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    write_state(tmp)
+    write_json(tmp / PROGRESS, {"epoch": epoch, **progress})
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    for p in folder.iterdir():  # older checkpoints and temporaries of killed writes
+        if p != final and (_NAME.fullmatch(p.name) or p.name.startswith(_TMP_PREFIX)):
+            shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+    return final
+
+
+def read_latest(run_dir: str | os.PathLike[str]) -> tuple[Path, dict[str, Any]]:
+    """(folder, progress) of the latest checkpoint; a one-line ValueError when there is none."""
+    found = latest(run_dir)
+    if found is None:
+        raise ValueError(
+            f"--resume {run_dir}: no checkpoint in {Path(run_dir) / CHECKPOINTS}; "
+            "a run saves them only with --checkpoint-every N, so start it again with --out"
+        )
+    try:
+        return found[1], json.loads((found[1] / PROGRESS).read_text())
+    except (OSError, ValueError) as e:
+        raise ValueError(
+            f"--resume {run_dir}: unreadable {found[1] / PROGRESS} ({e}); "
+            "remove that checkpoint folder to resume from none, or start again"
+        ) from None
+
+
+def load_progress(
+    run_dir: str | os.PathLike[str], cfg: Config, framework: str, stream: str
+) -> tuple[Path, dict[str, Any]]:
+    """(checkpoint folder, progress) of the latest checkpoint of `run_dir`, checked against
+    the run that wants to continue from it; a mismatch is a one-line ValueError."""
+    path, progress = read_latest(run_dir)
+    if progress.get("framework") != framework:
+        raise ValueError(
+            f"--resume {run_dir}: the checkpoint was written by the "
+            f"{progress.get('framework')} trainer; resume it with that trainer"
+        )
+    if progress.get("stream") != stream:
+        raise ValueError(
+            f"--resume {run_dir}: the run used --stream {progress.get('stream')}; "
+            f"resume it with --stream {progress.get('stream')} (or no --stream)"
+        )
+    saved = progress.get("config", {})
+    for key, value in cfg.to_dict().items():
+        if key not in MAY_DIFFER and saved.get(key) != value:
+            raise ValueError(
+                f"--resume {run_dir}: {key}={value!r} differs from the checkpoint's "
+                f"{saved.get(key)!r}; resume with the run's own config.json"
+            )
+    return path, progress
