@@ -38,7 +38,6 @@ reach `--target` on average has no winner: "target not reached", no ratio.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import io
 import math
 import os
@@ -1125,20 +1124,26 @@ def main(argv: Sequence[str] | None = None) -> None:
     command = " ".join(
         ["python -m jaxbench.bench", *map(shlex.quote, sys.argv[1:] if argv is None else argv)]
     )
-    trainers = _load_trainers(opts)  # a trainer refusing the config: before any file
     created = not opts.out.exists()
-    try:  # before the data loads: a bad --out costs nothing
-        report.prepare_output(opts.out, BENCH_FILES, overwrite=opts.overwrite)
-    except report.OutputError as e:
-        _fail(str(e))
     try:
-        data = _load_data(opts.cfgs)
-    except SystemExit:
-        if created:  # leave no empty folder behind a command that did nothing
-            with contextlib.suppress(OSError):
-                opts.out.rmdir()
-        raise
-    b = Bench(opts, trainers, data, command, budget, log=lambda m: print(m, flush=True))
+        trainers = _load_trainers(opts)  # a trainer refusing the config: before any file
+        try:  # before the data loads: a bad --out costs nothing
+            report.prepare_output(opts.out, BENCH_FILES, overwrite=opts.overwrite)
+        except report.OutputError as e:
+            _fail(str(e))
+        try:
+            data = _load_data(opts.cfgs)
+        except SystemExit:
+            if created:  # leave no empty folder behind a command that did nothing
+                report.remove_if_empty(opts.out)
+            raise
+        b = Bench(opts, trainers, data, command, budget, log=lambda m: print(m, flush=True))
+    except KeyboardInterrupt:
+        if created:
+            report.remove_if_empty(opts.out)
+        report.exit_interrupted(
+            f"interrupted before the race started; nothing written to {opts.out}"
+        )
     names = ", ".join(e.name for e in b.entries)
     plan = f"{opts.runs} rounds" if opts.runs is not None else "rounds while they fit"
     limit = f" within {opts.max_seconds:.0f} s" if opts.max_seconds is not None else ""
@@ -1174,6 +1179,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         signal.signal(signal.SIGTERM, previous)
         print(b.table(), flush=True)
         print(f"wrote {', '.join(str(opts.out / f) for f in b.doc['files'])}", flush=True)
+    if hard_exit == 130:
+        report.exit_interrupted(f"interrupted; partial results in {opts.out / 'bench.json'}")
     if hard_exit is not None:
         # A run cut off mid-way can leave compilation or device work in flight, whose
         # teardown at interpreter exit is not safe (XLA:CPU has crashed there). Every

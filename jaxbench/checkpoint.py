@@ -63,11 +63,15 @@ def save(
     tmp = folder / f"{_TMP_PREFIX}epoch_{epoch}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    write_state(tmp)
-    write_json(tmp / PROGRESS, {"epoch": epoch, **progress})
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
+    try:
+        write_state(tmp)
+        write_json(tmp / PROGRESS, {"epoch": epoch, **progress})
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    except BaseException:  # Ctrl-C or a full disk mid-write: no half checkpoint stays
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     for p in folder.iterdir():  # older checkpoints and temporaries of killed writes
         if p != final and (_NAME.fullmatch(p.name) or p.name.startswith(_TMP_PREFIX)):
             shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)

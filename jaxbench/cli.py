@@ -2,7 +2,7 @@
 
 `python -m jaxbench.train` and `python -m torch_ref.train` differ only in the
 function they call and a flag or two, so the error handling and the exit
-codes (0 done, 1 diverged, 2 bad input) live here once.
+codes (0 done, 1 diverged, 2 bad input, 130 Ctrl-C, 143 SIGTERM) live here once.
 """
 
 from __future__ import annotations
@@ -10,8 +10,9 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import os
+import signal
 import sys
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -25,7 +26,14 @@ from jaxbench.configs import (
     config_from_dict,
     resumed_config,
 )
-from jaxbench.report import RUN_FILES, prepare_output
+from jaxbench.report import (
+    RUN_FILES,
+    Terminated,
+    exit_interrupted,
+    prepare_output,
+    raise_terminated,
+    remove_if_empty,
+)
 
 
 def trainer_parser(prog: str, description: str) -> argparse.ArgumentParser:
@@ -81,27 +89,35 @@ def run_trainer(
 ) -> int:
     """Build the config, load the data, train, print the final line; errors exit 1 or 2,
     Ctrl-C exits 130 with one line (see `_interrupted`)."""
+    out = getattr(args, "out", None) or getattr(args, "resume", None)
+    created = out is not None and not Path(out).exists()
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, raise_terminated) if main_thread else None
     try:
         return _run_trainer(args, check_supported, train, compile_label, train_kwargs)
-    except KeyboardInterrupt:
-        _interrupted(getattr(args, "out", None) or getattr(args, "resume", None))
+    except KeyboardInterrupt as e:
+        _interrupted(out, created, terminated=isinstance(e, Terminated))
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
     return 130  # not reached
 
 
-def _interrupted(out: str | None) -> None:
-    """One line, then exit 130 at once: Ctrl-C during compilation or a step can leave XLA
-    or PyTorch work in flight whose teardown at interpreter exit is not safe (XLA:CPU has
-    segfaulted there). The trainers have already marked status.json "interrupted"."""
-    where = ""
-    if out:
-        try:
-            status = json.loads((Path(out) / "status.json").read_text())
-            where = f" after epoch {status['epochs_completed']}; partial results in {out}"
-        except (OSError, ValueError, KeyError):
-            where = f" before training started; nothing written to {out}"
-    print(f"interrupted{where}", file=sys.stderr, flush=True)
-    sys.stdout.flush()
-    os._exit(130)
+def _interrupted(out: str | None, created: bool, terminated: bool) -> None:
+    """One line, then exit 130 (Ctrl-C) or 143 (SIGTERM). The trainers have already
+    marked status.json "interrupted"; without one the run never started, and a folder
+    this command made is removed again."""
+    what, code = ("terminated", 143) if terminated else ("interrupted", 130)
+    if not out:
+        exit_interrupted(what, code)
+    try:
+        status = json.loads((Path(out) / "status.json").read_text())
+        where = f"after epoch {status['epochs_completed']}; partial results in {out}"
+    except (OSError, ValueError, KeyError):
+        if created:
+            remove_if_empty(out)
+        where = f"before training started; nothing written to {out}"
+    exit_interrupted(f"{what} {where}", code)
 
 
 def _run_trainer(

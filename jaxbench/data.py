@@ -21,7 +21,6 @@ Command line: `python -m jaxbench.data --data-dir DIR [--json]` (see `main`).
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import hashlib
 import http.client
@@ -44,7 +43,7 @@ from typing import Any
 
 import numpy as np
 
-from jaxbench.configs import Config
+from jaxbench.configs import Config, OneLineErrorParser
 from jaxbench.progress import progress_bar
 
 IMAGE_BYTES = 32 * 32 * 3
@@ -810,7 +809,7 @@ def _format(ds: Dataset, s: dict[str, Any]) -> str:
 
 def main(argv: Sequence[str] | None = None, out: Callable[[str], None] = print) -> int:
     """`python -m jaxbench.data`: verify a dataset and print its counts and statistics."""
-    p = argparse.ArgumentParser(
+    p = OneLineErrorParser(
         prog="python -m jaxbench.data",
         description="Verify CIFAR-10/100 and print counts, classes and per-channel statistics.",
     )
@@ -831,7 +830,8 @@ def main(argv: Sequence[str] | None = None, out: Callable[[str], None] = print) 
     p.add_argument(
         "--clear-cache",
         action="store_true",
-        help="delete the decoded arrays and archives in the cache, then exit",
+        help="delete the decoded arrays, the archives and any partial download in the cache, "
+        "then exit",
     )
     args = p.parse_args(argv)
     cache = Path(args.cache_dir).expanduser() if args.cache_dir else cache_dir()
@@ -850,6 +850,9 @@ def main(argv: Sequence[str] | None = None, out: Callable[[str], None] = print) 
     except DataError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # a download in flight has removed its temporary file
+        print("interrupted; nothing new kept in the cache", file=sys.stderr)
+        return 130
     out(json.dumps(s) if args.json else _format(ds, s))
     return 0
 

@@ -21,7 +21,7 @@ import tempfile
 import warnings
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import numpy as np
 
@@ -548,6 +548,34 @@ def prepare_output(
         else:
             (p / name).unlink()
     return p
+
+
+def remove_if_empty(path: str | os.PathLike[str]) -> None:
+    """Remove a folder a command made if it is still empty (nothing else is touched)."""
+    with contextlib.suppress(OSError):
+        Path(path).rmdir()
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a scheduler's time limit, `timeout`, a closing terminal) in a trainer: the
+    run stops as on Ctrl-C, marked `interrupted`, and the command exits 143."""
+
+
+def raise_terminated(signum: int, frame: Any) -> None:
+    """A SIGTERM handler: raise `Terminated` where the main thread runs."""
+    raise Terminated
+
+
+def exit_interrupted(message: str, code: int = 130) -> NoReturn:
+    """Ctrl-C's end for every command: `message` as one line on stderr, then exit `code`.
+
+    Leaves with `os._exit`, after flushing: Ctrl-C during compilation or a step can
+    leave XLA or PyTorch work in flight whose teardown at interpreter exit is not
+    safe (XLA:CPU has segfaulted there). Callers write their files first.
+    """
+    sys.stdout.flush()
+    print(message, file=sys.stderr, flush=True)
+    os._exit(code)
 
 
 def _check_writable(p: Path, flag: str) -> None:

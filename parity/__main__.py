@@ -1,15 +1,18 @@
 """`python -m parity`: run the parity suite, print the table, write the report; exit 0 iff all pass.
 
 Exit codes: 0 every check passed; 1 a check failed (for `--plant`, that is the
-expected outcome, and the verdict line names the check that caught it); 2 bad input.
+expected outcome, and the verdict line names the check that caught it); 2 bad input;
+130 interrupted (Ctrl-C: one line, nothing written).
 """
 
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 import tempfile
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from jaxbench.configs import PRESETS, OneLineErrorParser, get_config
@@ -102,22 +105,30 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     args = build_parser().parse_args(argv)
-    if args.plant is not None:
-        from parity.plants import get_plant, running_planted
+    created = not Path(args.out).exists()
+    try:
+        if args.plant is not None:
+            from parity.plants import get_plant, running_planted
 
-        try:
-            plant = get_plant(args.plant)
-        except ValueError as e:
-            print(f"error: {e}", file=sys.stderr)
-            return 2
-        if plant.edit is not None and running_planted() != plant.name:
-            return _run_source_plant(plant, args, argv)
-    with tempfile.TemporaryDirectory(prefix="parity-xla-") as folder:
-        import jax
+            try:
+                plant = get_plant(args.plant)
+            except ValueError as e:
+                print(f"error: {e}", file=sys.stderr)
+                return 2
+            if plant.edit is not None and running_planted() != plant.name:
+                return _run_source_plant(plant, args, argv)
+        with tempfile.TemporaryDirectory(prefix="parity-xla-") as folder:
+            import jax
 
-        if jax.config.jax_compilation_cache_dir is None:
-            _compile_cache(folder)
-        return _run(args)
+            if jax.config.jax_compilation_cache_dir is None:
+                _compile_cache(folder)
+            return _run(args)
+    except KeyboardInterrupt:  # the temporary folders are gone by now
+        from jaxbench.report import exit_interrupted, remove_if_empty
+
+        if created:
+            remove_if_empty(args.out)
+        exit_interrupted(f"interrupted; nothing written to {args.out} (results come at the end)")
 
 
 def _run_source_plant(plant: Any, args: argparse.Namespace, argv: Sequence[str]) -> int:
@@ -145,9 +156,16 @@ def _run_source_plant(plant: Any, args: argparse.Namespace, argv: Sequence[str])
     try:
         with planted_tree(plant) as tree:
             env = {**os.environ, PLANTED_ENV: plant.name, "PYTHONPATH": str(tree)}
-            return subprocess.run(
-                [sys.executable, "-m", "parity", *child], cwd=tree, env=env, check=False
-            ).returncode
+            # The child has its own process group, so Ctrl-C reaches it once, from here
+            # (from a terminal or a `kill -INT` of this process alike); it reports it.
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "parity", *child], cwd=tree, env=env, process_group=0
+            )
+            previous = signal.signal(signal.SIGINT, lambda *_: proc.send_signal(signal.SIGINT))
+            try:
+                return proc.wait()
+            finally:
+                signal.signal(signal.SIGINT, previous)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -1,0 +1,278 @@
+"""Faults replayed for real: Ctrl-C at each phase of each command, in a child process.
+
+Every command promises the same on Ctrl-C: exit 130, one line on stderr that
+starts with "interrupted", no traceback, a status that tells the truth, no
+temporary or half-written file, and no empty folder left behind by a command
+that wrote nothing. (SIGKILL mid-run and resume: tests/test_checkpoint.py.)
+
+The moment of the signal is chosen by the child's launcher, not by the project:
+it wraps one function (the data loader, the XLA compiler, the epoch recorder,
+the bench warm-up, the parity suite) so that a real SIGINT is sent to the child
+while that function runs. A signal that lands inside C code (an XLA
+compilation) is raised when control returns to Python, as a terminal's Ctrl-C is.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+# Ctrl-C as in a terminal: a job started in the background (as CI may start the tests)
+# inherits SIGINT ignored, and Python then never raises KeyboardInterrupt.
+_LAUNCHER = r"""
+import importlib, os, signal, sys, threading
+signal.signal(signal.SIGINT, signal.default_int_handler)
+module, target, delay, *argv = sys.argv[1:]
+if target:
+    where, _, attr = target.partition(":")
+    owner = importlib.import_module(where)
+    *path, name = attr.split(".")
+    for part in path:
+        owner = getattr(owner, part)
+    original = getattr(owner, name)
+    fired = []
+
+    def wrapper(*args, **kwargs):
+        if not fired:
+            fired.append(True)
+            sig = getattr(signal, os.environ.get("FAULT_SIGNAL", "SIGINT"))
+            threading.Timer(float(delay), os.kill, (os.getpid(), sig)).start()
+        return original(*args, **kwargs)
+
+    setattr(owner, name, wrapper)
+sys.exit(importlib.import_module(module).main(argv))
+"""
+
+TINY = ["--config", "tiny", "--subset", "1000", "--test-subset", "200", "--widths", "8,8,8,8",
+        "--batch-size", "100", "--lr-peak-epoch", "1"]  # fmt: skip
+
+
+def _run(module: str, target: str, delay: float, argv: list[str], env: dict[str, str]) -> tuple:
+    """(exit code, stdout, stderr) of `module.main(argv)` with SIGINT `delay` s into `target`."""
+    res = subprocess.run(
+        [sys.executable, "-c", _LAUNCHER, module, target, str(delay), *argv],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+    return res.returncode, res.stdout, res.stderr
+
+
+@pytest.fixture
+def env(tmp_path: Path) -> dict[str, str]:
+    """The child's environment, with its own temporary folder (checked empty afterwards)."""
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    return {**os.environ, "TMPDIR": str(tmp)}
+
+
+def _assert_interrupted(code: int, out: str, err: str, starts: str) -> None:
+    assert code == 130, (code, err[-3000:])
+    assert "Traceback" not in err + out, err[-3000:]
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(starts), err[-3000:]
+
+
+def _leftovers(folder: Path) -> list[str]:
+    """Temporary or half-written files anywhere under `folder`."""
+    if not folder.exists():
+        return []
+    return sorted(
+        str(p.relative_to(folder))
+        for p in folder.rglob("*")
+        if p.name.startswith(".") or p.suffix in (".tmp", ".part")
+    )
+
+
+def _assert_true_status(run: Path) -> None:
+    """status.json says interrupted, and its epoch count is the metrics file's row count."""
+    status = json.loads((run / "status.json").read_text())
+    rows = (run / "metrics.jsonl").read_text().splitlines() if status["epochs_completed"] else []
+    assert status["status"] == "interrupted", status
+    assert status["epochs_completed"] == len(rows), (status, rows)
+    assert all(json.loads(r)["epoch"] == i + 1 for i, r in enumerate(rows))
+    assert not (run / "summary.json").exists()
+
+
+TRAINER_PHASES = [
+    # (trainer module, where the signal lands, delay s, epochs, what the one line says)
+    ("jaxbench.train", "jaxbench.data:load_dataset", 0.0, 3, "before"),
+    ("jaxbench.train", "jax.stages:Lowered.compile", 0.1, 3, "before"),
+    ("jaxbench.train", "jaxbench.report:RunRecorder.epoch", 0.3, 40, "after"),
+    ("torch_ref.train", "jaxbench.data:load_dataset", 0.0, 3, "before"),
+    ("torch_ref.train", "torch_ref.train:setup", 0.1, 3, "before"),
+    ("torch_ref.train", "jaxbench.report:RunRecorder.epoch", 0.3, 40, "after"),
+]
+
+
+@pytest.mark.slow
+@pytest.mark.realdata
+@pytest.mark.parametrize(
+    "module,target,delay,epochs,when",
+    TRAINER_PHASES,
+    ids=[f"{m.split('.')[0]}-{t.rpartition(':')[2]}" for m, t, *_ in TRAINER_PHASES],
+)
+def test_ctrl_c_in_a_trainer(
+    real_data_dir: Path,
+    tmp_path: Path,
+    env: dict[str, str],
+    module: str,
+    target: str,
+    delay: float,
+    epochs: int,
+    when: str,
+) -> None:
+    run = tmp_path / "run"
+    argv = [*TINY, "--epochs", str(epochs), "--data-dir", str(real_data_dir), "--out", str(run),
+            "--no-progress", "--checkpoint-every", "1"]  # fmt: skip
+    code, out, err = _run(module, target, delay, argv, env)
+    if when == "before":
+        _assert_interrupted(code, out, err, "interrupted before training started; nothing written")
+        assert not run.exists(), sorted(p.name for p in run.iterdir())
+    else:
+        _assert_interrupted(code, out, err, "interrupted after epoch ")
+        _assert_true_status(run)
+        assert 1 <= json.loads((run / "status.json").read_text())["epochs_completed"] < epochs
+    assert _leftovers(run) == [] and _leftovers(Path(env["TMPDIR"])) == []
+
+
+@pytest.mark.slow
+@pytest.mark.realdata
+@pytest.mark.parametrize("module", ["jaxbench.train", "torch_ref.train"])
+def test_sigterm_in_a_trainer(
+    real_data_dir: Path, tmp_path: Path, env: dict[str, str], module: str
+) -> None:
+    """A scheduler's time limit or `timeout`: the run stops as on Ctrl-C, exit 143."""
+    run = tmp_path / "run"
+    argv = [*TINY, "--epochs", "40", "--data-dir", str(real_data_dir), "--out", str(run),
+            "--no-progress"]  # fmt: skip
+    target = "jaxbench.report:RunRecorder.epoch"
+    code, out, err = _run(module, target, 0.3, argv, {**env, "FAULT_SIGNAL": "SIGTERM"})
+    assert code == 143, err[-3000:]
+    assert "Traceback" not in err + out, err[-3000:]
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("terminated after epoch "), err[-3000:]
+    _assert_true_status(run)
+
+
+@pytest.mark.slow
+@pytest.mark.realdata
+@pytest.mark.parametrize("target", ["jaxbench.bench:_load_data", "jaxbench.bench:Bench.warmups"])
+def test_ctrl_c_in_the_bench(
+    real_data_dir: Path, tmp_path: Path, env: dict[str, str], target: str
+) -> None:
+    out = tmp_path / "bench"
+    argv = [*TINY, "--epochs", "20", "--frameworks", "jax", "--runs", "2", "--target", "0.1",
+            "--data-dir", str(real_data_dir), "--out", str(out)]  # fmt: skip
+    code, stdout, err = _run("jaxbench.bench", target, 0.0 if "load" in target else 0.5, argv, env)
+    if "load" in target:
+        _assert_interrupted(
+            code, stdout, err, f"interrupted before the race started; nothing written to {out}"
+        )
+        assert not out.exists()
+    else:
+        _assert_interrupted(code, stdout, err, f"interrupted; partial results in {out}")
+        doc = json.loads((out / "bench.json").read_text())
+        assert doc["complete"] is False and doc["stop_reason"] == "interrupted (Ctrl-C)"
+    assert _leftovers(out) == [] and _leftovers(Path(env["TMPDIR"])) == []
+
+
+@pytest.mark.slow
+@pytest.mark.realdata
+def test_ctrl_c_in_the_parity_suite(
+    real_data_dir: Path, tmp_path: Path, env: dict[str, str]
+) -> None:
+    out = tmp_path / "parity"
+    argv = ["--quick", "--checks", "1,2,3,4,5,6", "--quiet", "--data-dir", str(real_data_dir),
+            "--out", str(out)]  # fmt: skip
+    code, stdout, err = _run("parity.__main__", "parity.suite:run_suite", 0.5, argv, env)
+    _assert_interrupted(code, stdout, err, f"interrupted; nothing written to {out}")
+    assert not out.exists()
+    assert list(Path(env["TMPDIR"]).iterdir()) == []  # the XLA cache folder is gone too
+
+
+def test_ctrl_c_during_a_download(tmp_path: Path, env: dict[str, str]) -> None:
+    """The archive arrives through a pipe that stalls after a few bytes; Ctrl-C then."""
+    mirror, cache = tmp_path / "mirror", tmp_path / "cache"
+    mirror.mkdir()
+    pipe = mirror / "cifar-10-binary.tar.gz"
+    os.mkfifo(pipe)
+    stop = threading.Event()
+
+    def serve() -> None:
+        with open(pipe, "wb") as f:  # blocks until the child opens its end
+            f.write(b"\x1f\x8b" + bytes(1000))
+            f.flush()
+            stop.wait(120)
+
+    server = threading.Thread(target=serve, daemon=True)
+    server.start()
+    child_env = {k: v for k, v in env.items() if k != "JAXBENCH_DATA_DIR"}
+    child_env.update(JAXBENCH_CACHE_DIR=str(cache), JAXBENCH_CIFAR_URL=mirror.as_uri() + "/")
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _LAUNCHER, "jaxbench.data", "", "0"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=child_env,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and not list(cache.glob(".cifar-*.tmp")):
+            time.sleep(0.05)
+        assert list(cache.glob(".cifar-*.tmp")), "the download never started"
+        time.sleep(0.5)  # the child is now waiting for more bytes
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        stop.set()
+        proc.kill()
+    _assert_interrupted(proc.returncode, out, err, "interrupted; nothing new kept in the cache")
+    assert list(cache.iterdir()) == []
+
+
+@pytest.mark.slow
+@pytest.mark.realdata
+def test_ctrl_c_reaches_a_planted_parity_child_once(
+    real_data_dir: Path, tmp_path: Path, env: dict[str, str]
+) -> None:
+    """A source plant runs the suite in a child process. Ctrl-C in a terminal signals the
+    whole foreground process group: the child must hear it once (from the parent) and
+    report it once; the parent exits with its code and adds nothing."""
+    out = tmp_path / "parity"
+    argv = ["--plant", "whiten_eps_airbench", "--quick", "--data-dir", str(real_data_dir),
+            "--out", str(out)]  # fmt: skip
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _LAUNCHER, "parity.__main__", "", "0", *argv],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+        process_group=0,  # a terminal's foreground group: the parent leads it
+    )
+    lines: list[str] = []
+    try:
+        assert proc.stderr is not None
+        for line in proc.stderr:  # the child's progress lines come through the same pipe
+            lines.append(line)
+            if line.startswith("check 2"):
+                os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C does
+                break
+        lines += proc.stderr.readlines()
+        proc.wait(timeout=60)
+    finally:
+        proc.kill()
+    err = "".join(lines)
+    assert proc.returncode == 130, err[-3000:]
+    assert "Traceback" not in err and err.count("interrupted") == 1, err[-3000:]
+    assert lines[-1].startswith(f"interrupted; nothing written to {out}"), err[-3000:]
+    assert not out.exists() and list(Path(env["TMPDIR"]).iterdir()) == []
