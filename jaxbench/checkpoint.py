@@ -12,6 +12,7 @@ latest checkpoint is kept: older ones are removed after the new one is in place.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -119,3 +120,45 @@ def load_progress(
                 f"{saved.get(key)!r}; resume with the run's own config.json"
             )
     return path, progress
+
+
+@dataclasses.dataclass
+class Ledger:
+    """What a run accumulates besides its weights, kept one way by both trainers: the
+    epochs done, every step's loss, the timed seconds (steps and the final evaluation),
+    the graph compiles inside them (PyTorch) and the weight sets the final evaluation
+    scored. A checkpoint's progress.json is this plus the rows; a resume starts from it."""
+
+    epoch: int = 0
+    step_losses: list[float] = dataclasses.field(default_factory=list)
+    timed_seconds: float = 0.0
+    compiles: int = 0
+    weight_sets: int = 0
+
+    @classmethod
+    def from_progress(cls, progress: dict[str, Any] | None) -> Ledger:
+        """A fresh ledger (None), or the one a checkpoint's progress.json saved."""
+        if not progress:
+            return cls()
+        return cls(
+            epoch=int(progress["epoch"]),
+            step_losses=[float(v) for v in progress["step_losses"]],
+            timed_seconds=float(progress["timed_seconds"]),
+            compiles=int(progress.get("compiles", 0)),
+            weight_sets=int(progress.get("final_eval_weight_sets", 0)),
+        )
+
+    def progress(
+        self, framework: str, stream: str, cfg: Config, rows: list[dict[str, Any]]
+    ) -> dict[str, Any]:
+        """progress.json's fields (`save` adds the epoch)."""
+        return {
+            "framework": framework,
+            "stream": stream,
+            "config": cfg.to_dict(),
+            "rows": rows,
+            "step_losses": self.step_losses,
+            "timed_seconds": self.timed_seconds,
+            "compiles": self.compiles,
+            "final_eval_weight_sets": self.weight_sets,
+        }

@@ -550,6 +550,10 @@ def prepare_output(
     return p
 
 
+# The keys of summary.json's "final": the last epoch's row, the same in both trainers.
+FINAL_KEYS: tuple[str, ...] = ("val_acc", "ema_val_acc", "val_loss", "train_loss", "train_acc")
+
+
 def remove_if_empty(path: str | os.PathLike[str]) -> None:
     """Remove a folder a command made if it is still empty (nothing else is touched)."""
     with contextlib.suppress(OSError):

@@ -15,12 +15,13 @@ with a `CompileCache` (the benchmark's) runs of other seeds reuse them.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import math
 import os
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +35,7 @@ from jaxbench import augment, checkpoint, cli, configs, layers, models, optim
 from jaxbench.configs import Config
 from jaxbench.profiling import JaxProfile, format_top_ops
 from jaxbench.progress import progress_bar
-from jaxbench.report import RunRecorder, environment
+from jaxbench.report import FINAL_KEYS, RunRecorder, environment
 from jaxbench.stream import epoch_plan, steps_per_epoch
 
 PyTree = Any
@@ -616,103 +617,25 @@ def train_and_evaluate(
         workdir = resume if resume is not None else cfg.out
     if cfg.checkpoint_every and workdir is None:
         raise ValueError("--checkpoint-every needs a run folder: pass --out DIR")
-    saved: dict[str, Any] = {"epoch": 0, "rows": [], "step_losses": [], "timed_seconds": 0.0}
+    ckpt, saved = None, None
     if resume is not None:
         ckpt, saved = checkpoint.load_progress(resume, cfg, "jax", stream)
     r = setup(cfg, data, init_variables=init_variables, stream=stream, compile_cache=compile_cache)
-    recorder = RunRecorder(cfg.to_dict(), workdir, quiet, rows=saved["rows"])
+    recorder = RunRecorder(cfg.to_dict(), workdir, quiet, rows=(saved or {}).get("rows", []))
     with recorder.watch():  # Ctrl-C: status.json says "interrupted"
-        state = r.state
         profiler = JaxProfile(profile_dir) if profile_dir is not None else None
-        timed = float(saved["timed_seconds"])
-        weight_sets = int(saved.get("final_eval_weight_sets", 0))
-        if resume is not None:  # the whitening kernel is part of the restored params
-            state = _restore_state(ckpt, state)
-        elif r.programs.moments is not None:  # data-dependent init: on the clock, as airbench
-            if profiler:
-                profiler.start()
-            t0 = time.perf_counter()
-            state = _set_whitening(state, r.programs.moments, r.images, cfg)
-            jax.block_until_ready(state)
-            timed += time.perf_counter() - t0
-            if profiler:
-                profiler.pause()
-        step_losses: list[float] = [float(v) for v in saved["step_losses"]]
-        rows: list[dict[str, Any]] = list(recorder.rows)
-        for epoch in range(int(saved["epoch"]), cfg.epochs):
-            if profiler:
-                profiler.start()
-            t0 = time.perf_counter()
-            state, host = train_epoch(r, state, epoch, progress=progress and not quiet, hooks=hooks)
-            timed += time.perf_counter() - t0
-            if profiler:
-                profiler.pause()
-            losses = np.asarray(host["loss"], np.float64)
-            step_losses.extend(float(v) for v in losses)
-            row: dict[str, Any] = {
-                "epoch": epoch + 1,
-                "train_loss": float(losses.mean()),
-                "train_acc": float(np.sum(host["correct"])) / (r.steps * cfg.batch_size),
-            }
-            if not np.isfinite(row["train_loss"]):
-                recorder.epoch(row)  # raises FloatingPointError naming the epoch
-            last = epoch == cfg.epochs - 1
-            if last or (epoch + 1) % cfg.eval_every == 0:
-                eval_state = state if hooks is None else hooks.before_eval(epoch, state)
-                # lookahead ends with net = EMA: the final evaluation scores that one net once
-                same = last and cfg.lookahead and hooks is None
-                weight_sets = 1 if same or cfg.ema_every <= 0 else 2
-                if last and profiler:
-                    profiler.start()
-                t0 = time.perf_counter()
-                row.update(r.evaluate(eval_state, same_weights=same))
-                if last:  # the final evaluation is part of the timed run; monitoring evals are not
-                    timed += time.perf_counter() - t0
-                    if profiler:
-                        profiler.pause()
-            else:
-                row.update(val_loss=None, val_acc=None, ema_val_acc=None)
-            row["total_time_seconds"] = timed
-            rows.append(row)
-            recorder.epoch(row)
+        ledger = checkpoint.Ledger.from_progress(saved)
+        state = _start(r, ledger, ckpt, profiler)
+        for epoch in range(ledger.epoch, cfg.epochs):
+            state, row = _epoch(
+                r, state, epoch, ledger, profiler, hooks=hooks, progress=progress and not quiet
+            )
+            recorder.epoch(row)  # raises FloatingPointError, naming the epoch, on a NaN loss
             if checkpoint.should_save(cfg, epoch):  # off the clock
                 assert workdir is not None
-                progress_now = {
-                    "framework": "jax",
-                    "stream": stream,
-                    "config": cfg.to_dict(),
-                    "rows": recorder.rows,
-                    "step_losses": step_losses,
-                    "timed_seconds": timed,
-                    "final_eval_weight_sets": weight_sets,
-                }
+                progress_now = ledger.progress("jax", stream, cfg, recorder.rows)
                 checkpoint.save(workdir, epoch + 1, progress_now, _state_writer(state))
-
-        final = {
-            k: rows[-1][k]
-            for k in ("val_acc", "ema_val_acc", "val_loss", "train_loss", "train_acc")
-        }
-        train_images_seen = cfg.epochs * r.steps * cfg.batch_size
-        summary: dict[str, Any] = {
-            "final": final,
-            "epochs": rows,
-            "step_losses": step_losses,
-            "total_time_seconds": timed,
-            "compile_seconds": r.compile_seconds,
-            "compiled": r.compiled,
-            "final_eval_weight_sets": weight_sets,
-            "images_per_second": train_images_seen / timed if timed > 0 else None,
-            "environment": environment(("jax",)),
-            "seed": cfg.seed,
-            "config": cfg.to_dict(),
-            "loop": r.loop,
-            "stream": stream,
-            "compute_dtype": jnp.dtype(models.compute_dtype(cfg)).name,
-            "n_train": r.n_train,
-            "n_test": r.n_test,
-            "steps_per_epoch": r.steps,
-            "framework": "jax",
-        }
+        summary = _summary(r, recorder.rows, ledger, stream)
         if profiler:
             summary["profile"] = profiler.finish()
             if not quiet:
@@ -725,6 +648,104 @@ def train_and_evaluate(
         summary["variables"] = jax.device_get(state.variables())
         summary["ema_variables"] = jax.device_get(state.ema)
     return summary
+
+
+@contextlib.contextmanager
+def _clock(ledger: checkpoint.Ledger, profiler: JaxProfile | None) -> Iterator[None]:
+    """A timed region (the caller makes its results ready inside): wall seconds into
+    `ledger.timed_seconds`, and the profiler's trace when one records."""
+    if profiler:
+        profiler.start()
+    t0 = time.perf_counter()
+    yield
+    ledger.timed_seconds += time.perf_counter() - t0
+    if profiler:
+        profiler.pause()
+
+
+def _start(
+    r: Run, ledger: checkpoint.Ledger, ckpt: Path | None, profiler: JaxProfile | None
+) -> TrainState:
+    """The state the first epoch starts from: a checkpoint's (`ckpt`), or the set-up
+    state with its data-dependent whitening kernel (on the clock, as airbench times it)."""
+    if ckpt is not None:  # the whitening kernel is part of the restored params
+        return _restore_state(ckpt, r.state)
+    state = r.state
+    if r.programs.moments is not None:
+        with _clock(ledger, profiler):
+            state = _set_whitening(state, r.programs.moments, r.images, r.cfg)
+            jax.block_until_ready(state)
+    return state
+
+
+def _epoch(
+    r: Run,
+    state: TrainState,
+    epoch: int,
+    ledger: checkpoint.Ledger,
+    profiler: JaxProfile | None,
+    *,
+    hooks: Hooks | None,
+    progress: bool,
+) -> tuple[TrainState, dict[str, Any]]:
+    """Train epoch `epoch` on the clock, evaluate when due, and return the metrics row.
+
+    Monitoring evaluations are off the clock; the final one is part of the timed run.
+    A non-finite training loss returns the row at once, unevaluated.
+    """
+    cfg = r.cfg
+    with _clock(ledger, profiler):
+        state, host = train_epoch(r, state, epoch, progress=progress, hooks=hooks)
+    losses = np.asarray(host["loss"], np.float64)
+    ledger.step_losses.extend(float(v) for v in losses)
+    ledger.epoch = epoch + 1
+    row: dict[str, Any] = {
+        "epoch": epoch + 1,
+        "train_loss": float(losses.mean()),
+        "train_acc": float(np.sum(host["correct"])) / (r.steps * cfg.batch_size),
+    }
+    if not np.isfinite(row["train_loss"]):
+        return state, row
+    last = epoch == cfg.epochs - 1
+    if last or (epoch + 1) % cfg.eval_every == 0:
+        eval_state = state if hooks is None else hooks.before_eval(epoch, state)
+        # lookahead ends with net = EMA: the final evaluation scores that one net once
+        same = last and cfg.lookahead and hooks is None
+        ledger.weight_sets = 1 if same or cfg.ema_every <= 0 else 2
+        with _clock(ledger, profiler) if last else contextlib.nullcontext():
+            row.update(r.evaluate(eval_state, same_weights=same))
+    else:
+        row.update(val_loss=None, val_acc=None, ema_val_acc=None)
+    row["total_time_seconds"] = ledger.timed_seconds
+    return state, row
+
+
+def _summary(
+    r: Run, rows: list[dict[str, Any]], ledger: checkpoint.Ledger, stream: str
+) -> dict[str, Any]:
+    """summary.json (docs/design.md, "Trainer API") of a finished run."""
+    cfg = r.cfg
+    timed = ledger.timed_seconds
+    return {
+        "final": {k: rows[-1][k] for k in FINAL_KEYS},
+        "epochs": rows,
+        "step_losses": ledger.step_losses,
+        "total_time_seconds": timed,
+        "compile_seconds": r.compile_seconds,
+        "compiled": r.compiled,
+        "final_eval_weight_sets": ledger.weight_sets,
+        "images_per_second": cfg.epochs * r.steps * cfg.batch_size / timed if timed > 0 else None,
+        "environment": environment(("jax",)),
+        "seed": cfg.seed,
+        "config": cfg.to_dict(),
+        "loop": r.loop,
+        "stream": stream,
+        "compute_dtype": jnp.dtype(models.compute_dtype(cfg)).name,
+        "n_train": r.n_train,
+        "n_test": r.n_test,
+        "steps_per_epoch": r.steps,
+        "framework": "jax",
+    }
 
 
 def _state_writer(state: TrainState) -> Callable[[Path], None]:

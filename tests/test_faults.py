@@ -3,12 +3,16 @@
 Every command promises the same on Ctrl-C: exit 130, one line on stderr that
 starts with "interrupted", no traceback, a status that tells the truth, no
 temporary or half-written file, and no empty folder left behind by a command
-that wrote nothing. (SIGKILL mid-run and resume: tests/test_checkpoint.py.)
+that wrote nothing. (Resume after SIGKILL equals an uninterrupted run: tests/test_checkpoint.py.)
 
-The moment of the signal is chosen by the child's launcher, not by the project:
+Bad input, too, is replayed as a user types it: each command refuses it
+before any work, in one line with exit status 2, and touches nothing.
+
+The moment of a signal is chosen by the child's launcher, not by the project:
 it wraps one function (the data loader, the XLA compiler, the epoch recorder,
-the bench warm-up, the parity suite) so that a real SIGINT is sent to the child
-while that function runs. A signal that lands inside C code (an XLA
+the checkpoint writer, the bench warm-up, the parity suite) so that a real
+signal (SIGINT, or `FAULT_SIGNAL`) is sent to the child while its
+`FAULT_CALL`-th call runs. A signal that lands inside C code (an XLA
 compilation) is raised when control returns to Python, as a terminal's Ctrl-C is.
 """
 
@@ -38,11 +42,11 @@ if target:
     for part in path:
         owner = getattr(owner, part)
     original = getattr(owner, name)
-    fired = []
+    calls = []
 
     def wrapper(*args, **kwargs):
-        if not fired:
-            fired.append(True)
+        calls.append(True)
+        if len(calls) == int(os.environ.get("FAULT_CALL", "1")):
             sig = getattr(signal, os.environ.get("FAULT_SIGNAL", "SIGINT"))
             threading.Timer(float(delay), os.kill, (os.getpid(), sig)).start()
         return original(*args, **kwargs)
@@ -276,3 +280,88 @@ def test_ctrl_c_reaches_a_planted_parity_child_once(
     assert "Traceback" not in err and err.count("interrupted") == 1, err[-3000:]
     assert lines[-1].startswith(f"interrupted; nothing written to {out}"), err[-3000:]
     assert not out.exists() and list(Path(env["TMPDIR"]).iterdir()) == []
+
+
+@pytest.mark.slow
+@pytest.mark.realdata
+def test_sigkill_while_a_checkpoint_is_written_then_resume(
+    real_data_dir: Path, tmp_path: Path, env: dict[str, str]
+) -> None:
+    """No Python code runs after SIGKILL: the status stays `running` (the one thing
+    it cannot update), the half-written checkpoint is never read, and --resume
+    continues from the last complete one and finishes with a true folder."""
+    run = tmp_path / "run"
+    argv = [*TINY, "--epochs", "3", "--data-dir", str(real_data_dir), "--out", str(run),
+            "--no-progress", "--checkpoint-every", "1"]  # fmt: skip
+    target = "jaxbench.checkpoint:save"  # the second save: epoch 2, epoch 1's is complete
+    kill = {**env, "FAULT_SIGNAL": "SIGKILL", "FAULT_CALL": "2"}
+    code, _, _ = _run("jaxbench.train", target, 0.0, argv, kill)
+    assert code == -signal.SIGKILL
+    status = json.loads((run / "status.json").read_text())
+    assert status["status"] == "running" and status["epochs_completed"] == 2
+    res = subprocess.run(
+        [sys.executable, "-m", "jaxbench.train", "--resume", str(run), "--no-progress"],
+        capture_output=True, text=True, env=env, timeout=300,
+    )  # fmt: skip
+    assert res.returncode == 0, res.stderr[-3000:]
+    status = json.loads((run / "status.json").read_text())
+    rows = [json.loads(r) for r in (run / "metrics.jsonl").read_text().splitlines()]
+    assert status["status"] == "done" and [r["epoch"] for r in rows] == [1, 2, 3]
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["epoch_3"]
+    assert _leftovers(run) == []
+
+
+# --- bad input: one line, exit 2, nothing touched ----------------------------------------------
+
+_CLIS = {
+    "jax": ["jaxbench.train", *TINY],
+    "torch": ["torch_ref.train", *TINY],
+    "bench": ["jaxbench.bench", *TINY, "--frameworks", "jax", "--runs", "1"],
+    "parity": ["parity.__main__", "--quick"],
+}
+_BAD = [
+    # (name, extra flags ({out}: the --out path), which CLIs, what the line must contain)
+    ("out is a file", ["--out", "{file}"], "jax torch bench parity", "is a file"),
+    ("out holds results", ["--out", "{full}"], "jax torch bench parity", "already holds results"),
+    ("out unwritable", ["--out", "/proc/jaxbench-faults/out"], "jax torch bench parity",
+     "not writable"),
+    ("lr nan", ["--lr", "nan"], "jax torch bench", "--lr"),
+    ("lr inf", ["--lr", "inf"], "jax torch bench", "--lr"),
+    ("lr negative", ["--lr", "-1"], "jax torch bench", "--lr"),
+    ("momentum 1", ["--momentum", "1.0"], "jax torch bench", "--momentum"),
+    ("unknown flag", ["--no-such-flag"], "jax torch bench parity", "--no-such-flag"),
+]  # fmt: skip
+_BAD_CASES = [(name, cli, flags, text) for name, flags, clis, text in _BAD for cli in clis.split()]
+
+
+@pytest.mark.parametrize(
+    "name,cli,flags,text", _BAD_CASES, ids=[f"{c}-{n.replace(' ', '_')}" for n, c, *_ in _BAD_CASES]
+)
+def test_bad_input_is_one_line_exit_2_and_touches_nothing(
+    tmp_path: Path, env: dict[str, str], name: str, cli: str, flags: list[str], text: str
+) -> None:
+    file = tmp_path / "a_file"
+    file.write_text("mine")
+    full = tmp_path / "full"
+    full.mkdir()
+    for produced in ("summary.json", "bench.json", "parity.json"):
+        (full / produced).write_text("{}")
+
+    def snapshot() -> list[tuple[str, int]]:  # the child's own TMPDIR aside
+        return sorted(
+            (str(p.relative_to(tmp_path)), p.stat().st_mtime_ns)
+            for p in tmp_path.rglob("*")
+            if p.relative_to(tmp_path).parts[0] != "tmp"
+        )
+
+    before = snapshot()
+    assert len(before) == 5
+    module, *base = _CLIS[cli]
+    argv = [*base, *(f.format(file=file, full=full) for f in flags)]
+    if "--out" not in argv:
+        argv += ["--out", str(tmp_path / "new")]
+    code, out, err = _run(module, "", 0.0, argv, env)
+    lines = err.strip().splitlines()
+    assert code == 2, (code, err[-3000:])
+    assert "Traceback" not in err + out and len(lines) == 1 and text in lines[0], err[-3000:]
+    assert snapshot() == before

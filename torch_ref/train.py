@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from jaxbench import checkpoint, cli, configs, report, schedule
+from jaxbench.checkpoint import Ledger
 from jaxbench.configs import Config, optimizer_scales
 from jaxbench.profiling import format_top_ops
 from jaxbench.progress import progress_bar
@@ -52,7 +53,6 @@ from torch_ref.profiling import TorchProfile
 from torch_ref.torch_setup import TorchSetup
 
 STREAMS: tuple[str, ...] = ("fast", "shared")
-FINAL_KEYS: tuple[str, ...] = ("val_acc", "ema_val_acc", "val_loss", "train_loss", "train_acc")
 _STREAM_SEED_TAG = 0x5EED  # keeps the fast stream's generator apart from the init seed
 
 
@@ -762,8 +762,8 @@ def _score(r: Run, same_weights: bool | None) -> tuple[dict[str, float | None], 
 
 
 @contextlib.contextmanager
-def _clock(r: Run, acc: dict[str, float], profiler: TorchProfile | None) -> Iterator[None]:
-    """A timed region: synchronised wall seconds and dynamo graph compiles into `acc`."""
+def _clock(r: Run, ledger: Ledger, profiler: TorchProfile | None) -> Iterator[None]:
+    """A timed region: synchronised wall seconds and dynamo graph compiles into `ledger`."""
     _sync(r.device)
     if profiler is not None:
         profiler.start()
@@ -771,8 +771,8 @@ def _clock(r: Run, acc: dict[str, float], profiler: TorchProfile | None) -> Iter
     t0 = time.perf_counter()
     yield
     _sync(r.device)
-    acc["seconds"] += time.perf_counter() - t0
-    acc["compiles"] += max(0, tsetup.dynamo_graphs() - graphs)
+    ledger.timed_seconds += time.perf_counter() - t0
+    ledger.compiles += max(0, tsetup.dynamo_graphs() - graphs)
     if profiler is not None:
         profiler.pause()
 
@@ -817,8 +817,7 @@ def train_and_evaluate(
         workdir = resume if resume is not None else cfg.out
     if cfg.checkpoint_every and workdir is None:
         raise ValueError("--checkpoint-every needs a run folder: pass --out DIR")
-    saved: dict[str, Any] = {"epoch": 0, "rows": []}
-    ckpt = None
+    ckpt, saved = None, None
     if resume is not None:
         ckpt, saved = checkpoint.load_progress(resume, cfg, "torch", stream)
     r = setup(
@@ -830,52 +829,27 @@ def train_and_evaluate(
         device=device,
         torch_setup=torch_setup,
     )
-    recorder = report.RunRecorder(cfg.to_dict(), workdir, quiet, rows=saved["rows"])
+    recorder = report.RunRecorder(cfg.to_dict(), workdir, quiet, rows=(saved or {}).get("rows", []))
     with recorder.watch():  # Ctrl-C: status.json says "interrupted"
         profiler = TorchProfile(profile_dir, r.device) if profile_dir is not None else None
         try:
-            step_losses, timed, weight_sets = _train_loop(
-                r,
-                recorder,
-                profiler,
-                hooks=hooks,
-                progress=progress and not quiet,
-                workdir=workdir,
-                resume_from=(ckpt, saved) if ckpt is not None else None,
-            )
+            ledger = Ledger.from_progress(saved)
+            _start(r, ledger, ckpt, profiler)
+            for epoch in range(ledger.epoch, cfg.epochs):
+                row = _epoch(
+                    r, epoch, ledger, profiler, hooks=hooks, progress=progress and not quiet
+                )
+                recorder.epoch(row)  # raises FloatingPointError, naming the epoch, on a NaN loss
+                if checkpoint.should_save(cfg, epoch):  # off the clock
+                    assert workdir is not None
+                    progress_now = ledger.progress("torch", r.stream, cfg, recorder.rows)
+                    write = functools.partial(_write_state, r)
+                    checkpoint.save(workdir, epoch + 1, progress_now, write)
         except BaseException:
             if profiler is not None:
                 profiler.abort()  # leave no profiler running in the process
             raise
-
-        spe = r.steps
-        seconds = timed["seconds"]
-        final = {k: recorder.rows[-1][k] for k in FINAL_KEYS}
-        summary: dict[str, Any] = {
-            "final": final,
-            "epochs": recorder.rows,
-            "step_losses": step_losses,
-            "total_time_seconds": seconds,
-            "compile_seconds": r.compile_seconds,
-            "warmup_ran": r.warmup_ran,
-            "dynamo_compiles": int(timed["compiles"]),
-            "final_eval_weight_sets": weight_sets,
-            "images_per_second": cfg.epochs * spe * cfg.batch_size / seconds
-            if seconds > 0
-            else None,
-            "environment": report.environment(["torch"]),
-            "seed": cfg.seed,
-            "config": cfg.to_dict(),
-            "stream": stream,
-            "compile": r.compile,
-            "torch_setup": tsetup.record(r.setup, r.device, r.bf16),
-            "compute_dtype": "bfloat16" if r.bf16 else "float32",
-            "device": str(r.device),
-            "n_train": r.n_train,
-            "n_test": r.n_test,
-            "steps_per_epoch": spe,
-            "framework": "torch",
-        }
+        summary = _summary(r, recorder.rows, ledger, stream)
         if profiler is not None:
             summary["profile"] = profiler.finish()
             if not quiet:
@@ -895,83 +869,96 @@ def train_and_evaluate(
     return summary
 
 
-def _train_loop(
+def _start(r: Run, ledger: Ledger, ckpt: Path | None, profiler: TorchProfile | None) -> None:
+    """Bring the nets to where the first epoch starts: a checkpoint's state (`ckpt`), or
+    the data-dependent whitening kernel (on the clock, as airbench times it)."""
+    cfg = r.cfg
+    if ckpt is not None:  # the whitening kernel is part of the restored weights
+        _restore(r, ckpt)
+        if cfg.whiten == "patch2" and ledger.epoch > cfg.whiten_bias_epochs:
+            set_whiten_bias_trainable(r.model, False)  # train_epoch froze it at that epoch
+    elif cfg.whiten != "none":
+        with _clock(r, ledger, profiler):
+            set_whitening(r)
+    r.model.train()
+
+
+def _epoch(
     r: Run,
-    recorder: report.RunRecorder,
+    epoch: int,
+    ledger: Ledger,
     profiler: TorchProfile | None,
     *,
     hooks: Hooks | None,
     progress: bool,
-    workdir: str | os.PathLike[str] | None = None,
-    resume_from: tuple[Any, dict[str, Any]] | None = None,
-) -> tuple[list[float], dict[str, float], int]:
-    """`train_and_evaluate`'s epochs: (step losses, timed {seconds, compiles}, weight sets
-    scored by the final evaluation). `resume_from`: (checkpoint folder, progress) to
-    continue from instead of the start; checkpoints go to `workdir`."""
-    cfg = r.cfg
-    step_losses: list[float] = []
-    timed = {"seconds": 0.0, "compiles": 0}  # training steps + final evaluation
-    weight_sets = 0
-    start = 0
-    if resume_from is not None:  # the whitening kernel is part of the restored weights
-        folder, saved = resume_from
-        _restore(r, folder)
-        start = int(saved["epoch"])
-        step_losses = [float(v) for v in saved["step_losses"]]
-        timed = {"seconds": float(saved["timed_seconds"]), "compiles": int(saved["compiles"])}
-        weight_sets = int(saved["final_eval_weight_sets"])
-        if cfg.whiten == "patch2" and start > cfg.whiten_bias_epochs:
-            set_whiten_bias_trainable(r.model, False)  # train_epoch froze it at that epoch
-    elif cfg.whiten != "none":  # data-dependent init: on the clock, as airbench times it
-        with _clock(r, timed, profiler):
-            set_whitening(r)
-    r.model.train()
-    for epoch in range(start, cfg.epochs):
-        with _clock(r, timed, profiler):
-            epoch_losses, correct = train_epoch(r, epoch, progress=progress, hooks=hooks)
-        step_losses.extend(epoch_losses)
-        row: dict[str, Any] = {
-            "epoch": epoch + 1,
-            "train_loss": float(np.mean(epoch_losses)),
-            "train_acc": correct / (r.steps * cfg.batch_size),
-        }
-        if not np.isfinite(row["train_loss"]):
-            recorder.epoch(row)  # raises FloatingPointError naming the epoch
-        # Monitoring evaluation is off the clock, except the final one.
-        last = epoch == cfg.epochs - 1
-        if last or (epoch + 1) % cfg.eval_every == 0:
-            if hooks is not None:
-                hooks.before_eval(epoch, r)
-            # lookahead ends with net = EMA: score that one net once (hooks may have
-            # touched the nets, so then compare them instead)
-            same: bool | None = False
-            if last and cfg.lookahead and r.ema_model is not None:
-                same = True if hooks is None else None
-            if last:
-                with _clock(r, timed, profiler):
-                    scores, weight_sets = _score(r, same)
-            else:
-                scores, _ = _score(r, same)
-            row.update(scores)
-        else:
-            row.update(val_loss=None, val_acc=None, ema_val_acc=None)
-        row["total_time_seconds"] = timed["seconds"]
-        recorder.epoch(row)
-        if checkpoint.should_save(cfg, epoch):  # off the clock
-            assert workdir is not None
-            progress_now = {
-                "framework": "torch",
-                "stream": r.stream,
-                "config": cfg.to_dict(),
-                "rows": recorder.rows,
-                "step_losses": step_losses,
-                "timed_seconds": timed["seconds"],
-                "compiles": int(timed["compiles"]),
-                "final_eval_weight_sets": weight_sets,
-            }
-            checkpoint.save(workdir, epoch + 1, progress_now, functools.partial(_write_state, r))
+) -> dict[str, Any]:
+    """Train epoch `epoch` on the clock, evaluate when due, and return the metrics row.
 
-    return step_losses, timed, weight_sets
+    Monitoring evaluations are off the clock; the final one is part of the timed run.
+    A non-finite training loss returns the row at once, unevaluated.
+    """
+    cfg = r.cfg
+    with _clock(r, ledger, profiler):
+        epoch_losses, correct = train_epoch(r, epoch, progress=progress, hooks=hooks)
+    ledger.step_losses.extend(epoch_losses)
+    ledger.epoch = epoch + 1
+    row: dict[str, Any] = {
+        "epoch": epoch + 1,
+        "train_loss": float(np.mean(epoch_losses)),
+        "train_acc": correct / (r.steps * cfg.batch_size),
+    }
+    if not np.isfinite(row["train_loss"]):
+        return row
+    last = epoch == cfg.epochs - 1
+    if last or (epoch + 1) % cfg.eval_every == 0:
+        if hooks is not None:
+            hooks.before_eval(epoch, r)
+        # lookahead ends with net = EMA: score that one net once (hooks may have
+        # touched the nets, so then compare them instead)
+        same: bool | None = False
+        if last and cfg.lookahead and r.ema_model is not None:
+            same = True if hooks is None else None
+        if last:
+            with _clock(r, ledger, profiler):
+                scores, ledger.weight_sets = _score(r, same)
+        else:
+            scores, _ = _score(r, same)
+        row.update(scores)
+    else:
+        row.update(val_loss=None, val_acc=None, ema_val_acc=None)
+    row["total_time_seconds"] = ledger.timed_seconds
+    return row
+
+
+def _summary(r: Run, rows: list[dict[str, Any]], ledger: Ledger, stream: str) -> dict[str, Any]:
+    """summary.json (docs/design.md, "Trainer API") of a finished run."""
+    cfg = r.cfg
+    seconds = ledger.timed_seconds
+    return {
+        "final": {k: rows[-1][k] for k in report.FINAL_KEYS},
+        "epochs": rows,
+        "step_losses": ledger.step_losses,
+        "total_time_seconds": seconds,
+        "compile_seconds": r.compile_seconds,
+        "warmup_ran": r.warmup_ran,
+        "dynamo_compiles": ledger.compiles,
+        "final_eval_weight_sets": ledger.weight_sets,
+        "images_per_second": cfg.epochs * r.steps * cfg.batch_size / seconds
+        if seconds > 0
+        else None,
+        "environment": report.environment(["torch"]),
+        "seed": cfg.seed,
+        "config": cfg.to_dict(),
+        "stream": stream,
+        "compile": r.compile,
+        "torch_setup": tsetup.record(r.setup, r.device, r.bf16),
+        "compute_dtype": "bfloat16" if r.bf16 else "float32",
+        "device": str(r.device),
+        "n_train": r.n_train,
+        "n_test": r.n_test,
+        "steps_per_epoch": r.steps,
+        "framework": "torch",
+    }
 
 
 STATE_FILE = "state.pt"
