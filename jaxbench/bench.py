@@ -352,8 +352,9 @@ def decide(
 
 
 def _pm(stat: dict[str, Any], digits: int) -> str:
-    std = "-" if stat["std"] is None else f"{stat['std']:.{digits}f}"
-    return f"{stat['mean']:.{digits}f}±{std}"
+    if stat["std"] is None:  # one run: no spread to show
+        return f"{stat['mean']:.{digits}f} (1 run)"
+    return f"{stat['mean']:.{digits}f}±{stat['std']:.{digits}f}"
 
 
 def format_table(doc: dict[str, Any]) -> str:
@@ -1148,7 +1149,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     plan = f"{opts.runs} rounds" if opts.runs is not None else "rounds while they fit"
     limit = f" within {opts.max_seconds:.0f} s" if opts.max_seconds is not None else ""
     print(
-        f"bench {', '.join(c.name for c in opts.cfgs)}: {names}; a warm-up each, then {plan}"
+        f"bench {', '.join(c.name for c in opts.cfgs)}: {names}; a warm-up each (one untimed "
+        f"training run, compilation included), then {plan}"
         f"{limit} -> {opts.out}",
         flush=True,
     )

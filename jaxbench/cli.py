@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import signal
 import sys
 import threading
@@ -143,6 +144,9 @@ def _run_trainer(
         else:
             cfg = config_from_args(args)
         check_supported(cfg)
+        if cfg.data_dir is None and os.environ.get("JAXBENCH_DATA_DIR"):
+            # config.json names the folder the data came from, not `null`
+            cfg = cfg.replace(data_dir=os.environ["JAXBENCH_DATA_DIR"])
         if cfg.out is not None and resume is None:
             created = not Path(cfg.out).exists()
             prepare_output(cfg.out, RUN_FILES, overwrite=args.overwrite)
@@ -184,4 +188,6 @@ def _run_trainer(
             f" ({summary['images_per_second']:.0f} img/s),"
             f" {summary['compile_seconds']:.1f} s {compile_label}"
         )
+        if cfg.out is not None:
+            print(f"wrote config.json, metrics.jsonl, status.json, summary.json to {cfg.out}")
     return 0

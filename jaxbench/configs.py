@@ -294,8 +294,29 @@ def check_supported(cfg: Config, trainer: str) -> None:
             )
 
 
+class DefaultsHelpFormatter(argparse.HelpFormatter):
+    """`--help` shows each flag's default, where it has a meaningful one."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        default = action.default
+        if (
+            "(default:" in text
+            or text == argparse.SUPPRESS
+            or default in (None, False, argparse.SUPPRESS)
+            or not action.option_strings
+        ):
+            return text
+        return f"{text} (default: %(default)s)".strip()
+
+
 class OneLineErrorParser(argparse.ArgumentParser):
-    """argparse that reports a bad flag in one line (no usage block), exit status 2."""
+    """argparse that reports a bad flag in one line (no usage block), exit status 2, and
+    shows defaults in `--help`: the one CLI style of every entry point."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("formatter_class", DefaultsHelpFormatter)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str) -> None:  # type: ignore[override]
         print(f"{self.prog}: error: {message} (see --help)", file=sys.stderr)
@@ -534,13 +555,11 @@ def _parse_widths(text: str) -> tuple[int, ...]:
         ) from None
 
 
-def _parse_bool(text: str) -> bool:
-    lowered = text.lower()
-    if lowered in ("1", "true", "yes", "on"):
-        return True
-    if lowered in ("0", "false", "no", "off"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+def _shown(value: Any) -> str:
+    """A field's value as a user would type it on the command line."""
+    if isinstance(value, tuple):
+        return ",".join(map(str, value))
+    return "none" if value is None else str(value)
 
 
 def _parse_optional_int(text: str) -> int | None:
@@ -562,17 +581,43 @@ def add_config_args(parser: argparse.ArgumentParser, skip: Sequence[str] = ("nam
     """
     if "config" not in skip:
         parser.add_argument(
-            "--config", default=DEFAULT_PRESET, choices=sorted(PRESETS), help="preset to start from"
+            "--config",
+            default=DEFAULT_PRESET,
+            choices=sorted(PRESETS),
+            help="preset to start from; the defaults shown below are this default preset's, "
+            "another preset brings its own",
         )
+    shown = get_config(DEFAULT_PRESET)
+    trick_flags = {f"--no-{trick}" for trick in TRICKS}
     for f in dataclasses.fields(Config):
         if f.name in skip:
             continue
         flag = "--" + f.name.replace("_", "-")
+        default = f"(default: {_shown(getattr(shown, f.name))})"
+        if f.type == "bool":  # --x / --no-x, as ruff and pytest spell switches
+            negative = "--no-" + f.name.replace("_", "-")
+            default = (
+                f"(default: on; {negative} turns it off)"
+                if getattr(shown, f.name)
+                else ("(default: off)")
+            )
+            parser.add_argument(
+                flag,
+                dest=f.name,
+                action="store_const",
+                const=True,
+                default=argparse.SUPPRESS,
+                help=f"{f.metadata.get('help', '')} {default}".strip(),
+            )
+            if negative not in trick_flags:  # else the trick flag below turns it off
+                parser.add_argument(
+                    negative, dest=f.name, action="store_const", const=False,
+                    default=argparse.SUPPRESS, help=argparse.SUPPRESS,
+                )  # fmt: skip
+            continue
         kind: Callable[[str], Any]
         if f.name == "widths":
             kind = _parse_widths
-        elif f.type in ("bool",):
-            kind = _parse_bool
         elif f.type in ("int | None",):
             kind = _parse_optional_int
         elif f.type in ("float | None",):
@@ -589,7 +634,7 @@ def add_config_args(parser: argparse.ArgumentParser, skip: Sequence[str] = ("nam
             type=kind,
             default=argparse.SUPPRESS,
             metavar=f.name.upper(),
-            help=f.metadata.get("help", ""),
+            help=f"{f.metadata.get('help', '')} {default}".strip(),
         )
     tricks = parser.add_argument_group(
         "ablation", "remove one of Page's tricks from the preset (set to the Myrtle baseline)"

@@ -21,6 +21,7 @@ Command line: `python -m jaxbench.data --data-dir DIR [--json]` (see `main`).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import http.client
@@ -531,6 +532,7 @@ def _download(archive: str, cache: Path, progress: bool) -> Path:
         "no network? pass --data-dir DIR (or set JAXBENCH_DATA_DIR) with the unpacked dataset "
         f"or {archive} (see docs/data.md)"
     )
+    made = [q for q in (cache, *cache.parents) if not q.exists()]  # to remove on failure
     try:
         cache.mkdir(parents=True, exist_ok=True)
         fd, tmp_name = tempfile.mkstemp(prefix=f".{archive}.", suffix=".tmp", dir=cache)
@@ -578,6 +580,9 @@ def _download(archive: str, cache: Path, progress: bool) -> Path:
         os.replace(tmp, final)
     finally:
         tmp.unlink(missing_ok=True)
+        for q in made:  # a failed download leaves no empty cache folder behind
+            with contextlib.suppress(OSError):
+                q.rmdir()
     return final
 
 
@@ -606,7 +611,10 @@ def _from_archive(path: Path, spec: Spec, cache: Path, how: str) -> Dataset:
 
 
 def _from_folder(root: Path, spec: Spec, cache: Path) -> Dataset:
-    """An explicit data folder: an official layout inside it (or it itself), else an archive."""
+    """An explicit data folder: an official layout inside it (or it itself), else an
+    archive in it; or the official archive itself."""
+    if root.is_file() and root.name in (spec.bin_archive, spec.py_archive):
+        return _from_archive(root, spec, cache, f"fetch the official {root.name} again")
     if not root.is_dir():
         raise DataError(
             f"data folder {root} does not exist; pass --data-dir (or set JAXBENCH_DATA_DIR to) "

@@ -356,6 +356,7 @@ class Run:
     make_plan: Callable[[int], augment.Plan]
     evaluate: Callable[..., dict[str, float]]  # (state, same_weights=False) -> metrics
     compile_seconds: float
+    data_source: str = "arrays in memory"  # where the images came from (`Dataset.source`)
 
     @property
     def run(self) -> Any:
@@ -534,6 +535,7 @@ def setup(
         make_plan=make_plan,
         evaluate=evaluate,
         compile_seconds=compile_seconds,
+        data_source=getattr(data, "source", None) or "arrays in memory",
     )
 
 
@@ -741,6 +743,7 @@ def _summary(
         "loop": r.loop,
         "stream": stream,
         "compute_dtype": jnp.dtype(models.compute_dtype(cfg)).name,
+        "data_source": r.data_source,
         "n_train": r.n_train,
         "n_test": r.n_test,
         "steps_per_epoch": r.steps,

@@ -692,6 +692,7 @@ def test_cli_bad_inputs_exit_2_one_line(tmp_path: Path, isolated: Path) -> None:
         "truncated": (["--data-dir", str(bad_size), "--json"], "data_batch_1.bin is truncated"),
         "hostile": (["--data-dir", str(tmp_path / "hostile")], "refused to load global"),
         "checksum": (["--data-dir", str(wrong_md5)], "not the published"),
+        "archive path": (["--data-dir", str(wrong_md5 / spec.bin_archive)], "not the published"),
         "no network": ([], "could not download file:///nonexistent-jaxbench-mirror/"),
     }
     for name, (args, fragment) in cases.items():
@@ -704,6 +705,9 @@ def test_cli_bad_inputs_exit_2_one_line(tmp_path: Path, isolated: Path) -> None:
         assert fragment in lines[0], (name, lines[0])
         assert files_in(isolated) == [], (name, files_in(isolated))
     assert "--data-dir" in run_cli(cache=isolated).stderr  # the no-network fix
+    fresh = tmp_path / "new" / "cache"
+    assert run_cli(cache=fresh).returncode == 2
+    assert not (tmp_path / "new").exists()  # a failed offline run leaves no empty cache folder
     assert not marker.exists()
 
 

@@ -443,7 +443,7 @@ def test_tiny_preset_learns_on_real_data(real_data_dir: Any) -> None:
 
 def test_cli_bad_input_exits_2_with_one_line(capsys: pytest.CaptureFixture[str]) -> None:
     for argv in (
-        ["--config", "tiny", "--lookahead", "true"],
+        ["--config", "tiny", "--lookahead"],
         ["--config", "tiny", "--batch-size", "0"],
         ["--config", "tiny", "--subset", "10"],
     ):

@@ -206,7 +206,7 @@ def test_cli_reports_bad_input_in_one_line(capsys: pytest.CaptureFixture[str]) -
     err = capsys.readouterr().err.strip()
     assert err.startswith("error:") and "--widths" in err and "\n" not in err
     with pytest.raises(SystemExit) as e:
-        train.main(["--config", "tiny", "--lookahead", "true"])
+        train.main(["--config", "tiny", "--lookahead"])
     assert e.value.code == 2 and "--lookahead" in capsys.readouterr().err
     with pytest.raises(SystemExit) as e:
         train.main(["--help"])

@@ -356,6 +356,7 @@ class Run:
     eval_fwd: Callable[..., tuple[torch.Tensor, torch.Tensor]] = eval_forward
     fill: torch.Tensor | None = None  # cutout colour on the device
     warmup_ran: bool = True
+    data_source: str = "arrays in memory"  # where the images came from (`Dataset.source`)
     t: int = 0
     _live: list[torch.Tensor] | None = dataclasses.field(default=None, repr=False)
     _ema: list[torch.Tensor] | None = dataclasses.field(default=None, repr=False)
@@ -548,6 +549,7 @@ def setup(
         generator=torch.Generator(device=dev).manual_seed(cfg.seed * 65_537 + _STREAM_SEED_TAG),
         base_flips=draw_base_flips(cfg, n_train, dev) if cfg.flip == "alternating" else None,
         compile_seconds=0.0,
+        data_source=getattr(data, "source", None) or "arrays in memory",
         setup=s,
         eval_fwd=eval_fwd,
         fill=fill,
@@ -954,6 +956,7 @@ def _summary(r: Run, rows: list[dict[str, Any]], ledger: Ledger, stream: str) ->
         "torch_setup": tsetup.record(r.setup, r.device, r.bf16),
         "compute_dtype": "bfloat16" if r.bf16 else "float32",
         "device": str(r.device),
+        "data_source": r.data_source,
         "n_train": r.n_train,
         "n_test": r.n_test,
         "steps_per_epoch": r.steps,
