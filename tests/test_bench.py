@@ -519,3 +519,9 @@ def test_sigterm_leaves_valid_json(data_dir: str, tmp_path: Path) -> None:
     doc = json.loads((out / "bench.json").read_text())
     assert doc["stop_reason"] == "terminated (SIGTERM)" and doc["complete"] is False
     assert len(doc["races"]["tiny"]["frameworks"]["jax"]["runs"]) >= 1
+
+
+def test_one_run_shows_no_spread() -> None:
+    """`--runs 1`: the table says "1 run" rather than a dangling "±-"."""
+    assert bench._pm({"mean": 0.622, "std": None}, 4) == "0.6220 (1 run)"
+    assert bench._pm({"mean": 0.622, "std": 0.01}, 4) == "0.6220±0.0100"
