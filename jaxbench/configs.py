@@ -555,6 +555,39 @@ def _parse_widths(text: str) -> tuple[int, ...]:
         ) from None
 
 
+def _field_parser(f: dataclasses.Field[Any]) -> Callable[[str], Any]:
+    """How a field's value is read from text (a flag, a sweep grid)."""
+    if f.name == "widths":
+        return _parse_widths
+    return {
+        "bool": _parse_bool,
+        "int | None": _parse_optional_int,
+        "float | None": _parse_optional_float,
+        "int": int,
+        "float": float,
+    }.get(str(f.type), str)
+
+
+def parse_field(name: str, text: str) -> Any:
+    """One Config field's value from text; a one-line ValueError names a bad field or value."""
+    fields = {f.name: f for f in dataclasses.fields(Config)}
+    if name not in fields or name == "name":
+        raise ValueError(f"{name!r} is not a config field (`--help` of jaxbench.train lists them)")
+    try:
+        return _field_parser(fields[name])(text)
+    except (ValueError, argparse.ArgumentTypeError) as e:
+        raise ValueError(f"{name}={text!r} is not a valid value ({e})") from None
+
+
+def _parse_bool(text: str) -> bool:
+    lowered = text.lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
 def _shown(value: Any) -> str:
     """A field's value as a user would type it on the command line."""
     if isinstance(value, tuple):
@@ -615,23 +648,10 @@ def add_config_args(parser: argparse.ArgumentParser, skip: Sequence[str] = ("nam
                     default=argparse.SUPPRESS, help=argparse.SUPPRESS,
                 )  # fmt: skip
             continue
-        kind: Callable[[str], Any]
-        if f.name == "widths":
-            kind = _parse_widths
-        elif f.type in ("int | None",):
-            kind = _parse_optional_int
-        elif f.type in ("float | None",):
-            kind = _parse_optional_float
-        elif f.type in ("int",):
-            kind = int
-        elif f.type in ("float",):
-            kind = float
-        else:
-            kind = str
         parser.add_argument(
             flag,
             dest=f.name,
-            type=kind,
+            type=_field_parser(f),
             default=argparse.SUPPRESS,
             metavar=f.name.upper(),
             help=f"{f.metadata.get('help', '')} {default}".strip(),

@@ -13,6 +13,8 @@ from typing import Any
 class _NoBar:
     """The slice of tqdm's interface the project uses, doing nothing."""
 
+    disable = True  # as tqdm's bar when it shows nothing
+
     def __init__(self, iterable: Iterable[Any] | None = None, **_: Any) -> None:
         self._iterable = iterable if iterable is not None else ()
 

@@ -189,6 +189,24 @@ def test_ctrl_c_in_the_bench(
 
 @pytest.mark.slow
 @pytest.mark.realdata
+def test_ctrl_c_in_a_sweep(real_data_dir: Path, tmp_path: Path, env: dict[str, str]) -> None:
+    """During the third run: two rows kept, the summary of them written, one line."""
+    out = tmp_path / "sweep"
+    argv = ["--config", "tiny", "--set", "subset=1000", "test_subset=200", "widths=8,8,8,8",
+            "batch_size=100", "epochs=30", "--grid", "lr=0.1,0.2,0.4", "--data-dir",
+            str(real_data_dir), "--out", str(out), "--no-progress"]  # fmt: skip
+    code, stdout, err = _run(
+        "jaxbench.sweep", "jaxbench.sweep:append_run", 0.5, argv, {**env, "FAULT_CALL": "2"}
+    )
+    _assert_interrupted(code, stdout, err, "interrupted after 2 runs; they are in ")
+    rows = [json.loads(r) for r in (out / "runs.jsonl").read_text().splitlines()]
+    assert [r["cell"]["lr"] for r in rows] == [0.1, 0.2]
+    assert json.loads((out / "summary.json").read_text())["runs"] == 2
+    assert _leftovers(out) == []
+
+
+@pytest.mark.slow
+@pytest.mark.realdata
 def test_ctrl_c_in_the_parity_suite(
     real_data_dir: Path, tmp_path: Path, env: dict[str, str]
 ) -> None:

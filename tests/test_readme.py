@@ -99,6 +99,7 @@ ENTRY_POINTS = [
     "parity",
     "jaxbench.data",
     "jaxbench.microbench",
+    "jaxbench.sweep",
 ]
 
 

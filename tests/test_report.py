@@ -332,5 +332,3 @@ def test_run_status_follows_the_run(tmp_path: Path) -> None:
         rec.epoch({"epoch": 1, "train_loss": 2.0})
         raise KeyboardInterrupt
     assert _status(stopped)["status"] == "interrupted" and _status(stopped)["epochs_completed"] == 1
-
-

@@ -1,0 +1,590 @@
+"""`python -m jaxbench.sweep`: a grid over config fields, seeds per cell, both frameworks.
+
+    python -m jaxbench.sweep --config tiny --grid batch_size=100,200 lr=0.2,0.4 \\
+        --seeds 2 --frameworks jax,torch --data-dir DIR --out runs/sweep
+    python -m jaxbench.sweep ... --shard 0/2 --out runs/s0   # and 1/2 on another machine
+    python -m jaxbench.sweep --merge runs/s0 runs/s1 --out runs/sweep
+
+Every run is a preset (`--config`, changed for all runs by `--set FIELD=VALUE`)
+with one grid cell and one seed applied. A
+finished run is one line of `OUT/runs.jsonl` (its key, status, accuracy, time,
+commit and full config), appended in one write and flushed to disk, so a killed
+sweep loses at most the run in flight; the same command run again skips every
+run already in the file. `--shard i/n` takes every n-th run from the i-th, so n
+machines can share one sweep, and `--merge DIR...` joins their folders. At the
+end (and on Ctrl-C) the folder gets `summary.json` (per cell and framework: mean
+and spread), `table.md` (sorted by accuracy, then time) and, for a 1-D or 2-D
+grid, `heatmap.png` or `lines.png` (the `plot` extra).
+
+Values: `field=v1,v2,...` with each value as its flag takes it; a field whose
+value has commas itself (`widths`) separates values with `;`
+(`"widths=8,16,32,64;16,32,64,128"`). Exit codes: 0 done, 2 bad input, 130 Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import json
+import math
+import os
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from jaxbench import report
+from jaxbench.configs import PRESETS, Config, OneLineErrorParser, get_config, parse_field, validate
+from jaxbench.progress import progress_bar
+
+RUNS = "runs.jsonl"
+SPEC = "sweep.json"
+SWEEP_FILES: tuple[str, ...] = (RUNS, SPEC, "summary.json", "table.md", "heatmap.png", "lines.png")
+FRAMEWORKS = ("jax", "torch")
+Grid = dict[str, list[Any]]
+
+
+@dataclasses.dataclass(frozen=True)
+class RunSpec:
+    """One run of the sweep: a framework, a grid cell (field -> value) and a seed."""
+
+    framework: str
+    cell: tuple[tuple[str, Any], ...]
+    seed: int
+
+    @property
+    def key(self) -> str:
+        """The run's identity in runs.jsonl (canonical JSON: equal runs, equal keys)."""
+        return json.dumps([self.framework, [[k, _jsonable(v)] for k, v in self.cell], self.seed])
+
+    def config(self, base: Config) -> Config:
+        return base.replace(**dict(self.cell), seed=self.seed, out=None, checkpoint_every=0)
+
+
+def _jsonable(value: Any) -> Any:
+    return list(value) if isinstance(value, tuple) else value
+
+
+def parse_grid(items: Sequence[str]) -> Grid:
+    """`["lr=0.2,0.4", "batch_size=256"]` -> {"lr": [0.2, 0.4], "batch_size": [256]}."""
+    if not items:
+        raise ValueError("--grid is empty; give at least one field=v1,v2,... (e.g. lr=0.2,0.4)")
+    grid: Grid = {}
+    for item in items:
+        name, sep, text = item.partition("=")
+        name = name.strip().replace("-", "_")
+        if not sep or not text.strip():
+            raise ValueError(f"--grid {item!r}: expected field=v1,v2,... (e.g. lr=0.2,0.4)")
+        if name in grid:
+            raise ValueError(f"--grid names {name} twice; give all its values in one item")
+        if name in ("seed", "out", "checkpoint_every"):
+            raise ValueError(f"--grid {name}: not a sweep field (seeds: --seeds N)")
+        parts = text.split(";") if ";" in text else text.split(",")
+        values = [parse_field(name, v.strip()) for v in parts if v.strip()]
+        if len(set(map(repr, values))) != len(values):
+            raise ValueError(f"--grid {name}: a value appears twice")
+        grid[name] = values
+    return grid
+
+
+def plan(base: Config, grid: Grid, seeds: int, frameworks: Sequence[str]) -> list[RunSpec]:
+    """Every run, cell by cell, seed by seed, the frameworks interleaved (a slow stretch of
+    the machine hits both). Each cell's config is validated here, before anything runs."""
+    specs = []
+    names = list(grid)
+    for values in itertools.product(*(grid[n] for n in names)):
+        cell = tuple(zip(names, values, strict=True))
+        try:
+            validate(base.replace(**dict(cell)))
+        except ValueError as e:
+            shown = " ".join(f"{k}={_shown(v)}" for k, v in cell)
+            raise ValueError(f"grid cell {shown}: {e}") from None
+        for seed in range(base.seed, base.seed + seeds):
+            specs += [RunSpec(fw, cell, seed) for fw in frameworks]
+    return specs
+
+
+def _shown(value: Any) -> str:
+    return ",".join(map(str, value)) if isinstance(value, tuple) else str(value)
+
+
+def planned_keys(doc: dict[str, Any]) -> list[str]:
+    """The keys of a sweep's whole plan (all shards), in `plan`'s order, from its sweep.json."""
+    grid = doc["grid"]
+    first = doc["base"]["seed"]
+    return [
+        RunSpec(fw, tuple(zip(grid, values, strict=True)), seed).key
+        for values in itertools.product(*grid.values())
+        for seed in range(first, first + doc["seeds"])
+        for fw in doc["frameworks"]
+    ]
+
+
+def shard(specs: Sequence[RunSpec], index: int, count: int) -> list[RunSpec]:
+    """Every `count`-th run from the `index`-th: shards are disjoint and cover the plan."""
+    return list(specs[index::count])
+
+
+def parse_shard(text: str) -> tuple[int, int]:
+    try:
+        i, n = (int(x) for x in text.split("/"))
+    except ValueError:
+        raise ValueError(f"--shard {text!r}: expected i/n, e.g. 0/2") from None
+    if not 0 <= i < n:
+        raise ValueError(f"--shard {text}: need 0 <= i < n")
+    return i, n
+
+
+# --- runs.jsonl ------------------------------------------------------------------------------
+
+
+def read_runs(path: Path) -> list[dict[str, Any]]:
+    """The rows of a runs.jsonl, in order. A last line cut short by a kill (no newline at
+    its end) is removed from the file first, so it never counts as a run."""
+    if not path.exists():
+        return []
+    raw = path.read_bytes()
+    complete = raw[: raw.rfind(b"\n") + 1]
+    if len(complete) < len(raw):  # a write cut short: not a run
+        report.atomic_write_bytes(path, complete)
+    rows = []
+    for i, line in enumerate(complete.splitlines()):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except ValueError:
+            raise ValueError(
+                f"{path}: line {i + 1} is not a run; remove it, then run again"
+            ) from None
+    return rows
+
+
+def append_run(path: Path, row: dict[str, Any]) -> None:
+    """One row, in one write to the end of the file, flushed to disk before returning."""
+    line = (json.dumps(row, allow_nan=False, sort_keys=True) + "\n").encode()
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, line)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _finite(x: Any) -> float | None:
+    return float(x) if x is not None and math.isfinite(x) else None
+
+
+def run_row(spec: RunSpec, cfg: Config, summary: dict[str, Any] | None, status: str,
+            detail: str | None, commit: str | None) -> dict[str, Any]:  # fmt: skip
+    """What runs.jsonl keeps of one run."""
+    final = (summary or {}).get("final", {})
+    acc = final.get("ema_val_acc")
+    return {
+        "key": spec.key,
+        "framework": spec.framework,
+        "cell": {k: _jsonable(v) for k, v in spec.cell},
+        "seed": spec.seed,
+        "status": status,
+        "detail": detail,
+        "accuracy": _finite(acc if acc is not None else final.get("val_acc")),
+        "val_acc": _finite(final.get("val_acc")),
+        "time_seconds": _finite((summary or {}).get("total_time_seconds")),
+        "compile_seconds": _finite((summary or {}).get("compile_seconds")),
+        "commit": commit,
+        "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "config": cfg.to_dict(),
+    }
+
+
+# --- aggregation and outputs -----------------------------------------------------------------
+
+
+def _stats(values: list[float]) -> dict[str, Any]:
+    a = np.asarray(values, np.float64)
+    return {
+        "n": len(a),
+        "mean": float(a.mean()) if len(a) else None,
+        "std": float(a.std(ddof=1)) if len(a) > 1 else None,
+    }
+
+
+def aggregate(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per (framework, cell): runs, how many finished, accuracy and time mean and spread."""
+    groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for r in rows:
+        groups.setdefault((r["framework"], json.dumps(r["cell"], sort_keys=True)), []).append(r)
+    out = []
+    for (fw, cell), rs in groups.items():
+        done = [r for r in rs if r["status"] == "done"]
+        out.append(
+            {
+                "framework": fw,
+                "cell": json.loads(cell),
+                "runs": len(rs),
+                "done": len(done),
+                "accuracy": _stats([r["accuracy"] for r in done if r["accuracy"] is not None]),
+                "time_seconds": _stats([r["time_seconds"] for r in done if r["time_seconds"]]),
+            }
+        )
+    return out
+
+
+def _pm(stat: dict[str, Any], scale: float, digits: int) -> str:
+    if stat["mean"] is None:
+        return "-"
+    text = f"{scale * stat['mean']:.{digits}f}"
+    return text if stat["std"] is None else f"{text} ± {scale * stat['std']:.{digits}f}"
+
+
+def format_table(cells: Sequence[dict[str, Any]], grid: Grid) -> str:
+    """Markdown, best accuracy first, then the faster."""
+    ranked = sorted(
+        cells,
+        key=lambda c: (-(c["accuracy"]["mean"] or -1.0), c["time_seconds"]["mean"] or math.inf),
+    )
+    head = ["framework", *grid, "runs", "accuracy % (mean ± std)", "time s (mean ± std)"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for c in ranked:
+        values = [_shown(tuple(v) if isinstance(v, list) else v) for v in
+                  (c["cell"][name] for name in grid)]  # fmt: skip
+        runs = f"{c['done']}/{c['runs']}"
+        acc, secs = _pm(c["accuracy"], 100, 2), _pm(c["time_seconds"], 1, 1)
+        lines.append("| " + " | ".join([c["framework"], *values, runs, acc, secs]) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def write_outputs(out: Path, rows: Sequence[dict[str, Any]], spec: dict[str, Any]) -> list[Path]:
+    """summary.json, table.md and the figure of the runs so far."""
+    grid = spec["grid"]
+    cells = aggregate(rows)
+    summary = {
+        "sweep": spec,
+        "runs": len(rows),
+        "planned": spec["planned"],
+        "complete": len(rows) >= spec["planned"],
+        "cells": cells,
+    }
+    report.write_json(out / "summary.json", summary)
+    report.atomic_write_text(out / "table.md", format_table(cells, grid))
+    written = [out / "summary.json", out / "table.md"]
+    figure = plot(out, cells, grid, spec["frameworks"])
+    return written + ([figure] if figure is not None else [])
+
+
+def plot(out: Path, cells: Sequence[dict[str, Any]], grid: Grid, frameworks: Sequence[str]
+         ) -> Path | None:  # fmt: skip
+    """heatmap.png (2-D grid: a panel per framework and their difference) or lines.png
+    (1-D: accuracy against the field, error bars = std over seeds); None otherwise or
+    without matplotlib."""
+    try:
+        from matplotlib.figure import Figure
+    except ImportError:
+        return None
+    names = list(grid)
+    if len(names) not in (1, 2):
+        return None
+
+    def mean(fw: str, cell: dict[str, Any]) -> tuple[float, float]:
+        for c in cells:
+            if c["framework"] == fw and c["cell"] == cell:
+                m, s = c["accuracy"]["mean"], c["accuracy"]["std"]
+                return (math.nan if m is None else 100 * m, math.nan if s is None else 100 * s)
+        return math.nan, math.nan
+
+    as_json = [[_jsonable(v) for v in grid[n]] for n in names]
+    if len(names) == 1:
+        fig = Figure(figsize=(6, 4), layout="constrained")
+        ax = fig.add_subplot()
+        xs = range(len(as_json[0]))
+        for fw in frameworks:
+            ms = [mean(fw, {names[0]: v}) for v in as_json[0]]
+            ax.errorbar(xs, [m for m, _ in ms], yerr=[s for _, s in ms], capsize=4, label=fw,
+                        marker="o")  # fmt: skip
+        ax.set_xticks(list(xs), [_shown(v) for v in grid[names[0]]])
+        ax.set(xlabel=names[0], ylabel="test accuracy %")
+        ax.legend()
+        path = out / "lines.png"
+    else:
+        rows_v, cols_v = as_json
+        panels = [(fw, fw) for fw in frameworks]
+        if len(frameworks) == 2:
+            panels.append((f"{frameworks[0]} - {frameworks[1]}", None))
+        fig = Figure(figsize=(4.2 * len(panels), 3.6), layout="constrained")
+        for i, (title, fw) in enumerate(panels):
+            ax = fig.add_subplot(1, len(panels), i + 1)
+            m = np.full((len(rows_v), len(cols_v)), np.nan)
+            s = np.full_like(m, np.nan)
+            for (a, ra), (b, cb) in itertools.product(enumerate(rows_v), enumerate(cols_v)):
+                cell = {names[0]: ra, names[1]: cb}
+                if fw is not None:
+                    m[a, b], s[a, b] = mean(fw, cell)
+                else:
+                    (m1, s1), (m2, s2) = mean(frameworks[0], cell), mean(frameworks[1], cell)
+                    m[a, b], s[a, b] = m1 - m2, math.hypot(s1, s2)
+            if fw is None:  # the difference: white at 0, symmetric
+                lim = float(np.nanmax(np.abs(m))) if np.isfinite(m).any() else 1.0
+                im = ax.imshow(m, cmap="RdBu", vmin=-lim, vmax=lim, aspect="auto")
+            else:
+                im = ax.imshow(m, cmap="viridis", aspect="auto")
+            lo, hi = im.get_clim()
+            fig.colorbar(im, ax=ax, shrink=0.8)
+            for (a, b), v in np.ndenumerate(m):
+                if math.isfinite(v):
+                    spread = f"\n±{s[a, b]:.2f}" if math.isfinite(s[a, b]) else ""
+                    bright = fw is None or (v - lo) > 0.6 * (hi - lo)
+                    ax.text(b, a, f"{v:.2f}{spread}", ha="center", va="center", fontsize=8,
+                            color="black" if bright else "white")  # fmt: skip
+            ax.set_xticks(range(len(cols_v)), [_shown(v) for v in grid[names[1]]])
+            ax.set_yticks(range(len(rows_v)), [_shown(v) for v in grid[names[0]]])
+            ax.set(xlabel=names[1], ylabel=names[0], title=f"{title}: test acc %")
+        path = out / "heatmap.png"
+    tmp = path.with_name(f".{path.name}.tmp")
+    fig.savefig(tmp, format="png", dpi=110)
+    os.replace(tmp, path)
+    return path
+
+
+# --- running ---------------------------------------------------------------------------------
+
+
+def _spec_doc(base: Config, grid: Grid, args: Any, frameworks: list[str], planned: int
+              ) -> dict[str, Any]:  # fmt: skip
+    return {
+        "config": base.name,
+        "base": base.to_dict(),
+        "grid": {k: [_jsonable(v) for v in vs] for k, vs in grid.items()},
+        "seeds": args.seeds,
+        "frameworks": frameworks,
+        "shard": args.shard,
+        "planned": planned,
+    }
+
+
+def _same_sweep(old: dict[str, Any], new: dict[str, Any]) -> bool:
+    ignore = ("base",)
+    a = {k: v for k, v in old.items() if k not in ignore}
+    b = {k: v for k, v in new.items() if k not in ignore}
+    base_a = {k: v for k, v in old.get("base", {}).items() if k != "data_dir"}
+    base_b = {k: v for k, v in new.get("base", {}).items() if k != "data_dir"}
+    return a == b and base_a == base_b
+
+
+def _trainers(frameworks: Sequence[str], specs: Sequence[RunSpec], base: Config) -> dict[str, Any]:
+    """Each framework's (train_and_evaluate, extra kwargs), having refused no cell."""
+    from jaxbench.bench import load_trainer
+
+    out: dict[str, Any] = {}
+    for fw in frameworks:
+        train = load_trainer(fw)  # RuntimeError names the missing extra
+        check = getattr(sys.modules[train.__module__], "check_supported", None)
+        kwargs: dict[str, Any] = {}
+        if fw == "jax":
+            from jaxbench.train import CompileCache
+
+            kwargs["compile_cache"] = CompileCache()  # seeds share their programs
+        for spec in specs:
+            if spec.framework == fw and check is not None:
+                check(spec.config(base))
+        out[fw] = (train, kwargs)
+    return out
+
+
+def _data_for(base: Config, specs: Sequence[RunSpec]) -> Callable[[Config], Any]:
+    """The dataset, loaded once; each run takes its own subsets of it."""
+    from jaxbench.data import load_dataset, take_subsets
+
+    full = load_dataset(base.replace(subset=None, test_subset=None))
+    return lambda cfg: take_subsets(full, cfg.subset, cfg.test_subset)
+
+
+def run_sweep(out: Path, base: Config, todo: Sequence[RunSpec], trainers: dict[str, Any],
+              data: Callable[[Config], Any], done: int, planned: int, progress: bool,
+              log: Callable[[str], None]) -> None:  # fmt: skip
+    """Run `todo`, appending each finished run to runs.jsonl."""
+    commit = report.environment(()).get("git_commit")
+    bar = progress_bar(total=planned, initial=done, desc="sweep", unit="run",
+                       disable=None if progress else True, file=sys.stderr)  # fmt: skip
+    try:
+        for i, spec in enumerate(todo):
+            cfg = spec.config(base)
+            train, kwargs = trainers[spec.framework]
+            summary, status, detail = None, "done", None
+            try:
+                summary = train(cfg, None, data=data(cfg), progress=False, quiet=True, **kwargs)
+            except FloatingPointError as e:
+                status, detail = "diverged", str(e)
+            except (ValueError, RuntimeError) as e:
+                status, detail = "failed", f"{type(e).__name__}: {e}"
+            row = run_row(spec, cfg, summary, status, detail, commit)
+            append_run(out / RUNS, row)
+            bar.update(1)
+            acc = "-" if row["accuracy"] is None else f"{100 * row['accuracy']:.2f}%"
+            secs = "-" if row["time_seconds"] is None else f"{row['time_seconds']:.1f} s"
+            cell = " ".join(f"{k}={_shown(v)}" for k, v in spec.cell)
+            line = f"[{done + i + 1}/{planned}] {spec.framework} {cell} seed={spec.seed}: "
+            if bar.disable:
+                log(f"{line}{status}, {acc}, {secs}")
+    finally:
+        bar.close()
+
+
+def build_parser() -> OneLineErrorParser:
+    p = OneLineErrorParser(
+        prog="python -m jaxbench.sweep",
+        description="Train every cell of a grid over config fields, several seeds each, in "
+        "one or both frameworks; resumable, shardable; writes runs.jsonl, summary.json, "
+        "table.md and a heatmap.",
+    )
+    p.add_argument("--config", default="tiny", choices=sorted(PRESETS), help="base preset")
+    p.add_argument(
+        "--grid",
+        nargs="+",
+        default=[],
+        metavar="FIELD=V1,V2",
+        help="config fields and their values (e.g. batch_size=256,512 lr=0.2,0.4)",
+    )
+    p.add_argument(
+        "--set",
+        nargs="+",
+        default=[],
+        metavar="FIELD=VALUE",
+        help="change the base preset for every run (e.g. subset=5000 epochs=2)",
+    )
+    p.add_argument("--seeds", type=int, default=1, help="seeds per cell (from the preset's seed)")
+    p.add_argument("--frameworks", default="jax", help="jax, torch or jax,torch")
+    p.add_argument("--data-dir", default=None, help="CIFAR folder (else $JAXBENCH_DATA_DIR)")
+    p.add_argument("--out", default=None, help="the sweep folder, required (rerun to continue)")
+    p.add_argument("--shard", default="0/1", help="run only shard i of n (i/n)")
+    p.add_argument(
+        "--merge",
+        nargs="+",
+        metavar="DIR",
+        default=None,
+        help="join these shard folders into --out",
+    )
+    p.add_argument("--overwrite", action="store_true", help="start --out's sweep again")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (one line a run)")
+    return p
+
+
+def merge(out: Path, folders: Sequence[str], overwrite: bool) -> int:
+    """Join shard folders of one sweep: their runs.jsonl rows, each run once."""
+    specs = []
+    for folder in folders:
+        try:
+            specs.append(json.loads((Path(folder) / SPEC).read_text()))
+        except (OSError, ValueError) as e:
+            raise ValueError(f"--merge {folder}: not a sweep folder ({e})") from None
+    first = {**specs[0], "shard": None, "planned": None}
+    for folder, s in zip(folders, specs, strict=True):
+        if not _same_sweep(first, {**s, "shard": None, "planned": None}):
+            raise ValueError(f"--merge {folder}: a different sweep (grid, seeds or config differ)")
+    report.prepare_output(out, SWEEP_FILES, overwrite=overwrite)
+    rows: dict[str, dict[str, Any]] = {}
+    for folder in folders:
+        for row in read_runs(Path(folder) / RUNS):
+            rows.setdefault(row["key"], row)
+    full = planned_keys(specs[0])
+    order = {key: i for i, key in enumerate(full)}
+    merged = sorted(rows.values(), key=lambda r: order.get(r["key"], len(order)))
+    report.write_jsonl(out / RUNS, merged)
+    doc = {**specs[0], "shard": "merged", "merged_from": [str(f) for f in folders],
+           "planned": len(full)}  # fmt: skip
+    report.write_json(out / SPEC, doc)
+    write_outputs(out, merged, doc)
+    print(f"merged {len(merged)} of {len(full)} runs from {len(folders)} folders into {out}")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.out is None:
+        print(
+            "error: --out DIR is required: the folder that keeps the sweep's runs", file=sys.stderr
+        )
+        return 2
+    out = Path(args.out)
+    created = not out.exists()
+    try:
+        try:
+            if args.merge:
+                return merge(out, args.merge, args.overwrite)
+            base = get_config(args.config)
+            for item in args.set:
+                name, sep, text = item.partition("=")
+                if not sep:
+                    raise ValueError(f"--set {item!r}: expected FIELD=VALUE (e.g. epochs=2)")
+                name = name.strip().replace("-", "_")
+                base = base.replace(**{name: parse_field(name, text.strip())})
+            base = validate(base)
+            if args.data_dir is not None:
+                base = base.replace(data_dir=args.data_dir)
+            elif os.environ.get("JAXBENCH_DATA_DIR"):
+                base = base.replace(data_dir=os.environ["JAXBENCH_DATA_DIR"])
+            frameworks = [f.strip() for f in args.frameworks.split(",") if f.strip()]
+            if not frameworks or any(f not in FRAMEWORKS for f in frameworks):
+                raise ValueError(f"--frameworks {args.frameworks!r}: choose jax, torch or both")
+            if args.seeds < 1:
+                raise ValueError("--seeds must be at least 1")
+            index, count = parse_shard(args.shard)
+            grid = parse_grid(args.grid)
+            full = plan(base, grid, args.seeds, frameworks)
+            mine = shard(full, index, count)
+            spec = _spec_doc(base, grid, args, frameworks, len(mine))
+            if (out / SPEC).exists() and not args.overwrite:
+                old = json.loads((out / SPEC).read_text())
+                if not _same_sweep(old, spec):
+                    raise ValueError(
+                        f"--out {out} holds a different sweep; rerun its own command to "
+                        "continue it, choose another folder, or pass --overwrite"
+                    )
+            else:
+                report.prepare_output(out, SWEEP_FILES, overwrite=args.overwrite)
+            rows = read_runs(out / RUNS)
+            finished = {r["key"] for r in rows}
+            todo = [s for s in mine if s.key not in finished]
+            trainers = _trainers(frameworks, todo, base)
+        except (ValueError, RuntimeError, OSError) as e:
+            if created:
+                report.remove_if_empty(out)
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        report.write_json(out / SPEC, spec)
+        print(
+            f"sweep {args.config}: {len(mine)} runs in shard {args.shard} "
+            f"({len(mine) - len(todo)} done before), {len(grid)}-D grid, "
+            f"{args.seeds} seed(s), {', '.join(frameworks)} -> {out}",
+            flush=True,
+        )
+        if todo:
+            try:
+                data = _data_for(base, todo)
+            except (ValueError, OSError) as e:
+                print(f"error: {e}", file=sys.stderr)
+                return 2
+            run_sweep(out, base, todo, trainers, data, len(mine) - len(todo), len(mine),
+                      progress=not args.no_progress, log=print)  # fmt: skip
+        rows = read_runs(out / RUNS)
+        written = write_outputs(out, rows, spec)
+        print(format_table(aggregate(rows), grid), end="")
+        print(f"wrote {', '.join(str(p) for p in [out / RUNS, *written])}")
+        return 0
+    except KeyboardInterrupt:
+        if (out / SPEC).exists():
+            rows = read_runs(out / RUNS)
+            write_outputs(out, rows, json.loads((out / SPEC).read_text()))
+            report.exit_interrupted(
+                f"interrupted after {len(rows)} runs; they are in {out / RUNS}, "
+                "and the same command continues the sweep"
+            )
+        if created:
+            report.remove_if_empty(out)
+        report.exit_interrupted(f"interrupted; nothing written to {out}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,154 @@
+"""The sweep: grids refused before anything runs, runs.jsonl that survives a kill,
+shards that merge into the unsharded sweep, and the figures."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from jaxbench import sweep
+from jaxbench.configs import get_config
+
+SMALL = ["--config", "tiny", "--set", "subset=500", "test_subset=500", "epochs=1",
+         "widths=8,8,8,8", "lr_peak_epoch=0.5"]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "args,text",
+    [
+        (["--grid", "lrr=0.1"], "'lrr' is not a config field"),
+        (["--grid", "lr=abc"], "lr='abc' is not a valid value"),
+        (["--grid"], "expected at least one argument"),
+        ([], "--grid is empty"),
+        (["--grid", "lr"], "expected field=v1,v2"),
+        (["--grid", "lr=0.1,0.1"], "appears twice"),
+        (["--grid", "batch_size=0,100"], "grid cell batch_size=0"),
+        (["--grid", "seed=1,2"], "--seeds"),
+        (["--grid", "lr=0.1", "--shard", "2/2"], "--shard 2/2"),
+        (["--grid", "lr=0.1", "--frameworks", "jax,mxnet"], "--frameworks"),
+        (["--grid", "lr=0.1", "--set", "epochs"], "--set 'epochs'"),
+    ],
+)
+def test_bad_grids_are_one_line_before_anything_runs(
+    args: list[str], text: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "sweep"
+    try:
+        code = sweep.main(["--config", "tiny", "--out", str(out), *args])
+    except SystemExit as e:  # argparse's own refusals
+        code = e.code
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and text in err, err
+    assert not out.exists()
+
+
+def test_plan_shards_are_disjoint_and_cover_it() -> None:
+    base = get_config("tiny")
+    grid = sweep.parse_grid(["batch_size=50,100,200", "lr=0.2,0.4", "widths=8,8,8,8;8,16,16,16"])
+    assert grid["widths"] == [(8, 8, 8, 8), (8, 16, 16, 16)]
+    full = sweep.plan(base, grid, seeds=2, frameworks=["jax", "torch"])
+    assert len(full) == 3 * 2 * 2 * 2 * 2 and len({s.key for s in full}) == len(full)
+    shards = [sweep.shard(full, i, 3) for i in range(3)]
+    keys = [s.key for part in shards for s in part]
+    assert sorted(keys) == sorted(s.key for s in full) and len(set(keys)) == len(keys)
+    doc = {"grid": {k: [list(v) if isinstance(v, tuple) else v for v in vs]
+                    for k, vs in grid.items()},
+           "base": base.to_dict(), "seeds": 2, "frameworks": ["jax", "torch"]}  # fmt: skip
+    assert sweep.planned_keys(doc) == [s.key for s in full]  # what --merge orders by
+
+
+def test_a_line_cut_short_is_not_a_run(tmp_path: Path) -> None:
+    path = tmp_path / "runs.jsonl"
+    sweep.append_run(path, {"key": "a", "accuracy": 0.5})
+    sweep.append_run(path, {"key": "b", "accuracy": 0.6})
+    with open(path, "ab") as f:
+        f.write(b'{"key": "c", "accur')  # the kill came mid-write
+    assert [r["key"] for r in sweep.read_runs(path)] == ["a", "b"]
+    assert path.read_bytes().endswith(b"\n") and len(path.read_bytes().splitlines()) == 2
+    path.write_text('{"key": "a"}\nnot json\n{"key": "b"}\n')
+    with pytest.raises(ValueError, match="line 2 is not a run"):
+        sweep.read_runs(path)
+
+
+@pytest.mark.slow
+@pytest.mark.realdata
+def test_kill_then_rerun_finishes_without_redoing_or_duplicating(
+    real_data_dir: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "sweep"
+    cmd = [sys.executable, "-m", "jaxbench.sweep", *SMALL, "--grid", "lr=0.2,0.4",
+           "--seeds", "2", "--data-dir", str(real_data_dir), "--out", str(out)]  # fmt: skip
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    runs = out / "runs.jsonl"
+    try:
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline and not (runs.exists() and runs.read_bytes()):
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=60)
+    finally:
+        proc.kill()
+    before = runs.read_text().splitlines()
+    assert 1 <= len(before) < 4, before
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert f"({len(before)} done before)" in res.stdout
+    after = runs.read_text().splitlines()
+    assert after[: len(before)] == before  # nothing redone or rewritten
+    keys = [json.loads(r)["key"] for r in after]
+    planned = sweep.planned_keys(json.loads((out / "sweep.json").read_text()))
+    assert sorted(keys) == sorted(planned) and len(set(keys)) == 4
+    assert all(json.loads(r)["status"] == "done" for r in after)
+
+
+@pytest.mark.slow
+@pytest.mark.realdata
+def test_two_shards_merged_equal_the_unsharded_sweep(
+    real_data_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    common = [*SMALL, "--grid", "lr=0.2,0.4", "batch_size=50,100", "--data-dir",
+              str(real_data_dir), "--no-progress"]  # fmt: skip
+    for name, extra in (("all", []), ("s0", ["--shard", "0/2"]), ("s1", ["--shard", "1/2"])):
+        assert sweep.main([*common, *extra, "--out", str(tmp_path / name)]) == 0
+    merged = tmp_path / "merged"
+    assert sweep.main(["--merge", str(tmp_path / "s0"), str(tmp_path / "s1"),
+                       "--out", str(merged)]) == 0  # fmt: skip
+
+    def runs(folder: str) -> dict[str, float]:
+        rows = sweep.read_runs(tmp_path / folder / "runs.jsonl")
+        return {r["key"]: r["accuracy"] for r in rows}
+
+    assert runs("merged") == runs("all") and len(runs("all")) == 4
+    assert len(runs("s0")) == len(runs("s1")) == 2
+    summary = json.loads((merged / "summary.json").read_text())
+    assert summary["complete"] and summary["runs"] == 4
+    assert (merged / "heatmap.png").stat().st_size > 1000
+    table = (merged / "table.md").read_text().splitlines()
+    accs = [float(line.split("|")[5].split("±")[0]) for line in table[2:]]
+    assert accs == sorted(accs, reverse=True) and len(accs) == 4
+    other = tmp_path / "other"  # a shard of another sweep (more seeds) does not merge
+    other.mkdir()
+    doc = json.loads((tmp_path / "s1" / "sweep.json").read_text())
+    (other / "sweep.json").write_text(json.dumps({**doc, "seeds": 3}))
+    capsys.readouterr()
+    assert sweep.main(["--merge", str(tmp_path / "s0"), str(other),
+                       "--out", str(tmp_path / "m2")]) == 2  # fmt: skip
+    assert "a different sweep" in capsys.readouterr().err and not (tmp_path / "m2").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.realdata
+def test_a_1d_grid_draws_lines(real_data_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "sweep"
+    args = [*SMALL, "--grid", "lr=0.2,0.4", "--data-dir", str(real_data_dir), "--out", str(out),
+            "--no-progress"]  # fmt: skip
+    assert sweep.main(args) == 0
+    assert (out / "lines.png").stat().st_size > 1000 and not (out / "heatmap.png").exists()
+    assert sweep.main(args) == 0  # everything done: nothing runs again
+    assert len(sweep.read_runs(out / "runs.jsonl")) == 2
