@@ -401,33 +401,79 @@ def _data_for(base: Config, specs: Sequence[RunSpec]) -> Callable[[Config], Any]
     return lambda cfg: take_subsets(full, cfg.subset, cfg.test_subset)
 
 
+def batches(todo: Sequence[RunSpec], vmap_seeds: int) -> list[list[RunSpec]]:
+    """The runs in `todo`'s order, JAX runs of one cell grouped up to `vmap_seeds` per
+    program (`jaxbench.seeds`); every other run alone."""
+    out: list[list[RunSpec]] = []
+    open_group: dict[tuple[tuple[str, Any], ...], list[RunSpec]] = {}
+    for spec in todo:
+        if spec.framework != "jax" or vmap_seeds <= 1:
+            out.append([spec])
+            continue
+        group = open_group.get(spec.cell)
+        if group is None or len(group) >= vmap_seeds:
+            group = open_group[spec.cell] = []
+            out.append(group)
+        group.append(spec)
+    return out
+
+
+Outcome = tuple[dict[str, Any] | None, str, str | None]  # (summary, status, detail)
+
+
+def _train_group(
+    group: list[RunSpec], base: Config, trainers: dict[str, Any], data: Callable[[Config], Any]
+) -> list[Outcome]:
+    """(summary, status, detail) per run of `group`: one run, or seeds in one program."""
+    cfg = group[0].config(base)
+    try:
+        if len(group) == 1:
+            train, kwargs = trainers[group[0].framework]
+            return [(train(cfg, None, data=data(cfg), progress=False, quiet=True, **kwargs),
+                     "done", None)]  # fmt: skip
+        from jaxbench.seeds import train_seeds
+
+        res = train_seeds(cfg, [s.seed for s in group], data(cfg))
+        per = res["total_time_seconds"] / len(group)
+        return [
+            ({**one, "total_time_seconds": per, "compile_seconds": res["compile_seconds"],
+              "vmap_seeds": len(group), "program_seconds": res["total_time_seconds"]},
+             "done", None)
+            for one in res["seeds"]
+        ]  # fmt: skip
+    except FloatingPointError as e:
+        return [(None, "diverged", str(e))] * len(group)
+    except (ValueError, RuntimeError) as e:
+        return [(None, "failed", f"{type(e).__name__}: {e}")] * len(group)
+
+
 def run_sweep(out: Path, base: Config, todo: Sequence[RunSpec], trainers: dict[str, Any],
               data: Callable[[Config], Any], done: int, planned: int, progress: bool,
-              log: Callable[[str], None]) -> None:  # fmt: skip
-    """Run `todo`, appending each finished run to runs.jsonl."""
+              log: Callable[[str], None], vmap_seeds: int = 1) -> None:  # fmt: skip
+    """Run `todo`, appending each finished run to runs.jsonl (a vmapped group's runs
+    together, when its program ends)."""
     commit = report.environment(()).get("git_commit")
     bar = progress_bar(total=planned, initial=done, desc="sweep", unit="run",
                        disable=None if progress else True, file=sys.stderr)  # fmt: skip
+    count = done
     try:
-        for i, spec in enumerate(todo):
-            cfg = spec.config(base)
-            train, kwargs = trainers[spec.framework]
-            summary, status, detail = None, "done", None
-            try:
-                summary = train(cfg, None, data=data(cfg), progress=False, quiet=True, **kwargs)
-            except FloatingPointError as e:
-                status, detail = "diverged", str(e)
-            except (ValueError, RuntimeError) as e:
-                status, detail = "failed", f"{type(e).__name__}: {e}"
-            row = run_row(spec, cfg, summary, status, detail, commit)
-            append_run(out / RUNS, row)
-            bar.update(1)
-            acc = "-" if row["accuracy"] is None else f"{100 * row['accuracy']:.2f}%"
-            secs = "-" if row["time_seconds"] is None else f"{row['time_seconds']:.1f} s"
-            cell = " ".join(f"{k}={_shown(v)}" for k, v in spec.cell)
-            line = f"[{done + i + 1}/{planned}] {spec.framework} {cell} seed={spec.seed}: "
-            if bar.disable:
-                log(f"{line}{status}, {acc}, {secs}")
+        for group in batches(todo, vmap_seeds):
+            for spec, (summary, status, detail) in zip(
+                group, _train_group(group, base, trainers, data), strict=True
+            ):
+                row = run_row(spec, spec.config(base), summary, status, detail, commit)
+                if summary is not None and "vmap_seeds" in summary:
+                    row["vmap_seeds"] = summary["vmap_seeds"]
+                    row["program_seconds"] = summary["program_seconds"]
+                append_run(out / RUNS, row)
+                bar.update(1)
+                count += 1
+                acc = "-" if row["accuracy"] is None else f"{100 * row['accuracy']:.2f}%"
+                secs = "-" if row["time_seconds"] is None else f"{row['time_seconds']:.1f} s"
+                cell = " ".join(f"{k}={_shown(v)}" for k, v in spec.cell)
+                if bar.disable:
+                    log(f"[{count}/{planned}] {spec.framework} {cell} seed={spec.seed}: "
+                        f"{status}, {acc}, {secs}")  # fmt: skip
     finally:
         bar.close()
 
@@ -456,6 +502,14 @@ def build_parser() -> OneLineErrorParser:
     )
     p.add_argument("--seeds", type=int, default=1, help="seeds per cell (from the preset's seed)")
     p.add_argument("--frameworks", default="jax", help="jax, torch or jax,torch")
+    p.add_argument(
+        "--vmap-seeds",
+        type=int,
+        default=1,
+        metavar="K",
+        help="train up to K seeds of a cell in one vmapped JAX program (time per run: the "
+        "program's over K)",
+    )
     p.add_argument("--data-dir", default=None, help="CIFAR folder (else $JAXBENCH_DATA_DIR)")
     p.add_argument("--out", default=None, help="the sweep folder, required (rerun to continue)")
     p.add_argument("--shard", default="0/1", help="run only shard i of n (i/n)")
@@ -530,6 +584,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                 raise ValueError(f"--frameworks {args.frameworks!r}: choose jax, torch or both")
             if args.seeds < 1:
                 raise ValueError("--seeds must be at least 1")
+            if args.vmap_seeds < 1:
+                raise ValueError("--vmap-seeds must be at least 1")
+            if args.vmap_seeds > 1 and base.lookahead:
+                raise ValueError("--vmap-seeds does not implement --lookahead; drop one")
             index, count = parse_shard(args.shard)
             grid = parse_grid(args.grid)
             full = plan(base, grid, args.seeds, frameworks)
@@ -567,7 +625,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 print(f"error: {e}", file=sys.stderr)
                 return 2
             run_sweep(out, base, todo, trainers, data, len(mine) - len(todo), len(mine),
-                      progress=not args.no_progress, log=print)  # fmt: skip
+                      progress=not args.no_progress, log=print,
+                      vmap_seeds=args.vmap_seeds)  # fmt: skip
         rows = read_runs(out / RUNS)
         written = write_outputs(out, rows, spec)
         print(format_table(aggregate(rows), grid), end="")

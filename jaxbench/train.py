@@ -790,20 +790,88 @@ def load_checkpoint(run_dir: str | os.PathLike[str]) -> tuple[dict[str, Any], Py
 
 
 def build_parser() -> argparse.ArgumentParser:
-    return cli.trainer_parser(
+    parser = cli.trainer_parser(
         "python -m jaxbench.train",
         "Train the Flax ResNet-9 (or the speedrun net) on CIFAR and print a per-epoch "
         "table. Start from a --config preset; every other flag overrides one field of it. "
         "With --out DIR the run writes config.json, metrics.jsonl and summary.json there.",
     )
+    parser.add_argument(
+        "--vmap-seeds",
+        type=int,
+        default=1,
+        metavar="K",
+        help="train K seeds (--seed, --seed + 1, ...) in one vmapped program and print each "
+        "seed's final accuracy and their mean; --out then gets config.json and seeds.json",
+    )
+    return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """CLI entry point: exit 0 on success, 1 if training diverged, 2 on bad input."""
     args = build_parser().parse_args(argv)
+    if args.vmap_seeds != 1:
+        return _main_vmapped(args)
     return cli.run_trainer(
         args, check_supported=check_supported, train=train_and_evaluate, compile_label="compiling"
     )
+
+
+def _main_vmapped(args: argparse.Namespace) -> int:
+    """`--vmap-seeds K`: K seeds in one program (`jaxbench.seeds`), a line per seed."""
+    from jaxbench.data import load_dataset
+    from jaxbench.report import exit_interrupted, prepare_output, remove_if_empty, write_json
+    from jaxbench.seeds import train_seeds
+
+    out = None
+    try:
+        if args.vmap_seeds < 1:
+            raise ValueError(f"--vmap-seeds {args.vmap_seeds}: give K >= 1")
+        if args.resume is not None or args.profile is not None:
+            raise ValueError("--vmap-seeds runs without --resume and --profile")
+        cfg = configs.config_from_args(args)
+        check_supported(cfg)
+        if cfg.checkpoint_every:
+            raise ValueError("--vmap-seeds writes no checkpoints; drop --checkpoint-every")
+        out = cfg.out
+        created = out is not None and not Path(out).exists()
+        if out is not None:
+            prepare_output(out, ("config.json", "seeds.json"), overwrite=args.overwrite)
+        data = load_dataset(cfg)
+    except (ValueError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    try:
+        result = train_seeds(cfg, range(cfg.seed, cfg.seed + args.vmap_seeds), data)
+    except KeyboardInterrupt:
+        if out is not None and created:
+            remove_if_empty(out)
+        exit_interrupted(f"interrupted; nothing written to {out}" if out else "interrupted")
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    accs = []
+    for s in result["seeds"]:
+        f = s["final"]
+        acc = f["ema_val_acc"] if f["ema_val_acc"] is not None else f["val_acc"]
+        accs.append(acc)
+        if not args.quiet:
+            ema = f["ema_val_acc"]
+            shown = f", ema_val_acc {100 * ema:.2f}%" if ema is not None else ""
+            print(f"seed {s['seed']}: val_acc {100 * f['val_acc']:.2f}%{shown}")
+    if not args.quiet:
+        spread = f" ± {100 * np.std(accs, ddof=1):.2f}" if len(accs) > 1 else ""
+        print(
+            f"{len(accs)} seeds in one program: mean {100 * np.mean(accs):.2f}%{spread}; "
+            f"{result['total_time_seconds']:.1f} s timed, {result['compile_seconds']:.1f} s "
+            "compiling"
+        )
+    if out is not None:
+        write_json(Path(out) / "config.json", cfg.to_dict())
+        write_json(Path(out) / "seeds.json", result)
+        if not args.quiet:
+            print(f"wrote config.json, seeds.json to {out}")
+    return 0
 
 
 if __name__ == "__main__":

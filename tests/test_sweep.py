@@ -152,3 +152,29 @@ def test_a_1d_grid_draws_lines(real_data_dir: Path, tmp_path: Path) -> None:
     assert (out / "lines.png").stat().st_size > 1000 and not (out / "heatmap.png").exists()
     assert sweep.main(args) == 0  # everything done: nothing runs again
     assert len(sweep.read_runs(out / "runs.jsonl")) == 2
+
+
+def test_vmapped_jax_runs_are_grouped_by_cell() -> None:
+    grid = sweep.parse_grid(["lr=0.2,0.4"])
+    full = sweep.plan(get_config("tiny"), grid, seeds=3, frameworks=["jax", "torch"])
+    groups = sweep.batches(full, 2)
+    jax_groups = [g for g in groups if g[0].framework == "jax"]
+    assert [len(g) for g in jax_groups] == [2, 1, 2, 1]
+    assert all(len({s.cell for s in g}) == 1 for g in jax_groups)
+    assert all(len(g) == 1 for g in groups if g[0].framework == "torch")
+    assert sorted(s.key for g in groups for s in g) == sorted(s.key for s in full)
+
+
+@pytest.mark.slow
+@pytest.mark.realdata
+def test_a_vmapped_sweep_records_every_seed(real_data_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "sweep"
+    args = [*SMALL, "--grid", "lr=0.2,0.4", "--seeds", "2", "--vmap-seeds", "2",
+            "--data-dir", str(real_data_dir), "--out", str(out), "--no-progress"]  # fmt: skip
+    assert sweep.main(args) == 0
+    rows = sweep.read_runs(out / "runs.jsonl")
+    assert len(rows) == 4 and all(r["vmap_seeds"] == 2 and r["status"] == "done" for r in rows)
+    assert sorted(r["key"] for r in rows) == sorted(
+        sweep.planned_keys(json.loads((out / "sweep.json").read_text()))
+    )
+    assert len({r["accuracy"] for r in rows}) > 1
