@@ -409,6 +409,16 @@ def format_table(doc: dict[str, Any]) -> str:
         "built = runs that compiled their programs (JAX) or ran the compile/autotune warm-up "
         "(PyTorch), warm-up included: 1 means every timed run reused them"
     )
+    v = doc.get("vmap_seeds")
+    if v and "time_seconds" in v:
+        alone = "-" if v["time_alone"] is None else f"{v['time_alone']:.2f} s"
+        lines.append(
+            f"{v['k']} seeds, one program ({v['contender']}): {v['time_seconds']:.2f} s, "
+            f"{v['time_per_seed']:.2f} s per seed against {alone} for a run alone; "
+            f"acc {_pm(v['accuracy'], 4)}"
+        )
+    elif v:
+        lines.append(f"{v['k']} seeds, one program: {v.get('skipped') or v.get('error')}")
     for verdict in doc.get("verdicts", {}).values():
         lines.append(format_verdict(verdict, doc["preset"]))
     return "\n".join(lines)
@@ -515,6 +525,7 @@ class Options:
     max_seconds: float | None
     profile: Path | None
     overwrite: bool = False
+    vmap_seeds: int = 0  # >1: after the rounds, K JAX seeds in one program
 
     @property
     def entries(self) -> tuple[Entry, ...]:
@@ -581,6 +592,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="after the timed rounds, one profiled run per contender: traces in DIR and a "
         "top-operations table per framework in the report",
     )
+    p.add_argument(
+        "--vmap-seeds",
+        type=int,
+        default=0,
+        metavar="K",
+        help="after the rounds, train K JAX seeds in one vmapped program per preset and add "
+        'a row "K seeds, one program": time per seed against a run alone',
+    )
     # Every other Config field overrides every preset; --out and --seed belong to the bench.
     configs.add_config_args(p, skip=("name", "out", "seed", "config", "loop"))
     return p
@@ -628,6 +647,10 @@ def parse_args(argv: Sequence[str] | None = None) -> Options:
         parser.error(f"--max-seconds must be a positive number of seconds, got {args.max_seconds}")
     if not 0.0 < args.target <= 1.0:
         parser.error(f"--target is an accuracy in (0, 1], e.g. 0.94; got {args.target}")
+    if args.vmap_seeds < 0 or args.vmap_seeds == 1:
+        parser.error(f"--vmap-seeds takes K >= 2 seeds (0: off), got {args.vmap_seeds}")
+    if args.vmap_seeds and "jax" not in names:
+        parser.error("--vmap-seeds is a JAX row: add jax to --frameworks")
     runs = args.runs if args.runs is not None or args.max_seconds is not None else DEFAULT_RUNS
     out = Path(args.out) if args.out else Path("bench-out") / "+".join(presets)
     return Options(
@@ -643,6 +666,7 @@ def parse_args(argv: Sequence[str] | None = None) -> Options:
         max_seconds=args.max_seconds,
         profile=Path(args.profile) if args.profile else None,
         overwrite=args.overwrite,
+        vmap_seeds=args.vmap_seeds,
     )
 
 
@@ -976,6 +1000,51 @@ class Bench:
                     self.run(cfg, entry, r, "timed")
             r += 1
 
+    def vmapped(self) -> None:
+        """Per preset, K JAX seeds in one vmapped program (`jaxbench.seeds`), timed as a run
+        is (steps and final evaluation, compilation excluded), beside the runs alone."""
+        from jaxbench.seeds import train_seeds
+
+        k = self.opts.vmap_seeds
+        for cfg in self.opts.cfgs:
+            entry = next((e for e in self.active(cfg) if e.framework == "jax"), None)
+            if entry is None:
+                continue
+            race = self.doc["races"][cfg.name]
+            est = k * self.estimates[(cfg.name, entry.name)]  # at worst, K runs one by one
+            if self.budget.limited and not fits(self.budget.remaining(), est):
+                race["vmap_seeds"] = {"k": k, "skipped": f"budget: ~{est:.0f} s predicted"}
+                self.log(f"{self._stamp()} {cfg.name} {k} seeds, one program: skipped (budget)")
+                continue
+            run_cfg = entry.config(cfg).replace(out=None)
+            try:
+                with self.watchdog.guard():
+                    res = train_seeds(run_cfg, range(k), self.data[cfg.name])
+            except BudgetExceeded:
+                raise
+            except Exception as e:
+                race["vmap_seeds"] = {"k": k, **_error(e)}
+                continue
+            metric = headline_metric(cfg)
+            accs = [s["final"][metric] for s in res["seeds"]]
+            alone = race["frameworks"][entry.name]["summary"]
+            race["vmap_seeds"] = {
+                "k": k,
+                "contender": entry.name,
+                "time_seconds": res["total_time_seconds"],
+                "time_per_seed": res["total_time_seconds"] / k,
+                "time_alone": alone["time_seconds"]["mean"] if alone else None,
+                "compile_seconds": res["compile_seconds"],
+                "accuracy": describe(accs),
+                "seeds": list(range(k)),
+            }
+            self.save()
+            self.log(
+                f"{self._stamp()} {cfg.name} {k} seeds, one program: "
+                f"{res['total_time_seconds']:.2f} s ({res['total_time_seconds'] / k:.2f} s per "
+                f"seed), acc mean {describe(accs)['mean']:.4f}"
+            )
+
     def profile_cost(self) -> float:
         if self.opts.profile is None:
             return 0.0
@@ -1162,6 +1231,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         b.watchdog.arm()
         b.warmups()
         b.doc["stop_reason"] = b.rounds()
+        if opts.vmap_seeds:
+            b.vmapped()
         if opts.profile is not None:
             b.profiles()
         complete = True

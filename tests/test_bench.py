@@ -525,3 +525,27 @@ def test_one_run_shows_no_spread() -> None:
     """`--runs 1`: the table says "1 run" rather than a dangling "±-"."""
     assert bench._pm({"mean": 0.622, "std": None}, 4) == "0.6220 (1 run)"
     assert bench._pm({"mean": 0.622, "std": 0.01}, 4) == "0.6220±0.0100"
+
+
+@pytest.mark.slow
+@pytest.mark.realdata
+def test_vmap_seeds_row(data_dir: str, tmp_path: Path) -> None:
+    """`--vmap-seeds K`: K JAX seeds in one program, beside the runs alone."""
+    out = tmp_path / "bench"
+    cmd = _bench_cmd("tiny", data_dir, out, "--runs", "1", "--vmap-seeds", "2", *SMALL)
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-2000:]
+    v = json.loads((out / "bench.json").read_text())["races"]["tiny"]["vmap_seeds"]
+    assert v["k"] == 2 and v["seeds"] == [0, 1] and v["accuracy"]["n"] == 2
+    assert v["time_per_seed"] == pytest.approx(v["time_seconds"] / 2) and v["time_alone"] > 0
+    assert "2 seeds, one program (jax):" in res.stdout
+
+
+@pytest.mark.parametrize(
+    "flags,text",
+    [(["--vmap-seeds", "1"], "K >= 2"), (["--vmap-seeds", "2", "--frameworks", "torch"], "JAX")],
+)
+def test_vmap_seeds_flag_errors(flags: list[str], text: str, capsys) -> None:
+    with pytest.raises(SystemExit) as e:
+        bench.parse_args(["--config", "tiny", *flags])
+    assert e.value.code == 2 and text in capsys.readouterr().err
