@@ -12,12 +12,15 @@ latest checkpoint is kept: older ones are removed after the new one is in place.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
 import re
 import shutil
-from collections.abc import Callable
+import signal
+import threading
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +53,36 @@ def latest(run_dir: str | os.PathLike[str]) -> tuple[int, Path] | None:
     return max(found) if found else None
 
 
+@contextlib.contextmanager
+def deferred_signals() -> Iterator[None]:
+    """SIGINT and SIGTERM that arrive inside the block take effect when it ends.
+
+    A checkpoint written by background threads (orbax) cannot be cleaned up
+    reliably once an interrupt has cut it short, so the write finishes first;
+    it takes a second or two. Only the main thread receives signals; elsewhere
+    this does nothing.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught: list[int] = []
+    previous = {
+        s: signal.signal(s, lambda signum, frame: caught.append(signum))
+        for s in (signal.SIGINT, signal.SIGTERM)
+    }
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+        if caught:
+            handler = previous[caught[0]]
+            if callable(handler):
+                handler(caught[0], None)  # raises KeyboardInterrupt (or the trainer's own)
+            elif handler == signal.SIG_DFL:
+                os.kill(os.getpid(), caught[0])
+
+
 def save(
     run_dir: str | os.PathLike[str],
     epoch: int,
@@ -62,17 +95,18 @@ def save(
     folder.mkdir(parents=True, exist_ok=True)
     final = folder / f"epoch_{epoch}"
     tmp = folder / f"{_TMP_PREFIX}epoch_{epoch}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
-        write_state(tmp)
-        write_json(tmp / PROGRESS, {"epoch": epoch, **progress})
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-    except BaseException:  # Ctrl-C or a full disk mid-write: no half checkpoint stays
+    with deferred_signals():  # Ctrl-C mid-write takes effect once the checkpoint is whole
         shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        tmp.mkdir()
+        try:
+            write_state(tmp)
+            write_json(tmp / PROGRESS, {"epoch": epoch, **progress})
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+        except BaseException:  # a full disk mid-write: no half checkpoint stays
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
     for p in folder.iterdir():  # older checkpoints and temporaries of killed writes
         if p != final and (_NAME.fullmatch(p.name) or p.name.startswith(_TMP_PREFIX)):
             shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)

@@ -174,3 +174,23 @@ def test_latest_reads_only_complete_checkpoints(tmp_path: Path) -> None:
     assert checkpoint.should_save(cfg, 0)
     assert not checkpoint.should_save(cfg.replace(checkpoint_every=0), 0)
     assert not checkpoint.should_save(cfg.replace(checkpoint_every=2), 0)
+
+
+def test_signals_during_a_write_wait_for_its_end() -> None:
+    """Ctrl-C inside `deferred_signals` is raised when the block ends, not in it."""
+    import os
+    import signal
+
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    reached = []
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            with checkpoint.deferred_signals():
+                os.kill(os.getpid(), signal.SIGINT)
+                for _ in range(1000):  # Python would raise here, between bytecodes
+                    pass
+                reached.append(True)
+        assert reached == [True]
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    finally:
+        signal.signal(signal.SIGINT, previous)

@@ -29,6 +29,8 @@ from pathlib import Path
 
 import pytest
 
+from jaxbench import checkpoint
+
 # Ctrl-C as in a terminal: a job started in the background (as CI may start the tests)
 # inherits SIGINT ignored, and Python then never raises KeyboardInterrupt.
 _LAUNCHER = r"""
@@ -115,6 +117,8 @@ TRAINER_PHASES = [
     ("torch_ref.train", "jaxbench.data:load_dataset", 0.0, 3, "before"),
     ("torch_ref.train", "torch_ref.train:setup", 0.1, 3, "before"),
     ("torch_ref.train", "jaxbench.report:RunRecorder.epoch", 0.3, 40, "after"),
+    ("jaxbench.train", "jaxbench.checkpoint:save", 0.05, 3, "after"),
+    ("torch_ref.train", "jaxbench.checkpoint:save", 0.05, 3, "after"),
 ]
 
 
@@ -145,7 +149,10 @@ def test_ctrl_c_in_a_trainer(
     else:
         _assert_interrupted(code, out, err, "interrupted after epoch ")
         _assert_true_status(run)
-        assert 1 <= json.loads((run / "status.json").read_text())["epochs_completed"] < epochs
+        done = json.loads((run / "status.json").read_text())["epochs_completed"]
+        assert 1 <= done < epochs
+        saved = checkpoint.latest(run)  # a checkpoint is whole, and never ahead of the rows
+        assert saved is None or (saved[0] <= done and (saved[1] / "progress.json").is_file())
     assert _leftovers(run) == [] and _leftovers(Path(env["TMPDIR"])) == []
 
 
