@@ -24,13 +24,13 @@ import numpy as np
 from jaxbench import augment, layers, models, optim
 from jaxbench.configs import Config
 from jaxbench.report import environment
-from jaxbench.stream import steps_per_epoch
 from jaxbench.train import (
     _eval_zeros,
     _pad_to,
     _set_whitening,
     check_supported,
     create_train_state,
+    host_arrays,
     make_eval_fn,
     make_loop_fns,
     resolve_loop,
@@ -60,14 +60,8 @@ def train_seeds(cfg: Config, seeds: Sequence[int], data: Any = None) -> dict[str
         from jaxbench.data import load_dataset
 
         data = load_dataset(cfg)
-    train_x = np.asarray(data.train_images[: cfg.subset], np.uint8)
-    train_y = np.asarray(data.train_labels[: cfg.subset], np.int32)
-    test_x = np.asarray(data.test_images[: cfg.test_subset], np.uint8)
-    test_y = np.asarray(data.test_labels[: cfg.test_subset], np.int32)
+    train_x, train_y, test_x, test_y, steps = host_arrays(cfg, data)
     n_train, n_test = len(train_x), len(test_x)
-    steps = steps_per_epoch(cfg, n_train)
-    if steps == 0 or n_test == 0:
-        raise ValueError("no full training batch or no test image; check --subset and --batch-size")
     loop = resolve_loop(cfg)
     with_ema = cfg.ema_every > 0
     model = models.model_from_config(cfg)

@@ -74,6 +74,26 @@ def seed_keys(seed: int) -> tuple[jax.Array, jax.Array]:
     return init_key, data_key
 
 
+def host_arrays(
+    cfg: Config, data: Any
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, int]:
+    """(train images, labels, test images, labels, steps per epoch) of `cfg`'s subsets,
+    as uint8 / int32 host arrays; a one-line ValueError when nothing could train."""
+    train_x = np.asarray(data.train_images[: cfg.subset], np.uint8)
+    train_y = np.asarray(data.train_labels[: cfg.subset], np.int32)
+    test_x = np.asarray(data.test_images[: cfg.test_subset], np.uint8)
+    test_y = np.asarray(data.test_labels[: cfg.test_subset], np.int32)
+    steps = steps_per_epoch(cfg, len(train_x))
+    if steps == 0:
+        raise ValueError(
+            f"{len(train_x)} training images make no full batch of {cfg.batch_size}; "
+            "lower --batch-size or raise --subset"
+        )
+    if len(test_x) == 0:
+        raise ValueError("the test set is empty; check the data or --test-subset")
+    return train_x, train_y, test_x, test_y, steps
+
+
 def _fresh_copy(tree: PyTree) -> PyTree:
     """Float32 device copies, so donating the train state never invalidates a caller's arrays."""
     return jax.tree_util.tree_map(lambda x: jnp.array(x, dtype=jnp.float32, copy=True), tree)
@@ -402,19 +422,8 @@ def setup(
         from jaxbench.data import load_dataset
 
         data = load_dataset(cfg)
-    train_x = np.asarray(data.train_images[: cfg.subset], np.uint8)
-    train_y = np.asarray(data.train_labels[: cfg.subset], np.int32)
-    test_x = np.asarray(data.test_images[: cfg.test_subset], np.uint8)
-    test_y = np.asarray(data.test_labels[: cfg.test_subset], np.int32)
+    train_x, train_y, test_x, test_y, steps = host_arrays(cfg, data)
     n_train, n_test = len(train_x), len(test_x)
-    steps = steps_per_epoch(cfg, n_train)
-    if steps == 0:
-        raise ValueError(
-            f"{n_train} training images make no full batch of {cfg.batch_size}; "
-            "lower --batch-size or raise --subset"
-        )
-    if n_test == 0:
-        raise ValueError("the test set is empty; check the data or --test-subset")
 
     loop = resolve_loop(cfg)
     with_ema = cfg.ema_every > 0

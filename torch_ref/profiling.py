@@ -1,7 +1,7 @@
 """What `--profile DIR` gives a PyTorch run: a Chrome trace and a top-operations table.
 
 The trace (`DIR/torch-trace.json`) opens in https://ui.perfetto.dev. The table
-has the rows of `jaxbench.profiling.rank`, the schema the JAX trainer reports,
+has the columns of `python -m jaxbench.train --profile` (`jaxbench.profiling.rank`),
 so the two frameworks' hot spots read side by side: on the CPU each operator's
 self CPU time; on CUDA the device's own events (kernels, copies) by self device
 time, since an operator's device time repeats its kernels' and summing both
