@@ -232,6 +232,7 @@ def run_record(
         "images_per_second": images / time_s if time_s > 0 else None,
         "tflops_per_second": work / time_s / 1e12 if time_s > 0 else None,
         "trainer_images_per_second": summary.get("images_per_second"),
+        "devices": summary.get("devices", 1),  # data-parallel devices of the run
         "date": summary.get("environment", {}).get("date"),
         "epochs": summary.get("epochs", []),
     }
@@ -275,6 +276,7 @@ def summarize(
         },
         "images_per_second": _mean_of(records, "images_per_second"),
         "tflops_per_second": _mean_of(records, "tflops_per_second"),
+        "devices": max((r.get("devices", 1) for r in records), default=1),
     }
 
 
@@ -362,6 +364,7 @@ def format_table(doc: dict[str, Any]) -> str:
     header = [
         "framework",
         "preset",
+        "devices",
         "runs",
         "acc mean±std",
         ">=target",
@@ -388,6 +391,7 @@ def format_table(doc: dict[str, Any]) -> str:
             [
                 name,
                 doc["preset"],
+                str(s.get("devices", 1)),
                 str(s["runs"]),
                 _pm(s["accuracy"], 4),
                 f"{s['runs_at_target']}/{s['runs']}",

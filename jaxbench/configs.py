@@ -153,6 +153,21 @@ class Config:
     loop: str = field(
         default="auto", metadata={"help": "scan (whole epoch in one jit), step, or auto"}
     )
+    devices: int = field(
+        default=0,
+        metadata={
+            "help": "data-parallel devices per process: the batch is split over them, "
+            "the weights replicated (0: every local device)"
+        },
+    )
+    bn_sync: str = field(
+        default="global",
+        metadata={
+            "help": "with several devices: global (BN statistics over the whole batch, "
+            "the same numbers as one device) or local (each device's share on its own, "
+            "a different recipe)"
+        },
+    )
     out: str | None = field(default=None, metadata={"help": "output folder for results"})
     checkpoint_every: int = field(
         default=0,
@@ -188,6 +203,7 @@ def validate(cfg: Config) -> Config:
         "activation": ACTIVATIONS,
         "whiten": ("none", "patch3", "patch2"),
         "whiten_bias_init": ("zero", "uniform"),
+        "bn_sync": ("global", "local"),
     }
     for name, allowed in choices.items():
         if getattr(cfg, name) not in allowed:
@@ -210,6 +226,8 @@ def validate(cfg: Config) -> Config:
             f"--ghost-bn {cfg.ghost_bn} must be 0 (off) or divide --batch-size {cfg.batch_size}, "
             "e.g. 32 for batch 512"
         )
+    if cfg.devices < 0:
+        raise ValueError(f"--devices must be >= 0 (0: every local device), got {cfg.devices}")
     if cfg.whiten_images <= 0:
         raise ValueError("--whiten-images must be positive")
     if not (math.isfinite(cfg.lr_flat_epochs) and cfg.lr_flat_epochs >= 0.0):

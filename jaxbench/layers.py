@@ -18,6 +18,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from jaxbench import parallel
 from jaxbench.configs import Config
 
 Array = jax.Array
@@ -94,6 +95,9 @@ class BatchNorm(nn.Module):
     use_scale: bool = True
     scale_init: float = 1.0  # the trainable scale's start, or the fixed scale
     ghost: int = 0  # images per ghost batch (0: the whole batch)
+    # Contiguous shares of the batch normalised on their own (`--bn-sync local`: one per
+    # device, ghost groups inside each); 1: statistics over the whole batch.
+    shards: int = 1
     dtype: Any = jnp.float32
     # One-pass E[x^2] - E[x]^2 (Flax's `use_fast_variance`): never used by the trainers,
     # whose two-pass variance is PyTorch's; `jaxbench.microbench` times the difference.
@@ -105,6 +109,8 @@ class BatchNorm(nn.Module):
         ra_mean = self.variable("batch_stats", "mean", jnp.zeros, (features,), jnp.float32)
         ra_var = self.variable("batch_stats", "var", jnp.ones, (features,), jnp.float32)
         n_batch = x.shape[0]
+        if self.train and self.shards > 1 and not self.is_initializing():
+            return self._sharded(x, ra_mean, ra_var)
         # A batch of at most `ghost` images is one group (as in `torch_ref.layers`).
         splits = max(n_batch // self.ghost, 1) if self.ghost and self.train else 1
         if splits > 1 and n_batch % self.ghost:
@@ -132,6 +138,11 @@ class BatchNorm(nn.Module):
                 ra_var.value = (1.0 - m) * ra_var.value + m * batch_var
         else:
             mean, var = ra_mean.value, ra_var.value
+        return self._affine(xs, mean, var, x.shape)
+
+    def _affine(self, xs: jax.Array, mean: Any, var: Any, shape: tuple[int, ...]) -> jax.Array:
+        """(x - mean) / sqrt(var + eps) * scale + bias, back in the input's shape."""
+        features = shape[-1]
         mul = jax.lax.rsqrt(var + self.epsilon)
         if self.use_scale:
             init = nn.initializers.constant(self.scale_init)
@@ -139,8 +150,35 @@ class BatchNorm(nn.Module):
         elif self.scale_init != 1.0:
             mul = mul * jnp.float32(self.scale_init)
         bias = self.param("bias", nn.initializers.zeros, (features,), jnp.float32)
-        y = ((xs - mean) * mul + bias).reshape(x.shape)
+        y = ((xs - mean) * mul + bias).reshape(shape)
         return y.astype(self.dtype)
+
+    def _sharded(self, x: jax.Array, ra_mean: Any, ra_var: Any) -> jax.Array:
+        """Training statistics per contiguous share of the batch (and ghost group within it).
+
+        Shape (shards, images per group, groups, H, W, C): share s holds images
+        s * n / shards ..., the part one device holds, so the reduction stays on it.
+        The running statistics move towards the mean over shares and groups.
+        """
+        n_batch, features = x.shape[0], x.shape[-1]
+        if n_batch % self.shards:
+            raise ValueError(f"batch norm: batch {n_batch} does not split into {self.shards}")
+        share = n_batch // self.shards
+        splits = max(share // self.ghost, 1) if self.ghost else 1
+        if splits > 1 and share % self.ghost:
+            raise ValueError(f"ghost batch norm: share {share} is not a multiple of {self.ghost}")
+        xs = x.reshape(self.shards, share // splits, splits, *x.shape[1:])
+        axes = (1, *range(3, xs.ndim - 1))
+        x32 = xs.astype(jnp.float32)
+        mean = jnp.mean(x32, axes, keepdims=True)
+        var = jnp.mean(jnp.square(x32 - mean), axes, keepdims=True)
+        if not self.is_initializing():
+            n = math.prod(xs.shape[1:-1]) // splits
+            m = self.momentum
+            unbiased = var * (n / max(n - 1, 1))
+            ra_mean.value = (1.0 - m) * ra_mean.value + m * mean.reshape(-1, features).mean(0)
+            ra_var.value = (1.0 - m) * ra_var.value + m * unbiased.reshape(-1, features).mean(0)
+        return self._affine(xs, mean, var, x.shape)
 
 
 def batch_norm(cfg: Config, train: bool, dtype: Any, name: str) -> nn.Module:
@@ -152,6 +190,7 @@ def batch_norm(cfg: Config, train: bool, dtype: Any, name: str) -> nn.Module:
         use_scale=cfg.bn_scale_trainable,
         scale_init=cfg.bn_scale,
         ghost=cfg.ghost_bn,
+        shards=parallel.bn_shards(cfg),
         dtype=dtype,
         name=name,
     )

@@ -53,6 +53,9 @@ def train_seeds(cfg: Config, seeds: Sequence[int], data: Any = None) -> dict[str
     seeds = [int(s) for s in seeds]
     if not seeds or len(set(seeds)) != len(seeds):
         raise ValueError(f"--vmap-seeds needs distinct seeds, got {seeds}")
+    if cfg.devices > 1:
+        raise ValueError("--vmap-seeds trains on one device; drop --devices or set it to 1")
+    cfg = cfg.replace(devices=1)  # the seeds share one device
     check_supported(cfg)
     if cfg.lookahead:
         raise ValueError("--vmap-seeds does not implement --lookahead (its final net = EMA)")

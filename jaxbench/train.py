@@ -30,8 +30,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.sharding import NamedSharding
 
-from jaxbench import augment, checkpoint, cli, configs, layers, models, optim
+from jaxbench import augment, checkpoint, cli, configs, layers, models, optim, parallel
 from jaxbench.configs import Config
 from jaxbench.profiling import JaxProfile, format_top_ops
 from jaxbench.progress import progress_bar
@@ -57,8 +58,10 @@ class TrainState:
 
 
 def check_supported(cfg: Config) -> None:
-    """Refuse config fields this trainer does not implement (see `configs.check_supported`)."""
+    """Refuse config fields this trainer does not implement (see `configs.check_supported`),
+    and a device count this machine lacks or a batch that does not split over it."""
     configs.check_supported(cfg, "jaxbench.train")
+    parallel.check_batch(cfg, parallel.global_devices(cfg))
 
 
 def resolve_loop(cfg: Config) -> str:
@@ -196,12 +199,15 @@ def make_loop_fns(
     model: models.ResNet9,
     tx: optax.GradientTransformation,
     total_steps: int | None = None,
+    batch_split: NamedSharding | None = None,
 ) -> tuple[Callable[..., tuple[TrainState, Metrics]], Callable[..., tuple[TrainState, Metrics]]]:
     """(step_fn, epoch_fn), both uncompiled.
 
     `step_fn(state, images, labels, plan, i)` runs batch i of an epoch plan;
     `epoch_fn(state, images, labels, plan)` scans it over every batch of the plan
-    and returns per-step metrics stacked along axis 0.
+    and returns per-step metrics stacked along axis 0. `batch_split`: lay each
+    batch over a device mesh (`parallel.Topology.batch_split`); the mathematics
+    is unchanged.
     """
     train_step = make_train_step(cfg, model, tx, total_steps)
 
@@ -210,7 +216,7 @@ def make_loop_fns(
     ) -> tuple[TrainState, Metrics]:
         bp = augment.plan_batch(plan, i, cfg.batch_size)
         batch = {"images": augment.apply_plan(images, bp, cfg), "labels": labels[bp["indices"]]}
-        return train_step(state, batch)
+        return train_step(state, parallel.split_batch(batch, batch_split))
 
     def epoch_fn(
         state: TrainState, images: jax.Array, labels: jax.Array, plan: augment.Plan
@@ -243,12 +249,17 @@ def make_logits_fn(
 
 
 def make_eval_fn(
-    cfg: Config, model: models.ResNet9, eval_batch: int, with_ema: bool
+    cfg: Config,
+    model: models.ResNet9,
+    eval_batch: int,
+    with_ema: bool,
+    batch_split: NamedSharding | None = None,
 ) -> Callable[..., dict[str, jax.Array]]:
     """`eval_fn(acc, variables, ema_variables, images, labels, valid, i) -> acc` for batch i.
 
     Sums of the cross-entropy (no label smoothing) and of correct predictions of
-    the TTA logits (`make_logits_fn`), over valid (unpadded) test images.
+    the TTA logits (`make_logits_fn`), over valid (unpadded) test images;
+    `batch_split` lays the batch over a device mesh.
     """
     logits_fn = make_logits_fn(cfg, model)
 
@@ -265,6 +276,7 @@ def make_eval_fn(
         x = jax.lax.dynamic_slice_in_dim(images, start, eval_batch)
         y = jax.lax.dynamic_slice_in_dim(labels, start, eval_batch)
         w = jax.lax.dynamic_slice_in_dim(valid, start, eval_batch)
+        x, y, w = parallel.split_batch((x, y, w), batch_split)
 
         def score(prefix: str, v: PyTree) -> dict[str, jax.Array]:
             _, logits = logits_fn(v, x)
@@ -284,7 +296,11 @@ def make_eval_fn(
 
 
 def _set_whitening(
-    state: TrainState, moments: Callable[[jax.Array], jax.Array], images: jax.Array, cfg: Config
+    state: TrainState,
+    moments: Callable[[jax.Array], jax.Array],
+    images: jax.Array,
+    cfg: Config,
+    topo: parallel.Topology | None = None,
 ) -> TrainState:
     """The whitening stem's kernel from the training images, in the net and its EMA.
 
@@ -300,14 +316,15 @@ def _set_whitening(
         whitening_for_config,
     )
 
-    groups = jax.device_get(moments(images))
+    groups = parallel.fetch(moments(images))
     patch = layers.whiten_patch(cfg)
     cov = covariance_from_moments(*moments_from_groups(groups), dataset=cfg.dataset, patch=patch)
     kernel = kernel_OIHW_to_HWIO(whitening_for_config(cov, cfg.whiten, cfg.whiten_eps))
     path = layers.whiten_path(cfg)
     # two device copies: the state is donated, and one buffer must not be donated twice
-    live = layers.with_whitening(state.variables(), jax.device_put(kernel), path)
-    ema = layers.with_whitening(state.ema, jax.device_put(kernel), path)
+    topo = topo or parallel.Topology(None, 1, 1, 0)
+    live = layers.with_whitening(state.variables(), parallel.replicate(kernel, topo), path)
+    ema = layers.with_whitening(state.ema, parallel.replicate(kernel, topo), path)
     return state.replace(params=live["params"], ema=ema)
 
 
@@ -377,6 +394,9 @@ class Run:
     evaluate: Callable[..., dict[str, float]]  # (state, same_weights=False) -> metrics
     compile_seconds: float
     data_source: str = "arrays in memory"  # where the images came from (`Dataset.source`)
+    topology: parallel.Topology = dataclasses.field(
+        default_factory=lambda: parallel.Topology(None, 1, 1, 0)
+    )
 
     @property
     def run(self) -> Any:
@@ -418,6 +438,8 @@ def setup(
     if stream not in ("fast", "shared"):
         raise ValueError(f"stream must be 'fast' or 'shared', got {stream!r}")
     check_supported(cfg)
+    cfg = parallel.resolve(cfg)
+    topo = parallel.topology(cfg)
     if data is None:
         from jaxbench.data import load_dataset
 
@@ -430,18 +452,28 @@ def setup(
     model = models.model_from_config(cfg)
     tx = optim.make_optimizer(cfg, steps)
     init_key, data_key = seed_keys(cfg.seed)
-    state = create_train_state(model, tx, init_key, init_variables)
+    state = parallel.replicate(create_train_state(model, tx, init_key, init_variables), topo)
 
-    # --- data on the device, once ------------------------------------------------
-    images = jax.device_put(train_x)
-    labels = jax.device_put(train_y)
+    # --- data on the device, once (on every device of a mesh) ------------------------
+    images, labels = parallel.replicate((train_x, train_y), topo)
     eval_batch = min(cfg.eval_batch_size, n_test)
+    if topo.devices > 1 and eval_batch % topo.devices:
+        raise ValueError(
+            f"the test set ({n_test} images) is smaller than --eval-batch-size and does not "
+            f"split over {topo.devices} devices: use --test-subset a multiple of {topo.devices}"
+        )
     eval_steps = math.ceil(n_test / eval_batch)
     padded = eval_steps * eval_batch
-    t_images = jax.device_put(_pad_to(test_x, padded))
-    t_labels = jax.device_put(_pad_to(test_y, padded))
-    t_valid = jax.device_put(_pad_to(np.ones(n_test, np.float32), padded))
+    t_images, t_labels, t_valid = parallel.replicate(
+        (
+            _pad_to(test_x, padded),
+            _pad_to(test_y, padded),
+            _pad_to(np.ones(n_test, np.float32), padded),
+        ),
+        topo,
+    )
     jax.block_until_ready((images, labels, t_images, t_labels, t_valid))  # untimed transfer
+    everywhere = {} if topo.mesh is None else {"out_shardings": topo.replicated}
 
     # --- ahead-of-time compilation (or reuse) ------------------------------------------
     plan_spec = jax.eval_shape(lambda: augment.draw_plan(data_key, 0, n_train, cfg))
@@ -451,32 +483,33 @@ def setup(
 
     def build() -> Programs:
         t0 = time.perf_counter()
-        step_fn, epoch_fn = make_loop_fns(cfg, model, tx, cfg.epochs * steps)
+        split = topo.batch_split
+        step_fn, epoch_fn = make_loop_fns(cfg, model, tx, cfg.epochs * steps, split)
         plan_c = (
-            jax.jit(lambda key, epoch: augment.draw_plan(key, epoch, n_train, cfg))
+            jax.jit(lambda key, epoch: augment.draw_plan(key, epoch, n_train, cfg), **everywhere)
             .lower(data_key, np.int32(0))
             .compile()
         )
         if loop == "scan":
             run_c = (
-                jax.jit(epoch_fn, donate_argnums=0)
+                jax.jit(epoch_fn, donate_argnums=0, **everywhere)
                 .lower(state, images, labels, plan_spec)
                 .compile()
             )
         else:
             run_c = (
-                jax.jit(step_fn, donate_argnums=0)
+                jax.jit(step_fn, donate_argnums=0, **everywhere)
                 .lower(state, images, labels, plan_spec, np.int32(0))
                 .compile()
             )
         args = (state.variables(), state.ema, t_images, t_labels, t_valid, np.int32(0))
         eval_both = (
-            jax.jit(make_eval_fn(cfg, model, eval_batch, with_ema))
+            jax.jit(make_eval_fn(cfg, model, eval_batch, with_ema, split), **everywhere)
             .lower(eval_zero, *args)
             .compile()
         )
         eval_one = (
-            jax.jit(make_eval_fn(cfg, model, eval_batch, False))
+            jax.jit(make_eval_fn(cfg, model, eval_batch, False, split), **everywhere)
             .lower(eval_zero_one, *args)
             .compile()
             if with_ema
@@ -486,7 +519,7 @@ def setup(
         if whiten_n:
             patch = layers.whiten_patch(cfg)
             moments = (
-                jax.jit(lambda x: layers.patch_moment_groups(x[:whiten_n], patch))
+                jax.jit(lambda x: layers.patch_moment_groups(x[:whiten_n], patch), **everywhere)
                 .lower(images)
                 .compile()
             )
@@ -510,7 +543,8 @@ def setup(
     def make_plan(epoch: int) -> augment.Plan:
         if stream == "fast":
             return programs.plan(data_key, np.int32(epoch))
-        return augment.plan_to_device(epoch_plan(cfg, epoch, n_train))
+        host_plan = augment.plan_to_device(epoch_plan(cfg, epoch, n_train))
+        return host_plan if topo.mesh is None else parallel.replicate(host_plan, topo)
 
     def evaluate(st: TrainState, same_weights: bool = False) -> dict[str, float]:
         """Sums over the test set; `same_weights`: the EMA equals the net (lookahead's end),
@@ -519,7 +553,7 @@ def setup(
         fn, acc = (programs.eval_one, eval_zero_one) if one else (programs.eval_both, eval_zero)
         for i in range(eval_steps):
             acc = fn(acc, st.variables(), st.ema, t_images, t_labels, t_valid, np.int32(i))
-        acc = jax.device_get(acc)  # fetching the sums synchronises
+        acc = parallel.fetch(acc)  # fetching the sums synchronises
         out = {"val_loss": float(acc["loss"]) / n_test, "val_acc": float(acc["correct"]) / n_test}
         if not with_ema:
             out["ema_val_acc"] = None
@@ -545,6 +579,7 @@ def setup(
         evaluate=evaluate,
         compile_seconds=compile_seconds,
         data_source=getattr(data, "source", None) or "arrays in memory",
+        topology=topo,
     )
 
 
@@ -584,9 +619,9 @@ def train_epoch(
         state = state.replace(params=state.ema["params"], batch_stats=state.ema["batch_stats"])
     jax.block_until_ready(state)
     if r.loop == "scan":
-        host = jax.device_get(metrics)  # the one fetch of the epoch
+        host = parallel.fetch(metrics)  # the one fetch of the epoch
     else:
-        fetched = jax.device_get(per_step)
+        fetched = parallel.fetch(per_step)
         host = {k: np.stack([m[k] for m in fetched]) for k in fetched[0]}
     return state, host
 
@@ -626,12 +661,21 @@ def train_and_evaluate(
     """
     if workdir is None:
         workdir = resume if resume is not None else cfg.out
+    if jax.process_count() > 1:
+        if resume is not None or cfg.checkpoint_every:
+            raise ValueError(
+                "--checkpoint-every and --resume run in a single process; drop them "
+                "from a multi-process run"
+            )
+        if jax.process_index() != 0:  # one process writes and prints for the run
+            workdir, quiet, progress = None, True, False
     if cfg.checkpoint_every and workdir is None:
         raise ValueError("--checkpoint-every needs a run folder: pass --out DIR")
     ckpt, saved = None, None
     if resume is not None:
         ckpt, saved = checkpoint.load_progress(resume, cfg, "jax", stream)
     r = setup(cfg, data, init_variables=init_variables, stream=stream, compile_cache=compile_cache)
+    cfg = r.cfg  # `devices` resolved to the count the run uses
     recorder = RunRecorder(cfg.to_dict(), workdir, quiet, rows=(saved or {}).get("rows", []))
     with recorder.watch():  # Ctrl-C: status.json says "interrupted"
         profiler = JaxProfile(profile_dir) if profile_dir is not None else None
@@ -656,8 +700,8 @@ def train_and_evaluate(
         recorder.finish(summary)
     if return_variables:
         summary = dict(summary)
-        summary["variables"] = jax.device_get(state.variables())
-        summary["ema_variables"] = jax.device_get(state.ema)
+        summary["variables"] = parallel.fetch(state.variables())
+        summary["ema_variables"] = parallel.fetch(state.ema)
     return summary
 
 
@@ -684,7 +728,7 @@ def _start(
     state = r.state
     if r.programs.moments is not None:
         with _clock(ledger, profiler):
-            state = _set_whitening(state, r.programs.moments, r.images, r.cfg)
+            state = _set_whitening(state, r.programs.moments, r.images, r.cfg, r.topology)
             jax.block_until_ready(state)
     return state
 
@@ -756,6 +800,8 @@ def _summary(
         "n_train": r.n_train,
         "n_test": r.n_test,
         "steps_per_epoch": r.steps,
+        "devices": r.topology.devices,
+        "processes": r.topology.processes,
         "framework": "jax",
     }
 
@@ -813,12 +859,60 @@ def build_parser() -> argparse.ArgumentParser:
         help="train K seeds (--seed, --seed + 1, ...) in one vmapped program and print each "
         "seed's final accuracy and their mean; --out then gets config.json and seeds.json",
     )
+    dist = parser.add_argument_group(
+        "several processes (docs/scaling.md)",
+        "One process per host (or per GPU), all started with the same flags but "
+        "--process-id; the batch is split over every process's devices and process 0 "
+        "writes the outputs.",
+    )
+    dist.add_argument(
+        "--coordinator", metavar="HOST:PORT", default=None, help="address of process 0"
+    )
+    dist.add_argument("--num-processes", type=int, default=None, metavar="P")
+    dist.add_argument("--process-id", type=int, default=None, metavar="I", help="0 .. P - 1")
+    dist.add_argument(
+        "--distributed",
+        action="store_true",
+        help="read the topology from the cluster (SLURM, Open MPI, or the JAX_COORDINATOR_"
+        "ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID variables) via jax.distributed",
+    )
+    dist.add_argument(
+        "--dist-timeout",
+        type=int,
+        default=parallel.DEFAULT_TIMEOUT_S,
+        metavar="S",
+        help="seconds to wait for every process to arrive before giving up with an error",
+    )
     return parser
+
+
+def join_processes(args: argparse.Namespace) -> None:
+    """Start JAX's multi-process runtime when the flags ask for it; afterwards every
+    process but 0 trains without writing or printing. Raises ValueError/TimeoutError."""
+    pa = parallel.ProcessArgs(
+        args.coordinator, args.num_processes, args.process_id, args.distributed, args.dist_timeout
+    )
+    parallel.check_process_args(pa)
+    several = (pa.explicit and (pa.num_processes or 1) > 1) or pa.auto
+    single_only = args.resume is not None or getattr(args, "checkpoint_every", 0)
+    if several and (single_only or args.vmap_seeds != 1):
+        raise ValueError(
+            "--resume, --checkpoint-every and --vmap-seeds run in a single process; "
+            "drop them from a multi-process run"
+        )
+    parallel.initialize(pa)
+    if jax.process_index() != 0:
+        args.out, args.quiet, args.no_progress, args.profile = None, True, True, None
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """CLI entry point: exit 0 on success, 1 if training diverged, 2 on bad input."""
     args = build_parser().parse_args(argv)
+    try:
+        join_processes(args)
+    except (ValueError, TimeoutError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     if args.vmap_seeds != 1:
         return _main_vmapped(args)
     return cli.run_trainer(

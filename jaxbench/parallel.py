@@ -1,0 +1,336 @@
+"""Data parallelism on JAX's own runtime: a 1-D device mesh, `NamedSharding`, `jax.distributed`.
+
+The training program does not change: the batch (and the evaluation batch) is
+constrained to be split over the mesh's `data` axis, everything else (weights,
+optimizer, EMA, the dataset itself) is replicated, and XLA's SPMD partitioner
+inserts the all-reduces. BN statistics over a sharded batch are therefore global
+(the same numbers as one device) unless `bn_sync="local"` asks for one set per
+device. Across processes (`initialize`), the mesh spans every process's devices;
+each process computes only its devices' share of every batch, and only process 0
+writes outputs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import socket
+import time
+from typing import Any
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from jaxbench.configs import Config
+
+DATA = "data"  # the mesh axis the batch is split over
+
+# How long process startup may take before a missing peer or coordinator is an error.
+DEFAULT_TIMEOUT_S = 60
+
+
+@dataclasses.dataclass(frozen=True)
+class Topology:
+    """Where one run's program executes: its mesh (None: one device, nothing sharded)."""
+
+    mesh: Mesh | None
+    devices: int  # devices of the whole run, over every process
+    processes: int
+    process_index: int
+
+    @property
+    def writes_outputs(self) -> bool:
+        """Only one process writes the run folder and prints the table."""
+        return self.process_index == 0
+
+    @property
+    def replicated(self) -> NamedSharding | None:
+        return None if self.mesh is None else NamedSharding(self.mesh, P())
+
+    @property
+    def batch_split(self) -> NamedSharding | None:
+        """Axis 0 (the images of a batch) split over the devices."""
+        return None if self.mesh is None else NamedSharding(self.mesh, P(DATA))
+
+
+def local_devices(cfg: Config) -> int:
+    """The devices per process the config asks for, checked against what there is."""
+    have = jax.local_device_count()
+    want = cfg.devices or have
+    if want > have:
+        raise ValueError(
+            f"--devices {want}: this process sees {have} {jax.default_backend()} device(s); "
+            "lower --devices (on a CPU, XLA_FLAGS=--xla_force_host_platform_device_count=N "
+            "simulates N devices)"
+        )
+    return want
+
+
+def resolve(cfg: Config) -> Config:
+    """`cfg` with `devices` set to the per-process count it will run on (0 resolved)."""
+    n = local_devices(cfg)
+    return cfg if cfg.devices == n else cfg.replace(devices=n)
+
+
+def global_devices(cfg: Config) -> int:
+    """Devices of the whole run: per-process devices times processes."""
+    return local_devices(cfg) * jax.process_count()
+
+
+def bn_shards(cfg: Config) -> int:
+    """How many separately normalised shares a training batch has (1: global statistics)."""
+    return global_devices(cfg) if cfg.bn_sync == "local" else 1
+
+
+def check_batch(cfg: Config, devices: int) -> None:
+    """One-line errors for batches that do not split evenly over `devices`."""
+    if devices <= 1:
+        return
+    for name in ("batch_size", "eval_batch_size"):
+        size = getattr(cfg, name)
+        if size % devices:
+            flag = "--" + name.replace("_", "-")
+            raise ValueError(
+                f"{flag} {size} does not split over {devices} devices: "
+                f"use a multiple of {devices} or change --devices"
+            )
+    share = cfg.batch_size // devices
+    if cfg.bn_sync == "local" and cfg.ghost_bn and share > cfg.ghost_bn and share % cfg.ghost_bn:
+        raise ValueError(
+            f"--bn-sync local: each device's {share} images do not split into ghost batches "
+            f"of {cfg.ghost_bn}; change --ghost-bn or --devices"
+        )
+
+
+def topology(cfg: Config) -> Topology:
+    """The mesh for `cfg` (None for a single device in a single process)."""
+    local = local_devices(cfg)
+    processes = jax.process_count()
+    total = local * processes
+    check_batch(cfg, total)
+    if total == 1:
+        return Topology(None, 1, 1, 0)
+    if processes == 1:
+        devices = jax.local_devices()[:local]
+    else:  # the first `local` devices of every process, in process order
+        devices = [
+            d
+            for p in range(processes)
+            for d in sorted((d for d in jax.devices() if d.process_index == p), key=lambda d: d.id)[
+                :local
+            ]
+        ]
+    return Topology(Mesh(np.array(devices), (DATA,)), total, processes, jax.process_index())
+
+
+def replicate(tree: Any, topo: Topology) -> Any:
+    """Host or device arrays as copies on every device of the mesh (`device_put` for one).
+
+    Across processes each process supplies its own copy (`make_array_from_callback`),
+    so nothing crosses the network.
+    """
+    if topo.mesh is None:
+        return jax.device_put(tree)
+    sharding = topo.replicated
+    if topo.processes == 1:
+        return jax.device_put(tree, sharding)
+
+    def put(x: Any) -> jax.Array:
+        host = np.asarray(x)
+        return jax.make_array_from_callback(host.shape, sharding, lambda idx: host[idx])
+
+    return jax.tree_util.tree_map(put, tree)
+
+
+def split_batch(tree: Any, sharding: NamedSharding | None) -> Any:
+    """Inside a jitted function: lay a batch's leading axis over the devices."""
+    if sharding is None:
+        return tree
+    return jax.lax.with_sharding_constraint(tree, sharding)
+
+
+def fetch(tree: Any) -> Any:
+    """Replicated results to the host, in any process (each reads its own copy)."""
+
+    def get(x: Any) -> Any:
+        if isinstance(x, jax.Array) and not x.is_fully_addressable:
+            return np.asarray(x.addressable_data(0))
+        return jax.device_get(x)
+
+    return jax.tree_util.tree_map(get, tree)
+
+
+# --- several processes -------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class ProcessArgs:
+    """How this process joins a multi-process run (all None: a single process)."""
+
+    coordinator: str | None = None  # HOST:PORT of process 0
+    num_processes: int | None = None
+    process_id: int | None = None
+    auto: bool = False  # let `jax.distributed.initialize()` read the cluster (SLURM, ...)
+    timeout_s: int = DEFAULT_TIMEOUT_S
+
+    @property
+    def explicit(self) -> bool:
+        return self.coordinator is not None
+
+
+def check_process_args(a: ProcessArgs) -> None:
+    """One-line errors for a topology that cannot start, before anything waits on it."""
+    given = [a.coordinator is not None, a.num_processes is not None, a.process_id is not None]
+    if any(given) and not all(given):
+        raise ValueError(
+            "a multi-process run needs all of --coordinator HOST:PORT, --num-processes P "
+            "and --process-id I (or --distributed to read them from the cluster)"
+        )
+    if a.auto and a.explicit:
+        raise ValueError("--distributed reads the topology from the cluster; drop --coordinator")
+    if a.timeout_s <= 0:
+        raise ValueError(f"--dist-timeout must be positive seconds, got {a.timeout_s}")
+    if not a.explicit:
+        return
+    assert a.coordinator is not None and a.num_processes is not None and a.process_id is not None
+    host, _, port = a.coordinator.rpartition(":")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"--coordinator {a.coordinator!r}: give HOST:PORT, e.g. node0:12355")
+    if a.num_processes < 1:
+        raise ValueError(f"--num-processes must be >= 1, got {a.num_processes}")
+    if not 0 <= a.process_id < a.num_processes:
+        raise ValueError(
+            f"--process-id {a.process_id} is out of range for --num-processes "
+            f"{a.num_processes}: use 0 .. {a.num_processes - 1}"
+        )
+
+
+def _split_address(address: str) -> tuple[str, int]:
+    host, _, port = address.rpartition(":")
+    return host.strip("[]"), int(port)
+
+
+def _rendezvous(a: ProcessArgs) -> None:
+    """Check that every process can reach process 0 before JAX's runtime starts.
+
+    `jax.distributed.initialize` aborts the whole interpreter (no Python exception)
+    when a peer or the coordinator never appears; this TCP roll call on the
+    coordinator's port turns those cases into a one-line error within the
+    timeout. Process 0 listens and collects every other id; the port is then
+    freed for JAX's coordination service.
+    """
+    assert a.coordinator is not None and a.num_processes is not None and a.process_id is not None
+    host, port = _split_address(a.coordinator)
+    deadline = time.monotonic() + a.timeout_s
+    if a.process_id == 0:
+        try:
+            server = socket.create_server(("", port), reuse_port=hasattr(socket, "SO_REUSEPORT"))
+        except OSError as e:
+            raise ValueError(
+                f"--coordinator {a.coordinator}: process 0 cannot listen on port {port} "
+                f"({e.strerror or e}); pick a free port"
+            ) from None
+        seen: set[int] = set()
+        conns: list[socket.socket] = []
+        with server:
+            while len(seen) < a.num_processes - 1:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    missing = sorted(set(range(1, a.num_processes)) - seen)
+                    for c in conns:
+                        c.close()
+                    raise TimeoutError(
+                        f"process(es) {', '.join(map(str, missing))} did not reach "
+                        f"{a.coordinator} within {a.timeout_s} s; start them with the same "
+                        "--coordinator and --num-processes (or raise --dist-timeout)"
+                    )
+                server.settimeout(left)
+                try:
+                    conn, _ = server.accept()
+                except TimeoutError:
+                    continue
+                conn.settimeout(max(deadline - time.monotonic(), 0.1))
+                try:
+                    line = conn.recv(64).decode().split()
+                except (OSError, UnicodeDecodeError):
+                    conn.close()
+                    continue
+                if len(line) != 2 or not all(s.isdigit() for s in line):
+                    conn.close()
+                    continue
+                pid, count = int(line[0]), int(line[1])
+                if count != a.num_processes or pid in seen or not 0 < pid < a.num_processes:
+                    conn.sendall(b"no\n")
+                    conn.close()
+                    for c in conns:
+                        c.close()
+                    why = (
+                        f"process {pid} says --num-processes {count}"
+                        if count != a.num_processes
+                        else f"two processes say --process-id {pid}"
+                    )
+                    raise ValueError(f"inconsistent topology: {why}; give every process its own id")
+                seen.add(pid)
+                conns.append(conn)
+            for c in conns:  # everyone is here: release them together
+                c.sendall(b"ok\n")
+                c.close()
+        return
+    while True:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError(
+                f"cannot reach the coordinator {a.coordinator} within {a.timeout_s} s: start "
+                "process 0 there, check the address and firewall (or raise --dist-timeout)"
+            )
+        try:
+            with socket.create_connection((host, port), timeout=min(left, 5.0)) as conn:
+                conn.sendall(f"{a.process_id} {a.num_processes}\n".encode())
+                conn.settimeout(max(deadline - time.monotonic(), 0.1))
+                reply = conn.recv(16)
+        except (TimeoutError, ConnectionRefusedError, ConnectionResetError, socket.gaierror) as e:
+            if isinstance(e, socket.gaierror):
+                raise ValueError(f"--coordinator {a.coordinator}: unknown host {host!r}") from None
+            time.sleep(0.2)
+            continue
+        if reply.startswith(b"ok"):
+            return
+        if reply.startswith(b"no"):
+            raise ValueError(
+                f"the coordinator refused process {a.process_id}: another process has this id "
+                "or a different --num-processes"
+            )
+        time.sleep(0.2)  # the coordinator went away mid-call: try again until the deadline
+
+
+def initialize(a: ProcessArgs) -> None:
+    """Join the run's processes (`jax.distributed.initialize`); nothing for one process.
+
+    Must run before JAX touches a device. On CPUs the collectives go over gloo.
+    """
+    check_process_args(a)
+    if not a.explicit and not a.auto:
+        return
+    if a.explicit and a.num_processes == 1:
+        return
+    # CPU processes exchange collectives over gloo (GPUs use NCCL whatever this says)
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    if a.explicit:
+        _rendezvous(a)
+        jax.distributed.initialize(
+            a.coordinator,
+            a.num_processes,
+            a.process_id,
+            initialization_timeout=a.timeout_s,
+        )
+    else:
+        jax.distributed.initialize(initialization_timeout=a.timeout_s)
+
+
+def describe(topo: Topology) -> str:
+    """One line for the run's header: how many devices and processes."""
+    if topo.mesh is None:
+        return "1 device"
+    procs = f" in {topo.processes} processes" if topo.processes > 1 else ""
+    return f"{topo.devices} devices{procs} (batch split, weights replicated)"
