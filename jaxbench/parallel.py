@@ -13,6 +13,7 @@ writes outputs.
 from __future__ import annotations
 
 import dataclasses
+import os
 import socket
 import time
 from typing import Any
@@ -25,6 +26,15 @@ from jax.sharding import PartitionSpec as P
 from jaxbench.configs import Config
 
 DATA = "data"  # the mesh axis the batch is split over
+
+# Simulated CPU devices (`--xla_force_host_platform_device_count`) share the cores, so
+# one can fall behind the others at a collective by more than XLA:CPU's 40 s default,
+# which then kills the process. Give them ten minutes, unless the user chose a value;
+# read by XLA when the backend starts, which importing this module does not do.
+_FORCED = "--xla_force_host_platform_device_count"
+_PATIENCE = "--xla_cpu_collective_call_terminate_timeout_seconds"
+if _FORCED in os.environ.get("XLA_FLAGS", "") and _PATIENCE not in os.environ["XLA_FLAGS"]:
+    os.environ["XLA_FLAGS"] += f" {_PATIENCE}=600"
 
 # How long process startup may take before a missing peer or coordinator is an error.
 DEFAULT_TIMEOUT_S = 60

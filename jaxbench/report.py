@@ -299,6 +299,8 @@ def environment(frameworks: Sequence[str] = ()) -> dict[str, Any]:
             optax=optax.__version__,
             jax_backend=jax.default_backend(),
             jax_device=getattr(dev, "device_kind", str(dev)),
+            jax_devices=jax.device_count(),  # every device of the run, over all processes
+            xla_flags=os.environ.get("XLA_FLAGS") or None,  # e.g. simulated CPU devices
         )
     if "torch" in frameworks:
         import torch
