@@ -218,14 +218,14 @@ def _doc() -> dict[str, Any]:
     return doc
 
 
-def test_format_table_matches_issue_layout() -> None:
+def test_format_table_layout() -> None:
     lines = bench.format_table(_doc()).splitlines()
     assert lines[0].split() == [
-        "framework", "preset", "runs", "acc", "mean±std", ">=target",
+        "framework", "preset", "devices", "runs", "acc", "mean±std", ">=target",
         "time", "mean±std", "compile", "img/s", "TFLOP/s", "epoch>=target", "built",
     ]  # fmt: skip
     assert lines[1].split() == [
-        "jax", "resnet9", "3", "0.9400±0.0100", "2/3", "5.00±1.00", "s", "12.3", "s",
+        "jax", "resnet9", "1", "3", "0.9400±0.0100", "2/3", "5.00±1.00", "s", "12.3", "s",
         "1000", "2.5", "1", "1",
     ]  # fmt: skip
     assert lines[2].startswith("torch ") and "10.00±2.00 s" in lines[2]
