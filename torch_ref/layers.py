@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from jaxbench.configs import Config
+from torch_ref import distributed
 
 
 class BatchNorm(nn.BatchNorm2d):
@@ -24,7 +25,18 @@ class BatchNorm(nn.BatchNorm2d):
     group is normalised with its own statistics and the running statistics move
     towards the mean of the groups' (unbiased) statistics -- what Page's per-group
     buffers average to when he switches to eval -- so the buffers stay (C,).
+
+    Several processes (`sync`, set by the trainer): "global" normalises with the
+    statistics of the whole global batch -- per channel, or per ghost group and
+    channel, where a group's members are all-reduced from every process -- the same
+    mathematics as one process; "local" normalises each process's share on its own
+    (ghost groups within the share), a different recipe, and moves the running
+    statistics towards the mean over the processes, so every copy stays equal. One
+    implementation serves the CPU and CUDA (`nn.SyncBatchNorm` refuses CPU tensors
+    and has no ghost groups). With one process the plain path below runs unchanged.
     """
+
+    sync: str | None = None  # None: one process; "global" or "local": several
 
     def __init__(
         self,
@@ -60,6 +72,11 @@ class BatchNorm(nn.BatchNorm2d):
         return getattr(self, "fixed_scale", None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.sync is not None and self.training:
+            return self._synced(x)
+        return self._forward(x)
+
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
         n, c, h, w = x.shape
         if not self.training or not self.ghost or n <= self.ghost:  # one group
             if not hasattr(self, "fixed_scale"):
@@ -94,6 +111,51 @@ class BatchNorm(nn.BatchNorm2d):
             self.running_mean.copy_(mean.view(splits, c).mean(0))
             self.running_var.copy_(var.view(splits, c).mean(0))
         return y.reshape(n, c, h, w)
+
+    def _synced(self, x: torch.Tensor) -> torch.Tensor:
+        """Training BN over several processes (see the class docstring)."""
+        world = distributed.world_size()
+        if self.sync == "local":
+            y = self._forward(x)  # this process's share: its own statistics and groups
+            # `.data`: F.batch_norm's backward keeps the buffers but in training never reads them
+            distributed.all_reduce_(self.running_mean.data, self.running_var.data, mean=True)
+            return y
+        n, c, h, w = x.shape
+        total = n * world
+        splits = total // self.ghost if self.ghost and total > self.ghost else 1
+        if n % splits:
+            raise ValueError(
+                f"ghost batch norm: {n} images per process hold no equal part of {splits} groups"
+            )
+        # Image j of this process is image rank * n + j of the global batch, in group
+        # (rank * n + j) mod splits = j mod splits (n is a multiple of splits).
+        xg = x.float().reshape(n // splits, splits, c, h, w)
+        dims = (0, 3, 4)
+        count = total // splits * h * w  # per group and channel, over every process
+        mean = distributed.all_reduce_sum(xg.sum(dims)) / count  # (splits, C)
+        d = xg - mean[None, :, :, None, None]
+        var = distributed.all_reduce_sum((d * d).sum(dims)) / count  # two-pass: stable
+        inv = torch.rsqrt(var + self.eps)
+        scale = self._scale()
+        if scale is not None:
+            inv = inv * scale
+        y = d * inv[None, :, :, None, None] + self.bias[None, None, :, None, None]
+        with torch.no_grad():  # as F.batch_norm per group, then the mean over the groups
+            m = self.momentum
+            unbiased = var * (count / max(count - 1, 1))
+            self.running_mean.copy_(((1 - m) * self.running_mean + m * mean).mean(0))
+            self.running_var.copy_(((1 - m) * self.running_var + m * unbiased).mean(0))
+            if splits == 1 and not hasattr(self, "fixed_scale"):
+                self.num_batches_tracked.add_(1)  # as nn.BatchNorm2d counts (unused)
+        return y.reshape(n, c, h, w).to(x.dtype)
+
+
+def set_sync(model: nn.Module, sync: str | None) -> None:
+    """Make every BN layer of `model` train over the process group ("global" or "local"
+    statistics), or alone (None)."""
+    for m in model.modules():
+        if isinstance(m, BatchNorm):
+            m.sync = sync
 
 
 def batch_norm(cfg: Config, channels: int) -> BatchNorm:

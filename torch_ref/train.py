@@ -37,7 +37,7 @@ from jaxbench.profiling import format_top_ops
 from jaxbench.progress import progress_bar
 from jaxbench.stream import MEAN_STD, epoch_plan, steps_per_epoch
 from jaxbench.whitening import PATCH, covariance_from_moments, whitening_for_config
-from torch_ref import layers
+from torch_ref import distributed, layers
 from torch_ref import torch_setup as tsetup
 from torch_ref.augment import (
     apply_plan,
@@ -261,7 +261,6 @@ def _compile(fn: Callable[..., Any], mode: str | None, backend: str) -> Callable
     return torch.compile(fn, **kw)
 
 
-@torch.no_grad()
 def evaluate(
     net: nn.Module,
     images: torch.Tensor,
@@ -278,6 +277,25 @@ def evaluate(
     The count, not a float32 ratio, so the host divides exactly (accuracy = correct / n).
     `fwd`: the (compiled) `eval_forward` to call; else per `compile`.
     """
+    loss_sum, correct = evaluate_sums(
+        net, images, labels, cfg, bf16=bf16, compile=compile, fwd=fwd, channels_last=channels_last
+    )
+    return loss_sum / len(images), correct
+
+
+@torch.no_grad()
+def evaluate_sums(
+    net: nn.Module,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    cfg: Config,
+    *,
+    bf16: bool = False,
+    compile: bool = False,
+    fwd: Callable[..., tuple[torch.Tensor, torch.Tensor]] | None = None,
+    channels_last: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`evaluate`'s (summed loss, number correct), which add up over parts of a test set."""
     if fwd is None:
         fwd = _compiled(eval_forward) if compile else eval_forward
     mean, std = device_stats(cfg.dataset, images.device)
@@ -293,7 +311,7 @@ def evaluate(
         loss_sum += loss
         correct += c
     net.train(was_training)
-    return loss_sum / len(images), correct
+    return loss_sum, correct
 
 
 def _stats_tensors(dataset: str, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -311,8 +329,10 @@ def device_stats(dataset: str, device: torch.device) -> tuple[torch.Tensor, torc
 
 
 def check_supported(cfg: Config) -> None:
-    """Refuse config fields this trainer does not implement (see `configs.check_supported`)."""
+    """Refuse config fields this trainer does not implement (see `configs.check_supported`),
+    and a device count or batch that the running processes cannot train."""
     configs.check_supported(cfg, "torch_ref.train")
+    distributed.check(cfg, distributed.world_size())
 
 
 # --- the trainer ------------------------------------------------------------------------------
@@ -324,7 +344,9 @@ class Run:
 
     `t` counts optimizer updates done so far; `train_step` advances it. With
     `setup.static_addresses` the nets and device data are the process's pooled
-    ones, reused in place by the next run of the same configuration.
+    ones, reused in place by the next run of the same configuration. With several
+    processes `model` is this process's copy (trained through `ddp`), `cfg.batch_size`
+    the global batch, and each process trains on its `world_size`-th of it.
     """
 
     cfg: Config
@@ -357,6 +379,9 @@ class Run:
     fill: torch.Tensor | None = None  # cutout colour on the device
     warmup_ran: bool = True
     data_source: str = "arrays in memory"  # where the images came from (`Dataset.source`)
+    rank: int = 0  # this process's index; only 0 writes outputs
+    world_size: int = 1  # processes (one device each) the global batch is split over
+    ddp: nn.Module | None = None  # `model` in DistributedDataParallel, with several processes
     t: int = 0
     _live: list[torch.Tensor] | None = dataclasses.field(default=None, repr=False)
     _ema: list[torch.Tensor] | None = dataclasses.field(default=None, repr=False)
@@ -420,12 +445,17 @@ def _run_key(
 
 
 def _forward(r: Run, bp: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, ...]:
-    """The step's (loss, mean per-example loss, correct count) on batch plan `bp`."""
+    """The step's (loss, mean per-example loss, correct count) on global batch plan `bp`
+    (this process's share of it, with several)."""
+    net = r.model
+    if r.ddp is not None:
+        net = r.ddp
+        bp = distributed.local_share(bp, r.rank, r.world_size)
     if r.setup.compile_augment:
-        args = (r.model, r.train_x, r.train_y, bp, r.fill, r.mean, r.std, r.cfg)
+        args = (net, r.train_x, r.train_y, bp, r.fill, r.mean, r.std, r.cfg)
         return r.fwd(*args, **r.loss_kw)
     x = apply_plan(r.train_x, bp, r.cfg)  # its default fill is `r.fill`, the cached one
-    return r.fwd(r.model, x, r.train_y[bp["indices"]], r.mean, r.std, **r.loss_kw)
+    return r.fwd(net, x, r.train_y[bp["indices"]], r.mean, r.std, **r.loss_kw)
 
 
 def setup(
@@ -443,13 +473,19 @@ def setup(
 
     `torch_setup`: see `TorchSetup` (None: the device's defaults); `compile` is the
     older switch (False: mode "none"; True: the device's compiled default).
+    In a process group (`torch_ref.distributed.init`) the run is data-parallel over
+    its processes, eagerly: asking for `torch.compile` there is a ValueError.
     """
     if stream not in STREAMS:
         raise ValueError(f"stream must be one of {', '.join(STREAMS)}, got {stream!r}")
     check_supported(cfg)
+    world, rank = distributed.world_size(), distributed.rank()
     dev = resolve_device(device)
     if dev.type == "cuda" and dev.index is None:  # one name per device for the caches
         dev = torch.device("cuda", torch.cuda.current_device())
+    if world > 1:
+        _check_eager(compile, torch_setup)
+        compile = False
     s = (torch_setup or TorchSetup()).resolve(dev, compile)
     bf16 = use_bfloat16(cfg, dev)
     if dev.type == "cuda":
@@ -515,6 +551,7 @@ def setup(
         for p in model.parameters():
             p.grad = None
     set_whiten_bias_trainable(model, True)
+    layers.set_sync(model, cfg.bn_sync if world > 1 else None)
     optimizer = make_optimizer(model, cfg, s.sgd_impl)
     train_fn = augmented_train_forward if s.compile_augment else train_forward
     fwd = _compiled(train_fn, s) if s.compiled else train_fn
@@ -554,6 +591,9 @@ def setup(
         eval_fwd=eval_fwd,
         fill=fill,
         warmup_ran=key not in _WARMED,
+        rank=rank,
+        world_size=world,
+        ddp=distributed.wrap(model, dev) if world > 1 else None,
     )
     if r.warmup_ran:
         _sync(dev)
@@ -563,6 +603,15 @@ def setup(
         r.compile_seconds = time.perf_counter() - t_warm
         _WARMED.add(key)
     return r
+
+
+def _check_eager(compile: bool | None, torch_setup: TorchSetup | None) -> None:
+    """Several processes train eagerly: BN's all-reduces and DDP's hooks are not compiled."""
+    if compile or (torch_setup is not None and torch_setup.compiled):
+        raise ValueError(
+            "torch.compile is not used with several processes (DDP runs eagerly here); "
+            "drop --compile / --compile-mode"
+        )
 
 
 def _warm_up(r: Run) -> None:
@@ -655,11 +704,14 @@ def set_whitening(r: Run) -> None:
 def train_step(r: Run, bp: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """Update `r.t` on batch plan `bp`: LR, forward, backward, SGD, EMA (and lookahead).
 
-    Returns (mean per-example loss, correct count) as device tensors: no sync.
+    Returns (mean per-example loss, correct count) as device tensors: no sync. With
+    several processes `bp` is the global batch's plan and both numbers this process's.
     """
     cfg = r.cfg
     set_lr(r.optimizer, r.lrs[r.t])
     loss, per_example, correct = _forward(r, bp)
+    if r.ddp is not None:  # the global batch's gradient after DDP's average
+        loss = loss * distributed.loss_scale(cfg.loss_reduction, r.world_size)
     loss.backward()
     r.optimizer.step()
     r.optimizer.zero_grad(set_to_none=True)
@@ -678,6 +730,8 @@ def train_epoch(
     cfg = r.cfg
     if cfg.whiten == "patch2" and epoch == cfg.whiten_bias_epochs:
         set_whiten_bias_trainable(r.model, False)
+        if r.ddp is not None:  # DDP fixes its parameters when it wraps the model
+            r.ddp = distributed.wrap(r.model, r.device)
     plan = _epoch_plan(r, epoch)
     losses = torch.empty(r.steps, device=r.device)
     correct = torch.zeros((), dtype=torch.int64, device=r.device)
@@ -700,6 +754,9 @@ def train_epoch(
     bar.close()
     if cfg.lookahead and r.ema_model is not None and epoch == cfg.epochs - 1:
         lookahead_reset(r.ema_live, r.ema_copy)  # airbench ends with net = EMA
+    if r.ddp is not None:  # the global batch's mean loss and count, in every process
+        distributed.all_reduce_(correct)
+        distributed.all_reduce_(losses, mean=True)
     _sync(r.device)
     return losses.tolist(), int(correct.item())  # the one fetch of the epoch
 
@@ -711,15 +768,15 @@ def _epoch_plan(r: Run, epoch: int) -> dict[str, torch.Tensor]:
 
 
 def _evaluate(r: Run, net: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
-    return evaluate(
-        net,
-        r.test_x,
-        r.test_y,
-        r.cfg,
-        bf16=r.bf16,
-        fwd=r.eval_fwd,
-        channels_last=r.setup.channels_last,
-    )
+    """(mean loss, correct count) of `net` on the whole test set; with several processes
+    each scores its contiguous part and the sums are all-reduced, so all get the same."""
+    kw: dict[str, Any] = {"bf16": r.bf16, "fwd": r.eval_fwd, "channels_last": r.setup.channels_last}
+    if r.world_size == 1:
+        return evaluate(net, r.test_x, r.test_y, r.cfg, **kw)
+    part = distributed.shard(r.n_test, r.rank, r.world_size)
+    loss_sum, correct = evaluate_sums(net, r.test_x[part], r.test_y[part], r.cfg, **kw)
+    distributed.all_reduce_(loss_sum, correct)
+    return loss_sum / r.n_test, correct
 
 
 def weights_equal(a: Sequence[torch.Tensor], b: Sequence[torch.Tensor]) -> bool:
@@ -813,9 +870,14 @@ def train_and_evaluate(
     summary. `resume`: a run folder (default `workdir`) whose latest checkpoint
     (`cfg.checkpoint_every`) the run continues from, bit for bit; `cfg` must be that
     run's. Raises FloatingPointError, naming the epoch, when the training loss is
-    not finite.
+    not finite. In a process group (`torch_ref.distributed`) every process trains and
+    returns the same numbers, but only process 0 writes files or prints.
     """
-    if workdir is None:
+    if resume is not None and distributed.world_size() > 1:
+        raise ValueError(RESUME_ALONE)
+    if distributed.rank() != 0:
+        workdir, quiet, progress, profile_dir = None, True, False, None
+    elif workdir is None:
         workdir = resume if resume is not None else cfg.out
     if cfg.checkpoint_every and workdir is None:
         raise ValueError("--checkpoint-every needs a run folder: pass --out DIR")
@@ -960,11 +1022,14 @@ def _summary(r: Run, rows: list[dict[str, Any]], ledger: Ledger, stream: str) ->
         "n_train": r.n_train,
         "n_test": r.n_test,
         "steps_per_epoch": r.steps,
+        "devices": r.world_size,  # data-parallel devices, one per process
+        "processes": r.world_size,
         "framework": "torch",
     }
 
 
 STATE_FILE = "state.pt"
+RESUME_ALONE = "--resume runs in a single process; launch it without torchrun"
 
 
 def _write_state(r: Run, folder: Path) -> None:
@@ -1132,6 +1197,22 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="torch.optim.SGD kernel (default: fused on CUDA, foreach on the CPU)",
     )
+    dist = parser.add_argument_group(
+        "several processes",
+        "Data-parallel training, one device per process: torchrun --nproc-per-node N -m "
+        "torch_ref.train ... (gloo on the CPU, nccl on GPUs, cuda:LOCAL_RANK each). "
+        "--batch-size is the global batch, split into contiguous shares; --bn-sync global "
+        "gives one process's numbers, local a different recipe; eager only (no --compile), "
+        "no --resume or --checkpoint-every; process 0 writes the outputs.",
+    )
+    dist.add_argument(
+        "--dist-timeout",
+        type=int,
+        default=distributed.DEFAULT_TIMEOUT_S,
+        metavar="S",
+        help="seconds a process waits for the others (to start, or in any one collective) "
+        "before it fails with an error instead of hanging",
+    )
     return parser
 
 
@@ -1148,23 +1229,43 @@ def setup_from_args(args: argparse.Namespace) -> TorchSetup:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """CLI entry point: exit 0 on success, 1 if training diverged, 2 on bad input."""
+    """CLI entry point: exit 0 on success, 1 if training diverged, 2 on bad input.
+
+    Under torchrun (WORLD_SIZE > 1) the processes first join a process group, and
+    leave it on the way out, errors included; all but process 0 train silently.
+    """
     args = build_parser().parse_args(argv)
     try:
         torch_setup = setup_from_args(args)
+        if distributed.env_world_size() > 1:
+            if args.resume is not None:
+                raise ValueError(RESUME_ALONE)
+            _check_eager(args.compile, torch_setup)
+            try:
+                distributed.init(args.dist_timeout)
+            except RuntimeError as e:  # torch's own, often many lines: keep the first
+                lines = str(e).strip().splitlines() or [type(e).__name__]
+                raise ValueError(f"cannot join the other processes: {lines[0]}") from None
     except ValueError as e:  # one line, exit 2, as the config's own errors
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
-    if not torch.cuda.is_available():
-        torch.set_num_threads(cpu_threads())
-    return cli.run_trainer(
-        args,
-        check_supported=check_supported,
-        train=train_and_evaluate,
-        compile_label="warm-up/compiling",
-        compile=args.compile,
-        torch_setup=torch_setup,
-    )
+    try:
+        if distributed.rank() != 0:  # one process writes the run folder and prints
+            if hasattr(args, "out"):
+                args.out = None
+            args.quiet, args.no_progress, args.profile = True, True, None
+        if not torch.cuda.is_available():  # the machine's cores, shared by its processes
+            torch.set_num_threads(max(1, cpu_threads() // distributed.local_world_size()))
+        return cli.run_trainer(
+            args,
+            check_supported=check_supported,
+            train=train_and_evaluate,
+            compile_label="warm-up/compiling",
+            compile=args.compile,
+            torch_setup=torch_setup,
+        )
+    finally:
+        distributed.shutdown()
 
 
 if __name__ == "__main__":
