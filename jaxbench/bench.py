@@ -638,6 +638,15 @@ def parse_args(argv: Sequence[str] | None = None) -> Options:
     bad = [f for f in names if f not in FRAMEWORKS]
     if not names or bad:
         parser.error(f"--frameworks takes a comma list of {', '.join(FRAMEWORKS)}; got {bad}")
+    # A race is on one device unless --devices says otherwise: the trainers' own default
+    # (every local device) would set several GPUs of JAX against one of PyTorch.
+    devices = getattr(args, "devices", 1)
+    if devices != 1 and "torch" in names:
+        parser.error(
+            f"--devices {devices}: PyTorch races one device per process here; race JAX alone "
+            "(--frameworks jax) and PyTorch under torchrun (see docs/scaling.md)"
+        )
+    cfgs = [c.replace(devices=devices) for c in cfgs]
     if len(set(names)) != len(names):
         parser.error(f"--frameworks lists a framework twice: {args.frameworks}")
     loops = tuple(_comma_list(args.loops))

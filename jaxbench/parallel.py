@@ -49,10 +49,10 @@ class Topology:
     processes: int
     process_index: int
 
-    @property
-    def writes_outputs(self) -> bool:
-        """Only one process writes the run folder and prints the table."""
-        return self.process_index == 0
+    @classmethod
+    def single(cls) -> Topology:
+        """One device in one process: nothing sharded."""
+        return cls(None, 1, 1, 0)
 
     @property
     def replicated(self) -> NamedSharding | None:
@@ -120,7 +120,7 @@ def topology(cfg: Config) -> Topology:
     total = local * processes
     check_batch(cfg, total)
     if total == 1:
-        return Topology(None, 1, 1, 0)
+        return Topology.single()
     if processes == 1:
         devices = jax.local_devices()[:local]
     else:  # the first `local` devices of every process, in process order
@@ -336,11 +336,3 @@ def initialize(a: ProcessArgs) -> None:
         )
     else:
         jax.distributed.initialize(initialization_timeout=a.timeout_s)
-
-
-def describe(topo: Topology) -> str:
-    """One line for the run's header: how many devices and processes."""
-    if topo.mesh is None:
-        return "1 device"
-    procs = f" in {topo.processes} processes" if topo.processes > 1 else ""
-    return f"{topo.devices} devices{procs} (batch split, weights replicated)"

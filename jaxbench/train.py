@@ -322,7 +322,7 @@ def _set_whitening(
     kernel = kernel_OIHW_to_HWIO(whitening_for_config(cov, cfg.whiten, cfg.whiten_eps))
     path = layers.whiten_path(cfg)
     # two device copies: the state is donated, and one buffer must not be donated twice
-    topo = topo or parallel.Topology(None, 1, 1, 0)
+    topo = topo or parallel.Topology.single()
     live = layers.with_whitening(state.variables(), parallel.replicate(kernel, topo), path)
     ema = layers.with_whitening(state.ema, parallel.replicate(kernel, topo), path)
     return state.replace(params=live["params"], ema=ema)
@@ -394,9 +394,7 @@ class Run:
     evaluate: Callable[..., dict[str, float]]  # (state, same_weights=False) -> metrics
     compile_seconds: float
     data_source: str = "arrays in memory"  # where the images came from (`Dataset.source`)
-    topology: parallel.Topology = dataclasses.field(
-        default_factory=lambda: parallel.Topology(None, 1, 1, 0)
-    )
+    topology: parallel.Topology = dataclasses.field(default_factory=parallel.Topology.single)
 
     @property
     def run(self) -> Any:

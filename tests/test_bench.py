@@ -549,3 +549,20 @@ def test_vmap_seeds_flag_errors(flags: list[str], text: str, capsys) -> None:
     with pytest.raises(SystemExit) as e:
         bench.parse_args(["--config", "tiny", *flags])
     assert e.value.code == 2 and text in capsys.readouterr().err
+
+
+def test_race_is_on_one_device_unless_asked(capsys: pytest.CaptureFixture[str]) -> None:
+    """The trainers default to every local device; the race does not, or a multi-GPU node
+    would set all its GPUs (JAX) against one (PyTorch)."""
+    opts = bench.parse_args(["--config", "tiny"])
+    assert [c.devices for c in opts.cfgs] == [1]
+    assert (
+        bench.parse_args(["--config", "tiny", "--frameworks", "jax", "--devices", "4"])
+        .cfgs[0]
+        .devices
+        == 4
+    )
+    with pytest.raises(SystemExit) as exc:
+        bench.parse_args(["--config", "tiny", "--devices", "4"])
+    assert exc.value.code == 2
+    assert "torchrun" in capsys.readouterr().err
