@@ -124,13 +124,10 @@ def topology(cfg: Config) -> Topology:
     if processes == 1:
         devices = jax.local_devices()[:local]
     else:  # the first `local` devices of every process, in process order
-        devices = [
-            d
-            for p in range(processes)
-            for d in sorted((d for d in jax.devices() if d.process_index == p), key=lambda d: d.id)[
-                :local
-            ]
-        ]
+        devices = []
+        for p in range(processes):
+            own = sorted((d for d in jax.devices() if d.process_index == p), key=lambda d: d.id)
+            devices += own[:local]
     return Topology(Mesh(np.array(devices), (DATA,)), total, processes, jax.process_index())
 
 
