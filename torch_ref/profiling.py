@@ -1,12 +1,12 @@
 """What `--profile DIR` gives a PyTorch run: a Chrome trace and a top-operations table.
 
 The trace (`DIR/torch-trace.json`) opens in https://ui.perfetto.dev. The table
-has the columns of `python -m jaxbench.train --profile` (`jaxbench.profiling.rank`),
-so the two frameworks' hot spots read side by side: on the CPU each operator's
-self CPU time; on CUDA the device's own events (kernels, copies) by self device
-time, since an operator's device time repeats its kernels' and summing both
-would count them twice. Only the timed region is traced: collection pauses for
-the untimed monitoring evaluations.
+ranks operations by self time with the same columns as a JAX run's `--profile`
+(name, ms, calls, share), so the two runs' hot spots read side by side. On the
+CPU it counts each operator's self CPU time; on CUDA the device's own events
+(kernels, copies) by self device time, because an operator's device time repeats
+its kernels' and summing both would count them twice. Only the timed region is
+traced: collection pauses during the untimed monitoring evaluations.
 """
 
 from __future__ import annotations
