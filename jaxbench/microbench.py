@@ -9,6 +9,9 @@ and their ratio. The variants:
   trainer does) vs as a `lax.cond` (what it did; a conditional on a GPU).
 * `bn_variance`: the train step with two-pass BN variance (parity with
   PyTorch) vs one-pass `E[x^2] - E[x]^2`.
+* `max_pool`: the train step with `layers.max_pool` (a reshape, a reduction and
+  elementwise selects) vs Flax's `max_pool` (reduce_window, select_and_scatter in
+  the gradient); the same values and gradients.
 * `final_eval`: the final evaluation scoring net and EMA separately vs once
   (lookahead ends with net = EMA; only configs with lookahead use `once`).
 * `whitening` (a whitening stem only): the whitening moments on the device vs numpy.
@@ -103,6 +106,13 @@ def measure(cfg: configs.Config, data: Any, reps: int) -> dict[str, Any]:
     with mock.patch.object(layers, "batch_norm", _one_pass_bn):
         one_pass = _step_timer(cfg, data)
     out["bn_variance"] = {"a": "two-pass (trainer)", "b": "one-pass", **ab(select, one_pass, reps)}
+    with mock.patch.object(layers, "max_pool", lambda x, k: nn.max_pool(x, (k, k), (k, k))):
+        reduce_window = _step_timer(cfg, data)
+    out["max_pool"] = {
+        "a": "reshape + selects (trainer)",
+        "b": "reduce_window (Flax)",
+        **ab(select, reduce_window, reps),
+    }
     r = train.setup(cfg, data)
     st = r.state
     out["final_eval"] = {

@@ -110,7 +110,7 @@ class SpeedrunNet(nn.Module):
         x = layers.activation(cfg)(x)
         for i, width in enumerate(self.widths):
             x = ConvGroup(width, cfg, self.dtype, self.kernel_init, name=f"block{i + 1}")(x, train)
-        x = nn.max_pool(x, (3, 3), strides=(3, 3))  # VALID: floor, as torch MaxPool2d(3)
+        x = layers.max_pool(x, 3)  # VALID: floor, as torch MaxPool2d(3)
         x = x.reshape(x.shape[0], -1)
         x = nn.Dense(
             self.num_classes,

@@ -6,6 +6,7 @@ from __future__ import annotations
 import ast
 import math
 from pathlib import Path
+from unittest import mock
 
 import jax
 import jax.numpy as jnp
@@ -146,6 +147,83 @@ def test_conv_block_order_matches_across_frameworks(pool_before_act: bool) -> No
     other = models.ConvBN(5, pool=True, cfg=cfg.replace(pool_before_act=not pool_before_act))
     y2, _ = other.apply(variables, jnp.asarray(x), True, mutable=["batch_stats"])
     assert np.abs(np.asarray(y2) - np.asarray(y)).max() > 1e-3  # BN does not commute with pool
+
+
+def _pool_inputs(shape: tuple[int, ...], ties: bool) -> np.ndarray:
+    rng = np.random.default_rng(sum(shape) + ties)
+    if ties:  # small integers, then ReLU: many equal maxima, and all-zero windows
+        return np.maximum(rng.integers(-2, 3, shape), 0).astype(np.float32)
+    return rng.standard_normal(shape).astype(np.float32)
+
+
+@pytest.mark.parametrize("ties", [False, True])
+@pytest.mark.parametrize(
+    "k,shape", [(2, (3, 8, 8, 5)), (2, (2, 7, 9, 3)), (3, (2, 7, 7, 4)), (3, (2, 3, 3, 2))]
+)
+def test_max_pool_matches_flax_and_torch_values_and_gradients(
+    k: int, shape: tuple[int, ...], ties: bool
+) -> None:
+    """`layers.max_pool` is Flax's reduce_window pool (select_and_scatter gradient) and
+    PyTorch's MaxPool2d, bit for bit: odd sizes floor, a tie's gradient goes to the first
+    maximum of the window in row-major order."""
+    import flax.linen as nn
+
+    x = _pool_inputs(shape, ties)
+    g = (
+        np.random.default_rng(1)
+        .standard_normal((shape[0], shape[1] // k, shape[2] // k, shape[3]))
+        .astype(np.float32)
+    )
+    y, vjp = jax.vjp(lambda v: layers.max_pool(v, k), jnp.asarray(x))
+    (dx,) = vjp(jnp.asarray(g))
+    y_ref, vjp_ref = jax.vjp(lambda v: nn.max_pool(v, (k, k), strides=(k, k)), jnp.asarray(x))
+    (dx_ref,) = vjp_ref(jnp.asarray(g))
+    np.testing.assert_array_equal(np.asarray(y), np.asarray(y_ref))
+    np.testing.assert_array_equal(np.asarray(dx), np.asarray(dx_ref))
+    tx = nchw(x).requires_grad_(True)
+    ty = torch.nn.MaxPool2d(k)(tx)
+    ty.backward(nchw(g))
+    np.testing.assert_array_equal(np.asarray(y), ty.detach().numpy().transpose(0, 2, 3, 1))
+    np.testing.assert_array_equal(np.asarray(dx), tx.grad.numpy().transpose(0, 2, 3, 1))
+    if ties:  # the test has teeth: splitting a tie's gradient (jnp.max's rule) differs
+        split = jax.vjp(lambda v: _windows_max(v, k), jnp.asarray(x))[1](jnp.asarray(g))[0]
+        assert np.abs(np.asarray(split) - np.asarray(dx)).max() > 0.1
+
+
+def _windows_max(x: jax.Array, k: int) -> jax.Array:
+    n, h, w, c = x.shape
+    x = x[:, : h // k * k, : w // k * k]
+    return x.reshape(n, h // k, k, w // k, k, c).max(axis=(2, 4))
+
+
+def test_max_pool_gradient_survives_compilation_inside_the_net() -> None:
+    """The jitted gradient of the `tiny` net equals the one through Flax's pool. A backward
+    pass that finds the maximum again by `x == max` failed this: XLA recomputed `x` there
+    with other rounding, and whole windows lost their gradient (30-90% off)."""
+    import flax.linen as nn
+    import optax
+
+    cfg = get_config("tiny")
+    variables = models.init_variables(models.model_from_config(cfg), jax.random.PRNGKey(0))
+    x = jnp.asarray(np.random.default_rng(0).standard_normal((32, 32, 32, 3)), jnp.float32)
+    labels = jax.nn.one_hot(jnp.arange(32) % 10, 10)
+
+    def grads() -> dict:
+        model = models.model_from_config(cfg)
+
+        def loss(params: dict) -> jax.Array:
+            out, _ = model.apply(
+                {**variables, "params": params}, x, train=True, mutable=["batch_stats"]
+            )
+            return optax.softmax_cross_entropy(out, labels).sum()
+
+        return jax.jit(jax.grad(loss))(variables["params"])
+
+    ours = grads()
+    with mock.patch.object(layers, "max_pool", lambda v, k: nn.max_pool(v, (k, k), (k, k))):
+        flax_pool = grads()
+    for a, b in zip(jax.tree.leaves(ours), jax.tree.leaves(flax_pool), strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6)
 
 
 def test_page_whitening_kernel_whitens_3x3_patches() -> None:
