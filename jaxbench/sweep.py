@@ -23,6 +23,7 @@ value has commas itself (`widths`) separates values with `;`
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import itertools
 import json
@@ -37,12 +38,21 @@ from typing import Any
 import numpy as np
 
 from jaxbench import report
+from jaxbench import sweep_workers as workers
 from jaxbench.configs import PRESETS, Config, OneLineErrorParser, get_config, parse_field, validate
 from jaxbench.progress import progress_bar
 
 RUNS = "runs.jsonl"
 SPEC = "sweep.json"
-SWEEP_FILES: tuple[str, ...] = (RUNS, SPEC, "summary.json", "table.md", "heatmap.png", "lines.png")
+SWEEP_FILES: tuple[str, ...] = (
+    RUNS,
+    SPEC,
+    "summary.json",
+    "table.md",
+    "heatmap.png",
+    "lines.png",
+    workers.WORKERS_DIR,
+)
 FRAMEWORKS = ("jax", "torch")
 Grid = dict[str, list[Any]]
 
@@ -141,14 +151,23 @@ def parse_shard(text: str) -> tuple[int, int]:
 # --- runs.jsonl ------------------------------------------------------------------------------
 
 
-def read_runs(path: Path) -> list[dict[str, Any]]:
+def read_runs(path: Path, repair: bool = True) -> list[dict[str, Any]]:
     """The rows of a runs.jsonl, in order. A last line cut short by a kill (no newline at
-    its end) is removed from the file first, so it never counts as a run."""
+    its end) never counts as a run; with `repair` it is removed from the file first
+    (only while no worker writes: `repair=False` reads under the writers' lock)."""
     if not path.exists():
         return []
-    raw = path.read_bytes()
+    if repair:
+        raw = path.read_bytes()
+    else:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            with workers.locked(fd, exclusive=False), os.fdopen(os.dup(fd), "rb") as f:
+                raw = f.read()
+        finally:
+            os.close(fd)
     complete = raw[: raw.rfind(b"\n") + 1]
-    if len(complete) < len(raw):  # a write cut short: not a run
+    if repair and len(complete) < len(raw):  # a write cut short: not a run
         report.atomic_write_bytes(path, complete)
     rows = []
     for i, line in enumerate(complete.splitlines()):
@@ -164,12 +183,14 @@ def read_runs(path: Path) -> list[dict[str, Any]]:
 
 
 def append_run(path: Path, row: dict[str, Any]) -> None:
-    """One row, in one write to the end of the file, flushed to disk before returning."""
+    """One row, in one write to the end of the file, flushed to disk before returning;
+    under an exclusive lock, so workers' rows never interleave."""
     line = (json.dumps(row, allow_nan=False, sort_keys=True) + "\n").encode()
     fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
     try:
-        os.write(fd, line)
-        os.fsync(fd)
+        with workers.locked(fd, exclusive=True):
+            os.write(fd, line)
+            os.fsync(fd)
     finally:
         os.close(fd)
 
@@ -361,11 +382,12 @@ def _spec_doc(base: Config, grid: Grid, args: Any, frameworks: list[str], planne
         "frameworks": frameworks,
         "shard": args.shard,
         "planned": planned,
+        "workers": args.workers,
     }
 
 
 def _same_sweep(old: dict[str, Any], new: dict[str, Any]) -> bool:
-    ignore = ("base",)
+    ignore = ("base", "workers")
     a = {k: v for k, v in old.items() if k not in ignore}
     b = {k: v for k, v in new.items() if k not in ignore}
     base_a = {k: v for k, v in old.get("base", {}).items() if k != "data_dir"}
@@ -447,17 +469,67 @@ def _train_group(
         return [(None, "failed", f"{type(e).__name__}: {e}")] * len(group)
 
 
+def run_line(row: dict[str, Any], count: int, planned: int) -> str:
+    """`[3/36] jax batch_size=100 lr=0.4 seed=0: done, 63.10%, 39.9 s`."""
+    acc = "-" if row["accuracy"] is None else f"{100 * row['accuracy']:.2f}%"
+    secs = "-" if row["time_seconds"] is None else f"{row['time_seconds']:.1f} s"
+    cell = " ".join(f"{k}={_shown(v)}" for k, v in row["cell"].items())
+    return (f"[{count}/{planned}] {row['framework']} {cell} seed={row['seed']}: "
+            f"{row['status']}, {acc}, {secs}")  # fmt: skip
+
+
+class Reporter:
+    """The sweep's progress bar over all planned runs, or one line a run without it."""
+
+    def __init__(self, done: int, planned: int, progress: bool, log: Callable[[str], None]):
+        self.count, self.planned, self.log = done, planned, log
+        self.bar = progress_bar(total=planned, initial=done, desc="sweep", unit="run",
+                                disable=None if progress else True, file=sys.stderr)  # fmt: skip
+
+    def row(self, row: dict[str, Any]) -> None:
+        self.bar.update(1)
+        self.count += 1
+        if self.bar.disable:
+            self.log(run_line(row, self.count, self.planned))
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def _next_group(pending: list[list[RunSpec]], claims: workers.Claims | None,
+                last: tuple[str, Any] | None) -> list[RunSpec]:  # fmt: skip
+    """Pop the next group to train: plan order alone, or, among workers, the runs of the
+    first group this worker can claim, preferring the program it just compiled."""
+    if claims is None:
+        return pending.pop(0)
+    while pending:
+        group = pending.pop(workers.prefer_same_program(pending, last))
+        mine = [s for s in group if claims.claim(s.key)]
+        if mine:
+            return mine
+    return []
+
+
 def run_sweep(out: Path, base: Config, todo: Sequence[RunSpec], trainers: dict[str, Any],
-              data: Callable[[Config], Any], done: int, planned: int, progress: bool,
-              log: Callable[[str], None], vmap_seeds: int = 1) -> None:  # fmt: skip
+              data: Callable[[Config], Any], reporter: Reporter, vmap_seeds: int = 1,
+              claims: workers.Claims | None = None, worker: dict[str, Any] | None = None,
+              ) -> None:  # fmt: skip
     """Run `todo`, appending each finished run to runs.jsonl (a vmapped group's runs
-    together, when its program ends)."""
+    together, when its program ends). A worker (`claims`, `worker`: its `worker` and
+    `cpus` fields for each row) trains only runs it claims, and stops between runs
+    once its parent is gone."""
     commit = report.environment(()).get("git_commit")
-    bar = progress_bar(total=planned, initial=done, desc="sweep", unit="run",
-                       disable=None if progress else True, file=sys.stderr)  # fmt: skip
-    count = done
+    parent = os.getppid()
+    pending = batches(todo, vmap_seeds)
+    last = None
     try:
-        for group in batches(todo, vmap_seeds):
+        while pending:
+            if claims is not None and os.getppid() != parent:
+                return  # orphaned: a rerun of the sweep will do the rest
+            group = _next_group(pending, claims, last)
+            if not group:
+                break
+            last = (group[0].framework, group[0].cell)
             for spec, (summary, status, detail) in zip(
                 group, _train_group(group, base, trainers, data), strict=True
             ):
@@ -465,17 +537,11 @@ def run_sweep(out: Path, base: Config, todo: Sequence[RunSpec], trainers: dict[s
                 if summary is not None and "vmap_seeds" in summary:
                     row["vmap_seeds"] = summary["vmap_seeds"]
                     row["program_seconds"] = summary["program_seconds"]
+                row.update(worker or {})
                 append_run(out / RUNS, row)
-                bar.update(1)
-                count += 1
-                acc = "-" if row["accuracy"] is None else f"{100 * row['accuracy']:.2f}%"
-                secs = "-" if row["time_seconds"] is None else f"{row['time_seconds']:.1f} s"
-                cell = " ".join(f"{k}={_shown(v)}" for k, v in spec.cell)
-                if bar.disable:
-                    log(f"[{count}/{planned}] {spec.framework} {cell} seed={spec.seed}: "
-                        f"{status}, {acc}, {secs}")  # fmt: skip
+                reporter.row(row)
     finally:
-        bar.close()
+        reporter.close()
 
 
 def build_parser() -> OneLineErrorParser:
@@ -520,6 +586,15 @@ def build_parser() -> OneLineErrorParser:
         default=None,
         help="join these shard folders into --out",
     )
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        metavar="N",
+        help="N sweep processes side by side, each on its share of the CPU cores (and of "
+        "CUDA_VISIBLE_DEVICES); per-run times are then a share's",
+    )
+    p.add_argument("--worker", default=None, help=argparse.SUPPRESS)  # i/N: set by --workers
     p.add_argument("--overwrite", action="store_true", help="start --out's sweep again")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (one line a run)")
     return p
@@ -554,44 +629,84 @@ def merge(out: Path, folders: Sequence[str], overwrite: bool) -> int:
     return 0
 
 
+def _sweep_plan(args: argparse.Namespace) -> tuple[Config, Grid, list[str], list[RunSpec]]:
+    """(base config, grid, frameworks, this shard's runs) from the command line; a one-line
+    ValueError for anything wrong, before anything runs."""
+    base = get_config(args.config)
+    for item in args.set:
+        name, sep, text = item.partition("=")
+        if not sep:
+            raise ValueError(f"--set {item!r}: expected FIELD=VALUE (e.g. epochs=2)")
+        name = name.strip().replace("-", "_")
+        base = base.replace(**{name: parse_field(name, text.strip())})
+    base = validate(base)
+    if args.data_dir is not None:
+        base = base.replace(data_dir=args.data_dir)
+    elif os.environ.get("JAXBENCH_DATA_DIR"):
+        base = base.replace(data_dir=os.environ["JAXBENCH_DATA_DIR"])
+    frameworks = [f.strip() for f in args.frameworks.split(",") if f.strip()]
+    if not frameworks or any(f not in FRAMEWORKS for f in frameworks):
+        raise ValueError(f"--frameworks {args.frameworks!r}: choose jax, torch or both")
+    if args.seeds < 1:
+        raise ValueError("--seeds must be at least 1")
+    if args.vmap_seeds < 1:
+        raise ValueError("--vmap-seeds must be at least 1")
+    if args.vmap_seeds > 1 and base.lookahead:
+        raise ValueError("--vmap-seeds does not implement --lookahead; drop one")
+    index, count = parse_shard(args.shard)
+    grid = parse_grid(args.grid)
+    return base, grid, frameworks, shard(plan(base, grid, args.seeds, frameworks), index, count)
+
+
+def _worker_main(args: argparse.Namespace) -> int:
+    """One worker of `--workers N`: the parent checked the command and wrote sweep.json;
+    this trains the runs it can claim, appends them, and leaves the summary to the parent."""
+    cpus = workers.enter_worker()  # before JAX or PyTorch start
+    out = Path(args.out)
+    try:
+        index, count = parse_shard(args.worker)
+        claims = workers.Claims(out / workers.WORKERS_DIR / "claims")
+        if not claims.folder.is_dir() or not (out / SPEC).is_file():
+            raise ValueError(f"--worker: {out} is not a sweep started with --workers")
+        base, _, frameworks, mine = _sweep_plan(args)
+        finished = {r["key"] for r in read_runs(out / RUNS, repair=False)}
+        todo = [s for s in mine if s.key not in finished]
+        trainers = _trainers(frameworks, todo, base)
+        data = _data_for(base, todo)
+    except (ValueError, RuntimeError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"worker {index}/{count} on CPU cores {cpus}: {len(todo)} runs to share", flush=True)
+    reporter = Reporter(len(mine) - len(todo), len(mine), False, lambda m: print(m, flush=True))
+    try:
+        mark = {"worker": f"{index}/{count}", "cpus": len(cpus)}
+        run_sweep(out, base, todo, trainers, data, reporter, vmap_seeds=args.vmap_seeds,
+                  claims=claims, worker=mark)  # fmt: skip
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     if args.out is None:
         print(
             "error: --out DIR is required: the folder that keeps the sweep's runs", file=sys.stderr
         )
         return 2
+    if args.worker is not None:
+        return _worker_main(args)
     out = Path(args.out)
     created = not out.exists()
     try:
         try:
             if args.merge:
+                if args.workers != 1:
+                    raise ValueError("--workers runs a sweep; --merge only joins folders")
                 return merge(out, args.merge, args.overwrite)
-            base = get_config(args.config)
-            for item in args.set:
-                name, sep, text = item.partition("=")
-                if not sep:
-                    raise ValueError(f"--set {item!r}: expected FIELD=VALUE (e.g. epochs=2)")
-                name = name.strip().replace("-", "_")
-                base = base.replace(**{name: parse_field(name, text.strip())})
-            base = validate(base)
-            if args.data_dir is not None:
-                base = base.replace(data_dir=args.data_dir)
-            elif os.environ.get("JAXBENCH_DATA_DIR"):
-                base = base.replace(data_dir=os.environ["JAXBENCH_DATA_DIR"])
-            frameworks = [f.strip() for f in args.frameworks.split(",") if f.strip()]
-            if not frameworks or any(f not in FRAMEWORKS for f in frameworks):
-                raise ValueError(f"--frameworks {args.frameworks!r}: choose jax, torch or both")
-            if args.seeds < 1:
-                raise ValueError("--seeds must be at least 1")
-            if args.vmap_seeds < 1:
-                raise ValueError("--vmap-seeds must be at least 1")
-            if args.vmap_seeds > 1 and base.lookahead:
-                raise ValueError("--vmap-seeds does not implement --lookahead; drop one")
-            index, count = parse_shard(args.shard)
-            grid = parse_grid(args.grid)
-            full = plan(base, grid, args.seeds, frameworks)
-            mine = shard(full, index, count)
+            workers.check_workers(args.workers)
+            base, grid, frameworks, mine = _sweep_plan(args)
             spec = _spec_doc(base, grid, args, frameworks, len(mine))
             if (out / SPEC).exists() and not args.overwrite:
                 old = json.loads((out / SPEC).read_text())
@@ -618,20 +733,36 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"{args.seeds} seed(s), {', '.join(frameworks)} -> {out}",
             flush=True,
         )
+        status = 0
         if todo:
             try:
-                data = _data_for(base, todo)
+                data = None if args.workers > 1 else _data_for(base, todo)
             except (ValueError, OSError) as e:
                 print(f"error: {e}", file=sys.stderr)
                 return 2
-            run_sweep(out, base, todo, trainers, data, len(mine) - len(todo), len(mine),
-                      progress=not args.no_progress, log=print,
-                      vmap_seeds=args.vmap_seeds)  # fmt: skip
+            reporter = Reporter(len(mine) - len(todo), len(mine), not args.no_progress, print)
+            if args.workers > 1:
+                try:
+                    failed = workers.run_workers(
+                        out,
+                        argv,
+                        args.workers,
+                        lambda: read_runs(out / RUNS, repair=False),
+                        reporter.row,
+                    )
+                finally:
+                    reporter.close()
+                for line in failed:
+                    print(f"error: {line}", file=sys.stderr)
+                if failed:
+                    status = 1
+            else:
+                run_sweep(out, base, todo, trainers, data, reporter, vmap_seeds=args.vmap_seeds)
         rows = read_runs(out / RUNS)
         written = write_outputs(out, rows, spec)
         print(format_table(aggregate(rows), grid), end="")
         print(f"wrote {', '.join(str(p) for p in [out / RUNS, *written])}")
-        return 0
+        return status
     except KeyboardInterrupt:
         if (out / SPEC).exists():
             rows = read_runs(out / RUNS)

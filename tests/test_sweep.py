@@ -13,8 +13,10 @@ from pathlib import Path
 import pytest
 
 from jaxbench import sweep
+from jaxbench import sweep_workers as workers
 from jaxbench.configs import get_config
 
+ROOT = Path(__file__).resolve().parent.parent
 SMALL = ["--config", "tiny", "--set", "subset=500", "test_subset=500", "epochs=1",
          "widths=8,8,8,8", "lr_peak_epoch=0.5"]  # fmt: skip
 
@@ -33,6 +35,8 @@ SMALL = ["--config", "tiny", "--set", "subset=500", "test_subset=500", "epochs=1
         (["--grid", "lr=0.1", "--shard", "2/2"], "--shard 2/2"),
         (["--grid", "lr=0.1", "--frameworks", "jax,mxnet"], "--frameworks"),
         (["--grid", "lr=0.1", "--set", "epochs"], "--set 'epochs'"),
+        (["--grid", "lr=0.1", "--workers", "0"], "--workers must be at least 1"),
+        (["--grid", "lr=0.1", "--workers", "4096"], "give at most"),
     ],
 )
 def test_bad_grids_are_one_line_before_anything_runs(
@@ -178,3 +182,96 @@ def test_a_vmapped_sweep_records_every_seed(real_data_dir: Path, tmp_path: Path)
         sweep.planned_keys(json.loads((out / "sweep.json").read_text()))
     )
     assert len({r["accuracy"] for r in rows}) > 1
+
+
+# --- --workers: several sweep processes on one machine ---------------------------------------
+
+
+def test_workers_split_cores_and_devices() -> None:
+    items = list(range(5))
+    parts = [workers.split(items, i, 3) for i in range(3)]
+    assert parts == [[0, 1], [2, 3], [4]]
+    env = workers.worker_env(1, 2, {"CUDA_VISIBLE_DEVICES": "0,1,2,3", "PATH": "/bin"})
+    assert env["CUDA_VISIBLE_DEVICES"] == "2,3" and env["PATH"] == "/bin"
+    cpus = [int(c) for c in env["JAXBENCH_WORKER_CPUS"].split(",")]
+    assert cpus == workers.split(workers.usable_cpus(), 1, 2)
+    assert env["PJRT_NPROC"] == env["OMP_NUM_THREADS"] == str(len(cpus))
+    assert "CUDA_VISIBLE_DEVICES" not in workers.worker_env(0, 1, {})
+    if len(workers.usable_cpus()) >= 2:
+        with pytest.raises(ValueError, match="lists 1 device"):
+            workers.check_workers(2, {"CUDA_VISIBLE_DEVICES": "0"})
+    argv = ["--grid", "lr=0.1", "--workers", "2", "--overwrite", "--workers=3", "--no-progress"]
+    assert workers.child_argv(argv) == ["--grid", "lr=0.1"]
+
+
+def test_a_run_is_claimed_once_and_a_worker_keeps_its_program(tmp_path: Path) -> None:
+    claims = workers.Claims(tmp_path)
+    assert claims.claim("run a") and not claims.claim("run a") and claims.claim("run b")
+    full = sweep.plan(get_config("tiny"), sweep.parse_grid(["lr=0.2,0.4"]), 2, ["jax", "torch"])
+    groups = sweep.batches(full, 1)
+    # after jax lr=0.2 seed 0, the same program's next seed comes first, not torch's run
+    assert groups[1][0].framework == "torch"
+    i = workers.prefer_same_program(groups[1:], ("jax", groups[0][0].cell))
+    assert groups[1:][i][0] == sweep.RunSpec("jax", groups[0][0].cell, 1)
+    assert workers.prefer_same_program(groups, None) == 0
+
+
+def _append_many(path: str, tag: str, n: int) -> None:
+    for i in range(n):
+        sweep.append_run(Path(path), {"key": f"{tag}{i}", "pad": tag * 20_000})
+
+
+def test_concurrent_appends_never_interleave(tmp_path: Path) -> None:
+    """Rows far larger than an atomic pipe write, appended by four processes at once."""
+    path = tmp_path / "runs.jsonl"
+    code = "import sys; from tests.test_sweep import _append_many as a; a(*sys.argv[1:3], 40)"
+    procs = [
+        subprocess.Popen([sys.executable, "-c", code, str(path), tag], cwd=ROOT) for tag in "abcd"
+    ]
+    assert [p.wait(timeout=120) for p in procs] == [0] * 4
+    rows = sweep.read_runs(path, repair=False)
+    assert sorted(r["key"] for r in rows) == sorted(f"{t}{i}" for t in "abcd" for i in range(40))
+
+
+needs_two_cores = pytest.mark.skipif(
+    len(workers.usable_cpus()) < 2, reason="--workers 2 needs two CPU cores"
+)
+
+
+@needs_two_cores
+@pytest.mark.slow
+@pytest.mark.realdata
+def test_two_workers_share_the_sweep_and_a_rerun_resumes_it(
+    real_data_dir: Path, tmp_path: Path
+) -> None:
+    """Kill the parent mid-sweep: its workers stop too; the same command finishes the grid
+    with every run once, both workers having trained some, each on its own core."""
+    out = tmp_path / "sweep"
+    cmd = [sys.executable, "-m", "jaxbench.sweep", *SMALL, "--grid", "lr=0.2,0.4",
+           "--seeds", "2", "--frameworks", "jax,torch", "--workers", "2",
+           "--data-dir", str(real_data_dir), "--out", str(out), "--no-progress"]  # fmt: skip
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    runs = out / "runs.jsonl"
+    try:
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline and not (runs.exists() and runs.read_bytes()):
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=60)
+    finally:
+        proc.kill()
+    time.sleep(3)  # the workers get SIGTERM from the kernel when their parent dies
+    before = runs.read_text().splitlines()
+    assert 1 <= len(before) < 8, before
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "[8/8]" in res.stdout, res.stdout
+    rows = sweep.read_runs(runs)
+    keys = [r["key"] for r in rows]
+    planned = sweep.planned_keys(json.loads((out / "sweep.json").read_text()))
+    assert sorted(keys) == sorted(planned) and len(set(keys)) == 8
+    assert all(r["status"] == "done" for r in rows)
+    assert {r["worker"] for r in rows} == {"0/2", "1/2"}
+    assert all(r["cpus"] == len(workers.split(workers.usable_cpus(), 0, 2)) for r in rows)
+    assert (out / "heatmap.png").exists() or (out / "lines.png").exists()
+    assert json.loads((out / "summary.json").read_text())["complete"]

@@ -1,0 +1,245 @@
+"""`python -m jaxbench.sweep --workers N`: N sweep processes share one machine.
+
+Each worker is the same sweep command with `--worker i/N`, pinned to its own
+share of the CPU cores (and, where `CUDA_VISIBLE_DEVICES` lists devices, its own
+share of those). Workers take runs from the plan as they free up: a run is
+claimed by creating `OUT/workers/claims/<run>` exclusively, so no two workers
+train it, and a worker prefers the next seed of the cell it just compiled, so
+programs are still reused. Every finished run is appended to `runs.jsonl` under
+an exclusive lock; the parent only watches that file (progress bar, one line a
+run) and writes the summary when the workers are done.
+
+Why: XLA:CPU's convolutions use two cores poorly (a `tiny` run takes 45 s on
+one core and 33 s on two of a 2-core x86 CPU), so two one-core runs side by side
+finish the same work sooner; PyTorch's scale almost perfectly, and lose nothing.
+Per-run times are then those of a run on its share of the machine; each row
+records `worker` and `cpus`.
+
+Claims live for one invocation: the parent clears them before starting workers,
+and a rerun skips what runs.jsonl holds, as without workers. A worker stops
+between runs when its parent is gone.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import IO, Any
+
+WORKERS_DIR = "workers"
+
+
+# --- the machine's share of each worker ------------------------------------------------------
+
+
+def usable_cpus() -> list[int]:
+    """The cores this process may run on (affinity-aware where the OS says)."""
+    try:
+        return sorted(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux: assume every core
+        return list(range(os.cpu_count() or 1))
+
+
+def split(items: Sequence[Any], index: int, count: int) -> list[Any]:
+    """The `index`-th of `count` contiguous, near-equal parts of `items`."""
+    size, extra = divmod(len(items), count)
+    start = index * size + min(index, extra)
+    return list(items[start : start + size + (index < extra)])
+
+
+def check_workers(count: int, environ: dict[str, str] | None = None) -> None:
+    """One-line ValueError unless `count` workers each get a core (and a device, where
+    CUDA_VISIBLE_DEVICES lists them)."""
+    if isinstance(count, bool) or count < 1:
+        raise ValueError(f"--workers must be at least 1; got {count}")
+    cores = len(usable_cpus())
+    if count > cores:
+        raise ValueError(
+            f"--workers {count}: this process may use {cores} CPU core(s); give at most {cores}"
+        )
+    devices = _cuda_devices(os.environ if environ is None else environ)
+    if devices is not None and count > len(devices):
+        raise ValueError(
+            f"--workers {count}: CUDA_VISIBLE_DEVICES lists {len(devices)} device(s); give at "
+            f"most {len(devices)}, one per worker"
+        )
+
+
+def _cuda_devices(environ: Any) -> list[str] | None:
+    text = environ.get("CUDA_VISIBLE_DEVICES")
+    if text is None or not text.strip():
+        return None
+    return [d.strip() for d in text.split(",") if d.strip()]
+
+
+def worker_env(index: int, count: int, environ: dict[str, str]) -> dict[str, str]:
+    """The environment of worker `index`: its thread counts, and its devices where the
+    parent's CUDA_VISIBLE_DEVICES lists some."""
+    from jaxbench.threads import xla_thread_env
+
+    env = dict(environ)
+    cpus = split(usable_cpus(), index, count)
+    xla_thread_env(len(cpus), env)
+    env["JAXBENCH_WORKER_CPUS"] = ",".join(map(str, cpus))
+    devices = _cuda_devices(environ)
+    if devices is not None:
+        env["CUDA_VISIBLE_DEVICES"] = ",".join(split(devices, index, count))
+    return env
+
+
+def enter_worker() -> list[int]:
+    """In a worker, before JAX or PyTorch start: pin to the cores the parent gave, and
+    stop if the parent dies (Linux). Returns the cores."""
+    text = os.environ.get("JAXBENCH_WORKER_CPUS", "")
+    cpus = [int(c) for c in text.split(",") if c.strip()] or usable_cpus()
+    with contextlib.suppress(AttributeError, OSError):
+        os.sched_setaffinity(0, cpus)
+    with contextlib.suppress(Exception):  # PR_SET_PDEATHSIG: best effort, Linux only
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)
+    return cpus
+
+
+# --- claims and the shared runs.jsonl --------------------------------------------------------
+
+
+class Claims:
+    """Exclusive claims on runs, one empty file each, for one invocation's workers."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+
+    def claim(self, key: str) -> bool:
+        name = hashlib.sha1(key.encode()).hexdigest()
+        try:
+            os.close(os.open(self.folder / name, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644))
+        except FileExistsError:
+            return False
+        return True
+
+
+@contextlib.contextmanager
+def locked(fd: int, exclusive: bool) -> Iterator[None]:
+    """An advisory lock on an open file (none where fcntl is missing)."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not POSIX
+        yield
+        return
+    fcntl.flock(fd, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+    try:
+        yield
+    finally:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+
+
+def prefer_same_program(groups: list[list[Any]], last: tuple[str, Any] | None) -> int:
+    """Index of the next group to try: the first of the (framework, cell) just trained, so
+    its compiled program is reused, else the first in plan order."""
+    for i, group in enumerate(groups):
+        if (group[0].framework, group[0].cell) == last:
+            return i
+    return 0
+
+
+# --- the parent ------------------------------------------------------------------------------
+
+
+def child_argv(argv: Sequence[str]) -> list[str]:
+    """The sweep command line without `--workers`, `--overwrite` and `--no-progress`."""
+    out: list[str] = []
+    skip = False
+    for arg in argv:
+        if skip:
+            skip = False
+            continue
+        if arg == "--workers":
+            skip = True
+            continue
+        if arg.startswith("--workers=") or arg in ("--overwrite", "--no-progress"):
+            continue
+        out.append(arg)
+    return out
+
+
+def run_workers(
+    out: Path,
+    argv: Sequence[str],
+    count: int,
+    poll: Callable[[], list[dict[str, Any]]],
+    on_row: Callable[[dict[str, Any]], None],
+    interval: float = 1.0,
+) -> list[str]:
+    """Start `count` workers on the sweep `argv` describes, report each new row of
+    runs.jsonl through `on_row` as it lands, and wait for them. Returns one line per
+    worker that failed (empty when all finished). Ctrl-C: the workers are interrupted
+    too, each losing at most its run in flight, and KeyboardInterrupt propagates."""
+    folder = out / WORKERS_DIR
+    shutil.rmtree(folder / "claims", ignore_errors=True)
+    (folder / "claims").mkdir(parents=True)
+    seen = len(poll())
+    procs: list[subprocess.Popen[bytes]] = []
+    logs: list[IO[bytes]] = []
+    try:
+        for i in range(count):
+            log = open(folder / f"worker{i}.log", "wb")  # noqa: SIM115 - closed below
+            logs.append(log)
+            cmd = [sys.executable, "-m", "jaxbench.sweep", *child_argv(argv)]
+            cmd += ["--worker", f"{i}/{count}", "--no-progress"]
+            env = worker_env(i, count, dict(os.environ))
+            procs.append(subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env))
+        while True:
+            running = any(p.poll() is None for p in procs)
+            rows = poll()
+            for row in rows[seen:]:
+                on_row(row)
+            seen = len(rows)
+            if not running:
+                break
+            time.sleep(interval)
+    except BaseException:
+        _stop(procs)
+        raise
+    finally:
+        for log in logs:
+            log.close()
+    failed = []
+    for i, p in enumerate(procs):
+        if p.returncode != 0:
+            path = folder / f"worker{i}.log"
+            failed.append(f"worker {i} exited with code {p.returncode}: {_last_line(path)} "
+                          f"(whole log: {path})")  # fmt: skip
+    return failed
+
+
+def _stop(procs: Sequence[subprocess.Popen[bytes]], grace: float = 30.0) -> None:
+    """SIGINT to the workers still running (a Ctrl-C may already have reached them), then
+    wait; SIGKILL after `grace` seconds."""
+    for p in procs:
+        if p.poll() is None:
+            with contextlib.suppress(OSError):
+                p.send_signal(signal.SIGINT)
+    deadline = time.monotonic() + grace
+    for p in procs:
+        try:
+            p.wait(max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
+
+
+def _last_line(path: Path) -> str:
+    try:
+        lines = [ln for ln in path.read_text(errors="replace").splitlines() if ln.strip()]
+    except OSError:
+        return "(no log)"
+    return lines[-1].strip() if lines else "(empty log)"
