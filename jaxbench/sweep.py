@@ -6,7 +6,9 @@
     python -m jaxbench.sweep --merge runs/s0 runs/s1 --out runs/sweep
 
 Every run is a preset (`--config`, changed for all runs by `--set FIELD=VALUE`)
-with one grid cell and one seed applied. A
+with one grid cell and one seed applied. runs.jsonl keeps each run's final
+accuracy only, so runs skip the per-epoch monitoring evaluations (`eval_every`
+is set to the epochs) unless `--set` or `--grid` names `eval_every`. A
 finished run is one line of `OUT/runs.jsonl` (its key, status, accuracy, time,
 commit and full config), appended in one write and flushed to disk, so a killed
 sweep loses at most the run in flight; the same command run again skips every
@@ -655,6 +657,9 @@ def _sweep_plan(args: argparse.Namespace) -> tuple[Config, Grid, list[str], list
         raise ValueError("--vmap-seeds does not implement --lookahead; drop one")
     index, count = parse_shard(args.shard)
     grid = parse_grid(args.grid)
+    named = {item.partition("=")[0].strip().replace("-", "_") for item in args.set}
+    if "eval_every" not in named | set(grid):  # runs.jsonl keeps only the final accuracy
+        base = base.replace(eval_every=max([base.epochs, *grid.get("epochs", [])]))
     return base, grid, frameworks, shard(plan(base, grid, args.seeds, frameworks), index, count)
 
 

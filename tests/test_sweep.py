@@ -275,3 +275,17 @@ def test_two_workers_share_the_sweep_and_a_rerun_resumes_it(
     assert all(r["cpus"] == len(workers.split(workers.usable_cpus(), 0, 2)) for r in rows)
     assert (out / "heatmap.png").exists() or (out / "lines.png").exists()
     assert json.loads((out / "summary.json").read_text())["complete"]
+
+
+def test_runs_skip_monitoring_evaluations_unless_asked() -> None:
+    """runs.jsonl keeps the final accuracy only: no per-epoch evaluations by default."""
+
+    def base(*extra: str) -> int:
+        args = sweep.build_parser().parse_args(["--config", "tiny", "--out", "x", *extra])
+        return sweep._sweep_plan(args)[0].eval_every
+
+    assert get_config("tiny").eval_every == 1
+    assert base("--grid", "lr=0.2,0.4") == get_config("tiny").epochs
+    assert base("--grid", "epochs=2,5") == 5
+    assert base("--grid", "lr=0.2", "--set", "eval_every=1") == 1
+    assert base("--grid", "eval_every=1,2") == 1
