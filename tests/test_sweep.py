@@ -289,3 +289,40 @@ def test_runs_skip_monitoring_evaluations_unless_asked() -> None:
     assert base("--grid", "epochs=2,5") == 5
     assert base("--grid", "lr=0.2", "--set", "eval_every=1") == 1
     assert base("--grid", "eval_every=1,2") == 1
+
+
+@needs_two_cores
+@pytest.mark.slow
+@pytest.mark.realdata
+def test_ctrl_c_to_the_parent_stops_its_workers(real_data_dir: Path, tmp_path: Path) -> None:
+    """SIGINT to the parent alone (as `kill -INT`): it interrupts its workers, waits for
+    them, writes the summary of what finished and exits 130; nothing lands afterwards."""
+    out = tmp_path / "sweep"
+    cmd = [sys.executable, "-m", "jaxbench.sweep", *SMALL, "--set", "subset=4000",
+           "epochs=2", "--grid", "lr=0.2,0.4,0.8", "--seeds", "2", "--workers", "2",
+           "--frameworks", "jax,torch", "--data-dir", str(real_data_dir), "--out", str(out),
+           "--no-progress"]  # fmt: skip
+    proc = subprocess.Popen(
+        cmd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
+    runs = out / "runs.jsonl"
+    try:
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline and not (runs.exists() and runs.read_bytes()):
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=90)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, err[-2000:]
+    assert "the same command continues the sweep" in err
+    rows = runs.read_text()
+    time.sleep(5)
+    assert runs.read_text() == rows  # no worker left behind
+    done = sweep.read_runs(runs)
+    assert 1 <= len(done) < 12 and all(r["status"] == "done" for r in done)
+    assert (out / "summary.json").exists()
