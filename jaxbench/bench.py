@@ -776,7 +776,7 @@ class Bench:
         self.data = data
         self.budget = budget
         self.log = log
-        self.watchdog = Watchdog(budget)
+        self.watchdog = Watchdog(budget, reserve=SLACK_S)  # the files are written in budget
         self.entries = list(opts.entries)
         self.caches: dict[str, Any] = {}  # JAX entry name -> CompileCache
         self.estimates: dict[tuple[str, str], float] = {}  # (preset, entry) -> wall seconds

@@ -8,7 +8,7 @@ clock:
 * `Budget`: seconds allowed from a start on a clock.
 * `fits`: whether work predicted to take `estimate` seconds may start now; the
   estimate is inflated by `SAFETY` and `SLACK_S` (one slow run must not overrun).
-* `Watchdog`: a SIGALRM at the end of the budget that interrupts a run far
+* `Watchdog`: a SIGALRM near the end of the budget that interrupts a run far
   slower than predicted, and nothing else (never a file write).
 """
 
@@ -81,8 +81,13 @@ class Watchdog:
     Main thread only (a signal handler); a no-op without `setitimer` or limit.
     """
 
-    def __init__(self, budget: Budget) -> None:
+    def __init__(self, budget: Budget, reserve: float = 0.0) -> None:
+        """`reserve`: seconds before the end at which to fire, kept for what must follow
+        (writing the results). The signal lands only once a compile or training call in
+        C returns, so a budget with no reserve ends late by that much, and more on a
+        loaded machine."""
         self.budget = budget
+        self.reserve = reserve
         self.expired = False
         self.active = False
         self.armed = False
@@ -91,7 +96,7 @@ class Watchdog:
         if not self.budget.limited or not hasattr(signal, "setitimer"):
             return False
         signal.signal(signal.SIGALRM, self._fire)
-        signal.setitimer(signal.ITIMER_REAL, max(self.budget.remaining(), 0.001))
+        signal.setitimer(signal.ITIMER_REAL, max(self.budget.remaining() - self.reserve, 0.001))
         self.armed = True
         return True
 

@@ -178,6 +178,13 @@ def test_watchdog_interrupts_only_a_guarded_run() -> None:
     finally:
         quiet.disarm()
     assert not Watchdog(Budget()).arm()  # no limit, no alarm
+    early = Watchdog(Budget(5.2), reserve=5.0)  # fires `reserve` s before the end
+    early.arm()
+    try:
+        time.sleep(0.6)
+        assert early.expired
+    finally:
+        early.disarm()
 
 
 def test_framework_on_the_cpu_beside_a_gpu_is_dropped(
