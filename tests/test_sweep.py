@@ -80,6 +80,27 @@ def test_a_line_cut_short_is_not_a_run(tmp_path: Path) -> None:
         sweep.read_runs(path)
 
 
+def _signal_after_first_run(cmd: list[str], runs: Path, sig: int) -> tuple[int, str]:
+    """Start the sweep `cmd`, send `sig` once runs.jsonl has a row; (exit code, stderr).
+    SIGINT's default action is restored: a background job may inherit it ignored."""
+    proc = subprocess.Popen(
+        cmd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
+    try:
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline and not (runs.exists() and runs.read_bytes()):
+            time.sleep(0.05)
+        proc.send_signal(sig)
+        _, err = proc.communicate(timeout=90)
+    finally:
+        proc.kill()
+    return proc.returncode, err
+
+
 @pytest.mark.slow
 @pytest.mark.realdata
 def test_kill_then_rerun_finishes_without_redoing_or_duplicating(
@@ -88,16 +109,8 @@ def test_kill_then_rerun_finishes_without_redoing_or_duplicating(
     out = tmp_path / "sweep"
     cmd = [sys.executable, "-m", "jaxbench.sweep", *SMALL, "--grid", "lr=0.2,0.4",
            "--seeds", "2", "--data-dir", str(real_data_dir), "--out", str(out)]  # fmt: skip
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     runs = out / "runs.jsonl"
-    try:
-        deadline = time.monotonic() + 240
-        while time.monotonic() < deadline and not (runs.exists() and runs.read_bytes()):
-            time.sleep(0.05)
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(timeout=60)
-    finally:
-        proc.kill()
+    _signal_after_first_run(cmd, runs, signal.SIGKILL)
     before = runs.read_text().splitlines()
     assert 1 <= len(before) < 4, before
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
@@ -250,16 +263,8 @@ def test_two_workers_share_the_sweep_and_a_rerun_resumes_it(
     cmd = [sys.executable, "-m", "jaxbench.sweep", *SMALL, "--grid", "lr=0.2,0.4",
            "--seeds", "2", "--frameworks", "jax,torch", "--workers", "2",
            "--data-dir", str(real_data_dir), "--out", str(out), "--no-progress"]  # fmt: skip
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     runs = out / "runs.jsonl"
-    try:
-        deadline = time.monotonic() + 300
-        while time.monotonic() < deadline and not (runs.exists() and runs.read_bytes()):
-            time.sleep(0.05)
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(timeout=60)
-    finally:
-        proc.kill()
+    _signal_after_first_run(cmd, runs, signal.SIGKILL)
     time.sleep(3)  # the workers get SIGTERM from the kernel when their parent dies
     before = runs.read_text().splitlines()
     assert 1 <= len(before) < 8, before
@@ -298,27 +303,13 @@ def test_ctrl_c_to_the_parent_stops_its_workers(real_data_dir: Path, tmp_path: P
     """SIGINT to the parent alone (as `kill -INT`): it interrupts its workers, waits for
     them, writes the summary of what finished and exits 130; nothing lands afterwards."""
     out = tmp_path / "sweep"
-    cmd = [sys.executable, "-m", "jaxbench.sweep", *SMALL, "--set", "subset=4000",
-           "epochs=2", "--grid", "lr=0.2,0.4,0.8", "--seeds", "2", "--workers", "2",
+    cmd = [sys.executable, "-m", "jaxbench.sweep", *SMALL, "subset=4000", "epochs=2",
+           "--grid", "lr=0.2,0.4,0.8", "--seeds", "2", "--workers", "2",
            "--frameworks", "jax,torch", "--data-dir", str(real_data_dir), "--out", str(out),
            "--no-progress"]  # fmt: skip
-    proc = subprocess.Popen(
-        cmd,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
-    )
     runs = out / "runs.jsonl"
-    try:
-        deadline = time.monotonic() + 300
-        while time.monotonic() < deadline and not (runs.exists() and runs.read_bytes()):
-            time.sleep(0.05)
-        proc.send_signal(signal.SIGINT)
-        _, err = proc.communicate(timeout=90)
-    finally:
-        proc.kill()
-    assert proc.returncode == 130, err[-2000:]
+    code, err = _signal_after_first_run(cmd, runs, signal.SIGINT)
+    assert code == 130, err[-2000:]
     assert "the same command continues the sweep" in err
     rows = runs.read_text()
     time.sleep(5)
