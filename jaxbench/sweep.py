@@ -34,6 +34,7 @@ import os
 import sys
 import time
 from collections.abc import Callable, Sequence
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -159,15 +160,9 @@ def read_runs(path: Path, repair: bool = True) -> list[dict[str, Any]]:
     (only while no worker writes: `repair=False` reads under the writers' lock)."""
     if not path.exists():
         return []
-    if repair:
-        raw = path.read_bytes()
-    else:
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            with workers.locked(fd, exclusive=False), os.fdopen(os.dup(fd), "rb") as f:
-                raw = f.read()
-        finally:
-            os.close(fd)
+    with open(path, "rb") as f:
+        with workers.locked(f.fileno(), exclusive=False) if not repair else nullcontext():
+            raw = f.read()
     complete = raw[: raw.rfind(b"\n") + 1]
     if repair and len(complete) < len(raw):  # a write cut short: not a run
         report.atomic_write_bytes(path, complete)

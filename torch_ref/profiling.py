@@ -1,12 +1,12 @@
-"""What `--profile DIR` gives a PyTorch run: a Chrome trace and a top-operations table.
+"""`python -m torch_ref.train --profile DIR`: a Chrome trace and a table of top operations.
 
-The trace (`DIR/torch-trace.json`) opens in https://ui.perfetto.dev. The table
-ranks operations by self time with the same columns as a JAX run's `--profile`
-(name, ms, calls, share), so the two runs' hot spots read side by side. On the
-CPU it counts each operator's self CPU time; on CUDA the device's own events
-(kernels, copies) by self device time, because an operator's device time repeats
-its kernels' and summing both would count them twice. Only the timed region is
-traced: collection pauses during the untimed monitoring evaluations.
+You get `DIR/torch-trace.json`, which opens in https://ui.perfetto.dev, and a
+table of the operations that took the most time: name, ms, calls and share, the
+columns `python -m jaxbench.train --profile` prints, so a PyTorch run and a JAX
+run can be compared line by line. On a CPU each operation is ranked by its own
+CPU time; on a CUDA GPU by its kernels' device time (an operation's device time
+already contains its kernels', so only the kernels are summed). Only the timed
+training is recorded: the monitoring evaluations between epochs are left out.
 """
 
 from __future__ import annotations
