@@ -21,10 +21,20 @@ import tempfile
 import warnings
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
 import numpy as np
 
+# The output checks and the signal ends live in jaxbench.command; these names stay importable
+# from here for callers written against this module.
+from jaxbench.command import (  # noqa: F401
+    OutputError,
+    Terminated,
+    exit_interrupted,
+    prepare_output,
+    raise_terminated,
+    remove_if_empty,
+)
 from jaxbench.threads import THREAD_ENV_VARS
 
 EPOCH_COLUMNS: tuple[str, ...] = (
@@ -502,95 +512,5 @@ RUN_FILES: tuple[str, ...] = (
 )
 
 
-class OutputError(ValueError):
-    """An output folder that cannot be used; the message is one line naming the fix."""
-
-
-def prepare_output(
-    path: str | os.PathLike[str],
-    produces: Sequence[str],
-    *,
-    overwrite: bool,
-    flag: str = "--out",
-    resume: bool = False,
-) -> Path:
-    """Check an output folder before any work starts, and make it.
-
-    Refused: a path that is a file; a folder that already holds any of the files
-    this command `produces` (glob patterns), unless `overwrite`, which removes
-    exactly those files (and folders, such as old checkpoints) so no old result
-    sits beside a new one; a folder that cannot be created or written. Other
-    files in the folder are left alone. `resume`: the folder is a stopped run to
-    continue, so it must exist with its `config.json`, and its files stay.
-    """
-    p = Path(path)
-    if p.exists() and not p.is_dir():
-        raise OutputError(f"{flag} {p} is a file, not a folder; choose another path")
-    if resume:
-        if overwrite:
-            raise OutputError(f"{flag} {p}: --resume keeps the run's files; drop --overwrite")
-        if not (p / "config.json").is_file():
-            raise OutputError(
-                f"{flag} {p} holds no run (no config.json); pass the --out folder of a run"
-            )
-        _check_writable(p, flag)
-        return p
-    existing = (
-        sorted({q.name for pattern in produces for q in p.glob(pattern)}) if p.is_dir() else []
-    )
-    if existing and not overwrite:
-        raise OutputError(
-            f"{flag} {p} already holds results ({', '.join(existing)}); pass --overwrite to "
-            "replace them or choose another folder"
-        )
-    _check_writable(p, flag)
-    for name in existing:
-        if (p / name).is_dir() and not (p / name).is_symlink():
-            shutil.rmtree(p / name)
-        else:
-            (p / name).unlink()
-    return p
-
-
 # The keys of summary.json's "final": the last epoch's row, the same in both trainers.
 FINAL_KEYS: tuple[str, ...] = ("val_acc", "ema_val_acc", "val_loss", "train_loss", "train_acc")
-
-
-def remove_if_empty(path: str | os.PathLike[str]) -> None:
-    """Remove a folder a command made if it is still empty (nothing else is touched)."""
-    with contextlib.suppress(OSError):
-        Path(path).rmdir()
-
-
-class Terminated(KeyboardInterrupt):
-    """SIGTERM (a scheduler's time limit, `timeout`, a closing terminal) in a trainer: the
-    run stops as on Ctrl-C, marked `interrupted`, and the command exits 143."""
-
-
-def raise_terminated(signum: int, frame: Any) -> None:
-    """A SIGTERM handler: raise `Terminated` where the main thread runs."""
-    raise Terminated
-
-
-def exit_interrupted(message: str, code: int = 130) -> NoReturn:
-    """Ctrl-C's end for every command: `message` as one line on stderr, then exit `code`.
-
-    Leaves with `os._exit`, after flushing: Ctrl-C during compilation or a step can
-    leave XLA or PyTorch work in flight whose teardown at interpreter exit is not
-    safe (XLA:CPU has segfaulted there). Callers write their files first.
-    """
-    sys.stdout.flush()
-    print(message, file=sys.stderr, flush=True)
-    os._exit(code)
-
-
-def _check_writable(p: Path, flag: str) -> None:
-    """Make the folder and prove a file can be created in it."""
-    try:
-        p.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=p, prefix=".write-probe-"):
-            pass
-    except OSError as e:
-        raise OutputError(
-            f"{flag} {p} is not writable ({e.strerror or e}); choose another folder"
-        ) from None
