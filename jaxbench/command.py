@@ -40,12 +40,26 @@ A command adopts it by moving its body into a function of one `Command` argument
   `{word}; nothing written to {out}` or `{word}; partial results in {out}`.
 * `run_command(body, errors={...})` maps other exception types to exit codes (the
   trainers add `{FloatingPointError: 1}`); `SystemExit` passes through unchanged.
-  An exception the body wants to handle itself (a `ValueError` that is a bug, not
-  input) must be caught there.
+  `cmd.inputs_checked()` ends that: after it those exceptions are bugs and keep their
+  traceback (the parity suite calls it before its checks run).
 * Interrupted commands leave through `os._exit` (see `exit_interrupted`); in a test,
   `run_command(..., hard_exit=False)` returns 130 or 143 instead.
 * `Terminated` (a `KeyboardInterrupt`) is the one SIGTERM class: `except KeyboardInterrupt`
-  handles both signals, and `isinstance(e, Terminated)` tells them apart.
+  handles both signals, and `isinstance(e, Terminated)` tells them apart (or an
+  `except Terminated` placed before it).
+
+How the other commands plug in:
+
+* the trainers' CLI (`jaxbench.cli.run_trainer`, used by `jaxbench.train` and
+  `torch_ref.train`): `run_command(body, errors={**BAD_INPUT, FloatingPointError: 1})`;
+  `cmd.prepare_out` for `--out` (RUN_FILES), `--resume` (`resume=True`) and `--profile`
+  (`flag="--profile"`, `produces=()`); `cmd.on_stop` returns today's line from
+  status.json ("interrupted after epoch N; partial results in ..."), and the SIGTERM
+  handler, the `created` flag and the folder removal go (the wrapper does them);
+* `jaxbench.train`'s `--vmap-seeds` main: the same, with its own `on_stop`;
+* the bench: `cmd.prepare_out(opts.out, BENCH_FILES, overwrite=...)`; its bench.json is
+  written by `on_stop` (or by its own `except KeyboardInterrupt` that re-raises), and its
+  own `Terminated` goes: a `BudgetExceeded` stays the bench's.
 """
 
 from __future__ import annotations
@@ -188,6 +202,7 @@ class Command:
     def __init__(self) -> None:
         self.out: Path | None = None  # the first place prepared: the one the stop line names
         self.on_stop: Callable[[str], str] | None = None
+        self.checking = True  # `errors` are bad input until `inputs_checked`
         self._made: list[Path] = []  # folders this command created, deepest first
         self._fresh: dict[Path, set[str]] = {}  # each place's entries once prepared
 
@@ -233,6 +248,11 @@ class Command:
             ) from None
         self.out = self.out or p
         return p
+
+    def inputs_checked(self) -> None:
+        """The input is checked and the work starts: from here on an exception of
+        `run_command`'s `errors` is a bug, not bad input, and keeps its traceback."""
+        self.checking = False
 
     def _remember(self, p: Path) -> None:
         self.out = self.out or p
@@ -326,6 +346,8 @@ def run_command(
             return code
         return EXIT_OK if code is None else code
     except tuple(errors) as e:
+        if not cmd.checking:
+            raise
         code = next(c for t, c in errors.items() if isinstance(e, t))
         print(one_line(e), file=sys.stderr, flush=True)
         return code

@@ -76,6 +76,13 @@ def test_the_body_s_own_code_passes_through_and_others_are_mapped(
     with pytest.raises(FloatingPointError):  # not bad input: a bug keeps its traceback
         run_command(diverged)
 
+    def crashed(cmd: Command) -> int:
+        cmd.inputs_checked()
+        raise ValueError("a bug in the work, not the input")
+
+    with pytest.raises(ValueError, match="a bug"):  # after the input is checked: a traceback
+        run_command(crashed)
+
     def usage(cmd: Command) -> int:
         raise SystemExit(2)  # argparse's usage error
 
