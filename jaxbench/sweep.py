@@ -16,11 +16,13 @@ run already in the file. `--shard i/n` takes every n-th run from the i-th, so n
 machines can share one sweep, and `--merge DIR...` joins their folders. At the
 end (and on Ctrl-C) the folder gets `summary.json` (per cell and framework: mean
 and spread), `table.md` (sorted by accuracy, then time) and, for a 1-D or 2-D
-grid, `heatmap.png` or `lines.png` (the `plot` extra).
+grid, `heatmap.png` or `lines.png` (the `plot` extra). A sweep that could not start
+(bad flags, --out, data) writes nothing.
 
 Values: `field=v1,v2,...` with each value as its flag takes it; a field whose
 value has commas itself (`widths`) separates values with `;`
-(`"widths=8,16,32,64;16,32,64,128"`). Exit codes: 0 done, 2 bad input, 130 Ctrl-C.
+(`"widths=8,16,32,64;16,32,64,128"`). Exit codes: 0 done, 1 a worker
+failed, 2 bad input, 130 Ctrl-C, 143 SIGTERM (`jaxbench.command`).
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ import numpy as np
 
 from jaxbench import report
 from jaxbench import sweep_workers as workers
+from jaxbench.command import BAD_INPUT, Command, check_writable, run_command
 from jaxbench.configs import PRESETS, Config, OneLineErrorParser, get_config, parse_field, validate
 from jaxbench.progress import progress_bar
 
@@ -57,6 +60,8 @@ SWEEP_FILES: tuple[str, ...] = (
     workers.WORKERS_DIR,
 )
 FRAMEWORKS = ("jax", "torch")
+# Bad input exits 2: RuntimeError too, from a framework that is not installed.
+ERRORS = {**BAD_INPUT, RuntimeError: 2}
 Grid = dict[str, list[Any]]
 
 
@@ -597,7 +602,7 @@ def build_parser() -> OneLineErrorParser:
     return p
 
 
-def merge(out: Path, folders: Sequence[str], overwrite: bool) -> int:
+def merge(cmd: Command, out: Path, folders: Sequence[str], overwrite: bool) -> int:
     """Join shard folders of one sweep: their runs.jsonl rows, each run once."""
     specs = []
     for folder in folders:
@@ -609,7 +614,7 @@ def merge(out: Path, folders: Sequence[str], overwrite: bool) -> int:
     for folder, s in zip(folders, specs, strict=True):
         if not _same_sweep(first, {**s, "shard": None, "planned": None}):
             raise ValueError(f"--merge {folder}: a different sweep (grid, seeds or config differ)")
-    report.prepare_output(out, SWEEP_FILES, overwrite=overwrite)
+    cmd.prepare_out(out, SWEEP_FILES, overwrite=overwrite)
     rows: dict[str, dict[str, Any]] = {}
     for folder in folders:
         for row in read_runs(Path(folder) / RUNS):
@@ -626,7 +631,7 @@ def merge(out: Path, folders: Sequence[str], overwrite: bool) -> int:
     return 0
 
 
-def _sweep_plan(args: argparse.Namespace) -> tuple[Config, Grid, list[str], list[RunSpec]]:
+def sweep_plan(args: argparse.Namespace) -> tuple[Config, Grid, list[str], list[RunSpec]]:
     """(base config, grid, frameworks, this shard's runs) from the command line; a one-line
     ValueError for anything wrong, before anything runs."""
     base = get_config(args.config)
@@ -658,122 +663,119 @@ def _sweep_plan(args: argparse.Namespace) -> tuple[Config, Grid, list[str], list
     return base, grid, frameworks, shard(plan(base, grid, args.seeds, frameworks), index, count)
 
 
-def _worker_main(args: argparse.Namespace) -> int:
+def _worker_main(cmd: Command, args: argparse.Namespace) -> int:
     """One worker of `--workers N`: the parent checked the command and wrote sweep.json;
     this trains the runs it can claim, appends them, and leaves the summary to the parent."""
     cpus = workers.enter_worker()  # before JAX or PyTorch start
     out = Path(args.out)
-    try:
-        index, count = parse_shard(args.worker)
-        claims = workers.Claims(out / workers.WORKERS_DIR / "claims")
-        if not claims.folder.is_dir() or not (out / SPEC).is_file():
-            raise ValueError(f"--worker: {out} is not a sweep started with --workers")
-        base, _, frameworks, mine = _sweep_plan(args)
-        finished = {r["key"] for r in read_runs(out / RUNS, repair=False)}
-        todo = [s for s in mine if s.key not in finished]
-        trainers = _trainers(frameworks, todo, base)
-        data = _data_for(base, todo)
-    except (ValueError, RuntimeError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    index, count = parse_shard(args.worker)
+    claims = workers.Claims(out / workers.WORKERS_DIR / "claims")
+    if not claims.folder.is_dir() or not (out / SPEC).is_file():
+        raise ValueError(f"--worker: {out} is not a sweep started with --workers")
+    base, _, frameworks, mine = sweep_plan(args)
+    finished = {r["key"] for r in read_runs(out / RUNS, repair=False)}
+    todo = [s for s in mine if s.key not in finished]
+    trainers = _trainers(frameworks, todo, base)
+    data = _data_for(base, todo)
+    cmd.on_stop = lambda word: f"{word}: worker {index}/{count} stopped; its runs are in {out}"
     print(f"worker {index}/{count} on CPU cores {cpus}: {len(todo)} runs to share", flush=True)
     reporter = Reporter(len(mine) - len(todo), len(mine), False, lambda m: print(m, flush=True))
-    try:
-        mark = {"worker": f"{index}/{count}", "cpus": len(cpus)}
-        run_sweep(out, base, todo, trainers, data, reporter, vmap_seeds=args.vmap_seeds,
-                  claims=claims, worker=mark)  # fmt: skip
-    except KeyboardInterrupt:
-        return 130
+    mark = {"worker": f"{index}/{count}", "cpus": len(cpus)}
+    run_sweep(out, base, todo, trainers, data, reporter, vmap_seeds=args.vmap_seeds,
+              claims=claims, worker=mark)  # fmt: skip
     return 0
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
+def _prepare(cmd: Command, out: Path, spec: dict[str, Any], overwrite: bool) -> None:
+    """--out: a new folder, or this same sweep stopped part-way (continued where it ended)."""
+    if (out / SPEC).is_file() and not overwrite:
+        try:
+            old = json.loads((out / SPEC).read_text())
+        except ValueError as e:
+            raise ValueError(f"--out {out}: its {SPEC} is unreadable ({e})") from None
+        if not _same_sweep(old, spec):
+            raise ValueError(
+                f"--out {out} holds a different sweep; rerun its own command to "
+                "continue it, choose another folder, or pass --overwrite"
+            )
+        check_writable(out, "--out")
+    else:
+        cmd.prepare_out(out, SWEEP_FILES, overwrite=overwrite)
+
+
+def _stopped(out: Path, word: str) -> str:
+    """Ctrl-C or SIGTERM once sweep.json is written: the summary of the finished runs."""
+    rows = read_runs(out / RUNS)
+    write_outputs(out, rows, json.loads((out / SPEC).read_text()))
+    return (
+        f"{word} after {len(rows)} runs; they are in {out / RUNS}, "
+        "and the same command continues the sweep"
+    )
+
+
+def _main(cmd: Command, argv: list[str]) -> int:
+    """Check everything (flags, --out, trainers, data) before sweep.json is written, then
+    train what is left and write the summary."""
     args = build_parser().parse_args(argv)
     if args.out is None:
-        print(
-            "error: --out DIR is required: the folder that keeps the sweep's runs", file=sys.stderr
-        )
-        return 2
+        raise ValueError("--out DIR is required: the folder that keeps the sweep's runs")
     if args.worker is not None:
-        return _worker_main(args)
+        return _worker_main(cmd, args)
     out = Path(args.out)
-    created = not out.exists()
-    try:
-        try:
-            if args.merge:
-                if args.workers != 1:
-                    raise ValueError("--workers runs a sweep; --merge only joins folders")
-                return merge(out, args.merge, args.overwrite)
-            workers.check_workers(args.workers)
-            base, grid, frameworks, mine = _sweep_plan(args)
-            spec = _spec_doc(base, grid, args, frameworks, len(mine))
-            if (out / SPEC).exists() and not args.overwrite:
-                old = json.loads((out / SPEC).read_text())
-                if not _same_sweep(old, spec):
-                    raise ValueError(
-                        f"--out {out} holds a different sweep; rerun its own command to "
-                        "continue it, choose another folder, or pass --overwrite"
-                    )
-            else:
-                report.prepare_output(out, SWEEP_FILES, overwrite=args.overwrite)
-            rows = read_runs(out / RUNS)
-            finished = {r["key"] for r in rows}
-            todo = [s for s in mine if s.key not in finished]
-            trainers = _trainers(frameworks, todo, base)
-        except (ValueError, RuntimeError, OSError) as e:
-            if created:
-                report.remove_if_empty(out)
-            print(f"error: {e}", file=sys.stderr)
-            return 2
-        report.write_json(out / SPEC, spec)
-        print(
-            f"sweep {args.config}: {len(mine)} runs in shard {args.shard} "
-            f"({len(mine) - len(todo)} done before), {len(grid)}-D grid, "
-            f"{args.seeds} seed(s), {', '.join(frameworks)} -> {out}",
-            flush=True,
-        )
-        status = 0
-        if todo:
+    if args.merge:
+        if args.workers != 1:
+            raise ValueError("--workers runs a sweep; --merge only joins folders")
+        return merge(cmd, out, args.merge, args.overwrite)
+    workers.check_workers(args.workers)
+    base, grid, frameworks, mine = sweep_plan(args)
+    spec = _spec_doc(base, grid, args, frameworks, len(mine))
+    _prepare(cmd, out, spec, args.overwrite)
+    finished = {r["key"] for r in read_runs(out / RUNS)}
+    todo = [s for s in mine if s.key not in finished]
+    trainers = _trainers(frameworks, todo, base)
+    # With --workers each worker loads its own copy: this one only proves the data is there.
+    data = _data_for(base, todo) if todo else None
+    if args.workers > 1:
+        data = None
+    report.write_json(out / SPEC, spec)
+    cmd.on_stop = lambda word: _stopped(out, word)
+    print(
+        f"sweep {args.config}: {len(mine)} runs in shard {args.shard} "
+        f"({len(mine) - len(todo)} done before), {len(grid)}-D grid, "
+        f"{args.seeds} seed(s), {', '.join(frameworks)} -> {out}",
+        flush=True,
+    )
+    status = 0
+    if todo:
+        reporter = Reporter(len(mine) - len(todo), len(mine), not args.no_progress, print)
+        if args.workers > 1:
             try:
-                data = None if args.workers > 1 else _data_for(base, todo)
-            except (ValueError, OSError) as e:
-                print(f"error: {e}", file=sys.stderr)
-                return 2
-            reporter = Reporter(len(mine) - len(todo), len(mine), not args.no_progress, print)
-            if args.workers > 1:
-                try:
-                    failed = workers.run_workers(
-                        out,
-                        argv,
-                        args.workers,
-                        lambda: read_runs(out / RUNS, repair=False),
-                        reporter.row,
-                    )
-                finally:
-                    reporter.close()
-                for line in failed:
-                    print(f"error: {line}", file=sys.stderr)
-                if failed:
-                    status = 1
-            else:
-                run_sweep(out, base, todo, trainers, data, reporter, vmap_seeds=args.vmap_seeds)
-        rows = read_runs(out / RUNS)
-        written = write_outputs(out, rows, spec)
-        print(format_table(aggregate(rows), grid), end="")
-        print(f"wrote {', '.join(str(p) for p in [out / RUNS, *written])}")
-        return status
-    except KeyboardInterrupt:
-        if (out / SPEC).exists():
-            rows = read_runs(out / RUNS)
-            write_outputs(out, rows, json.loads((out / SPEC).read_text()))
-            report.exit_interrupted(
-                f"interrupted after {len(rows)} runs; they are in {out / RUNS}, "
-                "and the same command continues the sweep"
-            )
-        if created:
-            report.remove_if_empty(out)
-        report.exit_interrupted(f"interrupted; nothing written to {out}")
+                failed = workers.run_workers(
+                    out,
+                    argv,
+                    args.workers,
+                    lambda: read_runs(out / RUNS, repair=False),
+                    reporter.row,
+                )
+            finally:
+                reporter.close()
+            for line in failed:
+                print(f"error: {line}", file=sys.stderr)
+            status = 1 if failed else 0
+        else:
+            assert data is not None
+            run_sweep(out, base, todo, trainers, data, reporter, vmap_seeds=args.vmap_seeds)
+    rows = read_runs(out / RUNS)
+    written = write_outputs(out, rows, spec)
+    print(format_table(aggregate(rows), grid), end="")
+    print(f"wrote {', '.join(str(p) for p in [out / RUNS, *written])}")
+    return status
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """`python -m jaxbench.sweep`; exit codes in the module docstring."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    return run_command(lambda cmd: _main(cmd, args), errors=ERRORS)
 
 
 if __name__ == "__main__":

@@ -102,10 +102,12 @@ def enter_worker() -> list[int]:
     cpus = [int(c) for c in text.split(",") if c.strip()] or usable_cpus()
     with contextlib.suppress(AttributeError, OSError):
         os.sched_setaffinity(0, cpus)
-    with contextlib.suppress(Exception):  # PR_SET_PDEATHSIG: best effort, Linux only
+    # PR_SET_PDEATHSIG, best effort, Linux only. SIGKILL, not SIGTERM (which a command
+    # turns into a clean stop): the worker must be gone before a rerun of the sweep starts.
+    with contextlib.suppress(Exception):
         import ctypes
 
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)
     return cpus
 
 

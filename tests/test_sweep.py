@@ -287,7 +287,7 @@ def test_runs_skip_monitoring_evaluations_unless_asked() -> None:
 
     def base(*extra: str) -> int:
         args = sweep.build_parser().parse_args(["--config", "tiny", "--out", "x", *extra])
-        return sweep._sweep_plan(args)[0].eval_every
+        return sweep.sweep_plan(args)[0].eval_every
 
     assert get_config("tiny").eval_every == 1
     assert base("--grid", "lr=0.2,0.4") == get_config("tiny").epochs
