@@ -1,8 +1,8 @@
 """`python -m parity`: run the parity suite, print the table, write the report; exit 0 iff all pass.
 
 Exit codes: 0 every check passed; 1 a check failed (for `--plant`, that is the
-expected outcome, and the verdict line names the check that caught it); 2 bad input;
-130 interrupted (Ctrl-C: one line, nothing written).
+expected outcome, and the verdict line names the check that caught it); 2 bad input
+(nothing written); 130 Ctrl-C, 143 SIGTERM (one line, nothing written; `jaxbench.command`).
 """
 
 from __future__ import annotations
@@ -12,10 +12,10 @@ import signal
 import sys
 import tempfile
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
-from jaxbench.configs import PRESETS, OneLineErrorParser, get_config
+from jaxbench.command import BAD_INPUT, Command, run_command
+from jaxbench.configs import PRESETS, Config, OneLineErrorParser, get_config
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -98,37 +98,51 @@ def _compile_cache(folder: str) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else list(argv)
-    try:
-        _setup_threads(argv)
-    except (ValueError, RuntimeError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    """`python -m parity`; exit codes in the module docstring."""
+    args = sys.argv[1:] if argv is None else list(argv)
+    return run_command(lambda cmd: _main(cmd, args), errors={**BAD_INPUT, RuntimeError: 2})
+
+
+def _main(cmd: Command, argv: list[str]) -> int:
+    """Check the flags, --out and the data, then run the suite (results come at the end)."""
+    _setup_threads(argv)
     args = build_parser().parse_args(argv)
-    created = not Path(args.out).exists()
-    try:
-        if args.plant is not None:
-            from parity.plants import get_plant, running_planted
+    cmd.on_stop = lambda word: f"{word}; nothing written to {args.out} (results come at the end)"
+    if args.plant is not None:
+        from parity.plants import get_plant, running_planted
 
-            try:
-                plant = get_plant(args.plant)
-            except ValueError as e:
-                print(f"error: {e}", file=sys.stderr)
-                return 2
-            if plant.edit is not None and running_planted() != plant.name:
-                return _run_source_plant(plant, args, argv)
-        with tempfile.TemporaryDirectory(prefix="parity-xla-") as folder:
-            import jax
+        plant = get_plant(args.plant)
+        if plant.edit is not None and running_planted() != plant.name:
+            return _run_source_plant(plant, args, argv)
+    from parity.suite import load_data, parse_checks
 
-            if jax.config.jax_compilation_cache_dir is None:
-                _compile_cache(folder)
-            return _run(args)
-    except KeyboardInterrupt:  # the temporary folders are gone by now
-        from jaxbench.report import exit_interrupted, remove_if_empty
+    checks = parse_checks(args.checks) if args.checks else None
+    cfg = get_config(_preset(args))
+    if args.seeds is not None and args.seeds < 1:
+        raise ValueError("--seeds must be at least 1")
+    if args.epochs is not None and args.epochs < 1:
+        raise ValueError("--epochs must be at least 1")
+    # before the data loads and the suite runs: a bad --out costs nothing
+    cmd.prepare_out(args.out, PARITY_FILES, overwrite=args.overwrite)
+    data = load_data(args.data_dir, cfg.dataset)
+    cmd.inputs_checked()
+    with tempfile.TemporaryDirectory(prefix="parity-xla-") as folder:
+        import jax
 
-        if created:
-            remove_if_empty(args.out)
-        exit_interrupted(f"interrupted; nothing written to {args.out} (results come at the end)")
+        if jax.config.jax_compilation_cache_dir is None:
+            _compile_cache(folder)
+        return _run(args, cfg, checks, data)
+
+
+def _preset(args: argparse.Namespace) -> str:
+    """--config, else the preset a --plant breaks, else tiny."""
+    if args.config is not None:
+        return args.config
+    if args.plant is not None:
+        from parity.plants import get_plant
+
+        return get_plant(args.plant).config
+    return "tiny"
 
 
 def _run_source_plant(plant: Any, args: argparse.Namespace, argv: Sequence[str]) -> int:
@@ -153,49 +167,31 @@ def _run_source_plant(plant: Any, args: argparse.Namespace, argv: Sequence[str])
             child.append(a)
     if args.out == build_parser().get_default("out") and "--out" not in child:
         child += ["--out", os.path.abspath(args.out)]
-    try:
-        with planted_tree(plant) as tree:
-            env = {**os.environ, PLANTED_ENV: plant.name, "PYTHONPATH": str(tree)}
-            # The child has its own process group, so Ctrl-C reaches it once, from here
-            # (from a terminal or a `kill -INT` of this process alike); it reports it.
-            proc = subprocess.Popen(
-                [sys.executable, "-m", "parity", *child], cwd=tree, env=env, process_group=0
-            )
-            previous = signal.signal(signal.SIGINT, lambda *_: proc.send_signal(signal.SIGINT))
-            try:
-                return proc.wait()
-            finally:
-                signal.signal(signal.SIGINT, previous)
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    with planted_tree(plant) as tree:
+        env = {**os.environ, PLANTED_ENV: plant.name, "PYTHONPATH": str(tree)}
+        # The child has its own process group, so Ctrl-C reaches it once, from here
+        # (from a terminal or a `kill -INT` of this process alike); it reports it.
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "parity", *child], cwd=tree, env=env, process_group=0
+        )
+        previous = {
+            s: signal.signal(s, lambda signum, _: proc.send_signal(signum))
+            for s in (signal.SIGINT, signal.SIGTERM)
+        }
+        try:
+            return proc.wait()  # the child's code: 130 or 143 after its own line
+        finally:
+            for s, handler in previous.items():
+                signal.signal(s, handler)
 
 
 PARITY_FILES: tuple[str, ...] = ("parity.json", "parity_report.md", "curves.png")
 
 
-def _run(args: argparse.Namespace) -> int:
-    from jaxbench.report import prepare_output
+def _run(args: argparse.Namespace, cfg: Config, checks: tuple[int, ...] | None, data: Any) -> int:
+    """Run the checks, print the table and the verdict, write the report."""
     from parity import report
-    from parity.plants import get_plant
-    from parity.suite import load_data, parse_checks, run_suite
-
-    try:
-        checks = parse_checks(args.checks) if args.checks else None
-        name = args.config or "tiny"
-        if args.plant is not None:
-            name = args.config or get_plant(args.plant).config
-        cfg = get_config(name)
-        if args.seeds is not None and args.seeds < 1:
-            raise ValueError("--seeds must be at least 1")
-        if args.epochs is not None and args.epochs < 1:
-            raise ValueError("--epochs must be at least 1")
-        # before the data loads and the suite runs: a bad --out costs nothing
-        prepare_output(args.out, PARITY_FILES, overwrite=args.overwrite)
-        data = load_data(args.data_dir, cfg.dataset)
-    except (ValueError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    from parity.suite import run_suite
 
     def log(msg: str) -> None:
         if not args.quiet:
