@@ -35,6 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxbench import configs, layers, models, optim, report, train
+from jaxbench.command import Command, run_command
 
 Timer = Callable[[], Any]
 
@@ -142,23 +143,31 @@ def measure(cfg: configs.Config, data: Any, reps: int) -> dict[str, Any]:
     return out
 
 
-def main(argv: Sequence[str] | None = None) -> None:
+def main(argv: Sequence[str] | None = None) -> int:
+    """`python -m jaxbench.microbench`: exit 0 done, 2 bad input, 130 Ctrl-C, 143 SIGTERM."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    return run_command(lambda cmd: _main(cmd, args))
+
+
+def _main(cmd: Command, argv: list[str]) -> int:
     p = configs.OneLineErrorParser(prog="python -m jaxbench.microbench", description=__doc__)
     p.add_argument("--reps", type=int, default=10, help="A/B pairs per item")
-    p.add_argument("--out", default=None, help="write the results as JSON here")
+    p.add_argument("--out", default=None, help="write the results as JSON to this file")
+    p.add_argument("--overwrite", action="store_true", help="replace the --out file if it exists")
     configs.add_config_args(p, skip=("name", "out", "seed", "loop"))
     args = p.parse_args(argv)
     if args.reps < 2:
-        p.error("--reps must be at least 2")
-    try:
-        cfg = configs.config_from_args(args)
-    except ValueError as e:
-        p.error(str(e))
+        raise ValueError("--reps must be at least 2")
+    cfg = configs.config_from_args(args)
+    if args.out:  # before the data loads and anything compiles
+        cmd.prepare_file(args.out, overwrite=args.overwrite)
     from jaxbench.data import load_dataset
 
-    res = measure(cfg, load_dataset(cfg), args.reps)
+    data = load_dataset(cfg)
+    cmd.on_stop = lambda word: f"{word}; nothing written" + (f" to {args.out}" if args.out else "")
+    res = measure(cfg, data, args.reps)
     res["environment"] = report.environment(("jax",))
-    res["command"] = " ".join(["python -m jaxbench.microbench", *(argv or sys.argv[1:])])
+    res["command"] = " ".join(["python -m jaxbench.microbench", *argv])
     for key, item in res.items():
         if isinstance(item, dict) and "b_over_a" in item:
             print(
@@ -168,7 +177,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     print(f"init (off the clock): {res['init_seconds_off_clock']:.2f} s")
     if args.out:
         report.write_json(args.out, res)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
