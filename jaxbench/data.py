@@ -44,6 +44,7 @@ from typing import Any
 
 import numpy as np
 
+from jaxbench.command import Command, run_command
 from jaxbench.configs import Config, OneLineErrorParser
 from jaxbench.progress import progress_bar
 
@@ -816,7 +817,14 @@ def _format(ds: Dataset, s: dict[str, Any]) -> str:
 
 
 def main(argv: Sequence[str] | None = None, out: Callable[[str], None] = print) -> int:
-    """`python -m jaxbench.data`: verify a dataset and print its counts and statistics."""
+    """`python -m jaxbench.data`: verify a dataset and print its counts and statistics;
+    exit 0, 2 bad input, 130 Ctrl-C, 143 SIGTERM (`jaxbench.command`)."""
+    return run_command(lambda cmd: _main(cmd, argv, out))
+
+
+def _main(cmd: Command, argv: Sequence[str] | None, out: Callable[[str], None]) -> int:
+    # a download in flight removes its temporary file as it unwinds
+    cmd.on_stop = lambda word: f"{word}; nothing new kept in the cache"
     p = OneLineErrorParser(
         prog="python -m jaxbench.data",
         description="Verify CIFAR-10/100 and print counts, classes and per-channel statistics.",
@@ -843,24 +851,17 @@ def main(argv: Sequence[str] | None = None, out: Callable[[str], None] = print) 
     )
     args = p.parse_args(argv)
     cache = Path(args.cache_dir).expanduser() if args.cache_dir else cache_dir()
-    try:
-        if args.clear_cache:
-            removed = clear_cache(cache)
-            out(f"removed {len(removed)} item(s) from {cache}")
-            return 0
-        ds = load_dataset(
-            Config(dataset=args.dataset, source=args.source),
-            data_dir=args.data_dir,
-            cache=cache,
-            download=not args.no_download,
-        )
-        s = summary(ds)
-    except DataError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:  # a download in flight has removed its temporary file
-        print("interrupted; nothing new kept in the cache", file=sys.stderr)
-        return 130
+    if args.clear_cache:
+        removed = clear_cache(cache)
+        out(f"removed {len(removed)} item(s) from {cache}")
+        return 0
+    ds = load_dataset(
+        Config(dataset=args.dataset, source=args.source),
+        data_dir=args.data_dir,
+        cache=cache,
+        download=not args.no_download,
+    )
+    s = summary(ds)
     out(json.dumps(s) if args.json else _format(ds, s))
     return 0
 
