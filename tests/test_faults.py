@@ -340,18 +340,25 @@ _CLIS = {
     "torch": ["torch_ref.train", *TINY],
     "bench": ["jaxbench.bench", *TINY, "--frameworks", "jax", "--runs", "1"],
     "parity": ["parity.__main__", "--quick"],
+    "sweep": ["jaxbench.sweep", "--config", "tiny", "--set", "subset=1000", "--grid", "lr=0.1"],
+    "micro": ["jaxbench.microbench", *TINY, "--reps", "2"],
 }
 _BAD = [
     # (name, extra flags ({out}: the --out path), which CLIs, what the line must contain)
-    ("out is a file", ["--out", "{file}"], "jax torch bench parity", "is a file"),
-    ("out holds results", ["--out", "{full}"], "jax torch bench parity", "already holds results"),
-    ("out unwritable", ["--out", "/proc/jaxbench-faults/out"], "jax torch bench parity",
+    ("out is a file", ["--out", "{file}"], "jax torch bench parity sweep", "is a file"),
+    ("out holds results", ["--out", "{full}"], "jax torch bench parity sweep",
+     "already holds results"),
+    ("out unwritable", ["--out", "/proc/jaxbench-faults/out"], "jax torch bench parity sweep micro",
      "not writable"),
-    ("lr nan", ["--lr", "nan"], "jax torch bench", "--lr"),
-    ("lr inf", ["--lr", "inf"], "jax torch bench", "--lr"),
-    ("lr negative", ["--lr", "-1"], "jax torch bench", "--lr"),
-    ("momentum 1", ["--momentum", "1.0"], "jax torch bench", "--momentum"),
-    ("unknown flag", ["--no-such-flag"], "jax torch bench parity", "--no-such-flag"),
+    # the microbench's --out names a file
+    ("out is a folder", ["--out", "{full}"], "micro", "is a folder, not a file"),
+    ("out exists", ["--out", "{file}"], "micro", "already exists; pass --overwrite"),
+    ("lr nan", ["--lr", "nan"], "jax torch bench micro", "--lr"),
+    ("lr inf", ["--lr", "inf"], "jax torch bench micro", "--lr"),
+    ("lr negative", ["--lr", "-1"], "jax torch bench micro", "--lr"),
+    ("lr nan in a sweep", ["--set", "lr=nan"], "sweep", "lr"),
+    ("momentum 1", ["--momentum", "1.0"], "jax torch bench micro", "--momentum"),
+    ("unknown flag", ["--no-such-flag"], "jax torch bench parity sweep micro", "--no-such-flag"),
 ]  # fmt: skip
 _BAD_CASES = [(name, cli, flags, text) for name, flags, clis, text in _BAD for cli in clis.split()]
 
