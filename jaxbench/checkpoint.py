@@ -24,15 +24,13 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from jaxbench.configs import Config
+from jaxbench.configs import MAY_DIFFER, Config
 from jaxbench.report import write_json
 
 CHECKPOINTS = "checkpoints"
 PROGRESS = "progress.json"
 _NAME = re.compile(r"epoch_(\d+)")
 _TMP_PREFIX = ".tmp-"
-# Fields a resumed run may change: they do not touch the numbers.
-MAY_DIFFER: tuple[str, ...] = ("out", "data_dir", "checkpoint_every")
 
 
 def should_save(cfg: Config, epoch: int) -> bool:

@@ -690,10 +690,13 @@ def add_config_args(parser: argparse.ArgumentParser, skip: Sequence[str] = ("nam
         )
 
 
+# Fields a resumed run may change: they do not touch the numbers.
+MAY_DIFFER: tuple[str, ...] = ("out", "data_dir", "checkpoint_every")
+
+
 def resumed_config(args: argparse.Namespace, saved: Config, run_dir: str) -> Config:
     """The saved config of a run to resume, with the flags that may change (`MAY_DIFFER`)
     applied; any other flag must repeat the saved value, else a one-line ValueError."""
-    from jaxbench.checkpoint import MAY_DIFFER
 
     def refuse(flag: str, saved_value: object) -> ValueError:
         return ValueError(
