@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import contextlib
 import hashlib
 import os
@@ -274,3 +275,17 @@ def test_a_real_signal_ends_the_process_with_its_code(
     assert proc.returncode == code, err
     assert _one_line(err) == line.format(out=out)
     assert out.exists() == write
+
+
+def test_one_terminated_class() -> None:
+    """Every command stops on SIGTERM through the one `Terminated` (a KeyboardInterrupt)."""
+    root = Path(__file__).resolve().parents[1]
+    defined = {
+        str(path.relative_to(root))
+        for pkg in ("jaxbench", "torch_ref", "parity")
+        for path in (root / pkg).rglob("*.py")
+        for node in ast.walk(ast.parse(path.read_text()))
+        if isinstance(node, ast.ClassDef) and node.name == "Terminated"
+    }
+    # the bench's own SIGTERM class goes when the bench runs through run_command
+    assert defined - {"jaxbench/bench.py"} == {"jaxbench/command.py"}
