@@ -285,14 +285,33 @@ class Command:
 
 @contextlib.contextmanager
 def _sigterm_raises() -> Iterator[None]:
-    """SIGTERM raises `Terminated` while the body runs (main thread only: signals go there)."""
+    """SIGTERM raises `Terminated` while the body runs (main thread only: signals go there).
+
+    A signal's exception raised inside a garbage-collector callback or a `__del__` (JAX
+    runs one on every collection) is swallowed by Python ("Exception ignored in ...") and
+    the command would go on: the signal is sent again, to land in the body's own code.
+    """
     if threading.current_thread() is not threading.main_thread():
         yield
         return
     previous = signal.signal(signal.SIGTERM, raise_terminated)
+    previous_hook = sys.unraisablehook
+
+    def resend(unraisable: Any) -> None:
+        if not isinstance(unraisable.exc_value, KeyboardInterrupt):
+            previous_hook(unraisable)
+            return
+        sig = signal.SIGTERM if isinstance(unraisable.exc_value, Terminated) else signal.SIGINT
+        # from another thread, a moment later: sent from here it would land in this hook
+        timer = threading.Timer(0.01, os.kill, (os.getpid(), sig))
+        timer.daemon = True
+        timer.start()
+
+    sys.unraisablehook = resend
     try:
         yield
     finally:
+        sys.unraisablehook = previous_hook
         signal.signal(signal.SIGTERM, previous)
 
 

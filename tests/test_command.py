@@ -9,6 +9,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -289,3 +290,30 @@ def test_one_terminated_class() -> None:
     }
     # the bench's own SIGTERM class goes when the bench runs through run_command
     assert defined - {"jaxbench/bench.py"} == {"jaxbench/command.py"}
+
+
+class _Bomb:
+    """An object whose finaliser is interrupted by a signal, as JAX's gc callback can be."""
+
+    def __init__(self, signal_exception: type[KeyboardInterrupt]) -> None:
+        self.raised = signal_exception
+
+    def __del__(self) -> None:
+        raise self.raised
+
+
+@pytest.mark.parametrize("raised,code", [(Terminated, 143), (KeyboardInterrupt, 130)])
+def test_a_signal_swallowed_by_a_finaliser_still_stops_the_command(
+    capsys: pytest.CaptureFixture[str], raised: type[KeyboardInterrupt], code: int
+) -> None:
+    ran_on = []
+
+    def body(cmd: Command) -> int:
+        _Bomb(raised)  # collected at once: its exception is "ignored" by Python
+        for _ in range(100):
+            time.sleep(0.05)
+            ran_on.append(True)
+        return 0
+
+    assert run_command(body, hard_exit=False) == code
+    assert len(ran_on) < 100 and "Exception ignored" not in capsys.readouterr().err
