@@ -30,12 +30,19 @@ import torch
 from jaxbench.muon import MuonSpec, normalization_steps, target_magnitude, update_scale_factor
 
 
+def frobenius(x: torch.Tensor) -> torch.Tensor:
+    """||x||_F as a pairwise sum of squares: torch's float32 `linalg.norm` on the CPU is
+    5e-6 off (relative) on a 256x2304 matrix, ten times the rest of the update's float32
+    noise, while `sum` keeps it near 3e-8."""
+    return x.square().sum().sqrt()
+
+
 def newton_schulz(g: torch.Tensor, spec: MuonSpec, magnitude: float) -> torch.Tensor:
     """`jaxbench.muon.newton_schulz` in float32 on an (out, in*kh*kw) matrix."""
     x = g.float()
     if spec.ns_target_magnitude is not None:
-        x = x * (magnitude / (torch.linalg.norm(x) + spec.ns_target_eps))
-    x = x / (torch.linalg.norm(x) + spec.ns_eps)
+        x = x * (magnitude / (frobenius(x) + spec.ns_target_eps))
+    x = x / (frobenius(x) + spec.ns_eps)
     tall = x.shape[0] > x.shape[1]
     if tall:
         x = x.T
@@ -103,7 +110,7 @@ class Muon(torch.optim.Optimizer):
                 o = o.view(p.shape)
                 scale = update_scale_factor(tuple(p.shape), spec)
                 if self.norm_table[step]:
-                    p.mul_(math.sqrt(len(p)) / (torch.linalg.norm(p) + spec.norm_eps))
+                    p.mul_(math.sqrt(len(p)) / (frobenius(p) + spec.norm_eps))
                 p.add_(o, alpha=-lr * scale)
                 if spec.weight_decay:
                     p.mul_(1 - lr * spec.weight_decay)
