@@ -120,8 +120,9 @@ def _case(
 
 
 RUNNERS = [pytest.param(run_optax, id="optax"), pytest.param(run_torch, id="torch")]
-# The nets' filter shapes (OIHW); the 256x256 one for two updates only (the CPU is shared).
-CASES = [((64, 24, 3, 3), 3), ((256, 64, 3, 3), 3), ((256, 256, 3, 3), 2)]
+# The speedrun nets' filter shapes (OIHW), the 256x256 one for two updates only (the CPU is
+# shared), and a tall one, out > in*kh*kw (Page's 1x1 conv after his whitening, 27 -> 64).
+CASES = [((64, 24, 3, 3), 3), ((256, 64, 3, 3), 3), ((256, 256, 3, 3), 2), ((64, 27, 1, 1), 3)]
 
 
 # --- the reference's own properties ---------------------------------------------------------------

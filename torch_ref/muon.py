@@ -91,8 +91,10 @@ class Muon(torch.optim.Optimizer):
         return g + spec.momentum * wide if spec.nesterov else wide.clone()
 
     @torch.no_grad()
-    def step(self) -> None:  # type: ignore[override]
-        """One update of every filter with a gradient."""
+    def step(self, closure: None = None) -> None:  # type: ignore[override]
+        """One update of every filter with a gradient (no closure: Muon needs none)."""
+        if closure is not None:
+            raise ValueError("Muon.step takes no closure")
         spec = self.spec
         for group in self.param_groups:
             lr = float(group["lr"])
@@ -107,7 +109,7 @@ class Muon(torch.optim.Optimizer):
                 o = newton_schulz(
                     n.reshape(len(n), -1), spec, target_magnitude(step, self.total_steps, spec)
                 )
-                o = o.view(p.shape)
+                o = o.reshape(p.shape)
                 scale = update_scale_factor(tuple(p.shape), spec)
                 if self.norm_table[step]:
                     p.mul_(math.sqrt(len(p)) / (frobenius(p) + spec.norm_eps))
