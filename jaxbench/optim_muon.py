@@ -12,7 +12,8 @@ Why not `optax.contrib.muon` (optax 0.2.8): it computes another update.
   `buf = m * buf + g`, `g + m * buf`. Up to a positive factor (which the Frobenius
   normalisation removes) the two agree only once the bias corrections reach 1: the
   weight of the buffer against the gradient is m(1 - m^t)/(1 - m^(t+1)) there, m
-  here (0.51 against 0.6 at the first update of airbench94_muon).
+  here (0.49 against 0.6 at the second update of airbench94_muon, checked
+  numerically against `scale_by_muon(ns_steps=0)`; the first is a multiple of g in both).
 - Newton-Schulz: 5 steps by default (the sources: 3); `x / (||x|| + eps)` with eps 1e-8
   (airbench94_muon 1e-7, the record 1e-5 after its target-magnitude pre-scaling,
   which optax does not have); the coefficients default to airbench94_muon's, the
