@@ -1,0 +1,351 @@
+"""Muon: the float64 reference's properties, and both frameworks within float32 noise of it.
+
+The bound for the frameworks is measured, not chosen: the same reference run in
+float32 gives the float32 noise of this very computation (filters, gradients,
+recipe), and an implementation passes within `NOISE_HEADROOM` times that. Each plant
+(a changed Newton-Schulz coefficient, a wrong update scale, no nesterov term) run
+through the same implementation lands far outside.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+import torch
+from flax import traverse_util
+
+from jaxbench import muon as ref
+from jaxbench.muon import AIRBENCH94_MUON, RECORD, MuonSpec
+from jaxbench.optim_muon import hwio_to_matrix, is_muon_param, matrix_to_hwio
+from jaxbench.optim_muon import muon as optax_muon
+from torch_ref.muon import Muon as TorchMuon
+
+# Another BLAS sums in another order: the frameworks' errors measured at 0.2-1.5x the
+# float32 reference's own on these cases; 4 leaves room for other machines' kernels.
+NOISE_HEADROOM = 4.0
+# Each recipe's total updates: ceil(8 * 25) (batch 2000), ceil(7.59 * 32) (batch 1536).
+TOTALS = {AIRBENCH94_MUON: 200, RECORD: 243}
+RECIPES = [pytest.param(AIRBENCH94_MUON, id="airbench94_muon"), pytest.param(RECORD, id="record")]
+
+
+def _problem(shape: tuple[int, ...], steps: int, seed: int) -> tuple[np.ndarray, list[np.ndarray]]:
+    """A filter at PyTorch's default init scale and `steps` gradients, float32-exact."""
+    rng = np.random.default_rng(seed)
+    fan_in = int(np.prod(shape[1:]))
+    w0 = rng.uniform(-1, 1, shape) / np.sqrt(fan_in)
+    grads = [0.1 * rng.standard_normal(shape) for _ in range(steps)]
+    as32 = lambda x: x.astype(np.float32).astype(np.float64)  # noqa: E731
+    return as32(w0), [as32(g) for g in grads]
+
+
+def _lr(spec: MuonSpec, count: int, total: int) -> float:
+    """Both recipes' LR: linear to zero, update `count` from 0."""
+    return spec.lr * (1 - count / total)
+
+
+def run_reference(
+    spec: MuonSpec, total: int, w0: np.ndarray, grads: list[np.ndarray], dtype: type = np.float64
+) -> list[np.ndarray]:
+    """The weights after each update (first: the initial filter), by `jaxbench.muon`."""
+    w, buf = w0.astype(dtype), ref.zero_buffer(w0.shape, spec)
+    out = [w]
+    for t, g in enumerate(grads, start=1):
+        w, buf = ref.muon_update(
+            w, g, buf, step=t, lr=_lr(spec, t - 1, total), total_steps=total, spec=spec, dtype=dtype
+        )
+        out.append(w)
+    return out
+
+
+def run_optax(
+    spec: MuonSpec, total: int, w0: np.ndarray, grads: list[np.ndarray]
+) -> list[np.ndarray]:
+    """The same through `jaxbench.optim_muon.muon` on the HWIO filter, back in OIHW."""
+    tx = optax_muon(spec, lambda count: spec.lr * (1 - count / total), total)
+    to_hwio = lambda x: jnp.asarray(x.transpose(2, 3, 1, 0), jnp.float32)  # noqa: E731
+    params = {"conv": {"kernel": to_hwio(w0)}}
+    state = tx.init(params)
+    update = jax.jit(tx.update)
+    out = [w0.astype(np.float32)]
+    for g in grads:
+        updates, state = update({"conv": {"kernel": to_hwio(g)}}, state, params)
+        params = optax.apply_updates(params, updates)
+        out.append(np.asarray(params["conv"]["kernel"]).transpose(3, 2, 0, 1))
+    return out
+
+
+def run_torch(
+    spec: MuonSpec, total: int, w0: np.ndarray, grads: list[np.ndarray]
+) -> list[np.ndarray]:
+    """The same through `torch_ref.muon.Muon` on the OIHW filter."""
+    p = torch.nn.Parameter(torch.tensor(w0, dtype=torch.float32))
+    opt = TorchMuon([p], spec, total)
+    out = [w0.astype(np.float32)]
+    for count, g in enumerate(grads):
+        opt.param_groups[0]["lr"] = _lr(spec, count, total)
+        p.grad = torch.tensor(g, dtype=torch.float32)
+        opt.step()
+        out.append(p.detach().numpy().copy())
+    return out
+
+
+def update_error(run: list[np.ndarray], reference: list[np.ndarray]) -> float:
+    """Worst relative error of an update (weights after minus before) over the run."""
+    return max(
+        float(np.linalg.norm((a1 - a0) - (b1 - b0)) / np.linalg.norm(b1 - b0))
+        for (a0, a1), (b0, b1) in zip(
+            zip(run, run[1:], strict=False),
+            zip(reference, reference[1:], strict=False),
+            strict=True,
+        )
+    )
+
+
+@functools.cache
+def _case(
+    spec: MuonSpec, shape: tuple[int, ...], steps: int
+) -> tuple[np.ndarray, list[np.ndarray], list[np.ndarray], float]:
+    """(w0, grads, float64 reference run, bound), shared by the optax and torch tests."""
+    w0, grads = _problem(shape, steps, seed=sum(shape) + steps)
+    reference = run_reference(spec, TOTALS[spec], w0, grads)
+    noise = update_error(run_reference(spec, TOTALS[spec], w0, grads, np.float32), reference)
+    assert 0 < noise < 1e-4, noise  # float32 noise, not a bug in the float32 path
+    return w0, grads, reference, NOISE_HEADROOM * noise
+
+
+RUNNERS = [pytest.param(run_optax, id="optax"), pytest.param(run_torch, id="torch")]
+# The speedrun nets' filter shapes (OIHW), the 256x256 one for two updates only (the CPU is
+# shared), and a tall one, out > in*kh*kw (Page's 1x1 conv after his whitening, 27 -> 64).
+CASES = [((64, 24, 3, 3), 3), ((256, 64, 3, 3), 3), ((256, 256, 3, 3), 2), ((64, 27, 1, 1), 3)]
+
+
+# --- the reference's own properties ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("spec", RECIPES)
+@pytest.mark.parametrize("shape", [(64, 24, 3, 3), (256, 64, 3, 3)])
+def test_newton_schulz_maps_each_singular_value_through_the_polynomial(
+    spec: MuonSpec, shape: tuple[int, ...]
+) -> None:
+    """Singular vectors stay and each singular value s of the normalised input becomes
+    p(p(p(s))), p(s) = as + bs^3 + cs^5: within the band that map gives, near 1 (not UV^T)."""
+    g = ref.as_matrix(np.random.default_rng(1).standard_normal(shape))
+    magnitude = ref.target_magnitude(5, TOTALS[spec], spec)
+    out = ref.newton_schulz(g, spec, magnitude)
+    # the normalised input, exactly as the reference forms it (pre-scaling, then eps)
+    x = (
+        g * (magnitude / (np.linalg.norm(g) + spec.ns_target_eps))
+        if spec.ns_target_magnitude
+        else g
+    )
+    x = x / (np.linalg.norm(x) + spec.ns_eps)
+    u, s, vt = np.linalg.svd(x, full_matrices=False)
+    np.testing.assert_allclose(out, (u * ref.singular_value_map(s, spec)) @ vt, atol=1e-12)
+    s_out = np.linalg.svd(out, compute_uv=False)
+    band = ref.singular_value_map(np.linspace(s.min(), s.max(), 4001), spec)
+    assert band.min() - 1e-9 <= s_out.min() and s_out.max() <= band.max() + 1e-9
+    assert 0.6 < s_out.min() and s_out.max() < 1.3  # close to orthogonal, Muon's design
+    assert np.abs(s_out - 1).max() > 0.05  # and not exactly: three steps only
+
+
+def test_newton_schulz_is_the_same_for_the_transpose() -> None:
+    """Wide or tall, the reference orthogonalises the same matrix (its transpose trick)."""
+    g = np.random.default_rng(2).standard_normal((24, 64))
+    for spec in (AIRBENCH94_MUON, RECORD):
+        np.testing.assert_allclose(
+            ref.newton_schulz(g.T, spec, 0.3), ref.newton_schulz(g, spec, 0.3).T, atol=1e-12
+        )
+
+
+def test_recipe_values_are_the_sources() -> None:
+    """The numbers both recipes take from their source files (see the constants' comments)."""
+    assert AIRBENCH94_MUON.ns_coefficients == (3.4445, -4.7750, 2.0315)
+    assert RECORD.ns_coefficients == (3.4576, -4.7391, 2.0843)
+    assert (AIRBENCH94_MUON.lr, AIRBENCH94_MUON.momentum) == (0.24, 0.6)
+    assert (RECORD.lr, RECORD.momentum) == (0.205, 0.655)
+    assert AIRBENCH94_MUON.weight_decay == 0 and RECORD.weight_decay == pytest.approx(1.6002048e-3)
+    assert ref.target_magnitude(0, 100, RECORD) == pytest.approx(0.5012)
+    assert ref.target_magnitude(100, 100, RECORD) == pytest.approx(0.0786)
+
+
+def test_update_scale_by_shape() -> None:
+    """No shape factor in either source; the library conventions differ, the width one only
+    where out > in*kh*kw, which no filter of the speedrun net is."""
+    nets = [(64, 24, 3, 3), (64, 64, 3, 3), (256, 64, 3, 3), (256, 256, 3, 3)]
+    width = dataclasses.replace(AIRBENCH94_MUON, update_scale="width")
+    rms = dataclasses.replace(AIRBENCH94_MUON, update_scale="rms")
+    for shape in nets:
+        assert ref.update_scale_factor(shape, AIRBENCH94_MUON) == 1.0
+        assert ref.update_scale_factor(shape, RECORD) == 1.0
+        assert ref.update_scale_factor(shape, width) == 1.0
+    assert ref.update_scale_factor((64, 27, 1, 1), width) == pytest.approx(np.sqrt(64 / 27))
+    assert ref.update_scale_factor((256, 64, 3, 3), rms) == pytest.approx(0.2 * np.sqrt(576))
+
+
+@pytest.mark.parametrize("shape", [(64, 24, 3, 3), (256, 64, 3, 3)])
+def test_weight_normalisation_sets_the_norm_to_sqrt_out(shape: tuple[int, ...]) -> None:
+    """With a zero LR an update is the normalisation alone: ||W||_F becomes sqrt(out)."""
+    w0, (g,) = _problem(shape, 1, seed=3)
+    for spec in (AIRBENCH94_MUON, dataclasses.replace(RECORD, weight_decay=0.0)):
+        step = 2 if spec.normalization == "adaptive" else 1  # the record's first is update 2
+        w, _ = ref.muon_update(
+            5 * w0, g, ref.zero_buffer(shape, spec), step=step, lr=0.0, total_steps=243, spec=spec
+        )
+        # the record's eps 1e-7 beside a norm of 5 ||w0|| ~ 3 leaves sqrt(out) (1 - 3e-8)
+        assert np.linalg.norm(w) == pytest.approx(np.sqrt(shape[0]), rel=1e-12 + spec.norm_eps)
+    w, _ = ref.muon_update(
+        5 * w0, g, ref.zero_buffer(shape, RECORD), step=1, lr=0.0, total_steps=243, spec=RECORD
+    )
+    np.testing.assert_array_equal(w, 5 * w0)  # not a normalisation update of the record
+
+
+def test_record_normalisation_interval() -> None:
+    """The record's adaptive rule, by hand: interval 2 + int(15 t / T), first at update 2."""
+    table = ref.normalization_steps(243, RECORD)
+    steps = np.flatnonzero(table)
+    assert list(steps[:9]) == [2, 4, 6, 8, 10, 12, 14, 16, 19]
+    interval = lambda t: 2 + int(15 * (t / 243))  # noqa: E731
+    for prev, t in zip(steps, steps[1:], strict=False):
+        assert t - prev >= interval(t)  # due at t, and not before it:
+        assert all(u - prev < interval(u) for u in range(prev + 1, t))
+    assert steps[-1] == 230 and len(steps) == 37
+    assert ref.normalization_steps(200, AIRBENCH94_MUON)[1:].all()
+
+
+def test_nesterov_and_plain_momentum_by_hand() -> None:
+    """Two updates: plain feeds buf = m g1 + g2 to Newton-Schulz, nesterov (1 + m) g2 + m^2 g1;
+    the first update's input is g1 times a positive factor either way."""
+    rng = np.random.default_rng(4)
+    g1, g2 = rng.standard_normal((2, 8, 4, 3, 3))
+    w0 = rng.standard_normal((8, 4, 3, 3))
+    m = AIRBENCH94_MUON.momentum
+    for nesterov, second in ((True, (1 + m) * g2 + m * m * g1), (False, m * g1 + g2)):
+        spec = dataclasses.replace(AIRBENCH94_MUON, nesterov=nesterov, normalization="none")
+        buf, n1 = ref.momentum_step(ref.zero_buffer(g1.shape, spec), g1, spec)
+        np.testing.assert_allclose(n1, (1 + m) * g1 if nesterov else g1)
+        buf, n2 = ref.momentum_step(buf, g2, spec)
+        np.testing.assert_allclose(buf, m * g1 + g2)
+        np.testing.assert_allclose(n2, second)
+        # and the whole update: w - lr NS(second), after the first update
+        zero = ref.zero_buffer(g1.shape, spec)
+        w1, b = ref.muon_update(w0, g1, zero, step=1, lr=0.1, total_steps=10, spec=spec)
+        w2, _ = ref.muon_update(w1, g2, b, step=2, lr=0.1, total_steps=10, spec=spec)
+        expected = w1 - 0.1 * ref.newton_schulz(ref.as_matrix(second), spec).reshape(w0.shape)
+        np.testing.assert_allclose(w2, expected, atol=1e-12)
+
+
+def test_float16_buffer_rounds_like_in_place_half_ops() -> None:
+    """The record's buffer: float16(float16(m * buf) + float16(g)), read back for nesterov."""
+    rng = np.random.default_rng(5)
+    g1, g2 = 0.1 * rng.standard_normal((2, 4, 2, 3, 3))
+    buf, _ = ref.momentum_step(ref.zero_buffer(g1.shape, RECORD), g1, RECORD)
+    assert buf.dtype == np.float16
+    buf2, n2 = ref.momentum_step(buf, g2, RECORD)
+    m = RECORD.momentum
+    # m * buf in float64 (a bare `buf * m` would round m itself to float16 under NEP 50)
+    scaled = (buf.astype(np.float64) * m).astype(np.float16)
+    expected = (scaled + g2.astype(np.float16)).astype(np.float16)
+    np.testing.assert_array_equal(buf2, expected)
+    np.testing.assert_allclose(n2, g2 + m * expected.astype(np.float64))
+
+
+# --- both frameworks against the reference ----------------------------------------------------
+
+
+@pytest.mark.parametrize("runner", RUNNERS)
+@pytest.mark.parametrize("shape,steps", CASES)
+@pytest.mark.parametrize("spec", RECIPES)
+def test_framework_update_within_float32_noise(
+    spec: MuonSpec, shape: tuple[int, ...], steps: int, runner
+) -> None:
+    """Every update of the optax / torch Muon within the measured float32 bound."""
+    w0, grads, reference, bound = _case(spec, shape, steps)
+    error = update_error(runner(spec, TOTALS[spec], w0, grads), reference)
+    assert error <= bound, (error, bound)
+
+
+def _coefficient_plant(spec: MuonSpec) -> MuonSpec:
+    a, b, c = spec.ns_coefficients
+    return dataclasses.replace(spec, ns_coefficients=(a * 1.01, b, c))
+
+
+PLANTS = [
+    pytest.param(_coefficient_plant, id="ns-coefficient-a+1%"),
+    pytest.param(lambda s: dataclasses.replace(s, update_scale="rms"), id="scale"),
+    pytest.param(lambda s: dataclasses.replace(s, nesterov=False), id="no-nesterov"),
+]
+
+
+@pytest.mark.parametrize("runner", RUNNERS)
+@pytest.mark.parametrize("plant", PLANTS)
+@pytest.mark.parametrize("spec", RECIPES)
+def test_plants_land_far_outside_the_bound(spec: MuonSpec, plant, runner) -> None:
+    """A planted implementation (the true recipe's reference, a changed spec) is caught:
+    its error is more than 10x the bound the true one passes."""
+    w0, grads, reference, bound = _case(spec, (64, 24, 3, 3), 3)
+    error = update_error(runner(plant(spec), TOTALS[spec], w0, grads), reference)
+    assert error > 10 * bound, (error, bound)
+
+
+# --- the optax wiring -----------------------------------------------------------------------------
+
+
+def test_hwio_matrix_is_the_oihw_matrix() -> None:
+    """The HWIO kernel's matrix is PyTorch's `w.reshape(out, -1)` of the OIHW filter."""
+    w = np.random.default_rng(6).standard_normal((256, 64, 3, 3)).astype(np.float32)
+    hwio = jnp.asarray(w.transpose(2, 3, 1, 0))
+    np.testing.assert_array_equal(np.asarray(hwio_to_matrix(hwio)), ref.as_matrix(w))
+    np.testing.assert_array_equal(
+        np.asarray(matrix_to_hwio(hwio_to_matrix(hwio), hwio.shape)), hwio
+    )
+
+
+def test_optax_muon_in_multi_transform_beside_sgd() -> None:
+    """Labelled by `is_muon_param`, Muon takes the conv kernels (not the whitening one) and
+    gives the same updates as on its own; the SGD group is untouched by it."""
+    rng = np.random.default_rng(7)
+    f32 = lambda *s: jnp.asarray(rng.standard_normal(s), jnp.float32)  # noqa: E731
+    params = {
+        "whiten": {"kernel": f32(2, 2, 3, 24), "bias": f32(24)},
+        "block1": {"conv1": {"kernel": f32(3, 3, 24, 64)}, "bn1": {"bias": f32(64)}},
+        "head": {"kernel": f32(256, 10)},
+    }
+    grads = jax.tree_util.tree_map(lambda p: 0.1 * jnp.ones_like(p) + 0.01 * p, params)
+
+    labels = traverse_util.path_aware_map(
+        lambda path, v: "muon" if is_muon_param(tuple(path), v) else "sgd", params
+    )
+    assert labels["block1"]["conv1"]["kernel"] == "muon"
+    assert labels["whiten"]["kernel"] == "sgd" and labels["head"]["kernel"] == "sgd"
+    tx = optax.multi_transform(
+        {"muon": optax_muon(RECORD, 0.2, 243), "sgd": optax.sgd(0.1, momentum=0.9)}, labels
+    )
+    alone = optax_muon(RECORD, 0.2, 243)
+    conv = {"k": params["block1"]["conv1"]["kernel"]}
+    state, alone_state = tx.init(params), alone.init(conv)
+    for step in range(2):
+        updates, state = tx.update(grads, state, params)
+        expected, alone_state = alone.update(
+            {"k": grads["block1"]["conv1"]["kernel"]}, alone_state, conv
+        )
+        np.testing.assert_array_equal(updates["block1"]["conv1"]["kernel"], expected["k"])
+        sgd_trace = 1.0 if step == 0 else 1.9  # constant gradients, momentum 0.9
+        np.testing.assert_allclose(
+            updates["head"]["kernel"], -0.1 * sgd_trace * grads["head"]["kernel"], rtol=1e-6
+        )
+        params = optax.apply_updates(params, updates)
+        conv = {"k": params["block1"]["conv1"]["kernel"]}
+
+
+def test_muon_rejects_non_filters() -> None:
+    """A 2-D leaf in the Muon group is an error in both frameworks, not a silent reshape."""
+    with pytest.raises(ValueError, match="HWIO"):
+        optax_muon(RECORD, 0.1, 10).init({"head": jnp.zeros((256, 10))})
+    with pytest.raises(ValueError, match="OIHW"):
+        TorchMuon([torch.nn.Parameter(torch.zeros(10, 256))], RECORD, 10)

@@ -1,0 +1,118 @@
+"""Muon for the conv filters in PyTorch: `jaxbench.muon`'s reference update, in float32.
+
+`Muon(params, spec, total_steps)` updates OIHW conv filters in place; the trainer sets
+each group's `lr` before each step (as it does for SGD), and the update counter lives
+in each parameter's state (`step`), so a state dict restores it.
+
+Why not `torch.optim.Muon` (torch 2.13): it computes another update, and rejects 4-D
+parameters outright ("Muon only supports 2D parameters").
+- Momentum: `buf.lerp_(g, 1 - m)`, nesterov `g.lerp(buf, m)`: (1 - m) times the
+  sources' `buf = m * buf + g`, `g + m * buf`, the same direction (Newton-Schulz
+  normalises it away) but the Frobenius norm is clamped, `max(||X||, eps)`, where
+  the sources add eps.
+- Newton-Schulz: always bfloat16 (as airbench94_muon; the record float16; here
+  float32), 5 steps by default (the sources: 3), airbench94_muon's coefficients by
+  default; no pre-scaling to the record's target magnitude.
+- Scale: `adjust_lr_fn` "original" `sqrt(max(1, A / B))` or "match_rms_adamw"
+  `0.2 sqrt(max(A, B))` from `param.shape[:2]`; the sources scale by nothing.
+- Decay: `W *= 1 - lr wd` before the update (default wd 0.1); the record decays after
+  it, `(W - lr O)(1 - lr wd)`; airbench94_muon's filters have none.
+- No weight normalisation, no adaptive interval, no float16 buffer.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+
+import torch
+
+from jaxbench.muon import MuonSpec, normalization_steps, target_magnitude, update_scale_factor
+
+
+def frobenius(x: torch.Tensor) -> torch.Tensor:
+    """||x||_F as a pairwise sum of squares: torch's float32 `linalg.norm` on the CPU is
+    5e-6 off (relative) on a 256x2304 matrix, ten times the rest of the update's float32
+    noise, while `sum` keeps it near 3e-8."""
+    return x.square().sum().sqrt()
+
+
+def newton_schulz(g: torch.Tensor, spec: MuonSpec, magnitude: float) -> torch.Tensor:
+    """`jaxbench.muon.newton_schulz` in float32 on an (out, in*kh*kw) matrix."""
+    x = g.float()
+    if spec.ns_target_magnitude is not None:
+        x = x * (magnitude / (frobenius(x) + spec.ns_target_eps))
+    x = x / (frobenius(x) + spec.ns_eps)
+    tall = x.shape[0] > x.shape[1]
+    if tall:
+        x = x.T
+    a, b, c = spec.ns_coefficients
+    for _ in range(spec.ns_steps):
+        gram = x @ x.T
+        x = a * x + (b * gram + c * (gram @ gram)) @ x
+    return x.T if tall else x
+
+
+class Muon(torch.optim.Optimizer):
+    """The reference Muon update (`jaxbench.muon.muon_update`) of 4-D filters, in float32."""
+
+    def __init__(
+        self,
+        params: Iterable[torch.Tensor] | Iterable[dict],
+        spec: MuonSpec,
+        total_steps: int,
+        lr: float | None = None,
+    ) -> None:
+        super().__init__(params, {"lr": spec.lr if lr is None else lr})
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.ndim != 4:
+                    raise ValueError(f"Muon takes OIHW conv filters only, got {tuple(p.shape)}")
+        self.spec = spec
+        self.total_steps = total_steps
+        self.norm_table = normalization_steps(total_steps, spec)
+
+    def _momentum(self, p: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+        """Update the buffer in place; return the Newton-Schulz input (`momentum_step`)."""
+        spec, state = self.spec, self.state[p]
+        dtype = torch.float16 if spec.momentum_dtype == "float16" else torch.float32
+        if "momentum_buffer" not in state:
+            state["momentum_buffer"] = torch.zeros_like(g, dtype=dtype)
+        buf = state["momentum_buffer"]
+        if dtype == torch.float16:
+            # float32 product and sum, each rounded to float16: the record's in-place
+            # float16 mul_ and add_, whatever the device's half arithmetic
+            buf.copy_((buf.float() * spec.momentum).half())
+            buf.copy_((buf.float() + g.half().float()).half())
+            wide = buf.float()
+        else:
+            buf.mul_(spec.momentum).add_(g)
+            wide = buf
+        return g + spec.momentum * wide if spec.nesterov else wide.clone()
+
+    @torch.no_grad()
+    def step(self, closure: None = None) -> None:  # type: ignore[override]
+        """One update of every filter with a gradient (no closure: Muon needs none)."""
+        if closure is not None:
+            raise ValueError("Muon.step takes no closure")
+        spec = self.spec
+        for group in self.param_groups:
+            lr = float(group["lr"])
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                state["step"] = state.get("step", 0) + 1
+                step = min(state["step"], self.total_steps)  # the record's step_count
+                n = self._momentum(p, p.grad.float())
+                # OIHW -> (out, in*kh*kw): both sources' `g.reshape(len(g), -1)`
+                o = newton_schulz(
+                    n.reshape(len(n), -1), spec, target_magnitude(step, self.total_steps, spec)
+                )
+                o = o.reshape(p.shape)
+                scale = update_scale_factor(tuple(p.shape), spec)
+                if self.norm_table[step]:
+                    p.mul_(math.sqrt(len(p)) / (frobenius(p) + spec.norm_eps))
+                p.add_(o, alpha=-lr * scale)
+                if spec.weight_decay:
+                    p.mul_(1 - lr * spec.weight_decay)
