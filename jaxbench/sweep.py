@@ -389,7 +389,7 @@ def _same_sweep(old: dict[str, Any], new: dict[str, Any]) -> bool:
 
 def _trainers(frameworks: Sequence[str], specs: Sequence[RunSpec], base: Config) -> dict[str, Any]:
     """Each framework's (train_and_evaluate, extra kwargs), having refused no cell."""
-    from jaxbench.bench import load_trainer
+    from jaxbench.bench.frameworks import load_trainer
 
     out: dict[str, Any] = {}
     for fw in frameworks:
