@@ -42,7 +42,7 @@ from typing import Any
 
 import numpy as np
 
-from jaxbench import report
+from jaxbench import report, stats
 from jaxbench import sweep_workers as workers
 from jaxbench.command import BAD_INPUT, Command, check_writable, run_command
 from jaxbench.configs import PRESETS, Config, OneLineErrorParser, get_config, parse_field, validate
@@ -226,15 +226,6 @@ def run_row(spec: RunSpec, cfg: Config, summary: dict[str, Any] | None, status: 
 # --- aggregation and outputs -----------------------------------------------------------------
 
 
-def _stats(values: list[float]) -> dict[str, Any]:
-    a = np.asarray(values, np.float64)
-    return {
-        "n": len(a),
-        "mean": float(a.mean()) if len(a) else None,
-        "std": float(a.std(ddof=1)) if len(a) > 1 else None,
-    }
-
-
 def aggregate(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     """Per (framework, cell): runs, how many finished, accuracy and time mean and spread."""
     groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
@@ -249,8 +240,12 @@ def aggregate(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
                 "cell": json.loads(cell),
                 "runs": len(rs),
                 "done": len(done),
-                "accuracy": _stats([r["accuracy"] for r in done if r["accuracy"] is not None]),
-                "time_seconds": _stats([r["time_seconds"] for r in done if r["time_seconds"]]),
+                "accuracy": stats.mean_std(
+                    [r["accuracy"] for r in done if r["accuracy"] is not None]
+                ),
+                "time_seconds": stats.mean_std(
+                    [r["time_seconds"] for r in done if r["time_seconds"]]
+                ),
             }
         )
     return out
@@ -399,7 +394,7 @@ def _same_sweep(old: dict[str, Any], new: dict[str, Any]) -> bool:
 
 def _trainers(frameworks: Sequence[str], specs: Sequence[RunSpec], base: Config) -> dict[str, Any]:
     """Each framework's (train_and_evaluate, extra kwargs), having refused no cell."""
-    from jaxbench.bench import load_trainer
+    from jaxbench.bench.frameworks import load_trainer
 
     out: dict[str, Any] = {}
     for fw in frameworks:

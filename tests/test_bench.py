@@ -15,11 +15,13 @@ from typing import Any
 
 import pytest
 
-from jaxbench import bench, configs, flops
+from jaxbench import configs, stats
+from jaxbench.bench import cli, flops, frameworks, output, records
+from jaxbench.bench.race import SCHEMA_VERSION
 
 
 def _record(acc: float, time_s: float, seed: int = 0, curve: list[float] | None = None) -> dict:
-    """A run record as `bench.run_record` makes it, with a monitoring curve."""
+    """A run record as `records.run_record` makes it, with a monitoring curve."""
     curve = curve or [acc]
     rows = [
         {"epoch": i + 1, "ema_val_acc": a, "val_acc": a, "total_time_seconds": time_s * (i + 1)}
@@ -40,21 +42,21 @@ def _record(acc: float, time_s: float, seed: int = 0, curve: list[float] | None 
 
 
 def test_describe_known_values() -> None:
-    d = bench.describe([1.0, 2.0, 3.0, 4.0])
+    d = stats.describe([1.0, 2.0, 3.0, 4.0])
     assert d["n"] == 4 and d["mean"] == 2.5 and d["min"] == 1.0 and d["max"] == 4.0
     assert d["std"] == pytest.approx(math.sqrt(5 / 3))  # sample std, ddof=1
-    assert bench.describe([0.5])["std"] is None  # no spread from one run
+    assert stats.describe([0.5])["std"] is None  # no spread from one run
 
 
 def test_share_at_least_counts_ties() -> None:
-    assert bench.share_at_least([0.93, 0.94, 0.95, 0.9401], 0.94) == (3, 0.75)
-    assert bench.share_at_least([0.1, 0.2], 0.94) == (0, 0.0)
+    assert stats.share_at_least([0.93, 0.94, 0.95, 0.9401], 0.94) == (3, 0.75)
+    assert stats.share_at_least([0.1, 0.2], 0.94) == (0, 0.0)
 
 
 def test_ratio_ci_known_answer() -> None:
     # means 2 and 4, stds 1 and 2, n 3 each: se^2 = 1/(3*4) + 4/(3*16) = 1/6, Welch df = 4,
     # t(0.975, 4) = 2.776445105; CI = 0.5 * exp(+-2.776445105 * sqrt(1/6)).
-    r = bench.ratio_ci([1.0, 2.0, 3.0], [2.0, 4.0, 6.0])
+    r = stats.ratio_ci([1.0, 2.0, 3.0], [2.0, 4.0, 6.0])
     assert r["value"] == 0.5
     assert r["df"] == pytest.approx(4.0)
     assert r["se_log"] == pytest.approx(math.sqrt(1 / 6))
@@ -64,29 +66,29 @@ def test_ratio_ci_known_answer() -> None:
 
 
 def test_ratio_ci_edge_cases() -> None:
-    assert bench.ratio_ci([3.0], [2.0, 2.5])["ci"] is None  # one run: no spread, no interval
-    r = bench.ratio_ci([3.0, 3.0], [2.0, 2.0])
+    assert stats.ratio_ci([3.0], [2.0, 2.5])["ci"] is None  # one run: no spread, no interval
+    r = stats.ratio_ci([3.0, 3.0], [2.0, 2.0])
     assert r["value"] == 1.5 and r["ci"] == [1.5, 1.5]
     # more runs with the same spread -> narrower interval
-    wide = bench.ratio_ci([9.0, 11.0], [19.0, 21.0])["ci"]
-    narrow = bench.ratio_ci([9.0, 11.0] * 5, [19.0, 21.0] * 5)["ci"]
+    wide = stats.ratio_ci([9.0, 11.0], [19.0, 21.0])["ci"]
+    narrow = stats.ratio_ci([9.0, 11.0] * 5, [19.0, 21.0] * 5)["ci"]
     assert wide[0] < narrow[0] < 0.5 < narrow[1] < wide[1]
 
 
 def test_mean_curve_and_first_epoch() -> None:
     recs = [_record(0.6, 10.0, curve=[0.3, 0.5, 0.6]), _record(0.5, 20.0, curve=[0.2, 0.4, 0.5])]
-    curve = bench.mean_curve([r["epochs"] for r in recs], "ema_val_acc")
+    curve = records.mean_curve([r["epochs"] for r in recs], "ema_val_acc")
     assert [p["epoch"] for p in curve] == [1, 2, 3]
     assert [p["accuracy"] for p in curve] == pytest.approx([0.25, 0.45, 0.55])
     assert [p["time_seconds"] for p in curve] == pytest.approx([15.0, 30.0, 45.0])
-    assert bench.first_epoch_at(curve, 0.45) == 2
-    assert bench.first_epoch_at(curve, 0.56) is None
+    assert records.first_epoch_at(curve, 0.45) == 2
+    assert records.first_epoch_at(curve, 0.56) is None
 
 
 def test_summarize_synthetic_runs() -> None:
     cfg = configs.resnet9()
     recs = [_record(a, t, i) for i, (a, t) in enumerate([(0.93, 4.0), (0.95, 5.0), (0.94, 6.0)])]
-    s = bench.summarize(recs, {"compile_seconds": 30.0}, cfg, 0.94)
+    s = records.summarize(recs, {"compile_seconds": 30.0}, cfg, 0.94)
     assert s["runs"] == 3 and s["runs_at_target"] == 2 and s["share_at_target"] == 2 / 3
     assert s["accuracy"]["mean"] == pytest.approx(0.94)
     assert s["accuracy"]["std"] == pytest.approx(0.01)
@@ -97,10 +99,10 @@ def test_summarize_synthetic_runs() -> None:
 
 
 def test_headline_metric_follows_ema() -> None:
-    assert bench.headline_metric(configs.resnet9()) == "ema_val_acc"
+    assert records.headline_metric(configs.resnet9()) == "ema_val_acc"
     no_ema = configs.resnet9().replace(ema_every=0)
-    assert bench.headline_metric(no_ema) == "val_acc"
-    assert "trained weights" in bench.describe_metric(no_ema)
+    assert records.headline_metric(no_ema) == "val_acc"
+    assert "trained weights" in records.describe_metric(no_ema)
 
 
 def test_run_record_derives_throughput_from_timed_work() -> None:
@@ -109,7 +111,7 @@ def test_run_record_derives_throughput_from_timed_work() -> None:
     cfg = configs.tiny().replace(
         widths=(16, 32, 64, 128), epochs=4, batch_size=250, subset=None, test_subset=None
     )
-    images, work = bench.timed_work(cfg, 10_000, 2_000)
+    images, work = records.timed_work(cfg, 10_000, 2_000)
     assert images == 40_000
     assert work == 40_000 * 3 * 48_073_216 + 2_000 * 2 * 2 * 48_073_216
     summary = {
@@ -118,7 +120,7 @@ def test_run_record_derives_throughput_from_timed_work() -> None:
         "images_per_second": 123.0,
         "seed": 1,
     }
-    rec = bench.run_record(summary, cfg, 10_000, 2_000)
+    rec = records.run_record(summary, cfg, 10_000, 2_000)
     assert rec["accuracy"] == 0.6 and rec["val_acc"] == 0.5 and rec["seed"] == 1
     assert rec["images_per_second"] == 5_000.0  # 40,000 images / 8 s, whatever the trainer says
     assert rec["trainer_images_per_second"] == 123.0
@@ -198,7 +200,7 @@ def _doc() -> dict[str, Any]:
         "preset": "resnet9",
         "target": 0.94,
         "accuracy_metric": "ema_val_acc",
-        "accuracy_metric_description": bench.describe_metric(cfg),
+        "accuracy_metric_description": records.describe_metric(cfg),
         "frameworks": {},
     }
     for name, times in (("jax", [4.0, 5.0, 6.0]), ("torch", [8.0, 10.0, 12.0])):
@@ -210,16 +212,16 @@ def _doc() -> dict[str, Any]:
         doc["frameworks"][name] = {
             "warmup": warm,
             "runs": recs,
-            "summary": bench.summarize(recs, warm, cfg, 0.94),
+            "summary": records.summarize(recs, warm, cfg, 0.94),
         }
     runs = {n: fw["runs"] for n, fw in doc["frameworks"].items()}
-    doc["verdicts"] = {"jax": bench.decide(runs, "jax", "torch", 0.94)}
+    doc["verdicts"] = {"jax": records.decide(runs, "jax", "torch", 0.94)}
     doc["ratio"] = doc["verdicts"]["jax"]["ratio"]
     return doc
 
 
 def test_format_table_layout() -> None:
-    lines = bench.format_table(_doc()).splitlines()
+    lines = output.format_table(_doc()).splitlines()
     assert lines[0].split() == [
         "framework", "preset", "devices", "runs", "acc", "mean±std", ">=target",
         "time", "mean±std", "compile", "img/s", "TFLOP/s", "epoch>=target", "built",
@@ -241,21 +243,21 @@ def test_no_winner_below_target() -> None:
     fast_but_wrong = [_record(0.935, 1.0, i) for i in range(3)]
     slow_and_right = [_record(0.945, 9.0, i) for i in range(3)]
     runs = {"jax": fast_but_wrong, "torch": slow_and_right}
-    v = bench.decide(runs, "jax", "torch", 0.94)
+    v = records.decide(runs, "jax", "torch", 0.94)
     assert v["status"] == "target not reached" and v["ratio"] is None
     assert v["below_target"] == {"jax": pytest.approx(0.935)}
-    line = bench.format_verdict(v, "resnet9")
+    line = output.format_verdict(v, "resnet9")
     assert "target not reached" in line and "jax 0.9350" in line and "ratio" not in line[15:]
-    ok = bench.decide(runs, "jax", "torch", 0.93)
+    ok = records.decide(runs, "jax", "torch", 0.93)
     assert ok["status"] == "ratio" and ok["ratio"]["value"] == pytest.approx(1 / 9)
-    assert bench.decide({"jax": [], "torch": slow_and_right}, "jax", "torch", 0.9)["status"] == (
+    assert records.decide({"jax": [], "torch": slow_and_right}, "jax", "torch", 0.9)["status"] == (
         "no runs"
     )
 
 
 def test_plot_writes_png(tmp_path: Path) -> None:
     pytest.importorskip("matplotlib")
-    assert bench.plot(_doc(), tmp_path / "bench.png")
+    assert output.plot(_doc(), tmp_path / "bench.png")
     assert (tmp_path / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
@@ -283,7 +285,7 @@ def test_bad_flags_exit_2_with_one_line(
     argv: list[str], words: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
     with pytest.raises(SystemExit) as exc:
-        bench.parse_args(argv)
+        cli.parse_args(argv)
     assert exc.value.code == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and words in err
@@ -304,7 +306,7 @@ def _fake_trainer_module(monkeypatch: pytest.MonkeyPatch, refuse: str | None) ->
     mod.train_and_evaluate = train_and_evaluate  # type: ignore[attr-defined]
     mod.check_supported = check_supported  # type: ignore[attr-defined]
     monkeypatch.setitem(sys.modules, mod.__name__, mod)
-    monkeypatch.setattr(bench, "load_trainer", lambda name: train_and_evaluate)
+    monkeypatch.setattr(frameworks, "load_trainer", lambda name: train_and_evaluate)
 
 
 def test_trainer_refusal_stops_before_any_run(
@@ -313,7 +315,7 @@ def test_trainer_refusal_stops_before_any_run(
     _fake_trainer_module(monkeypatch, "this trainer does not implement --lookahead")
     out = tmp_path / "never"
     with pytest.raises(SystemExit) as exc:
-        bench.main(["--config", "tiny", "--data-dir", str(tmp_path), "--out", str(out)])
+        cli.main(["--config", "tiny", "--data-dir", str(tmp_path), "--out", str(out)])
     assert exc.value.code == 2
     err = capsys.readouterr().err.strip()
     assert (
@@ -328,7 +330,7 @@ def test_missing_data_stops_before_any_run(
     _fake_trainer_module(monkeypatch, None)
     out = tmp_path / "never"
     with pytest.raises(SystemExit) as exc:
-        bench.main(["--config", "tiny", "--data-dir", str(tmp_path / "nope"), "--out", str(out)])
+        cli.main(["--config", "tiny", "--data-dir", str(tmp_path / "nope"), "--out", str(out)])
     assert exc.value.code == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "cannot load cifar10" in err
@@ -336,15 +338,15 @@ def test_missing_data_stops_before_any_run(
 
 
 def test_flags_pass_through_to_config() -> None:
-    opts = bench.parse_args(
+    opts = cli.parse_args(
         ["--config", "tiny", "--epochs", "2", "--widths", "8,8,8,8", "--no-torch-compile"]
     )
     (cfg,) = opts.cfgs
     assert cfg.name == "tiny" and cfg.epochs == 2 and cfg.widths == (8, 8, 8, 8)
     assert cfg.subset == configs.tiny().subset  # the preset's value survives
     assert opts.torch_compile is False and opts.frameworks == ("jax", "torch")
-    assert opts.out == Path("bench-out/tiny") and opts.runs == bench.DEFAULT_RUNS
-    two = bench.parse_args(
+    assert opts.out == Path("bench-out/tiny") and opts.runs == cli.DEFAULT_RUNS
+    two = cli.parse_args(
         [
             "--config",
             "tiny,speedrun",
@@ -359,7 +361,7 @@ def test_flags_pass_through_to_config() -> None:
     assert [c.name for c in two.cfgs] == ["tiny", "speedrun"]
     assert all(c.epochs == 2 for c in two.cfgs) and two.runs is None  # budget-driven
     assert two.out == Path("bench-out/tiny+speedrun")
-    loops = bench.parse_args(["--config", "tiny", "--loop", "scan,step"])
+    loops = cli.parse_args(["--config", "tiny", "--loop", "scan,step"])
     assert [(e.name, e.loop) for e in loops.entries] == [
         ("jax-scan", "scan"), ("jax-step", "step"), ("torch", None),
     ]  # fmt: skip
@@ -392,14 +394,14 @@ def test_smoke_race_writes_every_field(
 ) -> None:
     pytest.importorskip("torch")
     out = tmp_path / "bench"
-    bench.main(
+    cli.main(
         ["--config", "tiny", "--frameworks", "jax,torch", "--runs", "2", "--target", "0.05",
          "--data-dir", data_dir, "--out", str(out), *SMALL]
     )  # fmt: skip
     printed = capsys.readouterr().out
     assert "framework" in printed and "time ratio jax/torch" in printed
     doc = json.loads((out / "bench.json").read_text())
-    assert doc["complete"] and doc["schema"] == bench.SCHEMA_VERSION
+    assert doc["complete"] and doc["schema"] == SCHEMA_VERSION
     assert doc["stop_reason"] == "reached --runs 2"
     assert (out / "bench-tiny.png").stat().st_size > 1000
     race = doc["races"]["tiny"]
@@ -523,8 +525,8 @@ def test_sigterm_leaves_valid_json(data_dir: str, tmp_path: Path) -> None:
 
 def test_one_run_shows_no_spread() -> None:
     """`--runs 1`: the table says "1 run" rather than a dangling "±-"."""
-    assert bench._pm({"mean": 0.622, "std": None}, 4) == "0.6220 (1 run)"
-    assert bench._pm({"mean": 0.622, "std": 0.01}, 4) == "0.6220±0.0100"
+    assert output.plus_minus({"mean": 0.622, "std": None}, 4) == "0.6220 (1 run)"
+    assert output.plus_minus({"mean": 0.622, "std": 0.01}, 4) == "0.6220±0.0100"
 
 
 @pytest.mark.slow
@@ -547,22 +549,22 @@ def test_vmap_seeds_row(data_dir: str, tmp_path: Path) -> None:
 )
 def test_vmap_seeds_flag_errors(flags: list[str], text: str, capsys) -> None:
     with pytest.raises(SystemExit) as e:
-        bench.parse_args(["--config", "tiny", *flags])
+        cli.parse_args(["--config", "tiny", *flags])
     assert e.value.code == 2 and text in capsys.readouterr().err
 
 
 def test_race_is_on_one_device_unless_asked(capsys: pytest.CaptureFixture[str]) -> None:
     """The trainers default to every local device; the race does not, or a multi-GPU node
     would set all its GPUs (JAX) against one (PyTorch)."""
-    opts = bench.parse_args(["--config", "tiny"])
+    opts = cli.parse_args(["--config", "tiny"])
     assert [c.devices for c in opts.cfgs] == [1]
     assert (
-        bench.parse_args(["--config", "tiny", "--frameworks", "jax", "--devices", "4"])
+        cli.parse_args(["--config", "tiny", "--frameworks", "jax", "--devices", "4"])
         .cfgs[0]
         .devices
         == 4
     )
     with pytest.raises(SystemExit) as exc:
-        bench.parse_args(["--config", "tiny", "--devices", "4"])
+        cli.parse_args(["--config", "tiny", "--devices", "4"])
     assert exc.value.code == 2
     assert "torchrun" in capsys.readouterr().err

@@ -8,8 +8,20 @@ from typing import Any
 
 import pytest
 
-from jaxbench import bench, configs, report
-from jaxbench.budget import SAFETY, SLACK_S, Budget, BudgetExceeded, Watchdog, fits, round_order
+from jaxbench import configs, report
+from jaxbench.bench import cli, records
+from jaxbench.bench.budget import (
+    SAFETY,
+    SLACK_S,
+    Budget,
+    BudgetExceeded,
+    Watchdog,
+    fits,
+    round_order,
+)
+from jaxbench.bench.frameworks import FRAMEWORKS
+from jaxbench.bench.output import format_table
+from jaxbench.bench.race import WARMUP_SEED, Bench
 
 
 class FakeClock:
@@ -43,24 +55,22 @@ def _fake_trainers(clock: FakeClock, walls: dict[str, Any], log: list[tuple]) ->
                 "total_time_seconds": wall * 0.9,
                 "compile_seconds": 0.0,
                 "seed": cfg.seed,
-                "compiled": framework == "jax" and cfg.seed == bench.WARMUP_SEED,
+                "compiled": framework == "jax" and cfg.seed == WARMUP_SEED,
             }
 
         return train
 
-    return {fw: make(fw) for fw in bench.FRAMEWORKS}
+    return {fw: make(fw) for fw in FRAMEWORKS}
 
 
 def _bench(
     argv: list[str], clock: FakeClock, walls: dict[str, Any], tmp_path: Any, n_train: int = 1000
 ) -> tuple:
-    opts = bench.parse_args([*argv, "--out", str(tmp_path / "out")])
+    opts = cli.parse_args([*argv, "--out", str(tmp_path / "out")])
     log: list[tuple] = []
     budget = Budget(opts.max_seconds or float("inf"), clock=clock)
     data = {cfg.name: _Data(n_train) for cfg in opts.cfgs}
-    b = bench.Bench(
-        opts, _fake_trainers(clock, walls, log), data, "cmd", budget, log=lambda m: None
-    )
+    b = Bench(opts, _fake_trainers(clock, walls, log), data, "cmd", budget, log=lambda m: None)
     b.self_checks = lambda cfg: None  # the real ones compile; tested in test_program.py
     return b, log
 
@@ -86,7 +96,7 @@ def test_rounds_stop_before_the_budget(budget_s: float, tmp_path: Any) -> None:
     b.warmups()
     why = b.rounds()
     b.finish(True)
-    timed = [x for x in log if x[2] != bench.WARMUP_SEED]
+    timed = [x for x in log if x[2] != WARMUP_SEED]
     assert clock.t <= budget_s and len(timed) % 2 == 0  # whole rounds only
     assert not fits(budget_s - clock.t, 10.0) and why.startswith("budget")
     race = b.doc["races"]["tiny"]
@@ -103,7 +113,7 @@ def test_rounds_interleave_abab_across_presets(tmp_path: Any) -> None:
     b, log = _bench(argv, clock, walls, tmp_path)
     b.warmups()
     assert b.rounds() == "reached --runs 2"
-    timed = [(p, fw, s) for p, fw, s, _ in log if s != bench.WARMUP_SEED]
+    timed = [(p, fw, s) for p, fw, s, _ in log if s != WARMUP_SEED]
     assert timed == [
         ("tiny", "jax", 0), ("tiny", "torch", 0), ("speedrun", "jax", 0), ("speedrun", "torch", 0),
         ("speedrun", "torch", 1), ("speedrun", "jax", 1), ("tiny", "torch", 1), ("tiny", "jax", 1),
@@ -154,7 +164,7 @@ def test_compile_count_and_verdicts(tmp_path: Any) -> None:
     assert race["frameworks"]["jax"]["programs_built"] == 1
     assert race["verdicts"]["jax"]["status"] == "target not reached"
     assert race["ratio"] is None
-    assert "target not reached" in bench.format_table(race)
+    assert "target not reached" in format_table(race)
 
 
 def test_watchdog_interrupts_only_a_guarded_run() -> None:
@@ -206,7 +216,7 @@ def test_later_preset_skipped_when_its_predicted_warmup_does_not_fit(tmp_path: A
     argv = ["--config", "tiny,speedrun", "--frameworks", "jax", "--max-seconds", "120"]
     b, log = _bench(argv, clock, {"jax": 10.0}, tmp_path, n_train=50_000)
     cfgs = b.opts.cfgs
-    ratio = bench._work_ratio(cfgs[1], cfgs[0], b.doc["races"])
+    ratio = records.work_ratio(cfgs[1], cfgs[0], b.doc["races"])
     assert ratio > 6  # speedrun's 10 epochs of a wider net vs tiny's 3
     b.warmups()
     err = b.doc["races"]["speedrun"]["frameworks"]["jax"]["error"]["error"]

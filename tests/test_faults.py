@@ -174,7 +174,9 @@ def test_sigterm_in_a_trainer(
 
 @pytest.mark.slow
 @pytest.mark.realdata
-@pytest.mark.parametrize("target", ["jaxbench.bench:_load_data", "jaxbench.bench:Bench.warmups"])
+@pytest.mark.parametrize(
+    "target", ["jaxbench.bench.cli:load_data", "jaxbench.bench.race:Bench.warmups"]
+)
 def test_ctrl_c_in_the_bench(
     real_data_dir: Path, tmp_path: Path, env: dict[str, str], target: str
 ) -> None:

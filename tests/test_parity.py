@@ -12,8 +12,9 @@ import numpy as np
 import pytest
 import torch
 
+from jaxbench import stats
 from jaxbench.configs import tiny
-from parity import convert, stats
+from parity import convert
 from torch_ref.model import model_from_config
 
 CFG = tiny().replace(widths=(8, 16, 32, 64))
@@ -82,14 +83,12 @@ def test_t_quantile_matches_published_values(p: float, df: float, want: float) -
     assert stats.t_sf(want, df) == pytest.approx(1 - p, rel=1e-8)
 
 
-def test_betainc_meets_its_closed_forms() -> None:
-    for x in (0.0, 0.01, 0.3, 0.5, 0.9, 1.0):
-        assert stats.betainc(1.0, 1.0, x) == pytest.approx(x, abs=1e-14)
-        assert stats.betainc(3.0, 1.0, x) == pytest.approx(x**3, abs=1e-14)
-        assert stats.betainc(0.5, 0.5, x) == pytest.approx(
-            2 / math.pi * math.asin(math.sqrt(x)), abs=1e-13
-        )
-        assert stats.betainc(2.5, 0.5, x) + stats.betainc(0.5, 2.5, 1 - x) == pytest.approx(1.0)
+def test_t_sf_meets_its_closed_forms() -> None:
+    """df 1 is Cauchy's law, df 2 has a closed form; both tails, and t = 0, agree."""
+    for t in (-7.5, -1.0, 0.0, 0.3, 1.0, 4.0, 40.0):
+        assert stats.t_sf(t, 1) == pytest.approx(0.5 - math.atan(t) / math.pi, abs=1e-14)
+        assert stats.t_sf(t, 2) == pytest.approx(0.5 - t / (2 * math.sqrt(2 + t * t)), abs=1e-14)
+        assert stats.t_sf(t, 5) + stats.t_sf(-t, 5) == pytest.approx(1.0)
 
 
 def test_chaos_test_by_hand() -> None:

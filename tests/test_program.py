@@ -1,4 +1,4 @@
-"""The GPU program held to account from the CPU (`jaxbench.program`), and XLA's FLOP count.
+"""The GPU program held to account from the CPU (`jaxbench.bench.program`), and XLA's FLOP count.
 
 Every check is shown to pass on the trainer's programs *and* to fail on a planted fault:
 a `lax.cond` in the scanned step, a host callback, a float32 convolution under bfloat16,
@@ -14,7 +14,8 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from jaxbench import configs, flops, models, optim, program, train
+from jaxbench import configs, models, optim, train
+from jaxbench.bench import flops, hlo, program
 
 TINY_BF16 = configs.get_config("tiny").replace(precision="bfloat16")
 SPEEDRUN = configs.get_config("speedrun")  # precision auto: bfloat16 for cuda, float32 on cpu
@@ -131,7 +132,7 @@ def test_planted_float32_conv_under_bfloat16_fails(monkeypatch: pytest.MonkeyPat
 
 def test_lowering_without_donation_fails() -> None:
     text = program.lower_program(TINY_BF16, "cuda", "epoch", donate=False)
-    f = program.inspect_program(
+    f = hlo.inspect_program(
         text, jnp.bfloat16, state_leaves=program.state_leaf_count(TINY_BF16), expect_loop=True
     )
     assert not f["ok"] and f["donated"] == 0
@@ -208,7 +209,7 @@ module @jit_epoch_fn {
 
 
 def test_parser_reads_an_inlined_loop_and_generic_ops() -> None:
-    f = program.inspect_program(INLINED, jnp.bfloat16, state_leaves=2, expect_loop=True)
+    f = hlo.inspect_program(INLINED, jnp.bfloat16, state_leaves=2, expect_loop=True)
     assert f["loops"] == 1 and f["convolutions"] == 1 and f["dot_generals"] == 1
     # the quoted op is found, the location naming "stablehlo.case" is not
     assert [(c["op"], c["in_loop"]) for c in f["conditionals"]] == [("stablehlo.case", True)]
@@ -217,12 +218,12 @@ def test_parser_reads_an_inlined_loop_and_generic_ops() -> None:
     problems = " | ".join(f["problems"])
     assert "conditional inside the loop body" in problems
     assert "dot_general at line" in problems and "reads f32 x bf16" in problems
-    loose = program.inspect_program(INLINED, "bf16", dots_in_compute_dtype=False)
+    loose = hlo.inspect_program(INLINED, "bf16", dots_in_compute_dtype=False)
     assert not any("compute dtype" in p for p in loose["problems"])
 
 
 def test_parser_follows_calls_from_the_loop_body() -> None:
-    f = program.inspect_program(CALLED, jnp.float32, state_leaves=2, expect_loop=True)
+    f = hlo.inspect_program(CALLED, jnp.float32, state_leaves=2, expect_loop=True)
     assert [(c["op"], c["function"], c["in_loop"]) for c in f["conditionals"]] == [
         ("stablehlo.if", "helper", True)
     ]
@@ -233,7 +234,7 @@ def test_parser_follows_calls_from_the_loop_body() -> None:
 
 
 def test_a_text_the_parser_cannot_read_fails() -> None:
-    f = program.inspect_program("module {}\n", jnp.bfloat16, state_leaves=3, expect_loop=True)
+    f = hlo.inspect_program("module {}\n", jnp.bfloat16, state_leaves=3, expect_loop=True)
     assert not f["ok"]
     assert any("no stablehlo.convolution" in p for p in f["problems"])
     assert any("no stablehlo.while" in p for p in f["problems"])

@@ -212,15 +212,17 @@ def test_lookups_are_cached_per_process(monkeypatch: pytest.MonkeyPatch) -> None
 
 def test_bench_and_parity_records_carry_the_commit() -> None:
     """bench.json and parity.json take their environment from `report.environment`."""
-    from jaxbench import bench
+    from jaxbench.bench import cli
+    from jaxbench.bench.budget import Budget
+    from jaxbench.bench.race import Bench
     from jaxbench.configs import tiny
     from parity import report as parity_report
     from parity.suite import SuiteResult
 
     want = report.git_state()
-    opts = bench.parse_args(["--config", "tiny", "--frameworks", "jax"])
+    opts = cli.parse_args(["--config", "tiny", "--frameworks", "jax"])
     data = {"tiny": SimpleNamespace(train_labels=np.zeros(3), test_labels=np.zeros(2))}
-    b = bench.Bench(opts, {}, data, "python -m jaxbench.bench", bench.Budget(), log=print)
+    b = Bench(opts, {}, data, "python -m jaxbench.bench", Budget(), log=print)
     b.save = lambda: None  # nothing on disk: only the record is checked
     b.record_environment()
     docs = [

@@ -7,7 +7,7 @@ weights perturbed by about one ulp. Whatever separates the reruns from the
 original is float32 chaos alone: rounding differences that training amplifies.
 JAX's run differs from torch_ref's by its own rounding differences; if it
 trains the same function, it is one more draw from the same chaos.
-`parity.stats.chaos_test` turns that into a t test per epoch and metric, and
+`jaxbench.stats.chaos_test` turns that into a t test per epoch and metric, and
 the same test applied to a torch rerun in the role of JAX measures the
 procedure's false alarms on every call.
 """
@@ -20,8 +20,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from jaxbench import stats
 from jaxbench.configs import Config
-from parity import stats
 from parity.checks.base import (
     CheckResult,
     Context,

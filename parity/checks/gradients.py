@@ -10,8 +10,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from jaxbench import optim
-from parity import convert, stats
+from jaxbench import optim, stats
+from parity import convert
 from parity.checks.base import (
     CheckResult,
     Context,

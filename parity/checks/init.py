@@ -7,7 +7,7 @@ from typing import Any
 
 import numpy as np
 
-from parity import stats
+from jaxbench import stats
 from parity.checks.base import (
     CheckResult,
     Context,

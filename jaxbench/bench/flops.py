@@ -42,7 +42,7 @@ def layer_flops(cfg: Config) -> list[tuple[str, int]]:
         return _resnet9(cfg)
     if cfg.model == "speedrun":
         return _speedrun(cfg)
-    raise ValueError(f"no FLOP count for --model {cfg.model}; add it to jaxbench/flops.py")
+    raise ValueError(f"no FLOP count for --model {cfg.model}; add it to jaxbench/bench/flops.py")
 
 
 def _resnet9(cfg: Config) -> list[tuple[str, int]]:
@@ -179,7 +179,7 @@ def conv_layers(cfg: Config) -> list[tuple[str, int, int, int, int, int, bool]]:
             out.append((f"block{i}.conv2", 3, w, w, s, 1, True))
             c_in = w
         return out
-    raise ValueError(f"no FLOP count for --model {cfg.model}; add it to jaxbench/flops.py")
+    raise ValueError(f"no FLOP count for --model {cfg.model}; add it to jaxbench/bench/flops.py")
 
 
 def _head_flops(cfg: Config) -> int:

@@ -1,25 +1,121 @@
-"""Statistical tests behind checks 1 and 7, numpy only.
+"""Statistics for the benchmark, the sweep and the parity suite: numpy and `scipy.stats` only.
 
-Check 1 asks whether a layer's initial weights are draws from
-uniform(-b, b), b = 1/sqrt(fan_in); check 7 asks whether JAX's accuracy
-curves are further from PyTorch's than PyTorch reruns, perturbed by one ulp,
-are from each other (`chaos_test`).
-Both turn a sample into figures with a stated tolerance, so a failure says
-by how much and a pass says how close.
+Means and spreads are numpy's (sample std, ddof=1); distributions (Student's t, the
+Kolmogorov-Smirnov statistic and its limit law) are scipy's. What scipy has no function
+for is written here in numpy, with the model in its docstring:
+
+* `describe`, `mean_std`, `share_at_least`: the summaries the benchmark and the sweep print;
+* `ratio_ci`: the benchmark's ratio of mean times with a log-symmetric Welch interval;
+* `uniform_fit`: parity check 1, is a layer's initial weights uniform(-b, b)?
+* `chaos_test`: parity check 7, is JAX further from PyTorch than float32 chaos explains?
+* `relative_error`: parity's gradient figure.
+
+Framework-neutral: neither JAX nor PyTorch is imported.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
+from scipy.stats import ks_1samp, kstwobign
+from scipy.stats import t as student_t
 
-# Tolerances for the init tests, chosen so that a correct init fails one of
-# ~100 (layer, framework, statistic) tests with probability well below 1e-3.
+CI_LEVEL = 0.95
+
+# Tolerances of `uniform_fit`, chosen so that a correct init fails one of ~100
+# (layer, framework, statistic) tests with probability well below 1e-3.
 Z_TOL = 5.0  # |z| of the sample mean and standard deviation
 KS_ALPHA = 1e-4  # per-test false-alarm rate of the Kolmogorov-Smirnov test
 MAX_TAIL_P = 1e-6  # P(max |w| falls below the accepted range) for a true uniform
+
+
+# --- summaries --------------------------------------------------------------------------------
+
+
+def mean_std(values: Sequence[float]) -> dict[str, Any]:
+    """n, mean (None for no value) and sample std (ddof=1; None for fewer than two)."""
+    a = np.asarray(values, np.float64)
+    return {
+        "n": len(a),
+        "mean": float(a.mean()) if len(a) else None,
+        "std": float(a.std(ddof=1)) if len(a) > 1 else None,
+    }
+
+
+def describe(values: Sequence[float]) -> dict[str, Any]:
+    """n, mean, sample std (ddof=1; None for one value), min and max of `values`."""
+    x = np.asarray(values, dtype=np.float64)
+    if x.size == 0:
+        raise ValueError("describe() needs at least one value")
+    return {
+        "n": int(x.size),
+        "mean": float(x.mean()),
+        "std": float(x.std(ddof=1)) if x.size > 1 else None,
+        "min": float(x.min()),
+        "max": float(x.max()),
+    }
+
+
+def share_at_least(values: Sequence[float], target: float) -> tuple[int, float]:
+    """(count, fraction) of values >= target; the record-holders' 'share of runs >= 94%'."""
+    x = np.asarray(values, dtype=np.float64)
+    k = int(np.sum(x >= target))
+    return k, k / x.size
+
+
+# --- Student's t ------------------------------------------------------------------------------
+
+
+def t_quantile(p: float, df: float) -> float:
+    """The p-quantile of Student's t with `df` degrees of freedom (df = inf: the normal)."""
+    if not 0.0 < p < 1.0:
+        raise ValueError(f"t_quantile needs 0 < p < 1, got {p}")
+    return float(student_t.ppf(p, df))
+
+
+def t_sf(t: float, df: float) -> float:
+    """P(T > t) for Student's t with `df` degrees of freedom (df = inf: the normal)."""
+    return float(student_t.sf(t, df))
+
+
+def ratio_ci(
+    numerator: Sequence[float], denominator: Sequence[float], level: float = CI_LEVEL
+) -> dict[str, Any]:
+    """Ratio of means with a confidence interval from the run-to-run spread.
+
+    The log of a ratio of means is a difference of two independent log-means;
+    by the delta method Var(log mean) ~= s^2 / (n * mean^2). The interval is
+    symmetric on the log scale (so it never crosses zero) and uses Student's t
+    with Welch-Satterthwaite degrees of freedom, which matters for n ~ 2..10.
+    With fewer than two runs on either side there is no spread: `ci` is None.
+    """
+    a = np.asarray(numerator, dtype=np.float64)
+    b = np.asarray(denominator, dtype=np.float64)
+    if a.size == 0 or b.size == 0:
+        raise ValueError("ratio_ci() needs at least one value on each side")
+    ma, mb = float(a.mean()), float(b.mean())
+    out: dict[str, Any] = {"value": ma / mb, "level": level, "ci": None, "se_log": None, "df": None}
+    if a.size < 2 or b.size < 2:
+        return out
+    va = float(a.var(ddof=1)) / (a.size * ma**2)
+    vb = float(b.var(ddof=1)) / (b.size * mb**2)
+    se = math.sqrt(va + vb)
+    if se == 0.0:
+        out.update(ci=[out["value"], out["value"]], se_log=0.0)
+        return out
+    df = (va + vb) ** 2 / (va**2 / (a.size - 1) + vb**2 / (b.size - 1))
+    q = t_quantile(0.5 + level / 2, df)
+    out.update(
+        ci=[out["value"] * math.exp(-q * se), out["value"] * math.exp(q * se)], se_log=se, df=df
+    )
+    return out
+
+
+# --- parity check 1: initial weights against uniform(-b, b) -----------------------------------
 
 
 @dataclass(frozen=True)
@@ -58,7 +154,9 @@ def uniform_fit(sample: np.ndarray, bound: float) -> UniformFit:
     Standard errors use the uniform's own moments: var = b^2/3 and, for the
     sample variance, Var(s^2) = (mu4 - sigma^4)/n with mu4 = b^4/5, so a wrong
     scale (e.g. lecun_normal's std 1/sqrt(fan_in), sqrt(3) too large) shows as a
-    huge std_z and a max_ratio near 2.
+    huge std_z and a max_ratio near 2. The KS distance is taken against the identity
+    CDF on (w / b + 1) / 2, unclipped, so weights beyond the bound count in full; its
+    critical value is the Kolmogorov limit law's (`kstwobign`) upper KS_ALPHA point.
     """
     w = np.asarray(sample, dtype=np.float64).ravel()
     n = w.size
@@ -69,10 +167,8 @@ def uniform_fit(sample: np.ndarray, bound: float) -> UniformFit:
     s = float(w.std(ddof=1))
     se_var = math.sqrt((bound**4 / 5.0 - sigma**4) / n)
     std_z = (s * s - sigma * sigma) / se_var  # z of the variance; the std's is ~ the same
-    u = np.sort((w / bound + 1.0) / 2.0)  # uniform(0, 1) under the hypothesis
-    i = np.arange(1, n + 1)
-    ks = float(max(np.max(i / n - u), np.max(u - (i - 1) / n)))
-    ks_crit = math.sqrt(-math.log(KS_ALPHA / 2.0) / 2.0) / math.sqrt(n)
+    ks = float(ks_1samp((w / bound + 1.0) / 2.0, lambda u: u).statistic)
+    ks_crit = float(kstwobign.isf(KS_ALPHA)) / math.sqrt(n)
     # P(max |w| < b (1 - d)) = (1 - d)^n  =>  d = 1 - MAX_TAIL_P^(1/n)
     min_max_ratio = MAX_TAIL_P ** (1.0 / n)
     return UniformFit(
@@ -88,71 +184,7 @@ def uniform_fit(sample: np.ndarray, bound: float) -> UniformFit:
     )
 
 
-# --- check 7: is JAX-vs-PyTorch further apart than PyTorch-vs-PyTorch? ---------------------
-
-
-def betainc(a: float, b: float, x: float) -> float:
-    """The regularized incomplete beta function I_x(a, b), by Lentz's continued fraction.
-
-    The expansion of Numerical Recipes (2nd ed., 6.4), applied directly for
-    x < (a + 1) / (a + b + 2) and through I_x(a, b) = 1 - I_{1-x}(b, a) otherwise,
-    where it converges in O(sqrt(max(a, b))) terms; accurate to ~1e-14 here.
-    """
-    if not 0.0 <= x <= 1.0:
-        raise ValueError(f"betainc needs 0 <= x <= 1, got {x}")
-    if x in (0.0, 1.0):
-        return x
-    if x > (a + 1.0) / (a + b + 2.0):
-        return 1.0 - betainc(b, a, 1.0 - x)
-    log_front = (
-        math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b) + a * math.log(x) + b * math.log1p(-x)
-    )
-    tiny = 1e-300
-    c, d = 1.0, 1.0 - (a + b) * x / (a + 1.0)
-    d = 1.0 / (d if abs(d) > tiny else tiny)
-    f = d
-    for m in range(1, 10_000):
-        for num in (
-            m * (b - m) * x / ((a + 2 * m - 1) * (a + 2 * m)),
-            -(a + m) * (a + b + m) * x / ((a + 2 * m) * (a + 2 * m + 1)),
-        ):
-            d = 1.0 + num * d
-            d = 1.0 / (d if abs(d) > tiny else tiny)
-            c = 1.0 + num / c
-            c = c if abs(c) > tiny else tiny
-            f *= c * d
-        if abs(c * d - 1.0) < 1e-15:
-            break
-    return math.exp(log_front) * f / a
-
-
-def t_sf(t: float, df: float) -> float:
-    """P(T > t) for Student's t with `df` degrees of freedom (df = inf: the normal)."""
-    if math.isinf(df):
-        return 0.5 * math.erfc(t / math.sqrt(2.0))
-    tail = 0.5 * betainc(df / 2.0, 0.5, df / (df + t * t))
-    return tail if t >= 0 else 1.0 - tail
-
-
-def t_quantile(p: float, df: float) -> float:
-    """The p-quantile of Student's t (numpy/math only): bisection on `t_sf` to ~1e-12."""
-    if not 0.0 < p < 1.0:
-        raise ValueError(f"t_quantile needs 0 < p < 1, got {p}")
-    if p < 0.5:
-        return -t_quantile(1.0 - p, df)
-    tail = 1.0 - p
-    lo, hi = 0.0, 1.0
-    while t_sf(hi, df) > tail:  # bracket: the root lies in [hi/2, hi]
-        lo, hi = hi, 2.0 * hi
-    for _ in range(200):
-        mid = 0.5 * (lo + hi)
-        if t_sf(mid, df) > tail:
-            lo = mid
-        else:
-            hi = mid
-        if hi - lo <= 1e-12 * hi:
-            break
-    return 0.5 * (lo + hi)
+# --- parity check 7: is JAX-vs-PyTorch further apart than PyTorch-vs-PyTorch? -----------------
 
 
 @dataclass(frozen=True)

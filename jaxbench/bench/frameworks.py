@@ -1,0 +1,194 @@
+"""The benchmark's one door into the trainers.
+
+Every call the benchmark makes into `jaxbench.train`, `jaxbench.seeds`, `torch_ref.train`
+and `torch_ref.torch_setup` is here; the rest of the benchmark sees configs, summaries
+and plain dicts. The trainers are imported only when a function needs them, so that
+`python -m jaxbench.bench` sets JAX's allocator flags before JAX starts.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from jaxbench import configs
+
+FRAMEWORKS: tuple[str, ...] = ("jax", "torch")
+LOOPS: tuple[str, ...] = ("auto", "scan", "step")
+
+# Set-up keys the trainers report beside the contract's summary keys; kept per framework.
+TRAINER_INFO_KEYS: tuple[str, ...] = (
+    "environment",
+    "device",
+    "precision",
+    "compute_dtype",
+    "loop",
+    "stream",
+    "compile",
+    "torch_setup",
+)
+
+Trainer = Callable[..., dict[str, Any]]
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One contender: a framework, and for JAX possibly a fixed loop (`--loop scan,step`)."""
+
+    name: str  # "jax", "torch", or "jax-scan" / "jax-step" when several loops race
+    framework: str
+    loop: str | None = None  # None: the trainer's own choice
+
+    def config(self, cfg: configs.Config) -> configs.Config:
+        return cfg if self.loop is None else cfg.replace(loop=self.loop)
+
+
+def make_entries(frameworks: Sequence[str], loops: Sequence[str]) -> tuple[Entry, ...]:
+    """The contenders: each framework once, JAX once per loop when several are asked for."""
+    out: list[Entry] = []
+    for fw in frameworks:
+        if fw == "jax" and len(loops) > 1:
+            out += [Entry(f"jax-{loop}", "jax", loop) for loop in loops]
+        elif fw == "jax" and tuple(loops) != ("auto",):
+            out.append(Entry("jax", "jax", loops[0]))
+        else:
+            out.append(Entry(fw, fw))
+    return tuple(out)
+
+
+# --- the trainers ------------------------------------------------------------------------------
+
+
+def load_trainer(framework: str) -> Trainer:
+    """Import a framework's `train_and_evaluate` only when it is raced."""
+    try:
+        if framework == "jax":
+            from jaxbench.train import train_and_evaluate
+        else:
+            from torch_ref.train import train_and_evaluate
+    except ImportError as e:
+        extra = "" if framework == "jax" else "[torch]"
+        raise RuntimeError(
+            f"--frameworks {framework}: cannot import its trainer ({e}); "
+            f"install it with pip install -e .{extra}"
+        ) from None
+    return train_and_evaluate
+
+
+def torch_kwargs(compile: bool | None, compile_mode: str | None) -> dict[str, Any]:
+    """The PyTorch trainer's set-up arguments from the bench flags (a bad mode: ValueError)."""
+    out: dict[str, Any] = {"compile": compile}
+    if compile_mode is not None:
+        from torch_ref.torch_setup import TorchSetup
+
+        out["torch_setup"] = TorchSetup(compile_mode=compile_mode)
+    return out
+
+
+def load_trainers(
+    frameworks: Iterable[str], cfgs: Sequence[configs.Config], torch_compile_mode: str | None
+) -> dict[str, Trainer]:
+    """Import each trainer and let it refuse every config before any run starts.
+
+    Raises ValueError("<framework>: <why>") for a missing trainer, a refused config or a
+    bad PyTorch compile mode.
+    """
+    trainers = {}
+    for name in frameworks:
+        try:
+            trainers[name] = load_trainer(name)
+            if name == "torch":
+                torch_kwargs(None, torch_compile_mode)
+            check = getattr(sys.modules[trainers[name].__module__], "check_supported", None)
+            if check is not None:
+                for cfg in cfgs:
+                    check(cfg)
+        except (RuntimeError, ValueError) as e:
+            raise ValueError(f"{name}: {e}") from None
+    return trainers
+
+
+def run_trainer(
+    train: Trainer,
+    entry: Entry,
+    cfg: configs.Config,
+    *,
+    data: Any,
+    stream: str,
+    torch_setup: dict[str, Any],
+    caches: dict[str, Any],
+    **extra: Any,
+) -> dict[str, Any]:
+    """One run of `entry`'s trainer on in-memory `data`, quiet, no run folder: its summary.
+
+    JAX runs of one contender share a `CompileCache` (kept in `caches` by contender name),
+    so only the first builds programs; PyTorch runs take the race's set-up (`torch_kwargs`).
+    """
+    kwargs: dict[str, Any] = {
+        "data": data,
+        "stream": stream,
+        "progress": False,
+        "quiet": True,
+        **extra,
+    }
+    if entry.framework == "torch":
+        kwargs.update(torch_setup)
+    else:
+        if entry.name not in caches:
+            from jaxbench.train import CompileCache
+
+            caches[entry.name] = CompileCache()
+        kwargs["compile_cache"] = caches[entry.name]
+    return train(cfg, None, **kwargs)
+
+
+def trainer_info(summary: dict[str, Any]) -> dict[str, Any]:
+    """The trainer's own set-up record from a summary (`TRAINER_INFO_KEYS`)."""
+    return {k: summary[k] for k in TRAINER_INFO_KEYS if k in summary}
+
+
+def train_seeds(cfg: configs.Config, seeds: Iterable[int], data: Any) -> dict[str, Any]:
+    """K JAX seeds in one vmapped program (`jaxbench.seeds.train_seeds`)."""
+    from jaxbench.seeds import train_seeds as vmapped
+
+    return vmapped(cfg, seeds, data)
+
+
+def torch_sync_check(cfg: configs.Config, data: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """On CUDA: PyTorch's training steps under sync-debug mode "error" (skipped on the CPU),
+    in the race's own set-up (`kwargs`, from `torch_kwargs`)."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return {"status": "skipped", "detail": "no CUDA device: sync-debug mode is CUDA's"}
+    from torch_ref.train import check_no_host_sync, setup
+
+    return check_no_host_sync(setup(cfg, data, **kwargs))
+
+
+# --- JAX's programs, for the program and FLOP checks (`jaxbench.bench.program`) ---------------
+
+
+def jax_train_state(model: Any, tx: Any) -> Any:
+    """The trainer's TrainState for `model` and optimizer `tx` (seed 0)."""
+    import jax
+
+    from jaxbench import train
+
+    return train.create_train_state(model, tx, jax.random.PRNGKey(0))
+
+
+def jax_loop_fns(cfg: configs.Config, model: Any, tx: Any, total_steps: int) -> tuple[Any, Any]:
+    """(step_fn, epoch_fn) as the trainer builds them, before `jax.jit`."""
+    from jaxbench import train
+
+    return train.make_loop_fns(cfg, model, tx, total_steps)
+
+
+def jax_eval_fn(cfg: configs.Config, model: Any, batch: int, with_ema: bool) -> Any:
+    """The trainer's evaluation of one batch of `batch` images, before `jax.jit`."""
+    from jaxbench import train
+
+    return train.make_eval_fn(cfg, model, batch, with_ema)
