@@ -1014,9 +1014,9 @@ class Bench:
             r += 1
 
     def vmapped(self) -> None:
-        """Per preset, K JAX seeds in one vmapped program (`jaxbench.seeds`), timed as a run
+        """Per preset, K JAX seeds in one vmapped program (`train.train_seeds`), timed as a run
         is (steps and final evaluation, compilation excluded), beside the runs alone."""
-        from jaxbench.seeds import train_seeds
+        from jaxbench.train import train_seeds
 
         k = self.opts.vmap_seeds
         for cfg in self.opts.cfgs:

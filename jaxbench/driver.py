@@ -17,10 +17,11 @@ hands itself to `Driver.run`, which owns the rest in one place:
 - the profiler (`start` / `pause` around each timed region, `finish` at the end);
 - the summary fields common to both trainers (`Trainer.summary_extras` adds the rest).
 
-Several runs may train together in one program ("lanes": K seeds vmapped in
-JAX). Each lane gets its own rows and step losses; they share the clock. A run
-of several lanes writes no files, prints no table, saves no checkpoints and
-raises on no lane's divergence (its caller reports each lane).
+Several runs may train together in one program (`lanes`: K seeds vmapped in
+JAX). Each lane gets its own rows and step losses; they share the clock. Such a
+program writes no files, prints no table, saves no checkpoints and raises on no
+lane's divergence (its caller reports each lane); its summary holds `seeds`, one
+entry (seed, final, epochs, step_losses) per lane.
 
 Framework-neutral: it imports neither jax nor torch.
 
@@ -122,8 +123,9 @@ class Driver:
 
     Made before the trainer builds anything, so that a bad `resume` (no
     checkpoint, another config) fails before compiling: `workdir` defaults to
-    `resume`, then `cfg.out`; `checkpoint_every` needs a folder. `lanes` > 1
-    (K runs in one program) refuses `resume` and writes nothing.
+    `resume`, then `cfg.out`; `checkpoint_every` needs a folder. `lanes` (K runs
+    in one program, K >= 1; None: a single run) refuses `resume`, writes nothing and
+    returns the summary with one entry per seed.
     """
 
     def __init__(
@@ -137,21 +139,23 @@ class Driver:
         quiet: bool = False,
         progress: bool = True,
         primary: bool = True,
-        lanes: int = 1,
+        lanes: int | None = None,
     ) -> None:
         if workdir is None:
             workdir = resume if resume is not None else cfg.out
         if not primary:  # one process writes and prints for the run
             workdir, quiet, progress = None, True, False
-        if lanes > 1:
+        if lanes is not None:
             if resume is not None:
                 raise ValueError("several runs in one program cannot --resume")
-            workdir, quiet = None, True
+            workdir, quiet, progress = None, True, False
         elif cfg.checkpoint_every and workdir is None:
             raise ValueError("--checkpoint-every needs a run folder: pass --out DIR")
         self.framework, self.stream = framework, stream
         self.workdir = workdir
-        self.quiet, self.progress, self.primary, self.lanes = quiet, progress, primary, lanes
+        self.quiet, self.progress, self.primary = quiet, progress and not quiet, primary
+        self.several = lanes is not None
+        self.lanes = lanes or 1
         self.ckpt: Path | None = None
         self.saved: dict[str, Any] | None = None
         if resume is not None:
@@ -181,12 +185,12 @@ class Driver:
                 lane_losses = [ledger.step_losses] + [[] for _ in range(self.lanes - 1)]
                 for epoch in range(ledger.epoch, cfg.epochs):
                     rows = self._epoch(trainer, epoch, ledger, clock, lane_losses)
-                    if self.lanes == 1:  # raises FloatingPointError on a NaN loss
+                    if not self.several:  # raises FloatingPointError on a NaN loss
                         recorder.epoch(rows[0])
                     else:
                         for k, row in enumerate(rows):
                             lane_rows[k].append(row)
-                    if self.lanes == 1 and checkpoint.should_save(cfg, epoch):  # off the clock
+                    if not self.several and checkpoint.should_save(cfg, epoch):  # off the clock
                         assert self.workdir is not None
                         saved = ledger.progress(self.framework, self.stream, cfg, recorder.rows)
                         checkpoint.save(self.workdir, epoch + 1, saved, trainer.write_state)
@@ -233,7 +237,7 @@ class Driver:
                     "train_acc": float(correct[k]) / (trainer.steps * cfg.batch_size),
                 }
             )
-        if self.lanes == 1 and not np.isfinite(rows[0]["train_loss"]):
+        if not self.several and not np.isfinite(rows[0]["train_loss"]):
             return rows
         last = epoch == cfg.epochs - 1
         if last or (epoch + 1) % cfg.eval_every == 0:
@@ -271,7 +275,7 @@ class Driver:
             for seed, rows, losses in zip(trainer.seeds, lane_rows, lane_losses, strict=True)
         ]
         common: dict[str, Any]
-        if self.lanes == 1:
+        if not self.several:
             common = {
                 "final": runs[0]["final"],
                 "epochs": runs[0]["epochs"],
