@@ -248,5 +248,8 @@ def test_lanes_report_per_seed_rows(tmp_path: Path, fake_time: FakeTime) -> None
         assert _untimed(lane["epochs"]) == _untimed(alone["epochs"])
         assert lane["step_losses"] == alone["step_losses"]
         assert lane["final"] == {k: alone["final"][k] for k in lane["final"]}
+    one = _run(cfg, tmp_path / "one", NumpyTrainer(cfg, fake_time, seeds=[3]), lanes=1)
+    assert [s["seed"] for s in one["seeds"]] == [3] and not (tmp_path / "one").exists()
+    assert one["seeds"][0]["step_losses"] == together["seeds"][0]["step_losses"]
     with pytest.raises(ValueError, match="resume"):
         driver.Driver(cfg, "numpy", "fast", resume=tmp_path, lanes=1)
