@@ -7,22 +7,25 @@ of a mesh) and compiles the recipe for the run's shapes before the clock starts
 that K runs of one config share every launch (`seeds=`: each seed its own init,
 data order and augmentation; the training images and the whitening kernel
 shared). A `CompileCache` (the benchmark's, the sweep's) reuses the programs of
-an earlier run in the process whose config differs only in its seed.
+an earlier run in the process whose config differs only in its seed. A `Run`
+is what `jaxbench.driver` trains (its `Trainer`); its state goes to disk with orbax.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import time
 from collections.abc import Callable
-from typing import Any
+from pathlib import Path
+from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxbench import augment, parallel
+from jaxbench import augment, models, parallel
 from jaxbench.configs import Config
 from jaxbench.stream import epoch_plan, steps_per_epoch
 
@@ -38,6 +41,8 @@ class Recipe:
     eval_both_fn: Callable[..., Any]  # one test batch of the net and its EMA (or the net)
     eval_one_fn: Callable[..., Any] | None  # one weight set; None without an EMA
     moments_fn: Callable[..., Any] | None  # training images -> whitening moments, or None
+    set_whitening: Callable[..., Any]  # (state, moments, images, cfg, topo) -> state
+    train_epoch: Callable[..., Any]  # (run, state, epoch, progress=, hooks=) -> (state, host)
 
 
 @dataclasses.dataclass
@@ -266,8 +271,10 @@ def eval_scores(acc: dict[str, Any], n_test: int, with_ema: bool, one: bool) -> 
 
 @dataclasses.dataclass
 class Run:
-    """What `setup` builds for one run: the compiled functions and the data on the device."""
+    """What `setup` builds for one run, and the trainer `jaxbench.driver` drives: the
+    compiled functions, the data on the device and the state they train."""
 
+    framework: ClassVar[str] = "jax"
     cfg: Config  # `devices` resolved to the count the run uses
     loop: str  # "scan" or "step"
     stream: str  # "fast" or "shared"
@@ -276,15 +283,17 @@ class Run:
     steps: int  # optimizer steps per epoch
     n_train: int
     n_test: int
-    state: Any  # the initial state
+    state: Any  # the initial state, then the current one
     images: jax.Array  # uint8 NHWC training images on the device
     labels: jax.Array
     test: EvalData
+    recipe: Recipe
     programs: Programs
     compiled: bool  # whether this run compiled its programs (False: reused from the cache)
     make_plan: Callable[[int], augment.Plan]
     data_source: str = "arrays in memory"  # where the images came from (`Dataset.source`)
     topology: parallel.Topology = dataclasses.field(default_factory=parallel.Topology.single)
+    hooks: Any = None  # `jaxbench.train.Hooks` (parity suite), or None
 
     @property
     def run(self) -> Any:
@@ -305,6 +314,61 @@ class Run:
         return [eval_scores({k: v[i] for k, v in acc.items()}, self.n_test, with_ema, one)
                 for i in range(len(self.seeds))]  # fmt: skip
 
+    # --- the driver's interface (`jaxbench.driver.Trainer`)
+
+    def start(self, clock: Callable[[], Any]) -> None:
+        """The data-dependent whitening kernel, on the clock as airbench times it (one
+        kernel, the data's, into every seed's state)."""
+        if self.programs.moments is None:
+            return
+        whiten = functools.partial(
+            self.recipe.set_whitening, moments=self.programs.moments, images=self.images,
+            cfg=self.cfg, topo=self.topology,
+        )  # fmt: skip
+        with clock():
+            if not self.vmapped:
+                self.state = whiten(self.state)
+            else:
+                each = [whiten(jax.tree_util.tree_map(lambda x, k=k: x[k], self.state))
+                        for k in range(len(self.seeds))]  # fmt: skip
+                self.state = jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *each)
+
+    def restore(self, folder: Path, epochs_done: int) -> None:
+        self.state = restore_state(folder, self.state)
+
+    def train_epoch(self, epoch: int, progress: bool) -> tuple[np.ndarray, np.ndarray]:
+        self.state, host = self.recipe.train_epoch(
+            self, self.state, epoch, progress=progress, hooks=self.hooks
+        )
+        return host["loss"], np.sum(host["correct"], axis=-1)
+
+    def score(self, epoch: int, same_weights: bool) -> tuple[Any, int]:
+        st = self.state if self.hooks is None else self.hooks.before_eval(epoch, self.state)
+        same = same_weights and self.hooks is None  # hooks may have replaced the weights
+        return self.evaluate(st, same), 1 if same or self.cfg.ema_every <= 0 else 2
+
+    def sync(self) -> None:
+        jax.block_until_ready(self.state)
+
+    def compile_count(self) -> int:
+        return 0  # everything was compiled before the clock started
+
+    def write_state(self, folder: Path) -> None:
+        save_state(folder, self.state)
+
+    def summary_extras(self, ledger: Any) -> dict[str, Any]:
+        extras = {"compile_seconds": self.compile_seconds, "loop": self.loop}
+        if self.vmapped:
+            return extras
+        return {
+            **extras,
+            "compiled": self.compiled,
+            "compute_dtype": jnp.dtype(models.compute_dtype(self.cfg)).name,
+            "data_source": self.data_source,
+            "devices": self.topology.devices,
+            "processes": self.topology.processes,
+        }
+
 
 def setup(
     cfg: Config,
@@ -323,6 +387,8 @@ def setup(
     """
     if stream not in ("fast", "shared"):
         raise ValueError(f"stream must be 'fast' or 'shared', got {stream!r}")
+    if seeds is not None and cfg.lookahead:
+        raise ValueError("--vmap-seeds does not implement --lookahead (its final net = EMA)")
     cfg = parallel.resolve(cfg)
     topo = parallel.topology(cfg)
     if data is None:
@@ -363,10 +429,32 @@ def setup(
 
     source = getattr(data, "source", None) or "arrays in memory"
     return Run(cfg, loop, stream, lanes, seeds is not None, steps, n_train, test.n, state, images,
-               labels, test, programs, compiled, make_plan, source, topo)  # fmt: skip
+               labels, test, recipe, programs, compiled, make_plan, source, topo)  # fmt: skip
 
 
 def seed_keys(seed: int) -> tuple[jax.Array, jax.Array]:
     """(init key, data key): the seed is split once; epochs are folded into the data key."""
     init_key, data_key = jax.random.split(jax.random.PRNGKey(seed))
     return init_key, data_key
+
+
+def save_state(folder: Path, state: Any) -> None:
+    """The whole train state (step, params with the whitening kernel, batch stats,
+    optimizer state, EMA) with orbax into `folder/state`; returns once it is on disk."""
+    import orbax.checkpoint as ocp
+
+    with ocp.StandardCheckpointer() as ckptr:
+        ckptr.save(folder / "state", state)
+        ckptr.wait_until_finished()
+
+
+def restore_state(folder: Path, like: Any = None) -> Any:
+    """`save_state`'s state with the structure, dtypes and placement of `like` (the
+    freshly set-up state, so the compiled programs take it unchanged); None: as saved."""
+    import orbax.checkpoint as ocp
+
+    path = (folder / "state").resolve()
+    with ocp.StandardCheckpointer() as ckptr:
+        if like is None:
+            return ckptr.restore(path)
+        return ckptr.restore(path, jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, like))

@@ -1,15 +1,12 @@
 """Train the Flax ResNet-9 on CIFAR: `train_and_evaluate(cfg)` and `python -m jaxbench.train`.
 
-The recipe reads top to bottom: the model and its state, the pure step, the
-epoch, the evaluation, then `train_and_evaluate`, which hands the run to the
-framework-neutral `jaxbench.driver` (run folder, checkpoints, clock, rows,
-summary) and the command line. Images stay uint8 on the device; each epoch's
-plan is drawn there (`stream="fast"`) or moved once (`stream="shared"`), and
-augmentation plus normalisation happen inside the jitted step. `cfg.loop`: one
-`lax.scan` per epoch on accelerators, a Python loop over one compiled step on
-the CPU (XLA:CPU runs convolutions inside a while loop ~30x slower). Nothing
-synchronises with the host inside an epoch. Compilation, ahead of time and
-off the clock, and the vmapped seeds live in `jaxbench.programs`.
+Top to bottom: the model and its state, the pure step, the epoch, the evaluation,
+then `train_and_evaluate`, which compiles the recipe ahead of time (`jaxbench.programs`)
+and hands the run to the framework-neutral `jaxbench.driver` (folder, checkpoints,
+clock, rows, summary). Images stay uint8 on the device, augmented and normalised
+inside the jitted step. `cfg.loop`: one `lax.scan` per epoch on accelerators, a
+Python loop over one compiled step on the CPU (XLA:CPU runs convolutions inside a
+while loop ~30x slower); nothing synchronises with the host inside an epoch.
 """
 
 from __future__ import annotations
@@ -18,7 +15,6 @@ import argparse
 import os
 import sys
 from collections.abc import Callable, Sequence
-from pathlib import Path
 from typing import Any
 
 import flax
@@ -30,16 +26,11 @@ from jax.sharding import NamedSharding
 
 from jaxbench import augment, checkpoint, cli, configs, driver, layers, models, optim, parallel
 from jaxbench import programs as aot
+from jaxbench import whitening as wh
 from jaxbench.configs import Config
 from jaxbench.profiling import JaxProfile
 from jaxbench.programs import CompileCache, seed_keys  # noqa: F401  (this module's API)
 from jaxbench.progress import progress_bar
-from jaxbench.whitening import (
-    covariance_from_moments,
-    kernel_OIHW_to_HWIO,
-    moments_from_groups,
-    whitening_for_config,
-)
 
 PyTree = Any
 Metrics = dict[str, jax.Array]
@@ -108,17 +99,15 @@ def set_whitening(
     cfg: Config,
     topo: parallel.Topology | None = None,
 ) -> TrainState:
-    """The whitening stem's kernel from the training images, in the net and its EMA.
-
-    The exact integer patch moments are summed on the device (`moments`, compiled
-    `layers.patch_moment_groups` of the first `cfg.whiten_images`); the small int64
-    result is finished on the host in float64 by `jaxbench.whitening`, so
-    torch_ref loads the very same kernel.
-    """
+    """The whitening stem's kernel from the training images, in the net and its EMA: exact
+    integer patch moments summed on the device (`moments`), finished on the host in
+    float64 by `jaxbench.whitening`, so torch_ref loads the very same kernel."""
     groups = parallel.fetch(moments(images))
     patch = layers.whiten_patch(cfg)
-    cov = covariance_from_moments(*moments_from_groups(groups), dataset=cfg.dataset, patch=patch)
-    kernel = kernel_OIHW_to_HWIO(whitening_for_config(cov, cfg.whiten, cfg.whiten_eps))
+    cov = wh.covariance_from_moments(
+        *wh.moments_from_groups(groups), dataset=cfg.dataset, patch=patch
+    )
+    kernel = wh.kernel_OIHW_to_HWIO(wh.whitening_for_config(cov, cfg.whiten, cfg.whiten_eps))
     path = layers.whiten_path(cfg)
     # two device copies: the state is donated, and one buffer must not be donated twice
     topo = topo or parallel.Topology.single()
@@ -133,12 +122,9 @@ def set_whitening(
 def make_loss_fn(
     cfg: Config, model: models.ResNet9
 ) -> Callable[..., tuple[jax.Array, tuple[jax.Array, PyTree]]]:
-    """`loss_fn(params, batch_stats, images_u8, labels) -> (loss, (logits, new_batch_stats))`.
-
-    The training loss exactly as the step computes it: normalisation of the uint8
-    batch, the train-mode forward and the configured (label-smoothed, summed or
-    mean) cross-entropy. The parity suite differentiates this very function.
-    """
+    """`loss_fn(params, batch_stats, images_u8, labels) -> (loss, (logits, new_batch_stats))`:
+    normalisation, the train-mode forward and the configured (label-smoothed, summed or
+    mean) cross-entropy. The parity suite differentiates this very function."""
     dtype = models.compute_dtype(cfg)
 
     def loss_fn(
@@ -160,13 +146,10 @@ def make_train_step(
     tx: optax.GradientTransformation,
     total_steps: int | None = None,
 ) -> Callable[[TrainState, dict[str, jax.Array]], tuple[TrainState, Metrics]]:
-    """The pure step `(state, {'images': uint8 NHWC augmented, 'labels'}) -> (state, metrics)`.
-
-    Metrics: `loss` is the mean per-example (label-smoothed) loss whatever
-    `loss_reduction`, `correct` the number of right predictions in the batch.
-    With `cfg.lookahead` the EMA step also resets the net to the EMA; its decay
-    ramp needs `total_steps` (the run's number of updates).
-    """
+    """The pure step `(state, {'images': uint8 NHWC augmented, 'labels'}) -> (state, metrics)`:
+    `loss` the mean per-example (label-smoothed) loss whatever `loss_reduction`, `correct`
+    the right predictions. With `cfg.lookahead` the EMA step also resets the net to the
+    EMA; its decay ramp needs `total_steps` (the run's number of updates)."""
     if cfg.lookahead and total_steps is None:
         raise ValueError("cfg.lookahead needs total_steps for the decay ramp")
     loss_fn = make_loss_fn(cfg, model)
@@ -201,14 +184,9 @@ def make_loop_fns(
     total_steps: int | None = None,
     batch_split: NamedSharding | None = None,
 ) -> tuple[Callable[..., tuple[TrainState, Metrics]], Callable[..., tuple[TrainState, Metrics]]]:
-    """(step_fn, epoch_fn), both uncompiled.
-
-    `step_fn(state, images, labels, plan, i)` runs batch i of an epoch plan;
-    `epoch_fn(state, images, labels, plan)` scans it over every batch of the plan
-    and returns per-step metrics stacked along axis 0. `batch_split`: lay each
-    batch over a device mesh (`parallel.Topology.batch_split`); the mathematics
-    is unchanged.
-    """
+    """(step_fn, epoch_fn), uncompiled: `step_fn(state, images, labels, plan, i)` runs batch
+    i of an epoch plan, `epoch_fn(state, images, labels, plan)` scans it over the plan
+    (metrics stacked along axis 0). `batch_split` lays each batch over a device mesh."""
     train_step = make_train_step(cfg, model, tx, total_steps)
 
     def step_fn(
@@ -235,13 +213,9 @@ def make_loop_fns(
 
 
 class Hooks:
-    """Observation points in the training loop, for the parity suite (no-ops by default).
-
-    They need the per-step loop (`cfg.loop="step"`). `before_step` and
-    `before_eval` may return a replacement state: the parity suite uses that
-    to start each step from the reference trainer's state, so float32 chaos
-    cannot build up between the two frameworks.
-    """
+    """Observation points in the per-step loop (`cfg.loop="step"`) for the parity suite;
+    `before_step` and `before_eval` may return a replacement state (each step then starts
+    from the reference trainer's, so float32 chaos cannot build up between the two)."""
 
     def before_step(self, t: int, state: TrainState) -> TrainState:
         return state
@@ -256,11 +230,8 @@ class Hooks:
 def train_epoch(
     r: aot.Run, state: TrainState, epoch: int, *, progress: bool = False, hooks: Hooks | None = None
 ) -> tuple[TrainState, dict[str, np.ndarray]]:
-    """One epoch of training; returns the state and the per-step metrics, fetched once.
-
-    Nothing synchronises with the host inside the epoch (unless `hooks` observe it).
-    The caller times it: the state is ready when this returns.
-    """
+    """One epoch; the state (ready) and the per-step metrics, fetched once (a leading seed
+    axis when vmapped). Nothing synchronises with the host inside, unless `hooks` observe."""
     cfg = r.cfg
     plan = r.make_plan(epoch)
     if r.loop == "scan":
@@ -302,11 +273,8 @@ def train_epoch(
 def make_logits_fn(
     cfg: Config, model: models.ResNet9
 ) -> Callable[[PyTree, jax.Array], tuple[jax.Array, jax.Array]]:
-    """`logits_fn(variables, images_u8) -> (per-view logits [V, N, C], TTA logits [N, C])`.
-
-    What evaluation scores: normalisation, the eval-mode forward, and the
-    test-time views of `cfg` (`augment.tta_logits`). The parity suite calls it.
-    """
+    """`logits_fn(variables, images_u8) -> (per-view logits [V, N, C], TTA logits [N, C])`:
+    normalisation, the eval-mode forward and `cfg`'s test-time views. Parity calls it."""
     dtype = models.compute_dtype(cfg)
 
     def logits_fn(variables: PyTree, images_u8: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -323,12 +291,9 @@ def make_eval_fn(
     with_ema: bool,
     batch_split: NamedSharding | None = None,
 ) -> Callable[..., dict[str, jax.Array]]:
-    """`eval_fn(acc, variables, ema_variables, images, labels, valid, i) -> acc` for batch i.
-
-    Sums of the cross-entropy (no label smoothing) and of correct predictions of
-    the TTA logits (`make_logits_fn`), over valid (unpadded) test images;
-    `batch_split` lays the batch over a device mesh.
-    """
+    """`eval_fn(acc, variables, ema_variables, images, labels, valid, i) -> acc` for batch i:
+    sums of the cross-entropy (no smoothing) and of right predictions of the TTA logits
+    over the valid (unpadded) test images; `batch_split` lays the batch over a mesh."""
     logits_fn = make_logits_fn(cfg, model)
 
     def eval_fn(
@@ -377,6 +342,8 @@ def make_recipe(
     whiten_n = min(cfg.whiten_images, n_train) if patch else 0
     return aot.Recipe(
         init_state=lambda key, init: create_train_state(model, tx, key, init),
+        set_whitening=set_whitening,
+        train_epoch=train_epoch,
         step_fn=step_fn,
         epoch_fn=epoch_fn,
         plan_fn=lambda key, epoch: augment.draw_plan(key, epoch, n_train, cfg),
@@ -394,7 +361,7 @@ def setup(
     *,
     init_variables: PyTree | None = None,
     stream: str = "fast",
-    compile_cache: aot.CompileCache | None = None,
+    compile_cache: CompileCache | None = None,
     seeds: Sequence[int] | None = None,
 ) -> aot.Run:
     """Data on the device, the initial state, every function compiled ahead of time
@@ -405,80 +372,6 @@ def setup(
         cfg, data, make_recipe, init_variables=init_variables, stream=stream,
         compile_cache=compile_cache, seeds=lanes,
     )  # fmt: skip
-
-
-class Trainer:
-    """A set-up run as `jaxbench.driver` trains it (its `Trainer` interface)."""
-
-    framework = "jax"
-
-    def __init__(self, r: aot.Run, hooks: Hooks | None = None) -> None:
-        self.r, self.hooks, self.state = r, hooks, r.state
-        self.cfg, self.stream, self.seeds, self.steps = r.cfg, r.stream, r.seeds, r.steps
-        self.n_train, self.n_test = r.n_train, r.n_test
-
-    def start(self, clock: driver.Clock) -> None:
-        """The data-dependent whitening kernel, on the clock as airbench times it (one
-        kernel, the data's, into every seed's state)."""
-        r = self.r
-        if r.programs.moments is None:
-            return
-        with clock():
-            if not r.vmapped:
-                self.state = set_whitening(
-                    self.state, r.programs.moments, r.images, r.cfg, r.topology
-                )
-            else:
-                each = [jax.tree_util.tree_map(lambda x, k=k: x[k], self.state)
-                        for k in range(len(r.seeds))]  # fmt: skip
-                each = [set_whitening(s, r.programs.moments, r.images, r.cfg) for s in each]
-                self.state = jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *each)
-
-    def restore(self, folder: Path, epochs_done: int) -> None:
-        """`write_state`'s state, with the set-up state's structure, dtypes and placement."""
-        import orbax.checkpoint as ocp
-
-        abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, self.state)
-        with ocp.StandardCheckpointer() as ckptr:
-            self.state = ckptr.restore((folder / "state").resolve(), abstract)
-
-    def train_epoch(self, epoch: int, progress: bool) -> tuple[np.ndarray, np.ndarray]:
-        self.state, host = train_epoch(
-            self.r, self.state, epoch, progress=progress, hooks=self.hooks
-        )
-        return host["loss"], np.sum(host["correct"], axis=-1)
-
-    def score(self, epoch: int, same_weights: bool) -> tuple[Any, int]:
-        st = self.state if self.hooks is None else self.hooks.before_eval(epoch, self.state)
-        same = same_weights and self.hooks is None  # hooks may have replaced the weights
-        return self.r.evaluate(st, same), 1 if same or self.cfg.ema_every <= 0 else 2
-
-    def sync(self) -> None:
-        jax.block_until_ready(self.state)
-
-    def compile_count(self) -> int:
-        return 0  # everything was compiled before the clock started
-
-    def write_state(self, folder: Path) -> None:
-        """The whole TrainState (step, params with the whitening kernel, batch stats,
-        optimizer state, EMA) with orbax into `folder/state`."""
-        import orbax.checkpoint as ocp
-
-        with ocp.StandardCheckpointer() as ckptr:
-            ckptr.save(folder / "state", self.state)
-            ckptr.wait_until_finished()
-
-    def summary_extras(self, ledger: checkpoint.Ledger) -> dict[str, Any]:
-        r = self.r
-        extras = {"compile_seconds": r.compile_seconds, "loop": r.loop}
-        if r.vmapped:
-            return extras
-        dtype = jnp.dtype(models.compute_dtype(r.cfg)).name
-        return {
-            **extras, "compiled": r.compiled, "compute_dtype": dtype,
-            "data_source": r.data_source, "devices": r.topology.devices,
-            "processes": r.topology.processes,
-        }  # fmt: skip
 
 
 def train_and_evaluate(
@@ -492,24 +385,20 @@ def train_and_evaluate(
     quiet: bool = False,
     return_variables: bool = False,
     hooks: Hooks | None = None,
-    compile_cache: aot.CompileCache | None = None,
+    compile_cache: CompileCache | None = None,
     profile_dir: str | os.PathLike[str] | None = None,
     resume: str | os.PathLike[str] | None = None,
 ) -> dict[str, Any]:
     """Train per `cfg`, evaluate every epoch, and return the summary of docs/design.md.
 
-    `data`: a `jaxbench.data.Dataset` (loaded from the config when None; subset
-    prefixes are applied either way). `init_variables`: start from these
-    {'params', 'batch_stats'} instead of the seeded init. `stream`: 'fast'
-    (plan drawn with jax.random on the device) or 'shared' (`stream.epoch_plan`).
-    `workdir` (default `cfg.out`) receives config.json, metrics.jsonl, status.json and
-    summary.json. `return_variables` adds the final `variables` and `ema_variables`
-    (numpy pytrees) to the returned dict, not to summary.json. `hooks`: see `Hooks`.
-    `compile_cache`: reuse compiled programs across runs. `profile_dir`: trace the
-    timed region with `jax.profiler` there and add `profile` (trace, top operations)
-    to the summary. `resume`: a run folder (default `workdir`) whose latest checkpoint
-    (`cfg.checkpoint_every`) the run continues from, bit for bit; `cfg` must be that
-    run's. Raises FloatingPointError, naming the epoch, when the loss is not finite.
+    `data`: a `jaxbench.data.Dataset` (else loaded; subset prefixes apply either way).
+    `init_variables`: {'params', 'batch_stats'} instead of the seeded init. `stream`:
+    'fast' (plan drawn on the device) or 'shared' (`stream.epoch_plan`). `workdir`
+    (default `cfg.out`): the run folder (`jaxbench.driver`). `return_variables` adds the
+    final `variables` and `ema_variables` (numpy) to the returned dict. `compile_cache`:
+    reuse programs across runs. `profile_dir`: a `jax.profiler` trace of the timed region
+    and `profile` in the summary. `resume`: a run folder whose latest checkpoint the run
+    continues from, bit for bit. Raises FloatingPointError, naming the epoch, on a NaN loss.
     """
     if jax.process_count() > 1 and (resume is not None or cfg.checkpoint_every):
         raise ValueError(
@@ -519,44 +408,33 @@ def train_and_evaluate(
     run = driver.Driver(cfg, "jax", stream, workdir=workdir, resume=resume, quiet=quiet,
                         progress=progress, primary=jax.process_index() == 0)  # fmt: skip
     r = setup(cfg, data, init_variables=init_variables, stream=stream, compile_cache=compile_cache)
-    trainer = Trainer(r, hooks)
-    summary = run.run(trainer, JaxProfile(profile_dir) if profile_dir is not None else None)
+    r.hooks = hooks
+    summary = run.run(r, JaxProfile(profile_dir) if profile_dir is not None else None)
     if return_variables:
         summary = dict(summary)
-        summary["variables"] = parallel.fetch(trainer.state.variables())
-        summary["ema_variables"] = parallel.fetch(trainer.state.ema)
+        summary["variables"] = parallel.fetch(r.state.variables())
+        summary["ema_variables"] = parallel.fetch(r.state.ema)
     return summary
 
 
 def train_seeds(cfg: Config, seeds: Sequence[int], data: Any = None) -> dict[str, Any]:
-    """Train `cfg` once per seed, all in one vmapped program; seeds.json's dict: `seeds`
-    (seed, final, epochs, step_losses of each), `total_time_seconds` (all of them), ...
-
-    Each seed's numbers equal its single run's within float32 tolerance: the order of
-    sums inside batched kernels differs, not the mathematics.
-    """
+    """`cfg` once per seed in one vmapped program; seeds.json's dict (`seeds`: seed, final,
+    epochs, step_losses each). Each seed equals its single run within float32 tolerance."""
     seeds = [int(s) for s in seeds]
     if not seeds or len(set(seeds)) != len(seeds):
         raise ValueError(f"--vmap-seeds needs distinct seeds, got {seeds}")
     if cfg.devices > 1:
         raise ValueError("--vmap-seeds trains on one device; drop --devices or set it to 1")
     cfg = cfg.replace(devices=1)  # the seeds share one device
-    check_supported(cfg)
-    if cfg.lookahead:
-        raise ValueError("--vmap-seeds does not implement --lookahead (its final net = EMA)")
     run = driver.Driver(cfg, "jax", "fast", lanes=len(seeds))
-    return run.run(Trainer(setup(cfg, data, seeds=seeds)))
+    return run.run(setup(cfg, data, seeds=seeds))
 
 
 def load_checkpoint(run_dir: str | os.PathLike[str]) -> tuple[dict[str, Any], PyTree]:
     """(progress, saved state as nested dicts of numpy arrays: `params`, `batch_stats`,
     `opt_state`, `ema`, `step`) of a run folder's latest checkpoint, to inspect it."""
-    import orbax.checkpoint as ocp
-
     folder, progress = checkpoint.read_latest(run_dir)
-    with ocp.StandardCheckpointer() as ckptr:
-        state = ckptr.restore((folder / "state").resolve())
-    return progress, jax.device_get(state)
+    return progress, jax.device_get(aot.restore_state(folder))
 
 
 # --- command line --------------------------------------------------------------------------
