@@ -90,9 +90,8 @@ def run(cfg: configs.Config, data: Dataset, *, permute: int | None = None) -> di
             return jax.device_put({k: np.asarray(v)[idx] for k, v in plan.items()})
 
         r = dataclasses.replace(r, make_plan=permuted)
-    trainer = train.Trainer(r)
-    trainer.start(contextlib.nullcontext)  # the whitening kernel, as a run starts
-    state = trainer.state
+    r.start(contextlib.nullcontext)  # the whitening kernel, as a run starts
+    state = r.state
     losses: list[float] = []
     for epoch in range(cfg.epochs):
         state, host = train.train_epoch(r, state, epoch)
