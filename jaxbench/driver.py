@@ -121,12 +121,9 @@ class Profiler(Protocol):
 class Driver:
     """One run's folder, checkpoints, clock, rows and summary around a `Trainer`.
 
-    Made before the trainer builds anything, so that a bad `resume` (no
-    checkpoint, another config) fails before compiling: `workdir` defaults to
-    `resume`, then `cfg.out`; `checkpoint_every` needs a folder. `lanes` (K runs
-    in one program, K >= 1; None: a single run) refuses `resume`, writes nothing and
-    returns the summary with one entry per seed.
-    """
+    Made before the trainer builds anything, so a bad `resume` fails before compiling;
+    `workdir` defaults to `resume`, then `cfg.out`. `lanes` (K runs in one program;
+    None: a single run) refuses `resume`, writes nothing, returns one entry per seed."""
 
     def __init__(
         self,
@@ -151,28 +148,23 @@ class Driver:
             workdir, quiet, progress = None, True, False
         elif cfg.checkpoint_every and workdir is None:
             raise ValueError("--checkpoint-every needs a run folder: pass --out DIR")
-        self.framework, self.stream = framework, stream
-        self.workdir = workdir
+        self.framework, self.stream, self.workdir = framework, stream, workdir
         self.quiet, self.progress, self.primary = quiet, progress and not quiet, primary
-        self.several = lanes is not None
-        self.lanes = lanes or 1
+        self.several, self.lanes = lanes is not None, lanes or 1
         self.ckpt: Path | None = None
         self.saved: dict[str, Any] | None = None
         if resume is not None:
             self.ckpt, self.saved = checkpoint.load_progress(resume, cfg, framework, stream)
 
     def run(self, trainer: Trainer, profiler: Profiler | None = None) -> dict[str, Any]:
-        """Train every epoch left, evaluate when due, write the files; the summary.
-
-        Raises FloatingPointError, naming the epoch, when a single run's training
-        loss is not finite; KeyboardInterrupt passes through (status `interrupted`).
-        """
+        """Train every epoch left, evaluate when due, write the files; the summary. A single
+        run's NaN loss raises FloatingPointError; Ctrl-C passes through (`interrupted`)."""
         cfg = trainer.cfg
         if len(trainer.seeds) != self.lanes:
             raise ValueError(f"the trainer has {len(trainer.seeds)} lanes, the driver {self.lanes}")
         profiler = profiler if self.primary else None
-        saved_rows = (self.saved or {}).get("rows", [])
-        recorder = RunRecorder(cfg.to_dict(), self.workdir, self.quiet, rows=saved_rows)
+        rows = (self.saved or {}).get("rows", [])
+        recorder = RunRecorder(cfg.to_dict(), self.workdir, self.quiet, rows=rows)
         with recorder.watch():  # Ctrl-C: status.json says "interrupted"
             try:
                 ledger = Ledger.from_progress(self.saved)
@@ -184,13 +176,14 @@ class Driver:
                 lane_rows = [recorder.rows] + [[] for _ in range(self.lanes - 1)]
                 lane_losses = [ledger.step_losses] + [[] for _ in range(self.lanes - 1)]
                 for epoch in range(ledger.epoch, cfg.epochs):
-                    rows = self._epoch(trainer, epoch, ledger, clock, lane_losses)
-                    if not self.several:  # raises FloatingPointError on a NaN loss
-                        recorder.epoch(rows[0])
-                    else:
+                    rows = _epoch(trainer, epoch, ledger, clock, lane_losses,
+                                  progress=self.progress, several=self.several)  # fmt: skip
+                    if self.several:
                         for k, row in enumerate(rows):
                             lane_rows[k].append(row)
-                    if not self.several and checkpoint.should_save(cfg, epoch):  # off the clock
+                        continue
+                    recorder.epoch(rows[0])  # raises FloatingPointError on a NaN loss
+                    if checkpoint.should_save(cfg, epoch):  # off the clock
                         assert self.workdir is not None
                         saved = ledger.progress(self.framework, self.stream, cfg, recorder.rows)
                         checkpoint.save(self.workdir, epoch + 1, saved, trainer.write_state)
@@ -199,103 +192,115 @@ class Driver:
                 if abort is not None:
                     abort()  # leave no profiler running in the process
                 raise
-            summary = self._summary(trainer, ledger, lane_rows, lane_losses)
+            summary = _summary(trainer, self.framework, ledger, lane_rows, lane_losses,
+                               several=self.several)  # fmt: skip
             if profiler is not None:
-                summary["profile"] = profiler.finish()
-                if not self.quiet:
-                    title = f"{self.framework}: top operations (self time)"
-                    print(format_top_ops(summary["profile"]["top_ops"], title))
+                summary["profile"] = _finish_profile(profiler, self.framework, self.quiet)
             recorder.finish(summary)
         return summary
 
-    def _epoch(
-        self,
-        trainer: Trainer,
-        epoch: int,
-        ledger: Ledger,
-        clock: Clock,
-        lane_losses: list[list[float]],
-    ) -> list[Row]:
-        """Train `epoch` on the clock, evaluate when due; one metrics row per lane.
 
-        Monitoring evaluations are off the clock; the final one is part of the timed
-        run. A single run's non-finite training loss returns its row at once, unevaluated.
-        """
-        cfg = trainer.cfg
-        with clock():
-            losses, correct = trainer.train_epoch(epoch, self.progress)
-        losses = np.asarray(losses, np.float64).reshape(self.lanes, -1)
-        correct = np.asarray(correct).reshape(self.lanes)
-        ledger.epoch = epoch + 1
-        rows = []
-        for k in range(self.lanes):
-            lane_losses[k].extend(float(v) for v in losses[k])
-            rows.append(
-                {
-                    "epoch": epoch + 1,
-                    "train_loss": float(losses[k].mean()),
-                    "train_acc": float(correct[k]) / (trainer.steps * cfg.batch_size),
-                }
-            )
-        if not self.several and not np.isfinite(rows[0]["train_loss"]):
-            return rows
-        last = epoch == cfg.epochs - 1
-        if last or (epoch + 1) % cfg.eval_every == 0:
-            # lookahead ends with net = EMA: the final evaluation may score that one net once
-            with clock() if last else contextlib.nullcontext():
-                fields, weight_sets = trainer.score(epoch, last and cfg.lookahead)
-            if last:
-                ledger.weight_sets = weight_sets
-            scores = [fields] if isinstance(fields, dict) else list(fields)
-        else:
-            scores = [NOT_EVALUATED] * self.lanes
-        for row, score in zip(rows, scores, strict=True):
-            row.update(score)
-            row["total_time_seconds"] = ledger.timed_seconds
-        return rows
+def _epoch(
+    trainer: Trainer,
+    epoch: int,
+    ledger: Ledger,
+    clock: Clock,
+    lane_losses: list[list[float]],
+    *,
+    progress: bool,
+    several: bool,
+) -> list[Row]:
+    """Train `epoch` on the clock, evaluate when due; one metrics row per lane.
 
-    def _summary(
-        self,
-        trainer: Trainer,
-        ledger: Ledger,
-        lane_rows: list[list[Row]],
-        lane_losses: list[list[float]],
-    ) -> dict[str, Any]:
-        """summary.json (docs/design.md, "Trainer API"); several lanes: one entry per seed."""
-        cfg = trainer.cfg
-        timed = ledger.timed_seconds
-        images = cfg.epochs * trainer.steps * cfg.batch_size
-        runs = [
+    Monitoring evaluations are off the clock; the final one is part of the timed
+    run. A single run's non-finite training loss returns its row at once, unevaluated.
+    """
+    cfg, lanes = trainer.cfg, len(lane_losses)
+    with clock():
+        losses, correct = trainer.train_epoch(epoch, progress)
+    losses = np.asarray(losses, np.float64).reshape(lanes, -1)
+    correct = np.asarray(correct).reshape(lanes)
+    ledger.epoch = epoch + 1
+    rows = []
+    for k in range(lanes):
+        lane_losses[k].extend(float(v) for v in losses[k])
+        rows.append(
             {
-                "seed": seed,
-                "final": {k: rows[-1][k] for k in FINAL_KEYS},
-                "epochs": rows,
-                "step_losses": losses,
+                "epoch": epoch + 1,
+                "train_loss": float(losses[k].mean()),
+                "train_acc": float(correct[k]) / (trainer.steps * cfg.batch_size),
             }
-            for seed, rows, losses in zip(trainer.seeds, lane_rows, lane_losses, strict=True)
-        ]
-        common: dict[str, Any]
-        if not self.several:
-            common = {
-                "final": runs[0]["final"],
-                "epochs": runs[0]["epochs"],
-                "step_losses": runs[0]["step_losses"],
-                "total_time_seconds": timed,
-                "final_eval_weight_sets": ledger.weight_sets,
-                "images_per_second": images / timed if timed > 0 else None,
-                "seed": cfg.seed,
-                "stream": trainer.stream,
-            }
-        else:
-            common = {"seeds": runs, "total_time_seconds": timed}
-        common.update(
-            environment=environment((self.framework,)),
-            config=cfg.to_dict(),
-            n_train=trainer.n_train,
-            n_test=trainer.n_test,
-            steps_per_epoch=trainer.steps,
         )
-        return {**common, **trainer.summary_extras(ledger), "framework": self.framework}
+    if not several and not np.isfinite(rows[0]["train_loss"]):
+        return rows
+    last = epoch == cfg.epochs - 1
+    if last or (epoch + 1) % cfg.eval_every == 0:
+        # lookahead ends with net = EMA: the final evaluation may score that one net once
+        with clock() if last else contextlib.nullcontext():
+            fields, weight_sets = trainer.score(epoch, last and cfg.lookahead)
+        if last:
+            ledger.weight_sets = weight_sets
+        scores = [fields] if isinstance(fields, dict) else list(fields)
+    else:
+        scores = [NOT_EVALUATED] * lanes
+    for row, score in zip(rows, scores, strict=True):
+        row.update(score)
+        row["total_time_seconds"] = ledger.timed_seconds
+    return rows
+
+
+def _finish_profile(profiler: Profiler, framework: str, quiet: bool) -> dict[str, Any]:
+    """The profiler's record (trace, top operations); the table on stdout unless quiet."""
+    profile = profiler.finish()
+    if not quiet:
+        print(format_top_ops(profile["top_ops"], f"{framework}: top operations (self time)"))
+    return profile
+
+
+def _summary(
+    trainer: Trainer,
+    framework: str,
+    ledger: Ledger,
+    lane_rows: list[list[Row]],
+    lane_losses: list[list[float]],
+    *,
+    several: bool,
+) -> dict[str, Any]:
+    """summary.json (docs/design.md, "Trainer API"); several lanes: one entry per seed."""
+    cfg = trainer.cfg
+    timed = ledger.timed_seconds
+    images = cfg.epochs * trainer.steps * cfg.batch_size
+    runs = [
+        {
+            "seed": seed,
+            "final": {k: rows[-1][k] for k in FINAL_KEYS},
+            "epochs": rows,
+            "step_losses": losses,
+        }
+        for seed, rows, losses in zip(trainer.seeds, lane_rows, lane_losses, strict=True)
+    ]
+    common: dict[str, Any]
+    if not several:
+        common = {
+            "final": runs[0]["final"],
+            "epochs": runs[0]["epochs"],
+            "step_losses": runs[0]["step_losses"],
+            "total_time_seconds": timed,
+            "final_eval_weight_sets": ledger.weight_sets,
+            "images_per_second": images / timed if timed > 0 else None,
+            "seed": cfg.seed,
+            "stream": trainer.stream,
+        }
+    else:
+        common = {"seeds": runs, "total_time_seconds": timed}
+    common.update(
+        environment=environment((framework,)),
+        config=cfg.to_dict(),
+        n_train=trainer.n_train,
+        n_test=trainer.n_test,
+        steps_per_epoch=trainer.steps,
+    )
+    return {**common, **trainer.summary_extras(ledger), "framework": framework}
 
 
 class _Clock:

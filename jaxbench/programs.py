@@ -272,7 +272,10 @@ def eval_scores(acc: dict[str, Any], n_test: int, with_ema: bool, one: bool) -> 
 @dataclasses.dataclass
 class Run:
     """What `setup` builds for one run, and the trainer `jaxbench.driver` drives: the
-    compiled functions, the data on the device and the state they train."""
+    compiled functions, the data on the device and the state they train.
+
+    Over 80 lines because it carries the driver's whole `Trainer` interface, one short
+    method each."""
 
     framework: ClassVar[str] = "jax"
     cfg: Config  # `devices` resolved to the count the run uses
