@@ -18,6 +18,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from jaxbench import checkpoint
 from jaxbench.configs import (
     Config,
@@ -34,6 +36,7 @@ from jaxbench.report import (
     prepare_output,
     raise_terminated,
     remove_if_empty,
+    write_json,
 )
 
 
@@ -190,4 +193,65 @@ def _run_trainer(
         )
         if cfg.out is not None:
             print(f"wrote config.json, metrics.jsonl, status.json, summary.json to {cfg.out}")
+    return 0
+
+
+def run_seeds(
+    args: argparse.Namespace,
+    *,
+    check_supported: Callable[[Config], None],
+    train_seeds: Callable[..., dict[str, Any]],
+) -> int:
+    """`--vmap-seeds K`: K seeds in one program (`jaxbench.train.train_seeds`), a line per
+    seed and their mean; --out gets config.json and seeds.json. Exit codes as `run_trainer`."""
+    from jaxbench.data import load_dataset
+
+    out = None
+    try:
+        if args.vmap_seeds < 1:
+            raise ValueError(f"--vmap-seeds {args.vmap_seeds}: give K >= 1")
+        if args.resume is not None or args.profile is not None:
+            raise ValueError("--vmap-seeds runs without --resume and --profile")
+        cfg = config_from_args(args)
+        check_supported(cfg)
+        if cfg.checkpoint_every:
+            raise ValueError("--vmap-seeds writes no checkpoints; drop --checkpoint-every")
+        out = cfg.out
+        created = out is not None and not Path(out).exists()
+        if out is not None:
+            prepare_output(out, ("config.json", "seeds.json"), overwrite=args.overwrite)
+        data = load_dataset(cfg)
+    except (ValueError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    try:
+        result = train_seeds(cfg, range(cfg.seed, cfg.seed + args.vmap_seeds), data)
+    except KeyboardInterrupt:
+        if out is not None and created:
+            remove_if_empty(out)
+        exit_interrupted(f"interrupted; nothing written to {out}" if out else "interrupted")
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    accs = []
+    for s in result["seeds"]:
+        f = s["final"]
+        acc = f["ema_val_acc"] if f["ema_val_acc"] is not None else f["val_acc"]
+        accs.append(acc)
+        if not args.quiet:
+            ema = f["ema_val_acc"]
+            shown = f", ema_val_acc {100 * ema:.2f}%" if ema is not None else ""
+            print(f"seed {s['seed']}: val_acc {100 * f['val_acc']:.2f}%{shown}")
+    if not args.quiet:
+        spread = f" ± {100 * np.std(accs, ddof=1):.2f}" if len(accs) > 1 else ""
+        print(
+            f"{len(accs)} seeds in one program: mean {100 * np.mean(accs):.2f}%{spread}; "
+            f"{result['total_time_seconds']:.1f} s timed, {result['compile_seconds']:.1f} s "
+            "compiling"
+        )
+    if out is not None:
+        write_json(Path(out) / "config.json", cfg.to_dict())
+        write_json(Path(out) / "seeds.json", result)
+        if not args.quiet:
+            print(f"wrote config.json, seeds.json to {out}")
     return 0

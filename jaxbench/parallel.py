@@ -12,6 +12,7 @@ writes outputs.
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import os
 import socket
@@ -333,3 +334,50 @@ def initialize(a: ProcessArgs) -> None:
         )
     else:
         jax.distributed.initialize(initialization_timeout=a.timeout_s)
+
+
+def add_process_flags(parser: argparse.ArgumentParser) -> None:
+    """The flags of a multi-process run (`python -m jaxbench.train`)."""
+    dist = parser.add_argument_group(
+        "several processes (docs/scaling.md)",
+        "One process per host (or per GPU), all started with the same flags but "
+        "--process-id; the batch is split over every process's devices and process 0 "
+        "writes the outputs.",
+    )
+    dist.add_argument(
+        "--coordinator", metavar="HOST:PORT", default=None, help="address of process 0"
+    )
+    dist.add_argument("--num-processes", type=int, default=None, metavar="P")
+    dist.add_argument("--process-id", type=int, default=None, metavar="I", help="0 .. P - 1")
+    dist.add_argument(
+        "--distributed",
+        action="store_true",
+        help="read the topology from the cluster (SLURM, Open MPI, or the JAX_COORDINATOR_"
+        "ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID variables) via jax.distributed",
+    )
+    dist.add_argument(
+        "--dist-timeout",
+        type=int,
+        default=DEFAULT_TIMEOUT_S,
+        metavar="S",
+        help="seconds to wait for every process to arrive before giving up with an error",
+    )
+
+
+def join_processes(args: argparse.Namespace) -> None:
+    """Start JAX's multi-process runtime when the flags ask for it; afterwards every
+    process but 0 trains without writing or printing. Raises ValueError/TimeoutError."""
+    pa = ProcessArgs(
+        args.coordinator, args.num_processes, args.process_id, args.distributed, args.dist_timeout
+    )
+    check_process_args(pa)
+    several = (pa.explicit and (pa.num_processes or 1) > 1) or pa.auto
+    single_only = args.resume is not None or getattr(args, "checkpoint_every", 0)
+    if several and (single_only or args.vmap_seeds != 1):
+        raise ValueError(
+            "--resume, --checkpoint-every and --vmap-seeds run in a single process; "
+            "drop them from a multi-process run"
+        )
+    initialize(pa)
+    if jax.process_index() != 0:
+        args.out, args.quiet, args.no_progress, args.profile = None, True, True, None

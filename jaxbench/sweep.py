@@ -422,7 +422,7 @@ def _data_for(base: Config, specs: Sequence[RunSpec]) -> Callable[[Config], Any]
 
 def batches(todo: Sequence[RunSpec], vmap_seeds: int) -> list[list[RunSpec]]:
     """The runs in `todo`'s order, JAX runs of one cell grouped up to `vmap_seeds` per
-    program (`jaxbench.seeds`); every other run alone."""
+    program (`train.train_seeds`); every other run alone."""
     out: list[list[RunSpec]] = []
     open_group: dict[tuple[tuple[str, Any], ...], list[RunSpec]] = {}
     for spec in todo:
@@ -450,7 +450,7 @@ def _train_group(
             train, kwargs = trainers[group[0].framework]
             return [(train(cfg, None, data=data(cfg), progress=False, quiet=True, **kwargs),
                      "done", None)]  # fmt: skip
-        from jaxbench.seeds import train_seeds
+        from jaxbench.train import train_seeds
 
         res = train_seeds(cfg, [s.seed for s in group], data(cfg))
         per = res["total_time_seconds"] / len(group)

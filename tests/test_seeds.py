@@ -1,4 +1,4 @@
-"""K seeds in one vmapped program equal the K single runs (`jaxbench.seeds`)."""
+"""K seeds in one vmapped program equal the K single runs (`jaxbench.train.train_seeds`)."""
 
 from __future__ import annotations
 
@@ -10,8 +10,7 @@ import pytest
 
 from jaxbench.configs import get_config
 from jaxbench.data import load_dataset
-from jaxbench.seeds import train_seeds
-from jaxbench.train import train_and_evaluate
+from jaxbench.train import train_and_evaluate, train_seeds
 
 
 @pytest.mark.slow

@@ -533,7 +533,7 @@ def test_trainer_whitening_uses_the_first_5000_images_on_the_device() -> None:
         eval_batch_size=16, precision="float32",
     )  # fmt: skip
     r = train.setup(cfg, data)
-    st = train._set_whitening(r.state, r.programs.moments, r.images, cfg)
+    st = train.set_whitening(r.state, r.programs.moments, r.images, cfg)
     want = whitening.whitening_kernel_HWIO(data.train_images)
     assert np.array_equal(np.asarray(st.params["whiten"]["kernel"]), want)
     assert np.array_equal(np.asarray(st.ema["params"]["whiten"]["kernel"]), want)

@@ -1,6 +1,6 @@
 """The benchmark's one door into the trainers.
 
-Every call the benchmark makes into `jaxbench.train`, `jaxbench.seeds`, `torch_ref.train`
+Every call the benchmark makes into `jaxbench.train`, `torch_ref.train`
 and `torch_ref.torch_setup` is here; the rest of the benchmark sees configs, summaries
 and plain dicts. The trainers are imported only when a function needs them, so that
 `python -m jaxbench.bench` sets JAX's allocator flags before JAX starts.
@@ -150,8 +150,8 @@ def trainer_info(summary: dict[str, Any]) -> dict[str, Any]:
 
 
 def train_seeds(cfg: configs.Config, seeds: Iterable[int], data: Any) -> dict[str, Any]:
-    """K JAX seeds in one vmapped program (`jaxbench.seeds.train_seeds`)."""
-    from jaxbench.seeds import train_seeds as vmapped
+    """K JAX seeds in one vmapped program (`jaxbench.train.train_seeds`)."""
+    from jaxbench.train import train_seeds as vmapped
 
     return vmapped(cfg, seeds, data)
 

@@ -330,7 +330,7 @@ class Bench:
             r += 1
 
     def vmapped(self) -> None:
-        """Per preset, K JAX seeds in one vmapped program (`jaxbench.seeds`), timed as a run
+        """Per preset, K JAX seeds in one vmapped program (`jaxbench.train.train_seeds`), timed as a run
         is (steps and final evaluation, compilation excluded), beside the runs alone."""
         k = self.opts.vmap_seeds
         for cfg in self.opts.cfgs:

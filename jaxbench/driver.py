@@ -1,0 +1,325 @@
+"""The run driver both trainers share: everything about a run that is not the recipe.
+
+A trainer (JAX or PyTorch) builds its nets, data and compiled functions, then
+hands itself to `Driver.run`, which owns the rest in one place:
+
+- the run folder: `config.json`, `metrics.jsonl`, `status.json`, `summary.json`
+  (`report.RunRecorder`), and the per-epoch table on stdout;
+- checkpoints every `cfg.checkpoint_every` epochs and `resume` from the latest
+  (`checkpoint.save` / `checkpoint.load_progress`, `checkpoint.Ledger`);
+- the clock: training epochs, the fresh start's whitening and the final
+  evaluation are timed; compilation, monitoring evaluations, checkpoints and
+  file writes are not;
+- the per-epoch rows: `train_loss`, `train_acc`, then `val_*` on every
+  `cfg.eval_every`-th epoch and always the last; a non-finite training loss
+  ends the run with its row unevaluated (`status.json` says `diverged`);
+- Ctrl-C / SIGTERM (KeyboardInterrupt): `status.json` says `interrupted`;
+- the profiler (`start` / `pause` around each timed region, `finish` at the end);
+- the summary fields common to both trainers (`Trainer.summary_extras` adds the rest).
+
+Several runs may train together in one program (`lanes`: K seeds vmapped in
+JAX). Each lane gets its own rows and step losses; they share the clock. Such a
+program writes no files, prints no table, saves no checkpoints and raises on no
+lane's divergence (its caller reports each lane); its summary holds `seeds`, one
+entry (seed, final, epochs, step_losses) per lane.
+
+Framework-neutral: it imports neither jax nor torch.
+
+The trainer's interface (`Trainer`), what the driver relies on:
+
+- `framework` ("jax" or "torch"), `cfg` (the config as the run uses it, e.g.
+  with `devices` resolved), `stream`, `seeds` (one per lane: `[cfg.seed]` for
+  a single run), `steps` (optimizer steps per epoch), `n_train`, `n_test`.
+- `start(clock)`: a fresh run's last step before epoch 1; whatever the recipe
+  times there (the data-dependent whitening kernel) runs inside `with clock():`.
+- `restore(folder, epochs_done)`: load `write_state`'s tensors from a checkpoint
+  folder instead of `start` (off the clock).
+- `train_epoch(epoch, progress) -> (losses, correct)`: train 0-based `epoch`
+  and return, ready on the host, every step's mean training loss (shape
+  `(steps,)`, or `(lanes, steps)`) and the number of right predictions over the
+  epoch (a count, or one per lane). The driver times it.
+- `score(epoch, same_weights) -> (fields, weight_sets)`: evaluate the current
+  nets: `val_loss`, `val_acc`, `ema_val_acc` (None without an EMA) as a dict,
+  or a list of dicts, one per lane; `weight_sets` is how many weight sets were
+  scored (1 or 2). `same_weights` is True on lookahead's last epoch, where the
+  net equals its EMA and may be scored once (the trainer may still compare,
+  e.g. when hooks replaced the weights).
+- `sync()`: wait until the device has finished the work queued so far; the
+  clock calls it on entry and exit.
+- `compile_count() -> int`: graph compilations so far in the process (PyTorch's
+  dynamo; 0 for ahead-of-time JAX); the ones inside timed regions are counted
+  into `Ledger.compiles`.
+- `write_state(folder)`: every tensor the numbers depend on, into `folder`
+  (a checkpoint being built), returning once it is on disk.
+- `summary_extras(ledger) -> dict`: the trainer's own summary fields
+  (compile seconds, device, loop, ...), added after the common ones.
+
+Under torchrun or JAX's multi-process runtime every process drives its run,
+but only the primary one (`primary=True`) writes, prints or profiles.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import time
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+
+from jaxbench import checkpoint
+from jaxbench.checkpoint import Ledger
+from jaxbench.configs import Config
+from jaxbench.profiling import format_top_ops
+from jaxbench.report import FINAL_KEYS, RunRecorder, environment
+
+Row = dict[str, Any]
+Clock = Callable[[], contextlib.AbstractContextManager[None]]
+NOT_EVALUATED: Row = {"val_loss": None, "val_acc": None, "ema_val_acc": None}
+
+
+class Trainer(Protocol):
+    """What a framework's trainer supplies to `Driver.run` (see the module docstring)."""
+
+    framework: str
+    cfg: Config
+    stream: str
+    seeds: Sequence[int]
+    steps: int
+    n_train: int
+    n_test: int
+
+    def start(self, clock: Clock) -> None: ...
+
+    def restore(self, folder: Path, epochs_done: int) -> None: ...
+
+    def train_epoch(self, epoch: int, progress: bool) -> tuple[Any, Any]: ...
+
+    def score(self, epoch: int, same_weights: bool) -> tuple[Row | list[Row], int]: ...
+
+    def sync(self) -> None: ...
+
+    def compile_count(self) -> int: ...
+
+    def write_state(self, folder: Path) -> None: ...
+
+    def summary_extras(self, ledger: Ledger) -> dict[str, Any]: ...
+
+
+class Profiler(Protocol):
+    """`jaxbench.profiling.JaxProfile`, `torch_ref.profiling.TorchProfile` (`abort` optional)."""
+
+    def start(self) -> None: ...
+
+    def pause(self) -> None: ...
+
+    def finish(self) -> dict[str, Any]: ...
+
+
+class Driver:
+    """One run's folder, checkpoints, clock, rows and summary around a `Trainer`.
+
+    Made before the trainer builds anything, so a bad `resume` fails before compiling;
+    `workdir` defaults to `resume`, then `cfg.out`. `lanes` (K runs in one program;
+    None: a single run) refuses `resume`, writes nothing, returns one entry per seed."""
+
+    def __init__(
+        self,
+        cfg: Config,
+        framework: str,
+        stream: str,
+        *,
+        workdir: str | os.PathLike[str] | None = None,
+        resume: str | os.PathLike[str] | None = None,
+        quiet: bool = False,
+        progress: bool = True,
+        primary: bool = True,
+        lanes: int | None = None,
+    ) -> None:
+        if workdir is None:
+            workdir = resume if resume is not None else cfg.out
+        if not primary:  # one process writes and prints for the run
+            workdir, quiet, progress = None, True, False
+        if lanes is not None:
+            if resume is not None:
+                raise ValueError("several runs in one program cannot --resume")
+            workdir, quiet, progress = None, True, False
+        elif cfg.checkpoint_every and workdir is None:
+            raise ValueError("--checkpoint-every needs a run folder: pass --out DIR")
+        self.framework, self.stream, self.workdir = framework, stream, workdir
+        self.quiet, self.progress, self.primary = quiet, progress and not quiet, primary
+        self.several, self.lanes = lanes is not None, lanes or 1
+        self.ckpt: Path | None = None
+        self.saved: dict[str, Any] | None = None
+        if resume is not None:
+            self.ckpt, self.saved = checkpoint.load_progress(resume, cfg, framework, stream)
+
+    def run(self, trainer: Trainer, profiler: Profiler | None = None) -> dict[str, Any]:
+        """Train every epoch left, evaluate when due, write the files; the summary. A single
+        run's NaN loss raises FloatingPointError; Ctrl-C passes through (`interrupted`)."""
+        cfg = trainer.cfg
+        if len(trainer.seeds) != self.lanes:
+            raise ValueError(f"the trainer has {len(trainer.seeds)} lanes, the driver {self.lanes}")
+        profiler = profiler if self.primary else None
+        rows = (self.saved or {}).get("rows", [])
+        recorder = RunRecorder(cfg.to_dict(), self.workdir, self.quiet, rows=rows)
+        with recorder.watch():  # Ctrl-C: status.json says "interrupted"
+            try:
+                ledger = Ledger.from_progress(self.saved)
+                clock = _Clock(trainer, ledger, profiler)
+                if self.ckpt is not None:  # the whitening kernel is part of the saved state
+                    trainer.restore(self.ckpt, ledger.epoch)
+                else:
+                    trainer.start(clock)
+                lane_rows = [recorder.rows] + [[] for _ in range(self.lanes - 1)]
+                lane_losses = [ledger.step_losses] + [[] for _ in range(self.lanes - 1)]
+                for epoch in range(ledger.epoch, cfg.epochs):
+                    rows = _epoch(trainer, epoch, ledger, clock, lane_losses,
+                                  progress=self.progress, several=self.several)  # fmt: skip
+                    if self.several:
+                        for k, row in enumerate(rows):
+                            lane_rows[k].append(row)
+                        continue
+                    recorder.epoch(rows[0])  # raises FloatingPointError on a NaN loss
+                    if checkpoint.should_save(cfg, epoch):  # off the clock
+                        assert self.workdir is not None
+                        saved = ledger.progress(self.framework, self.stream, cfg, recorder.rows)
+                        checkpoint.save(self.workdir, epoch + 1, saved, trainer.write_state)
+            except BaseException:
+                abort = getattr(profiler, "abort", None)
+                if abort is not None:
+                    abort()  # leave no profiler running in the process
+                raise
+            summary = _summary(trainer, self.framework, ledger, lane_rows, lane_losses,
+                               several=self.several)  # fmt: skip
+            if profiler is not None:
+                summary["profile"] = _finish_profile(profiler, self.framework, self.quiet)
+            recorder.finish(summary)
+        return summary
+
+
+def _epoch(
+    trainer: Trainer,
+    epoch: int,
+    ledger: Ledger,
+    clock: Clock,
+    lane_losses: list[list[float]],
+    *,
+    progress: bool,
+    several: bool,
+) -> list[Row]:
+    """Train `epoch` on the clock, evaluate when due; one metrics row per lane.
+
+    Monitoring evaluations are off the clock; the final one is part of the timed
+    run. A single run's non-finite training loss returns its row at once, unevaluated.
+    """
+    cfg, lanes = trainer.cfg, len(lane_losses)
+    with clock():
+        losses, correct = trainer.train_epoch(epoch, progress)
+    losses = np.asarray(losses, np.float64).reshape(lanes, -1)
+    correct = np.asarray(correct).reshape(lanes)
+    ledger.epoch = epoch + 1
+    rows = []
+    for k in range(lanes):
+        lane_losses[k].extend(float(v) for v in losses[k])
+        rows.append(
+            {
+                "epoch": epoch + 1,
+                "train_loss": float(losses[k].mean()),
+                "train_acc": float(correct[k]) / (trainer.steps * cfg.batch_size),
+            }
+        )
+    if not several and not np.isfinite(rows[0]["train_loss"]):
+        return rows
+    last = epoch == cfg.epochs - 1
+    if last or (epoch + 1) % cfg.eval_every == 0:
+        # lookahead ends with net = EMA: the final evaluation may score that one net once
+        with clock() if last else contextlib.nullcontext():
+            fields, weight_sets = trainer.score(epoch, last and cfg.lookahead)
+        if last:
+            ledger.weight_sets = weight_sets
+        scores = [fields] if isinstance(fields, dict) else list(fields)
+    else:
+        scores = [NOT_EVALUATED] * lanes
+    for row, score in zip(rows, scores, strict=True):
+        row.update(score)
+        row["total_time_seconds"] = ledger.timed_seconds
+    return rows
+
+
+def _finish_profile(profiler: Profiler, framework: str, quiet: bool) -> dict[str, Any]:
+    """The profiler's record (trace, top operations); the table on stdout unless quiet."""
+    profile = profiler.finish()
+    if not quiet:
+        print(format_top_ops(profile["top_ops"], f"{framework}: top operations (self time)"))
+    return profile
+
+
+def _summary(
+    trainer: Trainer,
+    framework: str,
+    ledger: Ledger,
+    lane_rows: list[list[Row]],
+    lane_losses: list[list[float]],
+    *,
+    several: bool,
+) -> dict[str, Any]:
+    """summary.json (docs/design.md, "Trainer API"); several lanes: one entry per seed."""
+    cfg = trainer.cfg
+    timed = ledger.timed_seconds
+    images = cfg.epochs * trainer.steps * cfg.batch_size
+    runs = [
+        {
+            "seed": seed,
+            "final": {k: rows[-1][k] for k in FINAL_KEYS},
+            "epochs": rows,
+            "step_losses": losses,
+        }
+        for seed, rows, losses in zip(trainer.seeds, lane_rows, lane_losses, strict=True)
+    ]
+    common: dict[str, Any]
+    if not several:
+        common = {
+            "final": runs[0]["final"],
+            "epochs": runs[0]["epochs"],
+            "step_losses": runs[0]["step_losses"],
+            "total_time_seconds": timed,
+            "final_eval_weight_sets": ledger.weight_sets,
+            "images_per_second": images / timed if timed > 0 else None,
+            "seed": cfg.seed,
+            "stream": trainer.stream,
+        }
+    else:
+        common = {"seeds": runs, "total_time_seconds": timed}
+    common.update(
+        environment=environment((framework,)),
+        config=cfg.to_dict(),
+        n_train=trainer.n_train,
+        n_test=trainer.n_test,
+        steps_per_epoch=trainer.steps,
+    )
+    return {**common, **trainer.summary_extras(ledger), "framework": framework}
+
+
+class _Clock:
+    """`with clock():` times a region: synchronised wall seconds into `ledger.timed_seconds`,
+    graph compilations inside it into `ledger.compiles`, and the profiler's trace."""
+
+    def __init__(self, trainer: Trainer, ledger: Ledger, profiler: Profiler | None) -> None:
+        self.trainer, self.ledger, self.profiler = trainer, ledger, profiler
+
+    @contextlib.contextmanager
+    def __call__(self) -> Iterator[None]:
+        self.trainer.sync()
+        if self.profiler is not None:
+            self.profiler.start()
+        graphs = self.trainer.compile_count()
+        t0 = time.perf_counter()
+        yield
+        self.trainer.sync()
+        self.ledger.timed_seconds += time.perf_counter() - t0
+        self.ledger.compiles += max(0, self.trainer.compile_count() - graphs)
+        if self.profiler is not None:
+            self.profiler.pause()

@@ -1,0 +1,463 @@
+"""A JAX run set up for speed: data on the device, programs compiled ahead of time, the cache.
+
+`jaxbench.train` writes the recipe as pure, uncompiled functions and hands them
+over as a `Recipe`; `setup` puts the data on the device (once, on every device
+of a mesh) and compiles the recipe for the run's shapes before the clock starts
+(`Programs.seconds` is what it took), or vmapped over a leading seed axis so
+that K runs of one config share every launch (`seeds=`: each seed its own init,
+data order and augmentation; the training images and the whitening kernel
+shared). A `CompileCache` (the benchmark's, the sweep's) reuses the programs of
+an earlier run in the process whose config differs only in its seed. A `Run`
+is what `jaxbench.driver` trains (its `Trainer`); its state goes to disk with orbax.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, ClassVar
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxbench import augment, models, parallel
+from jaxbench.configs import Config
+from jaxbench.stream import epoch_plan, steps_per_epoch
+
+
+@dataclasses.dataclass
+class Recipe:
+    """The trainer's uncompiled functions for one config and data size (`train.make_recipe`)."""
+
+    init_state: Callable[[jax.Array, Any], Any]  # (init key, init variables or None) -> state
+    step_fn: Callable[..., Any]  # (state, images, labels, plan, i) -> (state, metrics)
+    epoch_fn: Callable[..., Any]  # (state, images, labels, plan) -> (state, stacked metrics)
+    plan_fn: Callable[..., Any]  # (data_key, epoch) -> the epoch's augmentation plan
+    eval_both_fn: Callable[..., Any]  # one test batch of the net and its EMA (or the net)
+    eval_one_fn: Callable[..., Any] | None  # one weight set; None without an EMA
+    moments_fn: Callable[..., Any] | None  # training images -> whitening moments, or None
+    set_whitening: Callable[..., Any]  # (state, moments, images, cfg, topo) -> state
+    train_epoch: Callable[..., Any]  # (run, state, epoch, progress=, hooks=) -> (state, host)
+
+
+@dataclasses.dataclass
+class EvalData:
+    """The test images on the device, padded to whole evaluation batches (`valid` marks
+    the real ones)."""
+
+    images: jax.Array
+    labels: jax.Array
+    valid: jax.Array
+    n: int  # real test images
+    batch: int  # images per evaluation batch
+    steps: int  # evaluation batches
+
+
+@dataclasses.dataclass
+class Programs:
+    """A run's compiled functions; they depend on the config and the shapes, never on the seed."""
+
+    run: Any  # compiled epoch (scan) or step (step)
+    plan: Any  # compiled `augment.draw_plan(data_key, epoch)`
+    eval_both: Any  # compiled eval batch of the net and its EMA (or the net alone)
+    eval_one: Any  # compiled eval batch of one weight set (the EMA equals the net)
+    moments: Any  # compiled whitening moments (a whitening stem) or None
+    seconds: float  # what compiling them took
+    zero_both: dict[str, jax.Array]  # the sums `eval_both` starts from
+    zero_one: dict[str, jax.Array]  # the sums `eval_one` starts from
+
+
+def pad_to(x: np.ndarray, n: int) -> np.ndarray:
+    """`x` with zero rows appended up to `n` rows."""
+    return np.concatenate([x, np.zeros((n - len(x), *x.shape[1:]), x.dtype)]) if n > len(x) else x
+
+
+def eval_zeros(with_ema: bool, lanes: int | None = None) -> dict[str, jax.Array]:
+    """Zero sums of the evaluation (loss, correct, and the EMA's); one per lane with `lanes`."""
+    keys = ["loss", "correct"] + (["ema_loss", "ema_correct"] if with_ema else [])
+    shape = () if lanes is None else (lanes,)
+    return {k: jnp.zeros(shape, jnp.float32) for k in keys}
+
+
+def eval_data(
+    test_x: np.ndarray, test_y: np.ndarray, eval_batch_size: int, topo: parallel.Topology
+) -> EvalData:
+    """The test images and labels on every device of `topo`, padded to whole batches."""
+    n = len(test_x)
+    batch = min(eval_batch_size, n)
+    if topo.devices > 1 and batch % topo.devices:
+        raise ValueError(
+            f"the test set ({n} images) is smaller than --eval-batch-size and does not "
+            f"split over {topo.devices} devices: use --test-subset a multiple of {topo.devices}"
+        )
+    steps = math.ceil(n / batch)
+    padded = steps * batch
+    images, labels, valid = parallel.replicate(
+        (pad_to(test_x, padded), pad_to(test_y, padded), pad_to(np.ones(n, np.float32), padded)),
+        topo,
+    )
+    return EvalData(images, labels, valid, n, batch, steps)
+
+
+def compile_programs(
+    recipe: Recipe,
+    loop: str,
+    state: Any,
+    images: jax.Array,
+    labels: jax.Array,
+    data_key: jax.Array,
+    test: EvalData,
+    topo: parallel.Topology,
+) -> Programs:
+    """Every function of one run compiled ahead of time for these shapes and devices."""
+    t0 = time.perf_counter()
+    everywhere = {} if topo.mesh is None else {"out_shardings": topo.replicated}
+    plan_spec = jax.eval_shape(lambda: recipe.plan_fn(data_key, 0))
+    plan = jax.jit(recipe.plan_fn, **everywhere).lower(data_key, np.int32(0)).compile()
+    if loop == "scan":
+        run = (
+            jax.jit(recipe.epoch_fn, donate_argnums=0, **everywhere)
+            .lower(state, images, labels, plan_spec)
+            .compile()
+        )
+    else:
+        run = (
+            jax.jit(recipe.step_fn, donate_argnums=0, **everywhere)
+            .lower(state, images, labels, plan_spec, np.int32(0))
+            .compile()
+        )
+    args = (state.variables(), state.ema, test.images, test.labels, test.valid, np.int32(0))
+    with_ema = recipe.eval_one_fn is not None
+    zero_both, zero_one = eval_zeros(with_ema), eval_zeros(False)
+    eval_both = jax.jit(recipe.eval_both_fn, **everywhere).lower(zero_both, *args).compile()
+    eval_one = eval_both
+    if recipe.eval_one_fn is not None:
+        eval_one = jax.jit(recipe.eval_one_fn, **everywhere).lower(zero_one, *args).compile()
+    moments = None
+    if recipe.moments_fn is not None:
+        moments = jax.jit(recipe.moments_fn, **everywhere).lower(images).compile()
+    seconds = time.perf_counter() - t0
+    return Programs(run, plan, eval_both, eval_one, moments, seconds, zero_both, zero_one)
+
+
+def compile_seed_programs(
+    recipe: Recipe,
+    loop: str,
+    state: Any,
+    images: jax.Array,
+    labels: jax.Array,
+    data_keys: jax.Array,
+    test: EvalData,
+) -> Programs:
+    """`recipe` vmapped over the leading axis of `state` and `data_keys` (one per seed),
+    on one device; the training and test images are shared by every seed."""
+    t0 = time.perf_counter()
+    lanes = len(data_keys)
+    draw = jax.vmap(recipe.plan_fn, in_axes=(0, None))
+    plan = jax.jit(draw).lower(data_keys, np.int32(0)).compile()
+    plan_spec = jax.eval_shape(draw, data_keys, np.int32(0))
+    if loop == "scan":
+        run = jax.jit(jax.vmap(recipe.epoch_fn, in_axes=(0, None, None, 0)), donate_argnums=0)
+        run = run.lower(state, images, labels, plan_spec).compile()
+    else:
+        run = jax.jit(jax.vmap(recipe.step_fn, in_axes=(0, None, None, 0, None)), donate_argnums=0)
+        run = run.lower(state, images, labels, plan_spec, np.int32(0)).compile()
+    zero = eval_zeros(recipe.eval_one_fn is not None, lanes)
+    evaluate = jax.jit(jax.vmap(recipe.eval_both_fn, in_axes=(0, 0, 0, None, None, None, None)))
+    args = (state.variables(), state.ema, test.images, test.labels, test.valid, np.int32(0))
+    evaluate = evaluate.lower(zero, *args).compile()
+    moments = None
+    if recipe.moments_fn is not None:
+        moments = jax.jit(recipe.moments_fn).lower(images).compile()
+    return Programs(run, plan, evaluate, None, moments, time.perf_counter() - t0, zero, {})
+
+
+def eval_sums(
+    programs: Programs, test: EvalData, variables: Any, ema: Any, one: bool
+) -> dict[str, np.ndarray]:
+    """The evaluation's sums over the test set, on the host (fetching them synchronises);
+    `one`: score `variables` alone (`Programs.eval_one`)."""
+    fn, acc = (
+        (programs.eval_one, programs.zero_one) if one else (programs.eval_both, programs.zero_both)
+    )
+    for i in range(test.steps):
+        acc = fn(acc, variables, ema, test.images, test.labels, test.valid, np.int32(i))
+    return parallel.fetch(acc)
+
+
+def cache_key(cfg: Config, n_train: int, n_test: int, loop: str, state: Any) -> Any:
+    """What a run's programs depend on: the config but its seed and folder, the data
+    shapes, the loop, the backend and the state's tree."""
+    return (
+        cfg.replace(seed=0, out=None),
+        n_train,
+        n_test,
+        loop,
+        jax.default_backend(),
+        jax.tree_util.tree_structure(state),
+        tuple((x.shape, x.dtype) for x in jax.tree_util.tree_leaves(state)),
+    )
+
+
+class CompileCache:
+    """Compiled programs reused across runs of one process (the benchmark's seeds).
+
+    Keyed by `cache_key`, so a run of a new seed reuses the executables (and
+    their warmed-up kernels) instead of compiling again. Opt-in: the parity
+    suite patches trainer functions between runs and must not reuse a program
+    traced before the patch. `compiles` counts misses.
+    """
+
+    def __init__(self) -> None:
+        self._programs: dict[Any, Programs] = {}
+        self.compiles = 0
+        self.hits = 0
+
+    def get(self, key: Any, build: Callable[[], Programs]) -> tuple[Programs, bool]:
+        """(programs, built): `build()` on a miss, the stored programs on a hit."""
+        if key in self._programs:
+            self.hits += 1
+            return self._programs[key], False
+        programs = build()
+        self._programs[key] = programs
+        self.compiles += 1
+        return programs, True
+
+
+def resolve_loop(cfg: Config) -> str:
+    """`auto`: whole-epoch scan on accelerators, per-step jit on the CPU."""
+    if cfg.loop != "auto":
+        return cfg.loop
+    return "step" if jax.default_backend() == "cpu" else "scan"
+
+
+def host_arrays(
+    cfg: Config, data: Any
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, int]:
+    """(train images, labels, test images, labels, steps per epoch) of `cfg`'s subsets,
+    as uint8 / int32 host arrays; a one-line ValueError when nothing could train."""
+    train_x = np.asarray(data.train_images[: cfg.subset], np.uint8)
+    train_y = np.asarray(data.train_labels[: cfg.subset], np.int32)
+    test_x = np.asarray(data.test_images[: cfg.test_subset], np.uint8)
+    test_y = np.asarray(data.test_labels[: cfg.test_subset], np.int32)
+    steps = steps_per_epoch(cfg, len(train_x))
+    if steps == 0:
+        raise ValueError(
+            f"{len(train_x)} training images make no full batch of {cfg.batch_size}; "
+            "lower --batch-size or raise --subset"
+        )
+    if len(test_x) == 0:
+        raise ValueError("the test set is empty; check the data or --test-subset")
+    return train_x, train_y, test_x, test_y, steps
+
+
+def eval_scores(acc: dict[str, Any], n_test: int, with_ema: bool, one: bool) -> dict[str, Any]:
+    """val_loss, val_acc, ema_val_acc from the evaluation's sums; `one`: the EMA equals the
+    net (lookahead's end), scored once and its accuracy copied."""
+    out = {"val_loss": float(acc["loss"]) / n_test, "val_acc": float(acc["correct"]) / n_test}
+    if not with_ema:
+        out["ema_val_acc"] = None
+    elif one:
+        out["ema_val_acc"] = out["val_acc"]
+    else:
+        out["ema_val_acc"] = float(acc["ema_correct"]) / n_test
+    return out
+
+
+@dataclasses.dataclass
+class Run:
+    """What `setup` builds for one run, and the trainer `jaxbench.driver` drives: the
+    compiled functions, the data on the device and the state they train.
+
+    Over 80 lines because it carries the driver's whole `Trainer` interface, one short
+    method each."""
+
+    framework: ClassVar[str] = "jax"
+    cfg: Config  # `devices` resolved to the count the run uses
+    loop: str  # "scan" or "step"
+    stream: str  # "fast" or "shared"
+    seeds: list[int]  # [cfg.seed], or the seeds vmapped in one program
+    vmapped: bool  # the state has a leading seed axis
+    steps: int  # optimizer steps per epoch
+    n_train: int
+    n_test: int
+    state: Any  # the initial state, then the current one
+    images: jax.Array  # uint8 NHWC training images on the device
+    labels: jax.Array
+    test: EvalData
+    recipe: Recipe
+    programs: Programs
+    compiled: bool  # whether this run compiled its programs (False: reused from the cache)
+    make_plan: Callable[[int], augment.Plan]
+    data_source: str = "arrays in memory"  # where the images came from (`Dataset.source`)
+    topology: parallel.Topology = dataclasses.field(default_factory=parallel.Topology.single)
+    hooks: Any = None  # `jaxbench.train.Hooks` (parity suite), or None
+
+    @property
+    def run(self) -> Any:
+        return self.programs.run
+
+    @property
+    def compile_seconds(self) -> float:
+        return self.programs.seconds if self.compiled else 0.0
+
+    def evaluate(self, st: Any, same_weights: bool = False) -> Any:
+        """`st`'s val_loss, val_acc, ema_val_acc (a list, one per seed, when vmapped);
+        `same_weights`: the EMA equals the net (lookahead's end), so it is scored once."""
+        with_ema = self.cfg.ema_every > 0
+        one = same_weights and with_ema
+        acc = eval_sums(self.programs, self.test, st.variables(), st.ema, one)
+        if not self.vmapped:
+            return eval_scores(acc, self.n_test, with_ema, one)
+        return [eval_scores({k: v[i] for k, v in acc.items()}, self.n_test, with_ema, one)
+                for i in range(len(self.seeds))]  # fmt: skip
+
+    # --- the driver's interface (`jaxbench.driver.Trainer`)
+
+    def start(self, clock: Callable[[], Any]) -> None:
+        """The data-dependent whitening kernel, on the clock as airbench times it (one
+        kernel, the data's, into every seed's state)."""
+        if self.programs.moments is None:
+            return
+        whiten = functools.partial(
+            self.recipe.set_whitening, moments=self.programs.moments, images=self.images,
+            cfg=self.cfg, topo=self.topology,
+        )  # fmt: skip
+        with clock():
+            if not self.vmapped:
+                self.state = whiten(self.state)
+            else:
+                each = [whiten(jax.tree_util.tree_map(lambda x, k=k: x[k], self.state))
+                        for k in range(len(self.seeds))]  # fmt: skip
+                self.state = jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *each)
+
+    def restore(self, folder: Path, epochs_done: int) -> None:
+        self.state = restore_state(folder, self.state)
+
+    def train_epoch(self, epoch: int, progress: bool) -> tuple[np.ndarray, np.ndarray]:
+        self.state, host = self.recipe.train_epoch(
+            self, self.state, epoch, progress=progress, hooks=self.hooks
+        )
+        return host["loss"], np.sum(host["correct"], axis=-1)
+
+    def score(self, epoch: int, same_weights: bool) -> tuple[Any, int]:
+        st = self.state if self.hooks is None else self.hooks.before_eval(epoch, self.state)
+        same = same_weights and self.hooks is None  # hooks may have replaced the weights
+        return self.evaluate(st, same), 1 if same or self.cfg.ema_every <= 0 else 2
+
+    def sync(self) -> None:
+        jax.block_until_ready(self.state)
+
+    def compile_count(self) -> int:
+        return 0  # everything was compiled before the clock started
+
+    def write_state(self, folder: Path) -> None:
+        save_state(folder, self.state)
+
+    def summary_extras(self, ledger: Any) -> dict[str, Any]:
+        extras = {"compile_seconds": self.compile_seconds, "loop": self.loop}
+        if self.vmapped:
+            return extras
+        return {
+            **extras,
+            "compiled": self.compiled,
+            "compute_dtype": jnp.dtype(models.compute_dtype(self.cfg)).name,
+            "data_source": self.data_source,
+            "devices": self.topology.devices,
+            "processes": self.topology.processes,
+        }
+
+
+def setup(
+    cfg: Config,
+    data: Any,
+    make_recipe: Callable[[Config, int, int, int, Any], Recipe],
+    *,
+    init_variables: Any = None,
+    stream: str = "fast",
+    compile_cache: CompileCache | None = None,
+    seeds: list[int] | None = None,
+) -> Run:
+    """Data on the device, the initial state, `make_recipe(cfg, steps, n_train, eval_batch,
+    batch_split)` compiled ahead of time (or reused from `compile_cache`).
+
+    `seeds`: one state per seed, stacked, and the programs vmapped over them.
+    """
+    if stream not in ("fast", "shared"):
+        raise ValueError(f"stream must be 'fast' or 'shared', got {stream!r}")
+    if seeds is not None and cfg.lookahead:
+        raise ValueError("--vmap-seeds does not implement --lookahead (its final net = EMA)")
+    cfg = parallel.resolve(cfg)
+    topo = parallel.topology(cfg)
+    if data is None:
+        from jaxbench.data import load_dataset
+
+        data = load_dataset(cfg)
+    train_x, train_y, test_x, test_y, steps = host_arrays(cfg, data)
+    n_train = len(train_x)
+    loop = resolve_loop(cfg)
+    images, labels = parallel.replicate((train_x, train_y), topo)  # once, on every device
+    test = eval_data(test_x, test_y, cfg.eval_batch_size, topo)
+    jax.block_until_ready((images, labels, test.images, test.labels, test.valid))  # untimed
+    recipe = make_recipe(cfg, steps, n_train, test.batch, topo.batch_split)
+    lanes = [cfg.seed] if seeds is None else list(seeds)
+    keys = [seed_keys(s) for s in lanes]
+    states = [recipe.init_state(init_key, init_variables) for init_key, _ in keys]
+    if seeds is None:
+        state, data_key = parallel.replicate(states[0], topo), keys[0][1]
+
+        def build() -> Programs:
+            return compile_programs(recipe, loop, state, images, labels, data_key, test, topo)
+
+        key = cache_key(cfg, n_train, test.n, loop, state)
+        programs, compiled = (
+            (build(), True) if compile_cache is None else compile_cache.get(key, build)
+        )
+    else:
+        state = jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *states)
+        data_key = jnp.stack([k for _, k in keys])
+        programs = compile_seed_programs(recipe, loop, state, images, labels, data_key, test)
+        compiled = True
+
+    def make_plan(epoch: int) -> augment.Plan:
+        if stream == "fast":
+            return programs.plan(data_key, np.int32(epoch))
+        host_plan = augment.plan_to_device(epoch_plan(cfg, epoch, n_train))
+        return host_plan if topo.mesh is None else parallel.replicate(host_plan, topo)
+
+    source = getattr(data, "source", None) or "arrays in memory"
+    return Run(cfg, loop, stream, lanes, seeds is not None, steps, n_train, test.n, state, images,
+               labels, test, recipe, programs, compiled, make_plan, source, topo)  # fmt: skip
+
+
+def seed_keys(seed: int) -> tuple[jax.Array, jax.Array]:
+    """(init key, data key): the seed is split once; epochs are folded into the data key."""
+    init_key, data_key = jax.random.split(jax.random.PRNGKey(seed))
+    return init_key, data_key
+
+
+def save_state(folder: Path, state: Any) -> None:
+    """The whole train state (step, params with the whitening kernel, batch stats,
+    optimizer state, EMA) with orbax into `folder/state`; returns once it is on disk."""
+    import orbax.checkpoint as ocp
+
+    with ocp.StandardCheckpointer() as ckptr:
+        ckptr.save(folder / "state", state)
+        ckptr.wait_until_finished()
+
+
+def restore_state(folder: Path, like: Any = None) -> Any:
+    """`save_state`'s state with the structure, dtypes and placement of `like` (the
+    freshly set-up state, so the compiled programs take it unchanged); None: as saved."""
+    import orbax.checkpoint as ocp
+
+    path = (folder / "state").resolve()
+    with ocp.StandardCheckpointer() as ckptr:
+        if like is None:
+            return ckptr.restore(path)
+        return ckptr.restore(path, jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, like))
