@@ -696,7 +696,7 @@ def _load_trainers(opts: Options) -> dict[str, Trainer]:
         try:
             trainers[name] = load_trainer(name)
             if name == "torch" and opts.torch_compile_mode is not None:
-                from torch_ref.torch_setup import TorchSetup
+                from torch_ref.fast import TorchSetup
 
                 TorchSetup(compile_mode=opts.torch_compile_mode)  # a bad mode: ValueError
             check = getattr(sys.modules[trainers[name].__module__], "check_supported", None)
@@ -1178,7 +1178,7 @@ def _torch_kwargs(opts: Options) -> dict[str, Any]:
     """The PyTorch trainer's set-up arguments from the bench flags."""
     out: dict[str, Any] = {"compile": opts.torch_compile}
     if opts.torch_compile_mode is not None:
-        from torch_ref.torch_setup import TorchSetup
+        from torch_ref.fast import TorchSetup
 
         out["torch_setup"] = TorchSetup(compile_mode=opts.torch_compile_mode)
     return out
@@ -1191,9 +1191,12 @@ def _torch_sync_check(cfg: configs.Config, data: Any, kwargs: dict[str, Any]) ->
 
     if not torch.cuda.is_available():
         return {"status": "skipped", "detail": "no CUDA device: sync-debug mode is CUDA's"}
-    from torch_ref.train import check_no_host_sync, setup
+    from torch_ref import fast, train
 
-    return check_no_host_sync(setup(cfg.replace(seed=WARMUP_SEED, out=None), data, **kwargs))
+    r = train.setup(cfg.replace(seed=WARMUP_SEED, out=None), data, **kwargs)
+    return fast.check_no_host_sync(
+        r, step=train.train_step, plan=train.plan_epoch, evaluate=train.evaluate_net
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> None:
