@@ -62,14 +62,16 @@ def test_apply_plan_bit_identical_across_frameworks(seed: int, changes: dict[str
 
 def _record_torch_batches(monkeypatch: pytest.MonkeyPatch) -> list[np.ndarray]:
     seen: list[np.ndarray] = []
-    real = ttrain.apply_plan
+    real = taug.apply_plan
 
-    def recording(images: torch.Tensor, plan: dict[str, torch.Tensor], cfg: Config) -> Any:
-        out = real(images, plan, cfg)
+    def recording(
+        images: torch.Tensor, plan: dict[str, torch.Tensor], cfg: Config, **kw: Any
+    ) -> Any:
+        out = real(images, plan, cfg, **kw)
         seen.append(out.cpu().numpy().copy())
         return out
 
-    monkeypatch.setattr(ttrain, "apply_plan", recording)
+    monkeypatch.setattr(taug, "apply_plan", recording)
     return seen
 
 

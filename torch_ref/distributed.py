@@ -224,9 +224,14 @@ class DataParallelForward:
         return tuple(p.requires_grad for p in self.model.parameters())
 
     def __call__(
-        self, net: nn.Module, images: torch.Tensor, labels: torch.Tensor, plan: Any, *args: Any,
+        self,
+        net: nn.Module,
+        images: torch.Tensor,
+        labels: torch.Tensor,
+        plan: Any,
+        *args: Any,
         **kw: Any,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         if self._trained() != self.trained:
             self.ddp, self.trained = wrap(self.model, self.device), self._trained()
         share = local_share(plan, self.rank, self.world)

@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from jaxbench.configs import Config
-from torch_ref.augment import apply_plan, draw_plan, slice_plan
+from torch_ref import augment
 from torch_ref.layers import set_whiten_bias_trainable
 
 COMPILE_MODES: tuple[str, ...] = (
@@ -288,7 +288,7 @@ def forwards(
         cfg: Config,
         **loss_kw: Any,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        x = apply_plan(images, plan, cfg, fill=fill)
+        x = augment.apply_plan(images, plan, cfg, fill=fill)
         return fwd(net, x, labels[plan["indices"]], mean, std, **loss_kw)
 
     return forward, compiled(eval_forward, s)
@@ -383,10 +383,10 @@ def warm_up(
     passes = 3 if graphs else 2 if s.compiled else 1
     saved = {k: v.clone() for k, v in model.state_dict().items()}
     scratch = scratch_optimizer(r.optimizer)
-    plan = draw_plan(
+    plan = augment.draw_plan(
         torch.Generator(device=r.device).manual_seed(0), 0, r.n_train, cfg, r.device, r.base_flips
     )
-    warm_plan = slice_plan(plan, 0, cfg.batch_size)
+    warm_plan = augment.slice_plan(plan, 0, cfg.batch_size)
     # speedrun: the whitening bias is frozen mid-run, which changes the compiled graph;
     # compile both variants here, off the clock.
     variants = (True, False) if cfg.whiten == "patch2" and s.compiled else (True,)
@@ -459,7 +459,7 @@ def check_no_host_sync(
         batches = plan(scratch, 0)
         phase = "train_step"
         for k in range(n):
-            step(scratch, slice_plan(batches, k, cfg.batch_size))
+            step(scratch, augment.slice_plan(batches, k, cfg.batch_size))
         phase = "evaluate (before its one fetch)"
         evaluate(r, r.model)
     except RuntimeError as e:
