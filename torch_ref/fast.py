@@ -365,11 +365,17 @@ def scratch_optimizer(opt: torch.optim.Optimizer) -> torch.optim.Optimizer:
 
 
 def warm_up(
-    r: Any, s: TorchSetup, key: tuple[Any, ...], *, evaluate: Callable[[Any, nn.Module], Any]
+    r: Any,
+    s: TorchSetup,
+    key: tuple[Any, ...],
+    *,
+    evaluate: Callable[[Any, nn.Module], Any],
+    ema_update: Callable[[list[torch.Tensor], list[torch.Tensor], float], None],
 ) -> dict[str, Any]:
     """Compilation, cuDNN autotuning, CUDA-graph recording and first-call allocations on
     every shape and op of run `r` (a `torch_ref.train.Run`), once per process and `key`;
-    the weights and BN statistics are put back. `evaluate(r, net)` scores a net.
+    the weights and BN statistics are put back. `evaluate(r, net)` scores a net and
+    `ema_update(ema, live, m)` is the trainer's (run here on a copy of the EMA).
 
     Returns the summary's `compile_seconds` and `warmup_ran`.
     """
@@ -398,6 +404,8 @@ def warm_up(
             loss.backward()
             scratch.step()
             scratch.zero_grad(set_to_none=True)
+            if r.ema_copy:
+                ema_update([e.clone() for e in r.ema_copy], r.ema_live, cfg.ema_momentum)
     set_whiten_bias_trainable(model, True)
     for net in (model, r.ema_model):
         if net is not None:

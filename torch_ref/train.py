@@ -341,7 +341,7 @@ def setup(
         ema_copy=ema_tensors(ema_model) if ema_model is not None else [],
     )
     distributed.prepare(r)  # several processes: DDP forward, a part of the test set each
-    warm = fast.warm_up(r, speed, key, evaluate=evaluate_net)
+    warm = fast.warm_up(r, speed, key, evaluate=evaluate_net, ema_update=ema_update)
     r.extras.update(fast.summary_fields(speed, dev, bf16, warm))
     return r
 
