@@ -149,10 +149,6 @@ class TorchSetup:
             kw["mode"] = self.compile_mode
         return kw
 
-    def sgd_kwargs(self) -> dict[str, Any]:
-        """torch.optim.SGD's `fused=`/`foreach=` for `sgd_impl` (None: torch's own choice)."""
-        return sgd_kwargs(self.sgd_impl)
-
 
 def sgd_kwargs(sgd_impl: str | None) -> dict[str, Any]:
     """torch.optim.SGD's `fused=`/`foreach=` for a kernel name (None: torch's own choice)."""
@@ -240,16 +236,13 @@ def summary_fields(
 # --- compiled functions ---------------------------------------------------------------------------
 
 
-def compiled(fn: Callable[..., Any], setup: TorchSetup | None = None) -> Callable[..., Any]:
+def compiled(fn: Callable[..., Any], setup: TorchSetup) -> Callable[..., Any]:
     """One compiled version per function, compile mode and backend per process; static shapes.
 
     A module-level function taking the net as an argument compiles once for every run
     in the process (a closure over a fresh model would recompile per run and hit
-    dynamo's recompile limit in the benchmark's seed loop). `setup` None: the default
-    compiled mode of the first GPU (or the CPU).
+    dynamo's recompile limit in the benchmark's seed loop).
     """
-    if setup is None:
-        setup = TorchSetup().resolve(default_device(), compile=True)
     return _compile(fn, setup.compile_mode, setup.compile_backend)
 
 

@@ -316,6 +316,7 @@ def setup(
     forward, eval_fwd = fast.forwards(speed, augmented_train_forward, train_forward, eval_forward)
     steps, flips = steps_per_epoch(cfg, n_train), cfg.flip == "alternating"
     source = getattr(data, "source", None) or "arrays in memory"
+    dtype = "bfloat16" if bf16 else "float32"
     r = Run(
         cfg=cfg,
         device=dev,
@@ -336,7 +337,9 @@ def setup(
         loss_kw={**loss_options(cfg, bf16), "channels_last": speed.channels_last},
         generator=torch.Generator(device=dev).manual_seed(cfg.seed * 65_537 + _STREAM_SEED_TAG),
         base_flips=augment.draw_base_flips(cfg, n_train, dev) if flips else None,
-        extras={"device": str(dev), "data_source": source, "devices": 1, "processes": 1},
+        extras=dict(
+            device=str(dev), data_source=source, compute_dtype=dtype, devices=1, processes=1
+        ),
         ema_live=ema_tensors(model),
         ema_copy=ema_tensors(ema_model) if ema_model is not None else [],
     )
@@ -576,12 +579,7 @@ class Trainer:
         os.replace(tmp, folder / STATE_FILE)
 
     def summary_extras(self, ledger: Ledger) -> dict[str, Any]:
-        r = self.r
-        return {
-            "dynamo_compiles": ledger.compiles,
-            "compute_dtype": "bfloat16" if r.bf16 else "float32",
-            **r.extras,
-        }
+        return {"dynamo_compiles": ledger.compiles, **self.r.extras}
 
 
 def train_and_evaluate(
