@@ -110,7 +110,7 @@ def whitening_from_covariance(
 
 def moments_from_groups(groups: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
     """(sum of u u^T, sum of u, number of patches) in int64 from per-group device sums
-    (`jaxbench.layers.patch_moment_groups`, `torch_ref.train.device_patch_moments`)."""
+    (`jaxbench.layers.patch_moment_groups`, `torch_ref.whitening.device_patch_moments`)."""
     total = np.asarray(groups, np.int64).sum(axis=0)
     d = total.shape[0] - 1
     return total[:d, :d], total[:d, d], int(total[d, d])

@@ -16,6 +16,7 @@ import torch
 from jaxbench.configs import Config, tiny
 from jaxbench.stream import apply_plan_numpy, epoch_plan, steps_per_epoch
 from torch_ref import augment as taug
+from torch_ref import fast
 from torch_ref import train as ttrain
 
 jax = pytest.importorskip("jax", reason="jax not installed")
@@ -61,14 +62,16 @@ def test_apply_plan_bit_identical_across_frameworks(seed: int, changes: dict[str
 
 def _record_torch_batches(monkeypatch: pytest.MonkeyPatch) -> list[np.ndarray]:
     seen: list[np.ndarray] = []
-    real = ttrain.apply_plan
+    real = taug.apply_plan
 
-    def recording(images: torch.Tensor, plan: dict[str, torch.Tensor], cfg: Config) -> Any:
-        out = real(images, plan, cfg)
+    def recording(
+        images: torch.Tensor, plan: dict[str, torch.Tensor], cfg: Config, **kw: Any
+    ) -> Any:
+        out = real(images, plan, cfg, **kw)
         seen.append(out.cpu().numpy().copy())
         return out
 
-    monkeypatch.setattr(ttrain, "apply_plan", recording)
+    monkeypatch.setattr(taug, "apply_plan", recording)
     return seen
 
 
@@ -107,7 +110,7 @@ def test_trainers_receive_identical_batches_in_shared_mode(
     kw: dict[str, Any] = {"data": data, "stream": "shared", "progress": False, "quiet": True}
     t_seen = _record_torch_batches(monkeypatch)
     j_seen = _record_jax_batches(monkeypatch)
-    ttrain.forget_warmups()  # warm up in this test, whatever ran before in the process
+    fast.forget_warmups()  # warm up in this test, whatever ran before in the process
     ttrain.train_and_evaluate(cfg, **kw)
     jtrain.train_and_evaluate(cfg, **kw)
     jax.effects_barrier()

@@ -166,7 +166,7 @@ REORDERS: dict[str, Callable[[int], torch.Tensor]] = {
 
 
 def _reordered(cfg: Config, blocks: Callable[[int], torch.Tensor]) -> Callable[..., Any]:
-    """`train._epoch_plan` with each step's images moved in blocks of `splits`.
+    """`train.plan_epoch` with each step's images moved in blocks of `splits`.
 
     Image i of a batch is in ghost group i mod splits; whole blocks keep that, so the
     mathematics of every step is unchanged and only the float order differs.
@@ -174,7 +174,7 @@ def _reordered(cfg: Config, blocks: Callable[[int], torch.Tensor]) -> Callable[.
     batch, ghost = cfg.batch_size, cfg.ghost_bn
     splits = batch // ghost if ghost and batch > ghost else 1
     within = (blocks(batch // splits)[:, None] * splits + torch.arange(splits)).reshape(-1)
-    original = train._epoch_plan
+    original = train.plan_epoch
 
     def plan(r: train.Run, epoch: int) -> dict[str, torch.Tensor]:
         p = original(r, epoch)
@@ -245,7 +245,7 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
             one[name] = _train(cfg)
             reordered[name] = []
             for blocks in REORDERS.values():
-                with _patched(train, "_epoch_plan", _reordered(cfg, blocks)):
+                with _patched(train, "plan_epoch", _reordered(cfg, blocks)):
                     reordered[name].append(_train(cfg))
     return {"two": two, "other": other, "one": one, "reordered": reordered, "out": out}
 
@@ -309,7 +309,7 @@ def test_cli_under_torchrun_trains_and_writes_once(real_data_dir: Path, tmp_path
     assert (summary["devices"], summary["processes"]) == (2, 2)
     assert len(summary["step_losses"]) == 8 and summary["n_test"] == 100
     # the machine's cores are shared by its processes
-    assert summary["torch_setup"]["cpu_threads"] == max(1, train.cpu_threads() // 2)
+    assert summary["torch_setup"]["cpu_threads"] == max(1, distributed.cpu_threads() // 2)
 
 
 def test_batch_not_split_over_processes_exits_2_with_one_line(tmp_path: Path) -> None:

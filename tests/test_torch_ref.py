@@ -27,7 +27,7 @@ def _images(n: int, seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, 256, (n, 32, 32, 3), dtype=np.uint8)
 
 
-class _Data:
+class SyntheticData:
     """A synthetic stand-in for `jaxbench.data.Dataset` (random pixels, random labels)."""
 
     def __init__(self, n_train: int, n_test: int, seed: int = 0) -> None:
@@ -39,7 +39,7 @@ class _Data:
         self.test_labels = rng.integers(0, 10, n_test).astype(np.int32)
 
 
-def _small_cfg(**changes: Any) -> Config:
+def small_cfg(**changes: Any) -> Config:
     """3 steps per epoch on 96 synthetic images, a net small enough for milliseconds per step."""
     base = dict(
         widths=SMALL_WIDTHS,
@@ -321,8 +321,8 @@ def _record_lrs(monkeypatch: pytest.MonkeyPatch) -> list[list[float]]:
 
 def test_lr_used_by_the_optimizer_equals_lr_at(monkeypatch: pytest.MonkeyPatch) -> None:
     seen = _record_lrs(monkeypatch)
-    cfg = _small_cfg(epochs=4, lr_peak_epoch=1.5, lr_start=0.1, lr_end=0.05, bn_bias_lr_mult=8.0)
-    train.train_and_evaluate(cfg, data=_Data(96, 40), progress=False, quiet=True)
+    cfg = small_cfg(epochs=4, lr_peak_epoch=1.5, lr_start=0.1, lr_end=0.05, bn_bias_lr_mult=8.0)
+    train.train_and_evaluate(cfg, data=SyntheticData(96, 40), progress=False, quiet=True)
     spe = 3
     expected = schedule.lr_at(np.arange(cfg.epochs * spe), cfg, spe)
     assert len(seen) == cfg.epochs * spe
@@ -344,9 +344,9 @@ def on_disk_keys(folder: Any) -> set[str]:
 
 
 def test_trainer_summary_and_files(tmp_path: Any) -> None:
-    cfg = _small_cfg()
+    cfg = small_cfg()
     summary = train.train_and_evaluate(
-        cfg, tmp_path, data=_Data(100, 40), progress=False, quiet=True
+        cfg, tmp_path, data=SyntheticData(100, 40), progress=False, quiet=True
     )
     for key in ("val_acc", "ema_val_acc", "val_loss", "train_loss", "train_acc"):
         assert summary["final"][key] is not None and math.isfinite(summary["final"][key])
@@ -372,48 +372,48 @@ def test_trainer_summary_and_files(tmp_path: Any) -> None:
 
 
 def test_trainer_is_deterministic_and_stream_selects_the_plan() -> None:
-    data = _Data(96, 40)
+    data = SyntheticData(96, 40)
     kw: dict[str, Any] = {"data": data, "progress": False, "quiet": True}
-    a = train.train_and_evaluate(_small_cfg(), stream="shared", **kw)
-    b = train.train_and_evaluate(_small_cfg(), stream="shared", **kw)
-    c = train.train_and_evaluate(_small_cfg(), stream="fast", **kw)
-    d = train.train_and_evaluate(_small_cfg(seed=1), stream="shared", **kw)
+    a = train.train_and_evaluate(small_cfg(), stream="shared", **kw)
+    b = train.train_and_evaluate(small_cfg(), stream="shared", **kw)
+    c = train.train_and_evaluate(small_cfg(), stream="fast", **kw)
+    d = train.train_and_evaluate(small_cfg(seed=1), stream="shared", **kw)
     assert a["step_losses"] == b["step_losses"]
     assert a["step_losses"] != c["step_losses"] and a["step_losses"] != d["step_losses"]
     with pytest.raises(ValueError, match="stream"):
-        train.train_and_evaluate(_small_cfg(), stream="numpy", **kw)
+        train.train_and_evaluate(small_cfg(), stream="numpy", **kw)
 
 
 def test_ema_copies_at_start_and_updates_every_k_steps() -> None:
     """m = 0: the EMA is the weights of the last update whose count is a multiple of k."""
-    data = _Data(96, 40)
+    data = SyntheticData(96, 40)
     kw: dict[str, Any] = {"data": data, "progress": False, "quiet": True, "return_variables": True}
-    init = model_from_config(_small_cfg()).state_dict()
+    init = model_from_config(small_cfg()).state_dict()
     # 9 updates, k = 9: the EMA is the final weights, BN running stats included.
-    s = train.train_and_evaluate(_small_cfg(ema_every=9, ema_momentum=0.0), **kw)
+    s = train.train_and_evaluate(small_cfg(ema_every=9, ema_momentum=0.0), **kw)
     for k, v in s["variables"].items():
         if v.is_floating_point():
             assert torch.equal(s["ema_variables"][k], v), k
     assert not torch.equal(s["variables"]["prep.bn.running_mean"], init["prep.bn.running_mean"])
     # k = 10 > 9 updates: never updated, still the initial copy.
-    s = train.train_and_evaluate(_small_cfg(ema_every=10, ema_momentum=0.0), **kw)
+    s = train.train_and_evaluate(small_cfg(ema_every=10, ema_momentum=0.0), **kw)
     for k, v in init.items():
         assert torch.equal(s["ema_variables"][k], v), k
     # init_state_dict starts both the net and its EMA from the given weights.
-    given = model_from_config(_small_cfg(), seed=7).state_dict()
+    given = model_from_config(small_cfg(), seed=7).state_dict()
     s = train.train_and_evaluate(
-        _small_cfg(ema_every=10, ema_momentum=0.0), init_state_dict=given, **kw
+        small_cfg(ema_every=10, ema_momentum=0.0), init_state_dict=given, **kw
     )
     assert torch.equal(s["ema_variables"]["prep.conv.weight"], given["prep.conv.weight"])
     # ema_every = 0 turns the EMA off.
-    s = train.train_and_evaluate(_small_cfg(ema_every=0), **kw)
+    s = train.train_and_evaluate(small_cfg(ema_every=0), **kw)
     assert s["final"]["ema_val_acc"] is None and "ema_variables" not in s
 
 
 def test_diverging_run_raises_floating_point_error() -> None:
     with pytest.raises(FloatingPointError, match="epoch 1"):
         train.train_and_evaluate(
-            _small_cfg(lr=1e30), data=_Data(96, 40), progress=False, quiet=True
+            small_cfg(lr=1e30), data=SyntheticData(96, 40), progress=False, quiet=True
         )
 
 
@@ -477,10 +477,10 @@ class _Recording(train.Hooks):
 
 
 def test_hooks_see_every_update_and_change_nothing() -> None:
-    kw: dict[str, Any] = {"data": _Data(96, 40), "progress": False, "quiet": True}
-    plain = train.train_and_evaluate(_small_cfg(), **kw)
+    kw: dict[str, Any] = {"data": SyntheticData(96, 40), "progress": False, "quiet": True}
+    plain = train.train_and_evaluate(small_cfg(), **kw)
     rec = _Recording()
-    hooked = train.train_and_evaluate(_small_cfg(), hooks=rec, **kw)
+    hooked = train.train_and_evaluate(small_cfg(), hooks=rec, **kw)
     assert plain["step_losses"] == hooked["step_losses"]
     assert plain["final"] == hooked["final"]
     steps = 3 * plain["steps_per_epoch"]

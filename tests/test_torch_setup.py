@@ -11,12 +11,12 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from test_torch_ref import _Data, _small_cfg
+from test_torch_ref import SyntheticData, small_cfg
 
 from jaxbench.configs import get_config
 from jaxbench.whitening import patch_moments, whitening_kernel_OIHW
-from torch_ref import augment, train
-from torch_ref.torch_setup import TorchSetup, record
+from torch_ref import augment, fast, train, whitening
+from torch_ref.fast import TorchSetup, record
 
 CPU, CUDA = torch.device("cpu"), torch.device("cuda")
 EAGER_COMPILE = TorchSetup(compile_mode="default", compile_backend="eager")
@@ -39,7 +39,7 @@ def _speedrun_cfg(**changes: Any) -> Any:
         ema_every=2,
     )
     base.update(changes)
-    return _small_cfg(**base)
+    return small_cfg(**base)
 
 
 # --- the setup record -----------------------------------------------------------------------------
@@ -83,9 +83,9 @@ def test_cli_flags_and_one_line_errors(capsys: pytest.CaptureFixture[str]) -> No
     args = train.build_parser().parse_args(
         ["--compile-mode", "reduce-overhead", "--sgd-impl", "fused", "--no-compile-augment"]
     )
-    s = train.setup_from_args(args)
+    s = fast.setup_from_args(args)
     assert (s.compile_mode, s.sgd_impl, s.compile_augment) == ("reduce-overhead", "fused", False)
-    assert train.setup_from_args(train.build_parser().parse_args([])) == TorchSetup()
+    assert fast.setup_from_args(train.build_parser().parse_args([])) == TorchSetup()
     for argv in (
         ["--config", "tiny", "--compile-mode", "fastest"],
         ["--config", "tiny", "--sgd-impl", "adam"],
@@ -100,7 +100,7 @@ def test_cli_flags_and_one_line_errors(capsys: pytest.CaptureFixture[str]) -> No
 
 
 def test_summary_records_the_resolved_setup() -> None:
-    s = train.train_and_evaluate(_small_cfg(epochs=1), data=_Data(96, 40), **KW)
+    s = train.train_and_evaluate(small_cfg(epochs=1), data=SyntheticData(96, 40), **KW)
     rec = s["torch_setup"]
     for field in ("compile_mode", "compile_backend", "compile_augment", "sgd_impl"):
         assert rec[field] is not None, field
@@ -122,12 +122,12 @@ SGD_TOL = 1e-6
 
 
 def test_sgd_implementations_agree_after_a_few_steps() -> None:
-    cfg = _small_cfg(epochs=1, bn_bias_lr_mult=64.0, bn_bias_wd_mult=1 / 64)
+    cfg = small_cfg(epochs=1, bn_bias_lr_mult=64.0, bn_bias_wd_mult=1 / 64)
     out = {}
     for impl in ("for-loop", "foreach", "fused"):
         s = train.train_and_evaluate(
             cfg,
-            data=_Data(96, 40),
+            data=SyntheticData(96, 40),
             stream="shared",
             return_variables=True,
             torch_setup=TorchSetup(sgd_impl=impl),
@@ -150,10 +150,10 @@ def test_sgd_implementations_agree_after_a_few_steps() -> None:
 
 
 def test_second_run_skips_warm_up_and_does_not_recompile() -> None:
-    train.forget_warmups()
-    data = _Data(96, 40)
+    fast.forget_warmups()
+    data = SyntheticData(96, 40)
     runs = [
-        train.train_and_evaluate(_small_cfg(seed=seed), data=data, torch_setup=EAGER_COMPILE, **KW)
+        train.train_and_evaluate(small_cfg(seed=seed), data=data, torch_setup=EAGER_COMPILE, **KW)
         for seed in (0, 1)
     ]
     assert runs[0]["warmup_ran"] and runs[0]["compile_seconds"] > 0
@@ -161,13 +161,13 @@ def test_second_run_skips_warm_up_and_does_not_recompile() -> None:
     assert [r["dynamo_compiles"] for r in runs] == [0, 0]
     assert runs[1]["compile"] is True and runs[1]["torch_setup"]["compile_backend"] == "eager"
     # the same numbers as eager: the eager backend runs the very same ops
-    plain = train.train_and_evaluate(_small_cfg(seed=1), data=data, **KW)
+    plain = train.train_and_evaluate(small_cfg(seed=1), data=data, **KW)
     assert plain["step_losses"] == runs[1]["step_losses"]
 
 
 def test_speedrun_second_run_does_not_recompile() -> None:
     """Both whitening-bias variants and every eval shape are compiled in the warm-up."""
-    data = _Data(96, 40)
+    data = SyntheticData(96, 40)
     runs = [
         train.train_and_evaluate(
             _speedrun_cfg(seed=seed), data=data, torch_setup=EAGER_COMPILE, **KW
@@ -179,35 +179,37 @@ def test_speedrun_second_run_does_not_recompile() -> None:
 
 
 def test_recompiles_on_the_clock_are_counted(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(train, "_warm_up", lambda r: None)
+    monkeypatch.setattr(
+        fast, "warm_up", lambda *a, **k: {"compile_seconds": 0.0, "warmup_ran": False}
+    )
     fresh = TorchSetup(compile_mode="default", compile_backend="aot_eager", channels_last=False)
-    s = train.train_and_evaluate(_small_cfg(), data=_Data(96, 40), torch_setup=fresh, **KW)
+    s = train.train_and_evaluate(small_cfg(), data=SyntheticData(96, 40), torch_setup=fresh, **KW)
     # the train step compiles in epoch 1, on the clock; the eval batches compile in the
     # untimed monitoring evaluation after it, so they are not counted
     assert s["dynamo_compiles"] >= 1
 
 
 def test_static_addresses_reuse_the_nets_with_the_same_numbers() -> None:
-    data = _Data(96, 40)
+    data = SyntheticData(96, 40)
     pooled = TorchSetup(
         compile_mode="default", compile_backend="eager", compile_augment=True, static_addresses=True
     )
-    r0 = train.setup(_small_cfg(seed=0), data, torch_setup=pooled)
-    r1 = train.setup(_small_cfg(seed=1), data, torch_setup=pooled)
-    assert r1.model is r0.model and r1.train_x is r0.train_x and not r1.warmup_ran
+    r0 = train.setup(small_cfg(seed=0), data, torch_setup=pooled)
+    r1 = train.setup(small_cfg(seed=1), data, torch_setup=pooled)
+    assert r1.model is r0.model and r1.train_x is r0.train_x and not r1.extras["warmup_ran"]
     for seed in (0, 1):
         kw = dict(data=data, return_variables=True, stream="shared", **KW)
-        a = train.train_and_evaluate(_small_cfg(seed=seed), torch_setup=pooled, **kw)
-        b = train.train_and_evaluate(_small_cfg(seed=seed), **kw)
+        a = train.train_and_evaluate(small_cfg(seed=seed), torch_setup=pooled, **kw)
+        b = train.train_and_evaluate(small_cfg(seed=seed), **kw)
         assert a["step_losses"] == b["step_losses"] and a["final"] == b["final"]
         assert all(torch.equal(v, b["ema_variables"][k]) for k, v in a["ema_variables"].items())
 
 
 def test_constants_are_made_once_per_device() -> None:
     assert augment.fill_tensor(CPU) is augment.fill_tensor(CPU)
-    assert train.device_stats("cifar10", CPU)[0] is train.device_stats("cifar10", CPU)[0]
-    r = train.setup(_small_cfg(), _Data(96, 40))
-    assert r.fill is augment.fill_tensor(CPU) and r.mean is train.device_stats("cifar10", CPU)[0]
+    assert augment.device_stats("cifar10", CPU)[0] is augment.device_stats("cifar10", CPU)[0]
+    r = train.setup(small_cfg(), SyntheticData(96, 40))
+    assert r.fill is augment.fill_tensor(CPU) and r.mean is augment.device_stats("cifar10", CPU)[0]
 
 
 # --- one scoring of equal weights -----------------------------------------------------------------
@@ -215,19 +217,19 @@ def test_constants_are_made_once_per_device() -> None:
 
 def _counting(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     calls: list[int] = []
-    real = train.evaluate
+    real = train.evaluate_net
 
     def counted(*a: Any, **k: Any) -> Any:
         calls.append(1)
         return real(*a, **k)
 
-    monkeypatch.setattr(train, "evaluate", counted)
+    monkeypatch.setattr(train, "evaluate_net", counted)
     return calls
 
 
 def test_lookahead_end_scores_the_net_once(monkeypatch: pytest.MonkeyPatch) -> None:
     cfg = _speedrun_cfg()
-    r = train.setup(cfg, _Data(96, 40))
+    r = train.setup(cfg, SyntheticData(96, 40))
     train.set_whitening(r)
     for epoch in range(cfg.epochs):
         train.train_epoch(r, epoch)
@@ -241,12 +243,12 @@ def test_lookahead_end_scores_the_net_once(monkeypatch: pytest.MonkeyPatch) -> N
     assert once == both == compared and once["val_acc"] == once["ema_val_acc"]
     with torch.no_grad():
         r.model.head.weight.add_(1.0)
-    assert train._score(r, None)[1] == 2  # different weights: both scored
+    assert train.score(r, None)[1] == 2  # different weights: both scored
 
 
 def test_trainer_scores_equal_weights_once(monkeypatch: pytest.MonkeyPatch) -> None:
     calls = _counting(monkeypatch)
-    s = train.train_and_evaluate(_speedrun_cfg(), data=_Data(96, 40), **KW)
+    s = train.train_and_evaluate(_speedrun_cfg(), data=SyntheticData(96, 40), **KW)
     warm = 2 if s["warmup_ran"] else 0  # the warm-up evaluates the net and its EMA
     assert len(calls) == warm + 2 * (s["config"]["epochs"] - 1) + 1
     assert s["final_eval_weight_sets"] == 1
@@ -266,16 +268,16 @@ def _natural_images(n: int, seed: int = 0) -> np.ndarray:
 
 def test_device_moments_and_kernel_equal_numpy_bit_for_bit() -> None:
     images = _natural_images(5_100)  # more than WHITEN_IMAGES: the prefix is what counts
-    got = train.device_patch_moments(torch.from_numpy(images[:1_234]), chunk=500)
+    got = whitening.device_patch_moments(torch.from_numpy(images[:1_234]), chunk=500)
     want = patch_moments(images[:1_234])
     np.testing.assert_array_equal(got[0], want[0])
     np.testing.assert_array_equal(got[1], want[1])
     assert got[2] == want[2]
-    data = _Data(96, 40)
+    data = SyntheticData(96, 40)
     data.train_images = images
     data.train_labels = np.zeros(len(images), np.int32)
     r = train.setup(_speedrun_cfg(), data)
-    kernel = train.whitening_kernel(r)
+    kernel = whitening.whitening_kernel(r.train_x, r.cfg)
     assert kernel.dtype == np.float32
     np.testing.assert_array_equal(kernel, whitening_kernel_OIHW(images))
 
@@ -283,8 +285,14 @@ def test_device_moments_and_kernel_equal_numpy_bit_for_bit() -> None:
 # --- the sync self-check --------------------------------------------------------------------------
 
 
+def _sync_check(r: train.Run, **kw: Any) -> dict[str, Any]:
+    """`fast.check_no_host_sync` on the trainer's own step, plan and evaluation."""
+    recipe = {"step": train.train_step, "plan": train.plan_epoch, "evaluate": train.evaluate_net}
+    return fast.check_no_host_sync(r, **recipe, **kw)
+
+
 def test_sync_check_is_skipped_on_the_cpu() -> None:
-    result = train.check_no_host_sync(train.setup(_small_cfg(), _Data(96, 40)))
+    result = _sync_check(train.setup(small_cfg(), SyntheticData(96, 40)))
     assert result["status"] == "skipped" and "CUDA" in result["detail"]
 
 
@@ -292,9 +300,9 @@ def test_sync_check_is_skipped_on_the_cpu() -> None:
 @pytest.mark.parametrize("mode", ["none", "reduce-overhead"])
 def test_sync_check_passes_on_cuda(mode: str) -> None:
     cfg = _speedrun_cfg(batch_size=32)
-    r = train.setup(cfg, _Data(96, 40), torch_setup=TorchSetup(compile_mode=mode))
+    r = train.setup(cfg, SyntheticData(96, 40), torch_setup=TorchSetup(compile_mode=mode))
     before = {k: v.clone() for k, v in r.model.state_dict().items()}
-    result = train.check_no_host_sync(r, raise_on_sync=True)
+    result = _sync_check(r, raise_on_sync=True)
     assert result["status"] == "passed", result
     after = r.model.state_dict()
     assert all(torch.equal(v, after[k]) for k, v in before.items())  # the run is unchanged
@@ -305,7 +313,9 @@ def test_sync_check_passes_on_cuda(mode: str) -> None:
 
 def test_profile_writes_a_trace_and_ranked_top_ops(tmp_path: Any) -> None:
     folder = tmp_path / "prof"
-    s = train.train_and_evaluate(_small_cfg(epochs=2), data=_Data(96, 40), profile_dir=folder, **KW)
+    s = train.train_and_evaluate(
+        small_cfg(epochs=2), data=SyntheticData(96, 40), profile_dir=folder, **KW
+    )
     prof = s["profile"]
     assert prof["trace"] == str(folder / "torch-trace.json")
     assert os.listdir(folder) == ["torch-trace.json"]  # the temporary file was renamed
@@ -322,9 +332,9 @@ def test_profile_writes_a_trace_and_ranked_top_ops(tmp_path: Any) -> None:
 def test_a_failed_profiled_run_leaves_no_profiler_running(tmp_path: Any) -> None:
     with pytest.raises(FloatingPointError):
         train.train_and_evaluate(
-            _small_cfg(lr=1e30), data=_Data(96, 40), profile_dir=tmp_path / "a", **KW
+            small_cfg(lr=1e30), data=SyntheticData(96, 40), profile_dir=tmp_path / "a", **KW
         )
     s = train.train_and_evaluate(
-        _small_cfg(epochs=1), data=_Data(96, 40), profile_dir=tmp_path / "b", **KW
+        small_cfg(epochs=1), data=SyntheticData(96, 40), profile_dir=tmp_path / "b", **KW
     )
     assert s["profile"]["top_ops"] and not (tmp_path / "a").exists()

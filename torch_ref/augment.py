@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from jaxbench.configs import Config
-from jaxbench.stream import FILL_RGB, IMAGE_SIZE, steps_per_epoch, tta_weights
+from jaxbench.stream import FILL_RGB, IMAGE_SIZE, MEAN_STD, steps_per_epoch, tta_weights
 
 PLAN_FIELDS: tuple[str, ...] = ("indices", "crop_y", "crop_x", "flip", "cutout_y", "cutout_x")
 _FLIP_SEED_TAG = 0xF11B  # base flips get their own generator, so they are drawn "once"
@@ -66,6 +66,25 @@ def fill_tensor(device: torch.device) -> torch.Tensor:
     Built per step it would be a pageable host-to-device copy, i.e. a sync, on CUDA.
     """
     return torch.tensor(FILL_RGB, dtype=torch.uint8, device=device)
+
+
+@functools.cache
+def device_stats(dataset: str, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The normalisation mean and std on `device`, made once per process (no per-call copy)."""
+    mean, std = MEAN_STD[dataset]
+    return (
+        torch.tensor(mean, dtype=torch.float32, device=device),
+        torch.tensor(std, dtype=torch.float32, device=device),
+    )
+
+
+def normalize(
+    images: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, *, channels_last: bool = True
+) -> torch.Tensor:
+    """uint8 NHWC -> float32 NCHW, `(x / 255 - mean) / std`; the permute makes it channels-last
+    (`channels_last=False`: made contiguous NCHW)."""
+    x = ((images.float() / 255.0 - mean) / std).permute(0, 3, 1, 2)
+    return x if channels_last else x.contiguous()
 
 
 def apply_plan(

@@ -8,21 +8,29 @@ model is wrapped in `DistributedDataParallel` (`wrap`), the EMA copy is not. The
 update equals one process's update of the whole global batch: `loss_scale` undoes
 DDP's averaging, and BN's training statistics are all-reduced over the processes
 (`torch_ref.layers.BatchNorm`, `bn_sync="global"`). Only process 0 writes outputs.
+
+Everything a run needs for that is here: `prepare` turns a single-process run of
+`torch_ref.train` into its share of the data-parallel one (DDP forward, test shard),
+and `sum_over_processes` adds up what each process counted (nothing to do alone).
 """
 
 from __future__ import annotations
 
+import argparse
 import datetime
 import inspect
 import os
 import warnings
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
 from jaxbench.configs import Config
+
+RESUME_ALONE = "--resume runs in a single process; launch it without torchrun"
 
 # How long joining the group, and any one collective, may wait for the other processes
 # before it fails with an error instead of hanging.
@@ -159,6 +167,139 @@ def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
     import torch.distributed.nn.functional as dist_fn  # here: needs a distributed build
 
     return dist_fn.all_reduce(x)
+
+
+def cpu_threads() -> int:
+    """The cores this process may use (affinity-aware), for `torch.set_num_threads`."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not on Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def share_cpu_threads() -> None:
+    """Without CUDA: torch's threads are this process's share of the machine's cores."""
+    if not torch.cuda.is_available():
+        torch.set_num_threads(max(1, cpu_threads() // local_world_size()))
+
+
+def eager_only(compile: bool | None, torch_setup: Any, world: int) -> bool | None:
+    """The compile switch of a run over `world` processes: unchanged alone; False with
+    several, which train eagerly (BN's all-reduces and DDP's hooks are not compiled), where
+    asking for `torch.compile` is a ValueError."""
+    if world <= 1:
+        return compile
+    if compile or (torch_setup is not None and torch_setup.compiled):
+        raise ValueError(
+            "torch.compile is not used with several processes (DDP runs eagerly here); "
+            "drop --compile / --compile-mode"
+        )
+    return False
+
+
+def bn_sync(cfg: Config) -> str | None:
+    """How BN's training statistics span the processes: `cfg.bn_sync`, None alone."""
+    return cfg.bn_sync if world_size() > 1 else None
+
+
+class DataParallelForward:
+    """A trainer's forward on this process's share of each global batch, through DDP.
+
+    Takes and returns what `torch_ref.train.augmented_train_forward` does; the loss is
+    scaled by `loss_scale`. DDP fixes its parameters when it wraps the model, so the
+    model is wrapped again when the set of trained parameters changes (the speedrun
+    net freezes its whitening bias).
+    """
+
+    def __init__(
+        self, forward: Callable[..., Any], model: nn.Module, device: torch.device, reduction: str
+    ) -> None:
+        self.forward, self.model, self.device = forward, model, device
+        self.rank, self.world = rank(), world_size()
+        self.scale = loss_scale(reduction, self.world)
+        self.trained = self._trained()
+        self.ddp = wrap(model, device)
+
+    def _trained(self) -> tuple[bool, ...]:
+        return tuple(p.requires_grad for p in self.model.parameters())
+
+    def __call__(
+        self,
+        net: nn.Module,
+        images: torch.Tensor,
+        labels: torch.Tensor,
+        plan: Any,
+        *args: Any,
+        **kw: Any,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        if self._trained() != self.trained:
+            self.ddp, self.trained = wrap(self.model, self.device), self._trained()
+        share = local_share(plan, self.rank, self.world)
+        loss, per_example, correct = self.forward(self.ddp, images, labels, share, *args, **kw)
+        return loss * self.scale, per_example, correct
+
+
+def prepare(r: Any) -> None:
+    """Make run `r` (a `torch_ref.train.Run`) this process's part of a data-parallel run:
+    DDP forward, this process's contiguous part of the test set. Nothing alone."""
+    world = world_size()
+    if world <= 1:
+        return
+    r.forward = DataParallelForward(r.forward, r.model, r.device, r.cfg.loss_reduction)
+    part = shard(r.n_test, rank(), world)
+    r.test_x, r.test_y = r.test_x[part], r.test_y[part]
+    r.extras.update(devices=world, processes=world)  # data-parallel devices, one per process
+
+
+def sum_over_processes(*tensors: torch.Tensor, mean: bool = False) -> None:
+    """Sum (or average) each tensor over the processes, in place; nothing to do alone."""
+    if world_size() > 1:
+        all_reduce_(*tensors, mean=mean)
+
+
+def refuse_resume(resume: Any) -> None:
+    """`--resume` runs in a single process: a ValueError in a process group."""
+    if resume is not None and world_size() > 1:
+        raise ValueError(RESUME_ALONE)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """`--dist-timeout` and the help on running under torchrun."""
+    group = parser.add_argument_group(
+        "several processes",
+        "Data-parallel training, one device per process: torchrun --nproc-per-node N -m "
+        "torch_ref.train ... (gloo on the CPU, nccl on GPUs, cuda:LOCAL_RANK each). "
+        "--batch-size is the global batch, split into contiguous shares; --bn-sync global "
+        "gives one process's numbers, local a different recipe; eager only (no --compile), "
+        "no --resume or --checkpoint-every; process 0 writes the outputs.",
+    )
+    group.add_argument(
+        "--dist-timeout",
+        type=int,
+        default=DEFAULT_TIMEOUT_S,
+        metavar="S",
+        help="seconds a process waits for the others (to start, or in any one collective) "
+        "before it fails with an error instead of hanging",
+    )
+
+
+def join(args: argparse.Namespace, torch_setup: Any) -> None:
+    """Under torchrun: refuse what several processes do not run (ValueError), join the
+    group, and silence every process but 0 (no run folder, table or profile)."""
+    if env_world_size() <= 1:
+        return
+    if args.resume is not None:
+        raise ValueError(RESUME_ALONE)
+    eager_only(args.compile, torch_setup, env_world_size())
+    try:
+        init(args.dist_timeout)
+    except RuntimeError as e:  # torch's own, often many lines: keep the first
+        lines = str(e).strip().splitlines() or [type(e).__name__]
+        raise ValueError(f"cannot join the other processes: {lines[0]}") from None
+    if rank() != 0:
+        if hasattr(args, "out"):
+            args.out = None
+        args.quiet, args.no_progress, args.profile = True, True, None
 
 
 @torch.no_grad()

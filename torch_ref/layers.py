@@ -227,3 +227,10 @@ def set_whitening(model: nn.Module, kernel_OIHW: torch.Tensor) -> None:
         raise ValueError(f"whitening kernel shape {tuple(kernel.shape)} != {tuple(weight.shape)}")
     with torch.no_grad():
         weight.copy_(kernel)
+
+
+def set_whiten_bias_trainable(model: nn.Module, trainable: bool) -> None:
+    """Train or freeze the speedrun net's whitening bias (frozen: SGD skips it entirely)."""
+    whiten = getattr(model, "whiten", None)
+    if whiten is not None and whiten.bias is not None:
+        whiten.bias.requires_grad_(trainable)

@@ -1,7 +1,7 @@
 """The benchmark's one door into the trainers.
 
 Every call the benchmark makes into `jaxbench.train`, `torch_ref.train`
-and `torch_ref.torch_setup` is here; the rest of the benchmark sees configs, summaries
+and `torch_ref.fast` is here; the rest of the benchmark sees configs, summaries
 and plain dicts. The trainers are imported only when a function needs them, so that
 `python -m jaxbench.bench` sets JAX's allocator flags before JAX starts.
 """
@@ -81,7 +81,7 @@ def torch_kwargs(compile: bool | None, compile_mode: str | None) -> dict[str, An
     """The PyTorch trainer's set-up arguments from the bench flags (a bad mode: ValueError)."""
     out: dict[str, Any] = {"compile": compile}
     if compile_mode is not None:
-        from torch_ref.torch_setup import TorchSetup
+        from torch_ref.fast import TorchSetup
 
         out["torch_setup"] = TorchSetup(compile_mode=compile_mode)
     return out
@@ -163,9 +163,12 @@ def torch_sync_check(cfg: configs.Config, data: Any, kwargs: dict[str, Any]) -> 
 
     if not torch.cuda.is_available():
         return {"status": "skipped", "detail": "no CUDA device: sync-debug mode is CUDA's"}
-    from torch_ref.train import check_no_host_sync, setup
+    from torch_ref import fast, train
 
-    return check_no_host_sync(setup(cfg, data, **kwargs))
+    r = train.setup(cfg, data, **kwargs)
+    return fast.check_no_host_sync(
+        r, step=train.train_step, plan=train.plan_epoch, evaluate=train.evaluate_net
+    )
 
 
 # --- JAX's programs, for the program and FLOP checks (`jaxbench.bench.program`) ---------------

@@ -28,6 +28,7 @@ def check_gradients(ctx: Context) -> CheckResult:
     normalisation of the uint8 batch, forward, smoothed cross-entropy), same batch."""
     from jaxbench import train as jtrain
     from torch_ref import train as ttrain
+    from torch_ref.augment import device_stats
 
     res = CheckResult(3, "gradients")
     h, cfg = ctx.harness, ctx.arith_cfg
@@ -67,7 +68,7 @@ def check_gradients(ctx: Context) -> CheckResult:
         p.requires_grad_(True)
     tmodel.zero_grad(set_to_none=True)
     if x_u8 is not None:
-        mean, std = ttrain._stats_tensors(cfg.dataset, torch.device("cpu"))
+        mean, std = device_stats(cfg.dataset, torch.device("cpu"))
         t_loss, _, _ = ttrain.train_forward(
             tmodel,
             torch.from_numpy(x_u8),

@@ -386,10 +386,11 @@ def _step_gradients(
     from jaxbench.stream import apply_plan_numpy, epoch_plan
     from torch_ref import model as tmodel_mod
     from torch_ref import train as ttrain
+    from torch_ref.augment import device_stats
 
     loss_fn = jtrain.make_loss_fn(cfg, models.model_from_config(cfg))
     grad_fn = jax.jit(jax.grad(lambda p, bs, x, y: loss_fn(p, bs, x, y)[0]))
-    mean, std = ttrain._stats_tensors(cfg.dataset, torch.device("cpu"))
+    mean, std = device_stats(cfg.dataset, torch.device("cpu"))
     images = np.asarray(data.train_images[: cfg.subset])
     labels = np.asarray(data.train_labels[: cfg.subset])
     spe = len(steps) // cfg.epochs
@@ -493,10 +494,11 @@ def _eval_logits(
     from jaxbench import train as jtrain
     from torch_ref import model as tmodel_mod
     from torch_ref import train as ttrain
+    from torch_ref.augment import device_stats
 
     fmodel = models.model_from_config(cfg)
     logits_fn = jax.jit(jtrain.make_logits_fn(cfg, fmodel))
-    mean, std = ttrain._stats_tensors(cfg.dataset, torch.device("cpu"))
+    mean, std = device_stats(cfg.dataset, torch.device("cpu"))
     out: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     for label, v in (("live", variables), ("ema", ema)):
         if v is None:
