@@ -718,8 +718,8 @@ TRAIN_STD = (0.24703223, 0.24348513, 0.26158784)
 
 
 @pytest.fixture(scope="module")
-def real(real_data_dir: Path) -> Dataset:
-    return load_dataset(data_dir=real_data_dir)
+def real(cifar10: Dataset) -> Dataset:
+    return cifar10
 
 
 @pytest.mark.realdata

@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
+from helpers import random_images
 
 from jaxbench import configs, layers, models, schedule, whitening
 from jaxbench.configs import Config, get_config
@@ -228,8 +229,7 @@ def test_max_pool_gradient_survives_compilation_inside_the_net() -> None:
 
 def test_page_whitening_kernel_whitens_3x3_patches() -> None:
     """27 filters W = V / sqrt(lambda + eps), no negated copy: W C W^T = diag(l / (l + eps))."""
-    rng = np.random.default_rng(4)
-    images = rng.integers(0, 256, (40, 32, 32, 3), dtype=np.uint8)
+    images = random_images(40, seed=4)
     images[:, :, 1:] = images[:, :, :-1] // 2 + images[:, :, 1:] // 2  # correlate neighbours
     cov = whitening.covariance_from_moments(*whitening.patch_moments(images, 3), patch=3)
     kernel = whitening.whitening_for_config(cov, "patch3", 1e-2)
@@ -245,7 +245,7 @@ def test_page_whitening_kernel_whitens_3x3_patches() -> None:
 
 def test_device_moments_are_exact_for_3x3_patches() -> None:
     """Page's stem sums 3x3 patch moments on the device: exact, also for saturated images."""
-    x = np.random.default_rng(5).integers(0, 256, (40, 32, 32, 3), dtype=np.uint8)
+    x = random_images(40, seed=5)
     x[:33] = 255
     got = whitening.moments_from_groups(
         np.asarray(jax.jit(lambda a: layers.patch_moment_groups(a, 3))(x))

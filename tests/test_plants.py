@@ -13,12 +13,12 @@ import pytest
 
 from jaxbench.configs import get_config
 from parity.plants import PLANTS
-from parity.suite import FAST_CHECKS, load_data, run_suite
+from parity.suite import FAST_CHECKS, run_suite
 
 
 @pytest.fixture(scope="module")
-def data(real_data_dir: Path) -> Any:
-    return load_data(real_data_dir)
+def data(cifar10: Any) -> Any:
+    return cifar10
 
 
 def _quiet(_: str) -> None:
@@ -97,11 +97,26 @@ def test_plant_is_caught_by_its_check(name: str, data: Any) -> None:
 
 @pytest.mark.slow
 @pytest.mark.realdata
-@pytest.mark.parametrize("preset", ["tiny", "speedrun", "resnet9"])
+@pytest.mark.parametrize("preset", ["speedrun", "resnet9"])
 def test_unplanted_suite_passes_checks_1_to_6(preset: str, data: Any) -> None:
     suite = run_suite(get_config(preset), quick=True, data=data, checks=FAST_CHECKS, log=_quiet)
     failed = {r.number: (r.error, [f.name for f in r.failed_figures]) for r in suite.results}
     assert suite.passed, {k: v for k, v in failed.items() if v[0] or v[1]}
+
+
+@pytest.mark.slow
+@pytest.mark.realdata
+def test_unplanted_suite_passes_checks_1_to_6_on_tiny(quick_parity: tuple) -> None:
+    """`tiny` is the CLI's default: the session's one quick run (checks 1-7) holds its 1-6."""
+    proc, out = quick_parity
+    assert (out / "parity.json").exists(), proc.stdout + proc.stderr[-3000:]
+    report = json.loads((out / "parity.json").read_text())
+    assert report["config"]["name"] == "tiny" and report["plant"] is None
+    fast = [c for c in report["checks"] if c["number"] in FAST_CHECKS]
+    assert [c["number"] for c in fast] == list(FAST_CHECKS)
+    failed = {c["number"]: (c["error"], [f["name"] for f in c["figures"] if not f["passed"]])
+              for c in fast if not c["passed"]}  # fmt: skip
+    assert not failed, failed
 
 
 @pytest.mark.realdata

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -11,9 +10,11 @@ import numpy as np
 import optax
 import pytest
 import torch
+from helpers import random_dataset, random_images, small_config, smooth_images
 
 from jaxbench import augment, optim, schedule, whitening
 from jaxbench.configs import get_config, optimizer_scales
+from jaxbench.data import Dataset
 from jaxbench.layers import activation
 from jaxbench.schedule import lr_knots
 from jaxbench.speedrun_model import (
@@ -27,15 +28,6 @@ from torch_ref import augment as taugment
 from torch_ref import speedrun_model as tsm
 
 WIDTHS = (64, 256, 256)
-
-
-def synthetic_images(n: int, seed: int = 0) -> np.ndarray:
-    """Smooth-ish uint8 images (upsampled noise plus pixel noise): correlated patches."""
-    rng = np.random.default_rng(seed)
-    coarse = rng.integers(0, 256, (n, 8, 8, 3)).astype(np.float64)
-    smooth = np.repeat(np.repeat(coarse, 4, axis=1), 4, axis=2)
-    noisy = smooth + rng.normal(0, 20, smooth.shape)
-    return np.clip(noisy, 0, 255).astype(np.uint8)
 
 
 def reference_kernel_svd(
@@ -70,7 +62,7 @@ def align_signs(kernel: np.ndarray, reference: np.ndarray) -> np.ndarray:
 
 
 def test_whitening_matches_independent_svd() -> None:
-    images = synthetic_images(600)
+    images = smooth_images(600)
     kernel = whitening.whitening_kernel_OIHW(images)
     assert kernel.shape == (24, 3, 2, 2) and kernel.dtype == np.float32
     ref = align_signs(kernel, reference_kernel_svd(images))
@@ -80,7 +72,7 @@ def test_whitening_matches_independent_svd() -> None:
 
 def test_whitening_whitens_the_patches() -> None:
     """W^T C W = diag(lambda / (lambda + eps)): the first 12 filters decorrelate patches."""
-    images = synthetic_images(300, seed=1)
+    images = smooth_images(300, seed=1)
     cov = whitening.covariance_from_moments(*whitening.patch_moments(images))
     lam, _ = whitening.eigh_descending(cov)
     w = whitening.whitening_kernel_OIHW(images)[:12].reshape(12, -1).astype(np.float64)
@@ -89,7 +81,7 @@ def test_whitening_whitens_the_patches() -> None:
 
 
 def test_whitening_uses_first_n_images_and_rejects_floats() -> None:
-    images = synthetic_images(400, seed=2)
+    images = smooth_images(400, seed=2)
     a = whitening.whitening_kernel_OIHW(images, n_images=200)
     b = whitening.whitening_kernel_OIHW(images[:200])
     np.testing.assert_array_equal(a, b)
@@ -97,11 +89,9 @@ def test_whitening_uses_first_n_images_and_rejects_floats() -> None:
         whitening.whitening_kernel_OIHW(images.astype(np.float32))
 
 
-def test_both_frameworks_load_identical_whitening(real_data_dir: Path) -> None:
+def test_both_frameworks_load_identical_whitening(cifar10: Dataset) -> None:
     """On the real first 5,000 images: torch's and Flax's whitening kernels are the same bits."""
-    from jaxbench.data import load_dataset
-
-    data = load_dataset(get_config("speedrun").replace(data_dir=str(real_data_dir)))
+    data = cifar10
     kernel_OIHW = whitening.whitening_kernel_OIHW(data.train_images)
     ref = align_signs(kernel_OIHW, reference_kernel_svd(data.train_images[:5000], gram=True))
     np.testing.assert_allclose(kernel_OIHW, ref, atol=1e-5, rtol=1e-5)
@@ -150,7 +140,7 @@ def test_param_counts_and_names_match() -> None:
 @pytest.mark.parametrize("widths", [(16, 32, 32), WIDTHS])
 def test_forward_parity_train_and_eval(widths: tuple[int, ...]) -> None:
     """Same weights -> same logits (train and eval mode) and same updated BN statistics."""
-    images = synthetic_images(64, seed=3)
+    images = smooth_images(64, seed=3)
     kernel = whitening.whitening_kernel_OIHW(images)
     variables = with_whitening(init_flax(widths, seed=1), whitening.kernel_OIHW_to_HWIO(kernel))
     # non-trivial BN biases so the bias mapping is exercised
@@ -423,30 +413,18 @@ def test_lookahead_update_averages_and_resets_everything() -> None:
             assert new_live[part][k] == new_ema[part][k]
 
 
-def small_speedrun(**changes: object) -> object:
-    return get_config("speedrun").replace(
-        widths=(16, 16, 16),
-        subset=600,
-        test_subset=200,
-        batch_size=100,
-        eval_batch_size=200,
-        epochs=2,
-        lr_peak_epoch=1.0,
-        precision="float32",
-        **changes,
-    )
-
-
 @pytest.mark.slow
 def test_both_trainers_whiten_freeze_and_end_on_the_ema() -> None:
     """End to end on 600 images: the frozen whitening kernel is the data's, a bias frozen
     from the start stays at its init, and the returned net is the EMA (airbench's end)."""
     from jaxbench import train as jtrain
-    from parity.checks import synthetic_dataset
     from torch_ref import train as ttrain
 
-    cfg = small_speedrun(whiten_bias_epochs=0)
-    data = synthetic_dataset(600, 200, seed=1)
+    cfg = small_config(
+        "speedrun", subset=600, test_subset=200, batch_size=100, eval_batch_size=200,
+        epochs=2, lr_peak_epoch=1.0, whiten_bias_epochs=0,
+    )  # fmt: skip
+    data = random_dataset(600, 200, seed=1)
     kernel_OIHW = whitening.whitening_kernel_OIHW(data.train_images)
     sd = {k: v.clone() for k, v in tsm.speedrun_from_config(cfg).state_dict().items()}
     common = dict(data=data, stream="shared", progress=False, quiet=True, return_variables=True)
@@ -482,7 +460,7 @@ def test_device_patch_moments_are_exact() -> None:
     from jaxbench.layers import patch_moment_groups
     from jaxbench.whitening import moments_from_groups
 
-    x = np.random.default_rng(3).integers(0, 256, (70, 32, 32, 3), dtype=np.uint8)
+    x = random_images(70, seed=3)
     x[:33] = 255  # the largest sums: a group of 32 saturated images must not overflow int32
     got = moments_from_groups(np.asarray(jax.jit(patch_moment_groups)(x)))
     want = whitening.patch_moments(x)
@@ -513,25 +491,12 @@ def test_jitted_lookahead_resets_bit_for_bit_without_control_flow() -> None:
 def test_trainer_whitening_uses_the_first_5000_images_on_the_device() -> None:
     """More training images than the whitening needs: the trainer's compiled moments take
     the first `WHITEN_IMAGES` and give numpy's kernel bit for bit."""
-    import dataclasses
-    from types import SimpleNamespace
-
     from jaxbench import train
 
-    rng = np.random.default_rng(5)
-    n = whitening.WHITEN_IMAGES + 100
-    data = SimpleNamespace(
-        name="cifar10", classes=[str(i) for i in range(10)],
-        train_images=rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8),
-        train_labels=rng.integers(0, 10, n).astype(np.int32),
-        test_images=rng.integers(0, 256, (16, 32, 32, 3), dtype=np.uint8),
-        test_labels=rng.integers(0, 10, 16).astype(np.int32),
-    )  # fmt: skip
-    cfg = dataclasses.replace(
-        get_config("speedrun"), widths=(8, 8, 8), batch_size=1000, subset=None,
-        test_subset=None, epochs=1, lr_peak_epoch=0.5, whiten_bias_epochs=0,
-        eval_batch_size=16, precision="float32",
-    )  # fmt: skip
+    data = random_dataset(whitening.WHITEN_IMAGES + 100, 16, seed=5)
+    cfg = small_config(
+        "speedrun", widths=(8, 8, 8), batch_size=1000, whiten_bias_epochs=0, eval_batch_size=16
+    )
     r = train.setup(cfg, data)
     st = train.set_whitening(r.state, r.programs.moments, r.images, cfg)
     want = whitening.whitening_kernel_HWIO(data.train_images)

@@ -12,8 +12,10 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from helpers import random_dataset
 
 from jaxbench.configs import Config, tiny
+from jaxbench.data import Dataset
 from jaxbench.stream import apply_plan_numpy, epoch_plan, steps_per_epoch
 from torch_ref import augment as taug
 from torch_ref import fast
@@ -30,22 +32,12 @@ CASES = [
 ]
 
 
-class _Data:
-    def __init__(self, n_train: int, n_test: int) -> None:
-        rng = np.random.default_rng(5)
-        self.name, self.classes = "cifar10", [str(i) for i in range(10)]
-        self.train_images = rng.integers(0, 256, (n_train, 32, 32, 3), dtype=np.uint8)
-        self.train_labels = rng.integers(0, 10, n_train).astype(np.int32)
-        self.test_images = rng.integers(0, 256, (n_test, 32, 32, 3), dtype=np.uint8)
-        self.test_labels = rng.integers(0, 10, n_test).astype(np.int32)
-
-
 @pytest.mark.parametrize("changes", CASES)
 @pytest.mark.parametrize("seed", [0, 1])
 def test_apply_plan_bit_identical_across_frameworks(seed: int, changes: dict[str, Any]) -> None:
     """The JAX trainer's shared path (`plan_to_device` + in-jit slice + apply) == torch's."""
     cfg = tiny().replace(subset=None, batch_size=40, seed=seed, **changes)
-    images = _Data(130, 1).train_images  # 3 batches, 10 images dropped
+    images = random_dataset(130, 1, seed=5).train_images  # 3 batches, 10 images dropped
     j_images, t_images = jax.numpy.asarray(images), torch.from_numpy(images)
     for epoch in range(2):
         plan = epoch_plan(cfg, epoch, len(images))
@@ -91,7 +83,7 @@ def _record_jax_batches(monkeypatch: pytest.MonkeyPatch) -> list[np.ndarray]:
 
 @pytest.mark.slow
 def test_trainers_receive_identical_batches_in_shared_mode(
-    monkeypatch: pytest.MonkeyPatch,
+    monkeypatch: pytest.MonkeyPatch, tiny_data: Dataset
 ) -> None:
     jtrain = pytest.importorskip("jaxbench.train", reason="jaxbench.train not written yet")
     cfg = tiny().replace(
@@ -106,7 +98,7 @@ def test_trainers_receive_identical_batches_in_shared_mode(
         seed=3,
         loop="step",
     )
-    data = _Data(100, 20)  # 3 steps an epoch, 4 images dropped
+    data = tiny_data  # 100 images: 3 steps an epoch, 4 images dropped
     kw: dict[str, Any] = {"data": data, "stream": "shared", "progress": False, "quiet": True}
     t_seen = _record_torch_batches(monkeypatch)
     j_seen = _record_jax_batches(monkeypatch)
