@@ -268,6 +268,7 @@ def test_plot_writes_png(tmp_path: Path) -> None:
     "argv, words",
     [
         (["--runs", "0"], "--runs"),
+        (["--runs", "1001"], "--runs takes 1 to 1000"),
         (["--frameworks", "jax,tf"], "--frameworks"),
         (["--frameworks", "jax,jax"], "twice"),
         (["--target", "94"], "--target"),
@@ -277,6 +278,14 @@ def test_plot_writes_png(tmp_path: Path) -> None:
         (["--loop", "scan,fast"], "--loop"),
         (["--max-seconds", "0"], "--max-seconds"),
         (["--max-seconds", "nan"], "--max-seconds"),
+        (["--max-seconds", "-5"], "--max-seconds"),
+        (["--max-seconds", "1e9"], "--max-seconds"),
+        (["--target", "0"], "--target"),
+        (["--target", "nan"], "--target"),
+        (["--vmap-seeds", "0"], "--vmap-seeds takes K from 2"),
+        (["--vmap-seeds", "-2"], "--vmap-seeds"),
+        (["--vmap-seeds", "100000"], "--vmap-seeds takes K from 2 to 64"),
+        (["--checkpoint-every", "1"], "nothing to checkpoint"),
         (["--bogus"], "--bogus"),
         (["--seed", "3"], "--seed"),  # the benchmark owns the seeds
     ],
@@ -314,13 +323,9 @@ def test_trainer_refusal_stops_before_any_run(
 ) -> None:
     _fake_trainer_module(monkeypatch, "this trainer does not implement --lookahead")
     out = tmp_path / "never"
-    with pytest.raises(SystemExit) as exc:
-        cli.main(["--config", "tiny", "--data-dir", str(tmp_path), "--out", str(out)])
-    assert exc.value.code == 2
+    assert cli.main(["--config", "tiny", "--data-dir", str(tmp_path), "--out", str(out)]) == 2
     err = capsys.readouterr().err.strip()
-    assert (
-        err == "python -m jaxbench.bench: error: jax: this trainer does not implement --lookahead"
-    )
+    assert err == "error: jax: this trainer does not implement --lookahead"
     assert not out.exists()
 
 
@@ -329,12 +334,44 @@ def test_missing_data_stops_before_any_run(
 ) -> None:
     _fake_trainer_module(monkeypatch, None)
     out = tmp_path / "never"
-    with pytest.raises(SystemExit) as exc:
-        cli.main(["--config", "tiny", "--data-dir", str(tmp_path / "nope"), "--out", str(out)])
-    assert exc.value.code == 2
+    argv = ["--config", "tiny", "--data-dir", str(tmp_path / "nope"), "--out", str(out)]
+    assert cli.main(argv) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "cannot load cifar10" in err
     assert not out.exists()
+
+
+@pytest.mark.parametrize("overwrite", [False, True])
+def test_a_profile_file_is_refused_before_any_run(
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    overwrite: bool,
+) -> None:
+    """--profile names a folder: a file there is one line, exit 2, and nothing changed;
+    checked before --overwrite empties --out, so the old results survive a refusal."""
+    _fake_trainer_module(monkeypatch, None)
+    profile = tmp_path / "traces"
+    profile.write_text("mine")
+    out = tmp_path / "bench"
+    out.mkdir()
+    (out / "bench.json").write_text("{}")
+    argv = ["--config", "tiny", "--data-dir", str(tmp_path), "--out", str(out),
+            "--profile", str(profile), *(["--overwrite"] if overwrite else [])]  # fmt: skip
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"error: --profile {profile} is a file") and "\n" not in err
+    assert profile.read_text() == "mine" and (out / "bench.json").read_text() == "{}"
+    assert sorted(p.name for p in out.iterdir()) == ["bench.json"]
+
+
+def test_checkpoint_every_is_not_listed(capsys: pytest.CaptureFixture[str]) -> None:
+    """The bench's runs keep no run folder: --help does not offer --checkpoint-every, and
+    0 (never) is accepted as the trainers accept it."""
+    with pytest.raises(SystemExit):
+        cli.parse_args(["--help"])
+    assert "--checkpoint-every" not in capsys.readouterr().out
+    assert cli.parse_args(["--config", "tiny", "--checkpoint-every", "0"]).vmap_seeds == 0
 
 
 def test_flags_pass_through_to_config() -> None:
@@ -518,6 +555,7 @@ def test_sigterm_leaves_valid_json(data_dir: str, tmp_path: Path) -> None:
     finally:
         proc.kill()
     assert proc.returncode == 143, err[-2000:]
+    assert err.strip() == f"terminated; partial results in {out / 'bench.json'}", err[-2000:]
     doc = json.loads((out / "bench.json").read_text())
     assert doc["stop_reason"] == "terminated (SIGTERM)" and doc["complete"] is False
     assert len(doc["races"]["tiny"]["frameworks"]["jax"]["runs"]) >= 1
@@ -545,7 +583,10 @@ def test_vmap_seeds_row(data_dir: str, tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(
     "flags,text",
-    [(["--vmap-seeds", "1"], "K >= 2"), (["--vmap-seeds", "2", "--frameworks", "torch"], "JAX")],
+    [
+        (["--vmap-seeds", "1"], "K from 2"),
+        (["--vmap-seeds", "2", "--frameworks", "torch"], "JAX"),
+    ],
 )
 def test_vmap_seeds_flag_errors(flags: list[str], text: str, capsys) -> None:
     with pytest.raises(SystemExit) as e:

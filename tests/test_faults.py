@@ -18,6 +18,7 @@ compilation) is raised when control returns to Python, as a terminal's Ctrl-C is
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import signal
@@ -362,7 +363,31 @@ _BAD = [
     ("momentum 1", ["--momentum", "1.0"], "jax torch bench micro", "--momentum"),
     ("unknown flag", ["--no-such-flag"], "jax torch bench parity sweep micro", "--no-such-flag"),
 ]  # fmt: skip
-_BAD_CASES = [(name, cli, flags, text) for name, flags, clis, text in _BAD for cli in clis.split()]
+_BAD_BENCH = [
+    # the bench's own flags: every number in its range, every flag it takes works
+    ("runs 0", ["--runs", "0"], "bench", "--runs takes 1 to"),
+    ("runs huge", ["--runs", "100000"], "bench", "--runs takes 1 to"),
+    ("max seconds 0", ["--max-seconds", "0"], "bench", "--max-seconds"),
+    ("max seconds nan", ["--max-seconds", "nan"], "bench", "--max-seconds"),
+    ("max seconds huge", ["--max-seconds", "1e12"], "bench", "--max-seconds"),
+    ("target 0", ["--target", "0"], "bench", "--target"),
+    ("target 94", ["--target", "94"], "bench", "--target"),
+    ("vmap seeds 0", ["--vmap-seeds", "0"], "bench", "--vmap-seeds takes K from 2"),
+    ("vmap seeds 1", ["--vmap-seeds", "1"], "bench", "--vmap-seeds takes K from 2"),
+    ("vmap seeds huge", ["--vmap-seeds", "100000"], "bench", "--vmap-seeds takes K from 2"),
+    ("checkpoint every", ["--checkpoint-every", "1", "--out", "{full}", "--overwrite"], "bench",
+     "nothing to checkpoint"),
+    ("profile is a file", ["--profile", "{file}"], "bench", "--profile"),
+    ("profile is a file with overwrite", ["--profile", "{file}", "--out", "{full}",
+     "--overwrite"], "bench", "is a file"),
+    ("profile unwritable", ["--profile", "/proc/jaxbench-faults/traces"], "bench",
+     "not writable"),
+]  # fmt: skip
+_BAD_CASES = [
+    (name, cli, flags, text)
+    for name, flags, clis, text in [*_BAD, *_BAD_BENCH]
+    for cli in clis.split()
+]
 
 
 @pytest.mark.parametrize(
@@ -378,9 +403,13 @@ def test_bad_input_is_one_line_exit_2_and_touches_nothing(
     for produced in ("summary.json", "bench.json", "parity.json"):
         (full / produced).write_text("{}")
 
-    def snapshot() -> list[tuple[str, int]]:  # the child's own TMPDIR aside
+    def snapshot() -> list[tuple[str, int, str]]:  # the child's own TMPDIR aside
         return sorted(
-            (str(p.relative_to(tmp_path)), p.stat().st_mtime_ns)
+            (
+                str(p.relative_to(tmp_path)),
+                p.stat().st_mtime_ns,
+                hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "folder",
+            )
             for p in tmp_path.rglob("*")
             if p.relative_to(tmp_path).parts[0] != "tmp"
         )

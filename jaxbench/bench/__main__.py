@@ -1,5 +1,7 @@
 """`python -m jaxbench.bench`: see `jaxbench.bench.cli`."""
 
+import sys
+
 from jaxbench.bench.cli import main
 
-main()
+sys.exit(main())

@@ -1,29 +1,34 @@
 """`python -m jaxbench.bench`: flags, the data, and the command's start and stop.
 
-A bad flag, a trainer refusing a config, an --out holding results or data that will not
-load stop with one line and exit 2 before any run; SIGTERM and Ctrl-C end the race with
-bench.json written (exit 143 / 130); the watchdog ending it is exit 0.
+The command runs through `jaxbench.command.run_command`: a bad flag (refused at parse
+time, every number within its range), a trainer refusing a config, an --out or --profile
+that cannot hold results, or data that will not load stop with one line and exit 2 before
+any run, leaving no folder behind; SIGTERM and Ctrl-C end the race with bench.json written
+and one line (exit 143 / 130); the watchdog ending it is exit 0.
 """
 
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import shlex
-import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
-from jaxbench import configs, report
+from jaxbench import configs
 from jaxbench.bench import frameworks
 from jaxbench.bench.budget import Budget, BudgetExceeded
 from jaxbench.bench.frameworks import FRAMEWORKS, LOOPS
 from jaxbench.bench.race import Bench, Options
+from jaxbench.command import Command, run_command
 
 DEFAULT_RUNS = 5  # rounds when neither --runs nor --max-seconds is given
+# The ranges of the bench's own numbers, checked at parse time.
+MAX_RUNS = 1000  # rounds: more says nothing a thousand do not
+MAX_SECONDS = 7 * 24 * 3600.0  # a week of wall clock
+MAX_VMAP_SEEDS = 64  # K copies of a model, its optimizer state and activations on one device
 BENCH_FILES: tuple[str, ...] = ("bench.json", "bench-*.png")
 PROG = "python -m jaxbench.bench"
 
@@ -91,13 +96,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--vmap-seeds",
         type=int,
-        default=0,
+        default=None,
         metavar="K",
-        help="after the rounds, train K JAX seeds in one vmapped program per preset and add "
-        'a row "K seeds, one program": time per seed against a run alone',
+        help=f"after the rounds, train K (2 to {MAX_VMAP_SEEDS}) JAX seeds in one vmapped "
+        'program per preset and add a row "K seeds, one program": time per seed against a '
+        "run alone (default: no such row)",
     )
-    # Every other Config field overrides every preset; --out and --seed belong to the bench.
-    configs.add_config_args(p, skip=("name", "out", "seed", "config", "loop"))
+    # Every other Config field overrides every preset; --out and --seed belong to the bench,
+    # and its runs keep no run folder, so there is nothing to checkpoint.
+    configs.add_config_args(p, skip=("name", "out", "seed", "config", "loop", "checkpoint_every"))
+    p.add_argument(
+        "--checkpoint-every", type=int, default=argparse.SUPPRESS, help=argparse.SUPPRESS
+    )
     return p
 
 
@@ -136,18 +146,27 @@ def _check_race_flags(
     loops = tuple(_comma_list(args.loops))
     if not loops or any(lp not in LOOPS for lp in loops) or len(set(loops)) != len(loops):
         parser.error(f"--loop takes distinct values from {', '.join(LOOPS)}; got {args.loops!r}")
-    if args.runs is not None and args.runs < 1:
-        parser.error("--runs must be at least 1")
-    if args.max_seconds is not None and not (
-        args.max_seconds > 0 and math.isfinite(args.max_seconds)
-    ):
-        parser.error(f"--max-seconds must be a positive number of seconds, got {args.max_seconds}")
+    if args.runs is not None and not 1 <= args.runs <= MAX_RUNS:
+        parser.error(f"--runs takes 1 to {MAX_RUNS} rounds, got {args.runs}")
+    if args.max_seconds is not None and not 0 < args.max_seconds <= MAX_SECONDS:  # NaN too
+        parser.error(
+            f"--max-seconds must be a number of seconds in (0, {MAX_SECONDS:.0f}] (a week), "
+            f"got {args.max_seconds}"
+        )
     if not 0.0 < args.target <= 1.0:
         parser.error(f"--target is an accuracy in (0, 1], e.g. 0.94; got {args.target}")
-    if args.vmap_seeds < 0 or args.vmap_seeds == 1:
-        parser.error(f"--vmap-seeds takes K >= 2 seeds (0: off), got {args.vmap_seeds}")
+    if args.vmap_seeds is not None and not 2 <= args.vmap_seeds <= MAX_VMAP_SEEDS:
+        parser.error(
+            f"--vmap-seeds takes K from 2 to {MAX_VMAP_SEEDS} seeds (leave it out for no "
+            f"such row), got {args.vmap_seeds}"
+        )
     if args.vmap_seeds and "jax" not in names:
         parser.error("--vmap-seeds is a JAX row: add jax to --frameworks")
+    if getattr(args, "checkpoint_every", 0):
+        parser.error(
+            "--checkpoint-every: the bench's runs keep no run folder, so there is nothing to "
+            "checkpoint or resume; drop the flag (a stopped bench keeps bench.json)"
+        )
     return loops
 
 
@@ -185,18 +204,12 @@ def parse_args(argv: Sequence[str] | None = None) -> Options:
         max_seconds=args.max_seconds,
         profile=Path(args.profile) if args.profile else None,
         overwrite=args.overwrite,
-        vmap_seeds=args.vmap_seeds,
+        vmap_seeds=args.vmap_seeds or 0,
     )
 
 
-def fail(message: str) -> NoReturn:
-    """One line on stderr naming the problem, exit 2."""
-    print(f"{PROG}: error: {message}", file=sys.stderr)
-    raise SystemExit(2)
-
-
 def load_data(cfgs: Sequence[configs.Config]) -> dict[str, Any]:
-    """Each preset's data, from one load per dataset (host memory); a problem is exit 2."""
+    """Each preset's data, from one load per dataset (host memory); a problem is bad input."""
     from jaxbench.data import load_dataset, take_subsets
 
     full: dict[tuple[str, Any], Any] = {}
@@ -208,92 +221,70 @@ def load_data(cfgs: Sequence[configs.Config]) -> dict[str, Any]:
                 full[key] = load_dataset(cfg.replace(subset=None, test_subset=None))
             out[cfg.name] = take_subsets(full[key], cfg.subset, cfg.test_subset)
         except (OSError, ValueError, KeyError) as e:
-            fail(f"cannot load {cfg.dataset}: {e}")
+            raise ValueError(f"cannot load {cfg.dataset}: {e}") from None
     return out
 
 
-def prepare(opts: Options, command: str, budget: Budget) -> Bench:
-    """Trainers, --out and data, in that order (cheapest refusal first), then the race's
-    state; Ctrl-C here leaves nothing behind."""
-    created = not opts.out.exists()
+def prepare(cmd: Command, opts: Options, command: str, budget: Budget) -> Bench:
+    """Trainers, output places and data, in that order (cheapest refusal first), then the
+    race's state. --profile is checked before --out: --overwrite empties --out, and a
+    refused --profile must leave the old results in place."""
+    trainers = frameworks.load_trainers(opts.frameworks, opts.cfgs, opts.torch_compile_mode)
+    if opts.profile is not None:
+        cmd.prepare_out(opts.profile, (), overwrite=False, flag="--profile")
+    cmd.prepare_out(opts.out, BENCH_FILES, overwrite=opts.overwrite)
+    data = load_data(opts.cfgs)
+    return Bench(opts, trainers, data, command, budget, log=lambda m: print(m, flush=True))
+
+
+def race(b: Bench) -> bool:
+    """Every phase of the race, with the files written however it ends; returns whether the
+    watchdog cut it short. Ctrl-C and SIGTERM propagate: `stopped` then writes the files,
+    with both signals held off."""
     try:
-        try:  # a trainer refusing the config: before any file
-            trainers = frameworks.load_trainers(opts.frameworks, opts.cfgs, opts.torch_compile_mode)
-        except ValueError as e:
-            fail(str(e))
-        try:  # before the data loads: a bad --out costs nothing
-            report.prepare_output(opts.out, BENCH_FILES, overwrite=opts.overwrite)
-        except report.OutputError as e:
-            fail(str(e))
-        try:
-            data = load_data(opts.cfgs)
-        except SystemExit:
-            if created:  # leave no empty folder behind a command that did nothing
-                report.remove_if_empty(opts.out)
-            raise
-        return Bench(opts, trainers, data, command, budget, log=lambda m: print(m, flush=True))
-    except KeyboardInterrupt:
-        if created:
-            report.remove_if_empty(opts.out)
-        report.exit_interrupted(
-            f"interrupted before the race started; nothing written to {opts.out}"
-        )
-
-
-class Terminated(SystemExit):
-    """SIGTERM (a timeout, a closing terminal), raised where the main thread runs."""
-
-
-def _terminate(signum: int, frame: Any) -> None:
-    raise Terminated(128 + signum)
-
-
-def race(b: Bench) -> int | None:
-    """Every phase of the race; the files are written however it ends. Returns the exit
-    status a signal or the watchdog calls for (None: it ran to the end)."""
-    opts = b.opts
-    previous = signal.signal(signal.SIGTERM, _terminate)
-    complete = False
-    hard_exit: int | None = None
-    try:
-        b.record_environment()
-        b.watchdog.arm()
-        b.warmups()
-        b.doc["stop_reason"] = b.rounds()
-        if opts.vmap_seeds:
-            b.vmapped()
-        if opts.profile is not None:
-            b.profiles()
-        complete = True
+        b.race()
     except BudgetExceeded as e:
         b.doc["stop_reason"] = f"watchdog: {e}"
-        hard_exit = 0
+        b.close(complete=False)
+        return True
     except KeyboardInterrupt:
-        b.doc["stop_reason"] = "interrupted (Ctrl-C)"
-        hard_exit = 130
-    except Terminated as e:
-        b.doc["stop_reason"] = "terminated (SIGTERM)"
-        hard_exit = int(e.code or 143)
-    finally:
-        if b.doc["stop_reason"] is None:
-            b.doc["stop_reason"] = "stopped by an error"
-        b.finish(complete)
-        signal.signal(signal.SIGTERM, previous)
-        print(b.table(), flush=True)
-        print(f"wrote {', '.join(str(opts.out / f) for f in b.doc['files'])}", flush=True)
-    return hard_exit
+        raise
+    except BaseException:
+        b.doc["stop_reason"] = b.doc["stop_reason"] or "stopped by an error"
+        b.close(complete=False)
+        raise
+    b.close(complete=True)
+    return False
 
 
-def main(argv: Sequence[str] | None = None) -> None:
+def stopped(b: Bench, word: str) -> str:
+    """Ctrl-C or SIGTERM during the race: bench.json and the plots from what finished, and
+    the line that says where they are."""
+    b.doc["stop_reason"] = (
+        "terminated (SIGTERM)" if word == "terminated" else "interrupted (Ctrl-C)"
+    )
+    b.close(complete=False)
+    return f"{word}; partial results in {b.opts.out / 'bench.json'}"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
     """Run the race, print the tables, write bench.json and bench-<preset>.png to --out."""
     budget = Budget()  # the clock starts first; the limit is set after parsing
+    return run_command(lambda cmd: _main(cmd, argv, budget))
+
+
+def _main(cmd: Command, argv: Sequence[str] | None, budget: Budget) -> int:
+    """The command's body: every input checked before the race, then the race."""
     opts = parse_args(argv)
     if opts.max_seconds is not None:
         budget.seconds = opts.max_seconds
     # Before JAX is imported: let both frameworks allocate GPU memory on demand.
     os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
     command = " ".join([PROG, *map(shlex.quote, sys.argv[1:] if argv is None else argv)])
-    b = prepare(opts, command, budget)
+    cmd.on_stop = lambda word: f"{word} before the race started; nothing written to {opts.out}"
+    b = prepare(cmd, opts, command, budget)
+    cmd.on_stop = lambda word: stopped(b, word)
+    cmd.inputs_checked()
     names = ", ".join(e.name for e in b.entries)
     plan = f"{opts.runs} rounds" if opts.runs is not None else "rounds while they fit"
     limit = f" within {opts.max_seconds:.0f} s" if opts.max_seconds is not None else ""
@@ -303,12 +294,11 @@ def main(argv: Sequence[str] | None = None) -> None:
         f"{limit} -> {opts.out}",
         flush=True,
     )
-    hard_exit = race(b)
-    if hard_exit == 130:
-        report.exit_interrupted(f"interrupted; partial results in {opts.out / 'bench.json'}")
-    if hard_exit is not None:
+    if race(b):
         # A run cut off mid-way can leave compilation or device work in flight, whose
         # teardown at interpreter exit is not safe (XLA:CPU has crashed there). Every
         # result is written and flushed, so leave without it.
+        sys.stdout.flush()
         sys.stderr.flush()
-        os._exit(hard_exit)
+        os._exit(0)
+    return 0

@@ -251,6 +251,18 @@ class Bench:
         records.refresh_race(self.doc["races"][cfg.name], cfg, self.opts.target)
 
     # -- the phases
+    def race(self) -> None:
+        """Every phase in order. A run the watchdog cuts short raises `BudgetExceeded`, Ctrl-C
+        and SIGTERM a `KeyboardInterrupt`; the caller then writes the files with `close`."""
+        self.record_environment()
+        self.watchdog.arm()
+        self.warmups()
+        self.doc["stop_reason"] = self.rounds()
+        if self.opts.vmap_seeds:
+            self.vmapped()
+        if self.opts.profile is not None:
+            self.profiles()
+
     def warmups(self) -> None:
         """A warm-up of every contender in every preset, then the self-checks.
 
@@ -437,3 +449,10 @@ class Bench:
 
     def table(self) -> str:
         return format_tables(self.doc, self.budget.elapsed())
+
+    def close(self, complete: bool) -> None:
+        """The race's end, however it came: bench.json and the plots written, then the
+        table and the files' names printed."""
+        self.finish(complete)
+        print(self.table(), flush=True)
+        print(f"wrote {', '.join(str(self.opts.out / f) for f in self.doc['files'])}", flush=True)
