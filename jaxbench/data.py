@@ -501,6 +501,7 @@ def _read_entry(cache: Path, spec: Spec, archive: str) -> Dataset | None:
 def clear_cache(cache: Path | None = None) -> list[Path]:
     """Delete what this module put in the cache (decoded arrays, archives, leftovers); not more."""
     cache = cache_dir() if cache is None else cache
+    _check_cache_folder(cache)
     removed: list[Path] = []
     if not cache.is_dir():
         return removed
@@ -592,6 +593,7 @@ def _download(archive: str, cache: Path, progress: bool) -> Path:
 
 def _from_archive(path: Path, spec: Spec, cache: Path, how: str) -> Dataset:
     """An md5-verified official archive, decoded once into the cache."""
+    _check_cache_folder(cache)
     md5 = _check_md5(path, how)
     if (hit := _read_entry(cache, spec, path.name)) is not None:
         return hit
@@ -611,11 +613,53 @@ def _from_archive(path: Path, spec: Spec, cache: Path, how: str) -> Dataset:
     return Dataset(spec.name, classes, *arrays, source=f"archive {path}")
 
 
+def _not_a_data_folder(path: Path, spec: Spec) -> str:
+    """What a file given as the data folder is, and the fix (it exists: not "does not exist")."""
+    fix = (
+        f"pass --data-dir (or set JAXBENCH_DATA_DIR to) the folder that holds {spec.bin_dir}/, "
+        f"or the official {spec.bin_archive} itself"
+    )
+    if path.stat().st_size == 0:
+        return f"data {path} is an empty file, not a data folder or archive; {fix}"
+    try:
+        with tarfile.open(path, mode="r:*") as tar:
+            names = [info.name.removeprefix("./") for info in tar]
+    except tarfile.ReadError as e:  # "empty file": a compressed stream of nothing
+        what = "an empty archive" if "empty" in str(e) else "a file, not a data folder or archive"
+        return f"data {path} is {what}; {fix}"
+    except (tarfile.TarError, EOFError, zlib.error, OSError):
+        return f"data {path} is a file, not a data folder or archive; {fix}"
+    dirs = [d for d in (spec.bin_dir, spec.py_dir) if any(n.startswith(f"{d}/") for n in names)]
+    if not dirs:
+        return (
+            f"data {path} is an archive with no {spec.name} files in it (no {spec.bin_dir}/); {fix}"
+        )
+    archive = spec.bin_archive if dirs[0] == spec.bin_dir else spec.py_archive
+    return (
+        f"data {path} is an archive of {dirs[0]}/ not named {archive}; rename it to {archive} "
+        "(its checksum is then checked) or unpack it and pass its folder as --data-dir"
+    )
+
+
+def _check_cache_folder(cache: Path) -> None:
+    if cache.exists() and not cache.is_dir():
+        raise DataError(
+            f"cache {cache} is a file, not a folder; pass --cache-dir (or set "
+            "JAXBENCH_CACHE_DIR to) a folder"
+        )
+
+
 def _from_folder(root: Path, spec: Spec, cache: Path) -> Dataset:
     """An explicit data folder: an official layout inside it (or it itself), else an
     archive in it; or the official archive itself."""
-    if root.is_file() and root.name in (spec.bin_archive, spec.py_archive):
+    if (
+        root.is_file()
+        and root.stat().st_size > 0
+        and root.name in (spec.bin_archive, spec.py_archive)
+    ):
         return _from_archive(root, spec, cache, f"fetch the official {root.name} again")
+    if root.exists() and not root.is_dir():
+        raise DataError(_not_a_data_folder(root, spec))
     if not root.is_dir():
         raise DataError(
             f"data folder {root} does not exist; pass --data-dir (or set JAXBENCH_DATA_DIR to) "
@@ -643,6 +687,7 @@ def _from_folder(root: Path, spec: Spec, cache: Path) -> Dataset:
 
 
 def _from_cache_or_download(spec: Spec, cache: Path, download: bool, progress: bool) -> Dataset:
+    _check_cache_folder(cache)
     for archive in (spec.bin_archive, spec.py_archive):
         if (hit := _read_entry(cache, spec, archive)) is not None:
             return hit

@@ -15,6 +15,7 @@ import platform
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -351,6 +352,29 @@ def _width(column: str) -> int:
     return max(len(column), 8)
 
 
+STOPPED_SILENTLY = "stopped without a word"
+
+
+def read_status(run_dir: str | Path) -> dict[str, Any]:
+    """A run's status.json, truthful after a SIGKILL: nothing can write at SIGKILL, so a
+    "running" status whose process (on this host) is gone reads "stopped without a word",
+    with `was` holding the recorded status. A pid reused by another process is not told
+    apart; a run recorded on another host is taken at its word."""
+    doc = json.loads((Path(run_dir) / "status.json").read_text())
+    pid, host = doc.get("pid"), doc.get("host")
+    if doc.get("status") != "running" or not isinstance(pid, int) or pid <= 0:
+        return doc
+    if host != socket.gethostname():
+        return doc
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return {**doc, "status": STOPPED_SILENTLY, "was": doc["status"]}
+    except PermissionError:  # alive, another user's
+        pass
+    return doc
+
+
 class RunRecorder:
     """The per-epoch table on stdout and the run's files, the same for both trainers.
 
@@ -395,6 +419,8 @@ class RunRecorder:
             "epochs_completed": len(self.rows),
             "started": self.started,
             "updated": now_iso(),
+            "pid": os.getpid(),  # with `host`, lets a reader tell a run killed outright
+            "host": socket.gethostname(),
             **extra,
         }
         write_json(self.workdir / "status.json", doc)

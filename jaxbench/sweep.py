@@ -17,7 +17,7 @@ machines can share one sweep, and `--merge DIR...` joins their folders. At the
 end (and on Ctrl-C) the folder gets `summary.json` (per cell and framework: mean
 and spread), `table.md` (sorted by accuracy, then time) and, for a 1-D or 2-D
 grid, `heatmap.png` or `lines.png` (the `plot` extra). A sweep that could not start
-(bad flags, --out, data) writes nothing.
+(bad flags, --out, data) writes nothing, nor does one stopped before its first run.
 
 Values: `field=v1,v2,...` with each value as its flag takes it; a field whose
 value has commas itself (`widths`) separates values with `;`
@@ -33,6 +33,7 @@ import itertools
 import json
 import math
 import os
+import shutil
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -100,8 +101,14 @@ def parse_grid(items: Sequence[str]) -> Grid:
             raise ValueError(f"--grid names {name} twice; give all its values in one item")
         if name in ("seed", "out", "checkpoint_every"):
             raise ValueError(f"--grid {name}: not a sweep field (seeds: --seeds N)")
-        parts = text.split(";") if ";" in text else text.split(",")
-        values = [parse_field(name, v.strip()) for v in parts if v.strip()]
+        sep_char = ";" if ";" in text else ","
+        parts = [v.strip() for v in text.split(sep_char)]
+        if not all(parts):  # `lr=0.2,` or `lr=0.2,,0.4`: a value left out, not a value
+            raise ValueError(
+                f"--grid {item!r}: an empty value (a stray {sep_char!r}); "
+                f"remove it or give the value (e.g. {name}=v1{sep_char}v2)"
+            )
+        values = [parse_field(name, v) for v in parts]
         if len(set(map(repr, values))) != len(values):
             raise ValueError(f"--grid {name}: a value appears twice")
         grid[name] = values
@@ -698,9 +705,21 @@ def _prepare(cmd: Command, out: Path, spec: dict[str, Any], overwrite: bool) -> 
         cmd.prepare_out(out, SWEEP_FILES, overwrite=overwrite)
 
 
-def _stopped(out: Path, word: str) -> str:
-    """Ctrl-C or SIGTERM once sweep.json is written: the summary of the finished runs."""
+def stopped(out: Path, word: str, before: set[str], old_spec: bytes | None) -> str:
+    """Ctrl-C or SIGTERM once sweep.json is written: the summary of the finished runs, or,
+    with none finished, the folder as it was (`before`: its entries, `old_spec`: its
+    sweep.json's bytes, None if it had none), so no empty table or figure is left."""
     rows = read_runs(out / RUNS)
+    if not rows:
+        for name in sorted(set(os.listdir(out)) - before):
+            path = out / name
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)
+        if old_spec is not None and (out / SPEC).read_bytes() != old_spec:
+            report.atomic_write_bytes(out / SPEC, old_spec)
+        return f"{word} before the first run; nothing written to {out}"
     write_outputs(out, rows, json.loads((out / SPEC).read_text()))
     return (
         f"{word} after {len(rows)} runs; they are in {out / RUNS}, "
@@ -732,8 +751,10 @@ def _main(cmd: Command, argv: list[str]) -> int:
     data = _data_for(base, todo) if todo else None
     if args.workers > 1:
         data = None
+    before = set(os.listdir(out))
+    old_spec = (out / SPEC).read_bytes() if (out / SPEC).is_file() else None
     report.write_json(out / SPEC, spec)
-    cmd.on_stop = lambda word: _stopped(out, word)
+    cmd.on_stop = lambda word: stopped(out, word, before, old_spec)
     print(
         f"sweep {args.config}: {len(mine)} runs in shard {args.shard} "
         f"({len(mine) - len(todo)} done before), {len(grid)}-D grid, "

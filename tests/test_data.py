@@ -415,6 +415,59 @@ def test_missing_folder(tmp_path: Path, isolated: Path) -> None:
     assert files_in(isolated) == []
 
 
+def _tar(path: Path, members: dict[str, bytes]) -> Path:
+    with tarfile.open(path, "w:gz") as tar:
+        for name, body in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(body)
+            tar.addfile(info, io.BytesIO(body))
+    return path
+
+
+@pytest.mark.parametrize(
+    "name,body,fragment",
+    [
+        ("data", b"", "is an empty file"),
+        ("cifar-10-binary.tar.gz", b"", "is an empty file"),  # the official name, empty
+        ("data.tar.gz", gzip.compress(b""), "is an empty archive"),
+        ("notes.txt", b"some text", "is a file, not a data folder or archive"),
+        ("empty.tar.gz", None, "is an archive with no cifar10 files"),
+        ("other.tar.gz", {"junk/a": b"x"}, "is an archive with no cifar10 files"),
+        ("mine.tar.gz", {"cifar-10-batches-bin/data_batch_1.bin": b"x"},
+         "rename it to cifar-10-binary.tar.gz"),
+    ],
+)  # fmt: skip
+def test_a_file_given_as_the_data_folder_says_what_it_is(
+    tmp_path: Path, isolated: Path, name: str, body: Any, fragment: str
+) -> None:
+    """It exists: never "does not exist"; the line says what the file is, and the fix."""
+    path = tmp_path / name
+    if isinstance(body, bytes):
+        path.write_bytes(body)
+    else:
+        _tar(path, body or {})
+    before = path.read_bytes()
+    with pytest.raises(DataError) as e:
+        load_dataset(data_dir=path)
+    msg = one_line_error(e, str(path), fragment, "--data-dir")
+    assert "does not exist" not in msg
+    assert path.read_bytes() == before and files_in(isolated) == []
+
+
+def test_a_cache_that_is_a_file_is_named_a_file(tmp_path: Path) -> None:
+    cache = tmp_path / "cache_file"
+    cache.write_text("mine")
+    for call in (
+        lambda: load_dataset(cache=cache, download=False),
+        lambda: data.clear_cache(cache),
+    ):
+        with pytest.raises(DataError) as e:
+            call()
+        msg = one_line_error(e, f"cache {cache} is a file, not a folder", "--cache-dir")
+        assert "not in the cache" not in msg
+    assert cache.read_text() == "mine"
+
+
 def test_wrong_layout(tmp_path: Path, isolated: Path) -> None:
     (tmp_path / "cifar-10-batches").mkdir()
     (tmp_path / "data_batch_1.png").write_bytes(b"x")
@@ -687,6 +740,8 @@ def test_cli_bad_inputs_exit_2_one_line(tmp_path: Path, isolated: Path) -> None:
     wrong_md5 = tmp_path / "wrong_md5"
     wrong_md5.mkdir()
     (wrong_md5 / spec.bin_archive).write_bytes(gzip.compress(b"not a tar"))
+    empty_file = tmp_path / "empty"
+    empty_file.write_bytes(b"")
     cases = {
         "missing": (["--data-dir", str(tmp_path / "nope")], "does not exist"),
         "truncated": (["--data-dir", str(bad_size), "--json"], "data_batch_1.bin is truncated"),
@@ -694,6 +749,8 @@ def test_cli_bad_inputs_exit_2_one_line(tmp_path: Path, isolated: Path) -> None:
         "checksum": (["--data-dir", str(wrong_md5)], "not the published"),
         "archive path": (["--data-dir", str(wrong_md5 / spec.bin_archive)], "not the published"),
         "no network": ([], "could not download file:///nonexistent-jaxbench-mirror/"),
+        "empty file": (["--data-dir", str(empty_file)], "is an empty file"),
+        "cache a file": (["--cache-dir", str(empty_file)], "is a file, not a folder"),
     }
     for name, (args, fragment) in cases.items():
         r = run_cli(*args, cache=isolated)

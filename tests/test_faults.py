@@ -360,6 +360,10 @@ _BAD = [
     ("lr inf", ["--lr", "inf"], "jax torch bench micro", "--lr"),
     ("lr negative", ["--lr", "-1"], "jax torch bench micro", "--lr"),
     ("lr nan in a sweep", ["--set", "lr=nan"], "sweep", "lr"),
+    ("grid trailing comma", ["--grid", "lr=0.2,"], "sweep", "an empty value"),
+    ("grid key twice", ["--grid", "lr=0.1", "lr=0.2"], "sweep", "names lr twice"),
+    ("grid not a number", ["--grid", "lr=fast"], "sweep", "is not a valid value"),
+    ("grid empty", ["--grid"], "sweep", "expected at least one argument"),
     ("momentum 1", ["--momentum", "1.0"], "jax torch bench micro", "--momentum"),
     ("unknown flag", ["--no-such-flag"], "jax torch bench parity sweep micro", "--no-such-flag"),
 ]  # fmt: skip
@@ -425,3 +429,24 @@ def test_bad_input_is_one_line_exit_2_and_touches_nothing(
     assert code == 2, (code, err[-3000:])
     assert "Traceback" not in err + out and len(lines) == 1 and text in lines[0], err[-3000:]
     assert snapshot() == before
+
+
+def test_a_sigkilled_run_reads_stopped_without_a_word(tmp_path: Path) -> None:
+    """Nothing writes at SIGKILL; `read_status` tells the dead run by its recorded pid."""
+    from jaxbench.report import read_status
+
+    run = tmp_path / "run"
+    child = (
+        "import os, signal, sys; from jaxbench.report import RunRecorder; "
+        "RunRecorder({}, sys.argv[1], quiet=True); os.kill(os.getpid(), signal.SIGKILL)"
+    )
+    res = subprocess.run([sys.executable, "-c", child, str(run)], timeout=120)  # fmt: skip
+    assert res.returncode == -signal.SIGKILL
+    recorded = json.loads((run / "status.json").read_text())
+    assert recorded["status"] == "running" and isinstance(recorded["pid"], int)
+    status = read_status(run)
+    assert status["status"] == "stopped without a word" and status["was"] == "running"
+    alive = tmp_path / "alive"
+    alive.mkdir()
+    (alive / "status.json").write_text(json.dumps({**recorded, "pid": os.getpid()}))
+    assert read_status(alive)["status"] == "running"

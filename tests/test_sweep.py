@@ -30,6 +30,12 @@ SMALL = ["--config", "tiny", "--set", "subset=500", "test_subset=500", "epochs=1
         ([], "--grid is empty"),
         (["--grid", "lr"], "expected field=v1,v2"),
         (["--grid", "lr=0.1,0.1"], "appears twice"),
+        (["--grid", "lr=0.2,"], "an empty value (a stray ',')"),
+        (["--grid", "lr=,0.2"], "an empty value"),
+        (["--grid", "lr=0.1,,0.2"], "an empty value"),
+        (["--grid", "widths=8,8,8,8;"], "an empty value (a stray ';')"),
+        (["--grid", "lr=0.1", "lr=0.2"], "names lr twice"),
+        (["--grid", "batch_size=100,big"], "batch_size='big' is not a valid value"),
         (["--grid", "batch_size=0,100"], "grid cell batch_size=0"),
         (["--grid", "seed=1,2"], "--seeds"),
         (["--grid", "lr=0.1", "--shard", "2/2"], "--shard 2/2"),
@@ -317,3 +323,25 @@ def test_ctrl_c_to_the_parent_stops_its_workers(real_data_dir: Path, tmp_path: P
     done = sweep.read_runs(runs)
     assert 1 <= len(done) < 12 and all(r["status"] == "done" for r in done)
     assert (out / "summary.json").exists()
+
+
+def test_stopped_before_the_first_run_leaves_the_folder_as_it_was(tmp_path: Path) -> None:
+    """No summary, table or figure of zero runs; a new folder's files go, an old sweep.json
+    is restored; with a run done, the summary of it is written."""
+    new = tmp_path / "new"
+    new.mkdir()
+    (new / sweep.SPEC).write_text("{}")
+    (new / workers.WORKERS_DIR / "claims").mkdir(parents=True)
+    line = sweep.stopped(new, "interrupted", set(), None)
+    assert line == f"interrupted before the first run; nothing written to {new}"
+    assert list(new.iterdir()) == []
+
+    old = tmp_path / "old"
+    old.mkdir()
+    (old / sweep.SPEC).write_bytes(b'{"old": 1}')
+    (old / "notes.txt").write_text("mine")
+    before = {p.name for p in old.iterdir()}
+    (old / sweep.SPEC).write_text("{}")
+    assert "nothing written" in sweep.stopped(old, "terminated", before, b'{"old": 1}')
+    assert (old / sweep.SPEC).read_bytes() == b'{"old": 1}'
+    assert sorted(p.name for p in old.iterdir()) == sorted(before)
