@@ -342,8 +342,8 @@ class Bench:
             r += 1
 
     def vmapped(self) -> None:
-        """Per preset, K JAX seeds in one vmapped program (`jaxbench.train.train_seeds`), timed as a run
-        is (steps and final evaluation, compilation excluded), beside the runs alone."""
+        """Per preset, K JAX seeds in one vmapped program (`train.train_seeds`), timed as a
+        run is (steps and final evaluation, compilation excluded), beside the runs alone."""
         k = self.opts.vmap_seeds
         for cfg in self.opts.cfgs:
             entry = next((e for e in self.active(cfg) if e.framework == "jax"), None)
