@@ -165,15 +165,16 @@ def prepare_output(
     return p
 
 
-def check_writable(p: Path, flag: str) -> None:
-    """Make the folder (and its parents) and prove a file can be created in it."""
+def check_writable(p: Path, flag: str, named: Path | None = None) -> None:
+    """Make the folder (and its parents) and prove a file can be created in it; the error
+    names `named` (the file a flag gives, default the folder itself)."""
     try:
         p.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=p, prefix=".write-probe-"):
             pass
     except OSError as e:
         raise OutputError(
-            f"{flag} {p} is not writable ({e.strerror or e}); choose another folder"
+            f"{flag} {named or p} is not writable ({e.strerror or e}); choose another place"
         ) from None
 
 
@@ -238,14 +239,7 @@ class Command:
         if parent.exists() and not parent.is_dir():
             raise OutputError(f"{flag} {p}: {parent} is a file, not a folder; choose another path")
         self._made[:0] = _missing_parents(parent)
-        try:
-            parent.mkdir(parents=True, exist_ok=True)
-            with tempfile.NamedTemporaryFile(dir=parent, prefix=".write-probe-"):
-                pass
-        except OSError as e:
-            raise OutputError(
-                f"{flag} {p} is not writable ({e.strerror or e}); choose another place"
-            ) from None
+        check_writable(parent, flag, named=p)
         self.out = self.out or p
         return p
 

@@ -16,7 +16,7 @@ from torch import nn
 from jaxbench import schedule
 from jaxbench.configs import Config, tiny
 from jaxbench.stream import FILL_RGB, apply_plan_numpy, epoch_plan
-from torch_ref import augment, train
+from torch_ref import augment, optim, train
 from torch_ref.model import ResNet9, count_params, model_from_config
 
 BLOCKS = ("prep", "layer1", "res1a", "res1b", "layer2", "layer3", "res3a", "res3b")
@@ -250,10 +250,10 @@ def test_optimizer_step_matches_contract_formula() -> None:
     with torch.no_grad():
         for p in model.parameters():
             p.add_(0.1)  # BN biases start at zero; move them so decay matters
-    opt = train.make_optimizer(model, cfg)
+    opt = optim.make_optimizer(model, cfg)
     lr, wd = 0.01, cfg.weight_decay * cfg.batch_size  # optimizer units for a summed loss
     assert cfg.loss_reduction == "sum"
-    train.set_lr(opt, lr)
+    optim.set_lr(opt, lr)
     assert [g["weight_decay"] for g in opt.param_groups] == [wd, wd * (1 / 64)]
     bias_ids = {id(getattr(model, b).bn.bias) for b in BLOCKS}
     w = {n: p.detach().clone() for n, p in model.named_parameters()}
@@ -279,7 +279,7 @@ def test_ema_update_arithmetic() -> None:
     w_np = rng.standard_normal(1000).astype(np.float32)
     ema, cur = [torch.from_numpy(e_np.copy())], [torch.from_numpy(w_np)]
     m = 0.99
-    train.ema_update(ema, cur, m)
+    optim.ema_update(ema, cur, m)
     m32 = np.float32(m)
     expected = m32 * e_np + (np.float32(1) - m32) * w_np  # the JAX side's float32 formula
     np.testing.assert_array_equal(ema[0].numpy(), expected)
@@ -287,14 +287,14 @@ def test_ema_update_arithmetic() -> None:
     names = [n for n, _ in model.named_parameters()] + [
         n for n, b in model.named_buffers() if b.is_floating_point()
     ]
-    assert len(train.ema_tensors(model)) == len(names)  # params and BN stats, not the counter
+    assert len(optim.ema_tensors(model)) == len(names)  # params and BN stats, not the counter
     assert sum(n.endswith("running_var") for n in names) == len(BLOCKS)
 
 
 def _record_lrs(monkeypatch: pytest.MonkeyPatch) -> list[list[float]]:
     """Patch the trainer's optimizer factory so every `step()` records each group's LR."""
     seen: list[list[float]] = []
-    real = train.make_optimizer
+    real = optim.make_optimizer
 
     def recording(model: nn.Module, cfg: Config, *args: Any) -> torch.optim.SGD:
         opt = real(model, cfg, *args)
@@ -315,7 +315,7 @@ def _record_lrs(monkeypatch: pytest.MonkeyPatch) -> list[list[float]]:
             return recording(model, cfg, *args)
         return real(model, cfg, *args)
 
-    monkeypatch.setattr(train, "make_optimizer", factory)
+    monkeypatch.setattr(optim, "make_optimizer", factory)
     return seen
 
 

@@ -15,7 +15,7 @@ from test_torch_ref import SyntheticData, small_cfg
 
 from jaxbench.configs import get_config
 from jaxbench.whitening import patch_moments, whitening_kernel_OIHW
-from torch_ref import augment, fast, train, whitening
+from torch_ref import augment, fast, optim, train, whitening
 from torch_ref.fast import TorchSetup, record
 
 CPU, CUDA = torch.device("cpu"), torch.device("cuda")
@@ -142,7 +142,7 @@ def test_sgd_implementations_agree_after_a_few_steps() -> None:
         if v.is_floating_point():
             scale = ref[name].abs().max().clamp_min(1e-30)
             assert ((v - ref[name]).abs().max() / scale).item() <= SGD_TOL, name
-    opt = train.make_optimizer(torch.nn.Linear(2, 2), cfg, "fused")
+    opt = optim.make_optimizer(torch.nn.Linear(2, 2), cfg, "fused")
     assert opt.defaults["fused"] and not opt.defaults["foreach"]
 
 

@@ -28,11 +28,11 @@ from torch import nn
 
 from jaxbench import checkpoint, cli, configs, schedule
 from jaxbench.checkpoint import Ledger
-from jaxbench.configs import Config, optimizer_scales
+from jaxbench.configs import Config
 from jaxbench.driver import Driver
 from jaxbench.progress import progress_bar
 from jaxbench.stream import epoch_plan, steps_per_epoch
-from torch_ref import augment, distributed, fast, layers
+from torch_ref import augment, distributed, fast, layers, optim
 from torch_ref.model import model_from_config
 from torch_ref.profiling import TorchProfile
 from torch_ref.whitening import whitening_kernel
@@ -126,60 +126,6 @@ def eval_forward(
     _, logits = eval_logits(net, x_u8, mean, std, cfg, bf16=bf16, channels_last=channels_last)
     loss = F.cross_entropy(logits, y, reduction="sum")
     return loss, (logits.argmax(1) == y).sum()
-
-
-def make_optimizer(model: nn.Module, cfg: Config, sgd_impl: str | None = None) -> torch.optim.SGD:
-    """SGD with Nesterov momentum and coupled decay; BN biases in their own group.
-
-    Each group carries `lr_mult`; the trainer sets `lr = lr_at(t) * lr_mult` before
-    update t. LR and decay are in optimizer units (`configs.optimizer_scales`).
-    `sgd_impl`: "fused", "foreach" or "for-loop" (None: torch's own choice).
-    """
-    lr, wd = optimizer_scales(cfg)
-    bn_biases = [m.bias for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
-    bn_ids = {id(p) for p in bn_biases}
-    others = [p for p in model.parameters() if id(p) not in bn_ids]
-    bn_group = {"params": bn_biases, "lr": lr * cfg.bn_bias_lr_mult}
-    bn_group |= {"lr_mult": cfg.bn_bias_lr_mult, "weight_decay": wd * cfg.bn_bias_wd_mult}
-    groups = [{"params": others, "lr": lr, "lr_mult": 1.0, "weight_decay": wd}, bn_group]
-    kernel = fast.sgd_kwargs(sgd_impl)
-    return torch.optim.SGD(
-        groups, lr=lr, momentum=cfg.momentum, dampening=0.0, nesterov=cfg.nesterov, **kernel
-    )
-
-
-def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
-    """The LR of the coming update in every group (a host float: no device sync)."""
-    for group in optimizer.param_groups:
-        group["lr"] = lr * group.get("lr_mult", 1.0)
-
-
-def ema_tensors(model: nn.Module) -> list[torch.Tensor]:
-    """What the EMA averages, in a fixed order: parameters, then float buffers (BN stats);
-    not `num_batches_tracked` (unused with a set momentum) nor a constant `fixed_scale`."""
-    buffers = model.named_buffers()
-    kept = [b for n, b in buffers if b.is_floating_point() and not n.endswith("fixed_scale")]
-    return list(model.parameters()) + kept
-
-
-@torch.no_grad()
-def ema_update(ema: Sequence[torch.Tensor], current: Sequence[torch.Tensor], m: float) -> None:
-    """`ema = m * ema + (1 - m) * w`, literally (two products, one sum), all tensors at once.
-
-    `m` and `1 - m` are formed in float32 (as `jaxbench.optim.ema_update` does), so
-    the two frameworks multiply by the very same coefficients.
-    """
-    m32 = np.float32(m)
-    scaled = torch._foreach_mul(list(current), float(np.float32(1.0) - m32))
-    torch._foreach_mul_(list(ema), float(m32))
-    torch._foreach_add_(list(ema), scaled)
-
-
-@torch.no_grad()
-def lookahead_reset(live: Sequence[torch.Tensor], ema: Sequence[torch.Tensor]) -> None:
-    """airbench's lookahead: after an EMA update the net (params and BN stats) becomes the EMA."""
-    for w, e in zip(live, ema, strict=True):
-        w.copy_(e)
 
 
 def check_supported(cfg: Config) -> None:
@@ -329,7 +275,7 @@ def setup(
         fill=augment.fill_tensor(dev),
         model=model,
         ema_model=ema_model,
-        optimizer=make_optimizer(model, cfg, speed.sgd_impl),
+        optimizer=optim.make_optimizer(model, cfg, speed.sgd_impl),
         lrs=[float(v) for v in schedule.lr_at(np.arange(cfg.epochs * steps), cfg, steps)],
         decays=schedule.ema_decays(cfg, cfg.epochs * steps),  # float32, the same as JAX's
         forward=forward,
@@ -340,11 +286,11 @@ def setup(
         extras=dict(
             device=str(dev), data_source=source, compute_dtype=dtype, devices=1, processes=1
         ),
-        ema_live=ema_tensors(model),
-        ema_copy=ema_tensors(ema_model) if ema_model is not None else [],
+        ema_live=optim.ema_tensors(model),
+        ema_copy=optim.ema_tensors(ema_model) if ema_model is not None else [],
     )
     distributed.prepare(r)  # several processes: DDP forward, a part of the test set each
-    warm = fast.warm_up(r, speed, key, evaluate=evaluate_net, ema_update=ema_update)
+    warm = fast.warm_up(r, speed, key, evaluate=evaluate_net, ema_update=optim.ema_update)
     r.extras.update(fast.summary_fields(speed, dev, bf16, warm))
     return r
 
@@ -366,7 +312,7 @@ def train_step(r: Run, bp: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, to
     Returns (mean per-example loss, correct count) as device tensors: no sync.
     """
     cfg = r.cfg
-    set_lr(r.optimizer, r.lrs[r.t])
+    optim.set_lr(r.optimizer, r.lrs[r.t])
     args = (r.model, r.train_x, r.train_y, bp, r.fill, r.mean, r.std, cfg)
     loss, per_example, correct = r.forward(*args, **r.loss_kw)
     loss.backward()
@@ -374,9 +320,9 @@ def train_step(r: Run, bp: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, to
     r.optimizer.zero_grad(set_to_none=True)
     r.t += 1
     if r.ema_model is not None and r.t % cfg.ema_every == 0:
-        ema_update(r.ema_copy, r.ema_live, float(r.decays[r.t]))
+        optim.ema_update(r.ema_copy, r.ema_live, float(r.decays[r.t]))
         if cfg.lookahead:
-            lookahead_reset(r.ema_live, r.ema_copy)
+            optim.lookahead_reset(r.ema_live, r.ema_copy)
     return per_example, correct
 
 
@@ -415,7 +361,7 @@ def train_epoch(
             hooks.after_step(t, r, per_example)
     bar.close()
     if cfg.lookahead and r.ema_model is not None and epoch == cfg.epochs - 1:
-        lookahead_reset(r.ema_live, r.ema_copy)  # airbench ends with net = EMA
+        optim.lookahead_reset(r.ema_live, r.ema_copy)  # airbench ends with net = EMA
     distributed.sum_over_processes(correct)  # the global batch's count and mean loss
     distributed.sum_over_processes(losses, mean=True)
     _sync(r.device)

@@ -29,7 +29,7 @@ from parity.harness import Harness
 
 def _lr_figure(h: Harness, cfg: Config, spe: int) -> tuple[float, dict[str, Any]]:
     """max over every step of |jax LR - torch LR| / peak LR, torch's as torch_ref sets it."""
-    from torch_ref import train as ttrain
+    from torch_ref import optim as toptim
 
     total = cfg.epochs * spe
     steps = np.arange(total)
@@ -41,7 +41,7 @@ def _lr_figure(h: Harness, cfg: Config, spe: int) -> tuple[float, dict[str, Any]
     )
     torch_lr = np.empty(total)
     for t, lr in enumerate(schedule.lr_at(steps, cfg, spe)):
-        ttrain.set_lr(opt, float(lr))
+        toptim.set_lr(opt, float(lr))
         torch_lr[t] = opt.param_groups[0]["lr"]
     peak = optimizer_scales(cfg)[0]
     diff = np.abs(jax_lr - torch_lr) / peak
@@ -58,7 +58,7 @@ def _lr_figure(h: Harness, cfg: Config, spe: int) -> tuple[float, dict[str, Any]
 def _optimizer_run(h: Harness, cfg: Config, spe: int, steps: int, seed: int) -> dict[str, Any]:
     """`steps` updates from the same params and gradients; live BN stats change every step
     (identically) so the EMA of BN statistics is exercised too. Returns per-tensor max |diff|."""
-    from torch_ref import train as ttrain
+    from torch_ref import optim as toptim
 
     tmodel = h.torch_model(cfg, seed)
     # BN scales and biases away from their init (1, 0), so that weight decay on them is
@@ -84,7 +84,7 @@ def _optimizer_run(h: Harness, cfg: Config, spe: int, steps: int, seed: int) -> 
     # enough to matter, and after each EMA step the live net (params and BN stats) = EMA.
     lookahead_ema = jax.tree_util.tree_map(jnp.array, {"params": params, "batch_stats": bstats})
     decays = schedule.ema_decays(cfg, steps)
-    topt = ttrain.make_optimizer(tmodel, cfg)
+    topt = toptim.make_optimizer(tmodel, cfg)
     t_ema = copy.deepcopy(tmodel)
     lrs = schedule.lr_at(np.arange(cfg.epochs * spe), cfg, spe)
     rng = np.random.default_rng(seed)
@@ -104,7 +104,7 @@ def _optimizer_run(h: Harness, cfg: Config, spe: int, steps: int, seed: int) -> 
         )
         params, opt_state = update(grads, opt_state, params)
         g_torch = convert.flax_to_torch({"params": grads})
-        ttrain.set_lr(topt, float(lrs[t]))
+        toptim.set_lr(topt, float(lrs[t]))
         for name, p in named.items():
             if p.requires_grad:  # frozen (speedrun's whitening): no grad, SGD skips it
                 p.grad = g_torch[name].clone()
@@ -131,9 +131,9 @@ def _optimizer_run(h: Harness, cfg: Config, spe: int, steps: int, seed: int) -> 
             )
         if cfg.ema_every and (t + 1) % cfg.ema_every == 0:
             m = float(decays[t + 1]) if cfg.lookahead else cfg.ema_momentum
-            ttrain.ema_update(ttrain.ema_tensors(t_ema), ttrain.ema_tensors(tmodel), m)
+            toptim.ema_update(toptim.ema_tensors(t_ema), toptim.ema_tensors(tmodel), m)
             if cfg.lookahead:
-                ttrain.lookahead_reset(ttrain.ema_tensors(tmodel), ttrain.ema_tensors(t_ema))
+                toptim.lookahead_reset(toptim.ema_tensors(tmodel), toptim.ema_tensors(t_ema))
     p_back = convert.flax_to_torch({"params": jax.device_get(params)})
     p_diff = {n: max_abs(p_back[n].numpy(), p.detach().numpy()) for n, p in named.items()}
     # The live BN statistics: rewritten every step, so they differ only if a lookahead

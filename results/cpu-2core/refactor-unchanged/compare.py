@@ -1,9 +1,22 @@
 """Compare every non-time field of metrics.jsonl and summary.json between two run trees."""
-import json, sys
+
+import json
+import sys
 from pathlib import Path
 
-TIME = {"total_time_seconds", "compile_seconds", "images_per_second", "environment",
-        "started", "updated", "out", "profile", "warmup_ran", "compiled"}
+TIME = {
+    "total_time_seconds",
+    "compile_seconds",
+    "images_per_second",
+    "environment",
+    "started",
+    "updated",
+    "out",
+    "profile",
+    "warmup_ran",
+    "compiled",
+}
+
 
 def strip(x):
     if isinstance(x, dict):
@@ -11,6 +24,7 @@ def strip(x):
     if isinstance(x, list):
         return [strip(v) for v in x]
     return x
+
 
 def diff(a, b, path=""):
     out = []
@@ -21,11 +35,12 @@ def diff(a, b, path=""):
             else:
                 out += diff(a[k], b[k], f"{path}/{k}")
     elif isinstance(a, list) and isinstance(b, list) and len(a) == len(b):
-        for i, (x, y) in enumerate(zip(a, b)):
+        for i, (x, y) in enumerate(zip(a, b, strict=True)):
             out += diff(x, y, f"{path}[{i}]")
     elif a != b:
         out.append(f"{path}: {str(a)[:60]} != {str(b)[:60]}")
     return out
+
 
 before, after = Path(sys.argv[1]), Path(sys.argv[2])
 rows = []
@@ -35,7 +50,8 @@ for run in sorted(p.name for p in before.iterdir() if p.is_dir()):
     for f in ("metrics.jsonl", "summary.json"):
         pa, pb = before / run / f, after / run / f
         if not pb.exists():
-            res[f] = ["missing after"]; continue
+            res[f] = ["missing after"]
+            continue
         if f.endswith(".jsonl"):
             a = [json.loads(l) for l in pa.read_text().splitlines() if l.strip()]
             b = [json.loads(l) for l in pb.read_text().splitlines() if l.strip()]
@@ -45,12 +61,16 @@ for run in sorted(p.name for p in before.iterdir() if p.is_dir()):
     ok = not any(res.values())
     ok_all &= ok
     fin = json.loads((before / run / "summary.json").read_text())["final"]
-    rows.append({"run": run, "identical": ok, "differences": {k: v[:10] for k, v in res.items() if v},
-                 "final_before": fin})
-    print(f"{run:28s} {'identical' if ok else 'DIFFERENT'}  ema_val_acc={fin['ema_val_acc']} train_loss={fin['train_loss']:.10f}")
+    differences = {k: v[:10] for k, v in res.items() if v}
+    rows.append({"run": run, "identical": ok, "differences": differences, "final_before": fin})
+    verdict = "identical" if ok else "DIFFERENT"
+    print(
+        f"{run:28s} {verdict}  ema_val_acc={fin['ema_val_acc']} train_loss={fin['train_loss']:.10f}"
+    )
     for k, v in res.items():
         for line in v[:10]:
             print("   ", k, line)
 if len(sys.argv) > 3:
-    Path(sys.argv[3]).write_text(json.dumps({"all_identical": ok_all, "runs": rows}, indent=1) + "\n")
+    report = {"all_identical": ok_all, "runs": rows}
+    Path(sys.argv[3]).write_text(json.dumps(report, indent=1) + "\n")
 sys.exit(0 if ok_all else 1)
