@@ -24,16 +24,13 @@ from typing import Any
 
 
 @dataclass(frozen=True)
-class Config:
-    """Every field of a training run. Field docs become `--help` text."""
+class Recipe:
+    """The training recipe: data, model, optimizer, evaluation and augmentation. Two runs
+    of one recipe and seed give the same numbers."""
 
     name: str = field(default="resnet9", metadata={"help": "preset the config came from"})
     # --- data -----------------------------------------------------------------
     dataset: str = field(default="cifar10", metadata={"help": "cifar10 or cifar100"})
-    data_dir: str | None = field(
-        default=None,
-        metadata={"help": "folder with the official CIFAR layout (else $JAXBENCH_DATA_DIR, cache)"},
-    )
     source: str = field(default="auto", metadata={"help": "auto (official files) or tfds"})
     subset: int | None = field(
         default=None, metadata={"help": "train on the first N training images (all if unset)"}
@@ -148,8 +145,27 @@ class Config:
     crop_pad: int = field(default=4, metadata={"help": "reflect-pad then random-crop (0: off)"})
     flip: str = field(default="random", metadata={"help": "none, random or alternating"})
     cutout: int = field(default=8, metadata={"help": "cutout square side in pixels (0: off)"})
-    # --- run --------------------------------------------------------------------
+    # --- several devices ------------------------------------------------------------
+    bn_sync: str = field(
+        default="global",
+        metadata={
+            "help": "with several devices: global (BN statistics over the whole batch, "
+            "the same numbers as one device) or local (each device's share on its own, "
+            "a different recipe)"
+        },
+    )
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """How and where one run of a recipe goes: its seed, where its data and results live,
+    how its steps are placed. The loop and the devices leave the numbers as they are."""
+
     seed: int = field(default=0, metadata={"help": "seed for init, shuffling and augmentation"})
+    data_dir: str | None = field(
+        default=None,
+        metadata={"help": "folder with the official CIFAR layout (else $JAXBENCH_DATA_DIR, cache)"},
+    )
     loop: str = field(
         default="auto", metadata={"help": "scan (whole epoch in one jit), step, or auto"}
     )
@@ -158,14 +174,6 @@ class Config:
         metadata={
             "help": "data-parallel devices per process: the batch is split over them, "
             "the weights replicated (0: every local device)"
-        },
-    )
-    bn_sync: str = field(
-        default="global",
-        metadata={
-            "help": "with several devices: global (BN statistics over the whole batch, "
-            "the same numbers as one device) or local (each device's share on its own, "
-            "a different recipe)"
         },
     )
     out: str | None = field(default=None, metadata={"help": "output folder for results"})
@@ -177,9 +185,22 @@ class Config:
         },
     )
 
+
+@dataclass(frozen=True)
+class Config(RunOptions, Recipe):
+    """A run: its recipe's fields, then its run options', one flat set of fields and flags.
+
+    Field docs become `--help` text; `recipe()` is what a compiled program depends on
+    besides the loop and the devices, so the compile caches key on it.
+    """
+
     def replace(self, **changes: Any) -> Config:
         """A copy with some fields changed, validated."""
         return validate(dataclasses.replace(self, **changes))
+
+    def recipe(self) -> Recipe:
+        """This run's recipe alone: what a compile cache keys on instead of the whole run."""
+        return recipe_of(self)
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -191,8 +212,21 @@ class Config:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True, allow_nan=False)
 
 
+def recipe_of(cfg: Recipe) -> Recipe:
+    """The `Recipe` fields of a config, without its run options (seed, folders, placement)."""
+    return Recipe(**{f.name: getattr(cfg, f.name) for f in dataclasses.fields(Recipe)})
+
+
 def validate(cfg: Config) -> Config:
     """Reject impossible combinations early, with a message that names the fix."""
+    _check_choices(cfg)
+    _check_counts(cfg)
+    _check_rates(cfg)
+    return cfg
+
+
+def _check_choices(cfg: Config) -> None:
+    """Named choices, and the model's own widths and stem."""
     choices = {
         "dataset": ("cifar10", "cifar100"),
         "source": ("auto", "tfds"),
@@ -221,6 +255,10 @@ def validate(cfg: Config) -> Config:
             "the speedrun net's stem is airbench's 2x2 whitening: --whiten patch2 "
             "(start from --config speedrun for airbench's whitening eps and image count)"
         )
+
+
+def _check_counts(cfg: Config) -> None:
+    """Sizes, epochs and pixel counts."""
     if cfg.ghost_bn < 0 or (cfg.ghost_bn and cfg.batch_size % cfg.ghost_bn):
         raise ValueError(
             f"--ghost-bn {cfg.ghost_bn} must be 0 (off) or divide --batch-size {cfg.batch_size}, "
@@ -260,7 +298,11 @@ def validate(cfg: Config) -> Config:
         raise ValueError("--lr-peak-epoch must be in (0, --epochs]")
     if cfg.ema_every < 0 or not 0.0 <= cfg.ema_momentum < 1.0:
         raise ValueError("--ema-every must be >= 0 and --ema-momentum in [0, 1)")
-    # Numbers that would train nothing or diverge at once: refused before any data loads.
+
+
+def _check_rates(cfg: Config) -> None:
+    """Rates and coefficients that would train nothing or diverge at once: refused before
+    any data loads."""
     ranges = {
         "lr": (0.0, math.inf, "a positive finite number, e.g. 0.4"),
         "weight_decay": (0.0, math.inf, "a finite number >= 0, e.g. 5e-4"),
@@ -285,7 +327,6 @@ def validate(cfg: Config) -> Config:
         raise ValueError(
             f"--bn-momentum must be in (0, 1] (PyTorch's convention); got {cfg.bn_momentum!r}"
         )
-    return cfg
 
 
 def check_supported(cfg: Config, trainer: str) -> None:

@@ -191,10 +191,11 @@ def eval_sums(
 
 
 def cache_key(cfg: Config, n_train: int, n_test: int, loop: str, state: Any) -> Any:
-    """What a run's programs depend on: the config but its seed and folder, the data
-    shapes, the loop, the backend and the state's tree."""
+    """What a run's programs depend on: the recipe and the devices (not the seed or the
+    folders), the data shapes, the loop, the backend and the state's tree."""
     return (
-        cfg.replace(seed=0, out=None),
+        cfg.recipe(),
+        cfg.devices,
         n_train,
         n_test,
         loop,

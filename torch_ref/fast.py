@@ -299,7 +299,7 @@ class Pooled:
     tensors: dict[str, torch.Tensor]
 
 
-# Warm-up and pooled tensors, per (config without seed/out, shapes, device, setup, bf16).
+# Warm-up and pooled tensors, per (recipe, shapes, device, setup, bf16).
 _WARMED: set[Any] = set()
 _POOL: dict[Any, Pooled] = {}
 
@@ -313,8 +313,8 @@ def forget_warmups() -> None:
 def run_key(
     cfg: Config, n_train: int, n_test: int, dev: torch.device, s: TorchSetup, bf16: bool
 ) -> tuple[Any, ...]:
-    """What the warm-up depends on: not the seed, the output folder or the data's values."""
-    return (dataclasses.replace(cfg, seed=0, out=None), n_train, n_test, str(dev), s, bf16)
+    """What the warm-up depends on: the recipe, not the run options or the data's values."""
+    return (cfg.recipe(), n_train, n_test, str(dev), s, bf16)
 
 
 def place(
