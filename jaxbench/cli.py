@@ -21,6 +21,13 @@ from typing import Any
 import numpy as np
 
 from jaxbench import checkpoint
+from jaxbench.command import (
+    Terminated,
+    exit_interrupted,
+    prepare_output,
+    raise_terminated,
+    remove_if_empty,
+)
 from jaxbench.configs import (
     Config,
     OneLineErrorParser,
@@ -29,15 +36,7 @@ from jaxbench.configs import (
     config_from_dict,
     resumed_config,
 )
-from jaxbench.report import (
-    RUN_FILES,
-    Terminated,
-    exit_interrupted,
-    prepare_output,
-    raise_terminated,
-    remove_if_empty,
-    write_json,
-)
+from jaxbench.report import RUN_FILES, write_json
 
 
 def trainer_parser(prog: str, description: str) -> argparse.ArgumentParser:

@@ -26,16 +26,6 @@ from typing import Any
 
 import numpy as np
 
-# The output checks and the signal ends live in jaxbench.command; these names stay importable
-# from here for callers written against this module.
-from jaxbench.command import (  # noqa: F401
-    OutputError,
-    Terminated,
-    exit_interrupted,
-    prepare_output,
-    raise_terminated,
-    remove_if_empty,
-)
 from jaxbench.threads import THREAD_ENV_VARS
 
 EPOCH_COLUMNS: tuple[str, ...] = (

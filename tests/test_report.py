@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 from jaxbench import report
+from jaxbench.command import OutputError, prepare_output
 
 REPO = Path(report.__file__).resolve().parent.parent
 GIT = shutil.which("git")
@@ -244,25 +245,23 @@ def test_bench_and_parity_records_carry_the_commit() -> None:
 
 def test_prepare_output_refuses_files_old_results_and_unwritable_places(tmp_path: Path) -> None:
     files = report.RUN_FILES
-    new = report.prepare_output(tmp_path / "a" / "b", files, overwrite=False)
+    new = prepare_output(tmp_path / "a" / "b", files, overwrite=False)
     assert new.is_dir() and not list(new.iterdir())  # made, and the probe left nothing
     (new / "summary.json").write_text("{}")
     (new / "notes.txt").write_text("mine")
-    with pytest.raises(
-        report.OutputError, match="already holds results .summary.json.*--overwrite"
-    ):
-        report.prepare_output(new, files, overwrite=False)
-    report.prepare_output(new, files, overwrite=True)
+    with pytest.raises(OutputError, match="already holds results .summary.json.*--overwrite"):
+        prepare_output(new, files, overwrite=False)
+    prepare_output(new, files, overwrite=True)
     assert sorted(p.name for p in new.iterdir()) == ["notes.txt"]  # only run files go
     a_file = tmp_path / "f"
     a_file.write_text("x")
-    with pytest.raises(report.OutputError, match="is a file"):
-        report.prepare_output(a_file, files, overwrite=True)
-    with pytest.raises(report.OutputError, match="is a file|not writable"):
-        report.prepare_output(a_file / "sub", files, overwrite=False)
+    with pytest.raises(OutputError, match="is a file"):
+        prepare_output(a_file, files, overwrite=True)
+    with pytest.raises(OutputError, match="is a file|not writable"):
+        prepare_output(a_file / "sub", files, overwrite=False)
     (new / "bench-tiny.png").write_text("x")
-    with pytest.raises(report.OutputError, match="bench-tiny.png"):
-        report.prepare_output(new, ("bench.json", "bench-*.png"), overwrite=False)
+    with pytest.raises(OutputError, match="bench-tiny.png"):
+        prepare_output(new, ("bench.json", "bench-*.png"), overwrite=False)
 
 
 @pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders")
@@ -271,8 +270,8 @@ def test_prepare_output_read_only_folder(tmp_path: Path) -> None:
     ro.mkdir()
     ro.chmod(0o500)
     try:
-        with pytest.raises(report.OutputError, match="not writable"):
-            report.prepare_output(ro, report.RUN_FILES, overwrite=False)
+        with pytest.raises(OutputError, match="not writable"):
+            prepare_output(ro, report.RUN_FILES, overwrite=False)
     finally:
         ro.chmod(0o700)
 
