@@ -232,59 +232,70 @@ def _rendezvous(a: ProcessArgs) -> None:
     host, port = _split_address(a.coordinator)
     deadline = time.monotonic() + a.timeout_s
     if a.process_id == 0:
-        try:
-            server = socket.create_server(("", port), reuse_port=hasattr(socket, "SO_REUSEPORT"))
-        except OSError as e:
-            raise ValueError(
-                f"--coordinator {a.coordinator}: process 0 cannot listen on port {port} "
-                f"({e.strerror or e}); pick a free port"
-            ) from None
-        seen: set[int] = set()
-        conns: list[socket.socket] = []
-        with server:
-            while len(seen) < a.num_processes - 1:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    missing = sorted(set(range(1, a.num_processes)) - seen)
-                    for c in conns:
-                        c.close()
-                    raise TimeoutError(
-                        f"process(es) {', '.join(map(str, missing))} did not reach "
-                        f"{a.coordinator} within {a.timeout_s} s; start them with the same "
-                        "--coordinator and --num-processes (or raise --dist-timeout)"
-                    )
-                server.settimeout(left)
-                try:
-                    conn, _ = server.accept()
-                except TimeoutError:
-                    continue
-                conn.settimeout(max(deadline - time.monotonic(), 0.1))
-                try:
-                    line = conn.recv(64).decode().split()
-                except (OSError, UnicodeDecodeError):
-                    conn.close()
-                    continue
-                if len(line) != 2 or not all(s.isdigit() for s in line):
-                    conn.close()
-                    continue
-                pid, count = int(line[0]), int(line[1])
-                if count != a.num_processes or pid in seen or not 0 < pid < a.num_processes:
-                    conn.sendall(b"no\n")
-                    conn.close()
-                    for c in conns:
-                        c.close()
-                    why = (
-                        f"process {pid} says --num-processes {count}"
-                        if count != a.num_processes
-                        else f"two processes say --process-id {pid}"
-                    )
-                    raise ValueError(f"inconsistent topology: {why}; give every process its own id")
-                seen.add(pid)
-                conns.append(conn)
-            for c in conns:  # everyone is here: release them together
-                c.sendall(b"ok\n")
-                c.close()
-        return
+        _call_the_roll(a, port, deadline)
+    else:
+        _answer_the_roll(a, host, port, deadline)
+
+
+def _call_the_roll(a: ProcessArgs, port: int, deadline: float) -> None:
+    """Process 0: wait for every other id, then release them together."""
+    assert a.num_processes is not None
+    try:
+        server = socket.create_server(("", port), reuse_port=hasattr(socket, "SO_REUSEPORT"))
+    except OSError as e:
+        raise ValueError(
+            f"--coordinator {a.coordinator}: process 0 cannot listen on port {port} "
+            f"({e.strerror or e}); pick a free port"
+        ) from None
+    seen: set[int] = set()
+    conns: list[socket.socket] = []
+    with server:
+        while len(seen) < a.num_processes - 1:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                missing = sorted(set(range(1, a.num_processes)) - seen)
+                for c in conns:
+                    c.close()
+                raise TimeoutError(
+                    f"process(es) {', '.join(map(str, missing))} did not reach "
+                    f"{a.coordinator} within {a.timeout_s} s; start them with the same "
+                    "--coordinator and --num-processes (or raise --dist-timeout)"
+                )
+            server.settimeout(left)
+            try:
+                conn, _ = server.accept()
+            except TimeoutError:
+                continue
+            conn.settimeout(max(deadline - time.monotonic(), 0.1))
+            try:
+                line = conn.recv(64).decode().split()
+            except (OSError, UnicodeDecodeError):
+                conn.close()
+                continue
+            if len(line) != 2 or not all(s.isdigit() for s in line):
+                conn.close()
+                continue
+            pid, count = int(line[0]), int(line[1])
+            if count != a.num_processes or pid in seen or not 0 < pid < a.num_processes:
+                conn.sendall(b"no\n")
+                conn.close()
+                for c in conns:
+                    c.close()
+                why = (
+                    f"process {pid} says --num-processes {count}"
+                    if count != a.num_processes
+                    else f"two processes say --process-id {pid}"
+                )
+                raise ValueError(f"inconsistent topology: {why}; give every process its own id")
+            seen.add(pid)
+            conns.append(conn)
+        for c in conns:  # everyone is here: release them together
+            c.sendall(b"ok\n")
+            c.close()
+
+
+def _answer_the_roll(a: ProcessArgs, host: str, port: int, deadline: float) -> None:
+    """Any other process: report to process 0 until it answers or the deadline passes."""
     while True:
         left = deadline - time.monotonic()
         if left <= 0:
