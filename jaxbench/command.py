@@ -47,19 +47,6 @@ A command adopts it by moving its body into a function of one `Command` argument
 * `Terminated` (a `KeyboardInterrupt`) is the one SIGTERM class: `except KeyboardInterrupt`
   handles both signals, and `isinstance(e, Terminated)` tells them apart (or an
   `except Terminated` placed before it).
-
-How the other commands plug in:
-
-* the trainers' CLI (`jaxbench.cli.run_trainer`, used by `jaxbench.train` and
-  `torch_ref.train`): `run_command(body, errors={**BAD_INPUT, FloatingPointError: 1})`;
-  `cmd.prepare_out` for `--out` (RUN_FILES), `--resume` (`resume=True`) and `--profile`
-  (`flag="--profile"`, `produces=()`); `cmd.on_stop` returns today's line from
-  status.json ("interrupted after epoch N; partial results in ..."), and the SIGTERM
-  handler, the `created` flag and the folder removal go (the wrapper does them);
-* `jaxbench.train`'s `--vmap-seeds` main: the same, with its own `on_stop`;
-* the bench: `cmd.prepare_out(opts.out, BENCH_FILES, overwrite=...)`; its bench.json is
-  written by `on_stop` (or by its own `except KeyboardInterrupt` that re-raises), and its
-  own `Terminated` goes: a `BudgetExceeded` stays the bench's.
 """
 
 from __future__ import annotations

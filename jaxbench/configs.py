@@ -303,23 +303,22 @@ def _check_counts(cfg: Config) -> None:
 def _check_rates(cfg: Config) -> None:
     """Rates and coefficients that would train nothing or diverge at once: refused before
     any data loads."""
-    ranges = {
-        "lr": (0.0, math.inf, "a positive finite number, e.g. 0.4"),
-        "weight_decay": (0.0, math.inf, "a finite number >= 0, e.g. 5e-4"),
-        "lr_start": (0.0, math.inf, "a finite fraction >= 0 of --lr"),
-        "lr_end": (0.0, math.inf, "a finite fraction >= 0 of --lr"),
-        "bn_bias_lr_mult": (0.0, math.inf, "a finite number >= 0"),
-        "bn_bias_wd_mult": (0.0, math.inf, "a finite number >= 0"),
-        "output_scale": (0.0, math.inf, "a positive finite number"),
-        "bn_eps": (0.0, math.inf, "a positive finite number, e.g. 1e-5"),
-        "bn_scale": (0.0, math.inf, "a positive finite number, e.g. 1.0"),
-        "celu_alpha": (0.0, math.inf, "a positive finite number, e.g. 0.3"),
-        "whiten_eps": (0.0, math.inf, "a positive finite number, e.g. 1e-2"),
+    ranges = {  # each finite and >= 0; "positive" ones > 0
+        "lr": "a positive finite number, e.g. 0.4",
+        "weight_decay": "a finite number >= 0, e.g. 5e-4",
+        "lr_start": "a finite fraction >= 0 of --lr",
+        "lr_end": "a finite fraction >= 0 of --lr",
+        "bn_bias_lr_mult": "a finite number >= 0",
+        "bn_bias_wd_mult": "a finite number >= 0",
+        "output_scale": "a positive finite number",
+        "bn_eps": "a positive finite number, e.g. 1e-5",
+        "bn_scale": "a positive finite number, e.g. 1.0",
+        "celu_alpha": "a positive finite number, e.g. 0.3",
+        "whiten_eps": "a positive finite number, e.g. 1e-2",
     }
-    for name, (lo, hi, what) in ranges.items():
+    for name, what in ranges.items():
         v = getattr(cfg, name)
-        positive = name in ("lr", "output_scale", "bn_eps", "bn_scale", "celu_alpha", "whiten_eps")
-        if not (math.isfinite(v) and lo <= v < hi) or (positive and v <= 0):
+        if not (math.isfinite(v) and v >= 0.0) or ("positive" in what and v <= 0):
             raise ValueError(f"--{name.replace('_', '-')} must be {what}; got {v!r}")
     if not 0.0 <= cfg.momentum < 1.0:
         raise ValueError(f"--momentum must be in [0, 1); got {cfg.momentum!r}")
@@ -621,8 +620,8 @@ def _field_parser(f: dataclasses.Field[Any]) -> Callable[[str], Any]:
         return _parse_widths
     return {
         "bool": _parse_bool,
-        "int | None": _parse_optional_int,
-        "float | None": _parse_optional_float,
+        "int | None": _optional(int),
+        "float | None": _optional(float),
         "int": int,
         "float": float,
     }.get(str(f.type), str)
@@ -655,16 +654,9 @@ def _shown(value: Any) -> str:
     return "none" if value is None else str(value)
 
 
-def _parse_optional_int(text: str) -> int | None:
-    if text.lower() in ("none", "all", ""):
-        return None
-    return int(text)
-
-
-def _parse_optional_float(text: str) -> float | None:
-    if text.lower() in ("none", "all", ""):
-        return None
-    return float(text)
+def _optional(parse: Callable[[str], Any]) -> Callable[[str], Any]:
+    """`parse`, with none, all or nothing read as None (unset)."""
+    return lambda text: None if text.lower() in ("none", "all", "") else parse(text)
 
 
 def add_config_args(parser: argparse.ArgumentParser, skip: Sequence[str] = ("name",)) -> None:
@@ -685,37 +677,20 @@ def add_config_args(parser: argparse.ArgumentParser, skip: Sequence[str] = ("nam
     for f in dataclasses.fields(Config):
         if f.name in skip:
             continue
-        flag = "--" + f.name.replace("_", "-")
-        default = f"(default: {_shown(getattr(shown, f.name))})"
+        flag, value = "--" + f.name.replace("_", "-"), getattr(shown, f.name)
+        kind: dict[str, Any] = {"type": _field_parser(f), "metavar": f.name.upper()}
+        default = f"(default: {_shown(value)})"
         if f.type == "bool":  # --x / --no-x, as ruff and pytest spell switches
             negative = "--no-" + f.name.replace("_", "-")
-            default = (
-                f"(default: on; {negative} turns it off)"
-                if getattr(shown, f.name)
-                else ("(default: off)")
-            )
-            parser.add_argument(
-                flag,
-                dest=f.name,
-                action="store_const",
-                const=True,
-                default=argparse.SUPPRESS,
-                help=f"{f.metadata.get('help', '')} {default}".strip(),
-            )
+            default = f"(default: on; {negative} turns it off)" if value else "(default: off)"
+            kind = {"action": "store_const", "const": True}
             if negative not in trick_flags:  # else the trick flag below turns it off
                 parser.add_argument(
                     negative, dest=f.name, action="store_const", const=False,
                     default=argparse.SUPPRESS, help=argparse.SUPPRESS,
                 )  # fmt: skip
-            continue
-        parser.add_argument(
-            flag,
-            dest=f.name,
-            type=_field_parser(f),
-            default=argparse.SUPPRESS,
-            metavar=f.name.upper(),
-            help=f"{f.metadata.get('help', '')} {default}".strip(),
-        )
+        help_ = f"{f.metadata.get('help', '')} {default}".strip()
+        parser.add_argument(flag, dest=f.name, default=argparse.SUPPRESS, help=help_, **kind)
     tricks = parser.add_argument_group(
         "ablation", "remove one of Page's tricks from the preset (set to the Myrtle baseline)"
     )

@@ -109,19 +109,9 @@ def gpu_driver() -> str | None:
     except OSError:
         pass
     smi = shutil.which("nvidia-smi")
-    if smi is None:
-        return None
-    try:
-        out = subprocess.run(
-            [smi, "--query-gpu=driver_version", "--format=csv,noheader"],
-            capture_output=True,
-            text=True,
-            timeout=20,
-            check=True,
-        ).stdout.split()
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return out[0] if out else None
+    text = _probe([smi, "--query-gpu=driver_version", "--format=csv,noheader"])[0] if smi else None
+    words = (text or "").split()
+    return words[0] if words else None
 
 
 _PROBE_TIMEOUT = 10.0  # seconds for each git / lscpu / nvidia-smi call
