@@ -338,10 +338,7 @@ def initialize(a: ProcessArgs) -> None:
     if a.explicit:
         _rendezvous(a)
         jax.distributed.initialize(
-            a.coordinator,
-            a.num_processes,
-            a.process_id,
-            initialization_timeout=a.timeout_s,
+            a.coordinator, a.num_processes, a.process_id, initialization_timeout=a.timeout_s
         )
     else:
         jax.distributed.initialize(initialization_timeout=a.timeout_s)

@@ -461,10 +461,7 @@ def nvidia_smi() -> dict[str, Any]:
         return {"available": False}
     out: dict[str, Any] = {"available": True}
     query = "name,memory.total,clocks.max.sm,clocks.sm,power.limit,temperature.gpu"
-    for key, args in (
-        ("list", ["-L"]),
-        ("query", [f"--query-gpu={query}", "--format=csv"]),
-    ):
+    for key, args in (("list", ["-L"]), ("query", [f"--query-gpu={query}", "--format=csv"])):
         try:
             res = subprocess.run([smi, *args], capture_output=True, text=True, timeout=20)
             out[key] = (res.stdout or res.stderr).strip()

@@ -268,14 +268,7 @@ def chaos_test(
     d, e = float(diff), float(se)
     t = d / e if e > 0 else (0.0 if d == 0 else math.copysign(math.inf, d))
     return ChaosTest(
-        diff=d,
-        chaos_sd=float(sd),
-        se=e,
-        df=int(df),
-        t=t,
-        quantile=q,
-        alpha=alpha,
-        n_tests=n_tests,
+        diff=d, chaos_sd=float(sd), se=e, df=int(df), t=t, quantile=q, alpha=alpha, n_tests=n_tests
     )
 
 

@@ -118,7 +118,6 @@ def thread_settings() -> dict[str, Any]:
         import torch
 
         out.update(
-            torch_intra_op=torch.get_num_threads(),
-            torch_interop=torch.get_num_interop_threads(),
+            torch_intra_op=torch.get_num_threads(), torch_interop=torch.get_num_interop_threads()
         )
     return out

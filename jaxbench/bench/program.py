@@ -123,20 +123,9 @@ def program_fn(p: Pieces, which: str, *, donate: bool = True) -> tuple[Any, tupl
     if which in ("epoch", "step"):
         step_fn, epoch_fn = frameworks.jax_loop_fns(cfg, p.model, p.tx, cfg.epochs * p.steps)
         if which == "epoch":
-            return jax.jit(epoch_fn, donate_argnums=donation), (
-                p.state,
-                p.images,
-                p.labels,
-                p.plan,
-            )
+            return jax.jit(epoch_fn, donate_argnums=donation), (p.state, p.images, p.labels, p.plan)
         i = jax.ShapeDtypeStruct((), jnp.int32)
-        return jax.jit(step_fn, donate_argnums=donation), (
-            p.state,
-            p.images,
-            p.labels,
-            p.plan,
-            i,
-        )
+        return jax.jit(step_fn, donate_argnums=donation), (p.state, p.images, p.labels, p.plan, i)
     if which == "eval":
         n = p.eval_batch
         acc = {k: jax.ShapeDtypeStruct((), jnp.float32) for k in _eval_keys(p.with_ema)}
