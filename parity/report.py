@@ -173,6 +173,27 @@ def _curves_md(d: dict[str, Any], has_plot: bool) -> list[str]:
         "spread) and bars in accuracy points; t with its degrees of freedom.",
         "",
     ]
+    last = "torch" + "'" * (runs - 1)
+    head = ["metric", "epoch", "jax %", "torch % (all runs)", "chaos sd", "jax - torch",
+            "bar", "t (df)", "real", f"null: {last} - torch", "null bar", "null t (df)",
+            "null"]  # fmt: skip
+    lines += _md_table(head, _curves_rows(d))
+    lines += _divergence_md(d.get("loss_divergence") or {})
+    secs, cpu = d.get("seconds") or {}, d.get("cpu_seconds") or {}
+    if secs:
+        lines += [
+            "",
+            "Time (wall / CPU, all seeds): "
+            + ", ".join(f"{k} {secs[k]:.0f} / {cpu.get(k, float('nan')):.0f} s" for k in secs)
+            + ".",
+        ]
+    if has_plot:
+        lines += ["", "![curves](curves.png)"]
+    return [*lines, ""]
+
+
+def _curves_rows(d: dict[str, Any]) -> list[list[str]]:
+    """Check 7's table: per metric and epoch, the real comparison beside the null one."""
     real = {(row["metric"], row["epoch"]): row for row in d.get("table", [])}
     rows = []
     for n in d["null_table"]:
@@ -197,57 +218,34 @@ def _curves_md(d: dict[str, Any], has_plot: bool) -> list[str]:
             "pass" if n["passed"] else "**FAIL**",
         ]
         rows.append(cells)
-    last = "torch" + "'" * (runs - 1)
-    lines += _md_table(
-        [
-            "metric",
-            "epoch",
-            "jax %",
-            "torch % (all runs)",
-            "chaos sd",
-            "jax - torch",
-            "bar",
-            "t (df)",
-            "real",
-            f"null: {last} - torch",
-            "null bar",
-            "null t (df)",
-            "null",
-        ],
-        rows,
-    )
-    div = d.get("loss_divergence") or {}
-    if div:
-        parts = [
-            f"{pair}: {v['first_10_steps']:.2g} in the first 10 steps, {v['last_epoch']:.2g} "
-            "in the last epoch"
-            for pair, v in div.items()
-        ]
+    return rows
+
+
+def _divergence_md(div: dict[str, Any]) -> list[str]:
+    """How far each run strays from the torch run, and a warning when chaos has not
+    saturated (jax much further than the rerun)."""
+    if not div:
+        return []
+    parts = [
+        f"{pair}: {v['first_10_steps']:.2g} in the first 10 steps, {v['last_epoch']:.2g} "
+        "in the last epoch"
+        for pair, v in div.items()
+    ]
+    lines = [
+        "",
+        "Divergence from the torch run (mean |per-step training loss difference|, over "
+        "seeds): " + "; ".join(parts) + ".",
+    ]
+    real, null = div.get("jax vs torch"), div.get("torch' vs torch")
+    if real and null and real["last_epoch"] > 3 * null["last_epoch"]:
         lines += [
             "",
-            "Divergence from the torch run (mean |per-step training loss difference|, over "
-            "seeds): " + "; ".join(parts) + ".",
+            "**Warning**: in the last epoch jax is "
+            f"{real['last_epoch'] / max(null['last_epoch'], 1e-30):.0f}x further from "
+            "torch than the rerun is: chaos has not saturated (too few steps), so the "
+            "null understates the noise and the bars are too narrow for this run.",
         ]
-        real, null = div.get("jax vs torch"), div.get("torch' vs torch")
-        if real and null and real["last_epoch"] > 3 * null["last_epoch"]:
-            lines += [
-                "",
-                "**Warning**: in the last epoch jax is "
-                f"{real['last_epoch'] / max(null['last_epoch'], 1e-30):.0f}x further from "
-                "torch than the rerun is: chaos has not saturated (too few steps), so the "
-                "null understates the noise and the bars are too narrow for this run.",
-            ]
-    secs, cpu = d.get("seconds") or {}, d.get("cpu_seconds") or {}
-    if secs:
-        lines += [
-            "",
-            "Time (wall / CPU, all seeds): "
-            + ", ".join(f"{k} {secs[k]:.0f} / {cpu.get(k, float('nan')):.0f} s" for k in secs)
-            + ".",
-        ]
-    if has_plot:
-        lines += ["", "![curves](curves.png)"]
-    return [*lines, ""]
+    return lines
 
 
 _CHECK_NOTES: dict[int, str] = {
