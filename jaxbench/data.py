@@ -332,7 +332,7 @@ def _numpy_globals() -> dict[tuple[str, str], Any]:
     return allowed
 
 
-class _SafeUnpickler(pickle.Unpickler):
+class SafeUnpickler(pickle.Unpickler):
     """Builds containers, bytes, str, numbers and numpy arrays; refuses every other global."""
 
     allowed = _numpy_globals()
@@ -347,7 +347,7 @@ class _SafeUnpickler(pickle.Unpickler):
 def _unpickle(files: _Files, name: str) -> dict[str, Any]:
     files.size(name)
     try:
-        obj = _SafeUnpickler(io.BytesIO(files.read(name)), encoding="bytes").load()
+        obj = SafeUnpickler(io.BytesIO(files.read(name)), encoding="bytes").load()
     except Exception as e:  # a damaged or hostile pickle can raise nearly anything
         raise DataError(
             f"{files.where(name)} is not a valid CIFAR python batch ({type(e).__name__}: {e}); "

@@ -109,15 +109,15 @@ def gpu_driver() -> str | None:
     except OSError:
         pass
     smi = shutil.which("nvidia-smi")
-    text = _probe([smi, "--query-gpu=driver_version", "--format=csv,noheader"])[0] if smi else None
+    text = probe([smi, "--query-gpu=driver_version", "--format=csv,noheader"])[0] if smi else None
     words = (text or "").split()
     return words[0] if words else None
 
 
-_PROBE_TIMEOUT = 10.0  # seconds for each git / lscpu / nvidia-smi call
+PROBE_TIMEOUT = 10.0  # seconds for each git / lscpu / nvidia-smi call
 
 
-def _probe(args: Sequence[str]) -> tuple[str | None, str]:
+def probe(args: Sequence[str]) -> tuple[str | None, str]:
     """(stdout, "") of a short command, or (None, why) when it is missing, fails or hangs.
 
     Never raises. Runs in the C locale, so parsed labels are the English ones, and in its
@@ -138,14 +138,14 @@ def _probe(args: Sequence[str]) -> tuple[str | None, str]:
         return None, f"{type(e).__name__}: {e}"
     with proc:
         try:
-            out, err = proc.communicate(timeout=_PROBE_TIMEOUT)
+            out, err = proc.communicate(timeout=PROBE_TIMEOUT)
         except subprocess.TimeoutExpired:
             try:
                 os.killpg(proc.pid, signal.SIGKILL)
             except (AttributeError, OSError):  # not POSIX, or already gone
                 proc.kill()
             proc.communicate()
-            return None, f"timed out after {_PROBE_TIMEOUT:g} s"
+            return None, f"timed out after {PROBE_TIMEOUT:g} s"
     if proc.returncode != 0:
         lines = (err or "").strip().splitlines()
         return None, lines[0] if lines else f"exit status {proc.returncode}"
@@ -175,17 +175,17 @@ def _git_state(root: str) -> dict[str, Any]:
     if git is None:
         out["git_note"] = "git not found: commit not recorded"
         return out
-    top, why = _probe([git, "-C", root, "rev-parse", "--show-toplevel"])
+    top, why = probe([git, "-C", root, "rev-parse", "--show-toplevel"])
     if top is None or Path(top.strip()).resolve() != Path(root).resolve():
         reason = f"it lies inside {top.strip()}" if top is not None else why
         out["git_note"] = f"{root} is not a git checkout ({reason}): commit not recorded"
         return out
-    sha, why = _probe([git, "-C", root, "rev-parse", "--verify", "HEAD"])
+    sha, why = probe([git, "-C", root, "rev-parse", "--verify", "HEAD"])
     if sha is None or not re.fullmatch(r"[0-9a-f]{40}|[0-9a-f]{64}", sha.strip()):
         out["git_note"] = f"git rev-parse HEAD failed in {root} ({why or sha}): no commit"
         return out
     out["git_commit"] = sha.strip()
-    status, why = _probe(
+    status, why = probe(
         [git, "-C", root, "--no-optional-locks", "status", "--porcelain", "--untracked-files=no"]
     )
     if status is None:
@@ -200,7 +200,7 @@ def cpu_model() -> str | None:
     """The CPU's model name (Linux: lscpu, else /proc/cpuinfo; elsewhere platform.processor())."""
     if sys.platform.startswith("linux"):
         names: list[str] = []
-        text = _probe(["lscpu"])[0] if shutil.which("lscpu") else None
+        text = probe(["lscpu"])[0] if shutil.which("lscpu") else None
         for line in (text or "").splitlines():
             key, _, value = line.partition(":")
             if key.strip() == "Model name" and value.strip() and value.strip() not in names:
@@ -232,7 +232,7 @@ def _gpu_models() -> tuple[str, ...] | None:
     smi = shutil.which("nvidia-smi")
     if smi is None:
         return ()
-    text, _ = _probe([smi, "-L"])
+    text, _ = probe([smi, "-L"])
     if text is None:
         return None
     return tuple(line.strip() for line in text.splitlines() if line.strip())

@@ -573,7 +573,7 @@ def test_hostile_pickle_is_refused_without_running(
 )
 def test_unpickler_allows_only_numpy_array_globals(module: str, name: str) -> None:
     with pytest.raises(pickle.UnpicklingError, match="refused"):
-        data._SafeUnpickler(io.BytesIO(b"")).find_class(module, name)
+        data.SafeUnpickler(io.BytesIO(b"")).find_class(module, name)
 
 
 def test_archive_with_wrong_checksum(tmp_path: Path, small, isolated: Path) -> None:

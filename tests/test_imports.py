@@ -57,9 +57,6 @@ KNOWN_VIOLATIONS = frozenset(
         "neutral: jaxbench.report imports jax",
         "neutral: jaxbench.report imports optax",
         "neutral: jaxbench.report imports torch",
-        # tests reaching into the modules they test
-        "private: tests.test_data uses jaxbench.data._SafeUnpickler",
-        "private: tests.test_report uses jaxbench.report._probe",
     }
 )
 

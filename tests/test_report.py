@@ -172,7 +172,7 @@ def test_failing_or_hanging_tools_never_raise(
         tool.write_text(f"#!/bin/sh\n{body}\n")
         tool.chmod(0o755)
     monkeypatch.setenv("PATH", str(tmp_path))
-    monkeypatch.setattr(report, "_PROBE_TIMEOUT", 0.5)
+    monkeypatch.setattr(report, "PROBE_TIMEOUT", 0.5)
     state = report.git_state(REPO)
     assert state["git_commit"] is None and "boom" in state["git_note"]
     t0 = time.perf_counter()
@@ -198,13 +198,13 @@ def test_nvidia_smi_lines_are_the_gpu_models(
 
 def test_lookups_are_cached_per_process(monkeypatch: pytest.MonkeyPatch) -> None:
     calls: list[list[str]] = []
-    real = report._probe
+    real = report.probe
 
     def counting(args):  # type: ignore[no-untyped-def]
         calls.append(list(args))
         return real(args)
 
-    monkeypatch.setattr(report, "_probe", counting)
+    monkeypatch.setattr(report, "probe", counting)
     report.environment()
     n = len(calls)
     report.environment()
