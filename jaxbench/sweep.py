@@ -409,7 +409,7 @@ def _trainers(frameworks: Sequence[str], specs: Sequence[RunSpec], base: Config)
         check = getattr(sys.modules[train.__module__], "check_supported", None)
         kwargs: dict[str, Any] = {}
         if fw == "jax":
-            from jaxbench.train import CompileCache
+            from jaxbench.programs import CompileCache
 
             kwargs["compile_cache"] = CompileCache()  # seeds share their programs
         for spec in specs:

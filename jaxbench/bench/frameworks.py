@@ -137,7 +137,7 @@ def run_trainer(
         kwargs.update(torch_setup)
     else:
         if entry.name not in caches:
-            from jaxbench.train import CompileCache
+            from jaxbench.programs import CompileCache
 
             caches[entry.name] = CompileCache()
         kwargs["compile_cache"] = caches[entry.name]
