@@ -1,20 +1,11 @@
 """CIFAR-10 and CIFAR-100 as uint8 NHWC arrays: official formats, a cache, a verified download.
 
-Where the data comes from, in this order (see docs/data.md):
-  1. an explicit folder (`data_dir=`, `cfg.data_dir`, or `$JAXBENCH_DATA_DIR`) holding the
-     official binary layout, the official python layout, or the official `.tar.gz` archive;
-  2. the local cache (`$JAXBENCH_CACHE_DIR`, else `$XDG_CACHE_HOME/jaxbench`, else
-     `~/.cache/jaxbench`), which holds archives decoded once into `.npy` files;
-  3. a download of the official binary archive, md5-checked, into that cache.
-`source="tfds"` reads through `tfds.data_source` instead (no TensorFlow needed to read).
-
-Everything that can be verified is: archives against their published md5, folders by
-structure (exact file sizes, record format, label ranges, counts). Folders are *not*
-checked file by file against the official bytes, because a valid copy may hold the
-official images in another order. Pickled (python-layout) files are read with an
-unpickler that can build only dicts, lists, bytes, numbers and uint8 numpy arrays, so a
-hostile file in a data folder cannot run code. Every problem surfaces as one `DataError`
-whose message names the file and the fix; nothing half-written is ever left in the cache.
+Where the data comes from, in this order: an explicit folder (`data_dir=`, `cfg.data_dir`
+or `$JAXBENCH_DATA_DIR`) with an official layout or archive; the local cache of decoded
+arrays; a download of the official binary archive into the cache. `source="tfds"` reads
+through `tfds.data_source` instead. Archives are md5-checked, folders checked by structure,
+pickles read by an unpickler that cannot run code; every problem is one `DataError` naming
+the file and the fix, and nothing half-written is left in the cache (docs/data.md).
 
 Command line: `python -m jaxbench.data --data-dir DIR [--json]` (see `main`).
 """
