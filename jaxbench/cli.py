@@ -18,16 +18,9 @@ from typing import Any
 
 import numpy as np
 
-from jaxbench import checkpoint, driver
+from jaxbench import checkpoint, configs, driver
 from jaxbench.command import BAD_INPUT, EXIT_FAILED, Command, run_command
-from jaxbench.configs import (
-    Config,
-    OneLineErrorParser,
-    add_config_args,
-    config_from_args,
-    config_from_dict,
-    resumed_config,
-)
+from jaxbench.configs import Config
 from jaxbench.report import RUN_FILES
 
 # What a run folder holds: one run's files, or one program's seeds (`--vmap-seeds`).
@@ -39,8 +32,8 @@ def trainer_parser(
 ) -> argparse.ArgumentParser:
     """Config flags plus the run flags every trainer takes; `vmap_seeds`: `--vmap-seeds K`
     (the trainers that can train K seeds in one program)."""
-    parser = OneLineErrorParser(prog=prog, description=description)
-    add_config_args(parser)
+    parser = configs.OneLineErrorParser(prog=prog, description=description)
+    configs.add_config_args(parser)
     parser.set_defaults(config=None)  # None: not given (the default preset, or a resumed run's)
     parser.add_argument(
         "--stream",
@@ -190,14 +183,14 @@ def _config(
         driver.check_resume(resume, re_evaluate=args.re_evaluate)
         cmd.prepare_out(resume, RUN_FILES, overwrite=args.overwrite, flag="--resume", resume=True)
         try:
-            saved = config_from_dict(json.loads((Path(resume) / "config.json").read_text()))
+            saved = configs.config_from_dict(json.loads((Path(resume) / "config.json").read_text()))
         except OSError as e:
             raise ValueError(f"--resume {resume}: cannot read its config.json ({e})") from None
-        cfg = resumed_config(args, saved, resume)
+        cfg = configs.resumed_config(args, saved, resume)
         _, progress = checkpoint.read_latest(resume)
         stream = args.stream or progress.get("stream", "fast")
     else:
-        cfg = config_from_args(args)
+        cfg = configs.config_from_args(args)
     check_supported(cfg)
     if cfg.data_dir is None and os.environ.get("JAXBENCH_DATA_DIR"):
         # config.json names the folder the data came from, not `null`

@@ -6,7 +6,8 @@ hands itself to `Driver.run`, which owns the rest in one place:
 - the run folder: `config.json`, `metrics.jsonl`, `status.json`, `summary.json`
   (`report.RunRecorder`), and the per-epoch table on stdout;
 - checkpoints every `cfg.checkpoint_every` epochs and `resume` from the latest
-  (`checkpoint.save` / `checkpoint.load_progress`, `checkpoint.Ledger`);
+  (`checkpoint.save` / `checkpoint.load_progress`, `checkpoint.Ledger`), where
+  `check_resume` refuses a run still going here and leaves a finished one as it is;
 - the clock: training epochs, the fresh start's whitening and the final
   evaluation are timed; compilation, monitoring evaluations, checkpoints and
   file writes are not;
@@ -23,9 +24,6 @@ program prints no table, saves no checkpoints and raises on no lane's divergence
 (its caller reports each lane); its summary holds `seeds`, one entry (seed, final,
 epochs, step_losses) per lane. Given a `workdir` it writes `config.json`,
 `status.json` (as a single run's, counting lane 0's rows) and `seeds.json`.
-
-`check_resume` is what `--resume` checks before anything loads: a run still
-running here is refused, a finished one is left as it is (`Finished`).
 
 Framework-neutral: it imports neither jax nor torch.
 
@@ -65,7 +63,6 @@ but only the primary one (`primary=True`) writes, prints or profiles.
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import socket
 import time
@@ -213,8 +210,7 @@ class Driver:
 
 
 class Finished(Exception):
-    """`--resume` of a run that has finished: nothing to do, nothing changed (the message
-    says so in one line); `check_resume(..., re_evaluate=True)` resumes it anyway."""
+    """`--resume` of a finished run: nothing to do, nothing changed (the message says so)."""
 
 
 def check_resume(folder: str | os.PathLike[str], *, re_evaluate: bool = False) -> None:
@@ -232,19 +228,11 @@ def check_resume(folder: str | os.PathLike[str], *, re_evaluate: bool = False) -
             f"--resume {folder}: its run is still going (process {status.get('pid')} on this "
             "host); stop it first, or wait for it to end"
         )
-    summary = folder / "summary.json"
-    if re_evaluate or not summary.is_file():
-        return
-    try:
-        final = json.loads(summary.read_text())["final"]
-        acc = f", val_acc {100 * final['val_acc']:.2f}%"
-    except (OSError, ValueError, KeyError, TypeError):
-        acc = ""
-    raise Finished(
-        f"{folder} holds a run that finished after epoch {status.get('epochs_completed', '?')}"
-        f"{acc}; nothing to resume, nothing changed (--re-evaluate runs it again from its "
-        "latest checkpoint)"
-    )
+    if (folder / "summary.json").is_file() and not re_evaluate:
+        raise Finished(
+            f"{folder} holds a run that finished after epoch {status.get('epochs_completed')}: "
+            "nothing to resume, nothing changed (--re-evaluate runs it again from its checkpoint)"
+        )
 
 
 def _epoch(

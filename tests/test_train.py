@@ -386,7 +386,7 @@ def test_cli_resume_of_a_finished_running_or_dead_run(
 
     code, out, err = _cli(["--resume", run], capsys)
     assert code == 0 and err == [] and len(out.splitlines()) == 1, (out, err)
-    assert "finished after epoch 1, val_acc" in out and "--re-evaluate" in out
+    assert "finished after epoch 1: nothing" in out and "--re-evaluate" in out
     assert _hashes(run) == finished
 
     status_file = os.path.join(run, "status.json")
