@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxbench import augment, checkpoint, models, parallel
+from jaxbench import augment, checkpoint, memory, models, parallel
 from jaxbench.configs import Config
 from jaxbench.stream import epoch_plan, steps_per_epoch
 
@@ -416,7 +416,9 @@ def setup(
     recipe = make_recipe(cfg, steps, n_train, test.batch, topo.batch_split)
     lanes = [cfg.seed] if seeds is None else list(seeds)
     keys = [seed_keys(s) for s in lanes]
-    states = [recipe.init_state(init_key, init_variables) for init_key, _ in keys]
+    states = [recipe.init_state(keys[0][0], init_variables)]
+    memory.check(cfg, states[0], len(lanes), topo.devices)  # before the other states exist
+    states += [recipe.init_state(init_key, init_variables) for init_key, _ in keys[1:]]
     if seeds is None:
         state, data_key = parallel.replicate(states[0], topo), keys[0][1]
 
