@@ -29,7 +29,7 @@ from jaxbench import programs as aot
 from jaxbench import whitening as wh
 from jaxbench.configs import Config
 from jaxbench.profiling import JaxProfile
-from jaxbench.programs import CompileCache, seed_keys  # noqa: F401  (this module's API)
+from jaxbench.programs import CompileCache, load_checkpoint, seed_keys  # noqa: F401  (API)
 from jaxbench.progress import progress_bar
 
 PyTree = Any

@@ -57,7 +57,7 @@ def _final_weights(framework: str, folder: Path) -> tuple[int, list[np.ndarray]]
     if framework == "jax":
         import jax
 
-        from jaxbench.programs import load_checkpoint
+        from jaxbench.train import load_checkpoint
 
         progress, state = load_checkpoint(folder)
         leaves = jax.tree_util.tree_leaves(state)

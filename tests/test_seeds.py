@@ -67,6 +67,10 @@ def test_train_cli_vmap_seeds(
     assert "seed 5:" in text and "seed 6:" in text and "2 seeds in one program: mean" in text
     doc = json.loads((out / "seeds.json").read_text())
     assert [s["seed"] for s in doc["seeds"]] == [5, 6]
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "seeds.json", "status.json"]
+    status = json.loads((out / "status.json").read_text())  # as a single run's
+    assert status["status"] == "done" and status["epochs_completed"] == 1
+    assert f"wrote config.json, status.json, seeds.json to {out}" in text
     assert train.main([*argv, "--vmap-seeds", "0", "--overwrite"]) == 2
 
 
