@@ -130,6 +130,7 @@ def _train(
     train_kwargs: dict[str, Any],
     compile_label: str,
 ) -> int:
+    """`run_trainer`'s body: every check and output place first, then the data and the run."""
     k = getattr(args, "vmap_seeds", 1)
     if k < 1:
         raise ValueError(f"--vmap-seeds {k}: give K >= 1")
