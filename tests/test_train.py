@@ -3,8 +3,13 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
 from types import SimpleNamespace
 
 import jax
@@ -315,9 +320,6 @@ def _cli(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str,
 
 def _hashes(folder: os.PathLike[str]) -> dict[str, str]:
     """Every file under `folder` by its content hash."""
-    import hashlib
-    from pathlib import Path
-
     return {
         str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
         for p in sorted(Path(folder).rglob("*"))
@@ -371,10 +373,6 @@ def test_cli_resume_of_a_finished_running_or_dead_run(
 ) -> None:
     """A finished run is left untouched (--re-evaluate forces it); a live one is refused;
     one whose process died without a word resumes."""
-    import socket
-    import subprocess
-    import sys
-
     from jaxbench import data
 
     monkeypatch.setattr(data, "load_dataset", lambda cfg: _synthetic())
