@@ -71,7 +71,9 @@ def test_train_cli_vmap_seeds(
     status = json.loads((out / "status.json").read_text())  # as a single run's
     assert status["status"] == "done" and status["epochs_completed"] == 1
     assert f"wrote config.json, status.json, seeds.json to {out}" in text
-    assert train.main([*argv, "--vmap-seeds", "0", "--overwrite"]) == 2
+    with pytest.raises(SystemExit) as e:  # bad input: exit 2, as a single run's
+        train.main([*argv, "--vmap-seeds", "0", "--overwrite"])
+    assert e.value.code == 2
 
 
 def test_memory_check_refuses_what_cannot_fit(monkeypatch: pytest.MonkeyPatch) -> None:
