@@ -6,7 +6,8 @@ hands itself to `Driver.run`, which owns the rest in one place:
 - the run folder: `config.json`, `metrics.jsonl`, `status.json`, `summary.json`
   (`report.RunRecorder`), and the per-epoch table on stdout;
 - checkpoints every `cfg.checkpoint_every` epochs and `resume` from the latest
-  (`checkpoint.save` / `checkpoint.load_progress`, `checkpoint.Ledger`);
+  (`checkpoint.save` / `checkpoint.load_progress`, `checkpoint.Ledger`), where
+  `check_resume` refuses a run still going here and leaves a finished one as it is;
 - the clock: training epochs, the fresh start's whitening and the final
   evaluation are timed; compilation, monitoring evaluations, checkpoints and
   file writes are not;
@@ -19,9 +20,10 @@ hands itself to `Driver.run`, which owns the rest in one place:
 
 Several runs may train together in one program (`lanes`: K seeds vmapped in
 JAX). Each lane gets its own rows and step losses; they share the clock. Such a
-program writes no files, prints no table, saves no checkpoints and raises on no
-lane's divergence (its caller reports each lane); its summary holds `seeds`, one
-entry (seed, final, epochs, step_losses) per lane.
+program prints no table, saves no checkpoints and raises on no lane's divergence
+(its caller reports each lane); its summary holds `seeds`, one entry (seed, final,
+epochs, step_losses) per lane. Given a `workdir` it writes `config.json`,
+`status.json` (as a single run's, counting lane 0's rows) and `seeds.json`.
 
 Framework-neutral: it imports neither jax nor torch.
 
@@ -62,6 +64,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import socket
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -73,7 +76,7 @@ from jaxbench import checkpoint
 from jaxbench.checkpoint import Ledger
 from jaxbench.configs import Config
 from jaxbench.profiling import format_top_ops
-from jaxbench.report import FINAL_KEYS, RunRecorder, environment
+from jaxbench.report import FINAL_KEYS, RunRecorder, environment, read_status, write_json
 
 Row = dict[str, Any]
 Clock = Callable[[], contextlib.AbstractContextManager[None]]
@@ -123,7 +126,8 @@ class Driver:
 
     Made before the trainer builds anything, so a bad `resume` fails before compiling;
     `workdir` defaults to `resume`, then `cfg.out`. `lanes` (K runs in one program;
-    None: a single run) refuses `resume`, writes nothing, returns one entry per seed."""
+    None: a single run) refuses `resume`, writes only to a `workdir` given, returns one
+    entry per seed."""
 
     def __init__(
         self,
@@ -138,14 +142,14 @@ class Driver:
         primary: bool = True,
         lanes: int | None = None,
     ) -> None:
-        if workdir is None:
+        if lanes is not None and resume is not None:
+            raise ValueError("several runs in one program cannot --resume")
+        if workdir is None and lanes is None:
             workdir = resume if resume is not None else cfg.out
         if not primary:  # one process writes and prints for the run
             workdir, quiet, progress = None, True, False
         if lanes is not None:
-            if resume is not None:
-                raise ValueError("several runs in one program cannot --resume")
-            workdir, quiet, progress = None, True, False
+            quiet, progress = True, False
         elif cfg.checkpoint_every and workdir is None:
             raise ValueError("--checkpoint-every needs a run folder: pass --out DIR")
         self.framework, self.stream, self.workdir = framework, stream, workdir
@@ -178,9 +182,10 @@ class Driver:
                 for epoch in range(ledger.epoch, cfg.epochs):
                     rows = _epoch(trainer, epoch, ledger, clock, lane_losses,
                                   progress=self.progress, several=self.several)  # fmt: skip
-                    if self.several:
+                    if self.several:  # lane 0's rows are the recorder's
                         for k, row in enumerate(rows):
                             lane_rows[k].append(row)
+                        recorder.set_status("running")
                         continue
                     recorder.epoch(rows[0])  # raises FloatingPointError on a NaN loss
                     if checkpoint.should_save(cfg, epoch):  # off the clock
@@ -196,8 +201,38 @@ class Driver:
                                several=self.several)  # fmt: skip
             if profiler is not None:
                 summary["profile"] = _finish_profile(profiler, self.framework, self.quiet)
-            recorder.finish(summary)
+            if self.several and self.workdir is not None:
+                write_json(Path(self.workdir) / "seeds.json", summary)
+                recorder.set_status("done")
+            else:
+                recorder.finish(summary)
         return summary
+
+
+class Finished(Exception):
+    """`--resume` of a finished run: nothing to do, nothing changed (the message says so)."""
+
+
+def check_resume(folder: str | os.PathLike[str], *, re_evaluate: bool = False) -> None:
+    """What `--resume` checks before anything loads. Refused (ValueError): a run whose
+    status says running with its process alive on this host (two runs would write one
+    folder). A dead one ("stopped without a word", `report.read_status`) resumes.
+    A finished run (summary.json) raises `Finished`, unless `re_evaluate`."""
+    folder = Path(folder)
+    try:
+        status = read_status(folder)
+    except (OSError, ValueError):
+        status = {}  # no status yet: the checkpoint decides
+    if status.get("status") == "running" and status.get("host") == socket.gethostname():
+        raise ValueError(
+            f"--resume {folder}: its run is still going (process {status.get('pid')} on this "
+            "host); stop it first, or wait for it to end"
+        )
+    if (folder / "summary.json").is_file() and not re_evaluate:
+        raise Finished(
+            f"{folder} holds a run that finished after epoch {status.get('epochs_completed')}: "
+            "nothing to resume, nothing changed (--re-evaluate runs it again from its checkpoint)"
+        )
 
 
 def _epoch(

@@ -16,8 +16,9 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -25,7 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxbench import augment, models, parallel
+from jaxbench import augment, checkpoint, memory, models, parallel
 from jaxbench.configs import Config
 from jaxbench.stream import epoch_plan, steps_per_epoch
 
@@ -382,17 +383,25 @@ def setup(
     init_variables: Any = None,
     stream: str = "fast",
     compile_cache: CompileCache | None = None,
-    seeds: list[int] | None = None,
+    seeds: Sequence[int] | None = None,
 ) -> Run:
     """Data on the device, the initial state, `make_recipe(cfg, steps, n_train, eval_batch,
     batch_split)` compiled ahead of time (or reused from `compile_cache`).
 
-    `seeds`: one state per seed, stacked, and the programs vmapped over them.
+    `seeds`: one state per seed (distinct), stacked, and the programs vmapped over them,
+    on one device.
     """
     if stream not in ("fast", "shared"):
         raise ValueError(f"stream must be 'fast' or 'shared', got {stream!r}")
-    if seeds is not None and cfg.lookahead:
-        raise ValueError("--vmap-seeds does not implement --lookahead (its final net = EMA)")
+    if seeds is not None:
+        seeds = [int(s) for s in seeds]
+        if not seeds or len(set(seeds)) != len(seeds):
+            raise ValueError(f"--vmap-seeds needs distinct seeds, got {seeds}")
+        if cfg.lookahead:
+            raise ValueError("--vmap-seeds does not implement --lookahead (its final net = EMA)")
+        if cfg.devices > 1:
+            raise ValueError("--vmap-seeds trains on one device; drop --devices or set it to 1")
+        cfg = cfg.replace(devices=1)  # the seeds share one device
     cfg = parallel.resolve(cfg)
     topo = parallel.topology(cfg)
     if data is None:
@@ -408,7 +417,9 @@ def setup(
     recipe = make_recipe(cfg, steps, n_train, test.batch, topo.batch_split)
     lanes = [cfg.seed] if seeds is None else list(seeds)
     keys = [seed_keys(s) for s in lanes]
-    states = [recipe.init_state(init_key, init_variables) for init_key, _ in keys]
+    states = [recipe.init_state(keys[0][0], init_variables)]
+    memory.check(cfg, states[0], len(lanes), topo.devices)  # before the other states exist
+    states += [recipe.init_state(init_key, init_variables) for init_key, _ in keys[1:]]
     if seeds is None:
         state, data_key = parallel.replicate(states[0], topo), keys[0][1]
 
@@ -462,3 +473,10 @@ def restore_state(folder: Path, like: Any = None) -> Any:
         if like is None:
             return ckptr.restore(path)
         return ckptr.restore(path, jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, like))
+
+
+def load_checkpoint(run_dir: str | os.PathLike[str]) -> tuple[dict[str, Any], Any]:
+    """(progress, saved state as nested dicts of numpy arrays: `params`, `batch_stats`,
+    `opt_state`, `ema`, `step`) of a run folder's latest checkpoint, to inspect it."""
+    folder, progress = checkpoint.read_latest(run_dir)
+    return progress, jax.device_get(restore_state(folder))

@@ -24,12 +24,12 @@ import numpy as np
 import optax
 from jax.sharding import NamedSharding
 
-from jaxbench import augment, checkpoint, cli, configs, driver, layers, models, optim, parallel
+from jaxbench import augment, cli, configs, driver, layers, models, optim, parallel
 from jaxbench import programs as aot
 from jaxbench import whitening as wh
 from jaxbench.configs import Config
 from jaxbench.profiling import JaxProfile
-from jaxbench.programs import CompileCache, seed_keys  # noqa: F401  (this module's API)
+from jaxbench.programs import CompileCache, load_checkpoint, seed_keys  # noqa: F401  (API)
 from jaxbench.progress import progress_bar
 
 PyTree = Any
@@ -240,13 +240,8 @@ def train_epoch(
         state, metrics = r.run(state, r.images, r.labels, plan)
     else:
         per_step = []
-        bar = progress_bar(
-            range(r.steps),
-            desc=f"epoch {epoch + 1}/{cfg.epochs}",
-            leave=False,
-            disable=None if progress else True,  # None: off unless a terminal
-            file=sys.stderr,
-        )
+        desc, off = f"epoch {epoch + 1}/{cfg.epochs}", None if progress else True  # None: on a tty
+        bar = progress_bar(range(r.steps), desc=desc, leave=False, disable=off, file=sys.stderr)
         for i in bar:
             t = epoch * r.steps + i
             if hooks is not None:
@@ -367,10 +362,9 @@ def setup(
     """Data on the device, the initial state, every function compiled ahead of time
     (`jaxbench.programs.setup`); `seeds`: K states, the programs vmapped over them."""
     check_supported(cfg)
-    lanes = None if seeds is None else list(seeds)
     return aot.setup(
         cfg, data, make_recipe, init_variables=init_variables, stream=stream,
-        compile_cache=compile_cache, seeds=lanes,
+        compile_cache=compile_cache, seeds=seeds,
     )  # fmt: skip
 
 
@@ -401,10 +395,7 @@ def train_and_evaluate(
     continues from, bit for bit. Raises FloatingPointError, naming the epoch, on a NaN loss.
     """
     if jax.process_count() > 1 and (resume is not None or cfg.checkpoint_every):
-        raise ValueError(
-            "--checkpoint-every and --resume run in a single process; drop them "
-            "from a multi-process run"
-        )
+        raise ValueError("--checkpoint-every and --resume need a single process; drop them")
     run = driver.Driver(cfg, "jax", stream, workdir=workdir, resume=resume, quiet=quiet,
                         progress=progress, primary=jax.process_index() == 0)  # fmt: skip
     r = setup(cfg, data, init_variables=init_variables, stream=stream, compile_cache=compile_cache)
@@ -417,24 +408,18 @@ def train_and_evaluate(
     return summary
 
 
-def train_seeds(cfg: Config, seeds: Sequence[int], data: Any = None) -> dict[str, Any]:
-    """`cfg` once per seed in one vmapped program; seeds.json's dict (`seeds`: seed, final,
-    epochs, step_losses each). Each seed equals its single run within float32 tolerance."""
-    seeds = [int(s) for s in seeds]
-    if not seeds or len(set(seeds)) != len(seeds):
-        raise ValueError(f"--vmap-seeds needs distinct seeds, got {seeds}")
-    if cfg.devices > 1:
-        raise ValueError("--vmap-seeds trains on one device; drop --devices or set it to 1")
-    cfg = cfg.replace(devices=1)  # the seeds share one device
-    run = driver.Driver(cfg, "jax", "fast", lanes=len(seeds))
+def train_seeds(
+    cfg: Config,
+    seeds: Sequence[int],
+    data: Any = None,
+    workdir: str | os.PathLike[str] | None = None,
+) -> dict[str, Any]:
+    """`cfg` once per (distinct) seed in one vmapped program; seeds.json's dict (`seeds`:
+    seed, final, epochs, step_losses each), written to `workdir` with config.json and
+    status.json. Each seed equals its single run within float32 tolerance."""
+    seeds = list(seeds)
+    run = driver.Driver(cfg, "jax", "fast", workdir=workdir, lanes=len(seeds))
     return run.run(setup(cfg, data, seeds=seeds))
-
-
-def load_checkpoint(run_dir: str | os.PathLike[str]) -> tuple[dict[str, Any], PyTree]:
-    """(progress, saved state as nested dicts of numpy arrays: `params`, `batch_stats`,
-    `opt_state`, `ema`, `step`) of a run folder's latest checkpoint, to inspect it."""
-    folder, progress = checkpoint.read_latest(run_dir)
-    return progress, jax.device_get(aot.restore_state(folder))
 
 
 # --- command line --------------------------------------------------------------------------
@@ -445,15 +430,9 @@ def build_parser() -> argparse.ArgumentParser:
         "python -m jaxbench.train",
         "Train the Flax ResNet-9 (or the speedrun net) on CIFAR and print a per-epoch "
         "table. Start from a --config preset; every other flag overrides one field of it. "
-        "With --out DIR the run writes config.json, metrics.jsonl and summary.json there.",
-    )
-    parser.add_argument(
-        "--vmap-seeds",
-        type=int,
-        default=1,
-        metavar="K",
-        help="train K seeds (--seed, --seed + 1, ...) in one vmapped program and print each "
-        "seed's final accuracy and their mean; --out then gets config.json and seeds.json",
+        "With --out DIR the run writes config.json, metrics.jsonl, status.json and "
+        "summary.json there.",
+        vmap_seeds=True,
     )
     parallel.add_process_flags(parser)
     return parser
@@ -461,17 +440,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """CLI entry point: exit 0 on success, 1 if training diverged, 2 on bad input."""
-    args = build_parser().parse_args(argv)
-    try:
-        parallel.join_processes(args)
-    except (ValueError, TimeoutError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    if args.vmap_seeds != 1:
-        return cli.run_seeds(args, check_supported=check_supported, train_seeds=train_seeds)
     return cli.run_trainer(
-        args, check_supported=check_supported, train=train_and_evaluate, compile_label="compiling"
-    )
+        build_parser().parse_args(argv), check_supported=check_supported,
+        train=train_and_evaluate, train_seeds=train_seeds, compile_label="compiling",
+        join=parallel.join_processes,
+    )  # fmt: skip
 
 
 if __name__ == "__main__":

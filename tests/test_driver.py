@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
+import socket
+import subprocess
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -237,10 +241,17 @@ def test_secondary_process_writes_nothing(tmp_path: Path, fake_time: FakeTime) -
 
 
 def test_lanes_report_per_seed_rows(tmp_path: Path, fake_time: FakeTime) -> None:
-    """K runs in one program: each lane equals its single run; nothing is written."""
+    """K runs in one program: each lane equals its single run; a run folder gets
+    config.json, a true status.json and seeds.json, and nothing else."""
     cfg = _cfg(eval_every=2)
     together = _run(cfg, tmp_path / "k", NumpyTrainer(cfg, fake_time, seeds=[3, 5]), lanes=2)
-    assert not (tmp_path / "k").exists()
+    assert sorted(p.name for p in (tmp_path / "k").iterdir()) == [
+        "config.json", "seeds.json", "status.json"]  # fmt: skip
+    status = json.loads((tmp_path / "k" / "status.json").read_text())
+    assert status["status"] == "done" and status["epochs_completed"] == 3
+    assert json.loads((tmp_path / "k" / "seeds.json").read_text()) == json.loads(
+        json.dumps(together)
+    )
     assert [s["seed"] for s in together["seeds"]] == [3, 5]
     for lane in together["seeds"]:
         alone = _run(cfg.replace(seed=lane["seed"]), None, NumpyTrainer(
@@ -248,8 +259,47 @@ def test_lanes_report_per_seed_rows(tmp_path: Path, fake_time: FakeTime) -> None
         assert _untimed(lane["epochs"]) == _untimed(alone["epochs"])
         assert lane["step_losses"] == alone["step_losses"]
         assert lane["final"] == {k: alone["final"][k] for k in lane["final"]}
-    one = _run(cfg, tmp_path / "one", NumpyTrainer(cfg, fake_time, seeds=[3]), lanes=1)
-    assert [s["seed"] for s in one["seeds"]] == [3] and not (tmp_path / "one").exists()
+    named = cfg.replace(out=str(tmp_path / "one"))
+    one = _run(named, None, NumpyTrainer(named, fake_time, seeds=[3]), lanes=1)
+    assert [s["seed"] for s in one["seeds"]] == [3]
+    assert not (tmp_path / "one").exists()  # only a workdir given is written, not cfg.out
     assert one["seeds"][0]["step_losses"] == together["seeds"][0]["step_losses"]
     with pytest.raises(ValueError, match="resume"):
         driver.Driver(cfg, "numpy", "fast", resume=tmp_path, lanes=1)
+
+
+def test_interrupted_lanes_say_so_in_status(tmp_path: Path, fake_time: FakeTime) -> None:
+    cfg = _cfg()
+    with pytest.raises(KeyboardInterrupt):
+        _run(cfg, tmp_path, NumpyTrainer(cfg, fake_time, seeds=[3, 5], stop_epoch=2), lanes=2)
+    status = json.loads((tmp_path / "status.json").read_text())
+    assert status["status"] == "interrupted" and status["epochs_completed"] == 2
+    assert not (tmp_path / "seeds.json").exists()
+
+
+def test_check_resume_tells_finished_running_and_dead_runs_apart(
+    tmp_path: Path, fake_time: FakeTime
+) -> None:
+    cfg = _cfg(checkpoint_every=1)
+    _run(cfg, tmp_path, NumpyTrainer(cfg, fake_time))
+    with pytest.raises(driver.Finished, match=r"finished after epoch 3: nothing .*--re-evaluate"):
+        driver.check_resume(tmp_path)
+    driver.check_resume(tmp_path, re_evaluate=True)  # forced: nothing refused
+    status = json.loads((tmp_path / "status.json").read_text())
+    (tmp_path / "summary.json").unlink()
+    alive = {**status, "status": "running", "pid": os.getpid(), "host": socket.gethostname()}
+    (tmp_path / "status.json").write_text(json.dumps(alive))
+    with pytest.raises(ValueError, match=f"still going \\(process {os.getpid()} on this host"):
+        driver.check_resume(tmp_path, re_evaluate=True)
+    elsewhere = {**alive, "host": "another-machine"}  # taken at its word: not refused
+    (tmp_path / "status.json").write_text(json.dumps(elsewhere))
+    driver.check_resume(tmp_path)
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True)  # fmt: skip
+    (tmp_path / "status.json").write_text(json.dumps({**alive, "pid": int(gone.stdout)}))
+    driver.check_resume(tmp_path)  # stopped without a word: resumable
+    again = NumpyTrainer(cfg, fake_time)
+    resumed = _run(cfg, None, again, resume=tmp_path)
+    assert again.restored is not None and len(resumed["epochs"]) == 3
+    assert json.loads((tmp_path / "status.json").read_text())["status"] == "done"
+    driver.check_resume(tmp_path / "no-such-run")  # nothing to tell: the CLI's checks refuse it

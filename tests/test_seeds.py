@@ -67,4 +67,52 @@ def test_train_cli_vmap_seeds(
     assert "seed 5:" in text and "seed 6:" in text and "2 seeds in one program: mean" in text
     doc = json.loads((out / "seeds.json").read_text())
     assert [s["seed"] for s in doc["seeds"]] == [5, 6]
-    assert train.main([*argv, "--vmap-seeds", "0", "--overwrite"]) == 2
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "seeds.json", "status.json"]
+    status = json.loads((out / "status.json").read_text())  # as a single run's
+    assert status["status"] == "done" and status["epochs_completed"] == 1
+    assert f"wrote config.json, status.json, seeds.json to {out}" in text
+    with pytest.raises(SystemExit) as e:  # bad input: exit 2, as a single run's
+        train.main([*argv, "--vmap-seeds", "0", "--overwrite"])
+    assert e.value.code == 2
+
+
+def test_memory_check_refuses_what_cannot_fit(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The estimate: K x (the train state, exactly + batch x each image's activations)."""
+    import jax
+
+    from jaxbench import memory, models, optim, train
+
+    cfg = get_config("tiny").replace(widths=(4, 8, 8, 8), batch_size=16)
+    model = models.model_from_config(cfg)
+    state = train.create_train_state(model, optim.make_optimizer(cfg, 10), jax.random.PRNGKey(0))
+    need, per_state, per_image = memory.estimate(cfg, state, 3, cfg.batch_size)
+    assert per_state == memory.nbytes(state) > 2 * memory.nbytes(state.params)  # + EMA, momenta
+    assert per_image >= 4 * 32 * 32 * 4  # at least the first conv's float32 output
+    assert need == 3 * (per_state + 16 * per_image)
+    monkeypatch.setattr(memory, "free_bytes", lambda: need - 1)
+    with pytest.raises(ValueError, match=r"--vmap-seeds 3 with --batch-size 16 needs at least"):
+        memory.check(cfg, state, 3)
+    memory.check(cfg, state, 1)  # a single run's batch up to CHECKED_BATCH: not checked
+    monkeypatch.setattr(memory, "free_bytes", lambda: need)
+    memory.check(cfg, state, 3)  # fits
+
+
+def test_cli_refuses_more_seeds_than_memory_holds(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`--vmap-seeds 100000` of tiny needs terabytes: one line, exit 2, before the states
+    are built (it once grew for minutes), and no folder left behind."""
+    from helpers import random_dataset
+
+    from jaxbench import data, train
+
+    monkeypatch.setattr(data, "load_dataset", lambda cfg: random_dataset(64, 24))
+    out = tmp_path / "new" / "run"
+    argv = ["--config", "tiny", "--subset", "64", "--test-subset", "24", "--batch-size", "16",
+            "--vmap-seeds", "100000", "--out", str(out), "--no-progress"]  # fmt: skip
+    with pytest.raises(SystemExit) as e:
+        train.main(argv)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and len(err) == 1, err
+    assert "--vmap-seeds 100000 with --batch-size 16 needs at least" in err[0] and "GiB" in err[0]
+    assert list(tmp_path.iterdir()) == []

@@ -3,8 +3,13 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
 from types import SimpleNamespace
 
 import jax
@@ -291,3 +296,122 @@ def test_profile_writes_a_trace_and_a_top_ops_table(tmp_path: os.PathLike[str]) 
     assert rows and all(r["seconds"] >= 0 and r["calls"] >= 1 for r in rows)
     assert [r["seconds"] for r in rows] == sorted((r["seconds"] for r in rows), reverse=True)
     assert 0.0 < sum(r["share"] for r in rows) <= 1.0 + 1e-9
+
+
+# --- the command line: every place checked first, resume tells the truth ---------------------
+
+# NARROW as flags, on `_synthetic()` data (`load_dataset` replaced): seconds per run.
+NARROW_FLAGS = [
+    "--config", "tiny", "--widths", "4,8,8,8", "--batch-size", "16", "--subset", "32",
+    "--test-subset", "24", "--epochs", "1", "--lr-peak-epoch", "0.5", "--eval-batch-size", "16",
+    "--precision", "float32", "--no-progress",
+]  # fmt: skip
+
+
+def _cli(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, list[str]]:
+    """(exit code, stdout, stderr lines) of `python -m jaxbench.train argv`, in process."""
+    try:
+        code = train.main(argv)
+    except SystemExit as e:
+        code = int(e.code or 0)
+    out, err = capsys.readouterr()
+    return code, out, err.strip().splitlines()
+
+
+def _hashes(folder: os.PathLike[str]) -> dict[str, str]:
+    """Every file under `folder` by its content hash."""
+    return {
+        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(Path(folder).rglob("*"))
+        if p.is_file()
+    }
+
+
+def test_cli_checks_every_output_place_before_any_work(
+    tmp_path: os.PathLike[str], capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from jaxbench import data
+
+    def no_work(cfg: Config) -> None:
+        raise AssertionError("the data loaded before the flags were checked")
+
+    monkeypatch.setattr(data, "load_dataset", no_work)
+    a_file = os.path.join(tmp_path, "a_file")
+    with open(a_file, "w") as f:
+        f.write("mine")
+    full = os.path.join(tmp_path, "full")
+    os.mkdir(full)
+    with open(os.path.join(full, "summary.json"), "w") as f:
+        f.write("{}")
+    new = os.path.join(tmp_path, "new", "run")
+    before = _hashes(tmp_path)
+    for flags, text in [
+        (["--profile", a_file, "--out", new], f"--profile {a_file} is a file"),
+        (["--profile", a_file, "--out", full, "--overwrite"], "is a file"),  # full kept
+        (["--profile", "/proc/jaxbench-train/trace", "--out", new], "not writable"),
+        (["--re-evaluate", "--out", new], "--re-evaluate goes with --resume"),
+        (["--vmap-seeds", "0", "--out", new], "--vmap-seeds 0"),
+        (["--vmap-seeds", "2", "--profile", new], "without --resume and --profile"),
+    ]:
+        code, out, err = _cli([*NARROW_FLAGS, *flags], capsys)
+        assert code == 2 and len(err) == 1 and err[0].startswith("error: ") and text in err[0], err
+        assert _hashes(tmp_path) == before and not os.path.exists(os.path.join(tmp_path, "new"))
+
+    # the README's first command offline: one line, and no empty runs/ left behind
+    def offline(cfg: Config) -> None:
+        raise ValueError("no CIFAR-10 here and no network to fetch it; pass --data-dir")
+
+    monkeypatch.setattr(data, "load_dataset", offline)
+    monkeypatch.chdir(tmp_path)
+    code, _, err = _cli(["--config", "tiny", "--out", "runs/tiny"], capsys)
+    assert code == 2 and len(err) == 1 and "no network" in err[0], err
+    assert not os.path.exists("runs") and _hashes(tmp_path) == before
+
+
+def test_cli_resume_of_a_finished_running_or_dead_run(
+    tmp_path: os.PathLike[str], capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A finished run is left untouched (--re-evaluate forces it); a live one is refused;
+    one whose process died without a word resumes."""
+    from jaxbench import data
+
+    monkeypatch.setattr(data, "load_dataset", lambda cfg: _synthetic())
+    run = os.path.join(tmp_path, "run")
+    code, _, err = _cli([*NARROW_FLAGS, "--checkpoint-every", "1", "--out", run], capsys)
+    assert code == 0, err
+    finished = _hashes(run)
+    assert {"config.json", "summary.json", "status.json", "metrics.jsonl"} <= set(finished)
+
+    code, out, err = _cli(["--resume", run], capsys)
+    assert code == 0 and err == [] and len(out.splitlines()) == 1, (out, err)
+    assert "finished after epoch 1: nothing" in out and "--re-evaluate" in out
+    assert _hashes(run) == finished
+
+    status_file = os.path.join(run, "status.json")
+    with open(status_file) as f:
+        status = json.load(f)
+    alive = {**status, "status": "running", "pid": os.getpid(), "host": socket.gethostname()}
+    with open(status_file, "w") as f:
+        json.dump(alive, f)
+    os.remove(os.path.join(run, "summary.json"))
+    code, out, err = _cli(["--resume", run], capsys)
+    assert code == 2 and len(err) == 1 and "still going" in err[0] and out == "", err
+
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True)  # fmt: skip
+    with open(status_file, "w") as f:
+        json.dump({**alive, "pid": int(gone.stdout)}, f)
+    code, out, err = _cli(["--resume", run, "--quiet"], capsys)
+    assert code == 0 and err == [], err
+    with open(status_file) as f:
+        assert json.load(f)["status"] == "done"
+    resumed = _hashes(run)
+    with open(os.path.join(run, "summary.json")) as f:
+        first = json.load(f)
+
+    code, out, err = _cli(["--resume", run, "--re-evaluate", "--quiet"], capsys)
+    assert code == 0 and err == [] and out == "", err
+    with open(os.path.join(run, "summary.json")) as f:
+        again = json.load(f)
+    assert _hashes(run)["summary.json"] != resumed["summary.json"]  # written anew
+    assert again["final"] == first["final"]
