@@ -18,6 +18,7 @@ from jaxbench.configs import Config, tiny
 from jaxbench.stream import FILL_RGB, apply_plan_numpy, epoch_plan
 from torch_ref import augment, optim, train
 from torch_ref.model import ResNet9, count_params, model_from_config
+from torch_ref.profiling import TRACE_NAME
 
 BLOCKS = ("prep", "layer1", "res1a", "res1b", "layer2", "layer3", "res3a", "res3b")
 SMALL_WIDTHS = (4, 8, 8, 8)
@@ -452,6 +453,39 @@ def test_cli_bad_input_exits_2_with_one_line(capsys: pytest.CaptureFixture[str])
         assert e.value.code == 2
         err = capsys.readouterr().err.strip()
         assert err.startswith("error: ") and "\n" not in err, err
+
+
+@pytest.mark.parametrize("case", ["a file", "an old trace", "unwritable", "under a file"])
+def test_cli_refuses_a_bad_profile_place_before_any_work(
+    case: str, tmp_path: Any, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """--profile is checked before the data loads: one line, exit 2, nothing written."""
+    import jaxbench.data
+
+    def no_work(*args: Any, **kw: Any) -> None:
+        raise AssertionError("the data loaded before --profile was checked")
+
+    monkeypatch.setattr(jaxbench.data, "load_dataset", no_work)
+    a_file = tmp_path / "notes.txt"
+    a_file.write_text("keep me")
+    traces = tmp_path / "traces"
+    traces.mkdir()
+    (traces / TRACE_NAME).write_text("an earlier trace")
+    profile = {
+        "a file": a_file,
+        "an old trace": traces,
+        "unwritable": "/proc/torch-ref-tests/traces",
+        "under a file": a_file / "traces",
+    }[case]
+    out = tmp_path / "run"
+    code = train.main(["--config", "tiny", "--out", str(out), "--profile", str(profile)])
+    err = capsys.readouterr().err.strip()
+    assert code == 2
+    assert err.startswith("error: --profile ") and "\n" not in err, err
+    assert not out.exists()  # no run folder, so no status.json saying "running"
+    assert a_file.read_text() == "keep me"
+    assert (traces / TRACE_NAME).read_text() == "an earlier trace"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt", "traces"]
 
 
 def test_importing_torch_ref_does_not_import_jax() -> None:

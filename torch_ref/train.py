@@ -28,13 +28,14 @@ from torch import nn
 
 from jaxbench import checkpoint, cli, configs, schedule
 from jaxbench.checkpoint import Ledger
+from jaxbench.command import Command, run_command
 from jaxbench.configs import Config
 from jaxbench.driver import Driver
 from jaxbench.progress import progress_bar
 from jaxbench.stream import epoch_plan, steps_per_epoch
 from torch_ref import augment, distributed, fast, layers, optim
 from torch_ref.model import model_from_config
-from torch_ref.profiling import TorchProfile
+from torch_ref.profiling import TRACE_NAME, TorchProfile
 from torch_ref.whitening import whitening_kernel
 
 STREAMS: tuple[str, ...] = ("fast", "shared")
@@ -607,18 +608,22 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """CLI entry point: exit 0 on success, 1 if training diverged, 2 on bad input.
+    """CLI entry point on `jaxbench.command`: exit 0 on success, 1 if training diverged, 2 on
+    bad input (one line, checked before any work), 130 on Ctrl-C, 143 on SIGTERM.
 
     Under torchrun the processes first join a process group (`distributed.join`) and
     leave it on the way out, errors included.
     """
+    return run_command(lambda cmd: _main(cmd, argv))
+
+
+def _main(cmd: Command, argv: Sequence[str] | None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        torch_setup = fast.setup_from_args(args)
-        distributed.join(args, torch_setup)
-    except ValueError as e:  # one line, exit 2, as the config's own errors
-        print(f"error: {e}", file=sys.stderr)
-        raise SystemExit(2) from None
+    torch_setup = fast.setup_from_args(args)
+    if args.profile is not None:  # a file, an old trace or an unwritable place: refused now
+        cmd.prepare_out(args.profile, (TRACE_NAME,), overwrite=args.overwrite, flag="--profile")
+    distributed.join(args, torch_setup)
+    cmd.inputs_checked()  # `cli.run_trainer` checks the rest and maps its own errors
     try:
         distributed.share_cpu_threads()
         return cli.run_trainer(
