@@ -18,7 +18,6 @@ from jaxbench.configs import Config, tiny
 from jaxbench.stream import FILL_RGB, apply_plan_numpy, epoch_plan
 from torch_ref import augment, optim, train
 from torch_ref.model import ResNet9, count_params, model_from_config
-from torch_ref.profiling import TRACE_NAME
 
 BLOCKS = ("prep", "layer1", "res1a", "res1b", "layer2", "layer3", "res3a", "res3b")
 SMALL_WIDTHS = (4, 8, 8, 8)
@@ -455,7 +454,15 @@ def test_cli_bad_input_exits_2_with_one_line(capsys: pytest.CaptureFixture[str])
         assert err.startswith("error: ") and "\n" not in err, err
 
 
-@pytest.mark.parametrize("case", ["a file", "an old trace", "unwritable", "under a file"])
+def _exit_code(argv: list[str]) -> int | str | None:
+    """`train.main`'s exit code, returned or raised (a usage error exits from argparse)."""
+    try:
+        return train.main(argv)
+    except SystemExit as e:
+        return e.code
+
+
+@pytest.mark.parametrize("case", ["a file", "unwritable", "under a file"])
 def test_cli_refuses_a_bad_profile_place_before_any_work(
     case: str, tmp_path: Any, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -468,24 +475,32 @@ def test_cli_refuses_a_bad_profile_place_before_any_work(
     monkeypatch.setattr(jaxbench.data, "load_dataset", no_work)
     a_file = tmp_path / "notes.txt"
     a_file.write_text("keep me")
-    traces = tmp_path / "traces"
-    traces.mkdir()
-    (traces / TRACE_NAME).write_text("an earlier trace")
     profile = {
         "a file": a_file,
-        "an old trace": traces,
         "unwritable": "/proc/torch-ref-tests/traces",
         "under a file": a_file / "traces",
     }[case]
     out = tmp_path / "run"
-    code = train.main(["--config", "tiny", "--out", str(out), "--profile", str(profile)])
+    code = _exit_code(["--config", "tiny", "--out", str(out), "--profile", str(profile)])
     err = capsys.readouterr().err.strip()
     assert code == 2
     assert err.startswith("error: --profile ") and "\n" not in err, err
     assert not out.exists()  # no run folder, so no status.json saying "running"
     assert a_file.read_text() == "keep me"
-    assert (traces / TRACE_NAME).read_text() == "an earlier trace"
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt", "traces"]
+    assert [p.name for p in tmp_path.iterdir()] == ["notes.txt"]
+
+
+def test_cli_leaves_no_profile_folder_when_out_is_refused(
+    tmp_path: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    a_file = tmp_path / "notes.txt"
+    a_file.write_text("keep me")
+    argv = ["--config", "tiny", "--out", str(a_file), "--profile", str(tmp_path / "p" / "q")]
+    assert _exit_code(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: --out ") and "\n" not in err, err
+    assert [p.name for p in tmp_path.iterdir()] == ["notes.txt"]
+    assert a_file.read_text() == "keep me"
 
 
 def test_importing_torch_ref_does_not_import_jax() -> None:

@@ -109,7 +109,8 @@ class Trainer:
         score: Callable[[Run, bool | None], tuple[dict[str, float | None], int]],
         hooks: Hooks | None = None,
     ) -> None:
-        self.r, self.whiten, self.epoch, self.scores, self.hooks = r, whiten, epoch, score, hooks
+        self.r, self.hooks = r, hooks
+        self.whiten_fn, self.epoch_fn, self.score_fn = whiten, epoch, score
         self.cfg, self.stream, self.steps = r.cfg, r.stream, r.steps
         self.seeds, self.n_train, self.n_test = [r.cfg.seed], r.n_train, r.n_test
 
@@ -117,14 +118,14 @@ class Trainer:
         """The data-dependent whitening kernel, on the clock (as airbench times it)."""
         if self.cfg.whiten != "none":
             with clock():
-                self.whiten(self.r)
+                self.whiten_fn(self.r)
         self.r.model.train()
 
     def restore(self, folder: Path, epochs_done: int) -> None:
         restore_state(self.r, folder, epochs_done)
 
     def train_epoch(self, epoch: int, progress: bool) -> tuple[list[float], int]:
-        return self.epoch(self.r, epoch, progress=progress, hooks=self.hooks)
+        return self.epoch_fn(self.r, epoch, progress=progress, hooks=self.hooks)
 
     def score(self, epoch: int, same_weights: bool) -> tuple[dict[str, float | None], int]:
         """The recipe's scores; equal weights scored once unless hooks may have touched them
@@ -132,7 +133,7 @@ class Trainer:
         if self.hooks is not None:
             self.hooks.before_eval(epoch, self.r)
         same = (True if self.hooks is None else None) if same_weights else False
-        return self.scores(self.r, same)
+        return self.score_fn(self.r, same)
 
     def sync(self) -> None:
         fast.sync(self.r.device)

@@ -32,7 +32,7 @@ from jaxbench.progress import progress_bar
 from jaxbench.stream import epoch_plan, steps_per_epoch
 from torch_ref import augment, distributed, fast, layers, optim
 from torch_ref.model import model_from_config
-from torch_ref.profiling import TRACE_NAME, TorchProfile
+from torch_ref.profiling import TorchProfile
 from torch_ref.run import Hooks, Run, Trainer, device_data, load_checkpoint  # noqa: F401  (API)
 from torch_ref.whitening import whitening_kernel
 
@@ -427,8 +427,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _main(cmd: Command, argv: Sequence[str] | None) -> int:
     args = build_parser().parse_args(argv)
     torch_setup = fast.setup_from_args(args)
-    if args.profile is not None:  # a file, an old trace or an unwritable place: refused now
-        cmd.prepare_out(args.profile, (TRACE_NAME,), overwrite=args.overwrite, flag="--profile")
+    if args.profile is not None:  # a file or an unwritable place: refused before any work
+        cmd.prepare_out(args.profile, (), overwrite=args.overwrite, flag="--profile")
     distributed.join(args, torch_setup)
     cmd.inputs_checked()  # `cli.run_trainer` checks the rest and maps its own errors
     try:
