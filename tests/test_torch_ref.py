@@ -454,6 +454,55 @@ def test_cli_bad_input_exits_2_with_one_line(capsys: pytest.CaptureFixture[str])
         assert err.startswith("error: ") and "\n" not in err, err
 
 
+def _exit_code(argv: list[str]) -> int | str | None:
+    """`train.main`'s exit code, returned or raised (a usage error exits from argparse)."""
+    try:
+        return train.main(argv)
+    except SystemExit as e:
+        return e.code
+
+
+@pytest.mark.parametrize("case", ["a file", "unwritable", "under a file"])
+def test_cli_refuses_a_bad_profile_place_before_any_work(
+    case: str, tmp_path: Any, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """--profile is checked before the data loads: one line, exit 2, nothing written."""
+    import jaxbench.data
+
+    def no_work(*args: Any, **kw: Any) -> None:
+        raise AssertionError("the data loaded before --profile was checked")
+
+    monkeypatch.setattr(jaxbench.data, "load_dataset", no_work)
+    a_file = tmp_path / "notes.txt"
+    a_file.write_text("keep me")
+    profile = {
+        "a file": a_file,
+        "unwritable": "/proc/torch-ref-tests/traces",
+        "under a file": a_file / "traces",
+    }[case]
+    out = tmp_path / "run"
+    code = _exit_code(["--config", "tiny", "--out", str(out), "--profile", str(profile)])
+    err = capsys.readouterr().err.strip()
+    assert code == 2
+    assert err.startswith("error: --profile ") and "\n" not in err, err
+    assert not out.exists()  # no run folder, so no status.json saying "running"
+    assert a_file.read_text() == "keep me"
+    assert [p.name for p in tmp_path.iterdir()] == ["notes.txt"]
+
+
+def test_cli_leaves_no_profile_folder_when_out_is_refused(
+    tmp_path: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    a_file = tmp_path / "notes.txt"
+    a_file.write_text("keep me")
+    argv = ["--config", "tiny", "--out", str(a_file), "--profile", str(tmp_path / "p" / "q")]
+    assert _exit_code(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: --out ") and "\n" not in err, err
+    assert [p.name for p in tmp_path.iterdir()] == ["notes.txt"]
+    assert a_file.read_text() == "keep me"
+
+
 def test_importing_torch_ref_does_not_import_jax() -> None:
     code = "import sys, torch_ref.train, torch_ref.augment; sys.exit('jax' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0

@@ -240,7 +240,7 @@ class DataParallelForward:
 
 
 def prepare(r: Any) -> None:
-    """Make run `r` (a `torch_ref.train.Run`) this process's part of a data-parallel run:
+    """Make run `r` (a `torch_ref.run.Run`) this process's part of a data-parallel run:
     DDP forward, this process's contiguous part of the test set. Nothing alone."""
     world = world_size()
     if world <= 1:

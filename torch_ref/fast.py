@@ -236,18 +236,14 @@ def summary_fields(
 # --- compiled functions ---------------------------------------------------------------------------
 
 
-def compiled(fn: Callable[..., Any], setup: TorchSetup) -> Callable[..., Any]:
+@functools.cache
+def compiled(fn: Callable[..., Any], mode: str | None, backend: str) -> Callable[..., Any]:
     """One compiled version per function, compile mode and backend per process; static shapes.
 
     A module-level function taking the net as an argument compiles once for every run
     in the process (a closure over a fresh model would recompile per run and hit
     dynamo's recompile limit in the benchmark's seed loop).
     """
-    return _compile(fn, setup.compile_mode, setup.compile_backend)
-
-
-@functools.cache
-def _compile(fn: Callable[..., Any], mode: str | None, backend: str) -> Callable[..., Any]:
     kw = TorchSetup(compile_mode=mode, compile_backend=backend).compile_kwargs()
     return torch.compile(fn, **kw)
 
@@ -262,29 +258,17 @@ def forwards(
 
     The train forward takes `augmented_train_forward`'s arguments. With
     `compile_augment` the gather, cutout and normalisation fuse into the forward's
-    graph; without it the plan is applied eagerly before the compiled `train_forward`.
+    graph; without it the plan is applied eagerly before the compiled `train_forward`
+    (`augmented_train_forward`'s `forward`).
     """
     if not s.compiled:
         return augmented_train_forward, eval_forward
+    mode, backend = s.compile_mode, s.compile_backend
+    evaluate = compiled(eval_forward, mode, backend)
     if s.compile_augment:
-        return compiled(augmented_train_forward, s), compiled(eval_forward, s)
-    fwd = compiled(train_forward, s)
-
-    def forward(
-        net: nn.Module,
-        images: torch.Tensor,
-        labels: torch.Tensor,
-        plan: Mapping[str, torch.Tensor],
-        fill: torch.Tensor,
-        mean: torch.Tensor,
-        std: torch.Tensor,
-        cfg: Config,
-        **loss_kw: Any,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        x = augment.apply_plan(images, plan, cfg, fill=fill)
-        return fwd(net, x, labels[plan["indices"]], mean, std, **loss_kw)
-
-    return forward, compiled(eval_forward, s)
+        return compiled(augmented_train_forward, mode, backend), evaluate
+    forward = compiled(train_forward, mode, backend)
+    return functools.partial(augmented_train_forward, forward=forward), evaluate
 
 
 # --- nets and data at fixed addresses, warm-up once per process and configuration -----------------
@@ -347,7 +331,8 @@ def place(
     return pooled.model, pooled.ema_model, pooled.tensors
 
 
-def _sync(device: torch.device) -> None:
+def sync(device: torch.device) -> None:
+    """Wait for `device` (nothing to wait for on the CPU)."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
@@ -366,7 +351,7 @@ def warm_up(
     ema_update: Callable[[list[torch.Tensor], list[torch.Tensor], float], None],
 ) -> dict[str, Any]:
     """Compilation, cuDNN autotuning, CUDA-graph recording and first-call allocations on
-    every shape and op of run `r` (a `torch_ref.train.Run`), once per process and `key`;
+    every shape and op of run `r` (a `torch_ref.run.Run`), once per process and `key`;
     the weights and BN statistics are put back. `evaluate(r, net)` scores a net and
     `ema_update(ema, live, m)` is the trainer's (run here on a copy of the EMA).
 
@@ -374,7 +359,7 @@ def warm_up(
     """
     if key in _WARMED:
         return {"compile_seconds": 0.0, "warmup_ran": False}
-    _sync(r.device)
+    sync(r.device)
     t0 = time.perf_counter()
     cfg, model = r.cfg, r.model
     graphs = s.cuda_graphs(r.device)
@@ -405,7 +390,7 @@ def warm_up(
             for _ in range(3 if graphs else 1):
                 evaluate(r, net)
     model.load_state_dict(saved)
-    _sync(r.device)
+    sync(r.device)
     _WARMED.add(key)
     return {"compile_seconds": time.perf_counter() - t0, "warmup_ran": True}
 

@@ -17,9 +17,7 @@ from torch import nn
 
 from jaxbench.configs import Config
 from torch_ref import layers
-from torch_ref.speedrun_model import speedrun_from_config
-
-NUM_CLASSES: dict[str, int] = {"cifar10": 10, "cifar100": 100}
+from torch_ref.speedrun_model import NUM_CLASSES, speedrun_from_config
 
 
 class ConvBN(nn.Module):
@@ -85,10 +83,6 @@ class ResNet9(nn.Module):
                 m.weight.uniform_(-bound, bound, generator=generator)
             elif isinstance(m, nn.BatchNorm2d):
                 m.reset_parameters()
-
-    def set_whitening(self, kernel_OIHW: torch.Tensor) -> None:
-        """Load the frozen 3x3 whitening kernel (`jaxbench.whitening`) into `prep.whiten`."""
-        layers.set_whitening(self, kernel_OIHW)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.prep(x)

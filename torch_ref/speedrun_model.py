@@ -23,7 +23,7 @@ from jaxbench.configs import Config, speedrun
 from torch_ref import layers
 
 WHITEN_CHANNELS = 24
-NUM_CLASSES = {"cifar10": 10, "cifar100": 100}
+NUM_CLASSES: dict[str, int] = {"cifar10": 10, "cifar100": 100}
 
 
 def dirac_(conv: nn.Conv2d) -> None:

@@ -6,19 +6,17 @@ step, one epoch, evaluation, the run, the command line. Data stays on the device
 uint8, augmentation runs as batched tensor ops there, and an epoch's metrics stay in
 device tensors until its one fetch. What makes it fast (`torch.compile`, CUDA graphs,
 the SGD kernel, warm-up off the clock) is `torch_ref.fast`; what splits it over
-processes under torchrun is `torch_ref.distributed`. Each plugs in where `setup` says.
+processes under torchrun is `torch_ref.distributed`; what a run holds and saves is
+`torch_ref.run`. Each plugs in where `setup` says.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import copy
-import dataclasses
 import os
 import sys
 from collections.abc import Callable, Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -26,8 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from jaxbench import checkpoint, cli, configs, schedule
-from jaxbench.checkpoint import Ledger
+from jaxbench import cli, configs, schedule
+from jaxbench.command import Command, run_command
 from jaxbench.configs import Config
 from jaxbench.driver import Driver
 from jaxbench.progress import progress_bar
@@ -35,11 +33,11 @@ from jaxbench.stream import epoch_plan, steps_per_epoch
 from torch_ref import augment, distributed, fast, layers, optim
 from torch_ref.model import model_from_config
 from torch_ref.profiling import TorchProfile
+from torch_ref.run import Hooks, Run, Trainer, device_data, load_checkpoint  # noqa: F401  (API)
 from torch_ref.whitening import whitening_kernel
 
 STREAMS: tuple[str, ...] = ("fast", "shared")
 _STREAM_SEED_TAG = 0x5EED  # keeps the fast stream's generator apart from the init seed
-STATE_FILE = "state.pt"
 
 # --- model and state ------------------------------------------------------------------------------
 
@@ -82,11 +80,14 @@ def augmented_train_forward(
     mean: torch.Tensor,
     std: torch.Tensor,
     cfg: Config,
+    *,
+    forward: Callable[..., tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = train_forward,
     **loss_kw: Any,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """`train_forward` of the batch that `plan` cuts from the resident training set."""
+    """`forward` (`train_forward`, or its compiled twin) of the batch that `plan` cuts from
+    the resident training set."""
     x = augment.apply_plan(images, plan, cfg, fill=fill)
-    return train_forward(net, x, labels[plan["indices"]], mean, std, **loss_kw)
+    return forward(net, x, labels[plan["indices"]], mean, std, **loss_kw)
 
 
 def loss_options(cfg: Config, bf16: bool) -> dict[str, Any]:
@@ -112,18 +113,11 @@ def eval_logits(
 
 
 def eval_forward(
-    net: nn.Module,
-    x_u8: torch.Tensor,
-    y: torch.Tensor,
-    mean: torch.Tensor,
-    std: torch.Tensor,
-    cfg: Config,
-    *,
-    bf16: bool,
-    channels_last: bool = True,
+    net: nn.Module, x_u8: torch.Tensor, y: torch.Tensor, *args: Any, **kw: Any
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(summed cross-entropy without smoothing, correct count) of the TTA logits."""
-    _, logits = eval_logits(net, x_u8, mean, std, cfg, bf16=bf16, channels_last=channels_last)
+    """(summed cross-entropy without smoothing, correct count) of `eval_logits`'s TTA logits
+    (`args`, `kw`: its `mean, std, cfg` and options)."""
+    _, logits = eval_logits(net, x_u8, *args, **kw)
     loss = F.cross_entropy(logits, y, reduction="sum")
     return loss, (logits.argmax(1) == y).sum()
 
@@ -133,88 +127,6 @@ def check_supported(cfg: Config) -> None:
     and a device count or batch that the running processes cannot train."""
     configs.check_supported(cfg, "torch_ref.train")
     distributed.check(cfg, distributed.world_size())
-
-
-@dataclasses.dataclass
-class Run:
-    """What `setup` builds for one run: data on the device, the nets, the optimizer.
-
-    `t` counts optimizer updates done so far; `train_step` advances it. `forward`
-    takes `augmented_train_forward`'s arguments and `eval_forward` `eval_forward`'s:
-    the eager functions, or what `torch_ref.fast` and `torch_ref.distributed` make of
-    them. `extras` are the summary's fields about how the run ran.
-    """
-
-    cfg: Config
-    device: torch.device
-    stream: str
-    bf16: bool
-    steps: int  # optimizer steps per epoch
-    n_test: int  # the whole test set's size (`test_x` may be this process's part of it)
-    train_x: torch.Tensor  # uint8 NHWC on the device
-    train_y: torch.Tensor
-    test_x: torch.Tensor
-    test_y: torch.Tensor
-    mean: torch.Tensor
-    std: torch.Tensor
-    fill: torch.Tensor  # cutout colour on the device
-    model: nn.Module
-    ema_model: nn.Module | None
-    optimizer: torch.optim.SGD
-    lrs: list[float]  # LR of update t, before group multipliers
-    decays: np.ndarray  # EMA decay after update t (float32, shared with JAX)
-    forward: Callable[..., tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
-    eval_forward: Callable[..., tuple[torch.Tensor, torch.Tensor]]
-    loss_kw: dict[str, Any]
-    generator: torch.Generator
-    base_flips: torch.Tensor | None
-    extras: dict[str, Any]
-    ema_live: list[torch.Tensor]  # what the EMA averages (`ema_tensors`) of the net
-    ema_copy: list[torch.Tensor]  # and of the EMA copy (empty without one)
-    t: int = 0
-
-    @property
-    def n_train(self) -> int:
-        return len(self.train_x)
-
-
-class Hooks:
-    """Observation points in the training loop, for the parity suite (no-ops by default).
-
-    `before_step` sees the run before update `t`, `after_step` after it (model,
-    optimizer, EMA) with the step's mean loss (a device tensor); `before_eval`
-    sees it before each evaluation.
-    """
-
-    def before_step(self, t: int, run: Run) -> None:
-        pass
-
-    def after_step(self, t: int, run: Run, loss: torch.Tensor) -> None:
-        pass
-
-    def before_eval(self, epoch: int, run: Run) -> None:
-        pass
-
-
-def device_data(cfg: Config, data: Any, device: torch.device) -> dict[str, torch.Tensor]:
-    """The config's training and test prefixes resident on `device`: uint8 NHWC images
-    (`train_x`, `test_x`), int64 labels (`train_y`, `test_y`). Checks there is a batch."""
-    host = {
-        "train_x": (np.asarray(data.train_images[: cfg.subset], np.uint8), torch.uint8),
-        "train_y": (data.train_labels[: cfg.subset], torch.int64),
-        "test_x": (data.test_images[: cfg.test_subset], torch.uint8),
-        "test_y": (data.test_labels[: cfg.test_subset], torch.int64),
-    }
-    n_train, n_test = len(host["train_x"][0]), len(host["test_x"][0])
-    if steps_per_epoch(cfg, n_train) == 0:
-        raise ValueError(
-            f"{n_train} training images make no full batch of {cfg.batch_size}; "
-            "lower --batch-size or raise --subset"
-        )
-    if n_test == 0:
-        raise ValueError("the test set is empty; check the data or --test-subset")
-    as_tensor = lambda a, dt: torch.from_numpy(np.ascontiguousarray(a)).to(device, dt)  # noqa: E731
-    return {k: as_tensor(a, dt) for k, (a, dt) in host.items()}
 
 
 def setup(
@@ -260,7 +172,8 @@ def setup(
     layers.set_whiten_bias_trainable(model, True)
     layers.set_sync(model, distributed.bn_sync(cfg))
     forward, eval_fwd = fast.forwards(speed, augmented_train_forward, train_forward, eval_forward)
-    steps, flips = steps_per_epoch(cfg, n_train), cfg.flip == "alternating"
+    steps = steps_per_epoch(cfg, n_train)
+    flips = augment.draw_base_flips(cfg, n_train, dev) if cfg.flip == "alternating" else None
     source = getattr(data, "source", None) or "arrays in memory"
     dtype = "bfloat16" if bf16 else "float32"
     r = Run(
@@ -282,7 +195,7 @@ def setup(
         eval_forward=eval_fwd,
         loss_kw={**loss_options(cfg, bf16), "channels_last": speed.channels_last},
         generator=torch.Generator(device=dev).manual_seed(cfg.seed * 65_537 + _STREAM_SEED_TAG),
-        base_flips=augment.draw_base_flips(cfg, n_train, dev) if flips else None,
+        base_flips=flips,
         extras=dict(
             device=str(dev), data_source=source, compute_dtype=dtype, devices=1, processes=1
         ),
@@ -364,54 +277,31 @@ def train_epoch(
         optim.lookahead_reset(r.ema_live, r.ema_copy)  # airbench ends with net = EMA
     distributed.sum_over_processes(correct)  # the global batch's count and mean loss
     distributed.sum_over_processes(losses, mean=True)
-    _sync(r.device)
+    fast.sync(r.device)
     return losses.tolist(), int(correct.item())  # the one fetch of the epoch
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 # --- evaluate -------------------------------------------------------------------------------------
 
 
 @torch.no_grad()
-def evaluate_sums(
-    net: nn.Module,
-    images: torch.Tensor,
-    labels: torch.Tensor,
-    cfg: Config,
-    *,
-    bf16: bool = False,
-    fwd: Callable[..., tuple[torch.Tensor, torch.Tensor]] = eval_forward,
-    channels_last: bool = True,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(summed loss, number correct) as device tensors (no sync); BN in eval mode, TTA per cfg.
+def evaluate_net(r: Run, net: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean loss, correct count) of `net` on the run's whole test set as device tensors (no
+    sync); BN in eval mode, TTA per cfg; each process scores its part and the sums are added.
 
     The count, not a float32 ratio, so the host divides exactly (accuracy = correct / n).
     """
-    mean, std = augment.device_stats(cfg.dataset, images.device)
+    cfg, kw = r.cfg, {"bf16": r.bf16, "channels_last": r.loss_kw["channels_last"]}
     was_training = net.training
     net.eval()
-    loss_sum = torch.zeros((), device=images.device)
-    correct = torch.zeros((), dtype=torch.int64, device=images.device)
-    for i in range(0, len(images), cfg.eval_batch_size):
+    loss_sum = torch.zeros((), device=r.device)
+    correct = torch.zeros((), dtype=torch.int64, device=r.device)
+    for i in range(0, len(r.test_x), cfg.eval_batch_size):
         sl = slice(i, i + cfg.eval_batch_size)
-        loss, c = fwd(
-            net, images[sl], labels[sl], mean, std, cfg, bf16=bf16, channels_last=channels_last
-        )
+        loss, c = r.eval_forward(net, r.test_x[sl], r.test_y[sl], r.mean, r.std, cfg, **kw)
         loss_sum += loss
         correct += c
     net.train(was_training)
-    return loss_sum, correct
-
-
-def evaluate_net(r: Run, net: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
-    """(mean loss, correct count) of `net` on the run's whole test set (each process scores
-    its part and the sums are added up)."""
-    kw = {"bf16": r.bf16, "fwd": r.eval_forward, "channels_last": r.loss_kw["channels_last"]}
-    loss_sum, correct = evaluate_sums(net, r.test_x, r.test_y, r.cfg, **kw)
     distributed.sum_over_processes(loss_sum, correct)
     return loss_sum / r.n_test, correct
 
@@ -425,17 +315,13 @@ def weights_equal(a: Sequence[torch.Tensor], b: Sequence[torch.Tensor]) -> bool:
     return not bool(torch.stack([(x != y).any() for x, y in zip(a, b, strict=True)]).any())
 
 
-def evaluate_run(r: Run, *, same_weights: bool | None = False) -> dict[str, float | None]:
-    """val_loss, val_acc and ema_val_acc of the run's nets on its test set (synchronises).
+def score(r: Run, same_weights: bool | None) -> tuple[dict[str, float | None], int]:
+    """(val_loss, val_acc and ema_val_acc of the run's nets on its test set, how many weight
+    sets were scored); synchronises.
 
     `same_weights`: True when the caller knows the net equals its EMA (lookahead's last
     epoch), None to compare them here; equal weights are scored once, for both.
     """
-    return score(r, same_weights)[0]
-
-
-def score(r: Run, same_weights: bool | None) -> tuple[dict[str, float | None], int]:
-    """`evaluate_run`'s numbers and how many weight sets it scored (1 or 2)."""
     if r.ema_model is not None and same_weights is None:
         same_weights = weights_equal(r.ema_live, r.ema_copy)
     val_loss, val_correct = evaluate_net(r, r.model)
@@ -454,78 +340,6 @@ def score(r: Run, same_weights: bool | None) -> tuple[dict[str, float | None], i
 
 
 # --- train_and_evaluate ---------------------------------------------------------------------------
-
-
-class Trainer:
-    """A `Run` as the trainer `jaxbench.driver.Driver` drives (its docstring has the interface).
-
-    `hooks`: see `Hooks`.
-    """
-
-    framework = "torch"
-
-    def __init__(self, r: Run, hooks: Hooks | None = None) -> None:
-        self.r, self.hooks = r, hooks
-        self.cfg, self.stream, self.steps = r.cfg, r.stream, r.steps
-        self.seeds, self.n_train, self.n_test = [r.cfg.seed], r.n_train, r.n_test
-
-    def start(self, clock: Callable[[], contextlib.AbstractContextManager[None]]) -> None:
-        """The data-dependent whitening kernel, on the clock (as airbench times it)."""
-        if self.cfg.whiten != "none":
-            with clock():
-                set_whitening(self.r)
-        self.r.model.train()
-
-    def restore(self, folder: Path, epochs_done: int) -> None:
-        """Load `write_state`'s file into the run, in place (the nets keep their addresses)."""
-        r = self.r
-        state = torch.load(folder / STATE_FILE, map_location=r.device, weights_only=True)
-        r.model.load_state_dict(state["model"])
-        if r.ema_model is not None:
-            r.ema_model.load_state_dict(state["ema_model"])
-        r.optimizer.load_state_dict(state["optimizer"])
-        r.t = int(state["t"])
-        r.generator.set_state(state["generator"].cpu())
-        if self.cfg.whiten == "patch2" and epochs_done > self.cfg.whiten_bias_epochs:
-            layers.set_whiten_bias_trainable(r.model, False)  # train_epoch froze it then
-        r.model.train()
-
-    def train_epoch(self, epoch: int, progress: bool) -> tuple[list[float], int]:
-        return train_epoch(self.r, epoch, progress=progress, hooks=self.hooks)
-
-    def score(self, epoch: int, same_weights: bool) -> tuple[dict[str, float | None], int]:
-        """`evaluate_run`'s numbers; equal weights scored once unless hooks may have
-        touched them (then they are compared)."""
-        if self.hooks is not None:
-            self.hooks.before_eval(epoch, self.r)
-        same = (True if self.hooks is None else None) if same_weights else False
-        return score(self.r, same)
-
-    def sync(self) -> None:
-        _sync(self.r.device)
-
-    def compile_count(self) -> int:
-        return fast.dynamo_graphs()
-
-    def write_state(self, folder: Path) -> None:
-        """Everything the numbers depend on, as tensors and plain containers: both nets,
-        the optimizer, the update counter and the plan generator's state."""
-        r = self.r
-        state = {
-            "model": r.model.state_dict(),
-            "ema_model": r.ema_model.state_dict() if r.ema_model is not None else None,
-            "optimizer": r.optimizer.state_dict(),
-            "t": r.t,
-            "generator": r.generator.get_state(),
-        }
-        tmp = folder / f".{STATE_FILE}.tmp"
-        torch.save(state, tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, folder / STATE_FILE)
-
-    def summary_extras(self, ledger: Ledger) -> dict[str, Any]:
-        return {"dynamo_compiles": ledger.compiles, **self.r.extras}
 
 
 def train_and_evaluate(
@@ -573,20 +387,14 @@ def train_and_evaluate(
     kw = dict(init_state_dict=init_state_dict, stream=stream, compile=compile, device=device)
     r = setup(cfg, data, torch_setup=torch_setup, **kw)
     profiler = TorchProfile(profile_dir, r.device) if profile_dir is not None else None
-    summary = driver.run(Trainer(r, hooks), profiler)
+    trainer = Trainer(r, whiten=set_whitening, epoch=train_epoch, score=score, hooks=hooks)
+    summary = driver.run(trainer, profiler)
     if return_variables:
         cpu = lambda net: {k: v.detach().cpu() for k, v in net.state_dict().items()}  # noqa: E731
         summary = {**summary, "variables": cpu(r.model)}
         if r.ema_model is not None:
             summary["ema_variables"] = cpu(r.ema_model)
     return summary
-
-
-def load_checkpoint(run_dir: str | os.PathLike[str]) -> tuple[dict[str, Any], dict[str, Any]]:
-    """(progress, saved state: `model`, `ema_model`, `optimizer`, `t`, `generator`) of a run
-    folder's latest checkpoint, on the CPU, to inspect it."""
-    folder, progress = checkpoint.read_latest(run_dir)
-    return progress, torch.load(folder / STATE_FILE, map_location="cpu", weights_only=True)
 
 
 # --- command line ---------------------------------------------------------------------------------
@@ -607,18 +415,22 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """CLI entry point: exit 0 on success, 1 if training diverged, 2 on bad input.
+    """CLI entry point on `jaxbench.command`: exit 0 on success, 1 if training diverged, 2 on
+    bad input (one line, checked before any work), 130 on Ctrl-C, 143 on SIGTERM.
 
     Under torchrun the processes first join a process group (`distributed.join`) and
     leave it on the way out, errors included.
     """
+    return run_command(lambda cmd: _main(cmd, argv))
+
+
+def _main(cmd: Command, argv: Sequence[str] | None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        torch_setup = fast.setup_from_args(args)
-        distributed.join(args, torch_setup)
-    except ValueError as e:  # one line, exit 2, as the config's own errors
-        print(f"error: {e}", file=sys.stderr)
-        raise SystemExit(2) from None
+    torch_setup = fast.setup_from_args(args)
+    if args.profile is not None:  # a file or an unwritable place: refused before any work
+        cmd.prepare_out(args.profile, (), overwrite=args.overwrite, flag="--profile")
+    distributed.join(args, torch_setup)
+    cmd.inputs_checked()  # `cli.run_trainer` checks the rest and maps its own errors
     try:
         distributed.share_cpu_threads()
         return cli.run_trainer(

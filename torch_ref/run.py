@@ -1,0 +1,208 @@
+"""What one PyTorch run holds, how the run driver drives it, and its checkpoint file.
+
+`torch_ref.train.setup` builds a `Run` (the data on the device, the nets, the
+optimizer, the schedules); the recipe's step, epoch and evaluation read and update
+it. `Trainer` is that run as `jaxbench.driver.Driver` drives it, the recipe's epoch
+and score passed in. `save_state` and `restore_state` put everything its numbers
+depend on into a checkpoint folder and back, so a resumed run continues bit for bit.
+`Hooks` are where the parity suite watches the training loop.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from jaxbench import checkpoint
+from jaxbench.checkpoint import Ledger
+from jaxbench.configs import Config
+from jaxbench.stream import steps_per_epoch
+from torch_ref import fast, layers
+
+STATE_FILE = "state.pt"
+
+
+@dataclasses.dataclass
+class Run:
+    """What `setup` builds for one run: data on the device, the nets, the optimizer.
+
+    `t` counts optimizer updates done so far; `train_step` advances it. `forward`
+    takes `augmented_train_forward`'s arguments and `eval_forward` `eval_forward`'s:
+    the eager functions, or what `torch_ref.fast` and `torch_ref.distributed` make of
+    them. `extras` are the summary's fields about how the run ran.
+    """
+
+    cfg: Config
+    device: torch.device
+    stream: str
+    bf16: bool
+    steps: int  # optimizer steps per epoch
+    n_test: int  # the whole test set's size (`test_x` may be this process's part of it)
+    train_x: torch.Tensor  # uint8 NHWC on the device
+    train_y: torch.Tensor
+    test_x: torch.Tensor
+    test_y: torch.Tensor
+    mean: torch.Tensor
+    std: torch.Tensor
+    fill: torch.Tensor  # cutout colour on the device
+    model: nn.Module
+    ema_model: nn.Module | None
+    optimizer: torch.optim.SGD
+    lrs: list[float]  # LR of update t, before group multipliers
+    decays: np.ndarray  # EMA decay after update t (float32, shared with JAX)
+    forward: Callable[..., tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+    eval_forward: Callable[..., tuple[torch.Tensor, torch.Tensor]]
+    loss_kw: dict[str, Any]
+    generator: torch.Generator
+    base_flips: torch.Tensor | None
+    extras: dict[str, Any]
+    ema_live: list[torch.Tensor]  # what the EMA averages (`ema_tensors`) of the net
+    ema_copy: list[torch.Tensor]  # and of the EMA copy (empty without one)
+    t: int = 0
+
+    @property
+    def n_train(self) -> int:
+        return len(self.train_x)
+
+
+class Hooks:
+    """Observation points in the training loop, for the parity suite (no-ops by default).
+
+    `before_step` sees the run before update `t`, `after_step` after it (model,
+    optimizer, EMA) with the step's mean loss (a device tensor); `before_eval`
+    sees it before each evaluation.
+    """
+
+    def before_step(self, t: int, run: Run) -> None:
+        pass
+
+    def after_step(self, t: int, run: Run, loss: torch.Tensor) -> None:
+        pass
+
+    def before_eval(self, epoch: int, run: Run) -> None:
+        pass
+
+
+class Trainer:
+    """A `Run` as the trainer `jaxbench.driver.Driver` drives (its docstring has the interface).
+
+    The recipe (`torch_ref.train`'s) supplies `whiten(r)`, `epoch(r, epoch, progress=,
+    hooks=)` and `score(r, same_weights)`; the checkpoint file is this module's.
+    """
+
+    framework = "torch"
+
+    def __init__(
+        self,
+        r: Run,
+        *,
+        whiten: Callable[[Run], None],
+        epoch: Callable[..., tuple[list[float], int]],
+        score: Callable[[Run, bool | None], tuple[dict[str, float | None], int]],
+        hooks: Hooks | None = None,
+    ) -> None:
+        self.r, self.hooks = r, hooks
+        self.whiten_fn, self.epoch_fn, self.score_fn = whiten, epoch, score
+        self.cfg, self.stream, self.steps = r.cfg, r.stream, r.steps
+        self.seeds, self.n_train, self.n_test = [r.cfg.seed], r.n_train, r.n_test
+
+    def start(self, clock: Callable[[], contextlib.AbstractContextManager[None]]) -> None:
+        """The data-dependent whitening kernel, on the clock (as airbench times it)."""
+        if self.cfg.whiten != "none":
+            with clock():
+                self.whiten_fn(self.r)
+        self.r.model.train()
+
+    def restore(self, folder: Path, epochs_done: int) -> None:
+        restore_state(self.r, folder, epochs_done)
+
+    def train_epoch(self, epoch: int, progress: bool) -> tuple[list[float], int]:
+        return self.epoch_fn(self.r, epoch, progress=progress, hooks=self.hooks)
+
+    def score(self, epoch: int, same_weights: bool) -> tuple[dict[str, float | None], int]:
+        """The recipe's scores; equal weights scored once unless hooks may have touched them
+        (then they are compared)."""
+        if self.hooks is not None:
+            self.hooks.before_eval(epoch, self.r)
+        same = (True if self.hooks is None else None) if same_weights else False
+        return self.score_fn(self.r, same)
+
+    def sync(self) -> None:
+        fast.sync(self.r.device)
+
+    def compile_count(self) -> int:
+        return fast.dynamo_graphs()
+
+    def write_state(self, folder: Path) -> None:
+        save_state(self.r, folder)
+
+    def summary_extras(self, ledger: Ledger) -> dict[str, Any]:
+        return {"dynamo_compiles": ledger.compiles, **self.r.extras}
+
+
+def device_data(cfg: Config, data: Any, device: torch.device) -> dict[str, torch.Tensor]:
+    """The config's training and test prefixes resident on `device`: uint8 NHWC images
+    (`train_x`, `test_x`), int64 labels (`train_y`, `test_y`). Checks there is a batch."""
+    host = {
+        "train_x": (np.asarray(data.train_images[: cfg.subset], np.uint8), torch.uint8),
+        "train_y": (data.train_labels[: cfg.subset], torch.int64),
+        "test_x": (data.test_images[: cfg.test_subset], torch.uint8),
+        "test_y": (data.test_labels[: cfg.test_subset], torch.int64),
+    }
+    n_train, n_test = len(host["train_x"][0]), len(host["test_x"][0])
+    if steps_per_epoch(cfg, n_train) == 0:
+        raise ValueError(
+            f"{n_train} training images make no full batch of {cfg.batch_size}; "
+            "lower --batch-size or raise --subset"
+        )
+    if n_test == 0:
+        raise ValueError("the test set is empty; check the data or --test-subset")
+    as_tensor = lambda a, dt: torch.from_numpy(np.ascontiguousarray(a)).to(device, dt)  # noqa: E731
+    return {k: as_tensor(a, dt) for k, (a, dt) in host.items()}
+
+
+def save_state(r: Run, folder: Path) -> None:
+    """Everything the numbers depend on, as tensors and plain containers, written atomically:
+    both nets, the optimizer, the update counter and the plan generator's state."""
+    state = {
+        "model": r.model.state_dict(),
+        "ema_model": r.ema_model.state_dict() if r.ema_model is not None else None,
+        "optimizer": r.optimizer.state_dict(),
+        "t": r.t,
+        "generator": r.generator.get_state(),
+    }
+    tmp = folder / f".{STATE_FILE}.tmp"
+    torch.save(state, tmp)
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, folder / STATE_FILE)
+
+
+def restore_state(r: Run, folder: Path, epochs_done: int) -> None:
+    """Load `save_state`'s file into the run, in place (the nets keep their addresses), with
+    the whitening bias frozen if the epochs done froze it."""
+    state = torch.load(folder / STATE_FILE, map_location=r.device, weights_only=True)
+    r.model.load_state_dict(state["model"])
+    if r.ema_model is not None:
+        r.ema_model.load_state_dict(state["ema_model"])
+    r.optimizer.load_state_dict(state["optimizer"])
+    r.t = int(state["t"])
+    r.generator.set_state(state["generator"].cpu())
+    if r.cfg.whiten == "patch2" and epochs_done > r.cfg.whiten_bias_epochs:
+        layers.set_whiten_bias_trainable(r.model, False)
+    r.model.train()
+
+
+def load_checkpoint(run_dir: str | os.PathLike[str]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(progress, saved state: `model`, `ema_model`, `optimizer`, `t`, `generator`) of a run
+    folder's latest checkpoint, on the CPU, to inspect it."""
+    folder, progress = checkpoint.read_latest(run_dir)
+    return progress, torch.load(folder / STATE_FILE, map_location="cpu", weights_only=True)
