@@ -92,7 +92,8 @@ class MuonSGD(torch.optim.Optimizer):
 
 def make_muon_sgd(model: nn.Module, cfg: Config, steps_per_epoch: int) -> MuonSGD:
     """The groups of `jaxbench.optim.make_optimizer` for `optimizer="muon"` or
-    `whiten_bias_own_lr`: default (head), BN biases, whitening bias, Muon filters."""
+    `whiten_bias_own_lr`: default (head), BN biases, whitening bias, Muon filters, each
+    group's `label` that of `jaxbench.optim.param_labels`."""
     lr, wd = optimizer_scales(cfg)
     named = list(model.named_parameters())
     bn_ids = {id(m.bias) for m in model.modules() if isinstance(m, nn.BatchNorm2d)}
@@ -103,20 +104,21 @@ def make_muon_sgd(model: nn.Module, cfg: Config, steps_per_epoch: int) -> MuonSG
     taken = bn_ids | own | {id(p) for p in filters}
     bn_group = {"params": [p for _, p in named if id(p) in bn_ids], "lr_mult": cfg.bn_bias_lr_mult}
     bn_group |= {"lr": lr * cfg.bn_bias_lr_mult, "weight_decay": wd * cfg.bn_bias_wd_mult}
+    bn_group["label"] = "bn_bias"
     groups = [
-        {"params": [p for _, p in named if id(p) not in taken], "lr_mult": 1.0},
+        {"params": [p for _, p in named if id(p) not in taken], "lr_mult": 1.0, "label": "default"},
         bn_group,
     ]
     if own:
         xs, ys = whiten_bias_lr_knots(cfg, steps_per_epoch)
         groups.append(
             {"params": [whiten.bias], "lr_knots": (xs, ys), "updates": 0, "lr": ys[0]}
-            | {"weight_decay": wd * cfg.bn_bias_wd_mult}
+            | {"weight_decay": wd * cfg.bn_bias_wd_mult, "label": "whiten_bias"}
         )
     if filters:
         mult = cfg.muon_lr / lr
         groups.append({"params": filters, "lr": cfg.muon_lr, "lr_mult": mult, "muon": True})
-        groups[-1] |= {"weight_decay": 0.0, "momentum": cfg.muon_momentum}
+        groups[-1] |= {"weight_decay": 0.0, "momentum": cfg.muon_momentum, "label": "muon"}
     return MuonSGD(
         groups,
         lr=lr,
