@@ -47,6 +47,13 @@ class Config:
         default=(64, 128, 256, 512), metadata={"help": "channel widths, e.g. 16,32,64,128"}
     )
     output_scale: float = field(default=0.125, metadata={"help": "logits multiplier"})
+    head_unit_std: bool = field(
+        default=False,
+        metadata={
+            "help": "speedrun: the head's initial weights rescaled to unit standard deviation "
+            "(airbench94_muon's `w *= 1 / w.std()`)"
+        },
+    )
     bn_momentum: float = field(
         default=0.1, metadata={"help": "BN running-stat momentum, PyTorch convention"}
     )
@@ -343,6 +350,7 @@ def check_supported(cfg: Config, trainer: str) -> None:
         "whiten_bias_epochs": cfg.whiten_bias_epochs,
         "whiten_bias_own_lr": cfg.whiten_bias_own_lr,
         "optimizer": cfg.optimizer != "sgd",
+        "head_unit_std": cfg.head_unit_std,
     }
     for name, active in unsupported.items():
         if active:
@@ -591,8 +599,8 @@ def speedrun_muon() -> Config:
       coefficient is 2e-6 / 0.67 per mean loss and the biases' 0.67 / 0.053 times that;
     - label smoothing 0.2; alternating flip + translate 2, no cutout; no EMA; TTA with
       flip and 1-px shifts (the source's `tta_level=2`).
-    Not modelled: the source's head init rescaled to unit standard deviation
-    (`w *= 1 / w.std()`); here the head keeps torch's default init.
+    - the head's initial weights rescaled to unit standard deviation (`head_unit_std`,
+      the source's `w *= 1 / w.std()`).
     """
     head_lr, bias_lr, batch = 0.67, 0.053, 2000
     return speedrun().replace(
@@ -613,6 +621,7 @@ def speedrun_muon() -> Config:
         muon_lr=0.24,
         muon_momentum=0.6,
         output_scale=1.0 / 256.0,
+        head_unit_std=True,
         whiten_bias_init="uniform",
         whiten_bias_epochs=3,
         whiten_bias_own_lr=True,

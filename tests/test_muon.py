@@ -624,3 +624,17 @@ def test_preset_trains_one_short_epoch(framework: str, flags: tuple[str, ...]) -
     assert summary["steps_per_epoch"] == 2 and len(summary["step_losses"]) == 2
     assert np.isfinite(summary["step_losses"]).all(), summary["step_losses"]
     assert np.isfinite(summary["final"]["val_loss"]), summary["final"]
+
+
+def test_preset_head_starts_at_unit_std_in_both_frameworks() -> None:
+    """airbench94_muon's `w *= 1 / w.std()` on the head (`head_unit_std`); off in `speedrun`
+    and with `--no-head-unit-std`, where the head keeps torch's U(+-1/sqrt(in)) init."""
+    cfg = _preset()
+    off = preset_from_flags("--no-head-unit-std")
+    assert cfg.head_unit_std and not off.head_unit_std
+    assert not get_config("speedrun").head_unit_std
+    for c, want in ((cfg, 1.0), (off, 1 / np.sqrt(3 * 16))):
+        jax_head = np.asarray(_flax_params(c)["head"]["kernel"], np.float64)
+        torch_head = tsm.speedrun_from_config(c).head.weight.detach().double().numpy()
+        for head in (jax_head, torch_head):
+            assert np.std(head, ddof=1) == pytest.approx(want, rel=1e-5 if want == 1.0 else 0.2)
