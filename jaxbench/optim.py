@@ -4,13 +4,17 @@ The chain per parameter group is `add_decayed_weights(wd)` then `sgd(lr_t,
 momentum, nesterov)`: the decay joins the gradient *before* the momentum
 (coupled L2, as torch.optim.SGD's weight_decay), and optax's Nesterov trace is
 torch's dampening-0 form (`buf = m * buf + g; step = g + m * buf`). BN biases
-form a second group with their own LR and decay multipliers. The LR of update
+form a second group with their own LR and decay multipliers. With `optimizer="muon"`
+the trained conv filters get `jaxbench.optim_muon.muon` instead (airbench94_muon's
+split), the rest keeps the SGD groups. The LR of update
 t is `schedule.lr_at(t)`, computed in float32 without cancellation so it stays
 within ~1e-7 relative of the float64 reference even as it approaches zero.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -20,7 +24,9 @@ import optax
 from flax import traverse_util
 
 from jaxbench.configs import Config, optimizer_scales
-from jaxbench.schedule import ema_decays, lr_knots
+from jaxbench.muon import AIRBENCH94_MUON, MuonSpec
+from jaxbench.optim_muon import is_muon_param, muon
+from jaxbench.schedule import ema_decays, lr_knots, whiten_bias_lr_knots
 
 PyTree = Any
 
@@ -63,20 +69,28 @@ def is_bn_bias(path: tuple[str, ...]) -> bool:
     return module == "bn" or (module.startswith("bn") and module[2:].isdigit())
 
 
-def _label(path: tuple[str, ...]) -> str:
+def _label(path: tuple[str, ...], value: Any = None, with_muon: bool = False) -> str:
     if is_bn_bias(path):
         return "bn_bias"
     if path[-2:] == ("whiten", "kernel"):
         return "frozen"  # data-dependent whitening filters (either stem), never trained
     if path[-2:] == ("whiten", "bias"):
         return "whiten_bias"  # speedrun: trained for cfg.whiten_bias_epochs, then frozen
+    if with_muon and is_muon_param(path, value):
+        return "muon"
     return "default"
 
 
-def param_labels(params: PyTree) -> PyTree:
+def param_labels(params: PyTree, with_muon: bool = False) -> PyTree:
     """'bn_bias' for BatchNorm biases, 'frozen' for a whitening kernel, 'whiten_bias' for
-    the speedrun net's whitening bias, 'default' for everything else."""
-    return traverse_util.path_aware_map(lambda path, _: _label(tuple(path)), params)
+    the speedrun net's whitening bias, with `with_muon` 'muon' for the trained conv
+    filters (`optim_muon.is_muon_param`), 'default' for everything else."""
+    return traverse_util.path_aware_map(lambda path, v: _label(tuple(path), v, with_muon), params)
+
+
+def muon_spec(cfg: Config) -> MuonSpec:
+    """airbench94_muon's update with the configured peak LR and momentum."""
+    return dataclasses.replace(AIRBENCH94_MUON, lr=cfg.muon_lr, momentum=cfg.muon_momentum)
 
 
 def _freeze_after(updates: int) -> optax.GradientTransformation:
@@ -90,7 +104,8 @@ def _freeze_after(updates: int) -> optax.GradientTransformation:
 
 
 def make_optimizer(cfg: Config, steps_per_epoch: int) -> optax.GradientTransformation:
-    """SGD-Nesterov with coupled decay and one-cycle LR; BN biases get their multipliers."""
+    """SGD-Nesterov with coupled decay and the configured LR; BN biases get their
+    multipliers; with `optimizer="muon"` the trained conv filters get Muon."""
     _, wd = optimizer_scales(cfg)
     base = lr_schedule(cfg, steps_per_epoch)
 
@@ -110,10 +125,28 @@ def make_optimizer(cfg: Config, steps_per_epoch: int) -> optax.GradientTransform
     if cfg.whiten != "none":
         groups["frozen"] = optax.set_to_zero()
     if cfg.whiten == "patch2":
+        whiten_bias = group(1.0, 1.0)
+        if cfg.whiten_bias_own_lr:
+            whiten_bias = optax.chain(
+                optax.add_decayed_weights(wd * cfg.bn_bias_wd_mult),
+                optax.sgd(
+                    piecewise_linear(*whiten_bias_lr_knots(cfg, steps_per_epoch)),
+                    momentum=cfg.momentum,
+                    nesterov=cfg.nesterov,
+                ),
+            )
         groups["whiten_bias"] = optax.chain(
-            group(1.0, 1.0), _freeze_after(cfg.whiten_bias_epochs * steps_per_epoch)
+            whiten_bias, _freeze_after(cfg.whiten_bias_epochs * steps_per_epoch)
         )
-    return optax.multi_transform(groups, param_labels)
+    if cfg.optimizer != "muon":
+        return optax.multi_transform(groups, param_labels)
+    # Muon's LR follows the run's schedule, scaled so its peak is cfg.muon_lr
+    lr, _ = optimizer_scales(cfg)
+    scale = cfg.muon_lr / lr
+    groups["muon"] = muon(
+        muon_spec(cfg), lambda count: base(count) * scale, cfg.epochs * steps_per_epoch
+    )
+    return optax.multi_transform(groups, functools.partial(param_labels, with_muon=True))
 
 
 def cross_entropy(

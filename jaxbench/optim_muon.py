@@ -75,6 +75,14 @@ def matrix_to_hwio(m: jax.Array, shape: tuple[int, ...]) -> jax.Array:
     return jnp.transpose(m.reshape(cout, cin, kh, kw), (2, 3, 1, 0))
 
 
+def frobenius(x: jax.Array) -> jax.Array:
+    """||x||_F as a float32 dot product: XLA's CPU reduction behind `jnp.linalg.norm` was
+    measured 9e-7 off (relative) on a 16x16x3x3 filter with dirac entries, which weight
+    normalisation multiplies into the update; the dot, like numpy's norm, stays near 5e-8."""
+    v = x.reshape(-1)
+    return jnp.sqrt(jnp.dot(v, v, precision=jax.lax.Precision.HIGHEST))
+
+
 def newton_schulz(
     g: jax.Array, spec: MuonSpec, magnitude: jax.Array, precision: jax.lax.Precision
 ) -> jax.Array:
@@ -82,8 +90,8 @@ def newton_schulz(
     dot = lambda p, q: jnp.matmul(p, q, precision=precision)  # noqa: E731
     x = g.astype(jnp.float32)
     if spec.ns_target_magnitude is not None:
-        x = x * (magnitude / (jnp.linalg.norm(x) + spec.ns_target_eps))
-    x = x / (jnp.linalg.norm(x) + spec.ns_eps)
+        x = x * (magnitude / (frobenius(x) + spec.ns_target_eps))
+    x = x / (frobenius(x) + spec.ns_eps)
     tall = x.shape[0] > x.shape[1]
     if tall:
         x = x.T
@@ -156,7 +164,7 @@ def muon(
                 o = o * scale
             new = w
             if spec.normalization != "none":
-                s = jnp.sqrt(jnp.float32(w.shape[3])) / (jnp.linalg.norm(w) + spec.norm_eps)
+                s = jnp.sqrt(jnp.float32(w.shape[3])) / (frobenius(w) + spec.norm_eps)
                 new = jnp.where(normalise, w * s, w)
             new = new - lr * o
             if spec.weight_decay:

@@ -16,17 +16,28 @@ from jaxbench.configs import Config, optimizer_scales
 def lr_knots(cfg: Config, steps_per_epoch: int) -> tuple[list[int], list[float]]:
     """(steps, values): linear from lr_start*lr to lr at the peak, then to lr_end*lr
     `lr_flat_epochs` before the end (default: at the last step), flat after it (Page's
-    EMA epochs: `epochs - ema_epochs` in his schedule).
+    EMA epochs: `epochs - ema_epochs` in his schedule). `lr_schedule="linear"`: from
+    lr at step 0 straight to lr_end*lr at the end.
 
     Values are in optimizer units (already divided by the batch for a summed loss).
     """
     lr, _ = optimizer_scales(cfg)
     total = cfg.epochs * steps_per_epoch
+    if cfg.lr_schedule == "linear":  # airbench94_muon: lr * (1 - t / total), no warm-up
+        return [0, total], [lr, cfg.lr_end * lr]
     peak = min(max(int(round(cfg.lr_peak_epoch * steps_per_epoch)), 1), total)
     end = max(total - int(round(cfg.lr_flat_epochs * steps_per_epoch)), peak)
     if end < total:
         return [0, peak, end, total], [cfg.lr_start * lr, lr, cfg.lr_end * lr, cfg.lr_end * lr]
     return [0, peak, total], [cfg.lr_start * lr, lr, cfg.lr_end * lr]
+
+
+def whiten_bias_lr_knots(cfg: Config, steps_per_epoch: int) -> tuple[list[int], list[float]]:
+    """`whiten_bias_own_lr`'s knots: the BN biases' LR at step 0 linear to zero when the
+    bias freezes (airbench94_muon: `bias_lr * (1 - step / whiten_bias_train_steps)`)."""
+    lr, _ = optimizer_scales(cfg)
+    end = max(cfg.whiten_bias_epochs * steps_per_epoch, 1)
+    return [0, end], [lr * cfg.bn_bias_lr_mult, 0.0]
 
 
 def lr_at(step: np.ndarray | int, cfg: Config, steps_per_epoch: int) -> np.ndarray:

@@ -115,12 +115,22 @@ class SpeedrunNet(nn.Module):
         x = nn.Dense(
             self.num_classes,
             use_bias=False,
-            kernel_init=self.kernel_init,
+            kernel_init=unit_std(self.kernel_init) if cfg.head_unit_std else self.kernel_init,
             dtype=self.dtype,
             param_dtype=jnp.float32,
             name="head",
         )(x)
         return x.astype(jnp.float32) * self.output_scale
+
+
+def unit_std(init: Initializer) -> Initializer:
+    """`init` rescaled to unit (n - 1) standard deviation: airbench94_muon's head."""
+
+    def rescaled(key: Array, shape: Any, dtype: Any = jnp.float32) -> Array:
+        w = init(key, shape, dtype)
+        return w * (1 / jnp.std(w, ddof=1))
+
+    return rescaled
 
 
 def speedrun_from_config(cfg: Config, dtype: Any = jnp.float32, **overrides: Any) -> SpeedrunNet:

@@ -19,11 +19,20 @@ import optax
 import pytest
 import torch
 from flax import traverse_util
+from helpers import random_dataset
 
+from jaxbench import configs, optim
 from jaxbench import muon as ref
+from jaxbench import train as jtrain
+from jaxbench.configs import Config, get_config, optimizer_scales, without_trick
 from jaxbench.muon import AIRBENCH94_MUON, RECORD, MuonSpec
-from jaxbench.optim_muon import hwio_to_matrix, is_muon_param, matrix_to_hwio
+from jaxbench.optim_muon import MuonState, hwio_to_matrix, is_muon_param, matrix_to_hwio
 from jaxbench.optim_muon import muon as optax_muon
+from jaxbench.schedule import lr_at, whiten_bias_lr_knots
+from jaxbench.speedrun_model import speedrun_from_config
+from torch_ref import optim as toptim
+from torch_ref import speedrun_model as tsm
+from torch_ref import train as ttrain
 from torch_ref.muon import Muon as TorchMuon
 
 # Another BLAS sums in another order: the frameworks' errors measured at 0.2-1.5x the
@@ -349,3 +358,283 @@ def test_muon_rejects_non_filters() -> None:
         optax_muon(RECORD, 0.1, 10).init({"head": jnp.zeros((256, 10))})
     with pytest.raises(ValueError, match="OIHW"):
         TorchMuon([torch.nn.Parameter(torch.zeros(10, 256))], RECORD, 10)
+
+
+# --- the speedrun_muon preset: both trainers' optimizers -----------------------------------------
+
+PRESET_SPE = 2  # steps per epoch: the whitening bias (1 epoch here) freezes after update 2
+PRESET_UPDATES = 3
+
+
+def _preset() -> Config:
+    """speedrun_muon on a narrow net, its whitening bias trained for one epoch."""
+    return get_config("speedrun_muon").replace(widths=(8, 16, 16), whiten_bias_epochs=1)
+
+
+def _torch_name(path: tuple[str, ...]) -> str:
+    """A flax parameter path as the torch net's name (`kernel` is torch's `weight`)."""
+    return ".".join("weight" if p == "kernel" else p for p in path)
+
+
+def _to_torch_layout(x: np.ndarray) -> np.ndarray:
+    """HWIO -> OIHW, (in, out) -> (out, in); biases as they are."""
+    return x.transpose(3, 2, 0, 1) if x.ndim == 4 else x.T if x.ndim == 2 else x
+
+
+def _from_torch_layout(x: np.ndarray) -> np.ndarray:
+    return x.transpose(2, 3, 1, 0) if x.ndim == 4 else x.T if x.ndim == 2 else x
+
+
+@functools.cache
+def _flax_params(cfg: Config) -> dict:
+    """The JAX net's initial parameters (seed 0), once per config."""
+    net = speedrun_from_config(cfg)
+    return net.init(jax.random.PRNGKey(0), jnp.zeros((2, 32, 32, 3)), train=False)["params"]
+
+
+def jax_labels(cfg: Config) -> dict[str, str]:
+    """torch name -> `jaxbench.optim.param_labels` of the JAX net's parameter."""
+    labels = optim.param_labels(_flax_params(cfg), with_muon=cfg.optimizer == "muon")
+    return {_torch_name(k): v for k, v in traverse_util.flatten_dict(labels).items()}
+
+
+def torch_labels(cfg: Config) -> dict[str, str]:
+    """torch name -> the label of its `torch_ref.optim` group ('frozen': no gradient)."""
+    model = tsm.speedrun_from_config(cfg)
+    opt = toptim.make_optimizer(model, cfg, None, PRESET_SPE)
+    group_of = {id(p): g.get("label", "?") for g in opt.param_groups for p in g["params"]}
+    return {
+        n: group_of[id(p)] if p.requires_grad else "frozen" for n, p in model.named_parameters()
+    }
+
+
+def test_preset_groups_the_same_params_in_both_frameworks() -> None:
+    """Muon on the six 3x3 filters; BN biases, whitening bias and head on SGD; the same
+    parameter in the same group in JAX and PyTorch; `--no-muon` moves the filters to SGD."""
+    cfg = _preset()
+    got = jax_labels(cfg)
+    assert got == torch_labels(cfg)
+    muon_params = sorted(n for n, label in got.items() if label == "muon")
+    assert muon_params == [f"block{b}.conv{c}.weight" for b in (1, 2, 3) for c in (1, 2)]
+    assert got["whiten.weight"] == "frozen" and got["whiten.bias"] == "whiten_bias"
+    assert got["head.weight"] == "default" and got["block2.bn1.bias"] == "bn_bias"
+    plain = without_trick(cfg, "muon")
+    assert plain.optimizer == "sgd" and "muon" not in set(jax_labels(plain).values())
+    assert jax_labels(plain) == {n: ("default" if v == "muon" else v) for n, v in got.items()}
+
+
+def _grads(shapes: dict[str, tuple[int, ...]], seed: int) -> dict[str, np.ndarray]:
+    """Float32-exact gradients in torch layout, one draw per parameter in name order."""
+    rng = np.random.default_rng(seed)
+    return {
+        n: (0.1 * rng.standard_normal(s)).astype(np.float32).astype(np.float64)
+        for n, s in sorted(shapes.items())
+    }
+
+
+def reference_update(
+    label: str, w: np.ndarray, g: np.ndarray, state: dict, t: int, cfg: Config, dtype: type
+) -> np.ndarray:
+    """Update t (from 0) of one parameter (torch layout) under the preset's optimizer, in
+    `dtype`: `jaxbench.muon.muon_update` for the filters, torch SGD (coupled decay, Nesterov)
+    at the group's LR for the rest, the whitening bias frozen after its epochs."""
+    lr_opt, wd = optimizer_scales(cfg)
+    lr_t = float(lr_at(t, cfg, PRESET_SPE))
+    w, g = w.astype(dtype), g.astype(dtype)
+    if label == "frozen":
+        return w
+    if label == "muon":
+        spec = optim.muon_spec(cfg)
+        buf = state.get("buf", ref.zero_buffer(w.shape, spec))
+        total = cfg.epochs * PRESET_SPE
+        lr = cfg.muon_lr * lr_t / lr_opt
+        w, state["buf"] = ref.muon_update(
+            w, g, buf, step=t + 1, lr=lr, total_steps=total, spec=spec, dtype=dtype
+        )
+        return w
+    if label == "whiten_bias":
+        if t >= cfg.whiten_bias_epochs * PRESET_SPE:
+            return w
+        lr = float(np.interp(t, *whiten_bias_lr_knots(cfg, PRESET_SPE)))
+        decay = wd * cfg.bn_bias_wd_mult
+    elif label == "bn_bias":
+        lr, decay = lr_t * cfg.bn_bias_lr_mult, wd * cfg.bn_bias_wd_mult
+    else:
+        lr, decay = lr_t, wd
+    m = dtype(cfg.momentum)
+    d = g + dtype(decay) * w
+    state["buf"] = m * state["buf"] + d if "buf" in state else d
+    return w - dtype(lr) * (d + m * state["buf"])
+
+
+def run_preset_reference(
+    labels: dict[str, str], w0: dict[str, np.ndarray], grads: list[dict], cfg: Config, dtype: type
+) -> list[dict[str, np.ndarray]]:
+    """The parameters (torch layout) after each update; first: the initial ones."""
+    states: dict[str, dict] = {n: {} for n in w0}
+    out = [w0]
+    for t, g in enumerate(grads):
+        prev = out[-1]
+        out.append(
+            {n: reference_update(labels[n], prev[n], g[n], states[n], t, cfg, dtype) for n in w0}
+        )
+    return out
+
+
+def run_preset_jax(cfg: Config, grads: list[dict]) -> list[dict[str, np.ndarray]]:
+    """`jaxbench.optim.make_optimizer`'s updates of the JAX net, in torch layout."""
+    params = _flax_params(cfg)
+    tx = optim.make_optimizer(cfg, PRESET_SPE)
+    state, update = tx.init(params), jax.jit(tx.update)
+
+    def torch_layout(tree: dict) -> dict[str, np.ndarray]:
+        flat = traverse_util.flatten_dict(jax.device_get(tree))
+        return {
+            _torch_name(k): _to_torch_layout(np.asarray(v, np.float64)) for k, v in flat.items()
+        }
+
+    out = [torch_layout(params)]
+    for g in grads:
+        flat = {
+            k: _from_torch_layout(g[_torch_name(k)]) for k in traverse_util.flatten_dict(params)
+        }
+        g_tree = jax.tree_util.tree_map(
+            lambda x: jnp.asarray(x, jnp.float32), traverse_util.unflatten_dict(flat)
+        )
+        updates, state = update(g_tree, state, params)
+        params = optax.apply_updates(params, updates)
+        out.append(torch_layout(params))
+    return out
+
+
+def run_preset_torch(cfg: Config, grads: list[dict]) -> list[dict[str, np.ndarray]]:
+    """`torch_ref.optim.make_optimizer`'s updates of the torch net, set as the trainer sets
+    the LR (`set_lr` with `lr_at(t)`) and freezes the whitening bias (no gradient)."""
+    model = tsm.speedrun_from_config(cfg)
+    opt = toptim.make_optimizer(model, cfg, None, PRESET_SPE)
+    named = dict(model.named_parameters())
+    snap = lambda: {n: p.detach().double().numpy().copy() for n, p in named.items()}  # noqa: E731
+    out = [snap()]
+    for t, g in enumerate(grads):
+        toptim.set_lr(opt, float(lr_at(t, cfg, PRESET_SPE)))
+        frozen_bias = t >= cfg.whiten_bias_epochs * PRESET_SPE
+        for n, p in named.items():
+            trained = p.requires_grad and not (n == "whiten.bias" and frozen_bias)
+            p.grad = torch.tensor(g[n], dtype=torch.float32) if trained else None
+        opt.step()
+        out.append(snap())
+    return out
+
+
+def preset_errors(run: list[dict], reference: list[dict]) -> dict[str, float]:
+    """Per parameter: the worst relative error of an update over the run (0 where the
+    reference does not move it and neither does the run)."""
+    errors = {}
+    for n in reference[0]:
+        worst = 0.0
+        for (a0, a1), (b0, b1) in zip(
+            zip(run, run[1:], strict=False),
+            zip(reference, reference[1:], strict=False),
+            strict=True,
+        ):
+            want, got = b1[n] - b0[n], a1[n] - a0[n]
+            scale = np.linalg.norm(want)
+            worst = max(worst, np.linalg.norm(got - want) / scale if scale else np.abs(got).max())
+        errors[n] = float(worst)
+    return errors
+
+
+@pytest.mark.parametrize("framework", ["jax", "torch"])
+def test_preset_updates_within_float32_noise_of_the_reference(framework: str) -> None:
+    """Three updates of every parameter under speedrun_muon's optimizer (Muon, the three
+    SGD groups, the whitening bias's own LR and its freeze) within `NOISE_HEADROOM` times
+    the float32 noise of the same reference, measured per group."""
+    cfg = _preset()
+    runner = run_preset_jax if framework == "jax" else run_preset_torch
+    labels = jax_labels(cfg) if framework == "jax" else torch_labels(cfg)
+    shapes = {n: v.shape for n, v in runner(cfg, [])[0].items()}
+    grads = [_grads(shapes, seed) for seed in range(PRESET_UPDATES)]
+    run = runner(cfg, grads)
+    w0 = run[0]
+    reference = run_preset_reference(labels, w0, grads, cfg, np.float64)
+    noise = preset_errors(run_preset_reference(labels, w0, grads, cfg, np.float32), reference)
+    errors = preset_errors(run, reference)
+    for label in ("muon", "default", "bn_bias", "whiten_bias"):
+        names = [n for n, v in labels.items() if v == label]
+        group_noise = max(noise[n] for n in names)
+        assert 0 < group_noise < 1e-4, (label, group_noise)
+        worst = max(errors[n] for n in names)
+        assert worst <= NOISE_HEADROOM * group_noise, (label, worst, group_noise)
+    # the frozen whitening filter never moves; the whitening bias stops after its epoch
+    np.testing.assert_array_equal(run[-1]["whiten.weight"], w0["whiten.weight"])
+    np.testing.assert_array_equal(run[3]["whiten.bias"], run[2]["whiten.bias"])
+    assert not np.array_equal(run[2]["whiten.bias"], run[1]["whiten.bias"])
+
+
+def test_preset_update_plants_are_caught() -> None:
+    """A wrong split is far outside the bound: the filters on SGD (`--no-muon` against the
+    Muon reference), or Muon's momentum taken from the SGD groups."""
+    cfg = _preset()
+    labels = jax_labels(cfg)
+    shapes = {n: v.shape for n, v in run_preset_jax(cfg, [])[0].items()}
+    grads = [_grads(shapes, seed) for seed in range(2)]
+    run = run_preset_jax(without_trick(cfg, "muon"), grads)
+    reference = run_preset_reference(labels, run[0], grads, cfg, np.float64)
+    errors = preset_errors(run, reference)
+    assert min(errors[n] for n, v in labels.items() if v == "muon") > 0.1
+    wrong = run_preset_jax(cfg.replace(muon_momentum=cfg.momentum), grads)
+    errors = preset_errors(wrong, reference)
+    assert min(errors[n] for n, v in labels.items() if v == "muon") > 1e-3
+
+
+# --- the speedrun_muon preset trains in both frameworks -------------------------------------------
+
+
+def preset_from_flags(*flags: str) -> Config:
+    """speedrun_muon shrunk by command-line flags, as a user would: 8/16/16, batch 100."""
+    parser = configs.OneLineErrorParser()
+    configs.add_config_args(parser)
+    narrow = ["--widths", "8,16,16", "--batch-size", "100", "--epochs", "1"]
+    args = ["--config", "speedrun_muon", *narrow, "--precision", "float32", *flags]
+    return configs.config_from_args(parser.parse_args(args))
+
+
+def has_muon_state(state: object) -> bool:
+    is_muon = lambda x: isinstance(x, MuonState)  # noqa: E731
+    return any(is_muon(x) for x in jax.tree_util.tree_leaves(state, is_leaf=is_muon))
+
+
+@pytest.mark.parametrize("flags", [(), ("--no-muon",)], ids=["muon", "no-muon"])
+@pytest.mark.parametrize("framework", ["jax", "torch"])
+def test_preset_trains_one_short_epoch(framework: str, flags: tuple[str, ...]) -> None:
+    """Two updates of the narrow preset on 200 random images: finite losses in both
+    frameworks; `--no-muon` leaves no Muon in either optimizer."""
+    cfg = preset_from_flags(*flags)
+    with_muon = not flags
+    assert cfg.optimizer == ("muon" if with_muon else "sgd") and cfg.widths == (8, 16, 16)
+    data = random_dataset(200, 100)
+    if framework == "jax":
+        state = optim.make_optimizer(cfg, 2).init(_flax_params(cfg))
+        assert has_muon_state(state) == with_muon
+        summary = jtrain.train_and_evaluate(cfg, data=data, progress=False, quiet=True)
+    else:
+        opt = toptim.make_optimizer(tsm.speedrun_from_config(cfg), cfg, None, 2)
+        assert any(g.get("muon", False) for g in opt.param_groups) == with_muon
+        summary = ttrain.train_and_evaluate(cfg, data=data, progress=False, quiet=True)
+    assert summary["steps_per_epoch"] == 2 and len(summary["step_losses"]) == 2
+    assert np.isfinite(summary["step_losses"]).all(), summary["step_losses"]
+    assert np.isfinite(summary["final"]["val_loss"]), summary["final"]
+
+
+def test_preset_head_starts_at_unit_std_in_both_frameworks() -> None:
+    """airbench94_muon's `w *= 1 / w.std()` on the head (`head_unit_std`); off in `speedrun`
+    and with `--no-head-unit-std`, where the head keeps torch's U(+-1/sqrt(in)) init."""
+    cfg = _preset()
+    off = preset_from_flags("--no-head-unit-std")
+    assert cfg.head_unit_std and not off.head_unit_std
+    assert not get_config("speedrun").head_unit_std
+    for c, want in ((cfg, 1.0), (off, 1 / np.sqrt(3 * 16))):
+        jax_head = np.asarray(_flax_params(c)["head"]["kernel"], np.float64)
+        torch_head = tsm.speedrun_from_config(c).head.weight.detach().double().numpy()
+        for head in (jax_head, torch_head):
+            assert np.std(head, ddof=1) == pytest.approx(want, rel=1e-5 if want == 1.0 else 0.2)

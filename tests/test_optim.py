@@ -9,8 +9,8 @@ import optax
 import pytest
 
 from jaxbench import optim
-from jaxbench.configs import Config, optimizer_scales
-from jaxbench.schedule import lr_at, lr_knots
+from jaxbench.configs import Config, check_supported, get_config, optimizer_scales
+from jaxbench.schedule import lr_at, lr_knots, whiten_bias_lr_knots
 
 STEPS_PER_EPOCH = 97
 
@@ -140,3 +140,36 @@ def test_ema_updates_only_after_every_kth_step() -> None:
         assert float(got) == want, f"step {step}"
     off = optim.maybe_ema_update(ema, w, jnp.asarray(5), Config(ema_every=0))
     assert float(off["x"]) == 0.0
+
+
+def test_linear_schedule_is_airbench94_muon() -> None:
+    """`lr_schedule="linear"`: update t at `peak * (1 - t / total)` (the source's formula),
+    in optax and in the reference; the whitening bias's own LR falls to zero at its freeze."""
+    cfg = get_config("speedrun_muon")
+    steps = 25  # 50,000 images / batch 2000
+    total = cfg.epochs * steps
+    assert total == 200 and lr_knots(cfg, steps) == ([0, total], [0.67, 0.0])
+    t = np.arange(total)
+    want = 0.67 * (1 - t / total)
+    np.testing.assert_allclose(lr_at(t, cfg, steps), want, rtol=1e-13, atol=0)
+    got = np.asarray(jax.vmap(optim.lr_schedule(cfg, steps))(jnp.asarray(t)))
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=0)
+    xs, ys = whiten_bias_lr_knots(cfg, steps)
+    assert xs == [0, 75] and ys[0] == pytest.approx(0.053, rel=1e-15) and ys[1] == 0.0
+    # one-cycle presets keep their knots
+    assert lr_knots(get_config("speedrun"), 48)[0] == [0, 110, 480]
+
+
+def test_muon_field_validation() -> None:
+    """Bad Muon fields are refused with the flag's name; Muon is the speedrun net's only."""
+    cfg = get_config("speedrun_muon")
+    for changes, flag in [
+        ({"optimizer": "adam"}, "--optimizer"),
+        ({"muon_lr": 0.0}, "--muon-lr"),
+        ({"muon_momentum": 1.0}, "--muon-momentum"),
+        ({"lr_schedule": "cosine"}, "--lr-schedule"),
+    ]:
+        with pytest.raises(ValueError, match=flag):
+            cfg.replace(**changes)
+    with pytest.raises(ValueError, match="--optimizer"):
+        check_supported(Config(optimizer="muon"), "jaxbench")

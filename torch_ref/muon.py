@@ -25,6 +25,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable
 
+import numpy as np
 import torch
 
 from jaxbench.muon import MuonSpec, normalization_steps, target_magnitude, update_scale_factor
@@ -72,47 +73,56 @@ class Muon(torch.optim.Optimizer):
         self.total_steps = total_steps
         self.norm_table = normalization_steps(total_steps, spec)
 
-    def _momentum(self, p: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
-        """Update the buffer in place; return the Newton-Schulz input (`momentum_step`)."""
-        spec, state = self.spec, self.state[p]
-        dtype = torch.float16 if spec.momentum_dtype == "float16" else torch.float32
-        if "momentum_buffer" not in state:
-            state["momentum_buffer"] = torch.zeros_like(g, dtype=dtype)
-        buf = state["momentum_buffer"]
-        if dtype == torch.float16:
-            # float32 product and sum, each rounded to float16: the record's in-place
-            # float16 mul_ and add_, whatever the device's half arithmetic
-            buf.copy_((buf.float() * spec.momentum).half())
-            buf.copy_((buf.float() + g.half().float()).half())
-            wide = buf.float()
-        else:
-            buf.mul_(spec.momentum).add_(g)
-            wide = buf
-        return g + spec.momentum * wide if spec.nesterov else wide.clone()
-
     @torch.no_grad()
     def step(self, closure: None = None) -> None:  # type: ignore[override]
         """One update of every filter with a gradient (no closure: Muon needs none)."""
         if closure is not None:
             raise ValueError("Muon.step takes no closure")
-        spec = self.spec
         for group in self.param_groups:
             lr = float(group["lr"])
             for p in group["params"]:
-                if p.grad is None:
-                    continue
-                state = self.state[p]
-                state["step"] = state.get("step", 0) + 1
-                step = min(state["step"], self.total_steps)  # the record's step_count
-                n = self._momentum(p, p.grad.float())
-                # OIHW -> (out, in*kh*kw): both sources' `g.reshape(len(g), -1)`
-                o = newton_schulz(
-                    n.reshape(len(n), -1), spec, target_magnitude(step, self.total_steps, spec)
-                )
-                o = o.reshape(p.shape)
-                scale = update_scale_factor(tuple(p.shape), spec)
-                if self.norm_table[step]:
-                    p.mul_(math.sqrt(len(p)) / (frobenius(p) + spec.norm_eps))
-                p.add_(o, alpha=-lr * scale)
-                if spec.weight_decay:
-                    p.mul_(1 - lr * spec.weight_decay)
+                if p.grad is not None:
+                    muon_step_(p, self.state[p], lr, self.spec, self.total_steps, self.norm_table)
+
+
+def momentum_(state: dict, g: torch.Tensor, spec: MuonSpec) -> torch.Tensor:
+    """Update the buffer in `state` in place; return the Newton-Schulz input (`momentum_step`)."""
+    dtype = torch.float16 if spec.momentum_dtype == "float16" else torch.float32
+    if "momentum_buffer" not in state:
+        state["momentum_buffer"] = torch.zeros_like(g, dtype=dtype)
+    buf = state["momentum_buffer"]
+    if dtype == torch.float16:
+        # float32 product and sum, each rounded to float16: the record's in-place
+        # float16 mul_ and add_, whatever the device's half arithmetic
+        buf.copy_((buf.float() * spec.momentum).half())
+        buf.copy_((buf.float() + g.half().float()).half())
+        wide = buf.float()
+    else:
+        buf.mul_(spec.momentum).add_(g)
+        wide = buf
+    return g + spec.momentum * wide if spec.nesterov else wide.clone()
+
+
+@torch.no_grad()
+def muon_step_(
+    p: torch.Tensor,
+    state: dict,
+    lr: float,
+    spec: MuonSpec,
+    total_steps: int,
+    norm_table: np.ndarray,
+) -> None:
+    """One Muon update of OIHW filter `p` (its `.grad`, its optimizer `state`) at LR `lr`;
+    `norm_table` is `normalization_steps(total_steps, spec)`. Steps 1-6 of `jaxbench.muon`."""
+    state["step"] = state.get("step", 0) + 1
+    step = min(state["step"], total_steps)  # the record's step_count
+    n = momentum_(state, p.grad.float(), spec)
+    # OIHW -> (out, in*kh*kw): both sources' `g.reshape(len(g), -1)`
+    o = newton_schulz(n.reshape(len(n), -1), spec, target_magnitude(step, total_steps, spec))
+    o = o.reshape(p.shape)
+    scale = update_scale_factor(tuple(p.shape), spec)
+    if norm_table[step]:
+        p.mul_(math.sqrt(len(p)) / (frobenius(p) + spec.norm_eps))
+    p.add_(o, alpha=-lr * scale)
+    if spec.weight_decay:
+        p.mul_(1 - lr * spec.weight_decay)

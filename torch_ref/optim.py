@@ -3,27 +3,151 @@
 SGD with Nesterov momentum and coupled decay (BN biases in a group of their own), the
 LR set per update from `schedule.lr_at`, and the EMA of the weights and BN statistics
 with airbench's lookahead reset (docs/design.md, "Loss and optimizer" and "EMA").
+With `optimizer="muon"` (or `whiten_bias_own_lr`) one `MuonSGD` holds every group:
+Muon on the trained conv filters, the same SGD on the rest, grouped as `jaxbench.optim`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import dataclasses
+from collections.abc import Iterable, Sequence
+from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
 from jaxbench.configs import Config, optimizer_scales
+from jaxbench.muon import AIRBENCH94_MUON, normalization_steps
+from jaxbench.schedule import whiten_bias_lr_knots
 from torch_ref import fast
+from torch_ref.muon import muon_step_
 
 
-def make_optimizer(model: nn.Module, cfg: Config, sgd_impl: str | None = None) -> torch.optim.SGD:
+def is_muon_param(name: str, p: torch.Tensor) -> bool:
+    """A trained conv filter: a 4-D weight outside the frozen whitening conv
+    (`jaxbench.optim_muon.is_muon_param` on the same net)."""
+    parts = name.split(".")
+    return p.ndim == 4 and parts[-1] == "weight" and (len(parts) < 2 or parts[-2] != "whiten")
+
+
+class MuonSGD(torch.optim.Optimizer):
+    """Muon on the groups with `muon=True`, torch SGD's for-loop update on the rest.
+
+    One optimizer, so the trainer's `set_lr`, `step`, `zero_grad`, state dict and
+    scratch copy (`fast.scratch_optimizer`) serve both. SGD: coupled decay, then
+    `buf = m * buf + g` (the first buffer is g), Nesterov `g + m * buf`, as
+    `torch.optim.SGD`. Muon: `torch_ref.muon.muon_step_` with airbench94_muon's spec
+    and `muon_momentum`. A group with `lr_knots` takes its LR from them at its own
+    update count (`updates`), not from `set_lr`.
+    """
+
+    def __init__(
+        self,
+        params: Iterable[dict[str, Any]],
+        lr: float,
+        momentum: float,
+        nesterov: bool,
+        total_steps: int,
+        muon_momentum: float,
+        weight_decay: float = 0.0,
+    ) -> None:
+        defaults = dict(lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay)
+        defaults |= dict(total_steps=total_steps, muon_momentum=muon_momentum)
+        super().__init__(params, defaults)
+        self.spec = dataclasses.replace(AIRBENCH94_MUON, momentum=muon_momentum)
+        self.norm_table = normalization_steps(total_steps, self.spec)
+
+    @torch.no_grad()
+    def step(self, closure: None = None) -> None:  # type: ignore[override]
+        """One update of every parameter with a gradient."""
+        if closure is not None:
+            raise ValueError("MuonSGD.step takes no closure")
+        for group in self.param_groups:
+            if "lr_knots" in group:
+                group["lr"] = float(np.interp(group["updates"], *group["lr_knots"]))
+                group["updates"] += 1
+            lr = float(group["lr"])
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                if group.get("muon", False):
+                    total = group["total_steps"]
+                    muon_step_(p, self.state[p], lr, self.spec, total, self.norm_table)
+                else:
+                    self._sgd(p, group, lr)
+
+    def _sgd(self, p: torch.Tensor, group: dict[str, Any], lr: float) -> None:
+        d_p = p.grad
+        if group["weight_decay"]:
+            d_p = d_p.add(p, alpha=group["weight_decay"])
+        m, state = group["momentum"], self.state[p]
+        if "momentum_buffer" not in state:
+            state["momentum_buffer"] = torch.clone(d_p).detach()
+        else:
+            state["momentum_buffer"].mul_(m).add_(d_p)
+        buf = state["momentum_buffer"]
+        p.add_(d_p.add(buf, alpha=m) if group["nesterov"] else buf, alpha=-lr)
+
+
+def make_muon_sgd(model: nn.Module, cfg: Config, steps_per_epoch: int) -> MuonSGD:
+    """The groups of `jaxbench.optim.make_optimizer` for `optimizer="muon"` or
+    `whiten_bias_own_lr`: default (head), BN biases, whitening bias, Muon filters, each
+    group's `label` that of `jaxbench.optim.param_labels`."""
+    lr, wd = optimizer_scales(cfg)
+    named = list(model.named_parameters())
+    bn_ids = {id(m.bias) for m in model.modules() if isinstance(m, nn.BatchNorm2d)}
+    whiten = getattr(model, "whiten", None)
+    own = {id(whiten.bias)} if cfg.whiten_bias_own_lr and whiten is not None else set()
+    muon = cfg.optimizer == "muon"
+    filters = [p for n, p in named if muon and is_muon_param(n, p)]
+    taken = bn_ids | own | {id(p) for p in filters}
+    bn_group = {"params": [p for _, p in named if id(p) in bn_ids], "lr_mult": cfg.bn_bias_lr_mult}
+    bn_group |= {"lr": lr * cfg.bn_bias_lr_mult, "weight_decay": wd * cfg.bn_bias_wd_mult}
+    bn_group["label"] = "bn_bias"
+    groups = [
+        {"params": [p for _, p in named if id(p) not in taken], "lr_mult": 1.0, "label": "default"},
+        bn_group,
+    ]
+    if own:
+        xs, ys = whiten_bias_lr_knots(cfg, steps_per_epoch)
+        groups.append(
+            {"params": [whiten.bias], "lr_knots": (xs, ys), "updates": 0, "lr": ys[0]}
+            | {"weight_decay": wd * cfg.bn_bias_wd_mult, "label": "whiten_bias"}
+        )
+    if filters:
+        mult = cfg.muon_lr / lr
+        groups.append({"params": filters, "lr": cfg.muon_lr, "lr_mult": mult, "muon": True})
+        groups[-1] |= {"weight_decay": 0.0, "momentum": cfg.muon_momentum, "label": "muon"}
+    return MuonSGD(
+        groups,
+        lr=lr,
+        momentum=cfg.momentum,
+        nesterov=cfg.nesterov,
+        total_steps=cfg.epochs * steps_per_epoch,
+        muon_momentum=cfg.muon_momentum,
+        weight_decay=wd,
+    )
+
+
+def make_optimizer(
+    model: nn.Module,
+    cfg: Config,
+    sgd_impl: str | None = None,
+    steps_per_epoch: int | None = None,
+) -> torch.optim.Optimizer:
     """SGD with Nesterov momentum and coupled decay; BN biases in their own group.
 
     Each group carries `lr_mult`; the trainer sets `lr = lr_at(t) * lr_mult` before
     update t. LR and decay are in optimizer units (`configs.optimizer_scales`).
     `sgd_impl`: "fused", "foreach" or "for-loop" (None: torch's own choice).
+    `optimizer="muon"` or `whiten_bias_own_lr`: a `MuonSGD` (`make_muon_sgd`), which
+    needs `steps_per_epoch`.
     """
+    if cfg.optimizer == "muon" or cfg.whiten_bias_own_lr:
+        if steps_per_epoch is None:
+            raise ValueError("make_optimizer needs steps_per_epoch for Muon or the bias's LR")
+        return make_muon_sgd(model, cfg, steps_per_epoch)
     lr, wd = optimizer_scales(cfg)
     bn_biases = [m.bias for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
     bn_ids = {id(p) for p in bn_biases}

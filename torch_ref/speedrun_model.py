@@ -69,6 +69,7 @@ class SpeedrunNet(nn.Module):
         )
         self.output_scale = output_scale
         self.whiten_bias_zero = cfg.whiten_bias_init == "zero"
+        self.head_unit_std = cfg.head_unit_std
         self.whiten = nn.Conv2d(3, WHITEN_CHANNELS, 2, padding=0, bias=True)
         self.whiten.weight.requires_grad_(False)
         self.act = layers.activation(cfg)
@@ -104,6 +105,8 @@ class SpeedrunNet(nn.Module):
             group = getattr(self, f"block{i + 1}")
             dirac_(group.conv1)
             dirac_(group.conv2)
+        if self.head_unit_std:  # airbench94_muon: w *= 1 / w.std()
+            self.head.weight.mul_(1 / self.head.weight.std())
 
     def set_whitening(self, kernel_OIHW: np.ndarray | torch.Tensor) -> None:
         """Load the (frozen) whitening kernel from `jaxbench.whitening.whitening_kernel_OIHW`."""

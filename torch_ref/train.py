@@ -188,7 +188,7 @@ def setup(
         fill=augment.fill_tensor(dev),
         model=model,
         ema_model=ema_model,
-        optimizer=optim.make_optimizer(model, cfg, speed.sgd_impl),
+        optimizer=optim.make_optimizer(model, cfg, speed.sgd_impl, steps),
         lrs=[float(v) for v in schedule.lr_at(np.arange(cfg.epochs * steps), cfg, steps)],
         decays=schedule.ema_decays(cfg, cfg.epochs * steps),  # float32, the same as JAX's
         forward=forward,
