@@ -55,21 +55,49 @@ def _lr_figure(h: Harness, cfg: Config, spe: int) -> tuple[float, dict[str, Any]
     }
 
 
-def _optimizer_run(h: Harness, cfg: Config, spe: int, steps: int, seed: int) -> dict[str, Any]:
-    """`steps` updates from the same params and gradients; live BN stats change every step
-    (identically) so the EMA of BN statistics is exercised too. Returns per-tensor max |diff|."""
-    from torch_ref import optim as toptim
-
+def _torch_start(h: Harness, cfg: Config, seed: int) -> torch.nn.Module:
+    """torch_ref's model for `seed` with the BN scales and biases moved away from their init
+    (1, 0), so that weight decay on them is as large as on any other weight from step 1 on."""
     tmodel = h.torch_model(cfg, seed)
-    # BN scales and biases away from their init (1, 0), so that weight decay on them is
-    # as large as on any other weight from the first step on.
     bn_rng = np.random.default_rng(seed + 100)
     with torch.no_grad():
         for p in tmodel.parameters():
             if p.ndim == 1:
                 p.copy_(torch.from_numpy(bn_rng.uniform(0.5, 1.5, p.shape).astype(np.float32)))
-    sd = {k: v.clone() for k, v in tmodel.state_dict().items()}
-    variables = convert.torch_to_flax(sd)
+    return tmodel
+
+
+def _random_grads(cfg: Config, params: PyTree, rng: np.random.Generator) -> PyTree:
+    """Gradients that move every tensor ~1e-2 per peak-LR step (BN biases' divided by their
+    LR multiplier), so float32 rounding stays far below the 1e-6 bar."""
+    gscale = 1e-2 / optimizer_scales(cfg)[0]
+    return jax.tree_util.tree_map_with_path(
+        lambda path, p: (
+            gscale
+            / (cfg.bn_bias_lr_mult if optim.is_bn_bias(path_keys(path)) else 1.0)
+            * rng.standard_normal(np.shape(p))
+        ).astype(np.float32),
+        params,
+    )
+
+
+def _torch_diffs(tree: PyTree, tensors: dict[str, torch.Tensor]) -> dict[str, float]:
+    """max |diff| per float tensor of torch's `tensors` against the Flax `tree`, converted."""
+    back = convert.flax_to_torch(jax.device_get(tree))
+    return {
+        k: max_abs(back[k].numpy(), v.detach().numpy()) if k in back else math.inf
+        for k, v in tensors.items()
+        if v.is_floating_point()
+    }
+
+
+def _optimizer_run(h: Harness, cfg: Config, spe: int, steps: int, seed: int) -> dict[str, Any]:
+    """`steps` updates from the same params and gradients; live BN stats change every step
+    (identically) so the EMA of BN statistics is exercised too. Returns per-tensor max |diff|."""
+    from torch_ref import optim as toptim
+
+    tmodel = _torch_start(h, cfg, seed)
+    variables = convert.torch_to_flax({k: v.clone() for k, v in tmodel.state_dict().items()})
     params, bstats = variables["params"], variables["batch_stats"]
     tx = h.jax_optimizer(cfg, spe)
     opt_state = tx.init(params)
@@ -84,24 +112,12 @@ def _optimizer_run(h: Harness, cfg: Config, spe: int, steps: int, seed: int) -> 
     # enough to matter, and after each EMA step the live net (params and BN stats) = EMA.
     lookahead_ema = jax.tree_util.tree_map(jnp.array, {"params": params, "batch_stats": bstats})
     decays = schedule.ema_decays(cfg, steps)
-    topt = toptim.make_optimizer(tmodel, cfg)
-    t_ema = copy.deepcopy(tmodel)
+    topt, t_ema = toptim.make_optimizer(tmodel, cfg), copy.deepcopy(tmodel)
     lrs = schedule.lr_at(np.arange(cfg.epochs * spe), cfg, spe)
     rng = np.random.default_rng(seed)
-    gscale = 1e-2 / optimizer_scales(cfg)[0]  # a peak-LR step moves weights by ~1e-2
-    named = dict(tmodel.named_parameters())
-    buffers = dict(tmodel.named_buffers())
+    named, buffers = dict(tmodel.named_parameters()), dict(tmodel.named_buffers())
     for t in range(steps):
-        # BN biases' gradients are divided by their LR multiplier, so every tensor moves
-        # ~1e-2 per peak step and float32 rounding stays far below the 1e-6 bar.
-        grads = jax.tree_util.tree_map_with_path(
-            lambda path, p: (
-                gscale
-                / (cfg.bn_bias_lr_mult if optim.is_bn_bias(path_keys(path)) else 1.0)
-                * rng.standard_normal(np.shape(p))
-            ).astype(np.float32),
-            params,
-        )
+        grads = _random_grads(cfg, params, rng)
         params, opt_state = update(grads, opt_state, params)
         g_torch = convert.flax_to_torch({"params": grads})
         toptim.set_lr(topt, float(lrs[t]))
@@ -111,49 +127,30 @@ def _optimizer_run(h: Harness, cfg: Config, spe: int, steps: int, seed: int) -> 
         topt.step()
         topt.zero_grad(set_to_none=True)
         # New live BN statistics, the same numbers in both (raw: the EMA is linear).
-        new_stats = jax.tree_util.tree_map(
+        bstats = jax.tree_util.tree_map(
             lambda s: rng.uniform(0.5, 2.0, np.shape(s)).astype(np.float32), bstats
         )
-        bstats = new_stats
-        for key, val in convert.flax_to_torch({"batch_stats": new_stats}).items():
+        for key, val in convert.flax_to_torch({"batch_stats": bstats}).items():
             if key in buffers and buffers[key].is_floating_point():
                 with torch.no_grad():
                     buffers[key].copy_(val)
+        live = {"params": params, "batch_stats": bstats}
         if cfg.lookahead:
-            live = {"params": params, "batch_stats": bstats}
-            lookahead_ema, live = optim.lookahead_update(
-                lookahead_ema, live, jnp.asarray(t + 1, jnp.int32), cfg, steps
-            )
+            step = jnp.asarray(t + 1, jnp.int32)
+            lookahead_ema, live = optim.lookahead_update(lookahead_ema, live, step, cfg, steps)
             params, bstats = live["params"], live["batch_stats"]
         else:
-            ema_state = h.jax_ema.update(
-                ema_state, {"params": params, "batch_stats": bstats}, t + 1, cfg
-            )
+            ema_state = h.jax_ema.update(ema_state, live, t + 1, cfg)
         if cfg.ema_every and (t + 1) % cfg.ema_every == 0:
             m = float(decays[t + 1]) if cfg.lookahead else cfg.ema_momentum
             toptim.ema_update(toptim.ema_tensors(t_ema), toptim.ema_tensors(tmodel), m)
             if cfg.lookahead:
                 toptim.lookahead_reset(toptim.ema_tensors(tmodel), toptim.ema_tensors(t_ema))
-    p_back = convert.flax_to_torch({"params": jax.device_get(params)})
-    p_diff = {n: max_abs(p_back[n].numpy(), p.detach().numpy()) for n, p in named.items()}
     # The live BN statistics: rewritten every step, so they differ only if a lookahead
     # reset (or its absence) touched them.
-    s_back = convert.flax_to_torch({"batch_stats": jax.device_get(bstats)})
-    for key, b in buffers.items():
-        if b.is_floating_point():
-            p_diff[key] = max_abs(s_back[key].numpy(), b.numpy()) if key in s_back else math.inf
-    if cfg.lookahead:
-        ema = jax.device_get(lookahead_ema)
-    else:
-        ema = jax.device_get(h.jax_ema.read(ema_state))
-    e_back = convert.flax_to_torch(ema)
-    tsd = t_ema.state_dict()
-    e_diff = {
-        k: max_abs(e_back[k].numpy(), v.numpy()) if k in e_back else math.inf
-        for k, v in tsd.items()
-        if v.is_floating_point()
-    }
-    return {"params": p_diff, "ema": e_diff}
+    diffs = _torch_diffs({"params": params, "batch_stats": bstats}, {**named, **buffers})
+    ema = lookahead_ema if cfg.lookahead else h.jax_ema.read(ema_state)
+    return {"params": diffs, "ema": _torch_diffs(ema, t_ema.state_dict())}
 
 
 def check_optimizer(ctx: Context) -> CheckResult:
