@@ -34,9 +34,11 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jaxbench import layers, models, optim
+from jaxbench import layers, models, optim, optim_muon
 from jaxbench.configs import Config, optimizer_scales
+from jaxbench.muon import MuonSpec, update_scale_factor
 from parity.harness import EmaOps, Harness, setattr_patch
+from torch_ref import muon as torch_muon
 
 
 @dataclass(frozen=True)
@@ -282,6 +284,30 @@ def _lookahead_without_bn_stats(h: Harness) -> Harness:
     )
 
 
+def _muon_ns_coefficient(h: Harness) -> Harness:
+    """jaxbench's Newton-Schulz iterating with its quintic's c rounded to one decimal."""
+    real = optim_muon.newton_schulz
+
+    def newton_schulz(g: jax.Array, spec: MuonSpec, *args: Any) -> jax.Array:
+        a, b, c = spec.ns_coefficients
+        return real(g, dataclasses.replace(spec, ns_coefficients=(a, b, round(c, 1))), *args)
+
+    return dataclasses.replace(
+        h, patches=(*h.patches, lambda: setattr_patch(optim_muon, "newton_schulz", newton_schulz))
+    )
+
+
+def _muon_scale_rms(h: Harness) -> Harness:
+    """torch_ref's Muon scaled as torch.optim.Muon's "match_rms_adamw": 0.2 sqrt(max(A, B))."""
+
+    def scale(shape: tuple[int, ...], spec: MuonSpec) -> float:
+        return update_scale_factor(shape, dataclasses.replace(spec, update_scale="rms"))
+
+    return dataclasses.replace(
+        h, patches=(*h.patches, lambda: setattr_patch(torch_muon, "update_scale_factor", scale))
+    )
+
+
 PLANTS: dict[str, Plant] = {
     p.name: p
     for p in (
@@ -333,6 +359,20 @@ PLANTS: dict[str, Plant] = {
             4,
             "the JAX EMA replaced by optax.ema(m, debias=True): zero start, debiased read-out",
             _ema_debias,
+        ),
+        Plant(
+            "muon_ns_coefficient",
+            4,
+            "jaxbench.optim_muon.newton_schulz patched for the run to iterate with the "
+            "quintic's c rounded to one decimal (2.0315 -> 2.0, the record's 2.0843 -> 2.1)",
+            _muon_ns_coefficient,
+        ),
+        Plant(
+            "muon_scale_rms",
+            4,
+            "torch_ref.muon's update scale patched for the run to torch.optim.Muon's "
+            "match_rms_adamw, 0.2 sqrt(max(out, in*kh*kw)), where both recipes scale by 1",
+            _muon_scale_rms,
         ),
         Plant(
             "flip_mismatch",

@@ -1,4 +1,14 @@
-"""Check 4: the LR schedule, K optimizer updates and the EMA."""
+"""Check 4: the LR schedule, K optimizer updates and the EMA; Muon against its float64 reference.
+
+The Muon run takes the model's conv filters (`jaxbench.optim_muon.is_muon_param`)
+and one gradient sequence through both recipes' Muon (`jaxbench.muon`: airbench94_muon
+and the record) in three forms: the float64 numpy reference, the optax transform and
+the torch optimizer. Its bars are measured in the same run, not chosen: the reference
+rerun in float32 gives the float32 noise of this very computation (filters, gradients,
+recipe), and each framework passes within `MUON_HEADROOM` times that noise (measured
+0.2-2.7x on the quick nets' filters, other BLAS kernels summing in other orders; the
+plants of a Newton-Schulz coefficient and of the update scale land 1e4x above it).
+"""
 
 from __future__ import annotations
 
@@ -12,8 +22,9 @@ import numpy as np
 import optax
 import torch
 
-from jaxbench import optim, schedule
+from jaxbench import muon, optim, schedule
 from jaxbench.configs import Config, optimizer_scales
+from jaxbench.optim_muon import is_muon_param
 from jaxbench.stream import steps_per_epoch
 from parity import convert
 from parity.checks.base import (
@@ -153,6 +164,126 @@ def _optimizer_run(h: Harness, cfg: Config, spe: int, steps: int, seed: int) -> 
     return {"params": diffs, "ema": _torch_diffs(ema, t_ema.state_dict())}
 
 
+# Each recipe's total updates, which set the record's magnitude ramp and normalisation
+# interval: ceil(8 * 25) (airbench94_muon, batch 2000), ceil(7.59 * 32) (the record, 1536).
+MUON_RECIPES = {"airbench94_muon": (muon.AIRBENCH94_MUON, 200), "record": (muon.RECORD, 243)}
+MUON_HEADROOM = 10.0  # x the float32 noise of the reference itself (module doc)
+
+
+def _muon_lr(spec: muon.MuonSpec, count: Any, total: int) -> Any:
+    """Both recipes' LR at update `count` (from 0): linear to zero over the run."""
+    return spec.lr * (1 - count / total)
+
+
+def _muon_reference(
+    spec: muon.MuonSpec, total: int, w0: np.ndarray, grads: list[np.ndarray], dtype: type
+) -> list[np.ndarray]:
+    """The weights before and after each update, by `jaxbench.muon` in `dtype`."""
+    w, buf = w0.astype(dtype), muon.zero_buffer(w0.shape, spec)
+    out = [w]
+    for t, g in enumerate(grads, start=1):
+        lr = _muon_lr(spec, t - 1, total)
+        w, buf = muon.muon_update(
+            w, g, buf, step=t, lr=lr, total_steps=total, spec=spec, dtype=dtype
+        )
+        out.append(w)
+    return out
+
+
+def _muon_jax(
+    h: Harness, spec: muon.MuonSpec, total: int, filters: dict, grads: dict
+) -> dict[str, list[np.ndarray]]:
+    """The same updates through the optax Muon, all filters at once (HWIO), back in OIHW."""
+    tx = h.jax_muon(spec, lambda count: _muon_lr(spec, count, total), total)
+    hwio = lambda x: jnp.asarray(x.transpose(2, 3, 1, 0), jnp.float32)  # noqa: E731
+    params = {k: hwio(w) for k, w in filters.items()}
+    state, update = tx.init(params), jax.jit(tx.update)
+    out = {k: [w.astype(np.float32)] for k, w in filters.items()}
+    for t in range(len(next(iter(grads.values())))):
+        updates, state = update({k: hwio(g[t]) for k, g in grads.items()}, state, params)
+        params = optax.apply_updates(params, updates)
+        for k, w in params.items():
+            out[k].append(np.asarray(w).transpose(3, 2, 0, 1))
+    return out
+
+
+def _muon_torch(
+    h: Harness, spec: muon.MuonSpec, total: int, filters: dict, grads: dict
+) -> dict[str, list[np.ndarray]]:
+    """The same updates through the torch Muon, all filters at once (OIHW)."""
+    params = {
+        k: torch.nn.Parameter(torch.tensor(w, dtype=torch.float32)) for k, w in filters.items()
+    }
+    opt = h.torch_muon(list(params.values()), spec, total)
+    out = {k: [w.astype(np.float32)] for k, w in filters.items()}
+    for t in range(len(next(iter(grads.values())))):
+        opt.param_groups[0]["lr"] = _muon_lr(spec, t, total)
+        for k, p in params.items():
+            p.grad = torch.tensor(grads[k][t], dtype=torch.float32)
+        opt.step()
+        for k, p in params.items():
+            out[k].append(p.detach().numpy().copy())
+    return out
+
+
+def _update_error(run: list[np.ndarray], reference: list[np.ndarray]) -> float:
+    """Worst relative error of an update (weights after minus before) over the run."""
+    return max(
+        float(np.linalg.norm((a1 - a0) - (b1 - b0)) / np.linalg.norm(b1 - b0))
+        for a0, a1, b0, b1 in zip(run, run[1:], reference, reference[1:], strict=False)
+    )
+
+
+def muon_figures(h: Harness, cfg: Config, steps: int, seed: int) -> tuple[list[Figure], dict]:
+    """Both recipes' Muon on the model's conv filters: each framework's updates within
+    MUON_HEADROOM x the float32 noise of the reference, and jax against torch within twice
+    that (each is within it of the reference), worst filter and step."""
+    variables = convert.torch_to_flax(h.torch_model(cfg, seed).state_dict())
+    flat = jax.tree_util.tree_flatten_with_path(variables["params"])[0]
+    filters = {  # OIHW, float32 values
+        ".".join(path_keys(path)): np.asarray(w).transpose(3, 2, 0, 1).astype(np.float64)
+        for path, w in flat
+        if is_muon_param(path_keys(path), w)
+    }
+    rng = np.random.default_rng(seed)
+    grads = {
+        k: [
+            rng.standard_normal(w.shape).astype(np.float32).astype(np.float64) for _ in range(steps)
+        ]
+        for k, w in filters.items()
+    }
+    figures, details = [], {}
+    for recipe, (spec, total) in MUON_RECIPES.items():
+        runs = {"jax": _muon_jax(h, spec, total, filters, grads)}
+        runs["torch"] = _muon_torch(h, spec, total, filters, grads)
+        rows = {}
+        for k, w0 in filters.items():
+            ref = _muon_reference(spec, total, w0, grads[k], np.float64)
+            noise = _update_error(_muon_reference(spec, total, w0, grads[k], np.float32), ref)
+            rows[k] = {
+                "float32 noise": noise,
+                "jax": _update_error(runs["jax"][k], ref),
+                "torch": _update_error(runs["torch"][k], ref),
+                "jax vs torch": _update_error(runs["jax"][k], runs["torch"][k]),
+            }
+        details[recipe] = rows
+        for who, bar in (("jax", 1.0), ("torch", 1.0), ("jax vs torch", 2.0)):
+            ratio = {
+                k: r[who] / (bar * MUON_HEADROOM * r["float32 noise"]) for k, r in rows.items()
+            }
+            worst = max(ratio, key=lambda k: ratio[k])
+            against = "torch" if who == "jax vs torch" else "float64"
+            figures.append(
+                Figure(
+                    f"Muon ({recipe}) {who}: update error vs {against} / "
+                    f"({bar * MUON_HEADROOM:g} x float32 noise), worst ({worst})",
+                    ratio[worst],
+                    1.0,
+                )
+            )
+    return figures, details
+
+
 def check_optimizer(ctx: Context) -> CheckResult:
     """LR at every step; K updates (preset and BN-bias multipliers) within 1e-6; the EMA."""
     res = CheckResult(4, "optimizer")
@@ -179,5 +310,14 @@ def check_optimizer(ctx: Context) -> CheckResult:
         res.figures.append(
             Figure(f"EMA after {k} steps ({label}): max |diff|", max(run["ema"].values()), 1e-6)
         )
-    res.details = {"steps": k, "steps_per_epoch": spe, "lr": lr_info, "runs": runs}
+    muon_steps = 3 if ctx.quick else 5
+    figures, muon_rows = muon_figures(h, cfg, muon_steps, seed=4)
+    res.figures += figures
+    res.details = {
+        "steps": k,
+        "steps_per_epoch": spe,
+        "lr": lr_info,
+        "runs": runs,
+        "muon": {"steps": muon_steps, "update_relative_error": muon_rows},
+    }
     return res
