@@ -4,6 +4,7 @@ alone); the unplanted suite passes 1-6. Source plants edit a trainer's own code 
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -29,6 +30,21 @@ def _quiet(_: str) -> None:
 
 HARNESS_PLANTS = sorted(n for n, p in PLANTS.items() if p.edit is None)
 SOURCE_PLANTS = sorted(n for n, p in PLANTS.items() if p.edit is not None)
+
+
+def _readme_plants() -> tuple[set[str], set[str]]:
+    """The plant names the README lists: (those that swap a building block, those that edit
+    a trainer's source), from its paragraph that starts "Plants (`--plant NAME`)"."""
+    text = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    para = text[text.index("Plants (`--plant NAME`)") :].split("\n\n")[0]
+    swap, edit = para.split("Source plants")
+    names = lambda part: set(re.findall(r"`([a-z0-9_]+)`", part))  # noqa: E731
+    return names(swap), names(edit)
+
+
+def test_readme_lists_every_plant_of_the_registry_by_kind() -> None:
+    swap, edit = _readme_plants()
+    assert swap == set(HARNESS_PLANTS) and edit == set(SOURCE_PLANTS), (swap, edit)
 
 
 def test_plants_cover_every_deterministic_check_and_the_trainers_glue() -> None:
