@@ -156,6 +156,61 @@ def _pts(x: float, signed: bool = False) -> str:
     return f"{100 * x:+.2f}" if signed else f"{100 * x:.2f}"
 
 
+def _test_cells(row: dict[str, Any]) -> list[str]:
+    """A chaos test's difference, bar, t (df) and verdict, in points."""
+    verdict = "pass" if row["passed"] else "**FAIL**"
+    return [
+        _pts(row["diff"], signed=True),
+        _pts(row["bar"]),
+        f"{row['t']:+.2f} ({row['df']})",
+        verdict,
+    ]
+
+
+def _curves_table(d: dict[str, Any]) -> list[str]:
+    """Per (metric, epoch): the real comparison (jax against the torch runs) beside the null."""
+    real = {(row["metric"], row["epoch"]): row for row in d.get("table", [])}
+    rows = []
+    for n in d["null_table"]:
+        row = real.get((n["metric"], n["epoch"]))
+        cells = [n["metric"], str(n["epoch"])]
+        if row is not None:
+            means = (row["treatment_mean"], row["reference_mean"], row["chaos_sd"])
+            cells += [*map(_pts, means), *_test_cells(row)]
+        else:  # a null-only run (no jax): the torch runs' mean and chaos from the null
+            cells += ["-", _pts(n["reference_mean"]), _pts(n["chaos_sd"]), "-", "-", "-", "-"]
+        rows.append([*cells, *_test_cells(n)])
+    last = "torch" + "'" * (d.get("torch_runs", 3) - 1)
+    header = ["metric", "epoch", "jax %", "torch % (all runs)", "chaos sd", "jax - torch", "bar"]
+    header += ["t (df)", "real", f"null: {last} - torch", "null bar", "null t (df)", "null"]
+    return _md_table(header, rows)
+
+
+def _divergence_md(div: dict[str, Any]) -> list[str]:
+    """The per-step loss divergence from the torch run, and a warning where chaos has not
+    saturated (jax 3x further out than the rerun in the last epoch)."""
+    parts = [
+        f"{pair}: {v['first_10_steps']:.2g} in the first 10 steps, {v['last_epoch']:.2g} "
+        "in the last epoch"
+        for pair, v in div.items()
+    ]
+    lines = [
+        "",
+        "Divergence from the torch run (mean |per-step training loss difference|, over "
+        "seeds): " + "; ".join(parts) + ".",
+    ]
+    real, null = div.get("jax vs torch"), div.get("torch' vs torch")
+    if real and null and real["last_epoch"] > 3 * null["last_epoch"]:
+        lines += [
+            "",
+            "**Warning**: in the last epoch jax is "
+            f"{real['last_epoch'] / max(null['last_epoch'], 1e-30):.0f}x further from "
+            "torch than the rerun is: chaos has not saturated (too few steps), so the "
+            "null understates the noise and the bars are too narrow for this run.",
+        ]
+    return lines
+
+
 def _curves_md(d: dict[str, Any], has_plot: bool) -> list[str]:
     """Check 7's configuration, its real and null comparisons side by side, and the plot."""
     runs, alpha = d.get("torch_runs", 3), d.get("alpha", float("nan"))
@@ -172,79 +227,14 @@ def _curves_md(d: dict[str, Any], has_plot: bool) -> list[str]:
         "every call). Differences, chaos sd (one run's, from the torch runs' within-seed "
         "spread) and bars in accuracy points; t with its degrees of freedom.",
         "",
+        *_curves_table(d),
     ]
-    real = {(row["metric"], row["epoch"]): row for row in d.get("table", [])}
-    rows = []
-    for n in d["null_table"]:
-        row = real.get((n["metric"], n["epoch"]))
-        cells = [n["metric"], str(n["epoch"])]
-        if row is not None:
-            cells += [
-                _pts(row["treatment_mean"]),
-                _pts(row["reference_mean"]),
-                _pts(row["chaos_sd"]),
-                _pts(row["diff"], signed=True),
-                _pts(row["bar"]),
-                f"{row['t']:+.2f} ({row['df']})",
-                "pass" if row["passed"] else "**FAIL**",
-            ]
-        else:  # a null-only run (no jax): the torch runs' mean and chaos from the null
-            cells += ["-", _pts(n["reference_mean"]), _pts(n["chaos_sd"]), "-", "-", "-", "-"]
-        cells += [
-            _pts(n["diff"], signed=True),
-            _pts(n["bar"]),
-            f"{n['t']:+.2f} ({n['df']})",
-            "pass" if n["passed"] else "**FAIL**",
-        ]
-        rows.append(cells)
-    last = "torch" + "'" * (runs - 1)
-    lines += _md_table(
-        [
-            "metric",
-            "epoch",
-            "jax %",
-            "torch % (all runs)",
-            "chaos sd",
-            "jax - torch",
-            "bar",
-            "t (df)",
-            "real",
-            f"null: {last} - torch",
-            "null bar",
-            "null t (df)",
-            "null",
-        ],
-        rows,
-    )
-    div = d.get("loss_divergence") or {}
-    if div:
-        parts = [
-            f"{pair}: {v['first_10_steps']:.2g} in the first 10 steps, {v['last_epoch']:.2g} "
-            "in the last epoch"
-            for pair, v in div.items()
-        ]
-        lines += [
-            "",
-            "Divergence from the torch run (mean |per-step training loss difference|, over "
-            "seeds): " + "; ".join(parts) + ".",
-        ]
-        real, null = div.get("jax vs torch"), div.get("torch' vs torch")
-        if real and null and real["last_epoch"] > 3 * null["last_epoch"]:
-            lines += [
-                "",
-                "**Warning**: in the last epoch jax is "
-                f"{real['last_epoch'] / max(null['last_epoch'], 1e-30):.0f}x further from "
-                "torch than the rerun is: chaos has not saturated (too few steps), so the "
-                "null understates the noise and the bars are too narrow for this run.",
-            ]
+    if d.get("loss_divergence"):
+        lines += _divergence_md(d["loss_divergence"])
     secs, cpu = d.get("seconds") or {}, d.get("cpu_seconds") or {}
     if secs:
-        lines += [
-            "",
-            "Time (wall / CPU, all seeds): "
-            + ", ".join(f"{k} {secs[k]:.0f} / {cpu.get(k, float('nan')):.0f} s" for k in secs)
-            + ".",
-        ]
+        times = ", ".join(f"{k} {secs[k]:.0f} / {cpu.get(k, float('nan')):.0f} s" for k in secs)
+        lines += ["", f"Time (wall / CPU, all seeds): {times}."]
     if has_plot:
         lines += ["", "![curves](curves.png)"]
     return [*lines, ""]
@@ -269,7 +259,10 @@ _CHECK_NOTES: dict[int, str] = {
     4: "The optax LR schedule against the LR torch_ref sets (lr_at(t)) at every step of the "
     "run; K updates from the same parameters and random gradients (coupled decay, Nesterov, "
     "BN-bias group, also with 64x / 1/64 multipliers) and the EMA of params and BN "
-    "statistics (live statistics changed identically every step).",
+    "statistics (live statistics changed identically every step). Muon (airbench94_muon and "
+    "the record) on the model's conv filters: each framework's updates against the float64 "
+    "reference (jaxbench.muon) within 10x the float32 noise of the reference rerun in "
+    "float32, and against each other within 20x.",
     5: "The shared stream's plans (random and alternating flip, epochs 0-1) applied by "
     "jaxbench.augment, torch_ref.augment and stream.apply_plan_numpy: every byte.",
     6: "Both trainers' own train_and_evaluate (stream='shared', float32, full precision) "
