@@ -81,27 +81,18 @@ def _conversion_figures(h: Harness, jax_init: PyTree, torch_init: Any) -> list[F
     """Names and shapes line up with Flax's own init, and both round trips are exact."""
     shapes_f = {k: v.shape for k, v in leaves(jax_init).items()}
     shapes_c = {k: v.shape for k, v in leaves(h.to_flax(torch_init)).items()}
-    again = h.to_flax(h.to_torch(jax_init))
-    return [
-        Figure(
-            "converted leaves not matching Flax init (name/shape)",
-            len(set(shapes_f.items()) ^ set(shapes_c.items())),
-            0,
-            headline=False,
+    counts = {
+        "converted leaves not matching Flax init (name/shape)": len(
+            set(shapes_f.items()) ^ set(shapes_c.items())
         ),
-        Figure(
-            "torch->flax->torch elements not bit-identical",
-            _bit_mismatches(torch_init, h.to_torch(h.to_flax(torch_init))),
-            0,
-            headline=False,
+        "torch->flax->torch elements not bit-identical": _bit_mismatches(
+            torch_init, h.to_torch(h.to_flax(torch_init))
         ),
-        Figure(
-            "flax->torch->flax elements not bit-identical",
-            _bit_mismatches(leaves(jax_init), leaves(again)),
-            0,
-            headline=False,
+        "flax->torch->flax elements not bit-identical": _bit_mismatches(
+            leaves(jax_init), leaves(h.to_flax(h.to_torch(jax_init)))
         ),
-    ]
+    }
+    return [Figure(name, n, 0, headline=False) for name, n in counts.items()]
 
 
 def check_init(ctx: Context) -> CheckResult:

@@ -300,16 +300,10 @@ def check_optimizer(ctx: Context) -> CheckResult:
     }
     runs: dict[str, Any] = {}
     for label, c in variants.items():
-        run = _optimizer_run(h, c, spe, k, seed=2)
-        runs[label] = run
-        res.figures.append(
-            Figure(
-                f"params after {k} steps ({label}): max |diff|", max(run["params"].values()), 1e-6
-            )
-        )
-        res.figures.append(
-            Figure(f"EMA after {k} steps ({label}): max |diff|", max(run["ema"].values()), 1e-6)
-        )
+        runs[label] = run = _optimizer_run(h, c, spe, k, seed=2)
+        for part, what in (("params", "params"), ("ema", "EMA")):
+            value = max(run[part].values())
+            res.figures.append(Figure(f"{what} after {k} steps ({label}): max |diff|", value, 1e-6))
     muon_steps = 3 if ctx.quick else 5
     figures, muon_rows = muon_figures(h, cfg, muon_steps, seed=4)
     res.figures += figures
