@@ -22,13 +22,7 @@ import torch
 
 from jaxbench import stats
 from jaxbench.configs import Config
-from parity.checks.base import (
-    CheckResult,
-    Context,
-    Figure,
-    quick_widths,
-    subset_data,
-)
+from parity.checks.base import CheckResult, Context, Figure, quick_widths, subset_data
 
 METRICS = ("val_acc", "ema_val_acc")
 TORCH_RUNS = 3  # per seed: the original and two perturbed reruns (the null needs >= 3)

@@ -14,14 +14,7 @@ import torch.nn.functional as F
 from jaxbench import optim, stats
 from jaxbench.configs import Config
 from parity import convert
-from parity.checks.base import (
-    CheckResult,
-    Context,
-    Figure,
-    PyTree,
-    nchw,
-    sample_batch,
-)
+from parity.checks.base import CheckResult, Context, Figure, PyTree, nchw, sample_batch
 
 
 def _jax_grads(

@@ -27,14 +27,7 @@ from jaxbench.configs import Config, optimizer_scales
 from jaxbench.optim_muon import is_muon_param
 from jaxbench.stream import steps_per_epoch
 from parity import convert
-from parity.checks.base import (
-    CheckResult,
-    Context,
-    Figure,
-    PyTree,
-    max_abs,
-    path_keys,
-)
+from parity.checks.base import CheckResult, Context, Figure, PyTree, max_abs, path_keys
 from parity.harness import Harness
 
 
