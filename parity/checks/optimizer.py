@@ -278,7 +278,8 @@ def muon_figures(h: Harness, cfg: Config, steps: int, seed: int) -> tuple[list[F
 
 
 def check_optimizer(ctx: Context) -> CheckResult:
-    """LR at every step; K updates (preset and BN-bias multipliers) within 1e-6; the EMA."""
+    """LR at every step; K updates (preset and BN-bias multipliers) within 1e-6; the EMA;
+    both recipes' Muon against the float64 reference (module doc)."""
     res = CheckResult(4, "optimizer")
     h, cfg = ctx.harness, ctx.arith_cfg
     spe = steps_per_epoch(cfg, cfg.subset or 50_000)
