@@ -161,6 +161,8 @@ def _optimizer_run(h: Harness, cfg: Config, spe: int, steps: int, seed: int) -> 
 # interval: ceil(8 * 25) (airbench94_muon, batch 2000), ceil(7.59 * 32) (the record, 1536).
 MUON_RECIPES = {"airbench94_muon": (muon.AIRBENCH94_MUON, 200), "record": (muon.RECORD, 243)}
 MUON_HEADROOM = 10.0  # x the float32 noise of the reference itself (module doc)
+Filters = dict[str, np.ndarray]  # OIHW conv filters by name
+PerFilter = dict[str, list[np.ndarray]]  # per filter: its gradients, or its weights after each step
 
 
 def _muon_lr(spec: muon.MuonSpec, count: Any, total: int) -> Any:
@@ -184,8 +186,8 @@ def _muon_reference(
 
 
 def _muon_jax(
-    h: Harness, spec: muon.MuonSpec, total: int, filters: dict, grads: dict
-) -> dict[str, list[np.ndarray]]:
+    h: Harness, spec: muon.MuonSpec, total: int, filters: Filters, grads: PerFilter
+) -> PerFilter:
     """The same updates through the optax Muon, all filters at once (HWIO), back in OIHW."""
     tx = h.jax_muon(spec, lambda count: _muon_lr(spec, count, total), total)
     hwio = lambda x: jnp.asarray(x.transpose(2, 3, 1, 0), jnp.float32)  # noqa: E731
@@ -201,8 +203,8 @@ def _muon_jax(
 
 
 def _muon_torch(
-    h: Harness, spec: muon.MuonSpec, total: int, filters: dict, grads: dict
-) -> dict[str, list[np.ndarray]]:
+    h: Harness, spec: muon.MuonSpec, total: int, filters: Filters, grads: PerFilter
+) -> PerFilter:
     """The same updates through the torch Muon, all filters at once (OIHW)."""
     params = {
         k: torch.nn.Parameter(torch.tensor(w, dtype=torch.float32)) for k, w in filters.items()
@@ -231,7 +233,7 @@ def muon_figures(h: Harness, cfg: Config, steps: int, seed: int) -> tuple[list[F
     """Both recipes' Muon on the model's conv filters: each framework's updates within
     MUON_HEADROOM x the float32 noise of the reference, and jax against torch within twice
     that (each is within it of the reference), worst filter and step."""
-    variables = convert.torch_to_flax(h.torch_model(cfg, seed).state_dict())
+    variables = h.to_flax(h.torch_model(cfg, seed).state_dict())
     flat = jax.tree_util.tree_flatten_with_path(variables["params"])[0]
     filters = {  # OIHW, float32 values
         ".".join(path_keys(path)): np.asarray(w).transpose(3, 2, 0, 1).astype(np.float64)
