@@ -18,11 +18,12 @@ import numpy as np
 import optax
 import torch
 
-from jaxbench import augment, models, optim
+from jaxbench import augment, models, optim, optim_muon
 from jaxbench.configs import Config
 from parity import convert
 from torch_ref import augment as torch_augment
 from torch_ref import model as torch_model
+from torch_ref import muon as torch_muon
 
 PyTree = Any
 
@@ -92,6 +93,9 @@ class Harness:
     jax_optimizer: Callable[[Config, int], optax.GradientTransformation] = _jax_optimizer
     jax_lr: Callable[[Config, int], Callable[[Any], Any]] = _jax_lr
     jax_ema: EmaOps = DEFAULT_EMA
+    # Muon on conv filters: (spec, LR schedule, total steps) -> optax; (params, spec, total)
+    jax_muon: Callable[..., optax.GradientTransformation] = optim_muon.muon
+    torch_muon: Callable[..., torch.optim.Optimizer] = torch_muon.Muon
     jax_apply_plan: Callable[[Any, dict[str, np.ndarray], Config], np.ndarray] = _jax_apply_plan
     torch_apply_plan: Callable[[Any, dict[str, np.ndarray], Config], np.ndarray] = _torch_apply_plan
     # Context-manager factories entered for the whole run (monkeypatches that restore).

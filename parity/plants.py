@@ -34,9 +34,11 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jaxbench import layers, models, optim
+from jaxbench import layers, models, optim, optim_muon
 from jaxbench.configs import Config, optimizer_scales
+from jaxbench.muon import MuonSpec, update_scale_factor
 from parity.harness import EmaOps, Harness, setattr_patch
+from torch_ref import muon as torch_muon
 
 
 @dataclass(frozen=True)
@@ -98,6 +100,32 @@ def running_planted() -> str | None:
     return name or None
 
 
+PLANTS: dict[str, Plant] = {}
+
+
+def _harness_plant(
+    check: int, how: str, config: str = "tiny"
+) -> Callable[[Callable[[Harness], Harness]], Callable[[Harness], Harness]]:
+    """Register the decorated harness builder as a plant named after it (no leading `_`)."""
+
+    def register(build: Callable[[Harness], Harness]) -> Callable[[Harness], Harness]:
+        name = build.__name__.lstrip("_")
+        PLANTS[name] = Plant(name, check, how, build, config=config)
+        return build
+
+    return register
+
+
+def _patched(h: Harness, obj: Any, attr: str, value: Any) -> Harness:
+    """`h` with `obj.attr` set to `value` for the run (restored after it)."""
+    return dataclasses.replace(h, patches=(*h.patches, lambda: setattr_patch(obj, attr, value)))
+
+
+@_harness_plant(
+    1,
+    "jaxbench ResNet9 built with kernel_init=lecun_normal (Flax's default) "
+    "via model_from_config(..., kernel_init=...)",
+)
 def _flax_default_init(h: Harness) -> Harness:
     def model(cfg: Config) -> Any:
         return models.model_from_config(cfg, kernel_init=nn.initializers.lecun_normal())
@@ -105,6 +133,11 @@ def _flax_default_init(h: Harness) -> Harness:
     return dataclasses.replace(h, flax_model=model)
 
 
+@_harness_plant(
+    2,
+    "jaxbench ResNet9 built with bn_momentum=1-m, so Flax's BatchNorm gets "
+    "momentum 0.1 (PyTorch's number copied into Flax's convention)",
+)
 def _bn_momentum(h: Harness) -> Harness:
     # ResNet9 takes PyTorch's convention and passes 1 - m to Flax; handing it 0.9
     # makes Flax's momentum 0.1, i.e. PyTorch's 0.1 copied into Flax unchanged.
@@ -130,10 +163,13 @@ def _flax_batch_norm(cfg: Config, train: bool, dtype: Any, name: str) -> nn.Batc
     )
 
 
+@_harness_plant(
+    2,
+    "jaxbench's BN layers replaced, for the run, by Flax's nn.BatchNorm, which "
+    "stores the running average of the biased batch variance (PyTorch: unbiased)",
+)
 def _bn_unbiased_var(h: Harness) -> Harness:
-    return dataclasses.replace(
-        h, patches=(*h.patches, lambda: setattr_patch(layers, "batch_norm", _flax_batch_norm))
-    )
+    return _patched(h, layers, "batch_norm", _flax_batch_norm)
 
 
 class _SamePaddingLinen(types.SimpleNamespace):
@@ -148,12 +184,21 @@ class _SamePaddingLinen(types.SimpleNamespace):
         return nn.Conv(*args, **kwargs)
 
 
+@_harness_plant(
+    2,
+    "flax.linen.Conv replaced, inside jaxbench.models only and for the run, by one "
+    "that pads 'SAME'; ResNet-9's stride-1 3x3 convs are unaffected (their logits "
+    "still match), so it is caught by check 2's stride-2 probe of each conv layer",
+)
 def _same_padding(h: Harness) -> Harness:
-    return dataclasses.replace(
-        h, patches=(*h.patches, lambda: setattr_patch(models, "nn", _SamePaddingLinen()))
-    )
+    return _patched(h, models, "nn", _SamePaddingLinen())
 
 
+@_harness_plant(
+    4,
+    "the JAX optimizer rebuilt as trace(momentum) -> add_decayed_weights -> "
+    "scale_by_learning_rate: decay added after the momentum buffer",
+)
 def _decoupled_weight_decay(h: Harness) -> Harness:
     def optimizer(cfg: Config, steps_per_epoch: int) -> optax.GradientTransformation:
         _, wd = optimizer_scales(cfg)
@@ -178,6 +223,11 @@ def _decoupled_weight_decay(h: Harness) -> Harness:
     return dataclasses.replace(h, jax_optimizer=optimizer)
 
 
+@_harness_plant(
+    4,
+    "jaxbench.optim.lr_knots patched for the run so every knot after step 0 is one "
+    "step late (the optax schedule lags torch_ref's lr_at(t) by a step)",
+)
 def _lr_schedule_off_by_one(h: Harness) -> Harness:
     real = optim.lr_knots
 
@@ -185,11 +235,12 @@ def _lr_schedule_off_by_one(h: Harness) -> Harness:
         xs, ys = real(cfg, steps_per_epoch)
         return [xs[0], *(x + 1 for x in xs[1:])], ys  # every knot after the start one step late
 
-    return dataclasses.replace(
-        h, patches=(*h.patches, lambda: setattr_patch(optim, "lr_knots", shifted))
-    )
+    return _patched(h, optim, "lr_knots", shifted)
 
 
+@_harness_plant(
+    4, "the JAX EMA replaced by optax.ema(m, debias=True): zero start, debiased read-out"
+)
 def _ema_debias(h: Harness) -> Harness:
     """optax.ema as is: zero start, debiased read-out (torch_ref copies the weights first)."""
 
@@ -209,6 +260,36 @@ def _ema_debias(h: Harness) -> Harness:
     )
 
 
+@_harness_plant(
+    4,
+    "jaxbench.optim_muon.newton_schulz patched for the run to iterate with the "
+    "quintic's c rounded to one decimal (2.0315 -> 2.0, the record's 2.0843 -> 2.1)",
+)
+def _muon_ns_coefficient(h: Harness) -> Harness:
+    real = optim_muon.newton_schulz
+
+    def newton_schulz(g: jax.Array, spec: MuonSpec, *args: Any) -> jax.Array:
+        a, b, c = spec.ns_coefficients
+        return real(g, dataclasses.replace(spec, ns_coefficients=(a, b, round(c, 1))), *args)
+
+    return _patched(h, optim_muon, "newton_schulz", newton_schulz)
+
+
+@_harness_plant(
+    4,
+    "torch_ref.muon's update scale patched for the run to torch.optim.Muon's "
+    "match_rms_adamw, 0.2 sqrt(max(out, in*kh*kw)), where both recipes scale by 1",
+)
+def _muon_scale_rms(h: Harness) -> Harness:
+    def scale(shape: tuple[int, ...], spec: MuonSpec) -> float:
+        return update_scale_factor(shape, dataclasses.replace(spec, update_scale="rms"))
+
+    return _patched(h, torch_muon, "update_scale_factor", scale)
+
+
+@_harness_plant(
+    5, "the JAX apply_plan wrapped to flip rows (H) instead of columns (W), after cutout"
+)
 def _flip_mismatch(h: Harness) -> Harness:
     real = h.jax_apply_plan
 
@@ -230,25 +311,38 @@ def _activation_patch(h: Harness, kind: str, act: Callable[[jax.Array], jax.Arra
     def activation(cfg: Config) -> Callable[[jax.Array], jax.Array]:
         return act if cfg.activation == kind else real(cfg)
 
-    return dataclasses.replace(
-        h, patches=(*h.patches, lambda: setattr_patch(layers, "activation", activation))
-    )
+    return _patched(h, layers, "activation", activation)
 
 
+@_harness_plant(
+    2,
+    "with --config speedrun: jaxbench.layers.activation patched for the run to give "
+    "jax.nn.gelu's default tanh approximation (torch's nn.GELU is the exact erf form)",
+    config="speedrun",
+)
 def _gelu_tanh(h: Harness) -> Harness:
-    """jax.nn.gelu's default (tanh approximation) instead of the exact erf GELU torch uses."""
     return _activation_patch(h, "gelu", lambda x: jax.nn.gelu(x, approximate=True))
 
 
+@_harness_plant(
+    2,
+    "with --config resnet9: jaxbench.layers.activation patched for the run to give "
+    "jax.nn.celu with its default alpha 1.0 (the config and torch_ref use 0.3)",
+    config="resnet9",
+)
 def _celu_default_alpha(h: Harness) -> Harness:
-    """jax.nn.celu's default alpha (1.0) instead of the config's (Page: 0.3, as torch gets)."""
     return _activation_patch(h, "celu", jax.nn.celu)
 
 
+@_harness_plant(
+    2,
+    "with --config resnet9: jaxbench's ghost batch norm groups contiguous chunks of "
+    "the batch instead of Page's groups (image i in group i mod splits)",
+    config="resnet9",
+)
 def _ghost_bn_chunks(h: Harness) -> Harness:
-    """Ghost batches as contiguous chunks of the batch (images 0..g-1, g..2g-1, ...) instead
-    of Page's `view(-1, C * splits, H, W)` groups (image i in group i mod splits): each BN
-    sees its input permuted so that chunks become groups, and its output permuted back."""
+    """Each BN sees its input permuted so that contiguous chunks (images 0..g-1, g..2g-1,
+    ...) become Page's `view(-1, C * splits, H, W)` groups, and its output permuted back."""
     real = layers.conv_block
 
     def conv_block(cfg: Config, x: jax.Array, conv: Any, norm: Any, pool: bool) -> jax.Array:
@@ -262,13 +356,16 @@ def _ghost_bn_chunks(h: Harness) -> Harness:
 
         return real(cfg, x, conv, chunked, pool)
 
-    return dataclasses.replace(
-        h, patches=(*h.patches, lambda: setattr_patch(layers, "conv_block", conv_block))
-    )
+    return _patched(h, layers, "conv_block", conv_block)
 
 
+@_harness_plant(
+    4,
+    "with --config speedrun: jaxbench.optim.lookahead_update patched for the run to "
+    "average and reset the params only, leaving the BN running statistics out",
+    config="speedrun",
+)
 def _lookahead_without_bn_stats(h: Harness) -> Harness:
-    """The lookahead EMA over the params only: BN running stats neither averaged nor reset."""
     real = optim.lookahead_update
 
     def params_only(ema: Any, live: Any, step: Any, cfg: Config, total_steps: int) -> Any:
@@ -277,180 +374,90 @@ def _lookahead_without_bn_stats(h: Harness) -> Harness:
         )
         return {**ema, "params": p_ema["params"]}, {**live, "params": p_live["params"]}
 
-    return dataclasses.replace(
-        h, patches=(*h.patches, lambda: setattr_patch(optim, "lookahead_update", params_only))
-    )
+    return _patched(h, optim, "lookahead_update", params_only)
 
 
-PLANTS: dict[str, Plant] = {
-    p.name: p
-    for p in (
-        Plant(
-            "flax_default_init",
-            1,
-            "jaxbench ResNet9 built with kernel_init=lecun_normal (Flax's default) "
-            "via model_from_config(..., kernel_init=...)",
-            _flax_default_init,
+# Source plants: one line of a trainer's own code edited in a copy (module docstring).
+for _plant in (
+    Plant(
+        "whiten_eps_airbench",
+        6,
+        "with --config resnet9: jaxbench.train builds Page's 3x3 whitening with airbench's "
+        "eps 5e-4 instead of the config's 1e-2",
+        config="resnet9",
+        edit=SourceEdit(
+            "jaxbench/train.py",
+            "whitening_for_config(cov, cfg.whiten, cfg.whiten_eps)",
+            "whitening_for_config(cov, cfg.whiten, 5e-4)",
         ),
-        Plant(
-            "bn_momentum",
-            2,
-            "jaxbench ResNet9 built with bn_momentum=1-m, so Flax's BatchNorm gets "
-            "momentum 0.1 (PyTorch's number copied into Flax's convention)",
-            _bn_momentum,
+    ),
+    Plant(
+        "tta_sum",
+        6,
+        "jaxbench.augment.tta_logits sums the TTA views' logits instead of weighting them "
+        "(flip TTA: logits + mirrored instead of their mean)",
+        edit=SourceEdit(
+            "jaxbench/augment.py",
+            "    combined = sum(w * v for w, v in zip(tta_weights(cfg), out, strict=True))\n",
+            "    combined = sum(out)\n",
         ),
-        Plant(
-            "bn_unbiased_var",
-            2,
-            "jaxbench's BN layers replaced, for the run, by Flax's nn.BatchNorm, which "
-            "stores the running average of the biased batch variance (PyTorch: unbiased)",
-            _bn_unbiased_var,
+    ),
+    Plant(
+        "ema_interval_call_site",
+        6,
+        "jaxbench.train's step calls the EMA update with ema_every + 1",
+        edit=SourceEdit(
+            "jaxbench/train.py",
+            "ema = optim.maybe_ema_update(state.ema, live, step, cfg)",
+            "ema = optim.maybe_ema_update(\n"
+            "                state.ema, live, step, cfg.replace(ema_every=cfg.ema_every + 1)\n"
+            "            )",
         ),
-        Plant(
-            "same_padding",
-            2,
-            "flax.linen.Conv replaced, inside jaxbench.models only and for the run, by one "
-            "that pads 'SAME'; ResNet-9's stride-1 3x3 convs are unaffected (their logits "
-            "still match), so it is caught by check 2's stride-2 probe of each conv layer",
-            _same_padding,
+    ),
+    Plant(
+        "label_smoothing_call_site",
+        6,
+        "jaxbench.train's loss call hard-codes label smoothing 0.1 (the preset has 0.2)",
+        edit=SourceEdit(
+            "jaxbench/train.py",
+            "optim.cross_entropy(logits, labels, cfg.label_smoothing, cfg.loss_reduction)",
+            "optim.cross_entropy(logits, labels, 0.1, cfg.loss_reduction)",
         ),
-        Plant(
-            "decoupled_weight_decay",
-            4,
-            "the JAX optimizer rebuilt as trace(momentum) -> add_decayed_weights -> "
-            "scale_by_learning_rate: decay added after the momentum buffer",
-            _decoupled_weight_decay,
+    ),
+    Plant(
+        "normalization_data_path",
+        3,
+        "jaxbench.train's training data path normalises with CIFAR-100's mean and std",
+        edit=SourceEdit(
+            "jaxbench/train.py",
+            "        x = augment.normalize(images_u8, cfg.dataset, dtype)\n"
+            "        logits, mutated = model.apply(",
+            '        x = augment.normalize(images_u8, "cifar100", dtype)\n'
+            "        logits, mutated = model.apply(",
         ),
-        Plant(
-            "lr_schedule_off_by_one",
-            4,
-            "jaxbench.optim.lr_knots patched for the run so every knot after step 0 is one "
-            "step late (the optax schedule lags torch_ref's lr_at(t) by a step)",
-            _lr_schedule_off_by_one,
+    ),
+    Plant(
+        "bn_bias_no_weight_decay",
+        4,
+        "jaxbench.optim.make_optimizer gives the BN biases no weight decay",
+        edit=SourceEdit(
+            "jaxbench/optim.py",
+            '"bn_bias": group(cfg.bn_bias_lr_mult, cfg.bn_bias_wd_mult),',
+            '"bn_bias": group(cfg.bn_bias_lr_mult, 0.0),',
         ),
-        Plant(
-            "ema_debias",
-            4,
-            "the JAX EMA replaced by optax.ema(m, debias=True): zero start, debiased read-out",
-            _ema_debias,
+    ),
+    Plant(
+        "lr_one_step_late",
+        6,
+        "torch_ref.train's step sets the LR of the previous update (lr_at(t - 1))",
+        edit=SourceEdit(
+            "torch_ref/train.py",
+            "set_lr(r.optimizer, r.lrs[r.t])",
+            "set_lr(r.optimizer, r.lrs[max(r.t - 1, 0)])",
         ),
-        Plant(
-            "flip_mismatch",
-            5,
-            "the JAX apply_plan wrapped to flip rows (H) instead of columns (W), after cutout",
-            _flip_mismatch,
-        ),
-        Plant(
-            "gelu_tanh",
-            2,
-            "with --config speedrun: jaxbench.layers.activation patched for the run to give "
-            "jax.nn.gelu's default tanh approximation (torch's nn.GELU is the exact erf form)",
-            _gelu_tanh,
-            config="speedrun",
-        ),
-        Plant(
-            "celu_default_alpha",
-            2,
-            "with --config resnet9: jaxbench.layers.activation patched for the run to give "
-            "jax.nn.celu with its default alpha 1.0 (the config and torch_ref use 0.3)",
-            _celu_default_alpha,
-            config="resnet9",
-        ),
-        Plant(
-            "ghost_bn_chunks",
-            2,
-            "with --config resnet9: jaxbench's ghost batch norm groups contiguous chunks of "
-            "the batch instead of Page's groups (image i in group i mod splits)",
-            _ghost_bn_chunks,
-            config="resnet9",
-        ),
-        Plant(
-            "whiten_eps_airbench",
-            6,
-            "with --config resnet9: jaxbench.train builds Page's 3x3 whitening with airbench's "
-            "eps 5e-4 instead of the config's 1e-2",
-            config="resnet9",
-            edit=SourceEdit(
-                "jaxbench/train.py",
-                "whitening_for_config(cov, cfg.whiten, cfg.whiten_eps)",
-                "whitening_for_config(cov, cfg.whiten, 5e-4)",
-            ),
-        ),
-        Plant(
-            "lookahead_without_bn_stats",
-            4,
-            "with --config speedrun: jaxbench.optim.lookahead_update patched for the run to "
-            "average and reset the params only, leaving the BN running statistics out",
-            _lookahead_without_bn_stats,
-            config="speedrun",
-        ),
-        Plant(
-            "tta_sum",
-            6,
-            "jaxbench.augment.tta_logits sums the TTA views' logits instead of weighting them "
-            "(flip TTA: logits + mirrored instead of their mean)",
-            edit=SourceEdit(
-                "jaxbench/augment.py",
-                "    combined = sum(w * v for w, v in zip(tta_weights(cfg), out, strict=True))\n",
-                "    combined = sum(out)\n",
-            ),
-        ),
-        Plant(
-            "ema_interval_call_site",
-            6,
-            "jaxbench.train's step calls the EMA update with ema_every + 1",
-            edit=SourceEdit(
-                "jaxbench/train.py",
-                "ema = optim.maybe_ema_update(state.ema, live, step, cfg)",
-                "ema = optim.maybe_ema_update(\n"
-                "                state.ema, live, step, cfg.replace(ema_every=cfg.ema_every + 1)\n"
-                "            )",
-            ),
-        ),
-        Plant(
-            "label_smoothing_call_site",
-            6,
-            "jaxbench.train's loss call hard-codes label smoothing 0.1 (the preset has 0.2)",
-            edit=SourceEdit(
-                "jaxbench/train.py",
-                "optim.cross_entropy(logits, labels, cfg.label_smoothing, cfg.loss_reduction)",
-                "optim.cross_entropy(logits, labels, 0.1, cfg.loss_reduction)",
-            ),
-        ),
-        Plant(
-            "normalization_data_path",
-            3,
-            "jaxbench.train's training data path normalises with CIFAR-100's mean and std",
-            edit=SourceEdit(
-                "jaxbench/train.py",
-                "        x = augment.normalize(images_u8, cfg.dataset, dtype)\n"
-                "        logits, mutated = model.apply(",
-                '        x = augment.normalize(images_u8, "cifar100", dtype)\n'
-                "        logits, mutated = model.apply(",
-            ),
-        ),
-        Plant(
-            "bn_bias_no_weight_decay",
-            4,
-            "jaxbench.optim.make_optimizer gives the BN biases no weight decay",
-            edit=SourceEdit(
-                "jaxbench/optim.py",
-                '"bn_bias": group(cfg.bn_bias_lr_mult, cfg.bn_bias_wd_mult),',
-                '"bn_bias": group(cfg.bn_bias_lr_mult, 0.0),',
-            ),
-        ),
-        Plant(
-            "lr_one_step_late",
-            6,
-            "torch_ref.train's step sets the LR of the previous update (lr_at(t - 1))",
-            edit=SourceEdit(
-                "torch_ref/train.py",
-                "set_lr(r.optimizer, r.lrs[r.t])",
-                "set_lr(r.optimizer, r.lrs[max(r.t - 1, 0)])",
-            ),
-        ),
-    )
-}
+    ),
+):
+    PLANTS[_plant.name] = _plant
 
 
 def get_plant(name: str) -> Plant:

@@ -156,76 +156,39 @@ def _pts(x: float, signed: bool = False) -> str:
     return f"{100 * x:+.2f}" if signed else f"{100 * x:.2f}"
 
 
-def _curves_md(d: dict[str, Any], has_plot: bool) -> list[str]:
-    """Check 7's configuration, its real and null comparisons side by side, and the plot."""
-    runs, alpha = d.get("torch_runs", 3), d.get("alpha", float("nan"))
-    reruns = ", ".join("torch" + "'" * k for k in range(1, runs))
-    lines = [
-        f"Configuration: {d['note']}. {d['seeds']} seeds; per seed, jax and torch start from "
-        f"the same weights (torch_ref's init, converted) and {runs - 1} torch reruns "
-        f"({reruns}) from those weights perturbed by ~1 ulp, all on the same batches.",
-        "",
-        f"Stated false-alarm rate: alpha = {100 * alpha:g}% per comparison (family-wise over "
-        f"its {len(d['null_table'])} figures, Bonferroni), so at most {200 * alpha:g}% for the "
-        "check. Real: jax against the mean of all torch runs; null: the last torch rerun "
-        "against the others, the same test with one reference run fewer (measured here on "
-        "every call). Differences, chaos sd (one run's, from the torch runs' within-seed "
-        "spread) and bars in accuracy points; t with its degrees of freedom.",
-        "",
+def _test_cells(row: dict[str, Any]) -> list[str]:
+    """A chaos test's difference, bar, t (df) and verdict, in points."""
+    verdict = "pass" if row["passed"] else "**FAIL**"
+    return [
+        _pts(row["diff"], signed=True),
+        _pts(row["bar"]),
+        f"{row['t']:+.2f} ({row['df']})",
+        verdict,
     ]
-    last = "torch" + "'" * (runs - 1)
-    head = ["metric", "epoch", "jax %", "torch % (all runs)", "chaos sd", "jax - torch",
-            "bar", "t (df)", "real", f"null: {last} - torch", "null bar", "null t (df)",
-            "null"]  # fmt: skip
-    lines += _md_table(head, _curves_rows(d))
-    lines += _divergence_md(d.get("loss_divergence") or {})
-    secs, cpu = d.get("seconds") or {}, d.get("cpu_seconds") or {}
-    if secs:
-        lines += [
-            "",
-            "Time (wall / CPU, all seeds): "
-            + ", ".join(f"{k} {secs[k]:.0f} / {cpu.get(k, float('nan')):.0f} s" for k in secs)
-            + ".",
-        ]
-    if has_plot:
-        lines += ["", "![curves](curves.png)"]
-    return [*lines, ""]
 
 
-def _curves_rows(d: dict[str, Any]) -> list[list[str]]:
-    """Check 7's table: per metric and epoch, the real comparison beside the null one."""
+def _curves_table(d: dict[str, Any]) -> list[str]:
+    """Per (metric, epoch): the real comparison (jax against the torch runs) beside the null."""
     real = {(row["metric"], row["epoch"]): row for row in d.get("table", [])}
     rows = []
     for n in d["null_table"]:
         row = real.get((n["metric"], n["epoch"]))
         cells = [n["metric"], str(n["epoch"])]
         if row is not None:
-            cells += [
-                _pts(row["treatment_mean"]),
-                _pts(row["reference_mean"]),
-                _pts(row["chaos_sd"]),
-                _pts(row["diff"], signed=True),
-                _pts(row["bar"]),
-                f"{row['t']:+.2f} ({row['df']})",
-                "pass" if row["passed"] else "**FAIL**",
-            ]
+            means = (row["treatment_mean"], row["reference_mean"], row["chaos_sd"])
+            cells += [*map(_pts, means), *_test_cells(row)]
         else:  # a null-only run (no jax): the torch runs' mean and chaos from the null
             cells += ["-", _pts(n["reference_mean"]), _pts(n["chaos_sd"]), "-", "-", "-", "-"]
-        cells += [
-            _pts(n["diff"], signed=True),
-            _pts(n["bar"]),
-            f"{n['t']:+.2f} ({n['df']})",
-            "pass" if n["passed"] else "**FAIL**",
-        ]
-        rows.append(cells)
-    return rows
+        rows.append([*cells, *_test_cells(n)])
+    last = "torch" + "'" * (d.get("torch_runs", 3) - 1)
+    header = ["metric", "epoch", "jax %", "torch % (all runs)", "chaos sd", "jax - torch", "bar"]
+    header += ["t (df)", "real", f"null: {last} - torch", "null bar", "null t (df)", "null"]
+    return _md_table(header, rows)
 
 
 def _divergence_md(div: dict[str, Any]) -> list[str]:
-    """How far each run strays from the torch run, and a warning when chaos has not
-    saturated (jax much further than the rerun)."""
-    if not div:
-        return []
+    """The per-step loss divergence from the torch run, and a warning where chaos has not
+    saturated (jax 3x further out than the rerun in the last epoch)."""
     parts = [
         f"{pair}: {v['first_10_steps']:.2g} in the first 10 steps, {v['last_epoch']:.2g} "
         "in the last epoch"
@@ -248,6 +211,35 @@ def _divergence_md(div: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _curves_md(d: dict[str, Any], has_plot: bool) -> list[str]:
+    """Check 7's configuration, its real and null comparisons side by side, and the plot."""
+    runs, alpha = d.get("torch_runs", 3), d.get("alpha", float("nan"))
+    reruns = ", ".join("torch" + "'" * k for k in range(1, runs))
+    lines = [
+        f"Configuration: {d['note']}. {d['seeds']} seeds; per seed, jax and torch start from "
+        f"the same weights (torch_ref's init, converted) and {runs - 1} torch reruns "
+        f"({reruns}) from those weights perturbed by ~1 ulp, all on the same batches.",
+        "",
+        f"Stated false-alarm rate: alpha = {100 * alpha:g}% per comparison (family-wise over "
+        f"its {len(d['null_table'])} figures, Bonferroni), so at most {200 * alpha:g}% for the "
+        "check. Real: jax against the mean of all torch runs; null: the last torch rerun "
+        "against the others, the same test with one reference run fewer (measured here on "
+        "every call). Differences, chaos sd (one run's, from the torch runs' within-seed "
+        "spread) and bars in accuracy points; t with its degrees of freedom.",
+        "",
+        *_curves_table(d),
+    ]
+    if d.get("loss_divergence"):
+        lines += _divergence_md(d["loss_divergence"])
+    secs, cpu = d.get("seconds") or {}, d.get("cpu_seconds") or {}
+    if secs:
+        times = ", ".join(f"{k} {secs[k]:.0f} / {cpu.get(k, float('nan')):.0f} s" for k in secs)
+        lines += ["", f"Time (wall / CPU, all seeds): {times}."]
+    if has_plot:
+        lines += ["", "![curves](curves.png)"]
+    return [*lines, ""]
+
+
 _CHECK_NOTES: dict[int, str] = {
     1: "Each framework's own init for several seeds, pooled per layer and tested against "
     "uniform(-b, b), b = 1/sqrt(fan_in): |z| of mean and variance <= 5, a Kolmogorov-Smirnov "
@@ -267,7 +259,10 @@ _CHECK_NOTES: dict[int, str] = {
     4: "The optax LR schedule against the LR torch_ref sets (lr_at(t)) at every step of the "
     "run; K updates from the same parameters and random gradients (coupled decay, Nesterov, "
     "BN-bias group, also with 64x / 1/64 multipliers) and the EMA of params and BN "
-    "statistics (live statistics changed identically every step).",
+    "statistics (live statistics changed identically every step). Muon (airbench94_muon and "
+    "the record) on the model's conv filters: each framework's updates against the float64 "
+    "reference (jaxbench.muon) within 10x the float32 noise of the reference rerun in "
+    "float32, and against each other within 20x.",
     5: "The shared stream's plans (random and alternating flip, epochs 0-1) applied by "
     "jaxbench.augment, torch_ref.augment and stream.apply_plan_numpy: every byte.",
     6: "Both trainers' own train_and_evaluate (stream='shared', float32, full precision) "

@@ -4,6 +4,7 @@ alone); the unplanted suite passes 1-6. Source plants edit a trainer's own code 
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -12,7 +13,9 @@ from typing import Any
 import pytest
 
 from jaxbench.configs import get_config
-from parity.plants import PLANTS
+from parity.checks import Context, optimizer
+from parity.harness import full_precision
+from parity.plants import PLANTS, planted_harness
 from parity.suite import FAST_CHECKS, run_suite
 
 
@@ -29,11 +32,50 @@ HARNESS_PLANTS = sorted(n for n, p in PLANTS.items() if p.edit is None)
 SOURCE_PLANTS = sorted(n for n, p in PLANTS.items() if p.edit is not None)
 
 
+def _readme_plants() -> tuple[set[str], set[str]]:
+    """The plant names the README lists: (those that swap a building block, those that edit
+    a trainer's source), from its paragraph that starts "Plants (`--plant NAME`)"."""
+    text = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    para = text[text.index("Plants (`--plant NAME`)") :].split("\n\n")[0]
+    swap, edit = para.split("Source plants")
+    names = lambda part: set(re.findall(r"`([a-z0-9_]+)`", part))  # noqa: E731
+    return names(swap), names(edit)
+
+
+def test_readme_lists_every_plant_of_the_registry_by_kind() -> None:
+    swap, edit = _readme_plants()
+    assert swap == set(HARNESS_PLANTS) and edit == set(SOURCE_PLANTS), (swap, edit)
+
+
 def test_plants_cover_every_deterministic_check_and_the_trainers_glue() -> None:
     assert all(p.check in FAST_CHECKS for p in PLANTS.values())  # never check 7 alone
     assert {p.check for p in PLANTS.values()} == set(FAST_CHECKS)  # a plant for each
     edited = {p.edit.path for p in PLANTS.values() if p.edit is not None}
     assert {"jaxbench/train.py", "torch_ref/train.py"} <= edited
+
+
+# Each Muon plant breaks one framework: (plant, the framework whose figures must fail).
+MUON_PLANTS = {"muon_ns_coefficient": "jax", "muon_scale_rms": "torch"}
+
+
+@pytest.mark.parametrize("name", [None, *MUON_PLANTS])
+def test_muon_run_passes_clean_and_fails_only_the_planted_framework(name: str | None) -> None:
+    """Check 4's Muon run, both recipes: clean, every figure passes; planted, the planted
+    framework's figures against the float64 reference and against the other framework fail,
+    far above the bar, and the other framework's still pass."""
+    harness = planted_harness(name)
+    cfg = Context(cfg=get_config("tiny"), harness=harness).arith_cfg
+    with harness.active(), full_precision():
+        figures, _ = optimizer.muon_figures(harness, cfg, steps=3, seed=4)
+    assert len(figures) == 6 and all(f.name.startswith("Muon (") for f in figures)
+    failed = {f.name.split(": ")[0] for f in figures if not f.passed}
+    if name is None:
+        assert not failed, [(f.name, f.value) for f in figures]
+        return
+    planted = MUON_PLANTS[name]
+    recipes = ("airbench94_muon", "record")
+    assert failed == {f"Muon ({r}) {w}" for r in recipes for w in (planted, "jax vs torch")}
+    assert all(f.value > 100 for f in figures if not f.passed), [(f.name, f.value) for f in figures]
 
 
 @pytest.mark.realdata

@@ -5,7 +5,7 @@
 | 1 | `init` | both frameworks' own inits; the bit-exact weight conversion |
 | 2 | `forward` | logits, activations, BN running statistics, conv padding |
 | 3 | `gradients` | per-parameter gradients of the trainers' own loss |
-| 4 | `optimizer` | the LR at every step, K optimizer updates, the EMA |
+| 4 | `optimizer` | the LR at every step, K optimizer updates, the EMA, Muon |
 | 5 | `augmentation` | the shared stream's batches, byte for byte |
 | 6 | `trainer` | the trainers' own step loop and evaluation, step by step |
 | 7 | `curves` | per-epoch accuracy over matched seeds, against a same-framework null |

@@ -5,11 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from jaxbench.stream import apply_plan_numpy, epoch_plan
-from parity.checks.base import (
-    CheckResult,
-    Context,
-    Figure,
-)
+from parity.checks.base import CheckResult, Context, Figure
 
 
 def check_augment(ctx: Context) -> CheckResult:

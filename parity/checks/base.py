@@ -29,16 +29,13 @@ def quick_widths(cfg: Config) -> tuple[int, ...]:
     return QUICK_WIDTHS_SPEEDRUN if cfg.model == "speedrun" else QUICK_WIDTHS
 
 
-def dirac_filters(cfg: Config, layer: str, shape: tuple[int, ...], fw: str) -> int:
-    """How many leading filters of `layer` the model initialises as identity (dirac): the
-    speedrun net's 3x3 convs (`blockN.convK`) get min(C_in, C_out); all else none."""
+def dirac_filters(cfg: Config, layer: str, hwio: tuple[int, ...]) -> int:
+    """How many leading filters of `layer` (an HWIO kernel's shape) the model initialises as
+    identity (dirac): the speedrun net's 3x3 convs (`blockN.convK`) get min(C_in, C_out)."""
     parts = layer.split(".")
     if cfg.model != "speedrun" or len(parts) != 2 or not parts[0].startswith("block"):
         return 0
-    if not parts[1].startswith("conv"):
-        return 0
-    c_in, c_out = (shape[2], shape[3]) if fw == "jax" else (shape[1], shape[0])
-    return min(c_in, c_out)
+    return min(hwio[2], hwio[3]) if parts[1].startswith("conv") else 0
 
 
 # --- result records ---------------------------------------------------------------------------

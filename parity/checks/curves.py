@@ -22,13 +22,7 @@ import torch
 
 from jaxbench import stats
 from jaxbench.configs import Config
-from parity.checks.base import (
-    CheckResult,
-    Context,
-    Figure,
-    quick_widths,
-    subset_data,
-)
+from parity.checks.base import CheckResult, Context, Figure, quick_widths, subset_data
 
 METRICS = ("val_acc", "ema_val_acc")
 TORCH_RUNS = 3  # per seed: the original and two perturbed reruns (the null needs >= 3)
@@ -69,23 +63,26 @@ def curve_config(ctx: Context) -> tuple[Config, str]:
     machine, torch_ref, seeds 0-2: final EMA accuracy 64.3 / 62.1 / 63.1%, 12-14 s a run
     (one thread); jaxbench ~30 s a run (8,000 images: 41 s). Full mode: the preset itself.
     """
+    quick = dict(
+        widths=quick_widths(ctx.cfg),
+        test_subset=1000,
+        eval_batch_size=1000,
+        epochs=ctx.epochs or 3,
+        tta=False,
+        precision="float32",
+    )
     if ctx.quick and ctx.cfg.model == "resnet9":
         cfg = ctx.cfg.replace(
-            widths=quick_widths(ctx.cfg),
+            **quick,
             subset=8000,
-            test_subset=1000,
             batch_size=50,
-            eval_batch_size=1000,
-            epochs=ctx.epochs or 3,
             lr=0.4,
             lr_peak_epoch=1.0,
             lr_flat_epochs=0.0,
             ghost_bn=10 if ctx.cfg.ghost_bn else 0,  # 5 groups of the batch of 50
             cutout=0,
-            tta=False,
             ema_every=5,
             ema_momentum=0.8,
-            precision="float32",
         )
         note = (
             f"quick mode: the {ctx.cfg.name} recipe at ResNet-9 widths 8,16,32,64; 8,000 "
@@ -96,17 +93,12 @@ def curve_config(ctx: Context) -> tuple[Config, str]:
         return cfg, note
     if ctx.quick:  # the speedrun net
         cfg = ctx.cfg.replace(
-            widths=quick_widths(ctx.cfg),
+            **quick,
             subset=6000,
-            test_subset=1000,
             batch_size=100,
-            eval_batch_size=1000,
-            epochs=ctx.epochs or 3,
             lr_peak_epoch=0.7,  # airbench's 23% of the run
             whiten_bias_epochs=1,
-            tta=False,
             tta_shift=False,
-            precision="float32",
         )
         note = (
             f"quick mode: the {ctx.cfg.name} recipe at widths 32,48,48; 6,000 training and "

@@ -79,6 +79,53 @@ def _padding_probe(
     return out
 
 
+def _torch_train_forward(tmodel: torch.nn.Module, x: np.ndarray) -> tuple[np.ndarray, dict]:
+    """torch's train-mode logits of `x`, with every named module's output captured."""
+    acts: dict[str, np.ndarray] = {}
+    hooks = [
+        m.register_forward_hook(lambda _m, _i, o, n=n: acts.__setitem__(n, to_nhwc(o)))
+        for n, m in tmodel.named_modules()
+        if n
+    ]
+    tmodel.train()
+    try:
+        with torch.no_grad():
+            return tmodel(nchw(x)).numpy(), acts
+    finally:
+        for hk in hooks:
+            hk.remove()
+
+
+def _activation_figures(
+    acts: dict[str, np.ndarray], inter: dict[str, np.ndarray]
+) -> tuple[list[Figure], dict[str, dict[str, float]]]:
+    """Each torch module's output against the Flax module of the same name, relative."""
+    figures, rows = [], {}
+    for name, ta in acts.items():
+        fa = inter.get(f"{name}.__call__.0")
+        if fa is None or fa.shape != ta.shape:
+            rows[name] = {"max_abs_diff": math.inf, "max_abs": float(np.max(np.abs(ta)))}
+            continue
+        scale = max(float(np.max(np.abs(ta))), 1e-12)
+        rel = max_abs(fa, ta) / scale
+        rows[name] = {"max_abs_diff": max_abs(fa, ta), "max_abs": scale, "relative": rel}
+        figures.append(
+            Figure(f"activation {name}: max |diff| / max |x|", rel, 1e-5, headline=False)
+        )
+    return figures, rows
+
+
+def _stats_rows(back: dict[str, Any], tsd: dict[str, torch.Tensor]) -> dict[str, float]:
+    """BN running statistics, PyTorch's convention: max |diff| / max(1, |x|) per buffer."""
+    rows: dict[str, float] = {}
+    for key, t in tsd.items():
+        if key.endswith(("running_mean", "running_var")):
+            got, ref = back.get(key), t.numpy()
+            scale = max(1.0, float(np.max(np.abs(ref))))
+            rows[key] = math.inf if got is None else max_abs(got.numpy(), ref) / scale
+    return rows
+
+
 def check_forward(ctx: Context) -> CheckResult:
     """Same weights and batch: logits (train and eval mode), every module's output, BN running
     statistics after a train-mode forward, and a stride-2 padding probe of every conv."""
@@ -94,9 +141,7 @@ def check_forward(ctx: Context) -> CheckResult:
     with torch.no_grad():
         for xb in warm:
             tmodel(nchw(xb))
-    sd = {k: v.clone() for k, v in tmodel.state_dict().items()}
-    k = len(warm)
-    variables = h.to_flax(sd)
+    variables = h.to_flax({k: v.clone() for k, v in tmodel.state_dict().items()})
     fmodel = h.flax_model(cfg)
 
     tmodel.eval()
@@ -108,20 +153,7 @@ def check_forward(ctx: Context) -> CheckResult:
     f_eval = np.asarray(jax.jit(lambda v, xb: fmodel.apply(v, xb, train=False))(variables, x))
     res.figures.append(Figure("logits max |diff|, eval mode", max_abs(f_eval, t_eval), 1e-5))
 
-    # Train mode with every module's output captured.
-    acts: dict[str, np.ndarray] = {}
-    hooks = [
-        m.register_forward_hook(lambda _m, _i, o, n=n: acts.__setitem__(n, to_nhwc(o)))
-        for n, m in tmodel.named_modules()
-        if n
-    ]
-    tmodel.train()
-    try:
-        with torch.no_grad():
-            t_train = tmodel(nchw(x)).numpy()
-    finally:
-        for hk in hooks:
-            hk.remove()
+    t_train, acts = _torch_train_forward(tmodel, x)
     f_train, state = jax.jit(
         lambda v, xb: fmodel.apply(
             v, xb, train=True, mutable=["batch_stats", "intermediates"], capture_intermediates=True
@@ -130,35 +162,13 @@ def check_forward(ctx: Context) -> CheckResult:
     res.figures.append(
         Figure("logits max |diff|, train mode", max_abs(np.asarray(f_train), t_train), 1e-5)
     )
-    inter = leaves(state["intermediates"])
-    act_rows: dict[str, dict[str, float]] = {}
-    for name, ta in acts.items():
-        fa = inter.get(f"{name}.__call__.0")
-        if fa is None or fa.shape != ta.shape:
-            act_rows[name] = {"max_abs_diff": math.inf, "max_abs": float(np.max(np.abs(ta)))}
-            continue
-        scale = max(float(np.max(np.abs(ta))), 1e-12)
-        rel = max_abs(fa, ta) / scale
-        act_rows[name] = {"max_abs_diff": max_abs(fa, ta), "max_abs": scale, "relative": rel}
-        res.figures.append(
-            Figure(f"activation {name}: max |diff| / max |x|", rel, 1e-5, headline=False)
-        )
-    # Running statistics after the train-mode forward, in PyTorch's convention.
-    tsd = tmodel.state_dict()
+    act_figures, act_rows = _activation_figures(acts, leaves(state["intermediates"]))
+    res.figures += act_figures
     back = h.to_torch(
         {"params": variables["params"], "batch_stats": state["batch_stats"]},
-        num_batches_tracked=k + 1,
+        num_batches_tracked=len(warm) + 1,
     )
-    stat_rows: dict[str, float] = {}
-    for key, t in tsd.items():
-        if key.endswith(("running_mean", "running_var")):
-            got = back.get(key)
-            ref = t.numpy()
-            stat_rows[key] = (
-                math.inf
-                if got is None
-                else max_abs(got.numpy(), ref) / max(1.0, float(np.max(np.abs(ref))))
-            )
+    stat_rows = _stats_rows(back, tmodel.state_dict())
     res.figures.append(
         Figure("BN running stats max |diff| / max(1, |x|)", max(stat_rows.values()), 1e-5)
     )
@@ -169,7 +179,7 @@ def check_forward(ctx: Context) -> CheckResult:
     res.details = {
         "batch": b,
         "widths": list(cfg.widths),
-        "warm_batches": k,
+        "warm_batches": len(warm),
         "activations": act_rows,
         "running_stats": stat_rows,
         "padding_probe": probe,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -11,25 +12,57 @@ import torch
 import torch.nn.functional as F
 
 from jaxbench import optim, stats
+from jaxbench.configs import Config
 from parity import convert
-from parity.checks.base import (
-    CheckResult,
-    Context,
-    Figure,
-    PyTree,
-    nchw,
-    sample_batch,
-)
+from parity.checks.base import CheckResult, Context, Figure, PyTree, nchw, sample_batch
+
+
+def _jax_grads(
+    cfg: Config, fmodel: Any, variables: PyTree, x: np.ndarray, x_u8: np.ndarray | None, y: Any
+) -> tuple[jax.Array, PyTree]:
+    """The loss and its gradient: the trainer's own loss on `x_u8`, else the model on `x`."""
+    from jaxbench import train as jtrain
+
+    trainer_loss = jtrain.make_loss_fn(cfg, fmodel)
+
+    def loss_fn(params: PyTree) -> jax.Array:
+        if x_u8 is not None:
+            return trainer_loss(params, variables["batch_stats"], x_u8, jnp.asarray(y))[0]
+        logits, _ = fmodel.apply(
+            {"params": params, "batch_stats": variables["batch_stats"]},
+            x,
+            train=True,
+            mutable=["batch_stats"],
+        )
+        return optim.cross_entropy(logits, jnp.asarray(y), cfg.label_smoothing, cfg.loss_reduction)
+
+    return jax.jit(jax.value_and_grad(loss_fn))(variables["params"])
+
+
+def _torch_loss(
+    cfg: Config, tmodel: torch.nn.Module, x: np.ndarray, x_u8: np.ndarray | None, y: Any
+) -> torch.Tensor:
+    """The same loss in torch_ref: `train_forward` on `x_u8`, else the model on `x`."""
+    from torch_ref import train as ttrain
+    from torch_ref.augment import device_stats
+
+    labels = torch.as_tensor(y, dtype=torch.int64)
+    if x_u8 is None:
+        return F.cross_entropy(
+            tmodel(nchw(x)),
+            labels,
+            label_smoothing=cfg.label_smoothing,
+            reduction=cfg.loss_reduction,
+        )
+    mean, std = device_stats(cfg.dataset, torch.device("cpu"))
+    options = ttrain.loss_options(cfg, False)
+    return ttrain.train_forward(tmodel, torch.from_numpy(x_u8), labels, mean, std, **options)[0]
 
 
 def check_gradients(ctx: Context) -> CheckResult:
     """Per-parameter relative error of the gradient of each trainer's own training loss
     (`jaxbench.train.make_loss_fn`, `torch_ref.train.train_forward` with `loss_options`:
     normalisation of the uint8 batch, forward, smoothed cross-entropy), same batch."""
-    from jaxbench import train as jtrain
-    from torch_ref import train as ttrain
-    from torch_ref.augment import device_stats
-
     res = CheckResult(3, "gradients")
     h, cfg = ctx.harness, ctx.arith_cfg
     b = 16 if ctx.quick else 32
@@ -45,45 +78,13 @@ def check_gradients(ctx: Context) -> CheckResult:
         # noise). Unit-variance noise has no such ties; the check is about the arithmetic.
         x = np.random.default_rng(3).standard_normal(x.shape).astype(np.float32)
     tmodel = h.torch_model(cfg, 1)
-    sd = {k: v.clone() for k, v in tmodel.state_dict().items()}
-    variables = h.to_flax(sd)
-    fmodel = h.flax_model(cfg)
-
-    trainer_loss = jtrain.make_loss_fn(cfg, fmodel)
-
-    def loss_fn(params: PyTree) -> jax.Array:
-        if x_u8 is not None:
-            return trainer_loss(params, variables["batch_stats"], x_u8, jnp.asarray(y))[0]
-        logits, _ = fmodel.apply(
-            {"params": params, "batch_stats": variables["batch_stats"]},
-            x,
-            train=True,
-            mutable=["batch_stats"],
-        )
-        return optim.cross_entropy(logits, jnp.asarray(y), cfg.label_smoothing, cfg.loss_reduction)
-
-    f_loss, f_grads = jax.jit(jax.value_and_grad(loss_fn))(variables["params"])
+    variables = h.to_flax({k: v.clone() for k, v in tmodel.state_dict().items()})
+    f_loss, f_grads = _jax_grads(cfg, h.flax_model(cfg), variables, x, x_u8, y)
     tmodel.train()
     for p in tmodel.parameters():  # frozen ones too (speedrun's whitening): compare every grad
         p.requires_grad_(True)
     tmodel.zero_grad(set_to_none=True)
-    if x_u8 is not None:
-        mean, std = device_stats(cfg.dataset, torch.device("cpu"))
-        t_loss, _, _ = ttrain.train_forward(
-            tmodel,
-            torch.from_numpy(x_u8),
-            torch.as_tensor(y, dtype=torch.int64),
-            mean,
-            std,
-            **ttrain.loss_options(cfg, False),
-        )
-    else:
-        t_loss = F.cross_entropy(
-            tmodel(nchw(x)),
-            torch.as_tensor(y, dtype=torch.int64),
-            label_smoothing=cfg.label_smoothing,
-            reduction=cfg.loss_reduction,
-        )
+    t_loss = _torch_loss(cfg, tmodel, x, x_u8, y)
     t_loss.backward()
     t_loss_v = float(t_loss.detach())
     g_torch = convert.flax_to_torch({"params": jax.device_get(f_grads)})

@@ -56,7 +56,9 @@ gradient by 2.5e-2 in one framework's float32 against float64).
 from __future__ import annotations
 
 import math
-from typing import Any
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from typing import Any, TypeVar
 
 import jax
 import jax.numpy as jnp
@@ -84,6 +86,7 @@ START_RTOL = 1e-6  # the same converted weights and the same host-computed white
 LOGITS_RTOL = 1e-5
 GROSS_RTOL = 5e-2  # see _gross_ratios: measured up to 5e-3 at batch 16
 MARGIN_FACTOR = 100.0  # top-2 margins within this x the logit difference may flip
+T = TypeVar("T")
 
 
 def trainer_config(ctx: Context) -> Config:
@@ -331,9 +334,8 @@ def _applied_decay(pre: dict[str, PyTree], post: dict[str, PyTree]) -> tuple[flo
     d = <ema1 - w1, ema0 - w1> / |ema0 - w1|^2; 1 on steps without an EMA update.
     """
     e0, e1 = leaves(pre["ema"]), leaves(post["ema"])
-    live = {**leaves({"params": post["params"]}), **leaves({"batch_stats": post["batch_stats"]})}
     num = den = err = 0.0
-    for name, w1 in live.items():
+    for name, w1 in _live(post).items():
         w1 = w1.astype(np.float64)
         a, b = e1[name].astype(np.float64) - w1, e0[name].astype(np.float64) - w1
         num += float(np.sum(a * b))
@@ -455,29 +457,26 @@ def _applied_weight_decay(
     }
 
 
-def _lookahead_resets(
-    tf: TeacherForcing, rec: TorchRecorder, steps: list[int], cfg: Config
-) -> tuple[float, int]:
+def _live(parts: dict[str, PyTree]) -> dict[str, np.ndarray]:
+    """The live net of a state's parts (params, then BN statistics), by dotted name."""
+    return {**leaves({"params": parts["params"]}), **leaves({"batch_stats": parts["batch_stats"]})}
+
+
+def _lookahead_resets(r: Runs) -> tuple[float, int]:
     """Lookahead: after each EMA step JAX's live net (params, BN stats) equals its EMA, and the
     EMA moved exactly on those steps. Returns (worst violation / tolerance, its step)."""
-    worst = (0.0, -1)
-    for t in steps:
-        if t not in tf.post:
+    pairs = []
+    for t in r.steps:
+        if t not in r.tf.post:
             continue
-        post, pre = _jax_parts(tf.post[t]), _jax_parts(tf.injected[t])
-        live = {
-            **leaves({"params": post["params"]}),
-            **leaves({"batch_stats": post["batch_stats"]}),
-        }
-        ema1, ema0 = leaves(post["ema"]), leaves(pre["ema"])
-        if (t + 1) % cfg.ema_every == 0:
+        post, pre = _jax_parts(r.tf.post[t]), _jax_parts(r.tf.injected[t])
+        live, ema1, ema0 = _live(post), leaves(post["ema"]), leaves(pre["ema"])
+        if (t + 1) % r.cfg.ema_every == 0:
             bad = max(float(np.abs(live[k] - ema1[k]).max()) for k in live)  # must be 0
         else:
             bad = max(float(np.abs(ema1[k] - ema0[k]).max()) for k in ema1)  # must be 0
-        ratio = bad / 1e-30 if bad else 0.0
-        if ratio >= worst[0]:
-            worst = (ratio, t)
-    return worst
+        pairs.append((bad / 1e-30 if bad else 0.0, t))
+    return _worst(pairs, -1)
 
 
 def _ambiguous(logits: np.ndarray, slack: float) -> int:
@@ -514,14 +513,52 @@ def _eval_logits(
     return out
 
 
-def check_trainer(ctx: Context) -> CheckResult:
-    """Both trainers' own loop and evaluation, each step from the same state (module doc)."""
+@dataclass
+class Runs:
+    """Both trainers' recorded runs of one config: torch_ref free, JAX teacher-forced."""
+
+    cfg: Config
+    data: Any
+    rec: TorchRecorder
+    tf: TeacherForcing
+    jax_summary: dict[str, Any]
+    torch_summary: dict[str, Any]
+
+    @property
+    def steps(self) -> list[int]:
+        return sorted(self.rec.pre)
+
+    def stepped(self) -> Iterator[tuple[int, dict[str, tuple[PyTree, PyTree]]]]:
+        """Every step both trainers completed, with each one's (state before, state after)."""
+        for t in self.steps:
+            if t + 1 in self.rec.pre and t in self.tf.post:
+                yield t, _step_pairs(self.rec, self.tf, t)
+
+
+def _worst(pairs: Iterable[tuple[float, T]], empty: T) -> tuple[float, T]:
+    """The largest ratio and where it was (the last of equals); (0, empty) without any."""
+    worst = (0.0, empty)
+    for ratio, where in pairs:
+        if ratio >= worst[0]:
+            worst = (ratio, where)
+    return worst
+
+
+def _per_framework(title: str, pairs: dict[str, list[tuple[float, int]]]) -> list[Figure]:
+    """One figure per framework: its worst ratio over the steps, naming that step."""
+    out = []
+    for fw, fw_pairs in pairs.items():
+        ratio, t = _worst(fw_pairs, -1)
+        out.append(Figure(f"{fw}: {title}, worst (step {t})", ratio, 1.0))
+    return out
+
+
+def run_trainers(ctx: Context, cfg: Config) -> Runs:
+    """Both trainers' `train_and_evaluate` from torch_ref's init for `cfg.seed`, recorded."""
     from jaxbench import train as jtrain
     from torch_ref import train as ttrain
 
-    res = CheckResult(6, "trainer")
     h = ctx.harness
-    cfg = trainer_config(ctx)
     n_train, n_test = cfg.subset or 0, cfg.test_subset or 0
     data = (
         subset_data(ctx.data, n_train, n_test)
@@ -534,238 +571,205 @@ def check_trainer(ctx: Context) -> CheckResult:
     ts = ttrain.train_and_evaluate(cfg, init_state_dict=sd, compile=False, hooks=rec, **common)
     tf = TeacherForcing(rec)
     js = jtrain.train_and_evaluate(cfg, init_variables=h.to_flax(sd), hooks=tf, **common)
+    return Runs(cfg, data, rec, tf, js, ts)
 
-    steps = sorted(rec.pre)
-    total = len(steps)
-    labels = {
-        k: str(v) for k, v in leaves(optim.param_labels(rec.pre[0]["variables"]["params"])).items()
-    }
 
-    # 1. per-step losses from identical states
+def _loss_figures(r: Runs) -> tuple[list[Figure], list[float]]:
+    """Per-step losses from identical states: the worst relative difference."""
     loss_rel = [
-        abs(tf.loss[t] - rec.loss[t]) / max(abs(rec.loss[t]), 1e-12) if t in tf.loss else math.inf
-        for t in steps
+        abs(r.tf.loss[t] - r.rec.loss[t]) / max(abs(r.rec.loss[t]), 1e-12)
+        if t in r.tf.loss
+        else math.inf
+        for t in r.steps
     ]
     worst = int(np.argmax(loss_rel))
-    res.figures.append(
-        Figure(
-            f"step loss relative |diff| / {LOSS_RTOL:g}, worst of {total} steps (step {worst})",
-            loss_rel[worst] / LOSS_RTOL,
-            1.0,
-        )
-    )
+    title = f"step loss relative |diff| / {LOSS_RTOL:g}, worst of {len(loss_rel)} steps"
+    return [Figure(f"{title} (step {worst})", loss_rel[worst] / LOSS_RTOL, 1.0)], loss_rel
 
-    # 1b. the state entering the first step: the same weights plus each trainer's own
-    # data-dependent init (the whitening kernels), so it must match to float32 rounding
-    start = tf.carried.get(steps[0])
-    if start is not None:
-        got = leaves({"params": start.params, "ema": start.ema["params"]})
-        snap = rec.pre[steps[0]]
-        want = leaves(
-            {
-                "params": snap["variables"]["params"],
-                "ema": snap.get("ema", {}).get("params", snap["variables"]["params"]),
-            }
-        )
-        ratio, where = 0.0, ""
-        for name, w in want.items():
-            if name not in got:
-                ratio, where = math.inf, f"{name} missing"
-                break
-            scale = max(float(np.max(np.abs(w))), 1e-30)
-            max_rel = float(np.max(np.abs(got[name].astype(np.float64) - w))) / scale
-            if max_rel >= ratio:
-                ratio, where = max_rel, name
-        res.figures.append(
-            Figure(
-                f"weights entering step 1 (after the whitening init): max |diff| / max |x| "
-                f"/ {START_RTOL:g}, worst ({where})",
-                ratio / START_RTOL,
-                1.0,
-            )
-        )
 
-    # 2. the state after each step (what JAX carries into the next step or evaluation)
-    state_rows: dict[int, dict[str, float]] = {}
-    ends: list[tuple[str, Any, dict[str, Any], dict[str, Any]]] = []
-    for t in steps:
-        before = rec.pre[t]
-        if t + 1 in rec.pre:
-            ends.append((f"step {t}", tf.carried.get(t + 1), rec.pre[t + 1], before))
-    last_of_epoch = {
-        e: max(s for s in steps if s < (e + 1) * (total // cfg.epochs)) for e in rec.at_eval
-    }
+def _start_figures(r: Runs) -> list[Figure]:
+    """The state entering the first step: the same weights plus each trainer's own
+    data-dependent init (the whitening kernels), so it must match to float32 rounding."""
+    start = r.tf.carried.get(r.steps[0])
+    if start is None:
+        return []
+    got = leaves({"params": start.params, "ema": start.ema["params"]})
+    snap = r.rec.pre[r.steps[0]]
+    params = snap["variables"]["params"]
+    want = leaves({"params": params, "ema": snap.get("ema", {}).get("params", params)})
+    ratio, where = 0.0, ""
+    for name, w in want.items():
+        if name not in got:
+            ratio, where = math.inf, f"{name} missing"
+            break
+        scale = max(float(np.max(np.abs(w))), 1e-30)
+        max_rel = float(np.max(np.abs(got[name].astype(np.float64) - w))) / scale
+        if max_rel >= ratio:
+            ratio, where = max_rel, name
+    title = "weights entering step 1 (after the whitening init): max |diff| / max |x|"
+    return [Figure(f"{title} / {START_RTOL:g}, worst ({where})", ratio / START_RTOL, 1.0)]
+
+
+def _state_figures(r: Runs) -> tuple[list[Figure], dict[str, dict[str, Any]]]:
+    """The state after each step and at each evaluation (what JAX carries on) against torch's."""
+    rec, tf, steps = r.rec, r.tf, r.steps
+    ends = [
+        (f"step {t}", tf.carried.get(t + 1), rec.pre[t + 1], rec.pre[t])
+        for t in steps
+        if t + 1 in rec.pre
+    ]
+    per_epoch = len(steps) // r.cfg.epochs
     for e, snap in rec.at_eval.items():
-        ends.append((f"epoch {e + 1} end", tf.at_eval.get(e), snap, rec.pre[last_of_epoch[e]]))
-    worst_stats: tuple[float, str] = (0.0, "")
-    worst_gross: tuple[float, str] = (0.0, "")
+        last = max(s for s in steps if s < (e + 1) * per_epoch)
+        ends.append((f"epoch {e + 1} end", tf.at_eval.get(e), snap, rec.pre[last]))
+    figures: list[Figure] = []
+    rows: dict[str, dict[str, Any]] = {}
+    stats_pairs, gross_pairs = [], []
     for label, jstate, want_snap, before_snap in ends:
         if jstate is None:
-            res.figures.append(Figure(f"{label}: JAX state recorded", 0.0, 1.0, ">="))
+            figures.append(Figure(f"{label}: JAX state recorded", 0.0, 1.0, ">="))
             continue
         got = _jax_parts(jstate)
-        want = _torch_parts(want_snap, got)
-        before = _torch_parts(before_snap, got)
+        want, before = _torch_parts(want_snap, got), _torch_parts(before_snap, got)
         tight = _stats_ratios(got, want, before)
         gross = _gross_ratios(got, want, before, _frozen_buffers(before_snap))
         name = max(tight, key=lambda k: tight[k])
         part = max(gross, key=lambda k: gross[k])
-        state_rows[label] = {"stats": tight[name], "stats_tensor": name, **gross}
-        if tight[name] >= worst_stats[0]:
-            worst_stats = (tight[name], f"{label}, {name}")
-        if gross[part] >= worst_gross[0]:
-            worst_gross = (gross[part], f"{label}, {part}")
-    res.figures.append(
+        rows[label] = {"stats": tight[name], "stats_tensor": name, **gross}
+        stats_pairs.append((tight[name], f"{label}, {name}"))
+        gross_pairs.append((gross[part], f"{label}, {part}"))
+    stats, gross_worst = _worst(stats_pairs, ""), _worst(gross_pairs, "")
+    figures += [
         Figure(
             "BN statistics (live, EMA) after a step: |diff| / (3e-4 |change| + 8 ulp), worst "
-            f"({worst_stats[1]})",
-            worst_stats[0],
+            f"({stats[1]})",
+            stats[0],
             1.0,
-        )
-    )
-    res.figures.append(
+        ),
         Figure(
             f"params, momentum, EMA params after a step: ||diff|| / ||change|| / {GROSS_RTOL:g}, "
-            f"worst ({worst_gross[1]})",
-            worst_gross[0] / GROSS_RTOL,
+            f"worst ({gross_worst[1]})",
+            gross_worst[0] / GROSS_RTOL,
             1.0,
-        )
-    )
+        ),
+    ]
+    return figures, rows
 
-    # the EMA decay each trainer applied at each step (1: no EMA update), recovered
-    if cfg.ema_every:
-        decays = schedule.ema_decays(cfg, total)
-        worst_ema = {"jax": (0.0, -1), "torch": (0.0, -1)}
-        for t in steps:
-            if cfg.lookahead or t + 1 not in rec.pre or t not in tf.post:
-                continue
-            m = float(decays[t + 1]) if (t + 1) % cfg.ema_every == 0 else 1.0
-            runs = _step_pairs(rec, tf, t)
-            for fw, (pre, post) in runs.items():
-                d, err = _applied_decay(pre, post)
-                ratio = abs(d - m) / (4 * err + 1e-7)
-                if ratio >= worst_ema[fw][0]:
-                    worst_ema[fw] = (ratio, t)
-        if cfg.lookahead:
-            worst_ema = {fw: _lookahead_resets(tf, rec, steps, cfg) for fw in ("jax",)}
-        for fw, (ratio, t) in worst_ema.items():
-            res.figures.append(
-                Figure(
-                    f"{fw}: applied EMA decay vs schedule / (4 x rounding bound + 1e-7), "
-                    f"worst (step {t})",
-                    ratio,
-                    1.0,
-                )
-            )
 
-    # 3. the LR each trainer applied, recovered from its own update
+def _ema_figures(r: Runs) -> list[Figure]:
+    """The EMA decay each trainer applied at each step (1: no EMA update), recovered; with
+    lookahead, JAX's resets instead."""
+    cfg = r.cfg
+    if not cfg.ema_every:
+        return []
+    title = "applied EMA decay vs schedule / (4 x rounding bound + 1e-7)"
+    if cfg.lookahead:
+        ratio, t = _lookahead_resets(r)
+        return _per_framework(title, {"jax": [(ratio, t)]})
+    decays = schedule.ema_decays(cfg, len(r.steps))
+    pairs: dict[str, list[tuple[float, int]]] = {"jax": [], "torch": []}
+    for t, runs in r.stepped():
+        m = float(decays[t + 1]) if (t + 1) % cfg.ema_every == 0 else 1.0
+        for fw, (pre, post) in runs.items():
+            d, err = _applied_decay(pre, post)
+            pairs[fw].append((abs(d - m) / (4 * err + 1e-7), t))
+    return _per_framework(title, pairs)
+
+
+def _lr_figures(r: Runs, labels: dict[str, str]) -> tuple[list[Figure], list[dict[str, Any]]]:
+    """The LR each trainer applied, recovered from its own update, against `lr_at(t)`."""
+    cfg, total = r.cfg, len(r.steps)
     lr_peak = optimizer_scales(cfg)[0]
     mults = {"default": 1.0, "bn_bias": cfg.bn_bias_lr_mult}
-    lr_rows: list[dict[str, Any]] = []
-    worst_lr = {"jax": (0.0, -1), "torch": (0.0, -1)}
-    for t in steps:
+    rows: list[dict[str, Any]] = []
+    pairs: dict[str, list[tuple[float, int]]] = {"jax": [], "torch": []}
+    for t, runs in r.stepped():
         if cfg.lookahead and (t + 1) % cfg.ema_every == 0:
             continue  # the lookahead reset overwrites the update
-        if t + 1 not in rec.pre or t not in tf.post:
-            continue
         want = float(schedule.lr_at(t, cfg, total // cfg.epochs))
-        runs = _step_pairs(rec, tf, t)
         row: dict[str, Any] = {"step": t, "reference": want}
         for fw, (pre, post) in runs.items():
             for group, (lr, err) in _applied_lr(pre, post, cfg, labels).items():
                 scale = lr_peak * mults[group]
-                ratio = abs(lr - want * mults[group]) / (4 * err + 1e-6 * scale)
+                pairs[fw].append((abs(lr - want * mults[group]) / (4 * err + 1e-6 * scale), t))
                 row[f"{fw} {group}"] = lr / mults[group]
-                if ratio >= worst_lr[fw][0]:
-                    worst_lr[fw] = (ratio, t)
-        lr_rows.append(row)
-    for fw, (ratio, t) in worst_lr.items():
-        res.figures.append(
-            Figure(
-                f"{fw}: applied LR vs lr_at(t) / (4 x rounding bound + 1e-6 peak), "
-                f"worst (step {t})",
-                ratio,
-                1.0,
-            )
-        )
-    res.figures.append(Figure("LR steps recovered", len(lr_rows), max(1, total // 2), ">=", False))
+        rows.append(row)
+    figures = _per_framework("applied LR vs lr_at(t) / (4 x rounding bound + 1e-6 peak)", pairs)
+    figures.append(Figure("LR steps recovered", len(rows), max(1, total // 2), ">=", False))
+    return figures, rows
 
-    # the coupled weight decay each trainer applied, recovered from its momentum buffers
-    wd = optimizer_scales(cfg)[1]
-    wd_want = {"default": wd, "bn_bias": wd * cfg.bn_bias_wd_mult}
-    grads = _step_gradients(cfg, data, rec, tf, steps)
-    wd_rows: list[dict[str, Any]] = []
-    worst_wd = {"jax": (0.0, -1), "torch": (0.0, -1)}
-    for t in steps:
-        if t + 1 not in rec.pre or t not in tf.post:
-            continue
-        runs = _step_pairs(rec, tf, t)
-        row = {"step": t}
+
+def _wd_figures(r: Runs, labels: dict[str, str]) -> tuple[list[Figure], list[dict[str, Any]]]:
+    """The coupled weight decay each trainer applied, recovered from its momentum buffers."""
+    wd = optimizer_scales(r.cfg)[1]
+    wd_want = {"default": wd, "bn_bias": wd * r.cfg.bn_bias_wd_mult}
+    grads = _step_gradients(r.cfg, r.data, r.rec, r.tf, r.steps)
+    rows: list[dict[str, Any]] = []
+    pairs: dict[str, list[tuple[float, int]]] = {"jax": [], "torch": []}
+    for t, runs in r.stepped():
+        row: dict[str, Any] = {"step": t}
         for fw, (pre, post) in runs.items():
-            for group, (got, err) in _applied_weight_decay(
-                pre, post, grads[fw][t], cfg, labels
-            ).items():
-                ratio = abs(got - wd_want[group]) / (4 * err + 1e-3 * wd_want[group] + 1e-12)
+            applied = _applied_weight_decay(pre, post, grads[fw][t], r.cfg, labels)
+            for group, (got, err) in applied.items():
+                want = wd_want[group]
+                pairs[fw].append((abs(got - want) / (4 * err + 1e-3 * want + 1e-12), t))
                 row[f"{fw} {group}"] = got
-                if ratio >= worst_wd[fw][0]:
-                    worst_wd[fw] = (ratio, t)
-        wd_rows.append(row)
-    for fw, (ratio, t) in worst_wd.items():
-        res.figures.append(
-            Figure(
-                f"{fw}: applied weight decay vs config / (4 x error scale + 1e-3 wd), "
-                f"worst (step {t})",
-                ratio,
-                1.0,
-            )
-        )
+        rows.append(row)
+    title = "applied weight decay vs config / (4 x error scale + 1e-3 wd)"
+    return _per_framework(title, pairs), rows
 
-    # 4. evaluation of identical weights: the trainers' metrics, and every TTA view's logits
-    eval_rows = []
-    for e in sorted(rec.at_eval):
-        jr, tr = js["epochs"][e], ts["epochs"][e]
-        eval_rows.append(
+
+def _metric_figures(r: Runs) -> tuple[list[Figure], list[dict[str, Any]]]:
+    """Each evaluation of identical weights: the trainers' own loss and accuracies."""
+    figures, rows = [], []
+    keys = ("val_loss", "val_acc", "ema_val_acc")
+    for e in sorted(r.rec.at_eval):
+        jr, tr = r.jax_summary["epochs"][e], r.torch_summary["epochs"][e]
+        rows.append(
             {
                 "epoch": e + 1,
-                **{f"jax {k}": jr[k] for k in ("val_loss", "val_acc", "ema_val_acc")},
-                **{f"torch {k}": tr[k] for k in ("val_loss", "val_acc", "ema_val_acc")},
+                **{f"jax {k}": jr[k] for k in keys},
+                **{f"torch {k}": tr[k] for k in keys},
             }
         )
         rel = abs(jr["val_loss"] - tr["val_loss"]) / max(abs(tr["val_loss"]), 1e-12)
-        res.figures.append(
+        figures.append(
             Figure(f"epoch {e + 1} val_loss relative |diff| / {LOSS_RTOL:g}", rel / LOSS_RTOL, 1.0)
         )
-    final = rec.at_eval[max(rec.at_eval)]
-    images = np.asarray(data.test_images[:n_test])
-    logits = _eval_logits(cfg, final["variables"], final.get("ema"), images)
-    view_rows: dict[str, float] = {}
+    return figures, rows
+
+
+def _logit_figures(r: Runs) -> tuple[list[Figure], dict[str, float]]:
+    """The final weights' logits, every TTA view and combined, and the final accuracies."""
+    n_test = r.cfg.test_subset or 0
+    final = r.rec.at_eval[max(r.rec.at_eval)]
+    images = np.asarray(r.data.test_images[:n_test])
+    logits = _eval_logits(r.cfg, final["variables"], final.get("ema"), images)
+    figures: list[Figure] = []
+    rows: dict[str, float] = {}
     for label in ("live", "ema"):
         if f"jax {label}" not in logits:
             continue
         (jv, jc), (tv, tc) = logits[f"jax {label}"], logits[f"torch {label}"]
         scale = max(float(np.abs(tv).max()), 1e-12)
         per_view = [float(np.abs(jv[i] - tv[i]).max()) / scale for i in range(len(tv))]
-        view_rows[f"{label} views"] = max(per_view) if jv.shape == tv.shape else math.inf
-        view_rows[f"{label} TTA"] = float(np.abs(jc - tc).max()) / scale
-        res.figures.append(
-            Figure(
-                f"{label} eval logits, {len(tv)} TTA views: max |diff| / max |x| / {LOGITS_RTOL:g}",
-                view_rows[f"{label} views"] / LOGITS_RTOL,
-                1.0,
+        rows[f"{label} views"] = max(per_view) if jv.shape == tv.shape else math.inf
+        rows[f"{label} TTA"] = float(np.abs(jc - tc).max()) / scale
+        for what, key in (
+            (f"eval logits, {len(tv)} TTA views:", "views"),
+            ("TTA-combined logits", "TTA"),
+        ):
+            figures.append(
+                Figure(
+                    f"{label} {what} max |diff| / max |x| / {LOGITS_RTOL:g}",
+                    rows[f"{label} {key}"] / LOGITS_RTOL,
+                    1.0,
+                )
             )
-        )
-        res.figures.append(
-            Figure(
-                f"{label} TTA-combined logits max |diff| / max |x| / {LOGITS_RTOL:g}",
-                view_rows[f"{label} TTA"] / LOGITS_RTOL,
-                1.0,
-            )
-        )
-        slack = MARGIN_FACTOR * float(np.abs(jc - tc).max())
         metric = "val_acc" if label == "live" else "ema_val_acc"
-        flips = abs(js["final"][metric] - ts["final"][metric]) * n_test
-        allowed = _ambiguous(tc, slack)
-        res.figures.append(
+        flips = abs(r.jax_summary["final"][metric] - r.torch_summary["final"][metric]) * n_test
+        allowed = _ambiguous(tc, MARGIN_FACTOR * float(np.abs(jc - tc).max()))
+        figures.append(
             Figure(
                 f"final {metric}: images scored differently (allowed: {allowed} ambiguous)",
                 round(flips),
@@ -773,14 +777,30 @@ def check_trainer(ctx: Context) -> CheckResult:
                 headline=False,
             )
         )
+    return figures, rows
+
+
+def check_trainer(ctx: Context) -> CheckResult:
+    """Both trainers' own loop and evaluation, each step from the same state (module doc)."""
+    r = run_trainers(ctx, trainer_config(ctx))
+    params0 = r.rec.pre[0]["variables"]["params"]
+    labels = {k: str(v) for k, v in leaves(optim.param_labels(params0)).items()}
+    loss_figs, loss_rel = _loss_figures(r)
+    state_figs, state_rows = _state_figures(r)
+    lr_figs, lr_rows = _lr_figures(r, labels)
+    wd_figs, wd_rows = _wd_figures(r, labels)
+    eval_figs, eval_rows = _metric_figures(r)
+    logit_figs, view_rows = _logit_figures(r)
+    figures = [*loss_figs, *_start_figures(r), *state_figs, *_ema_figures(r), *lr_figs, *wd_figs]
+    res = CheckResult(6, "trainer", figures=[*figures, *eval_figs, *logit_figs])
+    cfg = r.cfg.to_dict()
     res.details = {
         "config": {
-            k: cfg.to_dict()[k]
-            for k in ("model", "widths", "subset", "test_subset", "batch_size", "epochs")
+            k: cfg[k] for k in ("model", "widths", "subset", "test_subset", "batch_size", "epochs")
         },
-        "steps": total,
-        "jax_losses": [tf.loss.get(t) for t in steps],
-        "torch_losses": [rec.loss[t] for t in steps],
+        "steps": len(r.steps),
+        "jax_losses": [r.tf.loss.get(t) for t in r.steps],
+        "torch_losses": [r.rec.loss[t] for t in r.steps],
         "loss_relative_diff": loss_rel,
         "state_after_step": state_rows,
         "applied_lr": lr_rows,
