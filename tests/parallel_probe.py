@@ -32,8 +32,11 @@ import numpy as np
 
 from jaxbench import configs, parallel, train
 from jaxbench.data import Dataset
+from jaxbench.programs import CompileCache
 
 COLLECTIVES = ("all-gather", "all-reduce", "all-to-all", "collective-permute", "reduce-scatter")
+# The shuffled reruns run the one-device program again: compiled once per process.
+PROGRAMS = CompileCache()
 
 
 def synthetic_data(n_train: int = 512, n_test: int = 200, seed: int = 0) -> Dataset:
@@ -79,7 +82,7 @@ def group_preserving_permutation(batch: int, ghost: int, seed: int) -> np.ndarra
 
 def run(cfg: configs.Config, data: Dataset, *, permute: int | None = None) -> dict[str, Any]:
     """Every epoch of `cfg` through the trainer's own `setup`, `_start` and `train_epoch`."""
-    r = train.setup(cfg, data)
+    r = train.setup(cfg, data, compile_cache=PROGRAMS)
     if permute is not None:
         order = group_preserving_permutation(cfg.batch_size, cfg.ghost_bn, permute)
         base = r.make_plan
