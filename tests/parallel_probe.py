@@ -1,13 +1,14 @@
 """Runs the JAX trainer's own setup and epochs on 1 and N devices for `test_parallel.py`.
 
 A separate process, because the device count (`--xla_force_host_platform_device_count`)
-is fixed when JAX starts. Prints one JSON object: for each variant the per-step
-losses and the final params and BN statistics, flattened. The variants `permuted`
+is fixed when JAX starts. Prints one JSON object: for each set of fields (the shared
+fields, then each group after a `+`: one process serves every group) and each variant,
+the per-step losses and the final params and BN statistics, flattened. The variants `permuted`
 are one device with every batch's images shuffled (ghost groups kept): the same
 mathematics in another float order, which measures the rounding noise the
 multi-device runs are judged against.
 
-    python tests/parallel_probe.py DEVICES [field=value ...]
+    python tests/parallel_probe.py DEVICES [field=value ...] [+ field=value ...] ...
     python tests/parallel_probe.py member HOST:PORT PROCESSES ID [field=value ...]
 """
 
@@ -31,8 +32,11 @@ import numpy as np
 
 from jaxbench import configs, parallel, train
 from jaxbench.data import Dataset
+from jaxbench.programs import CompileCache
 
 COLLECTIVES = ("all-gather", "all-reduce", "all-to-all", "collective-permute", "reduce-scatter")
+# The shuffled reruns run the one-device program again: compiled once per process.
+PROGRAMS = CompileCache()
 
 
 def synthetic_data(n_train: int = 512, n_test: int = 200, seed: int = 0) -> Dataset:
@@ -78,7 +82,7 @@ def group_preserving_permutation(batch: int, ghost: int, seed: int) -> np.ndarra
 
 def run(cfg: configs.Config, data: Dataset, *, permute: int | None = None) -> dict[str, Any]:
     """Every epoch of `cfg` through the trainer's own `setup`, `_start` and `train_epoch`."""
-    r = train.setup(cfg, data)
+    r = train.setup(cfg, data, compile_cache=PROGRAMS)
     if permute is not None:
         order = group_preserving_permutation(cfg.batch_size, cfg.ghost_bn, permute)
         base = r.make_plan
@@ -126,14 +130,17 @@ def main(argv: list[str]) -> None:
         member(argv[1], int(argv[2]), int(argv[3]), argv[4:])
         return
     devices = int(argv[0])
-    cfg = probe_config(**_changes(argv[1:]))
+    shared, *groups = " ".join(argv[1:]).split("+")
     data = synthetic_data()
-    out = {
-        "one": run(cfg.replace(devices=1), data),
-        "permuted": [run(cfg.replace(devices=1), data, permute=seed) for seed in (1, 2)],
-        "many": run(cfg.replace(devices=devices, bn_sync="global"), data),
-        "local": run(cfg.replace(devices=devices, bn_sync="local"), data),
-    }
+    out = {}
+    for group in groups or [""]:
+        cfg = probe_config(**_changes(shared.split() + group.split()))
+        out[group.strip()] = {
+            "one": run(cfg.replace(devices=1), data),
+            "permuted": [run(cfg.replace(devices=1), data, permute=seed) for seed in (1, 2)],
+            "many": run(cfg.replace(devices=devices, bn_sync="global"), data),
+            "local": run(cfg.replace(devices=devices, bn_sync="local"), data),
+        }
     print(json.dumps(out))
 
 

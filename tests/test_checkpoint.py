@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 import signal
 import subprocess
@@ -19,13 +20,13 @@ from jaxbench import checkpoint, configs
 # most state: the data-dependent whitening kernel, lookahead EMA, alternating flips and
 # the whitening bias frozen after epoch 1.
 RUN = (
-    "--config", "speedrun", "--subset", "600", "--test-subset", "200", "--widths", "8,16,16",
+    "--config", "speedrun", "--subset", "500", "--test-subset", "200", "--widths", "8,16,16",
     "--batch-size", "50", "--epochs", "3", "--whiten-images", "200", "--whiten-bias-epochs", "1",
     "--checkpoint-every", "1", "--loop", "step", "--no-progress", "--quiet",
 )  # fmt: skip
 # The plain ResNet-9 path: random flips, cutout, a per-step EMA, no whitening.
 RUN_TINY = (
-    "--config", "tiny", "--subset", "600", "--test-subset", "200", "--widths", "8,8,16,16",
+    "--config", "tiny", "--subset", "500", "--test-subset", "200", "--widths", "8,8,16,16",
     "--batch-size", "50", "--epochs", "3", "--checkpoint-every", "1", "--loop", "step",
     "--no-progress", "--quiet",
 )  # fmt: skip
@@ -89,9 +90,13 @@ def test_killed_run_resumes_bit_for_bit(
 ) -> None:
     data = ("--data-dir", str(real_data_dir))
     whole, cut = tmp_path / "whole", tmp_path / "cut"
-    res = _run(framework, *run, *data, "--out", str(whole))
-    assert res.returncode == 0, res.stderr
-
+    # the uninterrupted run trains beside the one to be killed: they share nothing
+    uncut = subprocess.Popen(
+        _cmd(framework, *run, *data, "--out", str(whole)),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     proc = subprocess.Popen(
         _cmd(framework, *run, *data, "--out", str(cut)),
         stdout=subprocess.DEVNULL,
@@ -107,6 +112,11 @@ def test_killed_run_resumes_bit_for_bit(
         proc.communicate(timeout=60)
     finally:
         proc.kill()
+    try:
+        _, err = uncut.communicate(timeout=600)
+    finally:
+        uncut.kill()
+    assert uncut.returncode == 0, err
     status = json.loads((cut / "status.json").read_text())
     assert status["status"] == "running", "the run ended before it could be killed"
     assert status["epochs_completed"] == len(_rows(cut)) >= 1
@@ -131,28 +141,40 @@ def test_killed_run_resumes_bit_for_bit(
     assert [p.name for p in (cut / "checkpoints").iterdir()] == ["epoch_3"]  # only the latest
 
 
+def _main_in_process(framework: str, capsys: pytest.CaptureFixture[str], *args: str) -> tuple:
+    """(exit code, stderr) of the trainer's own `main`, here: refusals need no new process."""
+    module = importlib.import_module(MODULES[framework])
+    capsys.readouterr()
+    try:
+        code = module.main(list(args))
+    except SystemExit as e:  # a refusal at parse time
+        code = e.code
+    return code, capsys.readouterr().err.strip()
+
+
 @pytest.mark.parametrize("framework", ["jax", "torch"])
-def test_resume_without_checkpoint_is_one_line(framework: str, tmp_path: Path) -> None:
+def test_resume_without_checkpoint_is_one_line(
+    framework: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     (tmp_path / "config.json").write_text(configs.get_config("tiny").to_json())
     (tmp_path / "checkpoints" / ".tmp-epoch_1-7").mkdir(parents=True)  # incomplete: ignored
-    res = _run(framework, "--resume", str(tmp_path), timeout=120)
-    err = res.stderr.strip()
-    assert res.returncode == 2 and len(err.splitlines()) == 1, err
+    code, err = _main_in_process(framework, capsys, "--resume", str(tmp_path))
+    assert code == 2 and len(err.splitlines()) == 1, err
     assert "no checkpoint" in err and "--checkpoint-every" in err
 
 
-def test_resume_refuses_a_contradicting_flag_and_a_folder_without_a_run(tmp_path: Path) -> None:
+def test_resume_refuses_a_contradicting_flag_and_a_folder_without_a_run(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     cfg = configs.get_config("tiny")
     (tmp_path / "config.json").write_text(cfg.to_json())
-    res = _run("jax", "--resume", str(tmp_path), "--lr", "0.5", timeout=120)
-    err = res.stderr.strip()
-    assert res.returncode == 2 and len(err.splitlines()) == 1, err
+    code, err = _main_in_process("jax", capsys, "--resume", str(tmp_path), "--lr", "0.5")
+    assert code == 2 and len(err.splitlines()) == 1, err
     assert "--lr 0.5 contradicts" in err
     empty = tmp_path / "empty"
     empty.mkdir()
-    res = _run("jax", "--resume", str(empty), timeout=120)
-    err = res.stderr.strip()
-    assert res.returncode == 2 and len(err.splitlines()) == 1 and "no config.json" in err, err
+    code, err = _main_in_process("jax", capsys, "--resume", str(empty))
+    assert code == 2 and len(err.splitlines()) == 1 and "no config.json" in err, err
 
 
 def test_latest_reads_only_complete_checkpoints(tmp_path: Path) -> None:

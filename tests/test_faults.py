@@ -5,8 +5,12 @@ starts with "interrupted", no traceback, a status that tells the truth, no
 temporary or half-written file, and no empty folder left behind by a command
 that wrote nothing. (Resume after SIGKILL equals an uninterrupted run: tests/test_checkpoint.py.)
 
-Bad input, too, is replayed as a user types it: each command refuses it
-before any work, in one line with exit status 2, and touches nothing.
+Bad input, too, is replayed as a user types it, from one table of cases across every
+entry point (each output place as a file, a folder of results, an unwritable place;
+every numeric flag out of range or not a number; junk, empty and missing data): each
+command refuses it before any work, in one line with exit status 2, and no file it
+finds changes (content hash and mtime). The table runs in this process through each
+entry point's `main(argv)`; a few of its cases run as real `python -m` processes too.
 
 The moment of a signal is chosen by the child's launcher, not by the project:
 it wraps one function (the data loader, the XLA compiler, the epoch recorder,
@@ -19,6 +23,7 @@ compilation) is raised when control returns to Python, as a terminal's Ctrl-C is
 from __future__ import annotations
 
 import hashlib
+import importlib
 import json
 import os
 import signal
@@ -26,11 +31,14 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
 from jaxbench import checkpoint
+from jaxbench import data as data_module
 
 # Ctrl-C as in a terminal: a job started in the background (as CI may start the tests)
 # inherits SIGINT ignored, and Python then never raises KeyboardInterrupt.
@@ -200,17 +208,18 @@ def test_ctrl_c_in_the_bench(
 @pytest.mark.slow
 @pytest.mark.realdata
 def test_ctrl_c_in_a_sweep(real_data_dir: Path, tmp_path: Path, env: dict[str, str]) -> None:
-    """During the third run: two rows kept, the summary of them written, one line."""
+    """During the third run: two rows kept, the summary of them written, one line. Two
+    short runs, then a long one for the signal to land in (0.5 s after the second row)."""
     out = tmp_path / "sweep"
     argv = ["--config", "tiny", "--set", "subset=1000", "test_subset=200", "widths=8,8,8,8",
-            "batch_size=100", "epochs=30", "--grid", "lr=0.1,0.2,0.4", "--data-dir",
+            "batch_size=100", "lr_peak_epoch=0.5", "--grid", "epochs=1,2,20", "--data-dir",
             str(real_data_dir), "--out", str(out), "--no-progress"]  # fmt: skip
     code, stdout, err = _run(
         "jaxbench.sweep", "jaxbench.sweep:append_run", 0.5, argv, {**env, "FAULT_CALL": "2"}
     )
     _assert_interrupted(code, stdout, err, "interrupted after 2 runs; they are in ")
     rows = [json.loads(r) for r in (out / "runs.jsonl").read_text().splitlines()]
-    assert [r["cell"]["lr"] for r in rows] == [0.1, 0.2]
+    assert [r["cell"]["epochs"] for r in rows] == [1, 2]
     assert json.loads((out / "summary.json").read_text())["runs"] == 2
     assert _leftovers(out) == []
 
@@ -324,11 +333,9 @@ def test_sigkill_while_a_checkpoint_is_written_then_resume(
     assert code == -signal.SIGKILL
     status = json.loads((run / "status.json").read_text())
     assert status["status"] == "running" and status["epochs_completed"] == 2
-    res = subprocess.run(
-        [sys.executable, "-m", "jaxbench.train", "--resume", str(run), "--no-progress"],
-        capture_output=True, text=True, env=env, timeout=300,
-    )  # fmt: skip
-    assert res.returncode == 0, res.stderr[-3000:]
+    from jaxbench import train  # the resume is the trainer's own main, here
+
+    assert train.main(["--resume", str(run), "--no-progress", "--quiet"]) == 0
     status = json.loads((run / "status.json").read_text())
     rows = [json.loads(r) for r in (run / "metrics.jsonl").read_text().splitlines()]
     assert status["status"] == "done" and [r["epoch"] for r in rows] == [1, 2, 3]
@@ -337,98 +344,373 @@ def test_sigkill_while_a_checkpoint_is_written_then_resume(
 
 
 # --- bad input: one line, exit 2, nothing touched ----------------------------------------------
+#
+# One table of cases across every `python -m` entry point, called in this process through
+# the entry point's own `main(argv)`: the same parser, checks and command wrapper as a
+# user's `python -m`, without a new interpreter and JAX start per case. A few cases
+# (`test_bad_input_as_a_user_types_it`) run as real `python -m` processes too.
+#
+# Every case starts from the same place (`world`): a file, a folder of every command's
+# results, an empty folder, and broken data. The data loader is replaced by one that
+# fails the test, so a command that would start work before refusing is caught at once
+# (cases with `loads=True` run the real loader on the broken data).
 
-_CLIS = {
-    "jax": ["jaxbench.train", *TINY],
-    "torch": ["torch_ref.train", *TINY],
-    "bench": ["jaxbench.bench", *TINY, "--frameworks", "jax", "--runs", "1"],
-    "parity": ["parity.__main__", "--quick"],
-    "sweep": ["jaxbench.sweep", "--config", "tiny", "--set", "subset=1000", "--grid", "lr=0.1"],
-    "micro": ["jaxbench.microbench", *TINY, "--reps", "2"],
+
+class WorkStarted(BaseException):
+    """The command got past its checks and asked for the data: the bad input went unseen."""
+
+
+def _no_work(*args: object, **kwargs: object) -> None:
+    raise WorkStarted("the command started loading data instead of refusing its input")
+
+
+@dataclass(frozen=True)
+class Case:
+    """One bad input: `entry`'s base flags plus `argv` ({file}, {full}, {empty}, {junk},
+    {junk_tar}, {empty_tar}, {missing}: places in the world); the one line must hold `says`."""
+
+    entry: str
+    argv: tuple[str, ...]
+    says: str
+    loads: bool = False  # the real data loader runs (broken data is the fault)
+    code: int = 2
+
+
+_TRAINER = ("--config", "tiny", "--subset", "1000", "--test-subset", "200", "--widths",
+            "8,8,8,8", "--batch-size", "100", "--lr-peak-epoch", "1")  # fmt: skip
+_BASE: dict[str, tuple[str, ...]] = {
+    "jaxbench.train": _TRAINER,
+    "torch_ref.train": _TRAINER,
+    "jaxbench.bench": (*_TRAINER, "--frameworks", "jax", "--runs", "1"),
+    "jaxbench.microbench": (*_TRAINER, "--reps", "2"),
+    "jaxbench.sweep": ("--config", "tiny", "--set", "subset=1000", "--grid", "lr=0.1"),
+    "parity": ("--quick",),
+    "jaxbench.data": (),
 }
-_BAD = [
-    # (name, extra flags ({out}: the --out path), which CLIs, what the line must contain)
-    ("out is a file", ["--out", "{file}"], "jax torch bench parity sweep", "is a file"),
-    ("out holds results", ["--out", "{full}"], "jax torch bench parity sweep",
-     "already holds results"),
-    ("out unwritable", ["--out", "/proc/jaxbench-faults/out"], "jax torch bench parity sweep micro",
-     "not writable"),
-    # the microbench's --out names a file
-    ("out is a folder", ["--out", "{full}"], "micro", "is a folder, not a file"),
-    ("out exists", ["--out", "{file}"], "micro", "already exists; pass --overwrite"),
-    ("lr nan", ["--lr", "nan"], "jax torch bench micro", "--lr"),
-    ("lr inf", ["--lr", "inf"], "jax torch bench micro", "--lr"),
-    ("lr negative", ["--lr", "-1"], "jax torch bench micro", "--lr"),
-    ("lr nan in a sweep", ["--set", "lr=nan"], "sweep", "lr"),
-    ("grid trailing comma", ["--grid", "lr=0.2,"], "sweep", "an empty value"),
-    ("grid key twice", ["--grid", "lr=0.1", "lr=0.2"], "sweep", "names lr twice"),
-    ("grid not a number", ["--grid", "lr=fast"], "sweep", "is not a valid value"),
-    ("grid empty", ["--grid"], "sweep", "expected at least one argument"),
-    ("momentum 1", ["--momentum", "1.0"], "jax torch bench micro", "--momentum"),
-    ("unknown flag", ["--no-such-flag"], "jax torch bench parity sweep micro", "--no-such-flag"),
-]  # fmt: skip
-_BAD_BENCH = [
-    # the bench's own flags: every number in its range, every flag it takes works
-    ("runs 0", ["--runs", "0"], "bench", "--runs takes 1 to"),
-    ("runs huge", ["--runs", "100000"], "bench", "--runs takes 1 to"),
-    ("max seconds 0", ["--max-seconds", "0"], "bench", "--max-seconds"),
-    ("max seconds nan", ["--max-seconds", "nan"], "bench", "--max-seconds"),
-    ("max seconds huge", ["--max-seconds", "1e12"], "bench", "--max-seconds"),
-    ("target 0", ["--target", "0"], "bench", "--target"),
-    ("target 94", ["--target", "94"], "bench", "--target"),
-    ("vmap seeds 0", ["--vmap-seeds", "0"], "bench", "--vmap-seeds takes K from 2"),
-    ("vmap seeds 1", ["--vmap-seeds", "1"], "bench", "--vmap-seeds takes K from 2"),
-    ("vmap seeds huge", ["--vmap-seeds", "100000"], "bench", "--vmap-seeds takes K from 2"),
-    ("checkpoint every", ["--checkpoint-every", "1", "--out", "{full}", "--overwrite"], "bench",
-     "nothing to checkpoint"),
-    ("profile is a file", ["--profile", "{file}"], "bench", "--profile"),
-    ("profile is a file with overwrite", ["--profile", "{file}", "--out", "{full}",
-     "--overwrite"], "bench", "is a file"),
-    ("profile unwritable", ["--profile", "/proc/jaxbench-faults/traces"], "bench",
-     "not writable"),
-]  # fmt: skip
-_BAD_CASES = [
-    (name, cli, flags, text)
-    for name, flags, clis, text in [*_BAD, *_BAD_BENCH]
-    for cli in clis.split()
+_MAIN_MODULE = {"parity": "parity.__main__"}
+_OUT_FOLDER = ("jaxbench.train", "torch_ref.train", "jaxbench.bench", "jaxbench.sweep", "parity")
+_TRAINERS = ("jaxbench.train", "torch_ref.train")
+_CONFIG_CLIS = (*_TRAINERS, "jaxbench.bench", "jaxbench.microbench")
+
+# Every numeric config flag: a value out of its range (and what the line names).
+_OUT_OF_RANGE = [
+    ("--subset", "0", "--subset 0"),
+    ("--test-subset", "0", "--test-subset"),
+    ("--output-scale", "0", "--output-scale"),
+    ("--bn-momentum", "0", "--bn-momentum"),
+    ("--bn-momentum", "2", "--bn-momentum"),
+    ("--bn-eps", "0", "--bn-eps"),
+    ("--epochs", "0", "--epochs"),
+    ("--batch-size", "0", "--batch-size"),
+    ("--lr", "nan", "--lr"),
+    ("--lr", "inf", "--lr"),
+    ("--lr", "-1", "--lr"),
+    ("--lr-peak-epoch", "0", "--lr-peak-epoch"),
+    ("--lr-peak-epoch", "1e12", "--lr-peak-epoch"),
+    ("--lr-start", "-1", "--lr-start"),
+    ("--lr-end", "nan", "--lr-end"),
+    ("--lr-flat-epochs", "-1", "--lr-flat-epochs"),
+    ("--momentum", "1.0", "--momentum"),
+    ("--momentum", "-1", "--momentum"),
+    ("--weight-decay", "-1", "--weight-decay"),
+    ("--bn-bias-lr-mult", "-1", "--bn-bias-lr-mult"),
+    ("--bn-bias-wd-mult", "nan", "--bn-bias-wd-mult"),
+    ("--label-smoothing", "1", "--label-smoothing"),
+    ("--ema-every", "-1", "--ema-every"),
+    ("--ema-momentum", "1", "--ema-momentum"),
+    ("--bn-scale", "0", "--bn-scale"),
+    ("--celu-alpha", "0", "--celu-alpha"),
+    ("--ghost-bn", "7", "--ghost-bn 7"),
+    ("--whiten-eps", "0", "--whiten-eps"),
+    ("--whiten-images", "0", "--whiten-images"),
+    ("--whiten-bias-epochs", "-1", "--whiten-bias-epochs"),
+    ("--eval-batch-size", "0", "--eval-batch-size"),
+    ("--eval-every", "0", "--eval-every"),
+    ("--crop-pad", "17", "--crop-pad"),
+    ("--cutout", "33", "--cutout"),
+    ("--checkpoint-every", "-1", "--checkpoint-every"),
+    ("--widths", "0,8,8,8", "--widths"),
+    ("--widths", "8,8", "--widths"),
+]
+# ... and every numeric config flag given something that is not a number.
+_NOT_A_NUMBER = sorted({flag for flag, _, _ in _OUT_OF_RANGE} | {"--seed", "--devices"})
+# Every named choice given a name it does not know.
+_CHOICES = ["--config", "--dataset", "--precision", "--loop", "--flip", "--activation",
+            "--whiten", "--stream", "--model", "--loss-reduction", "--source",
+            "--whiten-bias-init"]  # fmt: skip
+
+
+def _cases() -> list[Case]:
+    """The table: every entry point, its output places, its numbers, its data."""
+    c: list[Case] = []
+    for entry in _TRAINERS:
+        c += [Case(entry, (f, v), says) for f, v, says in _OUT_OF_RANGE]
+        c += [Case(entry, (f, "abc"), f) for f in _NOT_A_NUMBER]
+        c += [Case(entry, (f, "nope"), f) for f in _CHOICES]
+        c += [
+            Case(entry, ("--resume", "{file}"), "is a file, not a folder"),
+            Case(entry, ("--resume", "{empty}"), "holds no run"),
+            Case(entry, ("--resume", "{missing}"), "holds no run"),
+            Case(entry, ("--devices", "-1"), "--devices"),
+        ]
+    c += [
+        Case("jaxbench.train", ("--resume", "{full}"), "contradicts the run's saved config"),
+        Case("jaxbench.train", ("--dist-timeout", "0"), "--dist-timeout"),
+        Case("jaxbench.train", ("--vmap-seeds", "0"), "--vmap-seeds 0"),
+        Case("jaxbench.train", ("--vmap-seeds", "-1"), "--vmap-seeds -1"),
+        Case("jaxbench.train", ("--vmap-seeds", "2", "--checkpoint-every", "1"),
+             "drop --checkpoint-every"),
+        Case("jaxbench.train", ("--vmap-seeds", "2", "--out", "{full}"), "already holds results"),
+        Case("jaxbench.train", ("--vmap-seeds", "2", "--out", "{file}"), "is a file"),
+        Case("jaxbench.train", ("--vmap-seeds", "2", "--devices", "2"), "--devices 2"),
+        Case("jaxbench.train", ("--coordinator", "localhost:1234"), "--num-processes"),
+        Case("jaxbench.train", ("--coordinator", "localhost:1", "--num-processes", "2",
+                                "--process-id", "-1"), "--process-id -1"),
+        Case("torch_ref.train", ("--devices", "2"), "torchrun"),
+        Case("torch_ref.train", ("--vmap-seeds", "2"), "--vmap-seeds"),
+    ]  # fmt: skip
+    for entry in _OUT_FOLDER:  # every output folder: a file, a result, unwritable, under a file
+        c += [
+            Case(entry, ("--out", "{file}"), "is a file"),
+            Case(entry, ("--out", "{full}"), "already holds results"
+                 if entry != "jaxbench.sweep" else "holds a different sweep"),
+            Case(entry, ("--out", "/proc/jaxbench-faults/out"), "not writable"),
+            Case(entry, ("--out", "{file}/sub"), "not writable (Not a directory)"),
+        ]  # fmt: skip
+    for entry in (*_OUT_FOLDER, "jaxbench.microbench", "jaxbench.data"):
+        c.append(Case(entry, ("--no-such-flag",), "--no-such-flag"))
+    for entry in (*_OUT_FOLDER, "jaxbench.microbench"):  # broken data: the real loader runs
+        c += [
+            Case(entry, ("--data-dir", "{junk}"), "batches.meta.txt", loads=True),
+            Case(entry, ("--data-dir", "{empty_tar}"), "is an empty file", loads=True),
+        ]
+    c += [
+        Case("jaxbench.data", ("--data-dir", "{junk}", "--no-download"), "batches.meta.txt", True),
+        Case("jaxbench.data", ("--data-dir", "{junk_tar}", "--no-download"), "md5", True),
+        Case("jaxbench.data", ("--data-dir", "{empty_tar}", "--no-download"), "an empty file",
+             True),
+        Case("jaxbench.data", ("--data-dir", "{missing}", "--no-download"), "does not exist",
+             True),
+        Case("jaxbench.data", ("--data-dir", "{empty}", "--no-download"), "holds no cifar10",
+             True),
+        Case("jaxbench.data", ("--dataset", "mnist"), "--dataset"),
+        Case("jaxbench.data", ("--source", "nope"), "--source"),
+        Case("jaxbench.train", ("--data-dir", "{junk_tar}"), "md5", True),
+        Case("jaxbench.train", ("--data-dir", "{missing}"), "does not exist", True),
+    ]  # fmt: skip
+    c += [  # the microbench's --out names a file
+        Case("jaxbench.microbench", ("--out", "{full}"), "is a folder, not a file"),
+        Case("jaxbench.microbench", ("--out", "{file}"), "already exists; pass --overwrite"),
+        Case("jaxbench.microbench", ("--out", "/proc/jaxbench-faults/out.json"), "not writable"),
+        Case("jaxbench.microbench", ("--out", "{file}/x.json"), "is a file, not a folder"),
+        Case("jaxbench.microbench", ("--reps", "0"), "--reps"),
+        Case("jaxbench.microbench", ("--reps", "1"), "--reps"),
+        Case("jaxbench.microbench", ("--reps", "abc"), "--reps"),
+    ]
+    for entry in ("jaxbench.bench", "jaxbench.microbench"):  # the shared config flags
+        c += [
+            Case(entry, ("--lr", "nan"), "--lr"),
+            Case(entry, ("--momentum", "1.0"), "--momentum"),
+            Case(entry, ("--epochs", "0"), "--epochs"),
+            Case(entry, ("--batch-size", "abc"), "--batch-size"),
+        ]
+    c += [  # the bench's own flags: every number in its range, every flag it lists works
+        Case("jaxbench.bench", ("--runs", "0"), "--runs takes 1 to"),
+        Case("jaxbench.bench", ("--runs", "100000"), "--runs takes 1 to"),
+        Case("jaxbench.bench", ("--max-seconds", "0"), "--max-seconds"),
+        Case("jaxbench.bench", ("--max-seconds", "nan"), "--max-seconds"),
+        Case("jaxbench.bench", ("--max-seconds", "1e12"), "--max-seconds"),
+        Case("jaxbench.bench", ("--target", "0"), "--target"),
+        Case("jaxbench.bench", ("--target", "94"), "--target"),
+        Case("jaxbench.bench", ("--target", "nan"), "--target"),
+        Case("jaxbench.bench", ("--vmap-seeds", "0"), "--vmap-seeds takes K from 2"),
+        Case("jaxbench.bench", ("--vmap-seeds", "1"), "--vmap-seeds takes K from 2"),
+        Case("jaxbench.bench", ("--vmap-seeds", "100000"), "--vmap-seeds takes K from 2"),
+        Case("jaxbench.bench", ("--checkpoint-every", "1", "--out", "{full}", "--overwrite"),
+             "nothing to checkpoint"),
+        Case("jaxbench.bench", ("--profile", "{file}"), "--profile"),
+        Case("jaxbench.bench", ("--profile", "{file}", "--out", "{full}", "--overwrite"),
+             "is a file"),
+        Case("jaxbench.bench", ("--profile", "/proc/jaxbench-faults/traces"), "not writable"),
+        Case("jaxbench.bench", ("--frameworks", "mxnet"), "--frameworks"),
+        Case("jaxbench.bench", ("--config", "nope"), "unknown preset 'nope'"),
+        Case("jaxbench.bench", ("--loop", "fast"), "--loop"),
+    ]  # fmt: skip
+    c += [  # the sweep's flags and grid
+        Case("jaxbench.sweep", ("--set", "lr=nan"), "lr"),
+        Case("jaxbench.sweep", ("--set", "epochs=0"), "--epochs"),
+        Case("jaxbench.sweep", ("--set", "lr"), "expected FIELD=VALUE"),
+        Case("jaxbench.sweep", ("--set", "nope=1"), "'nope' is not a config field"),
+        Case("jaxbench.sweep", ("--grid", "lr=0.2,"), "an empty value"),
+        Case("jaxbench.sweep", ("--grid", "lr=0.1", "lr=0.2"), "names lr twice"),
+        Case("jaxbench.sweep", ("--grid", "lr=fast"), "is not a valid value"),
+        Case("jaxbench.sweep", ("--grid", "nope=1"), "'nope' is not a config field"),
+        Case("jaxbench.sweep", ("--grid",), "expected at least one argument"),
+        Case("jaxbench.sweep", ("--seeds", "0"), "--seeds"),
+        Case("jaxbench.sweep", ("--seeds", "abc"), "--seeds"),
+        Case("jaxbench.sweep", ("--vmap-seeds", "0"), "--vmap-seeds"),
+        Case("jaxbench.sweep", ("--shard", "2/2"), "--shard 2/2"),
+        Case("jaxbench.sweep", ("--shard", "0/0"), "--shard 0/0"),
+        Case("jaxbench.sweep", ("--shard", "x"), "--shard 'x'"),
+        Case("jaxbench.sweep", ("--workers", "0"), "--workers"),
+        Case("jaxbench.sweep", ("--workers", "1000"), "--workers 1000"),
+        Case("jaxbench.sweep", ("--frameworks", "mxnet"), "--frameworks"),
+        Case("jaxbench.sweep", ("--merge", "{missing}"), "not a sweep folder"),
+        Case("jaxbench.sweep", ("--merge", "{file}"), "not a sweep folder"),
+        Case("jaxbench.sweep", ("--merge", "{empty}"), "not a sweep folder"),
+    ]
+    c += [  # the parity suite's flags
+        Case("parity", ("--seeds", "0"), "--seeds"),
+        Case("parity", ("--epochs", "0"), "--epochs"),
+        Case("parity", ("--threads", "0"), "--threads"),
+        Case("parity", ("--threads", "abc"), "--threads"),
+        Case("parity", ("--checks", "9"), "--checks"),
+        Case("parity", ("--checks", "3-1"), "--checks"),
+        Case("parity", ("--checks", "x"), "--checks"),
+        Case("parity", ("--plant", "nope"), "unknown --plant 'nope'"),
+        Case("parity", ("--config", "nope"), "--config"),
+    ]
+    return c
+
+
+_CASES = _cases()
+
+
+def _case_id(case: Case) -> str:
+    words = " ".join(a.strip("{}") for a in case.argv).replace("/", "_").replace(" ", "_")
+    return f"{case.entry}-{words}"
+
+
+def _world(root: Path) -> dict[str, str]:
+    """The places every case starts from; nothing under `root` may change."""
+    (root / "a_file").write_text("mine")
+    full = root / "full"  # a folder holding every command's results
+    full.mkdir()
+    for produced in ("summary.json", "config.json", "metrics.jsonl", "bench.json",
+                     "parity.json", "sweep.json", "runs.jsonl"):  # fmt: skip
+        (full / produced).write_text("{}")
+    (root / "empty").mkdir()
+    junk = root / "junk" / "cifar-10-batches-bin"  # the official layout, bytes of nothing
+    junk.mkdir(parents=True)
+    for name in ("batches.meta.txt", *(f"data_batch_{i}.bin" for i in range(1, 6)),
+                 "test_batch.bin"):  # fmt: skip
+        (junk / name).write_bytes(bytes(range(256)) * 20)
+    (root / "junk_archive").mkdir()  # an archive of the official name, not its bytes
+    (root / "junk_archive" / "cifar-10-binary.tar.gz").write_bytes(bytes(range(256)) * 12)
+    (root / "empty.tar.gz").write_bytes(b"")
+    (root / "cache").mkdir()
+    return {
+        "file": str(root / "a_file"),
+        "full": str(full),
+        "empty": str(root / "empty"),
+        "junk": str(root / "junk"),
+        "junk_tar": str(root / "junk_archive" / "cifar-10-binary.tar.gz"),
+        "empty_tar": str(root / "empty.tar.gz"),
+        "missing": str(root / "missing"),
+    }
+
+
+def _snapshot(root: Path) -> list[tuple[str, int, str]]:
+    """Every path under `root`; a file with its mtime and content hash. (A folder's mtime
+    is left out: checking that a folder is writable may make and remove a probe file.)"""
+    return sorted(
+        (str(p.relative_to(root)), p.stat().st_mtime_ns, hashlib.sha256(p.read_bytes()).hexdigest())
+        if p.is_file()
+        else (str(p.relative_to(root)), 0, "folder")
+        for p in root.rglob("*")
+    )
+
+
+def _argv(case: Case, places: dict[str, str], root: Path) -> list[str]:
+    argv = [*_BASE[case.entry], *(a.format(**places) for a in case.argv)]
+    has_out = {"--out", "--resume"} & set(argv)
+    if case.entry in _OUT_FOLDER and not has_out:
+        argv += ["--out", str(root / "new")]
+    return argv
+
+
+@pytest.fixture
+def world(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[Path, dict[str, str]]]:
+    """The pre-existing places, a cache of their own, no download, and the environment and
+    signal handlers put back afterwards (an entry point may set either)."""
+    root = tmp_path / "world"
+    root.mkdir()
+    places = _world(root)
+    environ = dict(os.environ)
+    monkeypatch.setenv("JAXBENCH_CACHE_DIR", str(root / "cache"))
+    monkeypatch.setenv("JAXBENCH_CIFAR_URL", (tmp_path / "no-mirror").as_uri() + "/")
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    yield root, places
+    for s, h in handlers.items():
+        signal.signal(s, h)
+    for key in set(os.environ) - set(environ):
+        monkeypatch.delenv(key)
+
+
+@pytest.mark.parametrize("case", _CASES, ids=[_case_id(c) for c in _CASES])
+def test_bad_input_is_one_line_exit_2_and_touches_nothing(
+    world: tuple[Path, dict[str, str]],
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    case: Case,
+) -> None:
+    root, places = world
+    if not case.loads:
+        monkeypatch.setattr(data_module, "load_dataset", _no_work)
+    main = importlib.import_module(_MAIN_MODULE.get(case.entry, case.entry)).main
+    before = _snapshot(root)
+    assert len(before) > 10
+    try:
+        code = main(_argv(case, places, root))
+    except SystemExit as e:  # argparse's usage errors
+        code = e.code
+    out, err = capsys.readouterr()
+    lines = err.strip().splitlines()
+    assert code == case.code, (code, err[-3000:])
+    assert "Traceback" not in err + out, err[-3000:]
+    assert len(lines) == 1 and case.says in lines[0], err[-3000:]
+    assert _snapshot(root) == before
+
+
+def test_the_table_covers_every_entry_point() -> None:
+    """Each `python -m` command of the project is replayed, and enough cases in all."""
+    assert {c.entry for c in _CASES} == set(_BASE)
+    assert len(_CASES) >= 118
+    assert len({_case_id(c) for c in _CASES}) == len(_CASES)  # distinct ids
+
+
+_AS_TYPED = [  # (module, extra flags, what the one line must contain)
+    ("jaxbench.train", ["--out", "{file}"], "is a file"),
+    ("torch_ref.train", ["--lr", "nan"], "--lr"),
+    ("jaxbench.bench", ["--runs", "0"], "--runs"),
+    ("jaxbench.sweep", ["--out", "{full}"], "holds a different sweep"),
+    ("parity", ["--out", "{full}"], "already holds results"),
+    ("jaxbench.microbench", ["--out", "{full}"], "is a folder, not a file"),
+    ("jaxbench.data", ["--data-dir", "{empty_tar}", "--no-download"], "is an empty file"),
 ]
 
 
-@pytest.mark.parametrize(
-    "name,cli,flags,text", _BAD_CASES, ids=[f"{c}-{n.replace(' ', '_')}" for n, c, *_ in _BAD_CASES]
-)
-def test_bad_input_is_one_line_exit_2_and_touches_nothing(
-    tmp_path: Path, env: dict[str, str], name: str, cli: str, flags: list[str], text: str
+@pytest.mark.parametrize("module,flags,says", _AS_TYPED, ids=[m for m, *_ in _AS_TYPED])
+def test_bad_input_as_a_user_types_it(
+    tmp_path: Path, env: dict[str, str], module: str, flags: list[str], says: str
 ) -> None:
-    file = tmp_path / "a_file"
-    file.write_text("mine")
-    full = tmp_path / "full"
-    full.mkdir()
-    for produced in ("summary.json", "bench.json", "parity.json"):
-        (full / produced).write_text("{}")
-
-    def snapshot() -> list[tuple[str, int, str]]:  # the child's own TMPDIR aside
-        return sorted(
-            (
-                str(p.relative_to(tmp_path)),
-                p.stat().st_mtime_ns,
-                hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "folder",
-            )
-            for p in tmp_path.rglob("*")
-            if p.relative_to(tmp_path).parts[0] != "tmp"
-        )
-
-    before = snapshot()
-    assert len(before) == 5
-    module, *base = _CLIS[cli]
-    argv = [*base, *(f.format(file=file, full=full) for f in flags)]
-    if "--out" not in argv:
-        argv += ["--out", str(tmp_path / "new")]
-    code, out, err = _run(module, "", 0.0, argv, env)
-    lines = err.strip().splitlines()
-    assert code == 2, (code, err[-3000:])
-    assert "Traceback" not in err + out and len(lines) == 1 and text in lines[0], err[-3000:]
-    assert snapshot() == before
+    """The same promise through a real `python -m` (its own `sys.exit`, a fresh JAX)."""
+    root = tmp_path / "world"
+    root.mkdir()
+    places = _world(root)
+    before = _snapshot(root)
+    argv = [*_BASE[module], *(f.format(**places) for f in flags)]
+    if module in _OUT_FOLDER and "--out" not in argv:
+        argv += ["--out", str(root / "new")]
+    env = {**env, "JAXBENCH_CACHE_DIR": str(root / "cache")}
+    res = subprocess.run(
+        [sys.executable, "-m", module, *argv], capture_output=True, text=True, env=env, timeout=300
+    )
+    lines = res.stderr.strip().splitlines()
+    assert res.returncode == 2, (res.returncode, res.stderr[-3000:])
+    assert "Traceback" not in res.stderr + res.stdout, res.stderr[-3000:]
+    assert len(lines) == 1 and says in lines[0], res.stderr[-3000:]
+    assert _snapshot(root) == before
 
 
 def test_a_sigkilled_run_reads_stopped_without_a_word(tmp_path: Path) -> None:

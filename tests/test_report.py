@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import shutil
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -286,19 +286,22 @@ def test_prepare_output_read_only_folder(tmp_path: Path) -> None:
     ],
 )
 def test_every_cli_checks_out_before_loading_data(
-    tmp_path: Path, command: list[str], produced: str
+    tmp_path: Path, command: list[str], produced: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """An --out holding old results is one line and exit 2 before any data is read (the
-    data folder here does not exist, so reaching the data would give another error)."""
+    data folder here does not exist, so reaching the data would give another error).
+    Each command's own `main`, in this process: what is tested is its order of checks."""
     out = tmp_path / "out"
     out.mkdir()
     (out / produced).write_text("{}")
-    res = subprocess.run(
-        [sys.executable, "-m", *command, "--out", str(out), "--data-dir", str(tmp_path / "none")],
-        capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
-    err = res.stderr.strip()
-    assert res.returncode == 2 and len(err.splitlines()) == 1, err
+    module, *args = command
+    main = importlib.import_module("parity.__main__" if module == "parity" else module).main
+    try:
+        code = main([*args, "--out", str(out), "--data-dir", str(tmp_path / "none")])
+    except SystemExit as e:  # the trainers refuse at parse time
+        code = e.code
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1, err
     assert "already holds results" in err and "--overwrite" in err
     assert (out / produced).read_text() == "{}"  # nothing touched
 

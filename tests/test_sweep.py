@@ -17,7 +17,7 @@ from jaxbench import sweep_workers as workers
 from jaxbench.configs import get_config
 
 ROOT = Path(__file__).resolve().parent.parent
-SMALL = ["--config", "tiny", "--set", "subset=500", "test_subset=500", "epochs=1",
+SMALL = ["--config", "tiny", "--set", "subset=200", "test_subset=200", "epochs=1",
          "widths=8,8,8,8", "lr_peak_epoch=0.5"]  # fmt: skip
 
 

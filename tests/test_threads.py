@@ -82,22 +82,32 @@ def test_threads_option_sizes_xlas_pool_and_torch(n: int) -> None:
     assert got["applied"]["torch_intra_op"] == n and got["applied"]["torch_interop"] == n
 
 
-def _cli(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "parity", *args], capture_output=True, text=True, timeout=300
-    )
+def _cli(capsys: pytest.CaptureFixture[str], *args: str) -> subprocess.CompletedProcess[str]:
+    """`python -m parity ARGS` through its own `main`, in this process: a refusal comes before
+    `--threads` is applied, so no new interpreter is needed to see it."""
+    from parity.__main__ import main
+
+    try:
+        code = main(list(args))
+    except SystemExit as e:  # a usage error
+        code = e.code
+    return subprocess.CompletedProcess(args, code, *capsys.readouterr())
 
 
 @pytest.mark.parametrize("value", ["0", "-1"])
-def test_cli_rejects_a_thread_count_below_one_with_one_line(value: str, tmp_path: Path) -> None:
-    r = _cli("--threads", value, "--out", str(tmp_path))
+def test_cli_rejects_a_thread_count_below_one_with_one_line(
+    value: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    r = _cli(capsys, "--threads", value, "--out", str(tmp_path))
     assert r.returncode == 2
     assert r.stderr.strip() == f"error: --threads must be at least 1; got {value}"
     assert r.stdout == "" and not any(tmp_path.iterdir())
 
 
-def test_cli_rejects_a_non_number_like_any_other_option(tmp_path: Path) -> None:
-    r = _cli("--threads", "many", "--out", str(tmp_path))
+def test_cli_rejects_a_non_number_like_any_other_option(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    r = _cli(capsys, "--threads", "many", "--out", str(tmp_path))
     assert r.returncode == 2
     assert "argument --threads: invalid int value: 'many'" in r.stderr
     assert "Traceback" not in r.stderr
