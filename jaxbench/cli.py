@@ -181,13 +181,13 @@ def _config(
     (checked before the data loads: a bad folder costs nothing)."""
     resume, stream = args.resume, args.stream or "fast"
     if resume is not None:
-        driver.check_resume(resume, re_evaluate=args.re_evaluate)
         cmd.prepare_out(resume, RUN_FILES, overwrite=args.overwrite, flag="--resume", resume=True)
         try:
             saved = configs.config_from_dict(json.loads((Path(resume) / "config.json").read_text()))
         except OSError as e:
             raise ValueError(f"--resume {resume}: cannot read its config.json ({e})") from None
         cfg = configs.resumed_config(args, saved, resume)
+        driver.check_resume(resume, re_evaluate=args.re_evaluate)  # after flag checks
         _, progress = checkpoint.read_latest(resume)
         stream = args.stream or progress.get("stream", "fast")
     else:
