@@ -621,7 +621,9 @@ def speedrun_muon() -> Config:
     `torch_ref.train`); `--no-muon` trains every parameter with the SGD groups instead.
     Hardware: one GPU, bfloat16 compute (float32 on a CPU); a full run on a 2-core CPU
     takes about as long as `speedrun`'s (fewer, larger steps).
-    Expected: about 94% with TTA on full data (the source's mean; not yet measured here).
+    Expected: about 94% with TTA on full data (the source's mean).
+    Measured here (2-core CPU, full data, seed 0, torch_ref at b56b1bf, before
+    `head_unit_std`): 93.80% (results/cpu-2core/speedrun_muon-torch-full); jaxbench not yet.
 
     The source's choices, in this project's fields:
     - the speedrun net (64/256/256, 2x2 whitening of 5,000 images with eps 5e-4, GELU,
