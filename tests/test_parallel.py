@@ -207,8 +207,9 @@ def test_bad_topology_is_one_line(
     if devices == 1:  # this process sees one device: its own `main`, no new interpreter
         from jaxbench import train
 
-        code = train.main(argv)
-        proc = subprocess.CompletedProcess(argv, code, *capsys.readouterr())
+        with pytest.raises(SystemExit) as stop:  # the trainer CLI exits 2 on bad input
+            train.main(argv)
+        proc = subprocess.CompletedProcess(argv, stop.value.code, *capsys.readouterr())
     else:
         proc = _train(argv, devices=devices, timeout=120)
     _one_line_error(proc, *words)
