@@ -1,12 +1,11 @@
 """Train the Flax ResNet-9 on CIFAR: `train_and_evaluate(cfg)` and `python -m jaxbench.train`.
 
-Top to bottom: the model and its state, the pure step, the epoch, the evaluation,
-then `train_and_evaluate`, which compiles the recipe ahead of time (`jaxbench.programs`)
-and hands the run to the framework-neutral `jaxbench.driver` (folder, checkpoints,
-clock, rows, summary). Images stay uint8 on the device, augmented and normalised
-inside the jitted step. `cfg.loop`: one `lax.scan` per epoch on accelerators, a
-Python loop over one compiled step on the CPU (XLA:CPU runs convolutions inside a
-while loop ~30x slower); nothing synchronises with the host inside an epoch.
+Top to bottom: model and state, the pure step, the epoch, the evaluation, then
+`train_and_evaluate`, which compiles ahead of time (`jaxbench.programs`) and hands the
+run to the framework-neutral `jaxbench.driver`. Images stay uint8 on the device,
+augmented inside the jitted step. `cfg.loop`: one `lax.scan` per epoch on accelerators,
+one compiled step in a Python loop on the CPU (XLA:CPU runs scanned convolutions ~30x
+slower); nothing synchronises with the host inside an epoch.
 """
 
 from __future__ import annotations
