@@ -100,6 +100,7 @@ ENTRY_POINTS = [
     "jaxbench.data",
     "jaxbench.microbench",
     "jaxbench.sweep",
+    "jaxbench.bench.to94",
 ]
 
 
