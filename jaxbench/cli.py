@@ -141,6 +141,11 @@ def _train(
     cfg, stream = _config(cmd, args, check_supported)
     if k > 1 and cfg.checkpoint_every:
         raise ValueError("--vmap-seeds writes no checkpoints; drop --checkpoint-every")
+    if cfg.seed + k > configs.SEEDS:
+        raise ValueError(
+            f"--vmap-seeds {k} from --seed {cfg.seed} goes past the largest seed, "
+            f"{configs.SEEDS - 1}; lower --seed"
+        )
     if args.profile is not None:  # before --out, whose --overwrite removes files
         cmd.prepare_out(args.profile, (), overwrite=False, flag="--profile")
     if cfg.out is not None and args.resume is None:

@@ -52,6 +52,7 @@ A command adopts it by moving its body into a function of one `Command` argument
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import shutil
 import signal
@@ -156,6 +157,8 @@ def check_writable(p: Path, flag: str, named: Path | None = None) -> None:
     """Make the folder (and its parents) and prove a file can be created in it; the error
     names `named` (the file a flag gives, default the folder itself)."""
     try:
+        if p.exists() and not p.is_dir():  # as `mkdir` says of a file on the way
+            raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), str(p))
         p.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=p, prefix=".write-probe-"):
             pass
@@ -223,8 +226,6 @@ class Command:
                 f"{flag} {p} already exists; pass --overwrite to replace it or choose another file"
             )
         parent = p.parent
-        if parent.exists() and not parent.is_dir():
-            raise OutputError(f"{flag} {p}: {parent} is a file, not a folder; choose another path")
         self._made[:0] = _missing_parents(parent)
         check_writable(parent, flag, named=p)
         self.out = self.out or p

@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import math
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -213,7 +212,13 @@ class RunOptions:
             "the weights replicated (0: every local device)"
         },
     )
-    out: str | None = field(default=None, metadata={"help": "output folder for results"})
+    out: str | None = field(
+        default=None,
+        metadata={
+            "help": "the run folder: config.json, metrics.jsonl (a row per epoch), status.json "
+            "(running, done, diverged or interrupted, and how far) and summary.json"
+        },
+    )
     checkpoint_every: int = field(
         default=0,
         metadata={
@@ -307,10 +312,6 @@ def _check_counts(cfg: Config) -> None:
         raise ValueError(f"--devices must be >= 0 (0: every local device), got {cfg.devices}")
     if cfg.whiten_images <= 0:
         raise ValueError("--whiten-images must be positive")
-    if not (math.isfinite(cfg.lr_flat_epochs) and cfg.lr_flat_epochs >= 0.0):
-        raise ValueError(
-            f"--lr-flat-epochs must be a finite number >= 0, got {cfg.lr_flat_epochs!r}"
-        )
     if cfg.whiten_bias_epochs < 0:
         raise ValueError("--whiten-bias-epochs must be >= 0")
     if cfg.checkpoint_every < 0:
@@ -320,6 +321,13 @@ def _check_counts(cfg: Config) -> None:
     for name in ("epochs", "batch_size", "eval_batch_size", "eval_every"):
         if getattr(cfg, name) <= 0:
             raise ValueError(f"--{name.replace('_', '-')} must be positive")
+    if not 0.0 <= cfg.lr_flat_epochs <= cfg.epochs:  # NaN too
+        raise ValueError(
+            f"--lr-flat-epochs must be in [0, --epochs] = [0, {cfg.epochs}], "
+            f"got {cfg.lr_flat_epochs!r}"
+        )
+    if not 0 <= cfg.seed < SEEDS:
+        raise ValueError(f"--seed must be in [0, {SEEDS - 1}] (0 to 2**31 - 1), got {cfg.seed}")
     if cfg.subset is not None and cfg.subset < cfg.batch_size:
         raise ValueError(
             f"--subset {cfg.subset} is smaller than one batch ({cfg.batch_size}); "
@@ -342,29 +350,32 @@ def _check_counts(cfg: Config) -> None:
 def _check_rates(cfg: Config) -> None:
     """Rates and coefficients that would train nothing or diverge at once: refused before
     any data loads."""
-    ranges = {  # each finite and >= 0; "positive" ones > 0
-        "lr": "a positive finite number, e.g. 0.4",
-        "weight_decay": "a finite number >= 0, e.g. 5e-4",
-        "lr_start": "a finite fraction >= 0 of --lr",
-        "lr_end": "a finite fraction >= 0 of --lr",
-        "bn_bias_lr_mult": "a finite number >= 0",
-        "bn_bias_wd_mult": "a finite number >= 0",
-        "output_scale": "a positive finite number",
-        "bn_eps": "a positive finite number, e.g. 1e-5",
-        "bn_scale": "a positive finite number, e.g. 1.0",
-        "celu_alpha": "a positive finite number, e.g. 0.3",
-        "whiten_eps": "a positive finite number, e.g. 1e-2",
+    ranges = {  # name: (ends, lowest, highest, e.g.); an end "(" or ")" is left out
+        "lr": ("(]", 0.0, 1e4, "0.4"),  # per mean loss: speedrun_muon's is 1340
+        "weight_decay": ("[)", 0.0, 1.0, "5e-4"),
+        "lr_start": ("[]", 0.0, 1.0, "0.2 (a fraction of --lr)"),
+        "lr_end": ("[]", 0.0, 1.0, "0.1 (a fraction of --lr)"),
+        "bn_bias_lr_mult": ("[]", 0.0, 1e3, "64"),
+        "bn_bias_wd_mult": ("[]", 0.0, 1e3, "0.015625"),
+        "output_scale": ("(]", 0.0, 100.0, "0.125"),
+        "bn_eps": ("(]", 0.0, 1.0, "1e-5"),
+        "bn_scale": ("(]", 0.0, 100.0, "1.0"),
+        "celu_alpha": ("(]", 0.0, 100.0, "0.3"),
+        "whiten_eps": ("(]", 0.0, 1.0, "1e-2"),
+        "muon_lr": ("(]", 0.0, 100.0, "0.24"),
     }
-    for name, what in ranges.items():
+    for name, (ends, low, high, example) in ranges.items():
         v = getattr(cfg, name)
-        if not (math.isfinite(v) and v >= 0.0) or ("positive" in what and v <= 0):
-            raise ValueError(f"--{name.replace('_', '-')} must be {what}; got {v!r}")
+        above = v > low if ends[0] == "(" else v >= low
+        below = v < high if ends[1] == ")" else v <= high
+        if not (above and below):  # NaN and infinities fail too
+            what = "a positive finite number" if ends[0] == "(" else "a finite number"
+            raise ValueError(
+                f"--{name.replace('_', '-')} must be {what} in {ends[0]}{low:g}, {high:g}"
+                f"{ends[1]}, e.g. {example}; got {v!r}"
+            )
     if not 0.0 <= cfg.momentum < 1.0:
         raise ValueError(f"--momentum must be in [0, 1); got {cfg.momentum!r}")
-    if not (math.isfinite(cfg.muon_lr) and cfg.muon_lr > 0.0):
-        raise ValueError(
-            f"--muon-lr must be a positive finite number, e.g. 0.24; got {cfg.muon_lr!r}"
-        )
     if not 0.0 <= cfg.muon_momentum < 1.0:
         raise ValueError(f"--muon-momentum must be in [0, 1), e.g. 0.6; got {cfg.muon_momentum!r}")
     if not 0.0 < cfg.bn_momentum <= 1.0:
@@ -427,6 +438,14 @@ class OneLineErrorParser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # type: ignore[override]
         print(f"{self.prog}: error: {message} (see --help)", file=sys.stderr)
         raise SystemExit(2)
+
+
+def check_wait(timeout_s: int) -> None:
+    """`--dist-timeout` of either trainer: whole seconds up to a day, else a one-line ValueError."""
+    if not 0 < timeout_s <= MAX_WAIT_S:
+        raise ValueError(
+            f"--dist-timeout must be seconds in [1, {MAX_WAIT_S}] (up to a day), got {timeout_s}"
+        )
 
 
 def optimizer_scales(cfg: Config) -> tuple[float, float]:
@@ -681,6 +700,9 @@ PRESETS: dict[str, Callable[[], Config]] = {
     "speedrun_muon": speedrun_muon,
 }
 MODELS: tuple[str, ...] = ("resnet9", "speedrun")
+SEEDS = 2**31  # --seed in [0, SEEDS): every framework's generator takes it
+MAX_VMAP_SEEDS = 64  # K copies of a model, its optimizer state and activations on one device
+MAX_WAIT_S = 24 * 3600  # --dist-timeout: a process later than a day is not coming
 ACTIVATIONS: tuple[str, ...] = ("relu", "celu", "gelu")
 
 # `--no-<trick>`: the fields that remove one of Page's tricks, set to the Myrtle

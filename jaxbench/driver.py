@@ -217,7 +217,8 @@ def check_resume(folder: str | os.PathLike[str], *, re_evaluate: bool = False) -
     """What `--resume` checks before anything loads. Refused (ValueError): a run whose
     status says running with its process alive on this host (two runs would write one
     folder). A dead one ("stopped without a word", `report.read_status`) resumes.
-    A finished run (summary.json) raises `Finished`, unless `re_evaluate`."""
+    A finished run (summary.json) raises `Finished`, unless `re_evaluate`; so do finished
+    `--vmap-seeds` runs (seeds.json), which keep no checkpoint to re-evaluate from."""
     folder = Path(folder)
     try:
         status = read_status(folder)
@@ -227,6 +228,16 @@ def check_resume(folder: str | os.PathLike[str], *, re_evaluate: bool = False) -
         raise ValueError(
             f"--resume {folder}: its run is still going (process {status.get('pid')} on this "
             "host); stop it first, or wait for it to end"
+        )
+    if (folder / "seeds.json").is_file():  # K seeds in one program: no checkpoint kept
+        if re_evaluate:
+            raise ValueError(
+                f"--re-evaluate {folder}: its --vmap-seeds run keeps no checkpoint to run "
+                "again from; train it again with --out and --overwrite"
+            )
+        raise Finished(
+            f"{folder} holds --vmap-seeds runs that finished after epoch "
+            f"{status.get('epochs_completed')}: nothing to resume, nothing changed"
         )
     if (folder / "summary.json").is_file() and not re_evaluate:
         raise Finished(

@@ -37,6 +37,8 @@ import numpy as np
 from jaxbench import configs, layers, models, optim, report, train
 from jaxbench.command import Command, run_command
 
+MAX_REPS = 1000  # A/B pairs per item: a thousand settle any difference worth timing
+
 Timer = Callable[[], Any]
 
 
@@ -151,13 +153,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _main(cmd: Command, argv: list[str]) -> int:
     p = configs.OneLineErrorParser(prog="python -m jaxbench.microbench", description=__doc__)
-    p.add_argument("--reps", type=int, default=10, help="A/B pairs per item")
+    p.add_argument("--reps", type=int, default=10, help=f"A/B pairs per item, 2 to {MAX_REPS}")
     p.add_argument("--out", default=None, help="write the results as JSON to this file")
     p.add_argument("--overwrite", action="store_true", help="replace the --out file if it exists")
     configs.add_config_args(p, skip=("name", "out", "seed", "loop"))
     args = p.parse_args(argv)
-    if args.reps < 2:
-        raise ValueError("--reps must be at least 2")
+    if not 2 <= args.reps <= MAX_REPS:
+        raise ValueError(f"--reps must be in [2, {MAX_REPS}] A/B pairs, got {args.reps}")
     cfg = configs.config_from_args(args)
     if args.out:  # before the data loads and anything compiles
         cmd.prepare_file(args.out, overwrite=args.overwrite)

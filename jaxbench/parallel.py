@@ -24,7 +24,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from jaxbench.configs import Config
+from jaxbench.configs import Config, check_wait
 
 DATA = "data"  # the mesh axis the batch is split over
 
@@ -197,8 +197,7 @@ def check_process_args(a: ProcessArgs) -> None:
         )
     if a.auto and a.explicit:
         raise ValueError("--distributed reads the topology from the cluster; drop --coordinator")
-    if a.timeout_s <= 0:
-        raise ValueError(f"--dist-timeout must be positive seconds, got {a.timeout_s}")
+    check_wait(a.timeout_s)
     if not a.explicit:
         return
     assert a.coordinator is not None and a.num_processes is not None and a.process_id is not None

@@ -43,7 +43,7 @@ from typing import Any
 
 import numpy as np
 
-from jaxbench import report, stats
+from jaxbench import configs, report, stats
 from jaxbench import sweep_workers as workers
 from jaxbench.command import BAD_INPUT, Command, check_writable, run_command
 from jaxbench.configs import PRESETS, Config, OneLineErrorParser, get_config, parse_field, validate
@@ -61,6 +61,7 @@ SWEEP_FILES: tuple[str, ...] = (
     workers.WORKERS_DIR,
 )
 FRAMEWORKS = ("jax", "torch")
+MAX_SEEDS = 1000  # seeds per cell: more says nothing a thousand do not
 # Bad input exits 2: RuntimeError too, from a framework that is not installed.
 ERRORS = {**BAD_INPUT, RuntimeError: 2}
 Grid = dict[str, list[Any]]
@@ -570,15 +571,17 @@ def build_parser() -> OneLineErrorParser:
         metavar="FIELD=VALUE",
         help="change the base preset for every run (e.g. subset=5000 epochs=2)",
     )
-    p.add_argument("--seeds", type=int, default=1, help="seeds per cell (from the preset's seed)")
+    p.add_argument(
+        "--seeds", type=int, default=1, help=f"seeds per cell, 1 to {MAX_SEEDS} (from the preset's)"
+    )
     p.add_argument("--frameworks", default="jax", help="jax, torch or jax,torch")
     p.add_argument(
         "--vmap-seeds",
         type=int,
         default=1,
         metavar="K",
-        help="train up to K seeds of a cell in one vmapped JAX program (time per run: the "
-        "program's over K)",
+        help=f"train up to K (1 to {configs.MAX_VMAP_SEEDS}) seeds of a cell in one vmapped JAX "
+        "program (time per run: the program's over K)",
     )
     p.add_argument("--data-dir", default=None, help="CIFAR folder (else $JAXBENCH_DATA_DIR)")
     p.add_argument("--out", default=None, help="the sweep folder, required (rerun to continue)")
@@ -651,10 +654,17 @@ def sweep_plan(args: argparse.Namespace) -> tuple[Config, Grid, list[str], list[
     frameworks = [f.strip() for f in args.frameworks.split(",") if f.strip()]
     if not frameworks or any(f not in FRAMEWORKS for f in frameworks):
         raise ValueError(f"--frameworks {args.frameworks!r}: choose jax, torch or both")
-    if args.seeds < 1:
-        raise ValueError("--seeds must be at least 1")
-    if args.vmap_seeds < 1:
-        raise ValueError("--vmap-seeds must be at least 1")
+    if not 1 <= args.seeds <= MAX_SEEDS or base.seed + args.seeds > configs.SEEDS:
+        high = min(MAX_SEEDS, configs.SEEDS - base.seed)
+        raise ValueError(
+            f"--seeds must be in [1, {high}] seeds per cell (from seed {base.seed}), "
+            f"got {args.seeds}"
+        )
+    if not 1 <= args.vmap_seeds <= configs.MAX_VMAP_SEEDS:
+        raise ValueError(
+            f"--vmap-seeds must be in [1, {configs.MAX_VMAP_SEEDS}] seeds per program, "
+            f"got {args.vmap_seeds}"
+        )
     if args.vmap_seeds > 1 and base.lookahead:
         raise ValueError("--vmap-seeds does not implement --lookahead; drop one")
     index, count = parse_shard(args.shard)

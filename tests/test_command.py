@@ -111,7 +111,7 @@ def places(tmp_path: Path) -> dict[str, Path]:
     [
         ("a_file", "is a file, not a folder"),
         ("full", "already holds results (plot-tiny.png, result.json); pass --overwrite"),
-        ("a_file/sub", "not writable"),
+        ("a_file/sub", "not writable (Not a directory)"),
         ("/proc/jaxbench-test/out", "not writable"),
     ],
 )
@@ -148,7 +148,8 @@ def test_a_refused_result_file_changes_nothing(
     cases = [
         (places["full"], "is a folder, not a file"),
         (places["file"], "already exists; pass --overwrite"),
-        (places["file"] / "x.json", "is a file, not a folder"),
+        (places["file"] / "x.json", "not writable (Not a directory)"),  # as for a folder
+        (places["file"] / "sub" / "x.json", "not writable (Not a directory)"),
         (Path("/proc/jaxbench-test/x.json"), "not writable"),
     ]
     for path, text in cases:

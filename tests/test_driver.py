@@ -277,6 +277,16 @@ def test_interrupted_lanes_say_so_in_status(tmp_path: Path, fake_time: FakeTime)
     assert not (tmp_path / "seeds.json").exists()
 
 
+def test_check_resume_of_finished_lanes_says_so(tmp_path: Path, fake_time: FakeTime) -> None:
+    """K seeds in one program keep no checkpoint: finished, nothing to resume or re-evaluate."""
+    cfg = _cfg()
+    _run(cfg, tmp_path, NumpyTrainer(cfg, fake_time, seeds=[3, 5]), lanes=2)
+    with pytest.raises(driver.Finished, match=r"--vmap-seeds runs that finished after epoch 3"):
+        driver.check_resume(tmp_path)
+    with pytest.raises(ValueError, match=r"keeps no checkpoint to run again from"):
+        driver.check_resume(tmp_path, re_evaluate=True)
+
+
 def test_check_resume_tells_finished_running_and_dead_runs_apart(
     tmp_path: Path, fake_time: FakeTime
 ) -> None:

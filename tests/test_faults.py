@@ -37,7 +37,7 @@ from pathlib import Path
 
 import pytest
 
-from jaxbench import checkpoint
+from jaxbench import checkpoint, configs
 from jaxbench import data as data_module
 
 # Ctrl-C as in a terminal: a job started in the background (as CI may start the tests)
@@ -431,6 +431,23 @@ _OUT_OF_RANGE = [
     ("--checkpoint-every", "-1", "--checkpoint-every"),
     ("--widths", "0,8,8,8", "--widths"),
     ("--widths", "8,8", "--widths"),
+    # ... above its range: each line names the flag, the range and the value given
+    ("--lr", "20000", "--lr must be a positive finite number in (0, 10000], e.g. 0.4; got 20000.0"),
+    ("--weight-decay", "1", "--weight-decay must be a finite number in [0, 1), e.g. 5e-4; got 1.0"),
+    ("--lr-start", "2", "--lr-start must be a finite number in [0, 1], e.g. 0.2"),
+    ("--lr-end", "1.5", "--lr-end must be a finite number in [0, 1], e.g. 0.1"),
+    ("--lr-flat-epochs", "4", "--lr-flat-epochs must be in [0, --epochs] = [0, 3], got 4.0"),
+    ("--output-scale", "1000", "--output-scale must be a positive finite number in (0, 100]"),
+    ("--bn-eps", "2", "--bn-eps must be a positive finite number in (0, 1], e.g. 1e-5; got 2.0"),
+    ("--bn-scale", "1000", "--bn-scale must be a positive finite number in (0, 100]"),
+    ("--celu-alpha", "inf", "--celu-alpha must be a positive finite number in (0, 100]"),
+    ("--whiten-eps", "2", "--whiten-eps must be a positive finite number in (0, 1]"),
+    ("--bn-bias-lr-mult", "1e4", "--bn-bias-lr-mult must be a finite number in [0, 1000]"),
+    ("--bn-bias-wd-mult", "1e4", "--bn-bias-wd-mult must be a finite number in [0, 1000]"),
+    ("--muon-lr", "0", "--muon-lr must be a positive finite number in (0, 100]"),
+    ("--muon-lr", "1000", "--muon-lr must be a positive finite number in (0, 100]"),
+    ("--seed", "-1", "--seed must be in [0, 2147483647] (0 to 2**31 - 1), got -1"),
+    ("--seed", "2147483648", "--seed must be in [0, 2147483647] (0 to 2**31 - 1), got 2147483648"),
 ]
 # ... and every numeric config flag given something that is not a number.
 _NOT_A_NUMBER = sorted({flag for flag, _, _ in _OUT_OF_RANGE} | {"--seed", "--devices"})
@@ -502,7 +519,7 @@ def _cases() -> list[Case]:
         Case("jaxbench.microbench", ("--out", "{full}"), "is a folder, not a file"),
         Case("jaxbench.microbench", ("--out", "{file}"), "already exists; pass --overwrite"),
         Case("jaxbench.microbench", ("--out", "/proc/jaxbench-faults/out.json"), "not writable"),
-        Case("jaxbench.microbench", ("--out", "{file}/x.json"), "is a file, not a folder"),
+        Case("jaxbench.microbench", ("--out", "{file}/x.json"), "not writable (Not a directory)"),
         Case("jaxbench.microbench", ("--reps", "0"), "--reps"),
         Case("jaxbench.microbench", ("--reps", "1"), "--reps"),
         Case("jaxbench.microbench", ("--reps", "abc"), "--reps"),
@@ -573,7 +590,47 @@ def _cases() -> list[Case]:
     return c
 
 
-_CASES = _cases()
+def _range_cases() -> list[Case]:
+    """Each command's own numbers above their ranges, flags that do not apply to the
+    command as given, and a finished `--vmap-seeds` run asked to run again."""
+    wait = "--dist-timeout must be seconds in [1, 86400] (up to a day), got"
+    c = [
+        Case("torch_ref.train", ("--dist-timeout", "0"), f"{wait} 0"),
+        Case("torch_ref.train", ("--dist-timeout", "100000"), f"{wait} 100000"),
+        Case("jaxbench.train", ("--dist-timeout", "100000"), f"{wait} 100000"),
+        Case("jaxbench.train", ("--seed", "2147483647", "--vmap-seeds", "2"),
+             "--vmap-seeds 2 from --seed 2147483647 goes past the largest seed, 2147483647"),
+        Case("jaxbench.microbench", ("--out", "{file}/sub/x.json"),
+             "not writable (Not a directory)"),  # as the folder commands' --out {file}/sub
+        Case("jaxbench.microbench", ("--reps", "1001"), "--reps must be in [2, 1000] A/B pairs, "
+             "got 1001"),
+        Case("jaxbench.sweep", ("--seeds", "1001"), "--seeds must be in [1, 1000] seeds per cell "
+             "(from seed 0), got 1001"),
+        Case("jaxbench.sweep", ("--set", "seed=2147483647", "--seeds", "2"),
+             "--seeds must be in [1, 1] seeds per cell (from seed 2147483647), got 2"),
+        Case("jaxbench.sweep", ("--set", "seed=-1"), "--seed must be in [0, 2147483647]"),
+        Case("jaxbench.sweep", ("--grid", "lr=20000"), "--lr must be a positive finite number "
+             "in (0, 10000]"),
+        Case("jaxbench.sweep", ("--vmap-seeds", "65"), "--vmap-seeds must be in [1, 64] seeds "
+             "per program, got 65"),
+        Case("jaxbench.bench", ("--torch-compile-mode", "max-autotune"),
+             "--torch-compile-mode applies to the PyTorch contender: add torch to --frameworks"),
+        Case("jaxbench.bench", ("--torch-compile",), "--torch-compile applies to the PyTorch"),
+        Case("jaxbench.bench", ("--no-torch-compile",),
+             "--no-torch-compile applies to the PyTorch contender"),
+    ]  # fmt: skip
+    for entry in ("jaxbench.bench", "jaxbench.microbench"):  # the shared config ranges
+        c += [
+            Case(entry, ("--lr", "20000"), "--lr must be a positive finite number in (0, 10000]"),
+            Case(entry, ("--bn-eps", "2"), "--bn-eps must be a positive finite number in (0, 1]"),
+        ]
+    for entry in _TRAINERS:  # no checkpoint to run a vmapped run again from
+        c.append(Case(entry, ("--resume", "{vmap}", "--re-evaluate"),
+                      "its --vmap-seeds run keeps no checkpoint to run again from"))  # fmt: skip
+    return c
+
+
+_CASES = _cases() + _range_cases()
 
 
 def _case_id(case: Case) -> str:
@@ -599,6 +656,14 @@ def _world(root: Path) -> dict[str, str]:
     (root / "junk_archive" / "cifar-10-binary.tar.gz").write_bytes(bytes(range(256)) * 12)
     (root / "empty.tar.gz").write_bytes(b"")
     (root / "cache").mkdir()
+    run = configs.get_config("tiny").replace(subset=1000, test_subset=200, widths=(8, 8, 8, 8),
+                                             batch_size=100, lr_peak_epoch=1.0)  # fmt: skip
+    status = json.dumps({"status": "done", "epochs_completed": 3})
+    for name, result in (("done", "summary.json"), ("vmap", "seeds.json")):  # finished runs
+        (root / name).mkdir()  # one run, and K seeds in one program (`--vmap-seeds`)
+        (root / name / "config.json").write_text(run.to_json())
+        (root / name / "status.json").write_text(status)
+        (root / name / result).write_text("{}")
     return {
         "file": str(root / "a_file"),
         "full": str(full),
@@ -607,6 +672,8 @@ def _world(root: Path) -> dict[str, str]:
         "junk_tar": str(root / "junk_archive" / "cifar-10-binary.tar.gz"),
         "empty_tar": str(root / "empty.tar.gz"),
         "missing": str(root / "missing"),
+        "done": str(root / "done"),
+        "vmap": str(root / "vmap"),
     }
 
 
@@ -672,6 +739,35 @@ def test_bad_input_is_one_line_exit_2_and_touches_nothing(
     assert _snapshot(root) == before
 
 
+@pytest.mark.parametrize("entry", _TRAINERS)
+@pytest.mark.parametrize(
+    "place,says",
+    [
+        ("done", "holds a run that finished after epoch 3: nothing to resume, nothing changed"),
+        ("vmap", "holds --vmap-seeds runs that finished after epoch 3: nothing to resume, "
+                 "nothing changed"),
+    ],
+)  # fmt: skip
+def test_resume_of_a_finished_run_says_so_and_changes_nothing(
+    world: tuple[Path, dict[str, str]],
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    entry: str,
+    place: str,
+    says: str,
+) -> None:
+    """Not an error: exit 0, one line on stdout, nothing on stderr, no file changed."""
+    root, places = world
+    monkeypatch.setattr(data_module, "load_dataset", _no_work)
+    before = _snapshot(root)
+    code = importlib.import_module(entry).main([*_BASE[entry], "--resume", places[place]])
+    out, err = capsys.readouterr()
+    assert code == 0 and err == "", (code, err[-3000:])
+    lines = out.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"{places[place]} {says}"), out
+    assert _snapshot(root) == before
+
+
 def test_the_table_covers_every_entry_point() -> None:
     """Each `python -m` command of the project is replayed, and enough cases in all."""
     assert {c.entry for c in _CASES} == set(_BASE)
@@ -682,6 +778,7 @@ def test_the_table_covers_every_entry_point() -> None:
 _AS_TYPED = [  # (module, extra flags, what the one line must contain)
     ("jaxbench.train", ["--out", "{file}"], "is a file"),
     ("torch_ref.train", ["--lr", "nan"], "--lr"),
+    ("torch_ref.train", ["--dist-timeout", "0"], "--dist-timeout must be seconds in [1, 86400]"),
     ("jaxbench.bench", ["--runs", "0"], "--runs"),
     ("jaxbench.sweep", ["--out", "{full}"], "holds a different sweep"),
     ("parity", ["--out", "{full}"], "already holds results"),
@@ -690,7 +787,9 @@ _AS_TYPED = [  # (module, extra flags, what the one line must contain)
 ]
 
 
-@pytest.mark.parametrize("module,flags,says", _AS_TYPED, ids=[m for m, *_ in _AS_TYPED])
+@pytest.mark.parametrize(
+    "module,flags,says", _AS_TYPED, ids=[f"{m}-{f[0]}" for m, f, _ in _AS_TYPED]
+)
 def test_bad_input_as_a_user_types_it(
     tmp_path: Path, env: dict[str, str], module: str, flags: list[str], says: str
 ) -> None:

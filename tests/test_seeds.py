@@ -71,6 +71,10 @@ def test_train_cli_vmap_seeds(
     status = json.loads((out / "status.json").read_text())  # as a single run's
     assert status["status"] == "done" and status["epochs_completed"] == 1
     assert f"wrote config.json, status.json, seeds.json to {out}" in text
+    files = {p.name: p.read_bytes() for p in out.iterdir()}
+    assert train.main(["--resume", str(out)]) == 0  # finished: said, and nothing changed
+    assert "holds --vmap-seeds runs that finished after epoch 1" in capsys.readouterr().out
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == files
     with pytest.raises(SystemExit) as e:  # bad input: exit 2, as a single run's
         train.main([*argv, "--vmap-seeds", "0", "--overwrite"])
     assert e.value.code == 2

@@ -28,7 +28,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from jaxbench.configs import Config
+from jaxbench.configs import Config, check_wait
 
 RESUME_ALONE = "--resume runs in a single process; launch it without torchrun"
 
@@ -66,8 +66,7 @@ def init(timeout_s: int = DEFAULT_TIMEOUT_S) -> bool:
     """
     if env_world_size() <= 1 or dist.is_initialized():
         return False
-    if timeout_s <= 0:
-        raise ValueError(f"--dist-timeout must be positive seconds, got {timeout_s}")
+    check_wait(timeout_s)
     backend = "gloo"
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
@@ -286,6 +285,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def join(args: argparse.Namespace, torch_setup: Any) -> None:
     """Under torchrun: refuse what several processes do not run (ValueError), join the
     group, and silence every process but 0 (no run folder, table or profile)."""
+    check_wait(args.dist_timeout)  # a bad value is refused alone too
     if env_world_size() <= 1:
         return
     if args.resume is not None:

@@ -406,8 +406,8 @@ def build_parser() -> argparse.ArgumentParser:
         "python -m torch_ref.train",
         "Train the PyTorch reference (ResNet-9 or the speedrun net) on CIFAR and print a "
         "per-epoch table. Start from a --config preset; every other flag overrides one "
-        "field of it. With --out DIR the run writes config.json, metrics.jsonl and "
-        "summary.json there.",
+        "field of it. With --out DIR the run writes config.json, metrics.jsonl, status.json "
+        "and summary.json there.",
     )
     fast.add_arguments(parser)
     distributed.add_arguments(parser)

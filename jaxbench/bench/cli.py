@@ -28,7 +28,7 @@ DEFAULT_RUNS = 5  # rounds when neither --runs nor --max-seconds is given
 # The ranges of the bench's own numbers, checked at parse time.
 MAX_RUNS = 1000  # rounds: more says nothing a thousand do not
 MAX_SECONDS = 7 * 24 * 3600.0  # a week of wall clock
-MAX_VMAP_SEEDS = 64  # K copies of a model, its optimizer state and activations on one device
+MAX_VMAP_SEEDS = configs.MAX_VMAP_SEEDS
 BENCH_FILES: tuple[str, ...] = ("bench.json", "bench-*.png")
 PROG = "python -m jaxbench.bench"
 
@@ -162,6 +162,10 @@ def _check_race_flags(
         )
     if args.vmap_seeds and "jax" not in names:
         parser.error("--vmap-seeds is a JAX row: add jax to --frameworks")
+    if "torch" not in names and (args.torch_compile is not None or args.torch_compile_mode):
+        flag = ("--torch-compile-mode" if args.torch_compile_mode
+                else "--torch-compile" if args.torch_compile else "--no-torch-compile")  # fmt: skip
+        parser.error(f"{flag} applies to the PyTorch contender: add torch to --frameworks")
     if getattr(args, "checkpoint_every", 0):
         parser.error(
             "--checkpoint-every: the bench's runs keep no run folder, so there is nothing to "
