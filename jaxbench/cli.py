@@ -79,9 +79,9 @@ def trainer_parser(
             type=int,
             default=1,
             metavar="K",
-            help="train K seeds (--seed, --seed + 1, ...) in one vmapped program and print "
-            "each seed's final accuracy and their mean; --out then gets config.json, "
-            "status.json and seeds.json",
+            help=f"train K (1 to {configs.MAX_VMAP_SEEDS}) seeds (--seed, --seed + 1, ...) in "
+            "one vmapped program and print each seed's final accuracy and their mean; --out "
+            "then gets config.json, status.json and seeds.json",
         )
     return parser
 
@@ -132,8 +132,10 @@ def _train(
 ) -> int:
     """`run_trainer`'s body: every check and output place first, then the data and the run."""
     k = getattr(args, "vmap_seeds", 1)
-    if k < 1:
-        raise ValueError(f"--vmap-seeds {k}: give K >= 1")
+    if not 1 <= k <= configs.MAX_VMAP_SEEDS:
+        raise ValueError(
+            f"--vmap-seeds {k}: give K in [1, {configs.MAX_VMAP_SEEDS}] seeds per program"
+        )
     if k > 1 and (args.resume is not None or args.profile is not None):
         raise ValueError("--vmap-seeds runs without --resume and --profile")
     if args.re_evaluate and args.resume is None:

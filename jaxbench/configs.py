@@ -32,15 +32,20 @@ class Recipe:
     dataset: str = field(default="cifar10", metadata={"help": "cifar10 or cifar100"})
     source: str = field(default="auto", metadata={"help": "auto (official files) or tfds"})
     subset: int | None = field(
-        default=None, metadata={"help": "train on the first N training images (all if unset)"}
+        default=None,
+        metadata={
+            "help": "train on the first N training images, --batch-size to 50000 (all if unset)"
+        },
     )
     test_subset: int | None = field(
-        default=None, metadata={"help": "evaluate on the first N test images (all if unset)"}
+        default=None,
+        metadata={"help": "evaluate on the first N test images, 1 to 10000 (all if unset)"},
     )
     # --- model ----------------------------------------------------------------
     model: str = field(default="resnet9", metadata={"help": "network architecture"})
     widths: tuple[int, ...] = field(
-        default=(64, 128, 256, 512), metadata={"help": "channel widths, e.g. 16,32,64,128"}
+        default=(64, 128, 256, 512),
+        metadata={"help": "channel widths, each 1 to 4096, e.g. 16,32,64,128"},
     )
     output_scale: float = field(default=0.125, metadata={"help": "logits multiplier"})
     head_unit_std: bool = field(
@@ -302,25 +307,23 @@ def _check_choices(cfg: Config) -> None:
 
 
 def _check_counts(cfg: Config) -> None:
-    """Sizes, epochs and pixel counts."""
+    """Sizes, epochs and pixel counts, each in its range (`COUNT_RANGES`)."""
+    for name, (low, high, unit) in COUNT_RANGES.items():
+        v = getattr(cfg, name)
+        if not low <= v <= high:
+            raise ValueError(
+                f"--{name.replace('_', '-')} must be in [{low}, {high}] {unit}, got {v}"
+            )
     if cfg.ghost_bn < 0 or (cfg.ghost_bn and cfg.batch_size % cfg.ghost_bn):
         raise ValueError(
             f"--ghost-bn {cfg.ghost_bn} must be 0 (off) or divide --batch-size {cfg.batch_size}, "
             "e.g. 32 for batch 512"
         )
-    if cfg.devices < 0:
-        raise ValueError(f"--devices must be >= 0 (0: every local device), got {cfg.devices}")
-    if cfg.whiten_images <= 0:
-        raise ValueError("--whiten-images must be positive")
-    if cfg.whiten_bias_epochs < 0:
-        raise ValueError("--whiten-bias-epochs must be >= 0")
-    if cfg.checkpoint_every < 0:
-        raise ValueError("--checkpoint-every must be >= 0 (0: no checkpoints)")
-    if any(w <= 0 for w in cfg.widths):
-        raise ValueError("--widths must be positive")
-    for name in ("epochs", "batch_size", "eval_batch_size", "eval_every"):
-        if getattr(cfg, name) <= 0:
-            raise ValueError(f"--{name.replace('_', '-')} must be positive")
+    if not all(0 < w <= MAX_WIDTH for w in cfg.widths):
+        raise ValueError(
+            f"--widths entries must be in [1, {MAX_WIDTH}] channels, e.g. 16,32,64,128; "
+            f"got {_shown(cfg.widths)}"
+        )
     if not 0.0 <= cfg.lr_flat_epochs <= cfg.epochs:  # NaN too
         raise ValueError(
             f"--lr-flat-epochs must be in [0, --epochs] = [0, {cfg.epochs}], "
@@ -328,23 +331,31 @@ def _check_counts(cfg: Config) -> None:
         )
     if not 0 <= cfg.seed < SEEDS:
         raise ValueError(f"--seed must be in [0, {SEEDS - 1}] (0 to 2**31 - 1), got {cfg.seed}")
+    train_images, test_images = DATASET_IMAGES[cfg.dataset]
     if cfg.subset is not None and cfg.subset < cfg.batch_size:
         raise ValueError(
             f"--subset {cfg.subset} is smaller than one batch ({cfg.batch_size}); "
             "raise --subset or lower --batch-size"
         )
-    if cfg.test_subset is not None and cfg.test_subset <= 0:
-        raise ValueError("--test-subset must be positive")
-    if not 0 <= cfg.cutout <= 32:
-        raise ValueError("--cutout must be between 0 and 32 pixels")
-    if not 0 <= cfg.crop_pad <= 16:
-        raise ValueError("--crop-pad must be between 0 and 16 pixels")
+    if cfg.subset is not None and cfg.subset > train_images:
+        raise ValueError(
+            f"--subset must be in [--batch-size, {train_images}] = [{cfg.batch_size}, "
+            f"{train_images}] images ({cfg.dataset}'s training set), got {cfg.subset}"
+        )
+    if cfg.test_subset is not None and not 0 < cfg.test_subset <= test_images:
+        raise ValueError(
+            f"--test-subset must be in [1, {test_images}] images ({cfg.dataset}'s test set), "
+            f"got {cfg.test_subset}"
+        )
     if not 0.0 <= cfg.label_smoothing < 1.0:
-        raise ValueError("--label-smoothing must be in [0, 1)")
+        raise ValueError(f"--label-smoothing must be in [0, 1), got {cfg.label_smoothing!r}")
     if not 0.0 < cfg.lr_peak_epoch <= cfg.epochs:
-        raise ValueError("--lr-peak-epoch must be in (0, --epochs]")
-    if cfg.ema_every < 0 or not 0.0 <= cfg.ema_momentum < 1.0:
-        raise ValueError("--ema-every must be >= 0 and --ema-momentum in [0, 1)")
+        raise ValueError(
+            f"--lr-peak-epoch must be in (0, --epochs] = (0, {cfg.epochs}], "
+            f"got {cfg.lr_peak_epoch!r}"
+        )
+    if not 0.0 <= cfg.ema_momentum < 1.0:
+        raise ValueError(f"--ema-momentum must be in [0, 1), got {cfg.ema_momentum!r}")
 
 
 def _check_rates(cfg: Config) -> None:
@@ -704,6 +715,32 @@ SEEDS = 2**31  # --seed in [0, SEEDS): every framework's generator takes it
 MAX_VMAP_SEEDS = 64  # K copies of a model, its optimizer state and activations on one device
 MAX_WAIT_S = 24 * 3600  # --dist-timeout: a process later than a day is not coming
 ACTIVATIONS: tuple[str, ...] = ("relu", "celu", "gelu")
+MAX_EPOCHS = 1000  # --epochs, and the epoch cadences and counts measured in epochs
+MAX_BATCH = 65_536  # images in a batch (the memory check refuses what does not fit)
+MAX_WIDTH = 4096  # channels of one layer (--widths entries)
+MAX_DEVICES = 1024  # --devices per process
+MAX_EMA_EVERY = 100_000  # steps between EMA updates (more than any run here takes: never)
+# (training, test) images of each dataset: --subset, --test-subset and --whiten-images
+DATASET_IMAGES: dict[str, tuple[int, int]] = {
+    "cifar10": (50_000, 10_000),
+    "cifar100": (50_000, 10_000),
+}
+# Integer fields: name -> (lowest, highest, unit and what an end means). The cadences and
+# --whiten-bias-epochs stop at MAX_EPOCHS, not at --epochs: past --epochs they mean "the
+# last epoch only" / "the whole run", so a shortened preset (--epochs 2) stays valid.
+COUNT_RANGES: dict[str, tuple[int, int, str]] = {
+    "epochs": (1, MAX_EPOCHS, "epochs"),
+    "batch_size": (1, MAX_BATCH, "images"),
+    "eval_batch_size": (1, MAX_BATCH, "images"),
+    "eval_every": (1, MAX_EPOCHS, "epochs (the last epoch is always evaluated)"),
+    "checkpoint_every": (0, MAX_EPOCHS, "epochs (0: no checkpoints)"),
+    "ema_every": (0, MAX_EMA_EVERY, "steps (0: no EMA)"),
+    "whiten_images": (1, 50_000, "training images"),
+    "whiten_bias_epochs": (0, MAX_EPOCHS, "epochs (0: the whitening bias stays frozen)"),
+    "devices": (0, MAX_DEVICES, "devices per process (0: every local device)"),
+    "crop_pad": (0, 16, "pixels (0: no crop)"),
+    "cutout": (0, 32, "pixels (0: no cutout)"),
+}
 
 # `--no-<trick>`: the fields that remove one of Page's tricks, set to the Myrtle
 # baseline's values (`myrtle24`), so `--config resnet9 --no-whiten` is an ablation.
@@ -815,6 +852,8 @@ def add_config_args(parser: argparse.ArgumentParser, skip: Sequence[str] = ("nam
         flag, value = "--" + f.name.replace("_", "-"), getattr(shown, f.name)
         kind: dict[str, Any] = {"type": _field_parser(f), "metavar": f.name.upper()}
         default = f"(default: {_shown(value)})"
+        if f.name in COUNT_RANGES:  # its range, as `validate` holds it
+            default = f"({COUNT_RANGES[f.name][0]} to {COUNT_RANGES[f.name][1]}; {default[1:]}"
         if f.type == "bool":  # --x / --no-x, as ruff and pytest spell switches
             negative = "--no-" + f.name.replace("_", "-")
             default = f"(default: on; {negative} turns it off)" if value else "(default: off)"

@@ -39,6 +39,7 @@ if _FORCED in os.environ.get("XLA_FLAGS", "") and _PATIENCE not in os.environ["X
 
 # How long process startup may take before a missing peer or coordinator is an error.
 DEFAULT_TIMEOUT_S = 60
+MAX_PROCESSES = 4096  # --num-processes: hosts (or GPUs) of one run
 
 
 @dataclasses.dataclass(frozen=True)
@@ -204,8 +205,8 @@ def check_process_args(a: ProcessArgs) -> None:
     host, _, port = a.coordinator.rpartition(":")
     if not host or not port.isdigit() or not 0 < int(port) < 65536:
         raise ValueError(f"--coordinator {a.coordinator!r}: give HOST:PORT, e.g. node0:12355")
-    if a.num_processes < 1:
-        raise ValueError(f"--num-processes must be >= 1, got {a.num_processes}")
+    if not 1 <= a.num_processes <= MAX_PROCESSES:
+        raise ValueError(f"--num-processes must be in [1, {MAX_PROCESSES}], got {a.num_processes}")
     if not 0 <= a.process_id < a.num_processes:
         raise ValueError(
             f"--process-id {a.process_id} is out of range for --num-processes "
@@ -354,7 +355,9 @@ def add_process_flags(parser: argparse.ArgumentParser) -> None:
     dist.add_argument(
         "--coordinator", metavar="HOST:PORT", default=None, help="address of process 0"
     )
-    dist.add_argument("--num-processes", type=int, default=None, metavar="P")
+    dist.add_argument(
+        "--num-processes", type=int, default=None, metavar="P", help=f"1 .. {MAX_PROCESSES}"
+    )
     dist.add_argument("--process-id", type=int, default=None, metavar="I", help="0 .. P - 1")
     dist.add_argument(
         "--distributed",

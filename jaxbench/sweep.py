@@ -62,6 +62,7 @@ SWEEP_FILES: tuple[str, ...] = (
 )
 FRAMEWORKS = ("jax", "torch")
 MAX_SEEDS = 1000  # seeds per cell: more says nothing a thousand do not
+MAX_SHARDS = 10_000  # --shard i/n: machines sharing one sweep
 # Bad input exits 2: RuntimeError too, from a framework that is not installed.
 ERRORS = {**BAD_INPUT, RuntimeError: 2}
 Grid = dict[str, list[Any]]
@@ -159,8 +160,8 @@ def parse_shard(text: str) -> tuple[int, int]:
         i, n = (int(x) for x in text.split("/"))
     except ValueError:
         raise ValueError(f"--shard {text!r}: expected i/n, e.g. 0/2") from None
-    if not 0 <= i < n:
-        raise ValueError(f"--shard {text}: need 0 <= i < n")
+    if not 0 <= i < n <= MAX_SHARDS:
+        raise ValueError(f"--shard {text}: need 0 <= i < n <= {MAX_SHARDS}")
     return i, n
 
 
@@ -585,7 +586,9 @@ def build_parser() -> OneLineErrorParser:
     )
     p.add_argument("--data-dir", default=None, help="CIFAR folder (else $JAXBENCH_DATA_DIR)")
     p.add_argument("--out", default=None, help="the sweep folder, required (rerun to continue)")
-    p.add_argument("--shard", default="0/1", help="run only shard i of n (i/n)")
+    p.add_argument(
+        "--shard", default="0/1", help=f"run only shard i of n (i/n, n up to {MAX_SHARDS})"
+    )
     p.add_argument(
         "--merge",
         nargs="+",

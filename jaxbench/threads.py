@@ -30,12 +30,15 @@ THREAD_ENV_VARS: tuple[str, ...] = (
     "MKL_NUM_THREADS",
     "OPENBLAS_NUM_THREADS",
 )
+MAX_THREADS = 1024  # --threads: more than any machine here has cores
 
 
 def check_threads(n: int) -> int:
     """`n` if it is a valid thread count, else ValueError with a one-line message."""
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
         raise ValueError(f"--threads must be at least 1; got {n!r}")
+    if n > MAX_THREADS:
+        raise ValueError(f"--threads must be in [1, {MAX_THREADS}]; got {n}")
     return n
 
 

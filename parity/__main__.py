@@ -15,7 +15,10 @@ from collections.abc import Sequence
 from typing import Any
 
 from jaxbench.command import BAD_INPUT, Command, run_command
-from jaxbench.configs import PRESETS, Config, OneLineErrorParser, get_config
+from jaxbench.configs import MAX_EPOCHS, PRESETS, Config, OneLineErrorParser, get_config
+from jaxbench.threads import MAX_THREADS
+
+MAX_SEEDS = 1000  # check 7's seeds per framework: more says nothing a thousand do not
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -53,16 +56,23 @@ def build_parser() -> argparse.ArgumentParser:
         help="preset (default tiny; with --plant, the preset that plant breaks)",
     )
     p.add_argument("--checks", default=None, help="which checks, e.g. 1-6 or 2,5 (default: all)")
-    p.add_argument("--seeds", type=int, default=None, help="seeds per framework for check 7")
-    p.add_argument("--epochs", type=int, default=None, help="epochs for check 7 (default: preset)")
+    p.add_argument(
+        "--seeds", type=int, default=None, help=f"seeds per framework for check 7, 1 to {MAX_SEEDS}"
+    )
+    p.add_argument(
+        "--epochs",
+        type=int,
+        default=None,
+        help=f"epochs for check 7, 1 to {MAX_EPOCHS} (default: preset)",
+    )
     p.add_argument("--quiet", action="store_true", help="only the table and the verdict")
     p.add_argument(
         "--threads",
         type=int,
         default=None,
         metavar="N",
-        help="CPU threads for XLA:CPU (PJRT_NPROC) and PyTorch (intra- and inter-op); "
-        "default: XLA uses every core, PyTorch its default (1 in --quick)",
+        help=f"CPU threads (1 to {MAX_THREADS}) for XLA:CPU (PJRT_NPROC) and PyTorch (intra- "
+        "and inter-op); default: XLA uses every core, PyTorch its default (1 in --quick)",
     )
     return p
 
@@ -120,8 +130,14 @@ def _main(cmd: Command, argv: list[str]) -> int:
     cfg = get_config(_preset(args))
     if args.seeds is not None and args.seeds < 1:
         raise ValueError("--seeds must be at least 1")
+    if args.seeds is not None and args.seeds > MAX_SEEDS:
+        raise ValueError(
+            f"--seeds must be in [1, {MAX_SEEDS}] seeds per framework, got {args.seeds}"
+        )
     if args.epochs is not None and args.epochs < 1:
         raise ValueError("--epochs must be at least 1")
+    if args.epochs is not None and args.epochs > MAX_EPOCHS:
+        raise ValueError(f"--epochs must be in [1, {MAX_EPOCHS}], got {args.epochs}")
     # before the data loads and the suite runs: a bad --out costs nothing
     cmd.prepare_out(args.out, PARITY_FILES, overwrite=args.overwrite)
     data = load_data(args.data_dir, cfg.dataset)

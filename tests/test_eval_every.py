@@ -33,5 +33,5 @@ def test_eval_every_skips_monitoring_but_not_the_final_evaluation(framework: str
 
 
 def test_eval_every_must_be_positive() -> None:
-    with pytest.raises(ValueError, match="--eval-every must be positive"):
+    with pytest.raises(ValueError, match=r"--eval-every must be in \[1, 1000\] epochs"):
         tiny().replace(eval_every=0)
