@@ -449,6 +449,27 @@ _OUT_OF_RANGE = [
     ("--seed", "-1", "--seed must be in [0, 2147483647] (0 to 2**31 - 1), got -1"),
     ("--seed", "2147483648", "--seed must be in [0, 2147483647] (0 to 2**31 - 1), got 2147483648"),
 ]
+# Every count just past the top of its range (`configs.COUNT_RANGES`, the subsets, widths).
+_ABOVE_COUNT = [
+    ("--epochs", "1001", "--epochs must be in [1, 1000] epochs, got 1001"),
+    ("--batch-size", "65537", "--batch-size must be in [1, 65536] images, got 65537"),
+    ("--eval-batch-size", "65537", "--eval-batch-size must be in [1, 65536] images, got 65537"),
+    ("--eval-every", "1001", "--eval-every must be in [1, 1000] epochs (the last epoch is "
+     "always evaluated), got 1001"),
+    ("--ema-every", "100001", "--ema-every must be in [0, 100000] steps (0: no EMA), got 100001"),
+    ("--whiten-images", "50001", "--whiten-images must be in [1, 50000] training images, "
+     "got 50001"),
+    ("--whiten-bias-epochs", "1001", "--whiten-bias-epochs must be in [0, 1000] epochs"),
+    ("--checkpoint-every", "1001", "--checkpoint-every must be in [0, 1000] epochs (0: no "
+     "checkpoints), got 1001"),
+    ("--devices", "1025", "--devices must be in [0, 1024] devices per process"),
+    ("--subset", "50001", "--subset must be in [--batch-size, 50000] = [100, 50000] images "
+     "(cifar10's training set), got 50001"),
+    ("--test-subset", "10001", "--test-subset must be in [1, 10000] images (cifar10's test "
+     "set), got 10001"),
+    ("--widths", "8,8,8,4097", "--widths entries must be in [1, 4096] channels, e.g. "
+     "16,32,64,128; got 8,8,8,4097"),
+]  # fmt: skip
 # ... and every numeric config flag given something that is not a number.
 _NOT_A_NUMBER = sorted({flag for flag, _, _ in _OUT_OF_RANGE} | {"--seed", "--devices"})
 # Every named choice given a name it does not know.
@@ -623,7 +644,24 @@ def _range_cases() -> list[Case]:
         c += [
             Case(entry, ("--lr", "20000"), "--lr must be a positive finite number in (0, 10000]"),
             Case(entry, ("--bn-eps", "2"), "--bn-eps must be a positive finite number in (0, 1]"),
+            Case(entry, ("--epochs", "1001"), "--epochs must be in [1, 1000] epochs, got 1001"),
         ]
+    for entry in _TRAINERS:  # each count just past its range
+        c += [Case(entry, (f, v), says) for f, v, says in _ABOVE_COUNT]
+    c += [
+        Case("jaxbench.train", ("--vmap-seeds", "65"),
+             "--vmap-seeds 65: give K in [1, 64] seeds per program"),
+        Case("jaxbench.train", ("--coordinator", "localhost:1", "--num-processes", "4097",
+                                "--process-id", "0"),
+             "--num-processes must be in [1, 4096], got 4097"),
+        Case("jaxbench.sweep", ("--set", "batch_size=65537"), "--batch-size must be in [1, 65536]"),
+        Case("jaxbench.sweep", ("--grid", "epochs=2,1001"), "--epochs must be in [1, 1000]"),
+        Case("jaxbench.sweep", ("--shard", "0/10001"), "--shard 0/10001: need 0 <= i < n <= 10000"),
+        Case("parity", ("--seeds", "1001"), "--seeds must be in [1, 1000] seeds per framework, "
+             "got 1001"),
+        Case("parity", ("--epochs", "1001"), "--epochs must be in [1, 1000], got 1001"),
+        Case("parity", ("--threads", "1025"), "--threads must be in [1, 1024]; got 1025"),
+    ]  # fmt: skip
     for entry in _TRAINERS:  # no checkpoint to run a vmapped run again from
         c.append(Case(entry, ("--resume", "{vmap}", "--re-evaluate"),
                       "its --vmap-seeds run keeps no checkpoint to run again from"))  # fmt: skip
