@@ -674,9 +674,8 @@ def sweep_plan(args: argparse.Namespace) -> tuple[Config, Grid, list[str], list[
     grid = parse_grid(args.grid)
     named = {item.partition("=")[0].strip().replace("-", "_") for item in args.set}
     if "eval_every" not in named | set(grid):  # runs.jsonl keeps only the final accuracy
-        last = max(
-            [base.epochs, *grid.get("epochs", [])]
-        )  # an --epochs out of range: refused below
+        # capped: an --epochs above the range is then named as such when its run is planned
+        last = max([base.epochs, *grid.get("epochs", [])])
         base = base.replace(eval_every=min(last, configs.MAX_EPOCHS))
     return base, grid, frameworks, shard(plan(base, grid, args.seeds, frameworks), index, count)
 
