@@ -1,63 +1,15 @@
 """The run driver both trainers share: everything about a run that is not the recipe.
 
-A trainer (JAX or PyTorch) builds its nets, data and compiled functions, then
-hands itself to `Driver.run`, which owns the rest in one place:
+A trainer builds its nets, data and compiled functions, then hands itself (`Trainer`) to
+`Driver.run`, which owns the run folder (`report.RunRecorder`), checkpoints and resume,
+the clock, the per-epoch rows, Ctrl-C, the profiler and the common summary fields.
+Timed: training epochs, a fresh start's whitening and the final evaluation; not timed:
+compilation, monitoring evaluations (every `eval_every`-th epoch), checkpoints, files.
 
-- the run folder: `config.json`, `metrics.jsonl`, `status.json`, `summary.json`
-  (`report.RunRecorder`), and the per-epoch table on stdout;
-- checkpoints every `cfg.checkpoint_every` epochs and `resume` from the latest
-  (`checkpoint.save` / `checkpoint.load_progress`, `checkpoint.Ledger`), where
-  `check_resume` refuses a run still going here and leaves a finished one as it is;
-- the clock: training epochs, the fresh start's whitening and the final
-  evaluation are timed; compilation, monitoring evaluations, checkpoints and
-  file writes are not;
-- the per-epoch rows: `train_loss`, `train_acc`, then `val_*` on every
-  `cfg.eval_every`-th epoch and always the last; a non-finite training loss
-  ends the run with its row unevaluated (`status.json` says `diverged`);
-- Ctrl-C / SIGTERM (KeyboardInterrupt): `status.json` says `interrupted`;
-- the profiler (`start` / `pause` around each timed region, `finish` at the end);
-- the summary fields common to both trainers (`Trainer.summary_extras` adds the rest).
-
-Several runs may train together in one program (`lanes`: K seeds vmapped in
-JAX). Each lane gets its own rows and step losses; they share the clock. Such a
-program prints no table, saves no checkpoints and raises on no lane's divergence
-(its caller reports each lane); its summary holds `seeds`, one entry (seed, final,
-epochs, step_losses) per lane. Given a `workdir` it writes `config.json`,
-`status.json` (as a single run's, counting lane 0's rows) and `seeds.json`.
-
+`lanes`: K seeds trained in one vmapped JAX program share the clock; each gets its own
+rows and step losses, and the summary holds `seeds` (one entry per lane) instead of a
+table or checkpoints. Under several processes only the `primary` one writes or prints.
 Framework-neutral: it imports neither jax nor torch.
-
-The trainer's interface (`Trainer`), what the driver relies on:
-
-- `framework` ("jax" or "torch"), `cfg` (the config as the run uses it, e.g.
-  with `devices` resolved), `stream`, `seeds` (one per lane: `[cfg.seed]` for
-  a single run), `steps` (optimizer steps per epoch), `n_train`, `n_test`.
-- `start(clock)`: a fresh run's last step before epoch 1; whatever the recipe
-  times there (the data-dependent whitening kernel) runs inside `with clock():`.
-- `restore(folder, epochs_done)`: load `write_state`'s tensors from a checkpoint
-  folder instead of `start` (off the clock).
-- `train_epoch(epoch, progress) -> (losses, correct)`: train 0-based `epoch`
-  and return, ready on the host, every step's mean training loss (shape
-  `(steps,)`, or `(lanes, steps)`) and the number of right predictions over the
-  epoch (a count, or one per lane). The driver times it.
-- `score(epoch, same_weights) -> (fields, weight_sets)`: evaluate the current
-  nets: `val_loss`, `val_acc`, `ema_val_acc` (None without an EMA) as a dict,
-  or a list of dicts, one per lane; `weight_sets` is how many weight sets were
-  scored (1 or 2). `same_weights` is True on lookahead's last epoch, where the
-  net equals its EMA and may be scored once (the trainer may still compare,
-  e.g. when hooks replaced the weights).
-- `sync()`: wait until the device has finished the work queued so far; the
-  clock calls it on entry and exit.
-- `compile_count() -> int`: graph compilations so far in the process (PyTorch's
-  dynamo; 0 for ahead-of-time JAX); the ones inside timed regions are counted
-  into `Ledger.compiles`.
-- `write_state(folder)`: every tensor the numbers depend on, into `folder`
-  (a checkpoint being built), returning once it is on disk.
-- `summary_extras(ledger) -> dict`: the trainer's own summary fields
-  (compile seconds, device, loop, ...), added after the common ones.
-
-Under torchrun or JAX's multi-process runtime every process drives its run,
-but only the primary one (`primary=True`) writes, prints or profiles.
 """
 
 from __future__ import annotations
@@ -84,7 +36,8 @@ NOT_EVALUATED: Row = {"val_loss": None, "val_acc": None, "ema_val_acc": None}
 
 
 class Trainer(Protocol):
-    """What a framework's trainer supplies to `Driver.run` (see the module docstring)."""
+    """What a framework's trainer supplies to `Driver.run`. `cfg` is the config as the run
+    uses it (e.g. `devices` resolved); `seeds` has one entry per lane; `steps` per epoch."""
 
     framework: str
     cfg: Config
@@ -94,21 +47,31 @@ class Trainer(Protocol):
     n_train: int
     n_test: int
 
-    def start(self, clock: Clock) -> None: ...
+    def start(self, clock: Clock) -> None:
+        """A fresh run's last step before epoch 1; what it times runs in `with clock():`."""
 
-    def restore(self, folder: Path, epochs_done: int) -> None: ...
+    def restore(self, folder: Path, epochs_done: int) -> None:
+        """Load `write_state`'s tensors from a checkpoint instead of `start` (off the clock)."""
 
-    def train_epoch(self, epoch: int, progress: bool) -> tuple[Any, Any]: ...
+    def train_epoch(self, epoch: int, progress: bool) -> tuple[Any, Any]:
+        """Train 0-based `epoch`: every step's mean loss ((steps,) or (lanes, steps)) and
+        the right predictions (a count or one per lane), on the host."""
 
-    def score(self, epoch: int, same_weights: bool) -> tuple[Row | list[Row], int]: ...
+    def score(self, epoch: int, same_weights: bool) -> tuple[Row | list[Row], int]:
+        """`val_loss`, `val_acc`, `ema_val_acc` (a dict, or one per lane) and the weight
+        sets scored; `same_weights`: lookahead's last epoch, where net equals EMA."""
 
-    def sync(self) -> None: ...
+    def sync(self) -> None:
+        """Wait for the device's queued work (the clock calls it on entry and exit)."""
 
-    def compile_count(self) -> int: ...
+    def compile_count(self) -> int:
+        """Graph compilations so far (dynamo; 0 for ahead-of-time JAX)."""
 
-    def write_state(self, folder: Path) -> None: ...
+    def write_state(self, folder: Path) -> None:
+        """Every tensor the numbers depend on, into a checkpoint folder, on disk."""
 
-    def summary_extras(self, ledger: Ledger) -> dict[str, Any]: ...
+    def summary_extras(self, ledger: Ledger) -> dict[str, Any]:
+        """The trainer's own summary fields (compile seconds, device, loop, ...)."""
 
 
 class Profiler(Protocol):

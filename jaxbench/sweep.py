@@ -5,24 +5,14 @@
     python -m jaxbench.sweep ... --shard 0/2 --out runs/s0   # and 1/2 on another machine
     python -m jaxbench.sweep --merge runs/s0 runs/s1 --out runs/sweep
 
-Every run is a preset (`--config`, changed for all runs by `--set FIELD=VALUE`)
-with one grid cell and one seed applied. runs.jsonl keeps each run's final
-accuracy only, so runs skip the per-epoch monitoring evaluations (`eval_every`
-is set to the epochs) unless `--set` or `--grid` names `eval_every`. A
-finished run is one line of `OUT/runs.jsonl` (its key, status, accuracy, time,
-commit and full config), appended in one write and flushed to disk, so a killed
-sweep loses at most the run in flight; the same command run again skips every
-run already in the file. `--shard i/n` takes every n-th run from the i-th, so n
-machines can share one sweep, and `--merge DIR...` joins their folders. At the
-end (and on Ctrl-C) the folder gets `summary.json` (per cell and framework: mean
-and spread), `table.md` (sorted by accuracy, then time) and, for a 1-D or 2-D
-grid, `heatmap.png` or `lines.png` (the `plot` extra). A sweep that could not start
-(bad flags, --out, data) writes nothing, nor does one stopped before its first run.
-
-Values: `field=v1,v2,...` with each value as its flag takes it; a field whose
-value has commas itself (`widths`) separates values with `;`
-(`"widths=8,16,32,64;16,32,64,128"`). Exit codes: 0 done, 1 a worker
-failed, 2 bad input, 130 Ctrl-C, 143 SIGTERM (`jaxbench.command`).
+Every run is a preset (`--config`, changed for all runs by `--set FIELD=VALUE`) with one
+grid cell and one seed applied; it skips monitoring evaluations unless `eval_every` is
+named. Each finished run is one line of `OUT/runs.jsonl`, appended and flushed, so a
+killed sweep loses at most the run in flight and the same command continues it. At the
+end (and on Ctrl-C) the folder gets `summary.json`, `table.md` and, for a 1-D or 2-D grid,
+`lines.png` or `heatmap.png`. A sweep stopped before its first run writes nothing.
+A field whose values have commas (`widths`) separates them with `;`. Exit codes: 0 done,
+1 a worker failed, 2 bad input, 130 Ctrl-C, 143 SIGTERM.
 """
 
 from __future__ import annotations
@@ -76,7 +66,7 @@ class RunSpec:
 
     @property
     def key(self) -> str:
-        """The run's identity in runs.jsonl (canonical JSON: equal runs, equal keys)."""
+        """The run's identity in runs.jsonl (canonical JSON)."""
         return json.dumps([self.framework, [[k, _jsonable(v)] for k, v in self.cell], self.seed])
 
     def config(self, base: Config) -> Config:
@@ -117,7 +107,7 @@ def parse_grid(items: Sequence[str]) -> Grid:
 
 def plan(base: Config, grid: Grid, seeds: int, frameworks: Sequence[str]) -> list[RunSpec]:
     """Every run, cell by cell, seed by seed, the frameworks interleaved (a slow stretch of
-    the machine hits both). Each cell's config is validated here, before anything runs."""
+    the machine hits both); each cell's config validated before anything runs."""
     specs = []
     names = list(grid)
     for values in itertools.product(*(grid[n] for n in names)):
@@ -137,7 +127,7 @@ def _shown(value: Any) -> str:
 
 
 def planned_keys(doc: dict[str, Any]) -> list[str]:
-    """The keys of a sweep's whole plan (all shards), in `plan`'s order, from its sweep.json."""
+    """The keys of a sweep's whole plan (all shards) in `plan`'s order, from sweep.json."""
     grid = doc["grid"]
     first = doc["base"]["seed"]
     return [
@@ -167,9 +157,8 @@ def parse_shard(text: str) -> tuple[int, int]:
 
 
 def read_runs(path: Path, repair: bool = True) -> list[dict[str, Any]]:
-    """The rows of a runs.jsonl, in order. A last line cut short by a kill (no newline at
-    its end) never counts as a run; with `repair` it is removed from the file first
-    (only while no worker writes: `repair=False` reads under the writers' lock)."""
+    """The rows of a runs.jsonl. A last line cut short by a kill is not a run; `repair`
+    removes it (only while no worker writes: else read under the writers' lock)."""
     if not path.exists():
         return []
     with open(path, "rb") as f:
@@ -192,8 +181,7 @@ def read_runs(path: Path, repair: bool = True) -> list[dict[str, Any]]:
 
 
 def append_run(path: Path, row: dict[str, Any]) -> None:
-    """One row, in one write to the end of the file, flushed to disk before returning;
-    under an exclusive lock, so workers' rows never interleave."""
+    """One row in one write, flushed, under an exclusive lock (workers never interleave)."""
     line = (json.dumps(row, allow_nan=False, sort_keys=True) + "\n").encode()
     fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
     try:
@@ -302,9 +290,8 @@ def write_outputs(out: Path, rows: Sequence[dict[str, Any]], spec: dict[str, Any
 
 def plot(out: Path, cells: Sequence[dict[str, Any]], grid: Grid, frameworks: Sequence[str]
          ) -> Path | None:  # fmt: skip
-    """heatmap.png (2-D grid: a panel per framework and their difference) or lines.png
-    (1-D: accuracy against the field, error bars = std over seeds); None otherwise or
-    without matplotlib."""
+    """lines.png (1-D grid, error bars = std over seeds) or heatmap.png (2-D: a panel per
+    framework and their difference); None otherwise or without matplotlib."""
     try:
         from matplotlib.figure import Figure
     except ImportError:
@@ -428,8 +415,7 @@ def _data_for(base: Config, specs: Sequence[RunSpec]) -> Callable[[Config], Any]
 
 
 def batches(todo: Sequence[RunSpec], vmap_seeds: int) -> list[list[RunSpec]]:
-    """The runs in `todo`'s order, JAX runs of one cell grouped up to `vmap_seeds` per
-    program (`train.train_seeds`); every other run alone."""
+    """The runs in order, JAX runs of one cell grouped up to `vmap_seeds` per program."""
     out: list[list[RunSpec]] = []
     open_group: dict[tuple[tuple[str, Any], ...], list[RunSpec]] = {}
     for spec in todo:
@@ -502,8 +488,8 @@ class Reporter:
 
 def _next_group(pending: list[list[RunSpec]], claims: workers.Claims | None,
                 last: tuple[str, Any] | None) -> list[RunSpec]:  # fmt: skip
-    """Pop the next group to train: plan order alone, or, among workers, the runs of the
-    first group this worker can claim, preferring the program it just compiled."""
+    """Pop the next group: plan order, or among workers the runs this one can claim of the
+    first group, preferring the program it just compiled."""
     if claims is None:
         return pending.pop(0)
     while pending:
@@ -518,10 +504,8 @@ def run_sweep(out: Path, base: Config, todo: Sequence[RunSpec], trainers: dict[s
               data: Callable[[Config], Any], reporter: Reporter, vmap_seeds: int = 1,
               claims: workers.Claims | None = None, worker: dict[str, Any] | None = None,
               ) -> None:  # fmt: skip
-    """Run `todo`, appending each finished run to runs.jsonl (a vmapped group's runs
-    together, when its program ends). A worker (`claims`, `worker`: its `worker` and
-    `cpus` fields for each row) trains only runs it claims, and stops between runs
-    once its parent is gone."""
+    """Run `todo`, appending each finished run to runs.jsonl. A worker (`claims`; `worker`:
+    fields for each row) trains only runs it claims, and stops once its parent is gone."""
     commit = report.environment(()).get("git_commit")
     parent = os.getppid()
     pending = batches(todo, vmap_seeds)
@@ -634,8 +618,7 @@ def merge(cmd: Command, out: Path, folders: Sequence[str], overwrite: bool) -> i
 
 
 def sweep_plan(args: argparse.Namespace) -> tuple[Config, Grid, list[str], list[RunSpec]]:
-    """(base config, grid, frameworks, this shard's runs) from the command line; a one-line
-    ValueError for anything wrong, before anything runs."""
+    """(base config, grid, frameworks, this shard's runs) from the flags, checked."""
     base = get_config(args.config)
     for item in args.set:
         name, sep, text = item.partition("=")
@@ -666,8 +649,8 @@ def sweep_plan(args: argparse.Namespace) -> tuple[Config, Grid, list[str], list[
 
 
 def _worker_main(cmd: Command, args: argparse.Namespace) -> int:
-    """One worker of `--workers N`: the parent checked the command and wrote sweep.json;
-    this trains the runs it can claim, appends them, and leaves the summary to the parent."""
+    """One worker of `--workers N`: trains the runs it can claim; the parent checked the
+    command, wrote sweep.json and writes the summary."""
     cpus = workers.enter_worker()  # before JAX or PyTorch start
     out = Path(args.out)
     index, count = parse_shard(args.worker)
@@ -706,9 +689,8 @@ def _prepare(cmd: Command, out: Path, spec: dict[str, Any], overwrite: bool) -> 
 
 
 def stopped(out: Path, word: str, before: set[str], old_spec: bytes | None) -> str:
-    """Ctrl-C or SIGTERM once sweep.json is written: the summary of the finished runs, or,
-    with none finished, the folder as it was (`before`: its entries, `old_spec`: its
-    sweep.json's bytes, None if it had none), so no empty table or figure is left."""
+    """Ctrl-C or SIGTERM after sweep.json: the summary of the finished runs, or with none,
+    the folder put back as it was (`before`: its entries, `old_spec`: its sweep.json)."""
     rows = read_runs(out / RUNS)
     if not rows:
         for name in sorted(set(os.listdir(out)) - before):
@@ -728,8 +710,7 @@ def stopped(out: Path, word: str, before: set[str], old_spec: bytes | None) -> s
 
 
 def _main(cmd: Command, argv: list[str]) -> int:
-    """Check everything (flags, --out, trainers, data) before sweep.json is written, then
-    train what is left and write the summary."""
+    """Check flags, --out, trainers and data before sweep.json, then train what is left."""
     args = build_parser().parse_args(argv)
     if args.out is None:
         raise ValueError("--out DIR is required: the folder that keeps the sweep's runs")
