@@ -163,7 +163,10 @@ class Driver:
             summary = _summary(trainer, self.framework, ledger, lane_rows, lane_losses,
                                several=self.several)  # fmt: skip
             if profiler is not None:
-                summary["profile"] = _finish_profile(profiler, self.framework, self.quiet)
+                summary["profile"] = profile = profiler.finish()
+                if not self.quiet:
+                    title = f"{self.framework}: top operations (self time)"
+                    print(format_top_ops(profile["top_ops"], title))
             if self.several and self.workdir is not None:
                 write_json(Path(self.workdir) / "seeds.json", summary)
                 recorder.set_status("done")
@@ -247,14 +250,6 @@ def _epoch(
     return rows
 
 
-def _finish_profile(profiler: Profiler, framework: str, quiet: bool) -> dict[str, Any]:
-    """The profiler's record (trace, top operations); the table on stdout unless quiet."""
-    profile = profiler.finish()
-    if not quiet:
-        print(format_top_ops(profile["top_ops"], f"{framework}: top operations (self time)"))
-    return profile
-
-
 def _summary(
     trainer: Trainer,
     framework: str,
@@ -277,20 +272,16 @@ def _summary(
         }
         for seed, rows, losses in zip(trainer.seeds, lane_rows, lane_losses, strict=True)
     ]
-    common: dict[str, Any]
-    if not several:
+    if several:
+        common: dict[str, Any] = {"seeds": runs, "total_time_seconds": timed}
+    else:  # a single run's seed is cfg.seed
         common = {
-            "final": runs[0]["final"],
-            "epochs": runs[0]["epochs"],
-            "step_losses": runs[0]["step_losses"],
+            **runs[0],
             "total_time_seconds": timed,
             "final_eval_weight_sets": ledger.weight_sets,
             "images_per_second": images / timed if timed > 0 else None,
-            "seed": cfg.seed,
             "stream": trainer.stream,
         }
-    else:
-        common = {"seeds": runs, "total_time_seconds": timed}
     common.update(
         environment=environment((framework,)),
         config=cfg.to_dict(),
