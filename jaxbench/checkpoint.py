@@ -49,8 +49,7 @@ def latest(run_dir: str | os.PathLike[str]) -> tuple[int, Path] | None:
 
 @contextlib.contextmanager
 def deferred_signals() -> Iterator[None]:
-    """SIGINT and SIGTERM inside the block take effect when it ends (main thread only): a
-    checkpoint written by orbax's threads cannot be cleaned up once cut short."""
+    """SIGINT and SIGTERM in the block take effect at its end (orbax cannot be cut short)."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
@@ -78,8 +77,7 @@ def save(
     progress: dict[str, Any],
     write_state: Callable[[Path], None],
 ) -> Path:
-    """Write checkpoint `epoch_<epoch>`: `write_state(folder)` and `progress` into a
-    temporary folder, then one rename publishes it."""
+    """Write checkpoint `epoch_<epoch>` into a temporary folder; one rename publishes it."""
     folder = Path(run_dir).resolve() / CHECKPOINTS
     folder.mkdir(parents=True, exist_ok=True)
     final = folder / f"epoch_{epoch}"
@@ -146,8 +144,7 @@ def load_progress(
 
 @dataclasses.dataclass
 class Ledger:
-    """What a run accumulates besides its weights: epochs done, step losses, timed seconds,
-    compiles inside them and the weight sets the final evaluation scored."""
+    """What a run accumulates besides its weights; a checkpoint's progress.json holds it."""
 
     epoch: int = 0
     step_losses: list[float] = dataclasses.field(default_factory=list)

@@ -38,8 +38,7 @@ class OutputError(ValueError):
 
 
 class Terminated(KeyboardInterrupt):
-    """SIGTERM: the command stops as on Ctrl-C (`except KeyboardInterrupt` catches both),
-    saving what it can, and exits 143."""
+    """SIGTERM: stops like Ctrl-C (a KeyboardInterrupt), exit 143."""
 
 
 def raise_terminated(signum: int, frame: Any) -> None:
@@ -47,8 +46,7 @@ def raise_terminated(signum: int, frame: Any) -> None:
 
 
 def exit_interrupted(message: str, code: int = EXIT_INTERRUPTED) -> NoReturn:
-    """Print `message` and leave with `os._exit`: XLA or PyTorch work cut short by Ctrl-C
-    is not safe to tear down at interpreter exit (XLA:CPU has segfaulted there)."""
+    """Print `message`, `os._exit`: XLA work cut short is unsafe to tear down normally."""
     sys.stdout.flush()
     print(message, file=sys.stderr, flush=True)
     os._exit(code)
@@ -57,9 +55,6 @@ def exit_interrupted(message: str, code: int = EXIT_INTERRUPTED) -> NoReturn:
 def one_line(error: BaseException) -> str:
     parts = [line.strip() for line in str(error).splitlines() if line.strip()]
     return "error: " + ("; ".join(parts) or type(error).__name__)
-
-
-# --- output places ----------------------------------------------------------------------------
 
 
 def prepare_output(
@@ -124,9 +119,6 @@ def _missing_parents(p: Path) -> list[Path]:
     return missing
 
 
-# --- the wrapper ------------------------------------------------------------------------------
-
-
 class Command:
     """What one run of a command prepared: the folders it made, and its stop line."""
 
@@ -157,8 +149,7 @@ class Command:
     def prepare_file(
         self, path: str | os.PathLike[str], *, overwrite: bool, flag: str = "--out"
     ) -> Path:
-        """Check a flag naming one result file: not a folder, not an existing file (unless
-        `overwrite`), in a writable folder (made if missing)."""
+        """Check a flag naming one result file (not a folder, new unless `overwrite`)."""
         p = Path(path)
         if p.is_dir():
             raise OutputError(f"{flag} {p} is a folder, not a file; name a file (e.g. {p}/x.json)")

@@ -19,8 +19,7 @@ from typing import Any
 
 @dataclass(frozen=True)
 class Recipe:
-    """The training recipe: data, model, optimizer, evaluation and augmentation. Two runs
-    of one recipe and seed give the same numbers."""
+    """The training recipe: what changes the numbers (one recipe and seed, one result)."""
 
     name: str = field(default="resnet9", metadata={"help": "preset the config came from"})
     # --- data -----------------------------------------------------------------
@@ -189,8 +188,7 @@ class Recipe:
 
 @dataclass(frozen=True)
 class RunOptions:
-    """How and where one run of a recipe goes: its seed, where its data and results live,
-    how its steps are placed. The loop and the devices leave the numbers as they are."""
+    """How and where one run of a recipe goes; these leave the numbers as they are."""
 
     seed: int = field(default=0, metadata={"help": "seed for init, shuffling and augmentation"})
     data_dir: str | None = field(
@@ -219,8 +217,7 @@ class RunOptions:
 
 @dataclass(frozen=True)
 class Config(RunOptions, Recipe):
-    """A run: its recipe's fields, then its run options', one flat set of fields and flags
-    (field docs become `--help` text)."""
+    """A run: the recipe's fields, then the run options' (field docs become `--help`)."""
 
     def replace(self, **changes: Any) -> Config:
         """A copy with some fields changed, validated."""
@@ -231,9 +228,7 @@ class Config(RunOptions, Recipe):
         return recipe_of(self)
 
     def to_dict(self) -> dict[str, Any]:
-        d = dataclasses.asdict(self)
-        d["widths"] = list(self.widths)
-        return d
+        return {**dataclasses.asdict(self), "widths": list(self.widths)}
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True, allow_nan=False)
@@ -361,8 +356,7 @@ def _check_rates(cfg: Config) -> None:
 
 
 def check_supported(cfg: Config, trainer: str) -> None:
-    """Refuse fields a model does not implement instead of ignoring them: ResNet-9 leaves
-    the airbench-only ones (lookahead, shifted TTA, ...) at their defaults."""
+    """Refuse fields a model does not implement (ResNet-9: the airbench-only ones)."""
     if cfg.model not in MODELS:
         raise ValueError(f"{trainer} trains --model {' or '.join(MODELS)}, not {cfg.model!r}")
     if cfg.model == "speedrun":
@@ -412,8 +406,7 @@ class OneLineErrorParser(argparse.ArgumentParser):
 
 
 def optimizer_scales(cfg: Config) -> tuple[float, float]:
-    """(lr, weight_decay) as the optimizer sees them: a summed loss's gradient is `batch`
-    times a mean loss's, so it steps `lr / batch` with decay `weight_decay * batch`."""
+    """(lr, weight_decay) as the optimizer sees them: / and x batch for a summed loss."""
     if cfg.loss_reduction == "sum":
         return cfg.lr / cfg.batch_size, cfg.weight_decay * cfg.batch_size
     return cfg.lr, cfg.weight_decay
@@ -701,8 +694,7 @@ def _optional(parse: Callable[[str], Any]) -> Callable[[str], Any]:
 
 
 def add_config_args(parser: argparse.ArgumentParser, skip: Sequence[str] = ("name",)) -> None:
-    """Add `--config` (unless skipped) and one flag per Config field; flags not given keep
-    the preset's value."""
+    """`--config` (unless skipped) and a flag per Config field; unset flags keep the preset."""
     if "config" not in skip:
         parser.add_argument(
             "--config",
@@ -750,8 +742,7 @@ MAY_DIFFER: tuple[str, ...] = ("out", "data_dir", "checkpoint_every")
 
 
 def resumed_config(args: argparse.Namespace, saved: Config, run_dir: str) -> Config:
-    """The saved config with the `MAY_DIFFER` flags applied; any other flag given must
-    repeat the saved value."""
+    """The saved config with `MAY_DIFFER` flags applied; other flags must repeat it."""
 
     def refuse(flag: str, saved_value: object) -> ValueError:
         return ValueError(
@@ -797,8 +788,7 @@ def config_from_dict(d: dict[str, Any]) -> Config:
     d = dict(d)
     if "widths" in d:
         d["widths"] = tuple(d["widths"])
-    known = {f.name for f in dataclasses.fields(Config)}
-    unknown = set(d) - known
+    unknown = set(d) - {f.name for f in dataclasses.fields(Config)}
     if unknown:
         raise ValueError(f"config has unknown fields {sorted(unknown)}")
     return validate(Config(**d))

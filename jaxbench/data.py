@@ -637,8 +637,7 @@ def _check_cache_folder(cache: Path) -> None:
 
 
 def _from_folder(root: Path, spec: Spec, cache: Path) -> Dataset:
-    """An official layout in the folder (or the folder itself), else an archive in it; or
-    the official archive itself."""
+    """An official layout in or at the folder, else an archive in it, or the archive itself."""
     if (
         root.is_file()
         and root.stat().st_size > 0
@@ -751,8 +750,7 @@ def load_dataset(
     download: bool = True,
     progress: bool = True,
 ) -> Dataset:
-    """The dataset of `cfg` (keywords override it), `subset` / `test_subset` applied.
-    `DataError` (a `ValueError`, one line) for anything wrong."""
+    """The dataset of `cfg` (keywords override it), subsets applied; DataError if wrong."""
     cfg = cfg or Config()
     spec = get_spec(dataset or cfg.dataset)
     source = source or cfg.source

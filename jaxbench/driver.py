@@ -36,8 +36,7 @@ NOT_EVALUATED: Row = {"val_loss": None, "val_acc": None, "ema_val_acc": None}
 
 
 class Trainer(Protocol):
-    """What a framework's trainer supplies to `Driver.run`. `cfg` is the config as the run
-    uses it (e.g. `devices` resolved); `seeds` has one entry per lane; `steps` per epoch."""
+    """What a framework's trainer supplies to `Driver.run`; `seeds`: one per lane."""
 
     framework: str
     cfg: Config
@@ -54,12 +53,10 @@ class Trainer(Protocol):
         """Load `write_state`'s tensors from a checkpoint instead of `start` (off the clock)."""
 
     def train_epoch(self, epoch: int, progress: bool) -> tuple[Any, Any]:
-        """Train 0-based `epoch`: every step's mean loss ((steps,) or (lanes, steps)) and
-        the right predictions (a count or one per lane), on the host."""
+        """Train 0-based `epoch`: step losses ((steps,) or (lanes, steps)) and right counts."""
 
     def score(self, epoch: int, same_weights: bool) -> tuple[Row | list[Row], int]:
-        """`val_loss`, `val_acc`, `ema_val_acc` (a dict, or one per lane) and the weight
-        sets scored; `same_weights`: lookahead's last epoch, where net equals EMA."""
+        """Evaluate: val_loss, val_acc, ema_val_acc (per lane) and the weight sets scored."""
 
     def sync(self) -> None:
         """Wait for the device's queued work (the clock calls it on entry and exit)."""
@@ -124,8 +121,7 @@ class Driver:
             self.ckpt, self.saved = checkpoint.load_progress(resume, cfg, framework, stream)
 
     def run(self, trainer: Trainer, profiler: Profiler | None = None) -> dict[str, Any]:
-        """Train every epoch left, evaluate when due, write the files; the summary. A single
-        run's NaN loss raises FloatingPointError; Ctrl-C passes through (`interrupted`)."""
+        """Train the epochs left, evaluate when due, write the files; the summary."""
         cfg = trainer.cfg
         if len(trainer.seeds) != self.lanes:
             raise ValueError(f"the trainer has {len(trainer.seeds)} lanes, the driver {self.lanes}")
@@ -293,8 +289,7 @@ def _summary(
 
 
 class _Clock:
-    """`with clock():` times a region: synchronised wall seconds into `ledger.timed_seconds`,
-    graph compilations inside it into `ledger.compiles`, and the profiler's trace."""
+    """`with clock():` adds a region's synchronised seconds and compiles to the ledger."""
 
     def __init__(self, trainer: Trainer, ledger: Ledger, profiler: Profiler | None) -> None:
         self.trainer, self.ledger, self.profiler = trainer, ledger, profiler

@@ -115,8 +115,7 @@ PROBE_TIMEOUT = 10.0  # seconds for each git / lscpu / nvidia-smi call
 
 
 def probe(args: Sequence[str]) -> tuple[str | None, str]:
-    """(stdout, "") of a short command, or (None, why); never raises. C locale (English
-    labels), own process group (a timeout also ends children holding its pipes)."""
+    """(stdout, "") of a short command in the C locale, or (None, why); never raises."""
     try:
         proc = subprocess.Popen(
             list(args),
@@ -244,8 +243,7 @@ def _program() -> str:
 
 
 def environment(frameworks: Sequence[str] = ()) -> dict[str, Any]:
-    """Host, Python and framework versions and the code's git state (`git_state`), beside
-    every result; no lookup raises or waits more than a few seconds."""
+    """Host, Python and framework versions and the code's git state, beside every result."""
     env: dict[str, Any] = {
         "python": platform.python_version(),
         "platform": platform.platform(),

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
@@ -23,9 +23,6 @@ CI_LEVEL = 0.95
 Z_TOL = 5.0  # |z| of the sample mean and standard deviation
 KS_ALPHA = 1e-4  # per-test false-alarm rate of the Kolmogorov-Smirnov test
 MAX_TAIL_P = 1e-6  # P(max |w| falls below the accepted range) for a true uniform
-
-
-# --- summaries --------------------------------------------------------------------------------
 
 
 def mean_std(values: Sequence[float]) -> dict[str, Any]:
@@ -51,9 +48,6 @@ def share_at_least(values: Sequence[float], target: float) -> tuple[int, float]:
     x = np.asarray(values, dtype=np.float64)
     k = int(np.sum(x >= target))
     return k, k / x.size
-
-
-# --- Student's t ------------------------------------------------------------------------------
 
 
 def t_quantile(p: float, df: float) -> float:
@@ -98,9 +92,6 @@ def ratio_ci(
     return out
 
 
-# --- parity check 1: initial weights against uniform(-b, b) -----------------------------------
-
-
 @dataclass(frozen=True)
 class UniformFit:
     """How well a pooled sample fits uniform(-bound, bound); every figure has its tolerance."""
@@ -126,9 +117,7 @@ class UniformFit:
         )
 
     def as_dict(self) -> dict[str, float | int | bool]:
-        d = {k: getattr(self, k) for k in self.__dataclass_fields__}
-        d["passed"] = self.passed
-        return d
+        return {**asdict(self), "passed": self.passed}
 
 
 def uniform_fit(sample: np.ndarray, bound: float) -> UniformFit:
@@ -164,9 +153,6 @@ def uniform_fit(sample: np.ndarray, bound: float) -> UniformFit:
     )
 
 
-# --- parity check 7: is JAX-vs-PyTorch further apart than PyTorch-vs-PyTorch? -----------------
-
-
 @dataclass(frozen=True)
 class ChaosTest:
     """One figure of check 7 (the model: `chaos_test`; values as fractions)."""
@@ -190,10 +176,7 @@ class ChaosTest:
         return bool(abs(self.diff) <= self.bar)
 
     def as_dict(self) -> dict[str, float | int | bool]:
-        d = {k: getattr(self, k) for k in self.__dataclass_fields__}
-        d["bar"] = self.bar
-        d["passed"] = self.passed
-        return d
+        return {**asdict(self), "bar": self.bar, "passed": self.passed}
 
 
 def chaos_moments(

@@ -110,8 +110,7 @@ def normalize_numpy(images_NHWC: np.ndarray, dataset: str = "cifar10") -> np.nda
 
 
 def tta_weights(cfg: Config) -> tuple[float, ...]:
-    """Weights of the test-time views in the trainers' order: the image; its mirror; with
-    `tta_shift` the up-left and down-right 1-px translates and their mirrors."""
+    """Weights of the test-time views: image, mirror, then 1-px shifts and their mirrors."""
     if not cfg.tta:
         return (1.0,)
     if not cfg.tta_shift:

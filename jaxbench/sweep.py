@@ -36,7 +36,7 @@ import numpy as np
 from jaxbench import report, stats
 from jaxbench import sweep_workers as workers
 from jaxbench.command import BAD_INPUT, Command, check_writable, run_command
-from jaxbench.configs import PRESETS, Config, OneLineErrorParser, get_config, parse_field, validate
+from jaxbench.configs import PRESETS, Config, OneLineErrorParser, get_config, parse_field
 from jaxbench.progress import progress_bar
 
 RUNS = "runs.jsonl"
@@ -106,14 +106,13 @@ def parse_grid(items: Sequence[str]) -> Grid:
 
 
 def plan(base: Config, grid: Grid, seeds: int, frameworks: Sequence[str]) -> list[RunSpec]:
-    """Every run, cell by cell, seed by seed, the frameworks interleaved (a slow stretch of
-    the machine hits both); each cell's config validated before anything runs."""
+    """Every run, cell by cell, seed by seed, frameworks interleaved; each cell validated."""
     specs = []
     names = list(grid)
     for values in itertools.product(*(grid[n] for n in names)):
         cell = tuple(zip(names, values, strict=True))
         try:
-            validate(base.replace(**dict(cell)))
+            base.replace(**dict(cell))  # validates
         except ValueError as e:
             shown = " ".join(f"{k}={_shown(v)}" for k, v in cell)
             raise ValueError(f"grid cell {shown}: {e}") from None
@@ -128,8 +127,7 @@ def _shown(value: Any) -> str:
 
 def planned_keys(doc: dict[str, Any]) -> list[str]:
     """The keys of a sweep's whole plan (all shards) in `plan`'s order, from sweep.json."""
-    grid = doc["grid"]
-    first = doc["base"]["seed"]
+    grid, first = doc["grid"], doc["base"]["seed"]
     return [
         RunSpec(fw, tuple(zip(grid, values, strict=True)), seed).key
         for values in itertools.product(*grid.values())
@@ -199,7 +197,8 @@ def _finite(x: Any) -> float | None:
 def run_row(spec: RunSpec, cfg: Config, summary: dict[str, Any] | None, status: str,
             detail: str | None, commit: str | None) -> dict[str, Any]:  # fmt: skip
     """What runs.jsonl keeps of one run."""
-    final = (summary or {}).get("final", {})
+    summary = summary or {}
+    final = summary.get("final", {})
     acc = final.get("ema_val_acc")
     return {
         "key": spec.key,
@@ -210,8 +209,8 @@ def run_row(spec: RunSpec, cfg: Config, summary: dict[str, Any] | None, status: 
         "detail": detail,
         "accuracy": _finite(acc if acc is not None else final.get("val_acc")),
         "val_acc": _finite(final.get("val_acc")),
-        "time_seconds": _finite((summary or {}).get("total_time_seconds")),
-        "compile_seconds": _finite((summary or {}).get("compile_seconds")),
+        "time_seconds": _finite(summary.get("total_time_seconds")),
+        "compile_seconds": _finite(summary.get("compile_seconds")),
         "commit": commit,
         "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "config": cfg.to_dict(),
@@ -229,18 +228,16 @@ def aggregate(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     out = []
     for (fw, cell), rs in groups.items():
         done = [r for r in rs if r["status"] == "done"]
+        accs = [r["accuracy"] for r in done if r["accuracy"] is not None]
+        times = [r["time_seconds"] for r in done if r["time_seconds"]]
         out.append(
             {
                 "framework": fw,
                 "cell": json.loads(cell),
                 "runs": len(rs),
                 "done": len(done),
-                "accuracy": stats.mean_std(
-                    [r["accuracy"] for r in done if r["accuracy"] is not None]
-                ),
-                "time_seconds": stats.mean_std(
-                    [r["time_seconds"] for r in done if r["time_seconds"]]
-                ),
+                "accuracy": stats.mean_std(accs),
+                "time_seconds": stats.mean_std(times),
             }
         )
     return out
@@ -283,15 +280,13 @@ def write_outputs(out: Path, rows: Sequence[dict[str, Any]], spec: dict[str, Any
     }
     report.write_json(out / "summary.json", summary)
     report.atomic_write_text(out / "table.md", format_table(cells, grid))
-    written = [out / "summary.json", out / "table.md"]
     figure = plot(out, cells, grid, spec["frameworks"])
-    return written + ([figure] if figure is not None else [])
+    return [out / "summary.json", out / "table.md", *([figure] if figure is not None else [])]
 
 
 def plot(out: Path, cells: Sequence[dict[str, Any]], grid: Grid, frameworks: Sequence[str]
          ) -> Path | None:  # fmt: skip
-    """lines.png (1-D grid, error bars = std over seeds) or heatmap.png (2-D: a panel per
-    framework and their difference); None otherwise or without matplotlib."""
+    """lines.png (1-D grid) or heatmap.png (2-D, a panel per framework and their difference)."""
     try:
         from matplotlib.figure import Figure
     except ImportError:
@@ -488,8 +483,7 @@ class Reporter:
 
 def _next_group(pending: list[list[RunSpec]], claims: workers.Claims | None,
                 last: tuple[str, Any] | None) -> list[RunSpec]:  # fmt: skip
-    """Pop the next group: plan order, or among workers the runs this one can claim of the
-    first group, preferring the program it just compiled."""
+    """Pop the next group; a worker takes the runs it can claim, preferring its last program."""
     if claims is None:
         return pending.pop(0)
     while pending:
@@ -504,8 +498,7 @@ def run_sweep(out: Path, base: Config, todo: Sequence[RunSpec], trainers: dict[s
               data: Callable[[Config], Any], reporter: Reporter, vmap_seeds: int = 1,
               claims: workers.Claims | None = None, worker: dict[str, Any] | None = None,
               ) -> None:  # fmt: skip
-    """Run `todo`, appending each finished run to runs.jsonl. A worker (`claims`; `worker`:
-    fields for each row) trains only runs it claims, and stops once its parent is gone."""
+    """Train `todo` into runs.jsonl; a worker (`claims`) trains only runs it claims."""
     commit = report.environment(()).get("git_commit")
     parent = os.getppid()
     pending = batches(todo, vmap_seeds)
@@ -626,7 +619,6 @@ def sweep_plan(args: argparse.Namespace) -> tuple[Config, Grid, list[str], list[
             raise ValueError(f"--set {item!r}: expected FIELD=VALUE (e.g. epochs=2)")
         name = name.strip().replace("-", "_")
         base = base.replace(**{name: parse_field(name, text.strip())})
-    base = validate(base)
     if args.data_dir is not None:
         base = base.replace(data_dir=args.data_dir)
     elif os.environ.get("JAXBENCH_DATA_DIR"):
@@ -649,8 +641,7 @@ def sweep_plan(args: argparse.Namespace) -> tuple[Config, Grid, list[str], list[
 
 
 def _worker_main(cmd: Command, args: argparse.Namespace) -> int:
-    """One worker of `--workers N`: trains the runs it can claim; the parent checked the
-    command, wrote sweep.json and writes the summary."""
+    """One worker of `--workers N`: trains the runs it can claim (the parent summarises)."""
     cpus = workers.enter_worker()  # before JAX or PyTorch start
     out = Path(args.out)
     index, count = parse_shard(args.worker)
@@ -689,8 +680,7 @@ def _prepare(cmd: Command, out: Path, spec: dict[str, Any], overwrite: bool) -> 
 
 
 def stopped(out: Path, word: str, before: set[str], old_spec: bytes | None) -> str:
-    """Ctrl-C or SIGTERM after sweep.json: the summary of the finished runs, or with none,
-    the folder put back as it was (`before`: its entries, `old_spec`: its sweep.json)."""
+    """Ctrl-C after sweep.json: the finished runs' summary, or with none the folder as it was."""
     rows = read_runs(out / RUNS)
     if not rows:
         for name in sorted(set(os.listdir(out)) - before):

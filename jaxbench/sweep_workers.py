@@ -25,9 +25,6 @@ from typing import IO, Any
 WORKERS_DIR = "workers"
 
 
-# --- the machine's share of each worker ------------------------------------------------------
-
-
 def usable_cpus() -> list[int]:
     """The cores this process may run on (affinity-aware where the OS says)."""
     try:
@@ -82,8 +79,7 @@ def worker_env(index: int, count: int, environ: dict[str, str]) -> dict[str, str
 
 
 def enter_worker() -> list[int]:
-    """Before JAX or PyTorch start: pin to the parent's cores (returned), and die with the
-    parent (Linux)."""
+    """Before JAX or PyTorch start: pin to the parent's cores and die with the parent."""
     text = os.environ.get("JAXBENCH_WORKER_CPUS", "")
     cpus = [int(c) for c in text.split(",") if c.strip()] or usable_cpus()
     with contextlib.suppress(AttributeError, OSError):
@@ -95,9 +91,6 @@ def enter_worker() -> list[int]:
 
         ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)
     return cpus
-
-
-# --- claims and the shared runs.jsonl --------------------------------------------------------
 
 
 class Claims:
@@ -131,15 +124,11 @@ def locked(fd: int, exclusive: bool) -> Iterator[None]:
 
 
 def prefer_same_program(groups: list[list[Any]], last: tuple[str, Any] | None) -> int:
-    """Index of the first group of the (framework, cell) just trained (its program is
-    compiled), else 0."""
+    """Index of the first group of the (framework, cell) just compiled, else 0."""
     for i, group in enumerate(groups):
         if (group[0].framework, group[0].cell) == last:
             return i
     return 0
-
-
-# --- the parent ------------------------------------------------------------------------------
 
 
 def child_argv(argv: Sequence[str]) -> list[str]:
@@ -161,8 +150,7 @@ def run_workers(
     on_row: Callable[[dict[str, Any]], None],
     interval: float = 1.0,
 ) -> list[str]:
-    """Start `count` workers, pass each new row of runs.jsonl to `on_row`, wait; one line
-    per worker that failed. Ctrl-C stops the workers too and propagates."""
+    """Start the workers, pass each new row to `on_row`; one line per failed worker."""
     folder = out / WORKERS_DIR
     shutil.rmtree(folder / "claims", ignore_errors=True)
     (folder / "claims").mkdir(parents=True)
