@@ -575,8 +575,6 @@ def speedrun_muon() -> Config:
         lr_start=1.0,
         lr_end=0.0,
         lr_peak_epoch=1.0,  # unused by the linear schedule
-        momentum=0.85,
-        nesterov=True,
         weight_decay=2e-6 / head_lr,
         bn_bias_lr_mult=bias_lr / head_lr,
         bn_bias_wd_mult=head_lr / bias_lr,
@@ -586,7 +584,6 @@ def speedrun_muon() -> Config:
         output_scale=1.0 / 256.0,
         head_unit_std=True,
         whiten_bias_init="uniform",
-        whiten_bias_epochs=3,
         whiten_bias_own_lr=True,
         ema_every=0,
         lookahead=False,

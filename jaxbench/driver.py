@@ -82,12 +82,8 @@ class Profiler(Protocol):
 
 
 class Driver:
-    """One run's folder, checkpoints, clock, rows and summary around a `Trainer`.
-
-    Made before the trainer builds anything, so a bad `resume` fails before compiling;
-    `workdir` defaults to `resume`, then `cfg.out`. `lanes` (K runs in one program;
-    None: a single run) refuses `resume`, writes only to a `workdir` given, returns one
-    entry per seed."""
+    """One run's folder, checkpoints, clock, rows and summary around a `Trainer`; made before
+    the trainer builds anything, so a bad `resume` fails before compiling."""
 
     def __init__(
         self,
@@ -176,10 +172,8 @@ class Finished(Exception):
 
 
 def check_resume(folder: str | os.PathLike[str], *, re_evaluate: bool = False) -> None:
-    """What `--resume` checks before anything loads. Refused (ValueError): a run whose
-    status says running with its process alive on this host (two runs would write one
-    folder). A dead one ("stopped without a word", `report.read_status`) resumes.
-    A finished run (summary.json) raises `Finished`, unless `re_evaluate`."""
+    """Before anything loads: refuse a run still alive on this host (ValueError); a finished
+    one raises `Finished` unless `re_evaluate`; a dead one resumes."""
     folder = Path(folder)
     try:
         status = read_status(folder)
@@ -207,11 +201,8 @@ def _epoch(
     progress: bool,
     several: bool,
 ) -> list[Row]:
-    """Train `epoch` on the clock, evaluate when due; one metrics row per lane.
-
-    Monitoring evaluations are off the clock; the final one is part of the timed
-    run. A single run's non-finite training loss returns its row at once, unevaluated.
-    """
+    """Train `epoch` on the clock, evaluate when due (only the final evaluation timed); one
+    row per lane. A single run's non-finite loss returns its row unevaluated."""
     cfg, lanes = trainer.cfg, len(lane_losses)
     with clock():
         losses, correct = trainer.train_epoch(epoch, progress)

@@ -43,11 +43,7 @@ def _jsonable(x: Any) -> Any:
         return {str(k): _jsonable(v) for k, v in x.items()}
     if isinstance(x, (list, tuple)):
         return [_jsonable(v) for v in x]
-    if isinstance(x, np.ndarray):
-        return x.tolist()
-    if isinstance(x, np.generic):
-        return x.item()
-    if hasattr(x, "tolist") and callable(x.tolist):  # jax / torch scalars and arrays
+    if hasattr(x, "tolist") and callable(x.tolist):  # numpy, jax and torch scalars and arrays
         return x.tolist()
     return x
 
@@ -336,11 +332,8 @@ def read_status(run_dir: str | Path) -> dict[str, Any]:
 
 
 class RunRecorder:
-    """The per-epoch table on stdout and the run's files, the same for both trainers.
-
-    `status.json` says `running`, then `done`, `diverged` or `interrupted`, with
-    `epochs_completed` equal to the rows of `metrics.jsonl` (written after them).
-    """
+    """The per-epoch table and the run's files; `status.json` (running, done, diverged or
+    interrupted) counts the rows of `metrics.jsonl`, being written after them."""
 
     def __init__(
         self,

@@ -65,11 +65,8 @@ def t_sf(t: float, df: float) -> float:
 def ratio_ci(
     numerator: Sequence[float], denominator: Sequence[float], level: float = CI_LEVEL
 ) -> dict[str, Any]:
-    """Ratio of means with a confidence interval (None with fewer than two runs a side).
-
-    Delta method: Var(log mean) ~= s^2 / (n mean^2); the interval is symmetric in the log
-    (never crosses zero), with Student's t at Welch-Satterthwaite degrees of freedom.
-    """
+    """Ratio of means with a log-symmetric Welch t interval (None with under two runs a side),
+    by the delta method: Var(log mean) ~= s^2 / (n mean^2)."""
     a = np.asarray(numerator, dtype=np.float64)
     b = np.asarray(denominator, dtype=np.float64)
     if a.size == 0 or b.size == 0:

@@ -44,13 +44,10 @@ class EpochPlan:
     def batch(self, step: int, batch_size: int) -> EpochPlan:
         """The slice of the plan that step `step` of the epoch consumes."""
         sl = slice(step * batch_size, (step + 1) * batch_size)
-        return EpochPlan(*(getattr(self, f)[sl] for f in _FIELDS))
+        return EpochPlan(**{k: v[sl] for k, v in vars(self).items()})
 
     def as_dict(self) -> dict[str, np.ndarray]:
-        return {f: getattr(self, f) for f in _FIELDS}
-
-
-_FIELDS = ("indices", "crop_y", "crop_x", "flip", "cutout_y", "cutout_x")
+        return dict(vars(self))
 
 
 def steps_per_epoch(cfg: Config, n_train: int) -> int:
