@@ -1,14 +1,9 @@
-"""How every `python -m` command starts and stops: one wrapper, one set of promises.
+"""How every `python -m` command starts and stops: `run_command(lambda cmd: _main(cmd, argv))`.
 
-Output places are checked (and made) before any work, and a folder the command made is
-removed if it ends empty. Bad input (`ValueError`, `OSError`) is one `error: ...` line and
-exit 2; Ctrl-C exits 130 and SIGTERM 143 with one line, after saving what the command can.
-Exit codes: 0 done, 1 a reported failure, 2 bad input, 130 Ctrl-C, 143 SIGTERM.
-
-A command moves its body into `_main(cmd: Command, ...)` and returns
-`run_command(lambda cmd: _main(cmd, argv))`; the body calls `cmd.prepare_out` (or
-`cmd.prepare_file`) per output flag and may set `cmd.on_stop(word) -> line`, which runs
-once after Ctrl-C or SIGTERM unwinds the body, with both signals ignored.
+The body checks and makes its output places first (`cmd.prepare_out`, `cmd.prepare_file`);
+a folder it made goes again if left empty. Bad input is one `error: ...` line, exit 2;
+Ctrl-C exits 130 and SIGTERM 143 with one line, `cmd.on_stop(word)`'s if set (it runs
+once the body has unwound, with both signals ignored, and may save partial results).
 """
 
 from __future__ import annotations

@@ -718,8 +718,7 @@ def _from_tfds(spec: Spec, data_dir: str | None) -> Dataset:
     finally:
         absl.setLevel(level)
     arrays = []
-    for split in ("train", "test"):
-        src = splits[split]
+    for split, src in splits.items():
         n = len(src)
         images = np.empty((n, 32, 32, 3), np.uint8)
         labels = np.empty(n, np.int32)
@@ -777,14 +776,12 @@ def take_subsets(ds: Dataset, subset: int | None, test_subset: int | None) -> Da
     ):
         if n is not None and not 0 < n <= have:
             raise DataError(f"{flag} {n} is outside 1..{have} (the images {ds.name} has)")
-    return Dataset(
-        ds.name,
-        ds.classes,
-        ds.train_images[:subset],
-        ds.train_labels[:subset],
-        ds.test_images[:test_subset],
-        ds.test_labels[:test_subset],
-        ds.source,
+    return dataclasses.replace(
+        ds,
+        train_images=ds.train_images[:subset],
+        train_labels=ds.train_labels[:subset],
+        test_images=ds.test_images[:test_subset],
+        test_labels=ds.test_labels[:test_subset],
     )
 
 

@@ -1,15 +1,10 @@
 """The run driver both trainers share: everything about a run that is not the recipe.
 
 A trainer builds its nets, data and compiled functions, then hands itself (`Trainer`) to
-`Driver.run`, which owns the run folder (`report.RunRecorder`), checkpoints and resume,
-the clock, the per-epoch rows, Ctrl-C, the profiler and the common summary fields.
-Timed: training epochs, a fresh start's whitening and the final evaluation; not timed:
-compilation, monitoring evaluations (every `eval_every`-th epoch), checkpoints, files.
-
-`lanes`: K seeds trained in one vmapped JAX program share the clock; each gets its own
-rows and step losses, and the summary holds `seeds` (one entry per lane) instead of a
-table or checkpoints. Under several processes only the `primary` one writes or prints.
-Framework-neutral: it imports neither jax nor torch.
+`Driver.run`, which owns the run folder, checkpoints and resume, the clock (epochs, a fresh
+start's whitening and the final evaluation), the rows, Ctrl-C, the profiler and the summary.
+`lanes`: K seeds in one vmapped JAX program share the clock; each gets its own rows, and the
+summary holds `seeds`. Only the `primary` process writes. Imports neither jax nor torch.
 """
 
 from __future__ import annotations
