@@ -1,13 +1,9 @@
-"""Checkpoints of a run folder, shared by both trainers: where they live, how they appear.
+"""Checkpoints of a run folder, shared by both trainers.
 
-A checkpoint is the folder `RUN/checkpoints/epoch_N` (N epochs done) holding the
-framework's tensors (`state/` from orbax, or `state.pt` from `torch.save`) and
-`progress.json`: the epoch, the metrics rows, the step losses and the timed
-seconds so far, so a resumed run continues exactly where the saved one stood.
-It is built under a hidden temporary name in the same folder and renamed into
-place when complete, so a killed run leaves either the whole checkpoint or
-none; names that are not `epoch_N` (such temporaries) are never read. Only the
-latest checkpoint is kept: older ones are removed after the new one is in place.
+`RUN/checkpoints/epoch_N` (N epochs done) holds the framework's tensors and
+`progress.json` (rows, step losses, timed seconds: `Ledger`). It is built under a
+temporary name and renamed into place, so a killed run leaves all of it or none; only
+the latest is kept.
 """
 
 from __future__ import annotations
@@ -34,12 +30,12 @@ _TMP_PREFIX = ".tmp-"
 
 
 def should_save(cfg: Config, epoch: int) -> bool:
-    """Whether the end of 0-based `epoch` is a checkpoint (every `checkpoint_every` epochs)."""
+    """Whether the end of 0-based `epoch` is a checkpoint."""
     return cfg.checkpoint_every > 0 and (epoch + 1) % cfg.checkpoint_every == 0
 
 
 def latest(run_dir: str | os.PathLike[str]) -> tuple[int, Path] | None:
-    """(epochs done, folder) of the newest complete checkpoint, or None when there is none."""
+    """(epochs done, folder) of the newest complete checkpoint, or None."""
     folder = Path(run_dir) / CHECKPOINTS
     if not folder.is_dir():
         return None
@@ -53,13 +49,7 @@ def latest(run_dir: str | os.PathLike[str]) -> tuple[int, Path] | None:
 
 @contextlib.contextmanager
 def deferred_signals() -> Iterator[None]:
-    """SIGINT and SIGTERM that arrive inside the block take effect when it ends.
-
-    A checkpoint written by background threads (orbax) cannot be cleaned up
-    reliably once an interrupt has cut it short, so the write finishes first;
-    it takes a second or two. Only the main thread receives signals; elsewhere
-    this does nothing.
-    """
+    """SIGINT and SIGTERM in the block take effect at its end (orbax cannot be cut short)."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
@@ -87,8 +77,7 @@ def save(
     progress: dict[str, Any],
     write_state: Callable[[Path], None],
 ) -> Path:
-    """Write checkpoint `epoch_<epoch>` atomically: `write_state(folder)` puts the tensors
-    into a temporary folder, `progress` goes beside them, then one rename publishes it."""
+    """Write checkpoint `epoch_<epoch>` into a temporary folder; one rename publishes it."""
     folder = Path(run_dir).resolve() / CHECKPOINTS
     folder.mkdir(parents=True, exist_ok=True)
     final = folder / f"epoch_{epoch}"
@@ -131,8 +120,7 @@ def read_latest(run_dir: str | os.PathLike[str]) -> tuple[Path, dict[str, Any]]:
 def load_progress(
     run_dir: str | os.PathLike[str], cfg: Config, framework: str, stream: str
 ) -> tuple[Path, dict[str, Any]]:
-    """(checkpoint folder, progress) of the latest checkpoint of `run_dir`, checked against
-    the run that wants to continue from it; a mismatch is a one-line ValueError."""
+    """`read_latest`, checked against the run that continues from it (else ValueError)."""
     path, progress = read_latest(run_dir)
     if progress.get("framework") != framework:
         raise ValueError(
@@ -156,10 +144,7 @@ def load_progress(
 
 @dataclasses.dataclass
 class Ledger:
-    """What a run accumulates besides its weights, kept one way by both trainers: the
-    epochs done, every step's loss, the timed seconds (steps and the final evaluation),
-    the graph compiles inside them (PyTorch) and the weight sets the final evaluation
-    scored. A checkpoint's progress.json is this plus the rows; a resume starts from it."""
+    """What a run accumulates besides its weights; a checkpoint's progress.json holds it."""
 
     epoch: int = 0
     step_losses: list[float] = dataclasses.field(default_factory=list)
@@ -169,7 +154,7 @@ class Ledger:
 
     @classmethod
     def from_progress(cls, progress: dict[str, Any] | None) -> Ledger:
-        """A fresh ledger (None), or the one a checkpoint's progress.json saved."""
+        """A fresh ledger (None), or a checkpoint's."""
         if not progress:
             return cls()
         return cls(

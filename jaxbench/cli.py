@@ -1,10 +1,5 @@
-"""The command line both trainers share: flags, checks, the last line.
-
-`python -m jaxbench.train` and `python -m torch_ref.train` differ only in the
-functions they call and a flag or two, so their flags and their checks live here
-once, on the command wrapper every entry point uses (`jaxbench.command`): output
-places checked before any work, one-line errors, and the exit codes 0 done,
-1 diverged, 2 bad input, 130 Ctrl-C, 143 SIGTERM.
+"""The command line both trainers share (`jaxbench.train`, `torch_ref.train`): flags, checks,
+the last line. Exit codes: 0 done, 1 diverged, 2 bad input, 130 Ctrl-C, 143 SIGTERM.
 """
 
 from __future__ import annotations
@@ -30,8 +25,7 @@ RUN_OUTPUTS: tuple[str, ...] = (*RUN_FILES, "seeds.json")
 def trainer_parser(
     prog: str, description: str, *, vmap_seeds: bool = False
 ) -> argparse.ArgumentParser:
-    """Config flags plus the run flags every trainer takes; `vmap_seeds`: `--vmap-seeds K`
-    (the trainers that can train K seeds in one program)."""
+    """Config flags plus the run flags every trainer takes (`vmap_seeds`: `--vmap-seeds K`)."""
     parser = configs.OneLineErrorParser(prog=prog, description=description)
     configs.add_config_args(parser)
     parser.set_defaults(config=None)  # None: not given (the default preset, or a resumed run's)
@@ -96,13 +90,9 @@ def run_trainer(
     join: Callable[[argparse.Namespace], None] | None = None,
     **train_kwargs: Any,
 ) -> int:
-    """Check the flags and every output place, load the data, train, print the last line.
-
-    Returns 0; a diverged run raises SystemExit(1), bad input SystemExit(2), each after
-    one line on stderr; Ctrl-C and SIGTERM end the process (130, 143) with one line.
-    `join(args)`: the trainer's start of several processes, first. `train_seeds(cfg,
-    seeds, data, workdir)`: `--vmap-seeds K`. `train_kwargs` go to `train`.
-    """
+    """Check the flags and output places, load the data, train, print the last line; 0, or
+    SystemExit(1 diverged, 2 bad input). `join(args)` starts several processes first;
+    `train_seeds(cfg, seeds, data, workdir)` serves `--vmap-seeds K`."""
 
     def body(cmd: Command) -> int:
         if join is not None:
@@ -167,12 +157,8 @@ def _train(
     summary = train(cfg, cfg.out, data=data, stream=stream, progress=not args.no_progress,
                     quiet=args.quiet, profile_dir=args.profile, **train_kwargs)  # fmt: skip
     if not args.quiet:
-        f = summary["final"]
-        ema = f["ema_val_acc"]
         print(
-            f"final val_acc {100 * f['val_acc']:.2f}%"
-            + (f", ema_val_acc {100 * ema:.2f}%" if ema is not None else "")
-            + f"; {summary['total_time_seconds']:.1f} s timed"
+            f"final {_accuracies(summary['final'])}; {summary['total_time_seconds']:.1f} s timed"
             f" ({summary['images_per_second']:.0f} img/s),"
             f" {summary['compile_seconds']:.1f} s {compile_label}"
         )
@@ -184,8 +170,7 @@ def _train(
 def _config(
     cmd: Command, args: argparse.Namespace, check_supported: Callable[[Config], None]
 ) -> tuple[Config, str]:
-    """(the run's config, its stream) from the flags, or from the run `--resume` names
-    (checked before the data loads: a bad folder costs nothing)."""
+    """(config, stream) from the flags, or from the run `--resume` names."""
     resume, stream = args.resume, args.stream or "fast"
     if resume is not None:
         cmd.prepare_out(resume, RUN_FILES, overwrite=args.overwrite, flag="--resume", resume=True)
@@ -207,8 +192,7 @@ def _config(
 
 
 def _stop_line(word: str, out: str | None) -> str:
-    """Ctrl-C's or SIGTERM's line: how far status.json (already "interrupted") says the
-    run got; without one it never started, and a folder the command made is gone."""
+    """Ctrl-C's or SIGTERM's line: how far status.json says the run got."""
     if not out:
         return word
     try:
@@ -218,15 +202,19 @@ def _stop_line(word: str, out: str | None) -> str:
         return f"{word} before training started; nothing written to {out}"
 
 
+def _accuracies(final: dict[str, Any]) -> str:
+    ema = final["ema_val_acc"]
+    shown = f", ema_val_acc {100 * ema:.2f}%" if ema is not None else ""
+    return f"val_acc {100 * final['val_acc']:.2f}%{shown}"
+
+
 def _print_seeds(result: dict[str, Any], out: str | None) -> None:
     """A line per seed, then their mean (each seed's EMA accuracy where it has one)."""
     accs = []
     for s in result["seeds"]:
         f = s["final"]
-        ema = f["ema_val_acc"]
-        accs.append(ema if ema is not None else f["val_acc"])
-        shown = f", ema_val_acc {100 * ema:.2f}%" if ema is not None else ""
-        print(f"seed {s['seed']}: val_acc {100 * f['val_acc']:.2f}%{shown}")
+        accs.append(f["ema_val_acc"] if f["ema_val_acc"] is not None else f["val_acc"])
+        print(f"seed {s['seed']}: {_accuracies(f)}")
     spread = f" ± {100 * np.std(accs, ddof=1):.2f}" if len(accs) > 1 else ""
     print(
         f"{len(accs)} seeds in one program: mean {100 * np.mean(accs):.2f}%{spread}; "

@@ -1,52 +1,9 @@
-"""How every `python -m` command starts and stops: its output checked first, errors and signals.
+"""How every `python -m` command starts and stops: `run_command(lambda cmd: _main(cmd, argv))`.
 
-Each command (the trainers, the bench, the sweep, the parity suite, the microbench,
-`jaxbench.data`) keeps the same promises, kept here once:
-
-* its output place is checked before any work: a file where a folder belongs, a
-  folder that already holds this command's results (without `--overwrite`) or a
-  place that cannot be written is refused in one line, with nothing made or changed;
-* a folder the command made is removed again if it ends (however) with nothing in it;
-* bad input is one line on stderr, `error: ...`, and exit 2 (`ValueError`, `OSError`);
-* Ctrl-C exits 130 and SIGTERM (a scheduler's limit, `timeout`) exits 143, each with one
-  line on stderr and no traceback, after the command has saved what it can.
-
-Exit codes: 0 done, 1 a failure the command reports (a diverged run, a failed check),
-2 bad input, 130 Ctrl-C, 143 SIGTERM.
-
-A command adopts it by moving its body into a function of one `Command` argument::
-
-    def main(argv: Sequence[str] | None = None) -> int:
-        return run_command(lambda cmd: _main(cmd, argv))
-
-    def _main(cmd: Command, argv: Sequence[str] | None) -> int:
-        args = build_parser().parse_args(argv)  # a usage error exits 2 as before
-        ...  # check the flags: raise ValueError("--lr must be positive") -> exit 2
-        out = cmd.prepare_out(args.out, RESULT_FILES, overwrite=args.overwrite)
-        cmd.on_stop = lambda word: f"{word} after epoch 3; partial results in {out}"
-        ...  # the work; Ctrl-C and SIGTERM arrive here as KeyboardInterrupt
-        return 0
-
-    if __name__ == "__main__":
-        sys.exit(main())
-
-* `cmd.prepare_out(path, produces, overwrite=, flag="--out", resume=False)` checks
-  and makes a folder (`prepare_output`); call it for each folder flag (`--profile`
-  too, with `produces=()`) before the data loads. `cmd.prepare_file(path,
-  overwrite=, flag="--out")` does the same for a flag that names one result file.
-* `cmd.on_stop(word)` is called once on Ctrl-C (`word` "interrupted") or SIGTERM
-  ("terminated"), after the body has unwound, with both signals ignored: it may
-  save partial results, and returns the one line to print. Without it the line is
-  `{word}; nothing written to {out}` or `{word}; partial results in {out}`.
-* `run_command(body, errors={...})` maps other exception types to exit codes (the
-  trainers add `{FloatingPointError: 1}`); `SystemExit` passes through unchanged.
-  `cmd.inputs_checked()` ends that: after it those exceptions are bugs and keep their
-  traceback (the parity suite calls it before its checks run).
-* Interrupted commands leave through `os._exit` (see `exit_interrupted`); in a test,
-  `run_command(..., hard_exit=False)` returns 130 or 143 instead.
-* `Terminated` (a `KeyboardInterrupt`) is the one SIGTERM class: `except KeyboardInterrupt`
-  handles both signals, and `isinstance(e, Terminated)` tells them apart (or an
-  `except Terminated` placed before it).
+The body checks and makes its output places first (`cmd.prepare_out`, `cmd.prepare_file`);
+a folder it made goes again if left empty. Bad input is one `error: ...` line, exit 2;
+Ctrl-C exits 130 and SIGTERM 143 with one line, `cmd.on_stop(word)`'s if set (it runs
+once the body has unwound, with both signals ignored, and may save partial results).
 """
 
 from __future__ import annotations
@@ -77,34 +34,23 @@ class OutputError(ValueError):
 
 
 class Terminated(KeyboardInterrupt):
-    """SIGTERM (a scheduler's time limit, `timeout`, a closing terminal): the command stops
-    as on Ctrl-C, saving what it can, and exits 143."""
+    """SIGTERM: stops like Ctrl-C (a KeyboardInterrupt), exit 143."""
 
 
 def raise_terminated(signum: int, frame: Any) -> None:
-    """A SIGTERM handler: raise `Terminated` where the main thread runs."""
     raise Terminated
 
 
 def exit_interrupted(message: str, code: int = EXIT_INTERRUPTED) -> NoReturn:
-    """Ctrl-C's end for every command: `message` as one line on stderr, then exit `code`.
-
-    Leaves with `os._exit`, after flushing: Ctrl-C during compilation or a step can
-    leave XLA or PyTorch work in flight whose teardown at interpreter exit is not
-    safe (XLA:CPU has segfaulted there). Callers write their files first.
-    """
+    """Print `message`, `os._exit`: XLA work cut short is unsafe to tear down normally."""
     sys.stdout.flush()
     print(message, file=sys.stderr, flush=True)
     os._exit(code)
 
 
 def one_line(error: BaseException) -> str:
-    """`error: <message>` on one line (a multi-line message joined with '; ')."""
     parts = [line.strip() for line in str(error).splitlines() if line.strip()]
     return "error: " + ("; ".join(parts) or type(error).__name__)
-
-
-# --- output places ----------------------------------------------------------------------------
 
 
 def prepare_output(
@@ -115,15 +61,9 @@ def prepare_output(
     flag: str = "--out",
     resume: bool = False,
 ) -> Path:
-    """Check an output folder before any work starts, and make it.
-
-    Refused: a path that is a file; a folder that already holds any of the files
-    this command `produces` (glob patterns), unless `overwrite`, which removes
-    exactly those files (and folders, such as old checkpoints) so no old result
-    sits beside a new one; a folder that cannot be created or written. Other
-    files in the folder are left alone. `resume`: the folder is a stopped run to
-    continue, so it must exist with its `config.json`, and its files stay.
-    """
+    """Check and make an output folder. Refused: a file; a folder holding any of the
+    `produces` globs unless `overwrite` (which removes exactly those); an unwritable place.
+    `resume`: the folder must hold a run's `config.json`, and its files stay."""
     p = Path(path)
     if p.exists() and not p.is_dir():
         raise OutputError(f"{flag} {p} is a file, not a folder; choose another path")
@@ -154,8 +94,7 @@ def prepare_output(
 
 
 def check_writable(p: Path, flag: str, named: Path | None = None) -> None:
-    """Make the folder (and its parents) and prove a file can be created in it; the error
-    names `named` (the file a flag gives, default the folder itself)."""
+    """Make the folder and prove a file can be created in it; the error names `named`."""
     try:
         if p.exists() and not p.is_dir():  # as `mkdir` says of a file on the way
             raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), str(p))
@@ -168,12 +107,6 @@ def check_writable(p: Path, flag: str, named: Path | None = None) -> None:
         ) from None
 
 
-def remove_if_empty(path: str | os.PathLike[str]) -> None:
-    """Remove a folder a command made if it is still empty (nothing else is touched)."""
-    with contextlib.suppress(OSError):
-        Path(path).rmdir()
-
-
 def _missing_parents(p: Path) -> list[Path]:
     """The folders `p` needs that do not exist yet, deepest first."""
     missing = []
@@ -184,11 +117,8 @@ def _missing_parents(p: Path) -> list[Path]:
     return missing
 
 
-# --- the wrapper ------------------------------------------------------------------------------
-
-
 class Command:
-    """What one run of a command prepared: the output places it made, and its stop line."""
+    """What one run of a command prepared: the folders it made, and its stop line."""
 
     def __init__(self) -> None:
         self.out: Path | None = None  # the first place prepared: the one the stop line names
@@ -210,14 +140,14 @@ class Command:
         p = Path(path)
         self._made[:0] = _missing_parents(p)  # before a refusal: a folder it made goes too
         prepare_output(p, produces, overwrite=overwrite, flag=flag, resume=resume)
-        self._remember(p)
+        self.out = self.out or p
+        self._fresh[p] = set(os.listdir(p))
         return p
 
     def prepare_file(
         self, path: str | os.PathLike[str], *, overwrite: bool, flag: str = "--out"
     ) -> Path:
-        """Check a flag that names one result file: not a folder, not an existing file
-        (unless `overwrite`), in a folder that can be written (made if missing)."""
+        """Check a flag naming one result file (not a folder, new unless `overwrite`)."""
         p = Path(path)
         if p.is_dir():
             raise OutputError(f"{flag} {p} is a folder, not a file; name a file (e.g. {p}/x.json)")
@@ -232,16 +162,11 @@ class Command:
         return p
 
     def inputs_checked(self) -> None:
-        """The input is checked and the work starts: from here on an exception of
-        `run_command`'s `errors` is a bug, not bad input, and keeps its traceback."""
+        """From here on `run_command`'s `errors` are bugs and keep their traceback."""
         self.checking = False
 
-    def _remember(self, p: Path) -> None:
-        self.out = self.out or p
-        self._fresh[p] = set(os.listdir(p))
-
     def wrote(self, p: Path) -> bool:
-        """Whether anything was added to the prepared place `p` since it was prepared."""
+        """Whether anything was added to `p` since it was prepared."""
         if p not in self._fresh:
             return p.exists()
         try:
@@ -262,17 +187,15 @@ class Command:
     def clean_up(self) -> None:
         """Remove the folders this command made that are still empty, deepest first."""
         for p in self._made:
-            remove_if_empty(p)
+            with contextlib.suppress(OSError):
+                p.rmdir()
 
 
 @contextlib.contextmanager
 def _sigterm_raises() -> Iterator[None]:
-    """SIGTERM raises `Terminated` while the body runs (main thread only: signals go there).
-
-    A signal's exception raised inside a garbage-collector callback or a `__del__` (JAX
-    runs one on every collection) is swallowed by Python ("Exception ignored in ...") and
-    the command would go on: the signal is sent again, to land in the body's own code.
-    """
+    """SIGTERM raises `Terminated` while the body runs (main thread only). A signal's
+    exception raised in a `__del__` or GC callback (JAX runs one on every collection) is
+    swallowed by Python, so the hook sends the signal again to land in the body's code."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
@@ -317,13 +240,9 @@ def run_command(
     errors: Mapping[type[BaseException], int] = BAD_INPUT,
     hard_exit: bool = True,
 ) -> int:
-    """Run a command's body with the promises of this module; returns its exit code.
-
-    `errors`: exception types printed as one line and mapped to an exit code (the
-    first match in order); others propagate with their traceback (a bug). On Ctrl-C
-    or SIGTERM: `cmd.stop_line` (saving partial results), empty folders removed, the
-    line printed, then `os._exit(130 or 143)` (or returned, without `hard_exit`).
-    """
+    """Run a command's body; its exit code. `errors` maps exception types to exit codes
+    (first match; others are bugs and propagate). Ctrl-C or SIGTERM: the stop line, then
+    `os._exit(130 or 143)`, or that code returned without `hard_exit` (tests)."""
     cmd = Command()
     try:
         with _sigterm_raises():

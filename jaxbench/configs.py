@@ -1,13 +1,7 @@
-"""Training configurations shared by `jaxbench` and `torch_ref`.
+"""Training configurations shared by `jaxbench` and `torch_ref` (standard library only).
 
-One frozen dataclass holds every knob of the recipe; presets are functions that
-override the default rather than copy it (as in Flax's `examples/imagenet`
-configs). This module imports only the standard library, so the PyTorch
-reference can read it without touching JAX.
-
-Units: `lr` and `weight_decay` are given per *mean* loss. With
-`loss_reduction="sum"` (the Myrtle convention) the trainers use `lr / batch`
-and `weight_decay * batch`, which is the same update; see `optimizer_scales`.
+Presets are functions that override the default rather than copy it. `lr` and
+`weight_decay` are per *mean* loss, whatever `loss_reduction` (see `optimizer_scales`).
 """
 
 from __future__ import annotations
@@ -24,8 +18,7 @@ from typing import Any
 
 @dataclass(frozen=True)
 class Recipe:
-    """The training recipe: data, model, optimizer, evaluation and augmentation. Two runs
-    of one recipe and seed give the same numbers."""
+    """The training recipe: what changes the numbers (one recipe and seed, one result)."""
 
     name: str = field(default="resnet9", metadata={"help": "preset the config came from"})
     # --- data -----------------------------------------------------------------
@@ -199,8 +192,7 @@ class Recipe:
 
 @dataclass(frozen=True)
 class RunOptions:
-    """How and where one run of a recipe goes: its seed, where its data and results live,
-    how its steps are placed. The loop and the devices leave the numbers as they are."""
+    """How and where one run of a recipe goes; these leave the numbers as they are."""
 
     seed: int = field(default=0, metadata={"help": "seed for init, shuffling and augmentation"})
     data_dir: str | None = field(
@@ -235,32 +227,25 @@ class RunOptions:
 
 @dataclass(frozen=True)
 class Config(RunOptions, Recipe):
-    """A run: its recipe's fields, then its run options', one flat set of fields and flags.
-
-    Field docs become `--help` text; `recipe()` is what a compiled program depends on
-    besides the loop and the devices, so the compile caches key on it.
-    """
+    """A run: the recipe's fields, then the run options' (field docs become `--help`)."""
 
     def replace(self, **changes: Any) -> Config:
         """A copy with some fields changed, validated."""
         return validate(dataclasses.replace(self, **changes))
 
     def recipe(self) -> Recipe:
-        """This run's recipe alone: what a compile cache keys on instead of the whole run."""
+        """What a compile cache keys on (besides the loop and the devices)."""
         return recipe_of(self)
 
     def to_dict(self) -> dict[str, Any]:
-        d = dataclasses.asdict(self)
-        d["widths"] = list(self.widths)
-        return d
+        return {**dataclasses.asdict(self), "widths": list(self.widths)}
 
     def to_json(self) -> str:
-        """Strict JSON (no NaN or Infinity: `validate` refuses them)."""
         return json.dumps(self.to_dict(), indent=2, sort_keys=True, allow_nan=False)
 
 
 def recipe_of(cfg: Recipe) -> Recipe:
-    """The `Recipe` fields of a config, without its run options (seed, folders, placement)."""
+    """The `Recipe` fields of a config, without its run options."""
     return Recipe(**{f.name: getattr(cfg, f.name) for f in dataclasses.fields(Recipe)})
 
 
@@ -273,7 +258,6 @@ def validate(cfg: Config) -> Config:
 
 
 def _check_choices(cfg: Config) -> None:
-    """Named choices, and the model's own widths and stem."""
     choices = {
         "dataset": ("cifar10", "cifar100"),
         "source": ("auto", "tfds"),
@@ -359,8 +343,7 @@ def _check_counts(cfg: Config) -> None:
 
 
 def _check_rates(cfg: Config) -> None:
-    """Rates and coefficients that would train nothing or diverge at once: refused before
-    any data loads."""
+    """Rates that would train nothing or diverge at once."""
     ranges = {  # name: (ends, lowest, highest, e.g.); an end "(" or ")" is left out
         "lr": ("(]", 0.0, 1e4, "0.4"),  # per mean loss: speedrun_muon's is 1340
         "weight_decay": ("[)", 0.0, 1.0, "5e-4"),
@@ -396,12 +379,7 @@ def _check_rates(cfg: Config) -> None:
 
 
 def check_supported(cfg: Config, trainer: str) -> None:
-    """Refuse fields a model does not implement, instead of silently ignoring them.
-
-    The speedrun net implements every field; ResNet-9 leaves the airbench-only
-    ones (lookahead, shifted TTA, a trained whitening bias) at their defaults.
-    Both trainers call this with their own name.
-    """
+    """Refuse fields a model does not implement (ResNet-9: the airbench-only ones)."""
     if cfg.model not in MODELS:
         raise ValueError(f"{trainer} trains --model {' or '.join(MODELS)}, not {cfg.model!r}")
     if cfg.model == "speedrun":
@@ -439,8 +417,7 @@ class DefaultsHelpFormatter(argparse.HelpFormatter):
 
 
 class OneLineErrorParser(argparse.ArgumentParser):
-    """argparse that reports a bad flag in one line (no usage block), exit status 2, and
-    shows defaults in `--help`: the one CLI style of every entry point."""
+    """argparse with a one-line error (exit 2) and defaults in `--help`: every entry point's."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         kwargs.setdefault("formatter_class", DefaultsHelpFormatter)
@@ -460,12 +437,7 @@ def check_wait(timeout_s: int) -> None:
 
 
 def optimizer_scales(cfg: Config) -> tuple[float, float]:
-    """(lr, weight_decay) as the optimizer sees them, for the configured loss reduction.
-
-    A summed loss has gradients `batch` times larger than a mean loss, so the
-    step uses `lr / batch`; the coupled decay term is added to that summed
-    gradient, so it is `weight_decay * batch`. The product is unchanged.
-    """
+    """(lr, weight_decay) as the optimizer sees them: / and x batch for a summed loss."""
     if cfg.loss_reduction == "sum":
         return cfg.lr / cfg.batch_size, cfg.weight_decay * cfg.batch_size
     return cfg.lr, cfg.weight_decay
@@ -477,13 +449,9 @@ def optimizer_scales(cfg: Config) -> tuple[float, float]:
 def myrtle24() -> Config:
     """Page's Myrtle ResNet-9 baseline: 24 epochs, none of the later tricks.
 
-    Source: D. Page, "How to train your ResNet" (DAWNBench, 2018) and the baseline
-    of "How to train your ResNet 8: bag of tricks": prep, layer1 + residual,
-    layer2, layer3 + residual; conv, BN, ReLU, pool; crop + flip + 8x8 cutout;
-    LR 0 -> 0.4 at epoch 5 -> 0 at epoch 24 (summed loss, / batch 512); coupled
-    weight decay 5e-4 x 512; Nesterov 0.9; plain cross-entropy; output x 1/8.
-    Published: 94.1% mean test accuracy (94.08% median, 35 of 50 runs >= 94%),
-    75 s on a V100 (70 s with preprocessing on the GPU).
+    Source: D. Page, "How to train your ResNet" (2018) and the baseline of "bag of
+    tricks": conv, BN, ReLU, pool; crop + flip + 8x8 cutout; LR 0 -> 0.4 at epoch 5 -> 0
+    at 24; Nesterov 0.9; output x 1/8. Published: 94.1% mean (n=50), 75 s on a V100.
     Command: `python -m jaxbench.train --config myrtle24 --data-dir DIR`.
     Measured here: not yet (24 full epochs take hours on a 2-core CPU).
     """
@@ -503,23 +471,13 @@ def myrtle24() -> Config:
 def resnet9() -> Config:
     """Page's final 10-epoch ResNet-9: every trick of "bag of tricks" stacked, in his order.
 
-    Source: D. Page, "How to train your ResNet 8: bag of tricks" (Myrtle.ai, 2019)
-    and its notebook (davidcpage/cifar10-fast, `bag_of_tricks.ipynb`, final cell):
-    GPU preprocessing; max pool right after the conv (conv, pool, BN, act); label
-    smoothing 0.2; CELU(alpha 0.3); ghost BN over 16 groups of 32; BN scales frozen
-    at 1 with the BN biases at 64x the LR and 1/64 the decay; output x 1/16; frozen
-    3x3 patch whitening (27 filters, eps 1e-2, first 10,000 training images) then a
-    1x1 conv as the prep layer; LR 0 -> 1.0 at epoch 2 -> 0.1 at epoch 8, then flat
-    (summed loss, / batch 512); EMA of weights and BN statistics every 5 steps,
-    decay 0.99^5; flip TTA; crop + flip, no cutout.
-    Published: 94.1% mean test accuracy (with flip TTA) in 26 s on a V100.
-    Deviations: torch-style Nesterov (Page scales the LR inside the velocity; equal
-    while the LR is flat); the EMA updates after steps 5, 10, ... (Page: 1, 6, ...);
-    the patch covariance is divided by n, not n - 1 (a 1e-7 relative change).
-    Command: `python -m jaxbench.train --config resnet9 --data-dir DIR`; remove one
-    trick with `--no-<trick>` (see `TRICKS`). Measured here (2-core CPU, full data,
-    float32, 2026-11-28): torch_ref 93.89% (seed 0) and 94.20% (seed 1)
-    (`results/cpu-2core/resnet9-torch-full*/`).
+    Source: D. Page, "How to train your ResNet 8: bag of tricks" (2019) and its notebook's
+    final cell. Published: 94.1% mean test accuracy (flip TTA) in 26 s on a V100.
+    Deviations: torch-style Nesterov (equal while the LR is flat); the EMA updates after
+    steps 5, 10, ... (Page: 1, 6, ...); the patch covariance is divided by n, not n - 1.
+    Command: `python -m jaxbench.train --config resnet9 --data-dir DIR`; remove one trick
+    with `--no-<trick>` (`TRICKS`). Measured here (2-core CPU, full data, float32):
+    torch_ref 93.89% (seed 0), 94.20% (seed 1) (`results/cpu-2core/resnet9-torch-full*/`).
     """
     return myrtle24().replace(
         name="resnet9",
@@ -551,11 +509,9 @@ def resnet9() -> Config:
 def tiny() -> Config:
     """A narrow plain ResNet-9 on an 8,000-image subset: a CPU smoke test that learns.
 
-    Command: `python -m jaxbench.train --config tiny --data-dir DIR`
-    Hardware: 2 CPU cores, float32 (per-step loop).
-    Expected: >= 50% EMA test accuracy (1,000 test images) in under 3 minutes.
-    Measured 2026-11-26 (jax 0.10.2, 2 idle CPU cores, seed 0): 62.4% EMA, 62.5%
-    plain; 48 s wall (39.7 s timed, 3.2 s compiling). torch_ref: 62.6% EMA, 21 s wall.
+    Command: `python -m jaxbench.train --config tiny --data-dir DIR` (2 CPU cores, float32).
+    Measured 2026-11-26 (jax 0.10.2, 2 idle cores, seed 0): 62.4% EMA test accuracy
+    (1,000 images), 48 s wall; torch_ref 62.6% EMA, 21 s wall. Expected: >= 50%.
     """
     return validate(
         Config(
@@ -575,32 +531,16 @@ def tiny() -> Config:
 def speedrun() -> Config:
     """airbench94 (K. Jordan): whitened conv net, lookahead EMA, 3-view TTA, batch 1024.
 
-    Command: `python -m jaxbench.train --config speedrun --data-dir DIR` (same for
-    `torch_ref.train`). Hardware: one GPU, bfloat16 compute (float32 on CPU).
-    Published: airbench94 94.01% mean test accuracy (n=1000) in 9.9 epochs, 3.83 s
-    on an A100 (3.09 s with torch.compile). 10 whole epochs = 480 steps, not 476.
-    Measured here (2-core CPU, full data, float32, seed 0, 2026-11-28): torch_ref
-    94.23% (`results/cpu-2core/speedrun-torch-full-zero-bias/`); one seed says little,
-    the GPU mean over many runs is what the benchmark settles.
+    Command: `python -m jaxbench.train --config speedrun --data-dir DIR` (or torch_ref).
+    Published: 94.01% mean test accuracy (n=1000) in 9.9 epochs, 3.83 s on an A100.
+    Measured here (2-core CPU, full data, float32, seed 0): torch_ref 94.23%
+    (`results/cpu-2core/speedrun-torch-full-zero-bias/`). 10 whole epochs: 480 steps.
 
-    Units (airbench's numbers -> this project's per-mean-loss fields):
-    - airbench: summed loss, kilostep = 1024 * (1 + 1 / (1 - 0.85)) = 7850.67,
-      torch SGD lr = 11.5 / 7850.67 = 1.4648e-3, wd = 0.0153 * 1024 / 7850.67
-      = 1.9957e-3, passed as `weight_decay=wd / lr` (coupled, g += (wd/lr) * w).
-    - lr (mean loss) = 1.4648e-3 * 1024 = 11.5 / (1 + 1 / 0.15) = 1.5, so the
-      optimizer sees 1.5 / 1024 = 1.4648e-3 (`optimizer_scales`).
-    - weight_decay: the optimizer's coupled coefficient must be wd / lr =
-      0.0153 * 1024 / 11.5 = 1.3624 = weight_decay * 1024, so weight_decay =
-      0.0153 / 11.5 = 1.3304e-3 (per-step shrink lr * wd = 1.9957e-3, as airbench).
-    - BN biases: lr x 64, decay coefficient / 64 (airbench: lr_biases = 64 lr,
-      weight_decay = wd / lr_biases).
-    - LR multiplier 0.2 -> 1 -> 0.07, peak at int(0.23 * total) steps: 109 of
-      476 in airbench, here round(2.3 * 48) = 110 of 480.
-    - EMA (`lookahead`): every 5 steps, decay = ema_momentum * (step / total)^3
-      with ema_momentum = 0.95^5, over params and BN stats; net reset to the EMA.
-    - BN momentum 0.4 (PyTorch convention), eps 1e-12, scale fixed at 1;
-      whitening bias starts at zero and trains for 3 epochs; output x 1/9;
-      label smoothing 0.2.
+    Units: airbench sums the loss with lr = 11.5 / 7850.67 and coupled decay
+    wd = 0.0153 * 1024 / 7850.67 (kilostep 7850.67 = 1024 * (1 + 1 / 0.15)); per mean loss
+    that is lr = 1.5 and weight_decay = 0.0153 / 11.5 (the same per-step shrink). BN
+    biases: lr x 64, decay / 64. LR x 0.2 -> 1 -> 0.07, peak at step round(2.3 * 48) = 110
+    (airbench: 109 of 476). EMA every 5 steps with decay ema_momentum * (step / total)^3.
     """
     return Config().replace(
         name="speedrun",
@@ -644,35 +584,17 @@ def speedrun() -> Config:
 def speedrun_muon() -> Config:
     """airbench94_muon (K. Jordan): the speedrun net trained by Muon, batch 2000, 8 epochs.
 
-    Source: `airbench94_muon.py` (KellerJordan/cifar10-airbench), which reports 94.01%
-    mean test accuracy (n=200) in 2.59 s on a 400 W A100 (torch 2.4.1, half
-    precision); that is the source's number, not one measured here.
-    Command: `python -m jaxbench.train --config speedrun_muon --data-dir DIR` (same for
-    `torch_ref.train`); `--no-muon` trains every parameter with the SGD groups instead.
-    Hardware: one GPU, bfloat16 compute (float32 on a CPU); a full run on a 2-core CPU
-    takes about as long as `speedrun`'s (fewer, larger steps).
-    Expected: about 94% with TTA on full data (the source's mean).
-    Measured here (2-core CPU, full data, seed 0, torch_ref at b56b1bf, before
-    `head_unit_std`): 93.80% (results/cpu-2core/speedrun_muon-torch-full); jaxbench not yet.
+    Source: `airbench94_muon.py`: 94.01% mean test accuracy (n=200) in 2.59 s on an A100.
+    Command: `python -m jaxbench.train --config speedrun_muon --data-dir DIR` (or
+    torch_ref); `--no-muon` trains every parameter with the SGD groups instead.
+    Measured here (2-core CPU, full data, seed 0, torch_ref before `head_unit_std`):
+    93.80% (results/cpu-2core/speedrun_muon-torch-full); jaxbench not yet.
 
-    The source's choices, in this project's fields:
-    - the speedrun net (64/256/256, 2x2 whitening of 5,000 images with eps 5e-4, GELU,
-      BN momentum 0.6 = PyTorch's 0.4, eps 1e-12, BN scales frozen), logits / 256
-      (`head(x) / x.size(-1)`); the whitening bias from torch's default init (the source
-      resets every conv), trained for 3 epochs;
-    - batch 2000, ceil(8 x 25) = 200 steps = 8 whole epochs; every LR linear from its
-      peak at the first update to zero (`lr * (1 - step / total)`), the whitening bias's
-      to zero at the end of its 3 epochs (`whiten_bias_own_lr`);
-    - Muon (`jaxbench.muon.AIRBENCH94_MUON`) on the six 3x3 conv filters, lr 0.24,
-      Nesterov momentum 0.6, no decay;
-    - Nesterov SGD momentum 0.85, summed loss: head lr 0.67 = 1340 / 2000 per mean loss;
-      BN biases and whitening bias lr 0.053 (x 0.053 / 0.67 of the head's); decay
-      wd = 2e-6 x 2000 passed as `weight_decay = wd / lr` (coupled), so the head's
-      coefficient is 2e-6 / 0.67 per mean loss and the biases' 0.67 / 0.053 times that;
-    - label smoothing 0.2; alternating flip + translate 2, no cutout; no EMA; TTA with
-      flip and 1-px shifts (the source's `tta_level=2`).
-    - the head's initial weights rescaled to unit standard deviation (`head_unit_std`,
-      the source's `w *= 1 / w.std()`).
+    The source's choices: logits / 256; whitening bias from torch's default init, trained
+    3 epochs at the biases' LR falling to zero; every LR linear from its peak to zero over
+    200 steps; Muon on the six 3x3 filters (lr 0.24, Nesterov 0.6, no decay); SGD 0.85
+    with head lr 0.67 and biases 0.053 (summed loss, lr = 1340 per mean loss), decay
+    2e-6 x 2000 coupled; no EMA; 3-view TTA; head weights rescaled to unit std.
     """
     head_lr, bias_lr, batch = 0.67, 0.053, 2000
     return speedrun().replace(
@@ -684,8 +606,6 @@ def speedrun_muon() -> Config:
         lr_start=1.0,
         lr_end=0.0,
         lr_peak_epoch=1.0,  # unused by the linear schedule
-        momentum=0.85,
-        nesterov=True,
         weight_decay=2e-6 / head_lr,
         bn_bias_lr_mult=bias_lr / head_lr,
         bn_bias_wd_mult=head_lr / bias_lr,
@@ -695,7 +615,6 @@ def speedrun_muon() -> Config:
         output_scale=1.0 / 256.0,
         head_unit_std=True,
         whiten_bias_init="uniform",
-        whiten_bias_epochs=3,
         whiten_bias_own_lr=True,
         ema_every=0,
         lookahead=False,
@@ -787,7 +706,7 @@ def _parse_widths(text: str) -> tuple[int, ...]:
 
 
 def _field_parser(f: dataclasses.Field[Any]) -> Callable[[str], Any]:
-    """How a field's value is read from text (a flag, a sweep grid)."""
+    """How a field's value is read from a flag or a sweep grid."""
     if f.name == "widths":
         return _parse_widths
     return {
@@ -832,10 +751,7 @@ def _optional(parse: Callable[[str], Any]) -> Callable[[str], Any]:
 
 
 def add_config_args(parser: argparse.ArgumentParser, skip: Sequence[str] = ("name",)) -> None:
-    """Add `--config` and one `--field` flag per Config field; flags not given keep the preset.
-
-    Naming "config" in `skip` leaves `--config` to the caller (the benchmark takes a list).
-    """
+    """`--config` (unless skipped) and a flag per Config field; unset flags keep the preset."""
     if "config" not in skip:
         parser.add_argument(
             "--config",
@@ -885,8 +801,7 @@ MAY_DIFFER: tuple[str, ...] = ("out", "data_dir", "checkpoint_every")
 
 
 def resumed_config(args: argparse.Namespace, saved: Config, run_dir: str) -> Config:
-    """The saved config of a run to resume, with the flags that may change (`MAY_DIFFER`)
-    applied; any other flag must repeat the saved value, else a one-line ValueError."""
+    """The saved config with `MAY_DIFFER` flags applied; other flags must repeat it."""
 
     def refuse(flag: str, saved_value: object) -> ValueError:
         return ValueError(
@@ -932,8 +847,7 @@ def config_from_dict(d: dict[str, Any]) -> Config:
     d = dict(d)
     if "widths" in d:
         d["widths"] = tuple(d["widths"])
-    known = {f.name for f in dataclasses.fields(Config)}
-    unknown = set(d) - known
+    unknown = set(d) - {f.name for f in dataclasses.fields(Config)}
     if unknown:
         raise ValueError(f"config has unknown fields {sorted(unknown)}")
     return validate(Config(**d))

@@ -1,13 +1,9 @@
 """CIFAR-10 and CIFAR-100 as uint8 NHWC arrays: official formats, a cache, a verified download.
 
-Where the data comes from, in this order: an explicit folder (`data_dir=`, `cfg.data_dir`
-or `$JAXBENCH_DATA_DIR`) with an official layout or archive; the local cache of decoded
-arrays; a download of the official binary archive into the cache. `source="tfds"` reads
-through `tfds.data_source` instead. Archives are md5-checked, folders checked by structure,
-pickles read by an unpickler that cannot run code; every problem is one `DataError` naming
-the file and the fix, and nothing half-written is left in the cache (docs/data.md).
-
-Command line: `python -m jaxbench.data --data-dir DIR [--json]` (see `main`).
+Sources, in order: an explicit folder (`data_dir=`, `cfg.data_dir`, `$JAXBENCH_DATA_DIR`)
+with an official layout or archive; the cache of decoded arrays; a download into the cache
+(or `source="tfds"`). Archives are md5-checked, pickles read by an unpickler that cannot
+run code; every problem is one `DataError` naming the file and the fix (docs/data.md).
 """
 
 from __future__ import annotations
@@ -52,7 +48,7 @@ _CHUNK = 1 << 20
 
 
 class DataError(ValueError):
-    """A dataset problem the user can fix; the message is one line naming the file and the fix."""
+    """A dataset problem the user can fix, in one line naming the file and the fix."""
 
 
 @dataclass(frozen=True)
@@ -70,7 +66,7 @@ class Dataset:
 
 @dataclass(frozen=True)
 class Spec:
-    """Everything about one dataset's official files; the loaders are driven by it alone."""
+    """One dataset's official files; the loaders are driven by it alone."""
 
     name: str
     n_classes: int
@@ -150,7 +146,7 @@ def get_spec(name: str) -> Spec:
 
 
 class _Files:
-    """Named files of one official layout, with sizes known before reading (to refuse early)."""
+    """Named files of one official layout; sizes are known before reading, to refuse early."""
 
     def __init__(self, label: str, refetch: str) -> None:
         self.label = label  # shown in messages, e.g. a folder path
@@ -393,8 +389,7 @@ def _decode_python(files: _Files, spec: Spec) -> tuple[list[str], tuple[np.ndarr
     classes = [c.decode("latin1") if isinstance(c, bytes) else str(c) for c in raw]
     per_file = spec.n_train // len(spec.py_train)
     parts = [_decode_python_split(files, n, per_file, spec) for n in spec.py_train]
-    x = parts[0][0] if len(parts) == 1 else np.concatenate([p[0] for p in parts])
-    y = parts[0][1] if len(parts) == 1 else np.concatenate([p[1] for p in parts])
+    x, y = (np.concatenate(arrays) for arrays in zip(*parts, strict=True))
     tx, ty = _decode_python_split(files, spec.py_test, spec.n_test, spec)
     return classes, (x, y, tx, ty)
 
@@ -530,10 +525,7 @@ def _download(archive: str, cache: Path, progress: bool) -> Path:
         cache.mkdir(parents=True, exist_ok=True)
         fd, tmp_name = tempfile.mkstemp(prefix=f".{archive}.", suffix=".tmp", dir=cache)
     except OSError as e:
-        raise DataError(
-            f"cannot write the cache {cache} ({e.strerror or e}); set JAXBENCH_CACHE_DIR to a "
-            "writable folder"
-        ) from None
+        raise _unwritable_cache(cache, e) from None
     tmp = Path(tmp_name)
     try:
         h = hashlib.md5()
@@ -582,6 +574,13 @@ def _download(archive: str, cache: Path, progress: bool) -> Path:
 # --- sources ----------------------------------------------------------------------------------
 
 
+def _unwritable_cache(cache: Path, e: OSError) -> DataError:
+    return DataError(
+        f"cannot write the cache {cache} ({e.strerror or e}); set JAXBENCH_CACHE_DIR to a "
+        "writable folder"
+    )
+
+
 def _from_archive(path: Path, spec: Spec, cache: Path, how: str) -> Dataset:
     """An md5-verified official archive, decoded once into the cache."""
     _check_cache_folder(cache)
@@ -597,15 +596,12 @@ def _from_archive(path: Path, spec: Spec, cache: Path, how: str) -> Dataset:
     try:
         _write_entry(cache, path.name, classes, arrays, md5)
     except OSError as e:
-        raise DataError(
-            f"cannot write the cache {cache} ({e.strerror or e}); set JAXBENCH_CACHE_DIR to a "
-            "writable folder"
-        ) from None
+        raise _unwritable_cache(cache, e) from None
     return Dataset(spec.name, classes, *arrays, source=f"archive {path}")
 
 
 def _not_a_data_folder(path: Path, spec: Spec) -> str:
-    """What a file given as the data folder is, and the fix (it exists: not "does not exist")."""
+    """What a file given as the data folder is, and the fix."""
     fix = (
         f"pass --data-dir (or set JAXBENCH_DATA_DIR to) the folder that holds {spec.bin_dir}/, "
         f"or the official {spec.bin_archive} itself"
@@ -641,8 +637,7 @@ def _check_cache_folder(cache: Path) -> None:
 
 
 def _from_folder(root: Path, spec: Spec, cache: Path) -> Dataset:
-    """An explicit data folder: an official layout inside it (or it itself), else an
-    archive in it; or the official archive itself."""
+    """An official layout in or at the folder, else an archive in it, or the archive itself."""
     if (
         root.is_file()
         and root.stat().st_size > 0
@@ -723,8 +718,7 @@ def _from_tfds(spec: Spec, data_dir: str | None) -> Dataset:
     finally:
         absl.setLevel(level)
     arrays = []
-    for split in ("train", "test"):
-        src = splits[split]
+    for split, src in splits.items():
         n = len(src)
         images = np.empty((n, 32, 32, 3), np.uint8)
         labels = np.empty(n, np.int32)
@@ -755,12 +749,7 @@ def load_dataset(
     download: bool = True,
     progress: bool = True,
 ) -> Dataset:
-    """The dataset of `cfg`, with `cfg.subset` / `cfg.test_subset` applied (first N images).
-
-    Keyword arguments override the config. `data_dir` falls back to `cfg.data_dir`, then
-    `$JAXBENCH_DATA_DIR`; without any, the cache, then a download (unless `download=False`).
-    Raises `DataError` (a `ValueError`) with a one-line message for anything wrong.
-    """
+    """The dataset of `cfg` (keywords override it), subsets applied; DataError if wrong."""
     cfg = cfg or Config()
     spec = get_spec(dataset or cfg.dataset)
     source = source or cfg.source
@@ -787,14 +776,12 @@ def take_subsets(ds: Dataset, subset: int | None, test_subset: int | None) -> Da
     ):
         if n is not None and not 0 < n <= have:
             raise DataError(f"{flag} {n} is outside 1..{have} (the images {ds.name} has)")
-    return Dataset(
-        ds.name,
-        ds.classes,
-        ds.train_images[:subset],
-        ds.train_labels[:subset],
-        ds.test_images[:test_subset],
-        ds.test_labels[:test_subset],
-        ds.source,
+    return dataclasses.replace(
+        ds,
+        train_images=ds.train_images[:subset],
+        train_labels=ds.train_labels[:subset],
+        test_images=ds.test_images[:test_subset],
+        test_labels=ds.test_labels[:test_subset],
     )
 
 
@@ -853,8 +840,7 @@ def _format(ds: Dataset, s: dict[str, Any]) -> str:
 
 
 def main(argv: Sequence[str] | None = None, out: Callable[[str], None] = print) -> int:
-    """`python -m jaxbench.data`: verify a dataset and print its counts and statistics;
-    exit 0, 2 bad input, 130 Ctrl-C, 143 SIGTERM (`jaxbench.command`)."""
+    """`python -m jaxbench.data`: verify a dataset and print its counts and statistics."""
     return run_command(lambda cmd: _main(cmd, argv, out))
 
 

@@ -1,63 +1,10 @@
 """The run driver both trainers share: everything about a run that is not the recipe.
 
-A trainer (JAX or PyTorch) builds its nets, data and compiled functions, then
-hands itself to `Driver.run`, which owns the rest in one place:
-
-- the run folder: `config.json`, `metrics.jsonl`, `status.json`, `summary.json`
-  (`report.RunRecorder`), and the per-epoch table on stdout;
-- checkpoints every `cfg.checkpoint_every` epochs and `resume` from the latest
-  (`checkpoint.save` / `checkpoint.load_progress`, `checkpoint.Ledger`), where
-  `check_resume` refuses a run still going here and leaves a finished one as it is;
-- the clock: training epochs, the fresh start's whitening and the final
-  evaluation are timed; compilation, monitoring evaluations, checkpoints and
-  file writes are not;
-- the per-epoch rows: `train_loss`, `train_acc`, then `val_*` on every
-  `cfg.eval_every`-th epoch and always the last; a non-finite training loss
-  ends the run with its row unevaluated (`status.json` says `diverged`);
-- Ctrl-C / SIGTERM (KeyboardInterrupt): `status.json` says `interrupted`;
-- the profiler (`start` / `pause` around each timed region, `finish` at the end);
-- the summary fields common to both trainers (`Trainer.summary_extras` adds the rest).
-
-Several runs may train together in one program (`lanes`: K seeds vmapped in
-JAX). Each lane gets its own rows and step losses; they share the clock. Such a
-program prints no table, saves no checkpoints and raises on no lane's divergence
-(its caller reports each lane); its summary holds `seeds`, one entry (seed, final,
-epochs, step_losses) per lane. Given a `workdir` it writes `config.json`,
-`status.json` (as a single run's, counting lane 0's rows) and `seeds.json`.
-
-Framework-neutral: it imports neither jax nor torch.
-
-The trainer's interface (`Trainer`), what the driver relies on:
-
-- `framework` ("jax" or "torch"), `cfg` (the config as the run uses it, e.g.
-  with `devices` resolved), `stream`, `seeds` (one per lane: `[cfg.seed]` for
-  a single run), `steps` (optimizer steps per epoch), `n_train`, `n_test`.
-- `start(clock)`: a fresh run's last step before epoch 1; whatever the recipe
-  times there (the data-dependent whitening kernel) runs inside `with clock():`.
-- `restore(folder, epochs_done)`: load `write_state`'s tensors from a checkpoint
-  folder instead of `start` (off the clock).
-- `train_epoch(epoch, progress) -> (losses, correct)`: train 0-based `epoch`
-  and return, ready on the host, every step's mean training loss (shape
-  `(steps,)`, or `(lanes, steps)`) and the number of right predictions over the
-  epoch (a count, or one per lane). The driver times it.
-- `score(epoch, same_weights) -> (fields, weight_sets)`: evaluate the current
-  nets: `val_loss`, `val_acc`, `ema_val_acc` (None without an EMA) as a dict,
-  or a list of dicts, one per lane; `weight_sets` is how many weight sets were
-  scored (1 or 2). `same_weights` is True on lookahead's last epoch, where the
-  net equals its EMA and may be scored once (the trainer may still compare,
-  e.g. when hooks replaced the weights).
-- `sync()`: wait until the device has finished the work queued so far; the
-  clock calls it on entry and exit.
-- `compile_count() -> int`: graph compilations so far in the process (PyTorch's
-  dynamo; 0 for ahead-of-time JAX); the ones inside timed regions are counted
-  into `Ledger.compiles`.
-- `write_state(folder)`: every tensor the numbers depend on, into `folder`
-  (a checkpoint being built), returning once it is on disk.
-- `summary_extras(ledger) -> dict`: the trainer's own summary fields
-  (compile seconds, device, loop, ...), added after the common ones.
-
-Under torchrun or JAX's multi-process runtime every process drives its run,
-but only the primary one (`primary=True`) writes, prints or profiles.
+A trainer builds its nets, data and compiled functions, then hands itself (`Trainer`) to
+`Driver.run`, which owns the run folder, checkpoints and resume, the clock (epochs, a fresh
+start's whitening and the final evaluation), the rows, Ctrl-C, the profiler and the summary.
+`lanes`: K seeds in one vmapped JAX program share the clock; each gets its own rows, and the
+summary holds `seeds`. Only the `primary` process writes. Imports neither jax nor torch.
 """
 
 from __future__ import annotations
@@ -84,7 +31,7 @@ NOT_EVALUATED: Row = {"val_loss": None, "val_acc": None, "ema_val_acc": None}
 
 
 class Trainer(Protocol):
-    """What a framework's trainer supplies to `Driver.run` (see the module docstring)."""
+    """What a framework's trainer supplies to `Driver.run`; `seeds`: one per lane."""
 
     framework: str
     cfg: Config
@@ -94,21 +41,29 @@ class Trainer(Protocol):
     n_train: int
     n_test: int
 
-    def start(self, clock: Clock) -> None: ...
+    def start(self, clock: Clock) -> None:
+        """A fresh run's last step before epoch 1; what it times runs in `with clock():`."""
 
-    def restore(self, folder: Path, epochs_done: int) -> None: ...
+    def restore(self, folder: Path, epochs_done: int) -> None:
+        """Load `write_state`'s tensors from a checkpoint instead of `start` (off the clock)."""
 
-    def train_epoch(self, epoch: int, progress: bool) -> tuple[Any, Any]: ...
+    def train_epoch(self, epoch: int, progress: bool) -> tuple[Any, Any]:
+        """Train 0-based `epoch`: step losses ((steps,) or (lanes, steps)) and right counts."""
 
-    def score(self, epoch: int, same_weights: bool) -> tuple[Row | list[Row], int]: ...
+    def score(self, epoch: int, same_weights: bool) -> tuple[Row | list[Row], int]:
+        """Evaluate: val_loss, val_acc, ema_val_acc (per lane) and the weight sets scored."""
 
-    def sync(self) -> None: ...
+    def sync(self) -> None:
+        """Wait for the device's queued work (the clock calls it on entry and exit)."""
 
-    def compile_count(self) -> int: ...
+    def compile_count(self) -> int:
+        """Graph compilations so far (dynamo; 0 for ahead-of-time JAX)."""
 
-    def write_state(self, folder: Path) -> None: ...
+    def write_state(self, folder: Path) -> None:
+        """Every tensor the numbers depend on, into a checkpoint folder, on disk."""
 
-    def summary_extras(self, ledger: Ledger) -> dict[str, Any]: ...
+    def summary_extras(self, ledger: Ledger) -> dict[str, Any]:
+        """The trainer's own summary fields (compile seconds, device, loop, ...)."""
 
 
 class Profiler(Protocol):
@@ -122,12 +77,8 @@ class Profiler(Protocol):
 
 
 class Driver:
-    """One run's folder, checkpoints, clock, rows and summary around a `Trainer`.
-
-    Made before the trainer builds anything, so a bad `resume` fails before compiling;
-    `workdir` defaults to `resume`, then `cfg.out`. `lanes` (K runs in one program;
-    None: a single run) refuses `resume`, writes only to a `workdir` given, returns one
-    entry per seed."""
+    """One run's folder, checkpoints, clock, rows and summary around a `Trainer`; made before
+    the trainer builds anything, so a bad `resume` fails before compiling."""
 
     def __init__(
         self,
@@ -161,8 +112,7 @@ class Driver:
             self.ckpt, self.saved = checkpoint.load_progress(resume, cfg, framework, stream)
 
     def run(self, trainer: Trainer, profiler: Profiler | None = None) -> dict[str, Any]:
-        """Train every epoch left, evaluate when due, write the files; the summary. A single
-        run's NaN loss raises FloatingPointError; Ctrl-C passes through (`interrupted`)."""
+        """Train the epochs left, evaluate when due, write the files; the summary."""
         cfg = trainer.cfg
         if len(trainer.seeds) != self.lanes:
             raise ValueError(f"the trainer has {len(trainer.seeds)} lanes, the driver {self.lanes}")
@@ -200,7 +150,10 @@ class Driver:
             summary = _summary(trainer, self.framework, ledger, lane_rows, lane_losses,
                                several=self.several)  # fmt: skip
             if profiler is not None:
-                summary["profile"] = _finish_profile(profiler, self.framework, self.quiet)
+                summary["profile"] = profile = profiler.finish()
+                if not self.quiet:
+                    title = f"{self.framework}: top operations (self time)"
+                    print(format_top_ops(profile["top_ops"], title))
             if self.several and self.workdir is not None:
                 write_json(Path(self.workdir) / "seeds.json", summary)
                 recorder.set_status("done")
@@ -214,11 +167,9 @@ class Finished(Exception):
 
 
 def check_resume(folder: str | os.PathLike[str], *, re_evaluate: bool = False) -> None:
-    """What `--resume` checks before anything loads. Refused (ValueError): a run whose
-    status says running with its process alive on this host (two runs would write one
-    folder). A dead one ("stopped without a word", `report.read_status`) resumes.
-    A finished run (summary.json) raises `Finished`, unless `re_evaluate`; so do finished
-    `--vmap-seeds` runs (seeds.json), which keep no checkpoint to re-evaluate from."""
+    """Before anything loads: refuse a run still alive on this host (ValueError); a finished
+    one (summary.json, or seeds.json of `--vmap-seeds` runs) raises `Finished` unless
+    `re_evaluate`; a dead one resumes."""
     folder = Path(folder)
     try:
         status = read_status(folder)
@@ -256,11 +207,8 @@ def _epoch(
     progress: bool,
     several: bool,
 ) -> list[Row]:
-    """Train `epoch` on the clock, evaluate when due; one metrics row per lane.
-
-    Monitoring evaluations are off the clock; the final one is part of the timed
-    run. A single run's non-finite training loss returns its row at once, unevaluated.
-    """
+    """Train `epoch` on the clock, evaluate when due (only the final evaluation timed); one
+    row per lane. A single run's non-finite loss returns its row unevaluated."""
     cfg, lanes = trainer.cfg, len(lane_losses)
     with clock():
         losses, correct = trainer.train_epoch(epoch, progress)
@@ -295,14 +243,6 @@ def _epoch(
     return rows
 
 
-def _finish_profile(profiler: Profiler, framework: str, quiet: bool) -> dict[str, Any]:
-    """The profiler's record (trace, top operations); the table on stdout unless quiet."""
-    profile = profiler.finish()
-    if not quiet:
-        print(format_top_ops(profile["top_ops"], f"{framework}: top operations (self time)"))
-    return profile
-
-
 def _summary(
     trainer: Trainer,
     framework: str,
@@ -325,20 +265,16 @@ def _summary(
         }
         for seed, rows, losses in zip(trainer.seeds, lane_rows, lane_losses, strict=True)
     ]
-    common: dict[str, Any]
-    if not several:
+    if several:
+        common: dict[str, Any] = {"seeds": runs, "total_time_seconds": timed}
+    else:  # a single run's seed is cfg.seed
         common = {
-            "final": runs[0]["final"],
-            "epochs": runs[0]["epochs"],
-            "step_losses": runs[0]["step_losses"],
+            **runs[0],
             "total_time_seconds": timed,
             "final_eval_weight_sets": ledger.weight_sets,
             "images_per_second": images / timed if timed > 0 else None,
-            "seed": cfg.seed,
             "stream": trainer.stream,
         }
-    else:
-        common = {"seeds": runs, "total_time_seconds": timed}
     common.update(
         environment=environment((framework,)),
         config=cfg.to_dict(),
@@ -350,8 +286,7 @@ def _summary(
 
 
 class _Clock:
-    """`with clock():` times a region: synchronised wall seconds into `ledger.timed_seconds`,
-    graph compilations inside it into `ledger.compiles`, and the profiler's trace."""
+    """`with clock():` adds a region's synchronised seconds and compiles to the ledger."""
 
     def __init__(self, trainer: Trainer, ledger: Ledger, profiler: Profiler | None) -> None:
         self.trainer, self.ledger, self.profiler = trainer, ledger, profiler

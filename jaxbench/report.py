@@ -1,7 +1,6 @@
 """Results on disk and on stdout, shared by both trainers, the parity suite and the benchmark.
 
-Every file is written atomically (temp file in the same folder, then
-`os.replace`), so an interrupted run never leaves half a JSON behind.
+Every file is written atomically (temp file, then `os.replace`): never half a JSON.
 """
 
 from __future__ import annotations
@@ -44,22 +43,13 @@ def _jsonable(x: Any) -> Any:
         return {str(k): _jsonable(v) for k, v in x.items()}
     if isinstance(x, (list, tuple)):
         return [_jsonable(v) for v in x]
-    if isinstance(x, np.ndarray):
-        return x.tolist()
-    if isinstance(x, np.generic):
-        return x.item()
-    if hasattr(x, "tolist") and callable(x.tolist):  # jax / torch scalars and arrays
+    if hasattr(x, "tolist") and callable(x.tolist):  # numpy, jax and torch scalars and arrays
         return x.tolist()
     return x
 
 
-def _current_umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-_UMASK = _current_umask()
+_UMASK = os.umask(0)  # reading the umask means setting it: put it back at once
+os.umask(_UMASK)
 
 
 def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
@@ -98,9 +88,7 @@ def now_iso() -> str:
 
 @functools.lru_cache(maxsize=1)
 def gpu_driver() -> str | None:
-    """The NVIDIA driver version (from /proc, else nvidia-smi), or None on a machine without one.
-
-    Looked up once per process."""
+    """The NVIDIA driver version (from /proc, else nvidia-smi), or None without one."""
     try:
         text = Path("/proc/driver/nvidia/version").read_text()
         m = re.search(r"Kernel Module(?: for \S+)?\s+(\d+(?:\.\d+)+)", text)
@@ -118,11 +106,7 @@ PROBE_TIMEOUT = 10.0  # seconds for each git / lscpu / nvidia-smi call
 
 
 def probe(args: Sequence[str]) -> tuple[str | None, str]:
-    """(stdout, "") of a short command, or (None, why) when it is missing, fails or hangs.
-
-    Never raises. Runs in the C locale, so parsed labels are the English ones, and in its
-    own process group, so a timeout also ends any children still holding its pipes.
-    """
+    """(stdout, "") of a short command in the C locale, or (None, why); never raises."""
     try:
         proc = subprocess.Popen(
             list(args),
@@ -153,18 +137,14 @@ def probe(args: Sequence[str]) -> tuple[str | None, str]:
 
 
 def code_root() -> Path:
-    """The folder holding the `jaxbench` package that is running (a checkout's root, or
-    site-packages for an installed wheel), whatever the current directory."""
+    """The folder holding the running `jaxbench` package (a checkout, or site-packages)."""
     return Path(__file__).resolve().parent.parent
 
 
 def git_state(root: str | os.PathLike[str] | None = None) -> dict[str, Any]:
-    """`git_commit` (full sha, or None), `git_dirty` (tracked files differ from it; None when
-    unknown) and `git_note` (why either is missing; None when both are known) for the code at
-    `root` (default: `code_root()`). `root` must be the top of its checkout: a wheel installed
-    in a virtualenv that lies inside some other repository is not that repository's code.
-    Looked up once per process and root (`clear_environment_cache` forgets); never raises.
-    """
+    """`git_commit`, `git_dirty` (tracked files differ) and `git_note` (why either is None)
+    for the code at `root` (default `code_root()`), which must be its checkout's top: a
+    wheel in a virtualenv inside another repository is not that repository's code. Cached."""
     return dict(_git_state(str(Path(root) if root is not None else code_root())))
 
 
@@ -221,8 +201,7 @@ def cpu_model() -> str | None:
 
 
 def gpu_models() -> list[str] | None:
-    """`nvidia-smi -L` lines ("GPU 0: NVIDIA H100 ... (UUID: ...)"): [] without nvidia-smi,
-    None when it is there but fails. Looked up once per process."""
+    """`nvidia-smi -L` lines: [] without nvidia-smi, None when it fails. Cached."""
     found = _gpu_models()
     return list(found) if found is not None else None
 
@@ -239,7 +218,7 @@ def _gpu_models() -> tuple[str, ...] | None:
 
 
 def clear_environment_cache() -> None:
-    """Forget the cached git, CPU and GPU look-ups (for tests, or after a checkout changed)."""
+    """Forget the cached git, CPU and GPU look-ups."""
     _git_state.cache_clear()
     gpu_driver.cache_clear()
     cpu_model.cache_clear()
@@ -255,14 +234,7 @@ def _program() -> str:
 
 
 def environment(frameworks: Sequence[str] = ()) -> dict[str, Any]:
-    """Host, Python and framework versions and the code's git commit, beside every result.
-
-    `git_commit` is the full sha of the checkout holding the `jaxbench` package that ran
-    (not of the current directory), `git_dirty` whether tracked files differed from it;
-    both None, with `git_note` saying why, outside a git checkout. `cpu_model`,
-    `gpu_models` (`nvidia-smi -L` lines; [] without nvidia-smi) and the git fields are
-    looked up once per process; no lookup raises or waits more than a few seconds.
-    """
+    """Host, Python and framework versions and the code's git state, beside every result."""
     env: dict[str, Any] = {
         "python": platform.python_version(),
         "platform": platform.platform(),
@@ -336,10 +308,9 @@ STOPPED_SILENTLY = "stopped without a word"
 
 
 def read_status(run_dir: str | Path) -> dict[str, Any]:
-    """A run's status.json, truthful after a SIGKILL: nothing can write at SIGKILL, so a
-    "running" status whose process (on this host) is gone reads "stopped without a word",
-    with `was` holding the recorded status. A pid reused by another process is not told
-    apart; a run recorded on another host is taken at its word."""
+    """A run's status.json, truthful after a SIGKILL: "running" with its process gone (on
+    this host) reads `STOPPED_SILENTLY`, `was` the recorded status. Other hosts' are
+    taken at their word."""
     doc = json.loads((Path(run_dir) / "status.json").read_text())
     pid, host = doc.get("pid"), doc.get("host")
     if doc.get("status") != "running" or not isinstance(pid, int) or pid <= 0:
@@ -356,15 +327,8 @@ def read_status(run_dir: str | Path) -> dict[str, Any]:
 
 
 class RunRecorder:
-    """The per-epoch table on stdout and the run's files, the same for both trainers.
-
-    `status.json` says what the folder holds at every moment: `running` from the
-    start, then `done`, `diverged` (with the epoch) or `interrupted`, with
-    `epochs_completed` always equal to the rows in `metrics.jsonl` (it is
-    rewritten after them). `epoch(row)` prints a row and rewrites
-    `metrics.jsonl`; `finish(summary)` writes `summary.json`. A non-finite
-    training loss raises `FloatingPointError` naming the epoch.
-    """
+    """The per-epoch table and the run's files; `status.json` (running, done, diverged or
+    interrupted) counts the rows of `metrics.jsonl`, being written after them."""
 
     def __init__(
         self,
@@ -373,9 +337,7 @@ class RunRecorder:
         quiet: bool,
         rows: Sequence[dict[str, Any]] = (),
     ):
-        """`rows`: the epochs a resumed run already has (from its checkpoint); they are
-        printed and `metrics.jsonl` is rewritten to them, dropping any later row the
-        stopped run wrote after its last checkpoint."""
+        """`rows`: a resumed run's epochs from its checkpoint; later rows are dropped."""
         self.workdir = Path(workdir) if workdir is not None else None
         self.quiet = quiet
         self.rows: list[dict[str, Any]] = [dict(r) for r in rows]
@@ -391,7 +353,7 @@ class RunRecorder:
                 print(format_row(row), flush=True)
 
     def set_status(self, status: str, **extra: Any) -> None:
-        """Rewrite `status.json` (atomically): the state, epochs completed, times, `extra`."""
+        """Rewrite `status.json`: the state, epochs completed, times, `extra`."""
         if self.workdir is None:
             return
         doc = {
@@ -406,6 +368,7 @@ class RunRecorder:
         write_json(self.workdir / "status.json", doc)
 
     def epoch(self, row: dict[str, Any]) -> None:
+        """Print and record a row; a non-finite training loss raises FloatingPointError."""
         row = {k: _jsonable(v) for k, v in row.items()}
         loss = row.get("train_loss")
         if loss is not None and not np.isfinite(loss):

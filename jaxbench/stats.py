@@ -1,23 +1,15 @@
 """Statistics for the benchmark, the sweep and the parity suite: numpy and `scipy.stats` only.
 
-Means and spreads are numpy's (sample std, ddof=1); distributions (Student's t, the
-Kolmogorov-Smirnov statistic and its limit law) are scipy's. What scipy has no function
-for is written here in numpy, with the model in its docstring:
-
-* `describe`, `mean_std`, `share_at_least`: the summaries the benchmark and the sweep print;
-* `ratio_ci`: the benchmark's ratio of mean times with a log-symmetric Welch interval;
-* `uniform_fit`: parity check 1, is a layer's initial weights uniform(-b, b)?
-* `chaos_test`: parity check 7, is JAX further from PyTorch than float32 chaos explains?
-* `relative_error`: parity's gradient figure.
-
-Framework-neutral: neither JAX nor PyTorch is imported.
+Spreads are sample std (ddof=1); distributions are scipy's. What scipy lacks is written
+here with its model in the docstring: `ratio_ci` (benchmark), `uniform_fit` (parity check
+1) and `chaos_test` (parity check 7). Framework-neutral.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
@@ -31,9 +23,6 @@ CI_LEVEL = 0.95
 Z_TOL = 5.0  # |z| of the sample mean and standard deviation
 KS_ALPHA = 1e-4  # per-test false-alarm rate of the Kolmogorov-Smirnov test
 MAX_TAIL_P = 1e-6  # P(max |w| falls below the accepted range) for a true uniform
-
-
-# --- summaries --------------------------------------------------------------------------------
 
 
 def mean_std(values: Sequence[float]) -> dict[str, Any]:
@@ -51,13 +40,7 @@ def describe(values: Sequence[float]) -> dict[str, Any]:
     x = np.asarray(values, dtype=np.float64)
     if x.size == 0:
         raise ValueError("describe() needs at least one value")
-    return {
-        "n": int(x.size),
-        "mean": float(x.mean()),
-        "std": float(x.std(ddof=1)) if x.size > 1 else None,
-        "min": float(x.min()),
-        "max": float(x.max()),
-    }
+    return {**mean_std(x), "min": float(x.min()), "max": float(x.max())}
 
 
 def share_at_least(values: Sequence[float], target: float) -> tuple[int, float]:
@@ -67,32 +50,23 @@ def share_at_least(values: Sequence[float], target: float) -> tuple[int, float]:
     return k, k / x.size
 
 
-# --- Student's t ------------------------------------------------------------------------------
-
-
 def t_quantile(p: float, df: float) -> float:
-    """The p-quantile of Student's t with `df` degrees of freedom (df = inf: the normal)."""
+    """The p-quantile of Student's t (df = inf: the normal)."""
     if not 0.0 < p < 1.0:
         raise ValueError(f"t_quantile needs 0 < p < 1, got {p}")
     return float(student_t.ppf(p, df))
 
 
 def t_sf(t: float, df: float) -> float:
-    """P(T > t) for Student's t with `df` degrees of freedom (df = inf: the normal)."""
+    """P(T > t) for Student's t (df = inf: the normal)."""
     return float(student_t.sf(t, df))
 
 
 def ratio_ci(
     numerator: Sequence[float], denominator: Sequence[float], level: float = CI_LEVEL
 ) -> dict[str, Any]:
-    """Ratio of means with a confidence interval from the run-to-run spread.
-
-    The log of a ratio of means is a difference of two independent log-means;
-    by the delta method Var(log mean) ~= s^2 / (n * mean^2). The interval is
-    symmetric on the log scale (so it never crosses zero) and uses Student's t
-    with Welch-Satterthwaite degrees of freedom, which matters for n ~ 2..10.
-    With fewer than two runs on either side there is no spread: `ci` is None.
-    """
+    """Ratio of means with a log-symmetric Welch t interval (None with under two runs a side),
+    by the delta method: Var(log mean) ~= s^2 / (n mean^2)."""
     a = np.asarray(numerator, dtype=np.float64)
     b = np.asarray(denominator, dtype=np.float64)
     if a.size == 0 or b.size == 0:
@@ -113,9 +87,6 @@ def ratio_ci(
         ci=[out["value"] * math.exp(-q * se), out["value"] * math.exp(q * se)], se_log=se, df=df
     )
     return out
-
-
-# --- parity check 1: initial weights against uniform(-b, b) -----------------------------------
 
 
 @dataclass(frozen=True)
@@ -143,20 +114,15 @@ class UniformFit:
         )
 
     def as_dict(self) -> dict[str, float | int | bool]:
-        d = {k: getattr(self, k) for k in self.__dataclass_fields__}
-        d["passed"] = self.passed
-        return d
+        return {**asdict(self), "passed": self.passed}
 
 
 def uniform_fit(sample: np.ndarray, bound: float) -> UniformFit:
     """Test `sample` (all seeds pooled, any shape) against uniform(-bound, bound).
 
-    Standard errors use the uniform's own moments: var = b^2/3 and, for the
-    sample variance, Var(s^2) = (mu4 - sigma^4)/n with mu4 = b^4/5, so a wrong
-    scale (e.g. lecun_normal's std 1/sqrt(fan_in), sqrt(3) too large) shows as a
-    huge std_z and a max_ratio near 2. The KS distance is taken against the identity
-    CDF on (w / b + 1) / 2, unclipped, so weights beyond the bound count in full; its
-    critical value is the Kolmogorov limit law's (`kstwobign`) upper KS_ALPHA point.
+    Standard errors use the uniform's moments: var = b^2/3, Var(s^2) = (b^4/5 - var^2)/n,
+    so a wrong scale shows as a huge std_z. The KS distance is to the identity CDF on
+    (w / b + 1) / 2, unclipped; its critical value is `kstwobign`'s upper KS_ALPHA point.
     """
     w = np.asarray(sample, dtype=np.float64).ravel()
     n = w.size
@@ -184,13 +150,9 @@ def uniform_fit(sample: np.ndarray, bound: float) -> UniformFit:
     )
 
 
-# --- parity check 7: is JAX-vs-PyTorch further apart than PyTorch-vs-PyTorch? -----------------
-
-
 @dataclass(frozen=True)
 class ChaosTest:
-    """One figure of check 7: is the treatment's mean further from the reference runs' mean
-    than float32 chaos explains? (See `chaos_test` for the model; values as fractions.)"""
+    """One figure of check 7 (the model: `chaos_test`; values as fractions)."""
 
     diff: float  # mean over seeds of treatment - mean of the reference runs
     chaos_sd: float  # pooled within-seed sd of the reference runs: one run's chaos noise
@@ -211,19 +173,14 @@ class ChaosTest:
         return bool(abs(self.diff) <= self.bar)
 
     def as_dict(self) -> dict[str, float | int | bool]:
-        d = {k: getattr(self, k) for k in self.__dataclass_fields__}
-        d["bar"] = self.bar
-        d["passed"] = self.passed
-        return d
+        return {**asdict(self), "bar": self.bar, "passed": self.passed}
 
 
 def chaos_moments(
     treat: np.ndarray, ref: np.ndarray
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
-    """(diff, chaos_sd, se, df) of `chaos_test`, vectorised over leading axes.
-
-    treat: (..., S), one run per seed; ref: (..., S, R), R >= 2 reference runs per seed.
-    """
+    """(diff, chaos_sd, se, df) of `chaos_test` over leading axes: treat (..., S), one run
+    per seed; ref (..., S, R), R >= 2 reference runs per seed."""
     x = np.asarray(treat, np.float64)
     y = np.asarray(ref, np.float64)
     if y.ndim < 2 or x.shape != y.shape[:-1]:
@@ -246,20 +203,13 @@ def chaos_test(
     n_tests: int = 1,
     alpha: float,
 ) -> ChaosTest:
-    """Test one figure: a treatment run and R reference runs for each of S seeds.
+    """Is a treatment further from R reference runs per seed (S seeds) than float32 chaos?
 
-    Model: run r of seed s scores X = mu_framework + a_s + e, with a_s the seed's
-    effect (its init and batch stream, shared by all its runs, hence cancelled by
-    pairing) and e ~ N(0, tau^2) iid: float32 chaos, the divergence that rounding
-    differences grow into. H0: the treatment is one more draw of the same chaos,
-    mu_treat = mu_ref. Then D_s = treat_s - mean_r ref_sr has variance
-    tau^2 (1 + 1/R); tau^2 is estimated by the reference runs' within-seed
-    variance, pooled, with S (R - 1) degrees of freedom and independent of every
-    D_s (normal theory: a sample's variance is independent of its mean), so
-    mean(D) / sqrt(tau_hat^2 (1 + 1/R) / S) is exactly Student-t with S (R - 1)
-    df. The bar is the two-sided t quantile at alpha / n_tests (Bonferroni over
-    the family) times that standard error: the family rejects anything under H0
-    with probability at most alpha.
+    Model: a run scores mu_framework + a_s (the seed's effect, cancelled by pairing) + e,
+    e ~ N(0, tau^2) the chaos rounding grows into. Under H0 (mu_treat = mu_ref),
+    D_s = treat_s - mean_r ref_sr has variance tau^2 (1 + 1/R), and with tau^2 pooled from
+    the within-seed variance, mean(D) / sqrt(tau_hat^2 (1 + 1/R) / S) is Student-t with
+    S (R - 1) df. The bar: the two-sided quantile at alpha / n_tests (Bonferroni).
     """
     if not 0.0 < alpha < 1.0 or n_tests < 1:
         raise ValueError(f"need 0 < alpha < 1 and n_tests >= 1; got {alpha}, {n_tests}")

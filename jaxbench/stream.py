@@ -1,25 +1,12 @@
 """The framework-neutral batch stream: shuffle order and augmentation parameters.
 
-Both trainers can consume the very same stream: `epoch_plan` draws, with numpy
-and from the seed alone, the image order of an epoch and every augmentation
-parameter (crop offsets, flip decisions, cutout corners). Each framework then
-*applies* a plan with its own batched tensor ops (`jaxbench.augment`,
-`torch_ref.augment`); `apply_plan_numpy` is the slow, obvious reference the
-tests compare both against. The benchmark's fast JAX path draws the same kinds
-of parameters with `jax.random` inside the jit instead (same distributions,
-different numbers).
-
-Semantics of applying a plan to batch position b (images are uint8 NHWC):
-  1. x = images[indices[b]]
-  2. crop (if crop_pad > 0): reflect-pad H and W by crop_pad (numpy 'reflect',
-     i.e. the edge pixel is not repeated), then take the 32x32 window whose
-     top-left corner is (crop_y[b], crop_x[b]), each in [0, 2 * crop_pad].
-  3. flip (if flip[b]): reverse the W axis.
-  4. cutout (if cutout > 0): fill rows cutout_y[b]:+cutout and columns
-     cutout_x[b]:+cutout, all channels, with FILL_RGB (the uint8 data mean), the
-     corner drawn in [0, 32 - cutout] so the square lies inside the image.
-The result stays uint8, so two frameworks agree bit for bit; normalisation
-(`(x / 255 - mean) / std`) happens afterwards, on the device.
+`epoch_plan` draws with numpy, from the seed alone, an epoch's image order and every
+augmentation parameter; each framework applies it with its own batched ops, and
+`apply_plan_numpy` is the slow, obvious reference both are tested against. Per image
+(uint8 NHWC): take images[indices[b]]; reflect-pad by crop_pad (edge not repeated) and cut
+the 32x32 window at (crop_y, crop_x); mirror if flip; fill the cutout square at
+(cutout_y, cutout_x) with FILL_RGB. The result stays uint8, so frameworks agree bit for
+bit; normalisation happens afterwards, on the device.
 """
 
 from __future__ import annotations
@@ -57,13 +44,10 @@ class EpochPlan:
     def batch(self, step: int, batch_size: int) -> EpochPlan:
         """The slice of the plan that step `step` of the epoch consumes."""
         sl = slice(step * batch_size, (step + 1) * batch_size)
-        return EpochPlan(*(getattr(self, f)[sl] for f in _FIELDS))
+        return EpochPlan(**{k: v[sl] for k, v in vars(self).items()})
 
     def as_dict(self) -> dict[str, np.ndarray]:
-        return {f: getattr(self, f) for f in _FIELDS}
-
-
-_FIELDS = ("indices", "crop_y", "crop_x", "flip", "cutout_y", "cutout_x")
+        return dict(vars(self))
 
 
 def steps_per_epoch(cfg: Config, n_train: int) -> int:
@@ -123,13 +107,7 @@ def normalize_numpy(images_NHWC: np.ndarray, dataset: str = "cifar10") -> np.nda
 
 
 def tta_weights(cfg: Config) -> tuple[float, ...]:
-    """Weights of the test-time views, in the order both trainers evaluate them.
-
-    No TTA: the image alone. Flip TTA: the image and its mirror, 0.5 each.
-    With `tta_shift` (airbench's 3-view TTA): the image and its mirror at 0.25
-    each, then the up-left and down-right 1-px translates (cut from a
-    reflect-padded copy) and their mirrors at 0.125 each.
-    """
+    """Weights of the test-time views: image, mirror, then 1-px shifts and their mirrors."""
     if not cfg.tta:
         return (1.0,)
     if not cfg.tta_shift:

@@ -5,24 +5,14 @@
     python -m jaxbench.sweep ... --shard 0/2 --out runs/s0   # and 1/2 on another machine
     python -m jaxbench.sweep --merge runs/s0 runs/s1 --out runs/sweep
 
-Every run is a preset (`--config`, changed for all runs by `--set FIELD=VALUE`)
-with one grid cell and one seed applied. runs.jsonl keeps each run's final
-accuracy only, so runs skip the per-epoch monitoring evaluations (`eval_every`
-is set to the epochs) unless `--set` or `--grid` names `eval_every`. A
-finished run is one line of `OUT/runs.jsonl` (its key, status, accuracy, time,
-commit and full config), appended in one write and flushed to disk, so a killed
-sweep loses at most the run in flight; the same command run again skips every
-run already in the file. `--shard i/n` takes every n-th run from the i-th, so n
-machines can share one sweep, and `--merge DIR...` joins their folders. At the
-end (and on Ctrl-C) the folder gets `summary.json` (per cell and framework: mean
-and spread), `table.md` (sorted by accuracy, then time) and, for a 1-D or 2-D
-grid, `heatmap.png` or `lines.png` (the `plot` extra). A sweep that could not start
-(bad flags, --out, data) writes nothing, nor does one stopped before its first run.
-
-Values: `field=v1,v2,...` with each value as its flag takes it; a field whose
-value has commas itself (`widths`) separates values with `;`
-(`"widths=8,16,32,64;16,32,64,128"`). Exit codes: 0 done, 1 a worker
-failed, 2 bad input, 130 Ctrl-C, 143 SIGTERM (`jaxbench.command`).
+Every run is a preset (`--config`, changed for all runs by `--set FIELD=VALUE`) with one
+grid cell and one seed applied; it skips monitoring evaluations unless `eval_every` is
+named. Each finished run is one line of `OUT/runs.jsonl`, appended and flushed, so a
+killed sweep loses at most the run in flight and the same command continues it. At the
+end (and on Ctrl-C) the folder gets `summary.json`, `table.md` and, for a 1-D or 2-D grid,
+`lines.png` or `heatmap.png`. A sweep stopped before its first run writes nothing.
+A field whose values have commas (`widths`) separates them with `;`. Exit codes: 0 done,
+1 a worker failed, 2 bad input, 130 Ctrl-C, 143 SIGTERM.
 """
 
 from __future__ import annotations
@@ -46,7 +36,7 @@ import numpy as np
 from jaxbench import configs, report, stats
 from jaxbench import sweep_workers as workers
 from jaxbench.command import BAD_INPUT, Command, check_writable, run_command
-from jaxbench.configs import PRESETS, Config, OneLineErrorParser, get_config, parse_field, validate
+from jaxbench.configs import PRESETS, Config, OneLineErrorParser, get_config, parse_field
 from jaxbench.progress import progress_bar
 
 RUNS = "runs.jsonl"
@@ -78,7 +68,7 @@ class RunSpec:
 
     @property
     def key(self) -> str:
-        """The run's identity in runs.jsonl (canonical JSON: equal runs, equal keys)."""
+        """The run's identity in runs.jsonl (canonical JSON)."""
         return json.dumps([self.framework, [[k, _jsonable(v)] for k, v in self.cell], self.seed])
 
     def config(self, base: Config) -> Config:
@@ -118,14 +108,13 @@ def parse_grid(items: Sequence[str]) -> Grid:
 
 
 def plan(base: Config, grid: Grid, seeds: int, frameworks: Sequence[str]) -> list[RunSpec]:
-    """Every run, cell by cell, seed by seed, the frameworks interleaved (a slow stretch of
-    the machine hits both). Each cell's config is validated here, before anything runs."""
+    """Every run, cell by cell, seed by seed, frameworks interleaved; each cell validated."""
     specs = []
     names = list(grid)
     for values in itertools.product(*(grid[n] for n in names)):
         cell = tuple(zip(names, values, strict=True))
         try:
-            validate(base.replace(**dict(cell)))
+            base.replace(**dict(cell))  # validates
         except ValueError as e:
             shown = " ".join(f"{k}={_shown(v)}" for k, v in cell)
             raise ValueError(f"grid cell {shown}: {e}") from None
@@ -139,9 +128,8 @@ def _shown(value: Any) -> str:
 
 
 def planned_keys(doc: dict[str, Any]) -> list[str]:
-    """The keys of a sweep's whole plan (all shards), in `plan`'s order, from its sweep.json."""
-    grid = doc["grid"]
-    first = doc["base"]["seed"]
+    """The keys of a sweep's whole plan (all shards) in `plan`'s order, from sweep.json."""
+    grid, first = doc["grid"], doc["base"]["seed"]
     return [
         RunSpec(fw, tuple(zip(grid, values, strict=True)), seed).key
         for values in itertools.product(*grid.values())
@@ -169,9 +157,8 @@ def parse_shard(text: str) -> tuple[int, int]:
 
 
 def read_runs(path: Path, repair: bool = True) -> list[dict[str, Any]]:
-    """The rows of a runs.jsonl, in order. A last line cut short by a kill (no newline at
-    its end) never counts as a run; with `repair` it is removed from the file first
-    (only while no worker writes: `repair=False` reads under the writers' lock)."""
+    """The rows of a runs.jsonl. A last line cut short by a kill is not a run; `repair`
+    removes it (only while no worker writes: else read under the writers' lock)."""
     if not path.exists():
         return []
     with open(path, "rb") as f:
@@ -194,8 +181,7 @@ def read_runs(path: Path, repair: bool = True) -> list[dict[str, Any]]:
 
 
 def append_run(path: Path, row: dict[str, Any]) -> None:
-    """One row, in one write to the end of the file, flushed to disk before returning;
-    under an exclusive lock, so workers' rows never interleave."""
+    """One row in one write, flushed, under an exclusive lock (workers never interleave)."""
     line = (json.dumps(row, allow_nan=False, sort_keys=True) + "\n").encode()
     fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
     try:
@@ -213,7 +199,8 @@ def _finite(x: Any) -> float | None:
 def run_row(spec: RunSpec, cfg: Config, summary: dict[str, Any] | None, status: str,
             detail: str | None, commit: str | None) -> dict[str, Any]:  # fmt: skip
     """What runs.jsonl keeps of one run."""
-    final = (summary or {}).get("final", {})
+    summary = summary or {}
+    final = summary.get("final", {})
     acc = final.get("ema_val_acc")
     return {
         "key": spec.key,
@@ -224,8 +211,8 @@ def run_row(spec: RunSpec, cfg: Config, summary: dict[str, Any] | None, status: 
         "detail": detail,
         "accuracy": _finite(acc if acc is not None else final.get("val_acc")),
         "val_acc": _finite(final.get("val_acc")),
-        "time_seconds": _finite((summary or {}).get("total_time_seconds")),
-        "compile_seconds": _finite((summary or {}).get("compile_seconds")),
+        "time_seconds": _finite(summary.get("total_time_seconds")),
+        "compile_seconds": _finite(summary.get("compile_seconds")),
         "commit": commit,
         "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "config": cfg.to_dict(),
@@ -243,18 +230,16 @@ def aggregate(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     out = []
     for (fw, cell), rs in groups.items():
         done = [r for r in rs if r["status"] == "done"]
+        accs = [r["accuracy"] for r in done if r["accuracy"] is not None]
+        times = [r["time_seconds"] for r in done if r["time_seconds"]]
         out.append(
             {
                 "framework": fw,
                 "cell": json.loads(cell),
                 "runs": len(rs),
                 "done": len(done),
-                "accuracy": stats.mean_std(
-                    [r["accuracy"] for r in done if r["accuracy"] is not None]
-                ),
-                "time_seconds": stats.mean_std(
-                    [r["time_seconds"] for r in done if r["time_seconds"]]
-                ),
+                "accuracy": stats.mean_std(accs),
+                "time_seconds": stats.mean_std(times),
             }
         )
     return out
@@ -297,16 +282,13 @@ def write_outputs(out: Path, rows: Sequence[dict[str, Any]], spec: dict[str, Any
     }
     report.write_json(out / "summary.json", summary)
     report.atomic_write_text(out / "table.md", format_table(cells, grid))
-    written = [out / "summary.json", out / "table.md"]
     figure = plot(out, cells, grid, spec["frameworks"])
-    return written + ([figure] if figure is not None else [])
+    return [out / "summary.json", out / "table.md", *([figure] if figure is not None else [])]
 
 
 def plot(out: Path, cells: Sequence[dict[str, Any]], grid: Grid, frameworks: Sequence[str]
          ) -> Path | None:  # fmt: skip
-    """heatmap.png (2-D grid: a panel per framework and their difference) or lines.png
-    (1-D: accuracy against the field, error bars = std over seeds); None otherwise or
-    without matplotlib."""
+    """lines.png (1-D grid) or heatmap.png (2-D, a panel per framework and their difference)."""
     try:
         from matplotlib.figure import Figure
     except ImportError:
@@ -430,8 +412,7 @@ def _data_for(base: Config, specs: Sequence[RunSpec]) -> Callable[[Config], Any]
 
 
 def batches(todo: Sequence[RunSpec], vmap_seeds: int) -> list[list[RunSpec]]:
-    """The runs in `todo`'s order, JAX runs of one cell grouped up to `vmap_seeds` per
-    program (`train.train_seeds`); every other run alone."""
+    """The runs in order, JAX runs of one cell grouped up to `vmap_seeds` per program."""
     out: list[list[RunSpec]] = []
     open_group: dict[tuple[tuple[str, Any], ...], list[RunSpec]] = {}
     for spec in todo:
@@ -504,8 +485,7 @@ class Reporter:
 
 def _next_group(pending: list[list[RunSpec]], claims: workers.Claims | None,
                 last: tuple[str, Any] | None) -> list[RunSpec]:  # fmt: skip
-    """Pop the next group to train: plan order alone, or, among workers, the runs of the
-    first group this worker can claim, preferring the program it just compiled."""
+    """Pop the next group; a worker takes the runs it can claim, preferring its last program."""
     if claims is None:
         return pending.pop(0)
     while pending:
@@ -520,10 +500,7 @@ def run_sweep(out: Path, base: Config, todo: Sequence[RunSpec], trainers: dict[s
               data: Callable[[Config], Any], reporter: Reporter, vmap_seeds: int = 1,
               claims: workers.Claims | None = None, worker: dict[str, Any] | None = None,
               ) -> None:  # fmt: skip
-    """Run `todo`, appending each finished run to runs.jsonl (a vmapped group's runs
-    together, when its program ends). A worker (`claims`, `worker`: its `worker` and
-    `cpus` fields for each row) trains only runs it claims, and stops between runs
-    once its parent is gone."""
+    """Train `todo` into runs.jsonl; a worker (`claims`) trains only runs it claims."""
     commit = report.environment(()).get("git_commit")
     parent = os.getppid()
     pending = batches(todo, vmap_seeds)
@@ -640,8 +617,7 @@ def merge(cmd: Command, out: Path, folders: Sequence[str], overwrite: bool) -> i
 
 
 def sweep_plan(args: argparse.Namespace) -> tuple[Config, Grid, list[str], list[RunSpec]]:
-    """(base config, grid, frameworks, this shard's runs) from the command line; a one-line
-    ValueError for anything wrong, before anything runs."""
+    """(base config, grid, frameworks, this shard's runs) from the flags, checked."""
     base = get_config(args.config)
     for item in args.set:
         name, sep, text = item.partition("=")
@@ -649,7 +625,6 @@ def sweep_plan(args: argparse.Namespace) -> tuple[Config, Grid, list[str], list[
             raise ValueError(f"--set {item!r}: expected FIELD=VALUE (e.g. epochs=2)")
         name = name.strip().replace("-", "_")
         base = base.replace(**{name: parse_field(name, text.strip())})
-    base = validate(base)
     if args.data_dir is not None:
         base = base.replace(data_dir=args.data_dir)
     elif os.environ.get("JAXBENCH_DATA_DIR"):
@@ -681,8 +656,7 @@ def sweep_plan(args: argparse.Namespace) -> tuple[Config, Grid, list[str], list[
 
 
 def _worker_main(cmd: Command, args: argparse.Namespace) -> int:
-    """One worker of `--workers N`: the parent checked the command and wrote sweep.json;
-    this trains the runs it can claim, appends them, and leaves the summary to the parent."""
+    """One worker of `--workers N`: trains the runs it can claim (the parent summarises)."""
     cpus = workers.enter_worker()  # before JAX or PyTorch start
     out = Path(args.out)
     index, count = parse_shard(args.worker)
@@ -721,9 +695,7 @@ def _prepare(cmd: Command, out: Path, spec: dict[str, Any], overwrite: bool) -> 
 
 
 def stopped(out: Path, word: str, before: set[str], old_spec: bytes | None) -> str:
-    """Ctrl-C or SIGTERM once sweep.json is written: the summary of the finished runs, or,
-    with none finished, the folder as it was (`before`: its entries, `old_spec`: its
-    sweep.json's bytes, None if it had none), so no empty table or figure is left."""
+    """Ctrl-C after sweep.json: the finished runs' summary, or with none the folder as it was."""
     rows = read_runs(out / RUNS)
     if not rows:
         for name in sorted(set(os.listdir(out)) - before):
@@ -743,8 +715,7 @@ def stopped(out: Path, word: str, before: set[str], old_spec: bytes | None) -> s
 
 
 def _main(cmd: Command, argv: list[str]) -> int:
-    """Check everything (flags, --out, trainers, data) before sweep.json is written, then
-    train what is left and write the summary."""
+    """Check flags, --out, trainers and data before sweep.json, then train what is left."""
     args = build_parser().parse_args(argv)
     if args.out is None:
         raise ValueError("--out DIR is required: the folder that keeps the sweep's runs")

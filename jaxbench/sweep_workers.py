@@ -1,23 +1,11 @@
 """`python -m jaxbench.sweep --workers N`: N sweep processes share one machine.
 
-Each worker is the same sweep command with `--worker i/N`, pinned to its own
-share of the CPU cores (and, where `CUDA_VISIBLE_DEVICES` lists devices, its own
-share of those). Workers take runs from the plan as they free up: a run is
-claimed by creating `OUT/workers/claims/<run>` exclusively, so no two workers
-train it, and a worker prefers the next seed of the cell it just compiled, so
-programs are still reused. Every finished run is appended to `runs.jsonl` under
-an exclusive lock; the parent only watches that file (progress bar, one line a
-run) and writes the summary when the workers are done.
-
-Why: XLA:CPU's convolutions use two cores poorly (a `tiny` run takes 45 s on
-one core and 33 s on two of a 2-core x86 CPU), so two one-core runs side by side
-finish the same work sooner; PyTorch's scale almost perfectly, and lose nothing.
-Per-run times are then those of a run on its share of the machine; each row
-records `worker` and `cpus`.
-
-Claims live for one invocation: the parent clears them before starting workers,
-and a rerun skips what runs.jsonl holds, as without workers. A worker stops
-between runs when its parent is gone.
+Each worker is the sweep command with `--worker i/N`, pinned to its share of the CPU cores
+(and of `CUDA_VISIBLE_DEVICES`). A worker claims a run by creating `OUT/workers/claims/<run>`
+exclusively, prefers the next seed of the cell it just compiled, and appends each finished
+run to `runs.jsonl` under a lock; the parent watches that file and writes the summary.
+Why: XLA:CPU's convolutions use two cores poorly (a `tiny` run: 45 s on one core, 33 s on
+two), so two one-core runs side by side finish sooner; each row records `worker`, `cpus`.
 """
 
 from __future__ import annotations
@@ -37,9 +25,6 @@ from typing import IO, Any
 WORKERS_DIR = "workers"
 
 
-# --- the machine's share of each worker ------------------------------------------------------
-
-
 def usable_cpus() -> list[int]:
     """The cores this process may run on (affinity-aware where the OS says)."""
     try:
@@ -56,8 +41,7 @@ def split(items: Sequence[Any], index: int, count: int) -> list[Any]:
 
 
 def check_workers(count: int, environ: dict[str, str] | None = None) -> None:
-    """One-line ValueError unless `count` workers each get a core (and a device, where
-    CUDA_VISIBLE_DEVICES lists them)."""
+    """One-line ValueError unless `count` workers each get a core (and a listed device)."""
     if isinstance(count, bool) or count < 1:
         raise ValueError(f"--workers must be at least 1; got {count}")
     cores = len(usable_cpus())
@@ -81,8 +65,7 @@ def _cuda_devices(environ: Any) -> list[str] | None:
 
 
 def worker_env(index: int, count: int, environ: dict[str, str]) -> dict[str, str]:
-    """The environment of worker `index`: its thread counts, and its devices where the
-    parent's CUDA_VISIBLE_DEVICES lists some."""
+    """Worker `index`'s environment: its cores, thread counts and devices."""
     from jaxbench.threads import xla_thread_env
 
     env = dict(environ)
@@ -96,22 +79,18 @@ def worker_env(index: int, count: int, environ: dict[str, str]) -> dict[str, str
 
 
 def enter_worker() -> list[int]:
-    """In a worker, before JAX or PyTorch start: pin to the cores the parent gave, and
-    stop if the parent dies (Linux). Returns the cores."""
+    """Before JAX or PyTorch start: pin to the parent's cores and die with the parent."""
     text = os.environ.get("JAXBENCH_WORKER_CPUS", "")
     cpus = [int(c) for c in text.split(",") if c.strip()] or usable_cpus()
     with contextlib.suppress(AttributeError, OSError):
         os.sched_setaffinity(0, cpus)
-    # PR_SET_PDEATHSIG, best effort, Linux only. SIGKILL, not SIGTERM (which a command
-    # turns into a clean stop): the worker must be gone before a rerun of the sweep starts.
+    # PR_SET_PDEATHSIG, best effort. SIGKILL, not SIGTERM (a clean stop): the worker must
+    # be gone before a rerun of the sweep starts.
     with contextlib.suppress(Exception):
         import ctypes
 
         ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)
     return cpus
-
-
-# --- claims and the shared runs.jsonl --------------------------------------------------------
 
 
 class Claims:
@@ -145,31 +124,21 @@ def locked(fd: int, exclusive: bool) -> Iterator[None]:
 
 
 def prefer_same_program(groups: list[list[Any]], last: tuple[str, Any] | None) -> int:
-    """Index of the next group to try: the first of the (framework, cell) just trained, so
-    its compiled program is reused, else the first in plan order."""
+    """Index of the first group of the (framework, cell) just compiled, else 0."""
     for i, group in enumerate(groups):
         if (group[0].framework, group[0].cell) == last:
             return i
     return 0
 
 
-# --- the parent ------------------------------------------------------------------------------
-
-
 def child_argv(argv: Sequence[str]) -> list[str]:
     """The sweep command line without `--workers`, `--overwrite` and `--no-progress`."""
     out: list[str] = []
-    skip = False
-    for arg in argv:
-        if skip:
-            skip = False
-            continue
-        if arg == "--workers":
-            skip = True
-            continue
-        if arg.startswith("--workers=") or arg in ("--overwrite", "--no-progress"):
-            continue
-        out.append(arg)
+    for i, arg in enumerate(argv):
+        value_of_workers = i > 0 and argv[i - 1] == "--workers"
+        dropped = arg in ("--workers", "--overwrite", "--no-progress") or value_of_workers
+        if not (dropped or arg.startswith("--workers=")):
+            out.append(arg)
     return out
 
 
@@ -181,10 +150,7 @@ def run_workers(
     on_row: Callable[[dict[str, Any]], None],
     interval: float = 1.0,
 ) -> list[str]:
-    """Start `count` workers on the sweep `argv` describes, report each new row of
-    runs.jsonl through `on_row` as it lands, and wait for them. Returns one line per
-    worker that failed (empty when all finished). Ctrl-C: the workers are interrupted
-    too, each losing at most its run in flight, and KeyboardInterrupt propagates."""
+    """Start the workers, pass each new row to `on_row`; one line per failed worker."""
     folder = out / WORKERS_DIR
     shutil.rmtree(folder / "claims", ignore_errors=True)
     (folder / "claims").mkdir(parents=True)
@@ -224,8 +190,7 @@ def run_workers(
 
 
 def _stop(procs: Sequence[subprocess.Popen[bytes]], grace: float = 30.0) -> None:
-    """SIGINT to the workers still running (a Ctrl-C may already have reached them), then
-    wait; SIGKILL after `grace` seconds."""
+    """SIGINT to the workers still running, then SIGKILL after `grace` seconds."""
     for p in procs:
         if p.poll() is None:
             with contextlib.suppress(OSError):
