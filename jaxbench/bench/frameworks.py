@@ -1,10 +1,5 @@
-"""The benchmark's one door into the trainers.
-
-Every call the benchmark makes into `jaxbench.train`, `torch_ref.train`
-and `torch_ref.fast` is here; the rest of the benchmark sees configs, summaries
-and plain dicts. The trainers are imported only when a function needs them, so that
-`python -m jaxbench.bench` sets JAX's allocator flags before JAX starts.
-"""
+"""The benchmark's one door into the trainers (`jaxbench.train`, `torch_ref.train` and
+`torch_ref.fast`), imported only when needed, so the bench sets JAX's allocator flags first."""
 
 from __future__ import annotations
 
@@ -90,11 +85,8 @@ def torch_kwargs(compile: bool | None, compile_mode: str | None) -> dict[str, An
 def load_trainers(
     frameworks: Iterable[str], cfgs: Sequence[configs.Config], torch_compile_mode: str | None
 ) -> dict[str, Trainer]:
-    """Import each trainer and let it refuse every config before any run starts.
-
-    Raises ValueError("<framework>: <why>") for a missing trainer, a refused config or a
-    bad PyTorch compile mode.
-    """
+    """Import each trainer and let it refuse every config before any run starts
+    (ValueError "<framework>: <why>", also for a bad PyTorch compile mode)."""
     trainers = {}
     for name in frameworks:
         try:
@@ -121,11 +113,8 @@ def run_trainer(
     caches: dict[str, Any],
     **extra: Any,
 ) -> dict[str, Any]:
-    """One run of `entry`'s trainer on in-memory `data`, quiet, no run folder: its summary.
-
-    JAX runs of one contender share a `CompileCache` (kept in `caches` by contender name),
-    so only the first builds programs; PyTorch runs take the race's set-up (`torch_kwargs`).
-    """
+    """One quiet run of `entry`'s trainer on in-memory `data`, no run folder: its summary.
+    A JAX contender's runs share a `CompileCache` (in `caches`), so only the first compiles."""
     kwargs: dict[str, Any] = {
         "data": data,
         "stream": stream,

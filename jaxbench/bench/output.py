@@ -126,10 +126,8 @@ def format_tables(doc: dict[str, Any], elapsed: float) -> str:
 
 
 def plot(doc: dict[str, Any], path: Path) -> bool:
-    """bench.png: accuracy vs time (one point per run, mean epoch curve) and vs epoch.
-
-    Returns False (and writes nothing) when matplotlib is not installed.
-    """
+    """bench.png: accuracy vs time (per run, mean epoch curve) and vs epoch; False (nothing
+    written) without matplotlib."""
     try:
         from matplotlib.figure import Figure
     except ImportError:
@@ -139,7 +137,7 @@ def plot(doc: dict[str, Any], path: Path) -> bool:
     for name, fw in doc["frameworks"].items():
         if fw.get("summary") is None:
             continue
-        color = COLORS.get(name) if name in COLORS else None
+        color = COLORS.get(name)
         runs = fw["runs"]
         ax_t.scatter(
             [r["time_seconds"] for r in runs],
