@@ -1,13 +1,8 @@
 """The Myrtle ResNet-9 in Flax, named and initialised like its PyTorch twin.
 
-Module names follow docs/design.md (`prep`, `layer1`, `res1a`, ..., `head`, each
-conv block holding `conv` and `bn`; with Page's whitening stem `prep` holds
-`whiten`, `conv` (1x1) and `bn`) so that `parity` can convert weights by name.
-The blocks (BN, activation, pool order, stem) come from `jaxbench.layers`, chosen
-by the config. The default kernel init is PyTorch's (uniform +-1/sqrt(fan_in)),
-not Flax's lecun_normal, so that both frameworks start from the same
-distribution; `kernel_init` stays overridable so the parity suite can plant
-other inits.
+Module names follow docs/design.md (`prep`, `layer1`, `res1a`, ..., `head`) so `parity`
+converts weights by name; the blocks come from `jaxbench.layers`. Kernels start from
+PyTorch's init, not Flax's lecun_normal (`kernel_init` stays open for the parity plants).
 """
 
 from __future__ import annotations
@@ -24,11 +19,9 @@ from flax import traverse_util
 from jaxbench import layers
 from jaxbench.configs import Config
 from jaxbench.layers import BatchNorm, Initializer, torch_default_init
-from jaxbench.speedrun_model import speedrun_from_config
+from jaxbench.speedrun_model import NUM_CLASSES, speedrun_from_config
 
 __all__ = ["BatchNorm", "ConvBN", "ResNet9", "model_from_config", "torch_default_init"]
-
-NUM_CLASSES: dict[str, int] = {"cifar10": 10, "cifar100": 100}
 
 
 class ConvBN(nn.Module):
@@ -58,12 +51,9 @@ class ConvBN(nn.Module):
 
 
 class ResNet9(nn.Module):
-    """Myrtle ResNet-9: prep, layer1 + residual, layer2, layer3 + residual, max pool, linear.
-
-    Input: normalised float NHWC images. Output: float32 logits times `output_scale`.
-    `cfg` picks the layers (BN, activation, pool order, stem); `widths`,
-    `bn_momentum` and `bn_eps` override it (the parity suite plants through them).
-    """
+    """Myrtle ResNet-9: prep, layer1 + residual, layer2, layer3 + residual, max pool, linear;
+    normalised NHWC in, float32 logits x `output_scale` out. `cfg` picks the layers; the
+    other fields override it (the parity suite plants through them)."""
 
     widths: tuple[int, ...] = (64, 128, 256, 512)
     num_classes: int = 10
@@ -143,12 +133,9 @@ def model_from_config(cfg: Config, **overrides: Any) -> Any:
 def init_variables(model: nn.Module, key: jax.Array) -> dict[str, Any]:
     """Fresh {'params', 'batch_stats'} for 32x32x3 inputs.
 
-    For a ResNet9 with the default `torch_default_init`, all kernels come from
-    one uniform(-1, 1) draw of `key`, cut in name order and scaled by
-    1/sqrt(fan_in) (the same distribution as `model.init`, but XLA:CPU compiles
-    one threefry call in 0.3 s rather than nine in ~6 s). Every other net (the
-    speedrun net's dirac filters and conv bias) and a planted `kernel_init` go
-    through Flax's own `model.init`.
+    A ResNet9 with `torch_default_init` draws all kernels in one uniform(-1, 1) call, cut in
+    name order and scaled by 1/sqrt(fan_in): `model.init`'s distribution, but XLA:CPU
+    compiles one threefry call in 0.3 s rather than nine in ~6 s. Other nets use `model.init`.
     """
     x = jnp.zeros((1, 32, 32, 3), jnp.float32)
     if not isinstance(model, ResNet9) or model.kernel_init is not torch_default_init:

@@ -1,25 +1,10 @@
 """The airbench94-style net of the `speedrun` preset, in Flax.
 
-    whiten (conv 2x2 VALID, 3 -> 24, bias from zero; weight from `jaxbench.whitening`,
-    frozen) -> GELU (exact erf) -> block1, block2, block3 -> max pool 3 -> flatten -> head
-    (linear, no bias) -> x output_scale (1/9)
-
-Each block: `conv1` (3x3, pad 1, no bias), max pool 2, `bn1`, GELU, `conv2`
-(3x3, pad 1, no bias), `bn2`, GELU. Spatial sizes for 32x32 input: 31 after the
-whitening conv, then 15, 7, 3, and 1 after the final pool (so flattening is
-layout-independent and `head` sees `widths[-1]` features).
-
-Names mirror `torch_ref.speedrun_model` for the name-based weight conversion:
-`params["whiten"]["kernel"|"bias"]`, `params["blockN"]["convK"]["kernel"]`
-(HWIO), `params["blockN"]["bnK"]["bias"]`, `batch_stats["blockN"]["bnK"]["mean"|"var"]`
-(PyTorch's unbiased running variance), `params["head"]["kernel"]` (in, out).
-
-BN scale: with `bn_scale_trainable=False` (the preset) BN has *no* scale
-parameter (`use_scale=False`), and PyTorch's BN has `weight=None`; both
-multiply by an implicit 1, nothing needs freezing or masking, and the two
-parameter trees map one to one. BN statistics are float32 (float32 params and
-reductions) whatever the compute dtype; `use_fast_variance=False` so variances
-match PyTorch's two-pass computation.
+whiten (2x2 VALID conv 3 -> 24, frozen weight from `jaxbench.whitening`) -> GELU -> block1..3
+(`conv1`, max pool 2, `bn1`, GELU, `conv2`, `bn2`, GELU) -> max pool 3 -> `head` -> x 1/9.
+Spatial sizes 32, 31, 15, 7, 3, 1, so `head` sees `widths[-1]` features whatever the
+layout. Names mirror `torch_ref.speedrun_model` for the conversion; with the preset's
+`bn_scale_trainable=False` neither framework's BN has a scale, so the trees map one to one.
 """
 
 from __future__ import annotations
@@ -39,7 +24,6 @@ from jaxbench.layers import Initializer, dirac_init, torch_bias_init, torch_defa
 
 Array = jax.Array
 
-WHITEN_CHANNELS = 24  # concat(W, -W) of 12 eigenvectors of 2x2x3 patches
 NUM_CLASSES: dict[str, int] = {"cifar10": 10, "cifar100": 100}
 
 
@@ -69,11 +53,8 @@ class ConvGroup(nn.Module):
 
 
 class SpeedrunNet(nn.Module):
-    """airbench94's net; NHWC float input (normalised), float32 logits out.
-
-    `cfg` picks the layers (activation, BN, pool order, whitening bias init);
-    the other fields override it (the parity suite plants through them).
-    """
+    """airbench94's net; normalised NHWC in, float32 logits out. `cfg` picks the layers; the
+    other fields override it (the parity suite plants through them)."""
 
     widths: Sequence[int] = (64, 256, 256)
     num_classes: int = 10
