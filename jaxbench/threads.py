@@ -1,18 +1,9 @@
 """Limit XLA:CPU and PyTorch to N CPU threads (e.g. `python -m parity --threads N`).
 
-Importing this module is cheap: it imports neither JAX nor PyTorch.
-
-How XLA:CPU is limited, verified on jax/jaxlib 0.10.2 by counting the threads that
-burn CPU time during a jitted 2048x2048 matmul and a conv on a 2-core machine:
-
-- `PJRT_NPROC=N` sizes the CPU client's intra-op thread pool: the process then has
-  exactly N threads named `tf_XLAEigen` (default: one per core), and with 1 a matmul
-  keeps one thread busy at twice the wall time of the default 2. XLA reads it when the
-  CPU backend is created (the first `jax.devices()` or computation), so setting it after
-  `import jax` still works, after the first computation it does nothing.
-- `XLA_FLAGS=--xla_cpu_multi_thread_eigen=false` alone changes nothing on this version
-  (two busy threads, as by default), and `intra_op_parallelism_threads=1` is not an XLA
-  flag at all (alone in XLA_FLAGS it aborts: "Could not open file ... to read flags").
+Imports neither framework. Verified on jax 0.10.2: `PJRT_NPROC=N` sizes XLA:CPU's intra-op
+pool (N `tf_XLAEigen` threads), read when the CPU backend is created, so it works after
+`import jax` but not after the first computation. `--xla_cpu_multi_thread_eigen=false`
+changes nothing, and `intra_op_parallelism_threads` is no XLA flag (XLA aborts on it).
 """
 
 from __future__ import annotations
