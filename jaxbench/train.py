@@ -52,8 +52,8 @@ class TrainState:
 
 
 def check_supported(cfg: Config) -> None:
-    """Refuse config fields this trainer does not implement (see `configs.check_supported`),
-    and a device count this machine lacks or a batch that does not split over it."""
+    """Refuse config fields this trainer lacks, more devices than here, or a batch that does
+    not split over them."""
     configs.check_supported(cfg, "jaxbench.train")
     parallel.check_batch(cfg, parallel.global_devices(cfg))
 
@@ -98,9 +98,8 @@ def set_whitening(
     cfg: Config,
     topo: parallel.Topology | None = None,
 ) -> TrainState:
-    """The whitening stem's kernel from the training images, in the net and its EMA: exact
-    integer patch moments summed on the device (`moments`), finished on the host in
-    float64 by `jaxbench.whitening`, so torch_ref loads the very same kernel."""
+    """The whitening kernel from the training images into the net and its EMA: exact moments
+    on the device, finished in float64 by `jaxbench.whitening`, the same as torch_ref's."""
     groups = parallel.fetch(moments(images))
     patch = layers.whiten_patch(cfg)
     cov = wh.covariance_from_moments(
@@ -384,14 +383,11 @@ def train_and_evaluate(
 ) -> dict[str, Any]:
     """Train per `cfg`, evaluate every epoch, and return the summary of docs/design.md.
 
-    `data`: a `jaxbench.data.Dataset` (else loaded; subset prefixes apply either way).
-    `init_variables`: {'params', 'batch_stats'} instead of the seeded init. `stream`:
-    'fast' (plan drawn on the device) or 'shared' (`stream.epoch_plan`). `workdir`
-    (default `cfg.out`): the run folder (`jaxbench.driver`). `return_variables` adds the
-    final `variables` and `ema_variables` (numpy) to the returned dict. `compile_cache`:
-    reuse programs across runs. `profile_dir`: a `jax.profiler` trace of the timed region
-    and `profile` in the summary. `resume`: a run folder whose latest checkpoint the run
-    continues from, bit for bit. Raises FloatingPointError, naming the epoch, on a NaN loss.
+    `data`: a `Dataset` (else loaded). `init_variables` replace the seeded init. `stream`:
+    'fast' (plans drawn on the device) or 'shared'. `workdir` (default `cfg.out`): the run
+    folder. `return_variables` adds the final weights as numpy. `profile_dir`: a trace of
+    the timed region. `resume`: a run folder to continue bit for bit. A NaN loss raises
+    FloatingPointError naming the epoch.
     """
     if jax.process_count() > 1 and (resume is not None or cfg.checkpoint_every):
         raise ValueError("--checkpoint-every and --resume need a single process; drop them")
