@@ -238,11 +238,6 @@ def _max_pool_bwd(k: int, res: tuple[Array, Array], g: Array) -> tuple[Array]:
 max_pool.defvjp(_max_pool_fwd, _max_pool_bwd)
 
 
-def max_pool2(x: Array) -> Array:
-    """2x2 max pool, stride 2 (Flax's `max_pool` defaults to stride 1)."""
-    return max_pool(x, 2)
-
-
 def conv_block(
     cfg: Config,
     x: Array,
@@ -255,10 +250,10 @@ def conv_block(
     act = activation(cfg)
     x = conv(x)
     if pool and cfg.pool_before_act:
-        x = max_pool2(x)
+        x = max_pool(x, 2)
     x = act(norm(x))
     if pool and not cfg.pool_before_act:
-        x = max_pool2(x)
+        x = max_pool(x, 2)
     return x
 
 

@@ -19,7 +19,7 @@ from flax import traverse_util
 from jaxbench import layers
 from jaxbench.configs import Config
 from jaxbench.layers import BatchNorm, Initializer, torch_default_init
-from jaxbench.speedrun_model import NUM_CLASSES, speedrun_from_config
+from jaxbench.speedrun_model import net_fields, speedrun_from_config
 
 __all__ = ["BatchNorm", "ConvBN", "ResNet9", "model_from_config", "torch_default_init"]
 
@@ -117,17 +117,7 @@ def model_from_config(cfg: Config, **overrides: Any) -> Any:
         return speedrun_from_config(cfg, compute_dtype(cfg), **overrides)
     if cfg.model != "resnet9":
         raise ValueError(f"unknown --model {cfg.model!r}; this trainer builds resnet9, speedrun")
-    fields: dict[str, Any] = dict(
-        widths=tuple(cfg.widths),
-        num_classes=NUM_CLASSES[cfg.dataset],
-        output_scale=cfg.output_scale,
-        bn_momentum=cfg.bn_momentum,
-        bn_eps=cfg.bn_eps,
-        dtype=compute_dtype(cfg),
-        cfg=cfg,
-    )
-    fields.update(overrides)
-    return ResNet9(**fields)
+    return ResNet9(**(net_fields(cfg, compute_dtype(cfg)) | overrides))
 
 
 def init_variables(model: nn.Module, key: jax.Array) -> dict[str, Any]:

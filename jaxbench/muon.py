@@ -1,28 +1,18 @@
 """The Muon update of a 4-D conv filter: the float64 reference both frameworks are tested against.
 
-Two recipes train the 64/256/256 speedrun net with Muon on every trainable 4-D
-conv filter (the frozen whitening filter excluded), and their updates differ:
+Two recipes train the speedrun net's trained conv filters with Muon, with different
+updates: `AIRBENCH94_MUON` (KellerJordan/cifar10-airbench `airbench94_muon.py`) and
+`RECORD` (hiverge/cifar10-speedrun `cifar10_speedrun.py`). Update t (from 1) of an OIHW
+filter W with gradient G and scheduled LR lr_t:
 
-- `AIRBENCH94_MUON`: `airbench94_muon.py` (KellerJordan/cifar10-airbench).
-- `RECORD`: `cifar10_speedrun.py` (hiverge/cifar10-speedrun).
-
-One update t (counted from 1, the record's `step_count`) of a filter W (OIHW),
-gradient G, learning rate lr_t (the trainer's schedule value for this update):
-
-1. momentum, torch SGD's dampening-0 form in both sources: `buf = m * buf + G`;
-   the record keeps `buf` in float16, rounding after `m * buf` and after the add
-   (`momentum_dtype`);
-2. nesterov (both): `N = G + m * buf` (plain: `N = buf`);
-3. `O = NS(N as (out, in*kh*kw))`, reshaped back: `newton_schulz` (the two
-   sources differ in coefficients, eps and the record's magnitude pre-scaling);
-   times `update_scale_factor` (1 in both sources);
-4. weight normalisation `W *= sqrt(out) / (||W||_F + eps)` from the weights
-   before this update: every update in airbench94_muon (eps 0), at the
-   `normalization_steps` of the adaptive interval in the record (eps 1e-7);
+1. momentum, torch SGD's dampening-0 form: `buf = m * buf + G` (the record's buffer is
+   float16, rounded after `m * buf` and after the add);
+2. nesterov: `N = G + m * buf` (plain: `N = buf`);
+3. `O = newton_schulz(N as (out, in*kh*kw))`, reshaped back, x `update_scale_factor`;
+4. `W *= sqrt(out) / (||W||_F + eps)` before the update: always in airbench94_muon (eps
+   0), at `normalization_steps` in the record (eps 1e-7);
 5. `W -= lr_t * O`;
-6. decay, decoupled and multiplicative after the update, `W *= 1 - lr_t * wd`:
-   the record only (its `weight_decay = wd`, not divided by the LR);
-   airbench94_muon's filters get no decay (its `wd / lr` decay is for the SGD groups).
+6. the record only: `W *= 1 - lr_t * wd` (airbench94_muon's decay is for the SGD groups).
 
 The sources run in half precision; here the math is float64 (the reference) and float32
 (the trainers), and only the record's float16 momentum buffer is modelled. The record's

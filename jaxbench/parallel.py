@@ -9,6 +9,7 @@ writes outputs.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import os
 import socket
@@ -230,13 +231,11 @@ def _call_the_roll(a: ProcessArgs, port: int, deadline: float) -> None:
         ) from None
     seen: set[int] = set()
     conns: list[socket.socket] = []
-    with server:
+    with server, contextlib.ExitStack() as open_conns:  # every connection closed at the end
         while len(seen) < a.num_processes - 1:
             left = deadline - time.monotonic()
             if left <= 0:
                 missing = sorted(set(range(1, a.num_processes)) - seen)
-                for c in conns:
-                    c.close()
                 raise TimeoutError(
                     f"process(es) {', '.join(map(str, missing))} did not reach "
                     f"{a.coordinator} within {a.timeout_s} s; start them with the same "
@@ -244,24 +243,20 @@ def _call_the_roll(a: ProcessArgs, port: int, deadline: float) -> None:
                 )
             server.settimeout(left)
             try:
-                conn, _ = server.accept()
+                conn = open_conns.enter_context(server.accept()[0])
             except TimeoutError:
                 continue
             conn.settimeout(max(deadline - time.monotonic(), 0.1))
             try:
                 line = conn.recv(64).decode().split()
             except (OSError, UnicodeDecodeError):
-                conn.close()
-                continue
+                line = []
             if len(line) != 2 or not all(s.isdigit() for s in line):
-                conn.close()
+                conn.close()  # the caller tries again
                 continue
             pid, count = int(line[0]), int(line[1])
             if count != a.num_processes or pid in seen or not 0 < pid < a.num_processes:
                 conn.sendall(b"no\n")
-                conn.close()
-                for c in conns:
-                    c.close()
                 why = (
                     f"process {pid} says --num-processes {count}"
                     if count != a.num_processes
@@ -272,7 +267,6 @@ def _call_the_roll(a: ProcessArgs, port: int, deadline: float) -> None:
             conns.append(conn)
         for c in conns:  # everyone is here: release them together
             c.sendall(b"ok\n")
-            c.close()
 
 
 def _answer_the_roll(a: ProcessArgs, host: str, port: int, deadline: float) -> None:

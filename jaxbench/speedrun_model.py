@@ -118,18 +118,21 @@ def speedrun_from_config(cfg: Config, dtype: Any = jnp.float32, **overrides: Any
     """The net a config describes (`cfg.widths` has three numbers); `overrides` win."""
     if len(cfg.widths) != 3:
         raise ValueError(f"the speedrun net takes three --widths, got {cfg.widths}")
-    fields: dict[str, Any] = dict(
+    fields = net_fields(cfg, dtype) | {"bn_scale_trainable": cfg.bn_scale_trainable}
+    return SpeedrunNet(**(fields | overrides))
+
+
+def net_fields(cfg: Config, dtype: Any) -> dict[str, Any]:
+    """The fields of either Flax net that a config sets."""
+    return dict(
         widths=tuple(cfg.widths),
         num_classes=NUM_CLASSES[cfg.dataset],
         output_scale=cfg.output_scale,
         bn_momentum=cfg.bn_momentum,
         bn_eps=cfg.bn_eps,
-        bn_scale_trainable=cfg.bn_scale_trainable,
         dtype=dtype,
         cfg=cfg,
     )
-    fields.update(overrides)
-    return SpeedrunNet(**fields)
 
 
 def with_whitening(variables: dict[str, Any], kernel_HWIO: Array | np.ndarray) -> dict[str, Any]:
