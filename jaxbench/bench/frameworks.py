@@ -1,4 +1,4 @@
-"""The benchmark's one door into the trainers (`jaxbench.train`, `torch_ref.train` and
+"""The race's one door into the trainers (`jaxbench.train`, `torch_ref.train` and
 `torch_ref.fast`), imported only when needed, so the bench sets JAX's allocator flags first."""
 
 from __future__ import annotations
@@ -158,29 +158,3 @@ def torch_sync_check(cfg: configs.Config, data: Any, kwargs: dict[str, Any]) -> 
     return fast.check_no_host_sync(
         r, step=train.train_step, plan=train.plan_epoch, evaluate=train.evaluate_net
     )
-
-
-# --- JAX's programs, for the program and FLOP checks (`jaxbench.bench.program`) ---------------
-
-
-def jax_train_state(model: Any, tx: Any) -> Any:
-    """The trainer's TrainState for `model` and optimizer `tx` (seed 0)."""
-    import jax
-
-    from jaxbench import train
-
-    return train.create_train_state(model, tx, jax.random.PRNGKey(0))
-
-
-def jax_loop_fns(cfg: configs.Config, model: Any, tx: Any, total_steps: int) -> tuple[Any, Any]:
-    """(step_fn, epoch_fn) as the trainer builds them, before `jax.jit`."""
-    from jaxbench import train
-
-    return train.make_loop_fns(cfg, model, tx, total_steps)
-
-
-def jax_eval_fn(cfg: configs.Config, model: Any, batch: int, with_ema: bool) -> Any:
-    """The trainer's evaluation of one batch of `batch` images, before `jax.jit`."""
-    from jaxbench import train
-
-    return train.make_eval_fn(cfg, model, batch, with_ema)

@@ -18,8 +18,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxbench import augment, models, optim
-from jaxbench.bench import flops, frameworks
+from jaxbench import augment, models, optim, train
+from jaxbench.bench import flops
 from jaxbench.bench.hlo import inspect_program, mlir_dtype
 from jaxbench.configs import Config
 from jaxbench.programs import eval_zeros
@@ -58,7 +58,7 @@ def _state_shapes(cfg: Config) -> Any:
     """The trainer's own TrainState as shapes, so the donation check counts its leaves.
     Cached (the init takes ~1 s); shapes only, so a plant that changes code still applies."""
     model = models.model_from_config(cfg)
-    state = frameworks.jax_train_state(model, optim.make_optimizer(cfg, 1))
+    state = train.create_train_state(model, optim.make_optimizer(cfg, 1), jax.random.PRNGKey(0))
     return jax.tree_util.tree_map(_spec, state)
 
 
@@ -105,7 +105,7 @@ def program_fn(p: Pieces, which: str, *, donate: bool = True) -> tuple[Any, tupl
     cfg = p.cfg
     donation = 0 if donate else ()
     if which in ("epoch", "step"):
-        step_fn, epoch_fn = frameworks.jax_loop_fns(cfg, p.model, p.tx, cfg.epochs * p.steps)
+        step_fn, epoch_fn = train.make_loop_fns(cfg, p.model, p.tx, cfg.epochs * p.steps)
         if which == "epoch":
             return jax.jit(epoch_fn, donate_argnums=donation), (p.state, p.images, p.labels, p.plan)
         i = jax.ShapeDtypeStruct((), jnp.int32)
@@ -122,7 +122,7 @@ def program_fn(p: Pieces, which: str, *, donate: bool = True) -> tuple[Any, tupl
             jax.ShapeDtypeStruct((n,), jnp.float32),
             jax.ShapeDtypeStruct((), jnp.int32),
         )
-        return jax.jit(frameworks.jax_eval_fn(cfg, p.model, n, p.with_ema)), args
+        return jax.jit(train.make_eval_fn(cfg, p.model, n, p.with_ema)), args
     raise ValueError(f"which must be one of {', '.join(PROGRAMS)}, got {which!r}")
 
 
