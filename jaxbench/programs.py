@@ -108,59 +108,34 @@ def compile_programs(
     data_key: jax.Array,
     test: EvalData,
     topo: parallel.Topology,
+    lanes: int | None = None,
 ) -> Programs:
-    """Every function of one run compiled ahead of time for these shapes and devices."""
+    """Every function of one run compiled ahead of time for these shapes and devices; with
+    `lanes`, vmapped over the leading axis of `state` and `data_key` (one per seed)."""
     t0 = time.perf_counter()
     everywhere = {} if topo.mesh is None else {"out_shardings": topo.replicated}
-    plan_spec = jax.eval_shape(lambda: recipe.plan_fn(data_key, 0))
-    plan = jax.jit(recipe.plan_fn, **everywhere).lower(data_key, np.int32(0)).compile()
-    fn, step = (recipe.epoch_fn, ()) if loop == "scan" else (recipe.step_fn, (np.int32(0),))
-    run = jax.jit(fn, donate_argnums=0, **everywhere)
-    run = run.lower(state, images, labels, plan_spec, *step).compile()
+
+    def each(fn: Callable[..., Any], *axes: int | None) -> Callable[..., Any]:
+        return fn if lanes is None else jax.vmap(fn, in_axes=axes)
+
+    draw = each(recipe.plan_fn, 0, None)
+    plan = jax.jit(draw, **everywhere).lower(data_key, np.int32(0)).compile()
+    plan_spec = jax.eval_shape(draw, data_key, np.int32(0))
+    fn, i = (recipe.epoch_fn, ()) if loop == "scan" else (recipe.step_fn, (np.int32(0),))
+    run = jax.jit(each(fn, 0, None, None, 0, *[None] * len(i)), donate_argnums=0, **everywhere)
+    run = run.lower(state, images, labels, plan_spec, *i).compile()
     args = (state.variables(), state.ema, test.images, test.labels, test.valid, np.int32(0))
-    with_ema = recipe.eval_one_fn is not None
-    zero_both, zero_one = eval_zeros(with_ema), eval_zeros(False)
-    eval_both = jax.jit(recipe.eval_both_fn, **everywhere).lower(zero_both, *args).compile()
-    eval_one = eval_both
-    if recipe.eval_one_fn is not None:
+    eval_axes = (0, 0, 0, None, None, None, None)
+    zero_both, zero_one = eval_zeros(recipe.eval_one_fn is not None, lanes), eval_zeros(False)
+    eval_both = jax.jit(each(recipe.eval_both_fn, *eval_axes), **everywhere)
+    eval_both = eval_one = eval_both.lower(zero_both, *args).compile()
+    if recipe.eval_one_fn is not None and lanes is None:  # vmapped seeds have no lookahead
         eval_one = jax.jit(recipe.eval_one_fn, **everywhere).lower(zero_one, *args).compile()
     moments = None
     if recipe.moments_fn is not None:
         moments = jax.jit(recipe.moments_fn, **everywhere).lower(images).compile()
     seconds = time.perf_counter() - t0
     return Programs(run, plan, eval_both, eval_one, moments, seconds, zero_both, zero_one)
-
-
-def compile_seed_programs(
-    recipe: Recipe,
-    loop: str,
-    state: Any,
-    images: jax.Array,
-    labels: jax.Array,
-    data_keys: jax.Array,
-    test: EvalData,
-) -> Programs:
-    """`recipe` vmapped over the leading axis of `state` and `data_keys` (one per seed),
-    on one device; the training and test images are shared by every seed."""
-    t0 = time.perf_counter()
-    lanes = len(data_keys)
-    draw = jax.vmap(recipe.plan_fn, in_axes=(0, None))
-    plan = jax.jit(draw).lower(data_keys, np.int32(0)).compile()
-    plan_spec = jax.eval_shape(draw, data_keys, np.int32(0))
-    if loop == "scan":
-        run = jax.jit(jax.vmap(recipe.epoch_fn, in_axes=(0, None, None, 0)), donate_argnums=0)
-        run = run.lower(state, images, labels, plan_spec).compile()
-    else:
-        run = jax.jit(jax.vmap(recipe.step_fn, in_axes=(0, None, None, 0, None)), donate_argnums=0)
-        run = run.lower(state, images, labels, plan_spec, np.int32(0)).compile()
-    zero = eval_zeros(recipe.eval_one_fn is not None, lanes)
-    evaluate = jax.jit(jax.vmap(recipe.eval_both_fn, in_axes=(0, 0, 0, None, None, None, None)))
-    args = (state.variables(), state.ema, test.images, test.labels, test.valid, np.int32(0))
-    evaluate = evaluate.lower(zero, *args).compile()
-    moments = None
-    if recipe.moments_fn is not None:
-        moments = jax.jit(recipe.moments_fn).lower(images).compile()
-    return Programs(run, plan, evaluate, None, moments, time.perf_counter() - t0, zero, {})
 
 
 def eval_sums(
@@ -394,19 +369,18 @@ def setup(
     states += [recipe.init_state(init_key, init_variables) for init_key, _ in keys[1:]]
     if seeds is None:
         state, data_key = parallel.replicate(states[0], topo), keys[0][1]
-
-        def build() -> Programs:
-            return compile_programs(recipe, loop, state, images, labels, data_key, test, topo)
-
-        key = cache_key(cfg, n_train, test.n, loop, state)
-        programs, compiled = (
-            (build(), True) if compile_cache is None else compile_cache.get(key, build)
-        )
     else:
         state = jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *states)
         data_key = jnp.stack([k for _, k in keys])
-        programs = compile_seed_programs(recipe, loop, state, images, labels, data_key, test)
-        compiled = True
+
+    def build() -> Programs:
+        vmapped = None if seeds is None else len(lanes)
+        return compile_programs(recipe, loop, state, images, labels, data_key, test, topo, vmapped)
+
+    if seeds is None and compile_cache is not None:
+        programs, compiled = compile_cache.get(cache_key(cfg, n_train, test.n, loop, state), build)
+    else:
+        programs, compiled = build(), True
 
     def make_plan(epoch: int) -> augment.Plan:
         if stream == "fast":
