@@ -104,14 +104,7 @@ def draw_plan(key: jax.Array, epoch: jax.Array | int, n_train: int, cfg: Config)
     corner = IMAGE_SIZE - cfg.cutout + 1
     cutout_y = jax.random.randint(k_uy, (n,), 0, corner, jnp.int32)
     cutout_x = jax.random.randint(k_ux, (n,), 0, corner, jnp.int32)
-    return dict(
-        indices=indices,
-        crop_y=crop_y,
-        crop_x=crop_x,
-        flip=flip,
-        cutout_y=cutout_y,
-        cutout_x=cutout_x,
-    )
+    return dict(zip(PLAN_FIELDS, (indices, crop_y, crop_x, flip, cutout_y, cutout_x), strict=True))
 
 
 def normalize(

@@ -1,11 +1,10 @@
 """Train the Flax ResNet-9 on CIFAR: `train_and_evaluate(cfg)` and `python -m jaxbench.train`.
 
 Top to bottom: model and state, the pure step, the epoch, the evaluation, then
-`train_and_evaluate`, which compiles ahead of time (`jaxbench.programs`) and hands the
-run to the framework-neutral `jaxbench.driver`. Images stay uint8 on the device,
-augmented inside the jitted step. `cfg.loop`: one `lax.scan` per epoch on accelerators,
-one compiled step in a Python loop on the CPU (XLA:CPU runs scanned convolutions ~30x
-slower); nothing synchronises with the host inside an epoch.
+`train_and_evaluate`, which compiles ahead of time (`jaxbench.programs`) and hands the run
+to `jaxbench.driver`. uint8 images are augmented inside the jitted step; an epoch is one
+`lax.scan` on accelerators, a Python loop of compiled steps on the CPU (XLA:CPU runs scanned
+convolutions ~30x slower), with no host sync inside.
 """
 
 from __future__ import annotations

@@ -58,11 +58,8 @@ def covariance_from_moments(
     dataset: str = "cifar10",
     patch: int = PATCH,
 ) -> np.ndarray:
-    """Uncentred covariance E[x x^T] of *normalised* patches x = a * u + b, in float64.
-
-    Normalisation is affine per channel (a = 1 / (255 std), b = -mean / std), so
-    E[x x^T] = A E[u u^T] A + (A E[u]) b^T + b (A E[u])^T + b b^T with A = diag(a).
-    """
+    """Uncentred float64 covariance of the normalised patches x = a * u + b (a = 1 / (255 std),
+    b = -mean / std): A E[u u^T] A + (A E[u]) b^T + b (A E[u])^T + b b^T, A = diag(a)."""
     mean, std = (np.asarray(v, np.float64) for v in MEAN_STD[dataset])
     a = np.repeat(1.0 / (255.0 * std), patch * patch)  # (c, kh, kw) order
     b = np.repeat(-mean / std, patch * patch)

@@ -78,11 +78,9 @@ class Pieces:
     with_ema: bool
 
 
-def build_pieces(
-    cfg: Config, *, batches: int = 2, eval_batch: int | None = None, with_ema: bool | None = None
-) -> Pieces:
+def build_pieces(cfg: Config, *, batches: int = 2, eval_batch: int | None = None) -> Pieces:
     """The trainer's pieces for an epoch of `batches` batches (a small epoch has the same
-    program structure as a real one); `eval_batch` and `with_ema` default to the config's."""
+    program structure as a real one); `eval_batch` defaults to the config's."""
     n_train = batches * cfg.batch_size
     plan = jax.eval_shape(lambda: augment.draw_plan(jax.random.PRNGKey(0), 0, n_train, cfg))
     return Pieces(
@@ -95,7 +93,7 @@ def build_pieces(
         labels=jax.ShapeDtypeStruct((n_train,), jnp.int32),
         plan=plan,
         eval_batch=cfg.eval_batch_size if eval_batch is None else eval_batch,
-        with_ema=cfg.ema_every > 0 if with_ema is None else with_ema,
+        with_ema=cfg.ema_every > 0,
     )
 
 
@@ -236,8 +234,6 @@ def flop_accounting_from_compiled(
     eval_compiled: Any = None,
     eval_images: int = 0,
     eval_weight_sets: int = 1,
-    *,
-    method: str = "XLA cost_analysis of the compiled train step and eval batch",
 ) -> dict[str, Any]:
     """`flop_accounting` for executables already compiled: a step on `batch_images` images
     and an evaluation of `eval_images` images with `eval_weight_sets` weight sets (2: net and
@@ -262,7 +258,7 @@ def flop_accounting_from_compiled(
         "batch_images": batch_images,
         "eval_images": eval_images,
         "backend": jax.default_backend(),
-        "method": method,
+        "method": "XLA cost_analysis of the compiled train step and eval batch",
     }
     if eval_compiled is not None:
         if eval_images <= 0 or eval_weight_sets <= 0:

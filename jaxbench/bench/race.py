@@ -218,8 +218,7 @@ class Bench:
             fw["runs"].append(rec)
             if seed not in race["seeds"]:
                 race["seeds"].append(seed)
-            timed_walls = [r["wall_seconds"] for r in fw["runs"]]
-            self.estimates[key] = max(timed_walls)
+            self.estimates[key] = max(r["wall_seconds"] for r in fw["runs"])
         self.refresh(cfg)
         self.save()
         self.log(
