@@ -56,6 +56,42 @@ def dirac_init(base: Initializer = torch_default_init) -> Initializer:
     return init
 
 
+def conv(
+    features: int,
+    size: int,
+    dtype: Any,
+    kernel_init: Initializer,
+    name: str,
+    padding: Any = ((1, 1), (1, 1)),  # explicit: 'SAME' differs from PyTorch for stride 2
+    use_bias: bool = False,
+    bias_init: Initializer = nn.initializers.zeros,
+) -> nn.Conv:
+    """A size x size conv, stride 1, computing in `dtype` with float32 parameters."""
+    return nn.Conv(
+        features,
+        (size, size),
+        padding=padding,
+        use_bias=use_bias,
+        kernel_init=kernel_init,
+        bias_init=bias_init,
+        dtype=dtype,
+        param_dtype=jnp.float32,
+        name=name,
+    )
+
+
+def head(classes: int, dtype: Any, kernel_init: Initializer) -> nn.Dense:
+    """The nets' last layer, `head`: a linear map without bias, float32 parameters."""
+    return nn.Dense(
+        classes,
+        use_bias=False,
+        kernel_init=kernel_init,
+        dtype=dtype,
+        param_dtype=jnp.float32,
+        name="head",
+    )
+
+
 # --- normalisation -------------------------------------------------------------------------
 
 
@@ -273,28 +309,10 @@ class PatchWhiten(nn.Module):
     @nn.compact
     def __call__(self, x: Array) -> Array:
         c_in = x.shape[-1]
-        x = nn.Conv(
-            c_in * 9,
-            (3, 3),
-            padding=((1, 1), (1, 1)),
-            use_bias=False,
-            kernel_init=self.kernel_init,
-            dtype=self.dtype,
-            param_dtype=jnp.float32,
-            name="whiten",
-        )(x)
-        conv = nn.Conv(
-            self.features,
-            (1, 1),
-            use_bias=False,
-            kernel_init=self.kernel_init,
-            dtype=self.dtype,
-            param_dtype=jnp.float32,
-            name="conv",
-        )
-        return conv_block(
-            self.cfg, x, conv, batch_norm(self.cfg, self.train, self.dtype, "bn"), pool=False
-        )
+        x = conv(c_in * 9, 3, self.dtype, self.kernel_init, "whiten")(x)
+        one = conv(self.features, 1, self.dtype, self.kernel_init, "conv", padding="SAME")
+        bn = batch_norm(self.cfg, self.train, self.dtype, "bn")
+        return conv_block(self.cfg, x, one, bn, pool=False)
 
 
 def whiten_path(cfg: Config) -> tuple[str, ...]:

@@ -36,16 +36,7 @@ class ConvBN(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
-        conv = nn.Conv(
-            self.features,
-            (3, 3),
-            padding=((1, 1), (1, 1)),  # explicit: 'SAME' differs from PyTorch for stride 2
-            use_bias=False,
-            dtype=self.dtype,
-            param_dtype=jnp.float32,
-            kernel_init=self.kernel_init,
-            name="conv",
-        )
+        conv = layers.conv(self.features, 3, self.dtype, self.kernel_init, "conv")
         norm = layers.batch_norm(self.cfg, train, self.dtype, "bn")
         return layers.conv_block(self.cfg, x, conv, norm, self.pool)
 
@@ -92,14 +83,7 @@ class ResNet9(nn.Module):
         x = block(w3, "layer3", pool=True)(x, train)
         x = x + block(w3, "res3b")(block(w3, "res3a")(x, train), train)
         x = jnp.max(x, axis=(1, 2))  # global max pool
-        x = nn.Dense(
-            self.num_classes,
-            use_bias=False,
-            dtype=self.dtype,
-            param_dtype=jnp.float32,
-            kernel_init=self.kernel_init,
-            name="head",
-        )(x)
+        x = layers.head(self.num_classes, self.dtype, self.kernel_init)(x)
         return x.astype(jnp.float32) * self.output_scale
 
 

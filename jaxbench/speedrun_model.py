@@ -37,19 +37,10 @@ class ConvGroup(nn.Module):
 
     @nn.compact
     def __call__(self, x: Array, train: bool = True) -> Array:
-        conv = partial(
-            nn.Conv,
-            self.width,
-            (3, 3),
-            padding=((1, 1), (1, 1)),
-            use_bias=False,
-            kernel_init=dirac_init(self.kernel_init),
-            dtype=self.dtype,
-            param_dtype=jnp.float32,
-        )
+        conv = partial(layers.conv, self.width, 3, self.dtype, dirac_init(self.kernel_init))
         bn = partial(layers.batch_norm, self.cfg, train, self.dtype)
-        x = layers.conv_block(self.cfg, x, conv(name="conv1"), bn("bn1"), pool=True)
-        return layers.conv_block(self.cfg, x, conv(name="conv2"), bn("bn2"), pool=False)
+        x = layers.conv_block(self.cfg, x, conv("conv1"), bn("bn1"), pool=True)
+        return layers.conv_block(self.cfg, x, conv("conv2"), bn("bn2"), pool=False)
 
 
 class SpeedrunNet(nn.Module):
@@ -77,30 +68,15 @@ class SpeedrunNet(nn.Module):
         bias_init = (
             nn.initializers.zeros if cfg.whiten_bias_init == "zero" else torch_bias_init(c_in * 4)
         )
-        x = nn.Conv(
-            2 * c_in * 4,
-            (2, 2),
-            padding="VALID",
-            use_bias=True,
-            kernel_init=self.kernel_init,
-            bias_init=bias_init,
-            dtype=self.dtype,
-            param_dtype=jnp.float32,
-            name="whiten",
-        )(x.astype(self.dtype))
+        whiten = partial(layers.conv, padding="VALID", use_bias=True, bias_init=bias_init)
+        x = whiten(2 * c_in * 4, 2, self.dtype, self.kernel_init, "whiten")(x.astype(self.dtype))
         x = layers.activation(cfg)(x)
         for i, width in enumerate(self.widths):
             x = ConvGroup(width, cfg, self.dtype, self.kernel_init, name=f"block{i + 1}")(x, train)
         x = layers.max_pool(x, 3)  # VALID: floor, as torch MaxPool2d(3)
         x = x.reshape(x.shape[0], -1)
-        x = nn.Dense(
-            self.num_classes,
-            use_bias=False,
-            kernel_init=unit_std(self.kernel_init) if cfg.head_unit_std else self.kernel_init,
-            dtype=self.dtype,
-            param_dtype=jnp.float32,
-            name="head",
-        )(x)
+        init = unit_std(self.kernel_init) if cfg.head_unit_std else self.kernel_init
+        x = layers.head(self.num_classes, self.dtype, init)(x)
         return x.astype(jnp.float32) * self.output_scale
 
 
