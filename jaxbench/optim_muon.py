@@ -1,10 +1,8 @@
 """Muon for the conv filters in optax: `jaxbench.muon`'s reference update, in float32.
 
-`muon(spec, learning_rate, total_steps)` is an `optax.GradientTransformation` whose
-updates are the whole step (momentum, Newton-Schulz, weight normalisation, LR, decay:
-`params + updates` is the new filter), so it sits in an `optax.multi_transform`
-beside the SGD groups of `jaxbench.optim` with no `scale_by_learning_rate` after it.
-Every leaf it gets must be a flax HWIO conv kernel; `is_muon_param` names them.
+`muon(spec, learning_rate, total_steps)`'s updates are the whole step (`params + updates`
+is the new filter), so it sits in an `optax.multi_transform` beside `jaxbench.optim`'s SGD
+groups with no learning-rate scaling after it; its leaves are HWIO kernels (`is_muon_param`).
 
 Why not `optax.contrib.muon` (optax 0.2.8): it computes another update.
 - Momentum: a bias-corrected EMA, not torch SGD's `buf = m * buf + g`; up to a factor the

@@ -396,9 +396,8 @@ def train_and_evaluate(
     r.hooks = hooks
     summary = run.run(r, JaxProfile(profile_dir) if profile_dir is not None else None)
     if return_variables:
-        summary = dict(summary)
-        summary["variables"] = parallel.fetch(r.state.variables())
-        summary["ema_variables"] = parallel.fetch(r.state.ema)
+        variables, ema = parallel.fetch((r.state.variables(), r.state.ema))
+        summary = {**summary, "variables": variables, "ema_variables": ema}
     return summary
 
 

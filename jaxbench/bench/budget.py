@@ -60,11 +60,8 @@ class BudgetExceeded(Exception):
 
 
 class Watchdog:
-    """A SIGALRM `reserve` seconds before the budget ends that interrupts a guarded run: the
-    backstop for a run far slower than predicted. Outside `guard()` it only marks the budget
-    spent, so writing results is never interrupted. The signal lands only once a call into
-    C returns. Main thread only; a no-op without `setitimer` or a limit.
-    """
+    """A SIGALRM `reserve` s before the budget ends that interrupts a run in `guard()` (once
+    its call into C returns), else only marks the budget spent. Main thread; no-op unlimited."""
 
     def __init__(self, budget: Budget, reserve: float = 0.0) -> None:
         self.budget = budget

@@ -283,19 +283,12 @@ def inspect_program(
     expect_loop: bool = False,
     dots_in_compute_dtype: bool = True,
 ) -> dict[str, Any]:
-    """Findings on a StableHLO program (jax 0.10's and 0.11's text, and MLIR's generic form);
-    `problems` empty means it passes:
-
-    (a) no host callback (a custom call naming a callback or Python) or host transfer;
-    (b) no conditional, reported with whether it sits in a while loop's body (directly or
-        through the functions it calls); outside a loop it still costs a host round trip;
-    (c) every convolution and dot_general reads `compute_dtype` operands: both nets build
-        every conv and the head in it and nothing else contracts tensors
-        (`dots_in_compute_dtype=False` checks convolutions only);
-    (d) with `state_leaves`, the first that many entry arguments are donated.
-
-    A text with no convolution (or no loop when `expect_loop`) fails: an unread format
-    must not pass silently.
+    """Findings on a StableHLO program (jax 0.10's or 0.11's text, or MLIR's generic form);
+    no `problems` means (a) no host callback or transfer, (b) no conditional (said to be in
+    a loop body or not), (c) every convolution and dot_general (only convolutions with
+    `dots_in_compute_dtype=False`) reads `compute_dtype`: both nets contract nothing else,
+    (d) the first `state_leaves` arguments donated. A text with no convolution (or no loop
+    when `expect_loop`) fails: an unread format must not pass silently.
     """
     want = mlir_dtype(compute_dtype)
     p = _parse(text)

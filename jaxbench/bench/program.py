@@ -278,12 +278,10 @@ def flop_accounting(
     (executed / counted), `*_unpadded_ratio` (against XLA's convention) and
     `train_read_only_ratio` (also without the outputs nothing reads).
 
-    Measured on XLA:CPU, float32, jax 0.10.2 (train, eval; then against unpadded):
-    tiny 0.888, 0.877 (1.030, 1.010); resnet9 0.871, 0.869 (1.009, 1.003); speedrun 0.848,
-    0.882 (0.990, 1.027; read-only 1.075). The count includes the zero-padding taps XLA skips
-    (most of the gap); BN, activations, the loss, the optimizer and the TTA sums add 1-3%,
-    more at small widths, so `RATIO_BOUNDS` are for the preset widths. A GPU's count comes
-    from XLA:GPU's cost model after its cuDNN rewrites: check the ratio there first.
+    XLA:CPU, float32, jax 0.10.2 (train, eval; against unpadded): tiny 0.888, 0.877 (1.030,
+    1.010); resnet9 0.871, 0.869 (1.009, 1.003); speedrun 0.848, 0.882 (0.990, 1.027;
+    read-only 1.075). Zero-padding taps are most of the gap; the uncounted elementwise work
+    adds 1-3%, more at small widths. Unchecked on GPUs (XLA:GPU's cost model, cuDNN).
     """
     if batch_size is not None:
         cfg = cfg.replace(batch_size=batch_size)
