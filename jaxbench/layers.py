@@ -34,11 +34,7 @@ def torch_default_init(key: jax.Array, shape: Sequence[int], dtype: Any = jnp.fl
 def torch_bias_init(fan_in: int) -> Initializer:
     """PyTorch's default bias init, uniform(+-1/sqrt(fan_in)) of the layer's weight fan-in."""
     bound = 1.0 / math.sqrt(fan_in)
-
-    def init(key: Array, shape: Sequence[int], dtype: Any = jnp.float32) -> Array:
-        return jax.random.uniform(key, shape, dtype, -bound, bound)
-
-    return init
+    return functools.partial(jax.random.uniform, minval=-bound, maxval=bound)
 
 
 def dirac_init(base: Initializer = torch_default_init) -> Initializer:

@@ -9,6 +9,7 @@ Each item times two compiled variants of a piece of the JAX trainer alternately 
 
 from __future__ import annotations
 
+import functools
 import statistics
 import sys
 import time
@@ -61,15 +62,6 @@ def _cond_lookahead(ema: Any, live: Any, step: jax.Array, cfg: configs.Config, t
     return jax.lax.cond(step % cfg.ema_every == 0, update, lambda: (ema, live))
 
 
-def _one_pass_bn(cfg: configs.Config, train_: bool, dtype: Any, name: str) -> nn.Module:
-    """`layers.batch_norm` with the one-pass variance (for timing only)."""
-    return layers.BatchNorm(
-        train=train_, momentum=cfg.bn_momentum, epsilon=cfg.bn_eps,
-        use_scale=cfg.bn_scale_trainable, scale_init=cfg.bn_scale, ghost=cfg.ghost_bn,
-        dtype=dtype, name=name, fast_variance=True,
-    )  # fmt: skip
-
-
 def _step_timer(cfg: configs.Config, data: Any) -> Timer:
     """A timer of one compiled train step on a fixed batch (the state is not donated)."""
     r = train.setup(cfg, data)
@@ -91,7 +83,8 @@ def measure(cfg: configs.Config, data: Any, reps: int) -> dict[str, Any]:
     ):
         cond = _step_timer(cfg, data)
     out["ema"] = {"a": "select (trainer)", "b": "lax.cond", **ab(select, cond, reps)}
-    with mock.patch.object(layers, "batch_norm", _one_pass_bn):
+    one_pass_bn = functools.partial(layers.BatchNorm, fast_variance=True)
+    with mock.patch.object(layers, "BatchNorm", one_pass_bn):
         one_pass = _step_timer(cfg, data)
     out["bn_variance"] = {"a": "two-pass (trainer)", "b": "one-pass", **ab(select, one_pass, reps)}
     with mock.patch.object(layers, "max_pool", lambda x, k: nn.max_pool(x, (k, k), (k, k))):

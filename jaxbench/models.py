@@ -113,8 +113,7 @@ def init_variables(model: nn.Module, key: jax.Array) -> dict[str, Any]:
     """
     x = jnp.zeros((1, 32, 32, 3), jnp.float32)
     if not isinstance(model, ResNet9) or model.kernel_init is not torch_default_init:
-        init = jax.jit(lambda k: model.init(k, x, train=False))
-        variables = init(key)
+        variables = jax.jit(lambda k: model.init(k, x, train=False))(key)
         return {"params": variables["params"], "batch_stats": variables["batch_stats"]}
     shapes = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), x, train=False))
     flat = traverse_util.flatten_dict(shapes["params"])

@@ -135,10 +135,8 @@ def make_optimizer(cfg: Config, steps_per_epoch: int) -> optax.GradientTransform
 def cross_entropy(
     logits: jax.Array, labels: jax.Array, label_smoothing: float = 0.0, reduction: str = "mean"
 ) -> jax.Array:
-    """Cross-entropy against smoothed one-hot targets (PyTorch's `label_smoothing`).
-
-    Targets are (1 - ls) * onehot + ls / classes; `reduction` is 'sum' or 'mean'.
-    """
+    """Cross-entropy against (1 - ls) * onehot + ls / classes (PyTorch's `label_smoothing`),
+    summed or averaged over the batch (`reduction`)."""
     logits = logits.astype(jnp.float32)
     classes = logits.shape[-1]
     targets = jax.nn.one_hot(labels, classes, dtype=jnp.float32)

@@ -43,11 +43,8 @@ def _jax_started() -> bool:
 
 
 def xla_thread_env(n: int, environ: MutableMapping[str, str] | None = None) -> dict[str, str]:
-    """Set the environment so XLA:CPU (and any OpenMP runtime) uses `n` threads.
-
-    Must run before JAX's first computation (RuntimeError after it). Returns the
-    variables it set, as set; `environ` defaults to `os.environ`.
-    """
+    """Set `environ` (default `os.environ`) so XLA:CPU and OpenMP use `n` threads, before JAX's
+    first computation (RuntimeError after it); returns the variables set."""
     check_threads(n)
     if environ is None:
         if _jax_started():
@@ -70,6 +67,12 @@ def torch_threads(n: int) -> dict[str, int]:
             torch.set_num_interop_threads(n)
         except RuntimeError:  # "cannot set ... after parallel work has started"
             pass
+    return _torch_counts()
+
+
+def _torch_counts() -> dict[str, int]:
+    import torch
+
     return {
         "torch_intra_op": torch.get_num_threads(),
         "torch_interop": torch.get_num_interop_threads(),
@@ -101,14 +104,8 @@ def xla_cpu_threads(environ: MutableMapping[str, str] | None = None) -> int:
 def thread_settings() -> dict[str, Any]:
     """The thread limits in force now: XLA:CPU's pool size, the variables XLA/OpenMP read,
     and PyTorch's counts (when PyTorch is loaded), for recording beside results."""
-    out: dict[str, Any] = {
+    return {
         "xla_cpu_threads": xla_cpu_threads(),
         "env": {k: os.environ[k] for k in THREAD_ENV_VARS if k in os.environ},
+        **(_torch_counts() if "torch" in sys.modules else {}),
     }
-    if "torch" in sys.modules:
-        import torch
-
-        out.update(
-            torch_intra_op=torch.get_num_threads(), torch_interop=torch.get_num_interop_threads()
-        )
-    return out
