@@ -92,14 +92,10 @@ def head(classes: int, dtype: Any, kernel_init: Initializer) -> nn.Dense:
 
 
 class BatchNorm(nn.Module):
-    """PyTorch's `BatchNorm2d` in Flax: the same arithmetic and stored statistics.
-
-    Unlike Flax's, it stores the *unbiased* running variance, as PyTorch does, so eval
-    outputs and the EMA of BN statistics agree and weight conversion is a copy. `momentum`
-    is PyTorch's; statistics are two-pass float32 whatever the compute dtype.
+    """PyTorch's `BatchNorm2d` in Flax: its `momentum`, two-pass float32 statistics and
+    *unbiased* running variance (Flax keeps the biased one), so weights convert by copy.
     Ghost BN (`ghost` > 0, Page's): in training image i is normalised with its group
-    i mod (N / ghost), and the running statistics move towards the groups' mean.
-    """
+    i mod (N / ghost), and the running statistics move towards the groups' mean."""
 
     train: bool = False  # batch statistics (and update the running ones) vs running ones
     momentum: float = 0.1

@@ -1,8 +1,7 @@
 """What a JAX run needs in memory, checked before its states are built.
 
-`--vmap-seeds K` or a large `--batch-size` asking for more than the machine has would grow
-for minutes until the system stops it; `check` refuses in one line with a lower bound (the
-train state and each image's forward activations) against the memory free.
+A run asking for more than the machine has would grow for minutes until the system stops it;
+`check` refuses it in one line with a lower bound (state and forward activations).
 """
 
 from __future__ import annotations

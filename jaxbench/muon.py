@@ -14,10 +14,9 @@ filter W with gradient G and scheduled LR lr_t:
 5. `W -= lr_t * O`;
 6. the record only: `W *= 1 - lr_t * wd` (airbench94_muon's decay is for the SGD groups).
 
-The sources run in half precision; here the math is float64 (the reference) and float32
-(the trainers), and only the record's float16 momentum buffer is modelled. The record's
-zero-padded batch of filters changes nothing in exact arithmetic, so each filter is
-orthogonalised on its own, as airbench94_muon does.
+The sources run in half precision; here the reference is float64, the trainers float32, and
+only the record's float16 buffer is modelled. Each filter is orthogonalised on its own (the
+record's zero-padded batch of filters changes nothing in exact arithmetic).
 """
 
 from __future__ import annotations

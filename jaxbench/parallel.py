@@ -1,9 +1,8 @@
 """Data parallelism on JAX's own runtime: a 1-D device mesh, `NamedSharding`, `jax.distributed`.
 
-The batch is split over the mesh's `data` axis, everything else is replicated, and XLA's
-SPMD partitioner inserts the all-reduces, so BN statistics stay global unless
-`bn_sync="local"`. Across processes the mesh spans every process's devices; only process 0
-writes outputs.
+The batch is split over the mesh's `data` axis, the rest replicated, and XLA inserts the
+all-reduces, so BN statistics stay global unless `bn_sync="local"`. Across processes the
+mesh spans every process's devices; only process 0 writes outputs.
 """
 
 from __future__ import annotations
@@ -325,9 +324,7 @@ def add_process_flags(parser: argparse.ArgumentParser) -> None:
         "--process-id; the batch is split over every process's devices and process 0 "
         "writes the outputs.",
     )
-    dist.add_argument(
-        "--coordinator", metavar="HOST:PORT", default=None, help="address of process 0"
-    )
+    dist.add_argument("--coordinator", metavar="HOST:PORT", help="address of process 0")
     dist.add_argument("--num-processes", type=int, default=None, metavar="P")
     dist.add_argument("--process-id", type=int, default=None, metavar="I", help="0 .. P - 1")
     dist.add_argument(

@@ -2,9 +2,8 @@
 
 whiten (2x2 VALID conv 3 -> 24, frozen weight from `jaxbench.whitening`) -> GELU -> block1..3
 (`conv1`, max pool 2, `bn1`, GELU, `conv2`, `bn2`, GELU) -> max pool 3 -> `head` -> x 1/9.
-Spatial sizes 32, 31, 15, 7, 3, 1, so `head` sees `widths[-1]` features whatever the
-layout. Names mirror `torch_ref.speedrun_model` for the conversion; with the preset's
-`bn_scale_trainable=False` neither framework's BN has a scale, so the trees map one to one.
+Spatial sizes 32, 31, 15, 7, 3, 1. Names mirror `torch_ref.speedrun_model`; with the
+preset's `bn_scale_trainable=False` neither framework's BN has a scale: one to one.
 """
 
 from __future__ import annotations

@@ -80,10 +80,9 @@ def _torch_counts() -> dict[str, int]:
 
 
 def limit_threads(n: int) -> dict[str, Any]:
-    """XLA:CPU and PyTorch on `n` threads, for the rest of the process: call before JAX's
-    first computation. Returns what was set, for the run's record."""
-    env = xla_thread_env(n)
-    return {"threads": n, "env": env, **torch_threads(n)}
+    """XLA:CPU and PyTorch on `n` threads for the rest of the process (call before JAX's
+    first computation); what was set, for the run's record."""
+    return {"threads": n, "env": xla_thread_env(n), **torch_threads(n)}
 
 
 def xla_cpu_threads(environ: MutableMapping[str, str] | None = None) -> int:

@@ -143,10 +143,9 @@ def make_train_step(
     tx: optax.GradientTransformation,
     total_steps: int | None = None,
 ) -> Callable[[TrainState, dict[str, jax.Array]], tuple[TrainState, Metrics]]:
-    """The pure step `(state, {'images': uint8 NHWC augmented, 'labels'}) -> (state, metrics)`:
-    `loss` the mean per-example (label-smoothed) loss whatever `loss_reduction`, `correct`
-    the right predictions. With `cfg.lookahead` the EMA step also resets the net to the
-    EMA; its decay ramp needs `total_steps` (the run's number of updates)."""
+    """The pure step `(state, {'images': augmented uint8, 'labels'}) -> (state, metrics)`:
+    the mean per-example `loss` and the `correct` predictions. `cfg.lookahead` resets the net
+    to the EMA on EMA steps, its decay ramp over `total_steps` updates."""
     if cfg.lookahead and total_steps is None:
         raise ValueError("cfg.lookahead needs total_steps for the decay ramp")
     loss_fn = make_loss_fn(cfg, model)

@@ -3,12 +3,8 @@
 With C = V diag(lambda) V^T the uncentred covariance of the k x k patches of the first N
 normalised training images, the filters are W = V / sqrt(lambda + eps): `patch2`
 (airbench94) k = 2, N = 5,000, eps 5e-4, W and -W; `patch3` (Page) k = 3, N = 10,000,
-eps 1e-2, W alone (Page divides by n - 1, not n: a 1e-7 relative change).
-
-Exact integer moments, then float64 numpy, so JAX and PyTorch load the same float32 kernel:
-no framework rounding reaches the eigendecomposition. Features are ordered (c, kh, kw), so
-an eigenvector reshapes into an OIHW filter; eigenvalues sort largest first and each
-vector's largest entry is positive, so no LAPACK build changes the kernel.
+eps 1e-2, W alone. Exact integer moments, then float64 numpy, so both frameworks load the
+same float32 kernel; sorted eigenvalues and fixed signs keep it from any LAPACK build.
 """
 
 from __future__ import annotations

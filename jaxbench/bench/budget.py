@@ -44,8 +44,7 @@ class Budget:
 
 
 def fits(remaining: float, estimate: float, reserve: float = 0.0) -> bool:
-    """Whether work predicted to take `estimate` s may start with `remaining` s left, keeping
-    `reserve` for work that must still run afterwards."""
+    """Whether work predicted to take `estimate` s may start, `reserve` s kept for later."""
     return remaining - reserve >= estimate * SAFETY + SLACK_S
 
 

@@ -254,9 +254,8 @@ def race(b: Bench) -> bool:
 
 def stopped(b: Bench, word: str) -> str:
     """Ctrl-C or SIGTERM during the race: the files from what finished, and where they are."""
-    b.doc["stop_reason"] = (
-        "terminated (SIGTERM)" if word == "terminated" else "interrupted (Ctrl-C)"
-    )
+    reason = "terminated (SIGTERM)" if word == "terminated" else "interrupted (Ctrl-C)"
+    b.doc["stop_reason"] = reason
     b.close(complete=False)
     return f"{word}; partial results in {b.opts.out / 'bench.json'}"
 
@@ -284,8 +283,7 @@ def _main(cmd: Command, argv: Sequence[str] | None, budget: Budget) -> int:
     limit = f" within {opts.max_seconds:.0f} s" if opts.max_seconds is not None else ""
     print(
         f"bench {', '.join(c.name for c in opts.cfgs)}: {names}; a warm-up each (one untimed "
-        f"training run, compilation included), then {plan}"
-        f"{limit} -> {opts.out}",
+        f"training run, compilation included), then {plan}{limit} -> {opts.out}",
         flush=True,
     )
     if race(b):

@@ -1,9 +1,8 @@
 """Counted FLOPs per image, so the benchmark can report a FLOP rate (pure Python).
 
-The usual convention (papers, the airbench/Myrtle write-ups): only conv and linear layers
-count (BN, activations, pooling, the loss and the optimizer are under 1% for ResNet-9), 2
-FLOPs per multiply-add, a training step 3x the forward pass, an evaluation one forward per
-TTA view. Counted from the architecture, not measured, so comparable across frameworks.
+The usual convention (papers, airbench, Myrtle): conv and linear layers only (the rest is
+under 1% for ResNet-9), 2 FLOPs per multiply-add, training 3x the forward pass, evaluation
+one forward per TTA view. Counted, not measured, so comparable across frameworks.
 """
 
 from __future__ import annotations

@@ -124,12 +124,10 @@ def _parse(text: str) -> _Parsed:
 
 def _operand_types(p: _Parsed, i: int) -> tuple[str, str] | None:
     """Element types of the two operands of the op on line i (its type may wrap lines)."""
-    window = " ".join(p.code[i : i + 4])
-    found = _OPERANDS.findall(window)
+    found = _OPERANDS.search(" ".join(p.code[i : i + 4]))
     if not found:
         return None
-    lhs, rhs = found[0]
-    a, b = _ELEMENT.search(lhs), _ELEMENT.search(rhs)
+    a, b = (_ELEMENT.search(t) for t in found.groups())
     if not (a and b):
         return None
     return a.group(1), b.group(1)

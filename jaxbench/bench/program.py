@@ -181,7 +181,6 @@ def check_program(
     every state leaf. A lowering failure is a finding (`ok` False), not an exception."""
     cfg = for_platform(cfg, platform)
     dtype = models.compute_dtype(cfg)  # precision is explicit now: backend-independent
-    trained = which in ("epoch", "step")
     try:
         text = lower_program(cfg, platform, which, batches=batches)
     except ProgramError as e:
@@ -189,7 +188,7 @@ def check_program(
     return inspect_program(
         text,
         dtype,
-        state_leaves=state_leaf_count(cfg) if trained else None,
+        state_leaves=state_leaf_count(cfg) if which in ("epoch", "step") else None,
         expect_loop=which == "epoch",
     )
 
@@ -213,11 +212,8 @@ def check_programs(
 
 
 def executed_flops(compiled: Any) -> float:
-    """XLA's FLOP count of a compiled executable (a dict, or in older jax a list per module).
-
-    A while loop's body is counted once whatever its trip count (jax 0.10.2, 0.11.2), so a
-    scanned epoch's count means nothing: compile the step.
-    """
+    """XLA's FLOP count of a compiled executable (a dict, or in older jax a list per module);
+    a while loop's body counts once whatever its trip count, so compile the step, not a scan."""
     analysis = compiled.cost_analysis()
     entries = analysis if isinstance(analysis, (list, tuple)) else [analysis]
     values = [e.get("flops") for e in entries if isinstance(e, Mapping)]

@@ -131,11 +131,10 @@ class Bench:
             },
             "files": ["bench.json"],
         }
-        for cfg in opts.cfgs:
-            for e in self.entries:
-                self.doc["races"][cfg.name]["frameworks"][e.name] = records.new_contender(
-                    e.framework, e.loop
-                )
+        for race in self.doc["races"].values():
+            race["frameworks"] = {
+                e.name: records.new_contender(e.framework, e.loop) for e in self.entries
+            }
 
     # -- files
     def save(self) -> None:

@@ -43,9 +43,7 @@ def describe_metric(cfg: configs.Config) -> str:
 def mean_curve(epoch_rows: Sequence[Sequence[dict[str, Any]]], metric: str) -> list[dict]:
     """Per epoch every run logged, the mean over runs of `metric` and of the cumulative timed
     seconds (None where any run left it empty)."""
-    if not epoch_rows:
-        return []
-    length = min(len(rows) for rows in epoch_rows)
+    length = min((len(rows) for rows in epoch_rows), default=0)
     curve = []
     for i in range(length):
         rows = [r[i] for r in epoch_rows]
