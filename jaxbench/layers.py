@@ -334,11 +334,9 @@ def with_whitening(
 
 
 def patch_moment_groups(images_u8_NHWC: Array, patch: int = 2, group: int = 32) -> Array:
-    """int32 (ceil(N / group), d + 1, d + 1), d = C * patch^2: per group of images the sums
-    of [u, 1] [u, 1]^T over every patch, ordered as `whitening.patch_moments`, so the host
-    gets the very same numbers. Exact for patch <= 3 on 32x32: a row's sum < 2^24 (float32
-    at HIGHEST), an image's < 2^26, a group of 32's < 2^31.
-    """
+    """int32 (ceil(N / group), d + 1, d + 1), d = C * patch^2: per group the sums of [u, 1]
+    [u, 1]^T over every patch, ordered as `whitening.patch_moments`. Exact for patch <= 3 on
+    32x32: a row's sum < 2^24 (float32 at HIGHEST), an image's < 2^26, a group's < 2^31."""
     u = images_u8_NHWC.astype(jnp.float32)
     n, h, w, c = u.shape
     ho, wo = h - patch + 1, w - patch + 1

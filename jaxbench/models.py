@@ -105,12 +105,9 @@ def model_from_config(cfg: Config, **overrides: Any) -> Any:
 
 
 def init_variables(model: nn.Module, key: jax.Array) -> dict[str, Any]:
-    """Fresh {'params', 'batch_stats'} for 32x32x3 inputs.
-
-    A ResNet9 with `torch_default_init` draws all kernels in one uniform(-1, 1) call, cut in
-    name order and scaled by 1/sqrt(fan_in): `model.init`'s distribution, but XLA:CPU
-    compiles one threefry call in 0.3 s rather than nine in ~6 s. Other nets use `model.init`.
-    """
+    """Fresh {'params', 'batch_stats'} for 32x32x3 inputs. A ResNet9 with `torch_default_init`
+    draws every kernel from one uniform(-1, 1) call scaled by 1/sqrt(fan_in) (XLA:CPU
+    compiles one threefry call in 0.3 s, nine in ~6 s); other nets use `model.init`."""
     x = jnp.zeros((1, 32, 32, 3), jnp.float32)
     if not isinstance(model, ResNet9) or model.kernel_init is not torch_default_init:
         variables = jax.jit(lambda k: model.init(k, x, train=False))(key)

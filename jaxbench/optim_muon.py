@@ -107,10 +107,8 @@ def muon(
     *,
     precision: jax.lax.Precision = jax.lax.Precision.HIGHEST,
 ) -> optax.GradientTransformation:
-    """Muon on HWIO conv kernels with `spec`; `learning_rate(count)` is update count's LR
-    (count from 0, as optax schedules); `total_steps` sets the record's magnitude ramp and
-    normalisation interval. `precision` HIGHEST keeps float32 matmuls on GPUs (TF32 would
-    leave the float32 bound the tests hold it to)."""
+    """Muon on HWIO conv kernels: `learning_rate(count)` from count 0, `total_steps` for the
+    record's ramps; `precision` HIGHEST keeps GPU matmuls float32 (TF32 fails the tests)."""
     schedule = learning_rate if callable(learning_rate) else (lambda _: learning_rate)
     norm_table = jnp.asarray(normalization_steps(total_steps, spec))
     magnitudes = jnp.asarray(

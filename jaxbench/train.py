@@ -209,9 +209,8 @@ def make_loop_fns(
 
 
 class Hooks:
-    """Observation points in the per-step loop (`cfg.loop="step"`) for the parity suite;
-    `before_step` and `before_eval` may return a replacement state (each step then starts
-    from the reference trainer's, so float32 chaos cannot build up between the two)."""
+    """The parity suite's observation points in the per-step loop; `before_step` and
+    `before_eval` may return a replacement state (the reference's, so no chaos builds up)."""
 
     def before_step(self, t: int, state: TrainState) -> TrainState:
         return state

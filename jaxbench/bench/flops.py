@@ -136,10 +136,9 @@ def read_outputs(cfg: Config) -> dict[str, int]:
 
 
 def unpadded_train_flops_per_image(cfg: Config, read_only: bool = False) -> int:
-    """Training FLOPs per image as XLA builds them: every forward, the input gradient of
-    each conv with something trained before it (speedrun's whitening bias counts), the weight
-    gradient of each trained kernel, the head 3x. `read_only`: also skip the outputs nothing
-    reads (`read_outputs`), the least XLA may do."""
+    """Training FLOPs per image as XLA builds them: forwards, input gradients after anything
+    trained (speedrun's whitening bias too), trained kernels' weight gradients, the head 3x;
+    `read_only` also skips the outputs nothing reads (`read_outputs`)."""
     total = 3 * _head_flops(cfg)
     upstream = False  # a trained parameter before this layer: its input gradient is needed
     used = read_outputs(cfg) if read_only else {}
