@@ -1,16 +1,13 @@
 """Augmentation on the device: apply a batch plan, or draw a whole epoch's plan with jax.random.
 
-`apply_plan` implements the semantics of `jaxbench.stream` (crop -> flip ->
-cutout, uint8 in, uint8 out) as one gather plus one masked fill, so it runs
-inside the training jit and agrees bit for bit with `stream.apply_plan_numpy`.
-`draw_plan` is the fast path: the same distributions as `stream.epoch_plan`,
-drawn on the device from a key, so no plan ever crosses from the host.
-
-Plans are dicts of arrays with the `stream.EpochPlan` field names.
+`apply_plan` is `jaxbench.stream`'s crop -> flip -> cutout as one gather and one masked
+fill inside the training jit, bit for bit `stream.apply_plan_numpy`; `draw_plan` draws
+`stream.epoch_plan`'s distributions on the device. Plans are dicts of `EpochPlan`'s fields.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -39,12 +36,9 @@ def _reflect(i: jax.Array) -> jax.Array:
 
 
 def apply_plan(images_u8: jax.Array, plan: Plan | EpochPlan, cfg: Config) -> jax.Array:
-    """Augmented uint8 NHWC batch for one batch `plan` (see `jaxbench.stream` for semantics).
-
-    Crop and flip are folded into one gather: output pixel (r, c) of batch slot b
-    reads image `indices[b]` at row reflect(crop_y + r - pad) and column
-    reflect(crop_x + c' - pad), c' = 31 - c when flipped. Cutout is a masked fill.
-    """
+    """Augmented uint8 NHWC batch for one batch `plan`: pixel (r, c) of slot b reads image
+    `indices[b]` at row reflect(crop_y + r - pad), column reflect(crop_x + c' - pad), c' =
+    31 - c when flipped; then cutout's masked fill."""
     if isinstance(plan, EpochPlan):
         plan = plan.as_dict()
     p = cfg.crop_pad
@@ -80,23 +74,17 @@ def plan_batch(plan: Plan, step: jax.Array | int, batch_size: int) -> Plan:
     }
 
 
-def apply_epoch_plan(
+@functools.partial(jax.jit, static_argnames="cfg")
+def apply_epoch_plan_jit(
     images_u8: jax.Array, plan: Plan, step: jax.Array | int, cfg: Config
 ) -> jax.Array:
     """Augmented batch `step` of an epoch plan: `plan_batch` then `apply_plan`."""
     return apply_plan(images_u8, plan_batch(plan, step, cfg.batch_size), cfg)
 
 
-apply_epoch_plan_jit = jax.jit(apply_epoch_plan, static_argnames="cfg")
-
-
 def draw_plan(key: jax.Array, epoch: jax.Array | int, n_train: int, cfg: Config) -> Plan:
-    """An epoch plan drawn on the device: the distributions of `stream.epoch_plan`.
-
-    `key` is the run's data key. The epoch is folded in (it may be traced, so one
-    compiled function serves every epoch); the alternating-flip base flips come
-    from a key that ignores the epoch, so they are drawn once per run.
-    """
+    """An epoch plan drawn on the device from the run's data key with the epoch (maybe
+    traced) folded in; alternating flip's base flips ignore the epoch (one draw per run)."""
     n = steps_per_epoch(cfg, n_train) * cfg.batch_size
     plan_key, flip_key = jax.random.split(key)
     k_perm, k_cy, k_cx, k_flip, k_uy, k_ux = jax.random.split(
@@ -116,14 +104,7 @@ def draw_plan(key: jax.Array, epoch: jax.Array | int, n_train: int, cfg: Config)
     corner = IMAGE_SIZE - cfg.cutout + 1
     cutout_y = jax.random.randint(k_uy, (n,), 0, corner, jnp.int32)
     cutout_x = jax.random.randint(k_ux, (n,), 0, corner, jnp.int32)
-    return dict(
-        indices=indices,
-        crop_y=crop_y,
-        crop_x=crop_x,
-        flip=flip,
-        cutout_y=cutout_y,
-        cutout_x=cutout_x,
-    )
+    return dict(zip(PLAN_FIELDS, (indices, crop_y, crop_x, flip, cutout_y, cutout_x), strict=True))
 
 
 def normalize(
@@ -138,11 +119,8 @@ def normalize(
 def tta_logits(
     logits_fn: Callable[[jax.Array], jax.Array], x_NHWC: jax.Array, cfg: Config
 ) -> tuple[jax.Array, jax.Array]:
-    """(logits of every test-time view `[V, N, C]`, their weighted sum `[N, C]`), float32.
-
-    Views and weights are `stream.tta_weights`'s. Each view goes through
-    `logits_fn` together with its mirror (one call of twice the batch), as airbench does.
-    """
+    """(logits of every test-time view `[V, N, C]`, their `stream.tta_weights` sum), float32;
+    each view goes through `logits_fn` with its mirror in one call, as airbench does."""
     views = [x_NHWC]
     if cfg.tta and cfg.tta_shift:
         padded = jnp.pad(x_NHWC, ((0, 0), (1, 1), (1, 1), (0, 0)), mode="reflect")

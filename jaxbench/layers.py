@@ -1,12 +1,6 @@
-"""The building blocks both Flax nets share, chosen by config fields, not by model name.
-
-Normalisation (`batch_norm`: PyTorch's BN, optionally ghost, with a trainable,
-frozen or absent scale), the activation (`activation`), the order of pool and
-norm in a conv block (`conv_block`) and the whitening input stems (`PatchWhiten`,
-`patch_moment_groups`) live here, so `models.ResNet9` and
-`speedrun_model.SpeedrunNet` are only wiring, and a new recipe is a config.
-`torch_ref.layers` is the mirror; names and orders match it one to one.
-"""
+"""The building blocks both Flax nets share, chosen by config fields, not by model name:
+BN, the activation, the pool's place in a conv block and the whitening stems, so the nets
+are only wiring and a new recipe is a config. `torch_ref.layers` mirrors it one to one."""
 
 from __future__ import annotations
 
@@ -30,11 +24,8 @@ Initializer = Callable[[jax.Array, Sequence[int], Any], jax.Array]
 
 
 def torch_default_init(key: jax.Array, shape: Sequence[int], dtype: Any = jnp.float32) -> jax.Array:
-    """Uniform(-1/sqrt(fan_in), 1/sqrt(fan_in)), fan_in = all axes but the last (HWIO / (in, out)).
-
-    This is what PyTorch's `kaiming_uniform_(a=sqrt(5))` default amounts to for
-    conv and linear weights.
-    """
+    """Uniform(+-1/sqrt(fan_in)), fan_in = all axes but the last: PyTorch's default
+    `kaiming_uniform_(a=sqrt(5))` for conv and linear weights."""
     fan_in = math.prod(shape[:-1])
     bound = 1.0 / math.sqrt(fan_in)
     return jax.random.uniform(key, tuple(shape), dtype, minval=-bound, maxval=bound)
@@ -43,19 +34,12 @@ def torch_default_init(key: jax.Array, shape: Sequence[int], dtype: Any = jnp.fl
 def torch_bias_init(fan_in: int) -> Initializer:
     """PyTorch's default bias init, uniform(+-1/sqrt(fan_in)) of the layer's weight fan-in."""
     bound = 1.0 / math.sqrt(fan_in)
-
-    def init(key: Array, shape: Sequence[int], dtype: Any = jnp.float32) -> Array:
-        return jax.random.uniform(key, shape, dtype, -bound, bound)
-
-    return init
+    return functools.partial(jax.random.uniform, minval=-bound, maxval=bound)
 
 
 def dirac_init(base: Initializer = torch_default_init) -> Initializer:
-    """`base`, then identity on the first min(C_in, C_out) filters (torch `dirac_(w[:C_in])`).
-
-    Filter o < C_in becomes a centred delta on input channel o, so each conv starts
-    by passing its input through (airbench's identity init).
-    """
+    """`base`, then a centred delta on input channel o for each filter o < min(C_in, C_out)
+    (torch `dirac_(w[:C_in])`), so each conv starts as the identity (airbench)."""
 
     def init(key: Array, shape: Sequence[int], dtype: Any = jnp.float32) -> Array:
         kh, kw, c_in, c_out = shape
@@ -68,27 +52,50 @@ def dirac_init(base: Initializer = torch_default_init) -> Initializer:
     return init
 
 
+def conv(
+    features: int,
+    size: int,
+    dtype: Any,
+    kernel_init: Initializer,
+    name: str,
+    padding: Any = ((1, 1), (1, 1)),  # explicit: 'SAME' differs from PyTorch for stride 2
+    use_bias: bool = False,
+    bias_init: Initializer = nn.initializers.zeros,
+) -> nn.Conv:
+    """A size x size conv, stride 1, computing in `dtype` with float32 parameters."""
+    return nn.Conv(
+        features,
+        (size, size),
+        padding=padding,
+        use_bias=use_bias,
+        kernel_init=kernel_init,
+        bias_init=bias_init,
+        dtype=dtype,
+        param_dtype=jnp.float32,
+        name=name,
+    )
+
+
+def head(classes: int, dtype: Any, kernel_init: Initializer) -> nn.Dense:
+    """The nets' last layer, `head`: a linear map without bias, float32 parameters."""
+    return nn.Dense(
+        classes,
+        use_bias=False,
+        kernel_init=kernel_init,
+        dtype=dtype,
+        param_dtype=jnp.float32,
+        name="head",
+    )
+
+
 # --- normalisation -------------------------------------------------------------------------
 
 
 class BatchNorm(nn.Module):
-    """PyTorch's `BatchNorm2d` in Flax: the same arithmetic and the same stored statistics.
-
-    Flax's `nn.BatchNorm` stores the running average of the *biased* batch
-    variance; PyTorch stores the *unbiased* one (x n / (n - 1)) and normalises
-    by it in eval mode. Storing PyTorch's number makes eval-mode outputs and
-    the EMA of BN statistics the same in both frameworks and weight conversion
-    a plain copy. `momentum` is PyTorch's (the weight of the new statistic).
-    Statistics are two-pass and float32, also under bfloat16 compute; parameter
-    and variable names (`scale`, `bias`; `mean`, `var`) are Flax's.
-
-    Ghost BN (`ghost` > 0, Page's trick): in training, image i of the batch is
-    normalised with the statistics of its group i mod (N / ghost) -- the groups
-    Page's `input.view(-1, C * splits, H, W)` forms -- and the running statistics
-    move towards the groups' mean statistics (each group's variance unbiased with
-    its own count), which is what Page's per-group buffers average to at eval.
-    Scale: trainable from `scale_init` (`use_scale`), or the constant `scale_init`.
-    """
+    """PyTorch's `BatchNorm2d` in Flax: its `momentum`, two-pass float32 statistics and
+    *unbiased* running variance (Flax keeps the biased one), so weights convert by copy.
+    Ghost BN (`ghost` > 0, Page's): in training image i is normalised with its group
+    i mod (N / ghost), and the running statistics move towards the groups' mean."""
 
     train: bool = False  # batch statistics (and update the running ones) vs running ones
     momentum: float = 0.1
@@ -155,12 +162,8 @@ class BatchNorm(nn.Module):
         return y.astype(self.dtype)
 
     def _sharded(self, x: jax.Array, ra_mean: Any, ra_var: Any) -> jax.Array:
-        """Training statistics per contiguous share of the batch (and ghost group within it).
-
-        Shape (shards, images per group, groups, H, W, C): share s holds images
-        s * n / shards ..., the part one device holds, so the reduction stays on it.
-        The running statistics move towards the mean over shares and groups.
-        """
+        """Training statistics per contiguous share of the batch (one device's part, so the
+        reduction stays on it) and ghost group within it; running ones move to their mean."""
         n_batch, features = x.shape[0], x.shape[-1]
         if n_batch % self.shards:
             raise ValueError(f"batch norm: batch {n_batch} does not split into {self.shards}")
@@ -224,23 +227,16 @@ def _windows(x_NHWC: Array, k: int) -> Array:
 def max_pool(x_NHWC: Array, k: int) -> Array:
     """k x k max pool, stride k, VALID (floor, as PyTorch's `MaxPool2d(k)`).
 
-    The same values and gradients as Flax's `max_pool` (XLA's reduce_window and,
-    for the gradient, select_and_scatter): the gradient goes to the first maximum
-    of each window in row-major order, as in PyTorch. Written as a reshape, a
-    reduction and elementwise selects because XLA:CPU's select_and_scatter is slow:
-    on a 2-core x86 CPU the `tiny` train step at batch 100 takes 139 ms this way and
-    168 ms with Flax's pool (`python -m jaxbench.microbench` times both).
+    Flax's values and gradients (to each window's first maximum, as PyTorch), as a reshape
+    and selects: XLA:CPU's select_and_scatter is slow (`tiny` step 139 ms vs 168 ms on 2
+    cores; `python -m jaxbench.microbench` times both).
     """
     return _windows(x_NHWC, k).max(axis=(2, 4))
 
 
 def _max_pool_fwd(x_NHWC: Array, k: int) -> tuple[Array, tuple[Array, Array]]:
-    """The max and the index of its first position, found together in one pass.
-
-    Not `x == max` in the backward pass: XLA may recompute `x`'s elementwise producer
-    there with different rounding, and a window whose maximum then matches nothing
-    would lose its gradient.
-    """
+    """The max and its first position in one pass: `x == max` in the backward pass could
+    miss, as XLA may recompute `x`'s producer there with other rounding."""
     win = _windows(x_NHWC, k)
     best = win[:, :, 0, :, 0, :]
     index = jnp.zeros(best.shape, jnp.int8)
@@ -270,11 +266,6 @@ def _max_pool_bwd(k: int, res: tuple[Array, Array], g: Array) -> tuple[Array]:
 max_pool.defvjp(_max_pool_fwd, _max_pool_bwd)
 
 
-def max_pool2(x: Array) -> Array:
-    """2x2 max pool, stride 2 (Flax's `max_pool` defaults to stride 1)."""
-    return max_pool(x, 2)
-
-
 def conv_block(
     cfg: Config,
     x: Array,
@@ -282,19 +273,15 @@ def conv_block(
     norm: nn.Module,
     pool: bool,
 ) -> Array:
-    """conv -> BN -> act [-> pool], or with `cfg.pool_before_act` conv [-> pool] -> BN -> act.
-
-    Page's "moving max-pool layers" trick (and airbench's order): pooling first
-    normalises a quarter of the values. A function, so each net keeps its own
-    module names (`conv`/`bn`, `conv1`/`bn1`) for the name-based conversion.
-    """
+    """conv -> BN -> act [-> pool], or with `cfg.pool_before_act` (Page's trick, airbench's
+    order) conv [-> pool] -> BN -> act. A function, so each net keeps its module names."""
     act = activation(cfg)
     x = conv(x)
     if pool and cfg.pool_before_act:
-        x = max_pool2(x)
+        x = max_pool(x, 2)
     x = act(norm(x))
     if pool and not cfg.pool_before_act:
-        x = max_pool2(x)
+        x = max_pool(x, 2)
     return x
 
 
@@ -302,13 +289,8 @@ def conv_block(
 
 
 class PatchWhiten(nn.Module):
-    """Page's input stem: a frozen 3x3 patch-whitening conv (27 filters, padding 1, no
-    bias; `whiten`), then a 1x1 conv (`conv`), BN (`bn`) and the activation.
-
-    The whitening kernel is data-dependent: the trainers overwrite `whiten/kernel`
-    with `jaxbench.whitening.whitening_kernel_OIHW(..., patch=3, negate=False)`
-    before training; the optimizer freezes it (`optim.param_labels`).
-    """
+    """Page's stem: a frozen 3x3 whitening conv (`whiten`, 27 filters, set from the data
+    before training), then a 1x1 conv (`conv`), BN (`bn`) and the activation."""
 
     cfg: Config
     features: int
@@ -319,28 +301,10 @@ class PatchWhiten(nn.Module):
     @nn.compact
     def __call__(self, x: Array) -> Array:
         c_in = x.shape[-1]
-        x = nn.Conv(
-            c_in * 9,
-            (3, 3),
-            padding=((1, 1), (1, 1)),
-            use_bias=False,
-            kernel_init=self.kernel_init,
-            dtype=self.dtype,
-            param_dtype=jnp.float32,
-            name="whiten",
-        )(x)
-        conv = nn.Conv(
-            self.features,
-            (1, 1),
-            use_bias=False,
-            kernel_init=self.kernel_init,
-            dtype=self.dtype,
-            param_dtype=jnp.float32,
-            name="conv",
-        )
-        return conv_block(
-            self.cfg, x, conv, batch_norm(self.cfg, self.train, self.dtype, "bn"), pool=False
-        )
+        x = conv(c_in * 9, 3, self.dtype, self.kernel_init, "whiten")(x)
+        one = conv(self.features, 1, self.dtype, self.kernel_init, "conv", padding="SAME")
+        bn = batch_norm(self.cfg, self.train, self.dtype, "bn")
+        return conv_block(self.cfg, x, one, bn, pool=False)
 
 
 def whiten_path(cfg: Config) -> tuple[str, ...]:
@@ -370,16 +334,9 @@ def with_whitening(
 
 
 def patch_moment_groups(images_u8_NHWC: Array, patch: int = 2, group: int = 32) -> Array:
-    """Exact integer patch second moments on the device, summed per group of images.
-
-    Returns int32 (ceil(N / group), d + 1, d + 1) with d = C * patch^2: the sums of
-    [u, 1] [u, 1]^T over every patch of each group's images, features ordered
-    (c, kh, kw) as `jaxbench.whitening.patch_moments` orders them, so the host
-    finishes in int64 and gets the very same numbers (and hence kernel).
-    Exactness (patch <= 3, 32x32 images): a row of <= 31 patches sums products
-    <= 255^2 to < 2^24 (exact in float32 at HIGHEST precision); an image's sum
-    < 2^26 and a group of 32 < 2^31.
-    """
+    """int32 (ceil(N / group), d + 1, d + 1), d = C * patch^2: per group the sums of [u, 1]
+    [u, 1]^T over every patch, ordered as `whitening.patch_moments`. Exact for patch <= 3 on
+    32x32: a row's sum < 2^24 (float32 at HIGHEST), an image's < 2^26, a group's < 2^31."""
     u = images_u8_NHWC.astype(jnp.float32)
     n, h, w, c = u.shape
     ho, wo = h - patch + 1, w - patch + 1

@@ -1,13 +1,7 @@
 """What a JAX run needs in memory, checked before its states are built.
 
-`--vmap-seeds K` builds K train states and trains K batches at once; a large
-`--batch-size` does the same to one run. Asked for more than the machine has,
-either would grow for minutes until the system stops it. `check` refuses such a
-request in one line with the estimate: the train state exactly (weights,
-optimizer state, EMA: the first run's, built) and each image's forward
-activations (every module's output, which the backward pass keeps; from
-`jax.eval_shape`, nothing computed), so the estimate is a lower bound, against
-the memory free on the device (an accelerator's own, or the host's on the CPU).
+A run asking for more than the machine has would grow for minutes until the system stops it;
+`check` refuses it in one line with a lower bound (state and forward activations).
 """
 
 from __future__ import annotations

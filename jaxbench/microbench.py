@@ -1,27 +1,15 @@
 """What the hot loop's choices cost, measured A/B: `python -m jaxbench.microbench`.
 
-Each item compiles two variants of one piece of the JAX trainer and times them
-alternately (A B B A ..., `reps` pairs after a warm-up call each), so drift on a
-shared machine hits both alike; it reports the median seconds per call of each
-and their ratio. The variants:
-
-* `ema`: the train step with the EMA/lookahead update as a select (what the
-  trainer does) vs as a `lax.cond` (what it did; a conditional on a GPU).
-* `bn_variance`: the train step with two-pass BN variance (parity with
-  PyTorch) vs one-pass `E[x^2] - E[x]^2`.
-* `max_pool`: the train step with `layers.max_pool` (a reshape, a reduction and
-  elementwise selects) vs Flax's `max_pool` (reduce_window, select_and_scatter in
-  the gradient); the same values and gradients.
-* `final_eval`: the final evaluation scoring net and EMA separately vs once
-  (lookahead ends with net = EMA; only configs with lookahead use `once`).
-* `whitening` (a whitening stem only): the whitening moments on the device vs numpy.
-* `init`: the seconds of the PyTorch-style initialisation (off the clock).
-
-Timings are for the machine it runs on; CPU numbers say nothing about a GPU.
+Each item times two compiled variants of a piece of the JAX trainer alternately (A B B A,
+`reps` pairs after a warm-up each) and reports their median seconds per call and ratio:
+`ema` (select vs `lax.cond`), `bn_variance` (two-pass vs one-pass), `max_pool`
+(`layers.max_pool` vs Flax's), `final_eval` (net and EMA vs one weight set), `whitening`
+(device vs numpy moments), and `init`'s seconds. Timings hold for this machine only.
 """
 
 from __future__ import annotations
 
+import functools
 import statistics
 import sys
 import time
@@ -76,15 +64,6 @@ def _cond_lookahead(ema: Any, live: Any, step: jax.Array, cfg: configs.Config, t
     return jax.lax.cond(step % cfg.ema_every == 0, update, lambda: (ema, live))
 
 
-def _one_pass_bn(cfg: configs.Config, train_: bool, dtype: Any, name: str) -> nn.Module:
-    """`layers.batch_norm` with the one-pass variance (for timing only)."""
-    return layers.BatchNorm(
-        train=train_, momentum=cfg.bn_momentum, epsilon=cfg.bn_eps,
-        use_scale=cfg.bn_scale_trainable, scale_init=cfg.bn_scale, ghost=cfg.ghost_bn,
-        dtype=dtype, name=name, fast_variance=True,
-    )  # fmt: skip
-
-
 def _step_timer(cfg: configs.Config, data: Any) -> Timer:
     """A timer of one compiled train step on a fixed batch (the state is not donated)."""
     r = train.setup(cfg, data)
@@ -106,7 +85,8 @@ def measure(cfg: configs.Config, data: Any, reps: int) -> dict[str, Any]:
     ):
         cond = _step_timer(cfg, data)
     out["ema"] = {"a": "select (trainer)", "b": "lax.cond", **ab(select, cond, reps)}
-    with mock.patch.object(layers, "batch_norm", _one_pass_bn):
+    one_pass_bn = functools.partial(layers.BatchNorm, fast_variance=True)
+    with mock.patch.object(layers, "BatchNorm", one_pass_bn):
         one_pass = _step_timer(cfg, data)
     out["bn_variance"] = {"a": "two-pass (trainer)", "b": "one-pass", **ab(select, one_pass, reps)}
     with mock.patch.object(layers, "max_pool", lambda x, k: nn.max_pool(x, (k, k), (k, k))):

@@ -1,13 +1,8 @@
 """The Myrtle ResNet-9 in Flax, named and initialised like its PyTorch twin.
 
-Module names follow docs/design.md (`prep`, `layer1`, `res1a`, ..., `head`, each
-conv block holding `conv` and `bn`; with Page's whitening stem `prep` holds
-`whiten`, `conv` (1x1) and `bn`) so that `parity` can convert weights by name.
-The blocks (BN, activation, pool order, stem) come from `jaxbench.layers`, chosen
-by the config. The default kernel init is PyTorch's (uniform +-1/sqrt(fan_in)),
-not Flax's lecun_normal, so that both frameworks start from the same
-distribution; `kernel_init` stays overridable so the parity suite can plant
-other inits.
+Module names follow docs/design.md (`prep`, `layer1`, `res1a`, ..., `head`) so `parity`
+converts weights by name; the blocks come from `jaxbench.layers`. Kernels start from
+PyTorch's init, not Flax's lecun_normal (`kernel_init` stays open for the parity plants).
 """
 
 from __future__ import annotations
@@ -24,11 +19,9 @@ from flax import traverse_util
 from jaxbench import layers
 from jaxbench.configs import Config
 from jaxbench.layers import BatchNorm, Initializer, torch_default_init
-from jaxbench.speedrun_model import speedrun_from_config
+from jaxbench.speedrun_model import net_fields, speedrun_from_config
 
 __all__ = ["BatchNorm", "ConvBN", "ResNet9", "model_from_config", "torch_default_init"]
-
-NUM_CLASSES: dict[str, int] = {"cifar10": 10, "cifar100": 100}
 
 
 class ConvBN(nn.Module):
@@ -43,27 +36,15 @@ class ConvBN(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
-        conv = nn.Conv(
-            self.features,
-            (3, 3),
-            padding=((1, 1), (1, 1)),  # explicit: 'SAME' differs from PyTorch for stride 2
-            use_bias=False,
-            dtype=self.dtype,
-            param_dtype=jnp.float32,
-            kernel_init=self.kernel_init,
-            name="conv",
-        )
+        conv = layers.conv(self.features, 3, self.dtype, self.kernel_init, "conv")
         norm = layers.batch_norm(self.cfg, train, self.dtype, "bn")
         return layers.conv_block(self.cfg, x, conv, norm, self.pool)
 
 
 class ResNet9(nn.Module):
-    """Myrtle ResNet-9: prep, layer1 + residual, layer2, layer3 + residual, max pool, linear.
-
-    Input: normalised float NHWC images. Output: float32 logits times `output_scale`.
-    `cfg` picks the layers (BN, activation, pool order, stem); `widths`,
-    `bn_momentum` and `bn_eps` override it (the parity suite plants through them).
-    """
+    """Myrtle ResNet-9: prep, layer1 + residual, layer2, layer3 + residual, max pool, linear;
+    normalised NHWC in, float32 logits x `output_scale` out. `cfg` picks the layers; the
+    other fields override it (the parity suite plants through them)."""
 
     widths: tuple[int, ...] = (64, 128, 256, 512)
     num_classes: int = 10
@@ -102,14 +83,7 @@ class ResNet9(nn.Module):
         x = block(w3, "layer3", pool=True)(x, train)
         x = x + block(w3, "res3b")(block(w3, "res3a")(x, train), train)
         x = jnp.max(x, axis=(1, 2))  # global max pool
-        x = nn.Dense(
-            self.num_classes,
-            use_bias=False,
-            dtype=self.dtype,
-            param_dtype=jnp.float32,
-            kernel_init=self.kernel_init,
-            name="head",
-        )(x)
+        x = layers.head(self.num_classes, self.dtype, self.kernel_init)(x)
         return x.astype(jnp.float32) * self.output_scale
 
 
@@ -127,33 +101,16 @@ def model_from_config(cfg: Config, **overrides: Any) -> Any:
         return speedrun_from_config(cfg, compute_dtype(cfg), **overrides)
     if cfg.model != "resnet9":
         raise ValueError(f"unknown --model {cfg.model!r}; this trainer builds resnet9, speedrun")
-    fields: dict[str, Any] = dict(
-        widths=tuple(cfg.widths),
-        num_classes=NUM_CLASSES[cfg.dataset],
-        output_scale=cfg.output_scale,
-        bn_momentum=cfg.bn_momentum,
-        bn_eps=cfg.bn_eps,
-        dtype=compute_dtype(cfg),
-        cfg=cfg,
-    )
-    fields.update(overrides)
-    return ResNet9(**fields)
+    return ResNet9(**(net_fields(cfg, compute_dtype(cfg)) | overrides))
 
 
 def init_variables(model: nn.Module, key: jax.Array) -> dict[str, Any]:
-    """Fresh {'params', 'batch_stats'} for 32x32x3 inputs.
-
-    For a ResNet9 with the default `torch_default_init`, all kernels come from
-    one uniform(-1, 1) draw of `key`, cut in name order and scaled by
-    1/sqrt(fan_in) (the same distribution as `model.init`, but XLA:CPU compiles
-    one threefry call in 0.3 s rather than nine in ~6 s). Every other net (the
-    speedrun net's dirac filters and conv bias) and a planted `kernel_init` go
-    through Flax's own `model.init`.
-    """
+    """Fresh {'params', 'batch_stats'} for 32x32x3 inputs. A ResNet9 with `torch_default_init`
+    draws every kernel from one uniform(-1, 1) call scaled by 1/sqrt(fan_in) (XLA:CPU
+    compiles one threefry call in 0.3 s, nine in ~6 s); other nets use `model.init`."""
     x = jnp.zeros((1, 32, 32, 3), jnp.float32)
     if not isinstance(model, ResNet9) or model.kernel_init is not torch_default_init:
-        init = jax.jit(lambda k: model.init(k, x, train=False))
-        variables = init(key)
+        variables = jax.jit(lambda k: model.init(k, x, train=False))(key)
         return {"params": variables["params"], "batch_stats": variables["batch_stats"]}
     shapes = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), x, train=False))
     flat = traverse_util.flatten_dict(shapes["params"])

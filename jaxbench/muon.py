@@ -1,37 +1,22 @@
 """The Muon update of a 4-D conv filter: the float64 reference both frameworks are tested against.
 
-Two recipes train the 64/256/256 speedrun net with Muon on every trainable 4-D
-conv filter (the frozen whitening filter excluded), and their updates differ:
+Two recipes train the speedrun net's trained conv filters with Muon, with different
+updates: `AIRBENCH94_MUON` (KellerJordan/cifar10-airbench `airbench94_muon.py`) and
+`RECORD` (hiverge/cifar10-speedrun `cifar10_speedrun.py`). Update t (from 1) of an OIHW
+filter W with gradient G and scheduled LR lr_t:
 
-- `AIRBENCH94_MUON`: `airbench94_muon.py` (KellerJordan/cifar10-airbench).
-- `RECORD`: `cifar10_speedrun.py` (hiverge/cifar10-speedrun).
-
-One update t (counted from 1, the record's `step_count`) of a filter W (OIHW),
-gradient G, learning rate lr_t (the trainer's schedule value for this update):
-
-1. momentum, torch SGD's dampening-0 form in both sources: `buf = m * buf + G`;
-   the record keeps `buf` in float16, rounding after `m * buf` and after the add
-   (`momentum_dtype`);
-2. nesterov (both): `N = G + m * buf` (plain: `N = buf`);
-3. `O = NS(N as (out, in*kh*kw))`, reshaped back: `newton_schulz` (the two
-   sources differ in coefficients, eps and the record's magnitude pre-scaling);
-   times `update_scale_factor` (1 in both sources);
-4. weight normalisation `W *= sqrt(out) / (||W||_F + eps)` from the weights
-   before this update: every update in airbench94_muon (eps 0), at the
-   `normalization_steps` of the adaptive interval in the record (eps 1e-7);
+1. momentum, torch SGD's dampening-0 form: `buf = m * buf + G` (the record's buffer is
+   float16, rounded after `m * buf` and after the add);
+2. nesterov: `N = G + m * buf` (plain: `N = buf`);
+3. `O = newton_schulz(N as (out, in*kh*kw))`, reshaped back, x `update_scale_factor`;
+4. `W *= sqrt(out) / (||W||_F + eps)` before the update: always in airbench94_muon (eps
+   0), at `normalization_steps` in the record (eps 1e-7);
 5. `W -= lr_t * O`;
-6. decay, decoupled and multiplicative after the update, `W *= 1 - lr_t * wd`:
-   the record only (its `weight_decay = wd`, not divided by the LR);
-   airbench94_muon's filters get no decay (its `wd / lr` decay is for the SGD groups).
+6. the record only: `W *= 1 - lr_t * wd` (airbench94_muon's decay is for the SGD groups).
 
-The sources run the whole net in half precision: Newton-Schulz in bfloat16
-(airbench94_muon) or float16 (the record), the filters and gradients in float16.
-Here the math is float64 (the reference) and float32 (the trainers); only the
-record's float16 momentum buffer, an explicit optimizer choice there, is modelled.
-The record pads all filters into one zero-padded batch (rows to 256, columns to a
-multiple of 16) and transposes by the padded shape; zero padding and a transpose
-leave Newton-Schulz's result unchanged in exact arithmetic, so the reference
-orthogonalises each filter on its own, as airbench94_muon does.
+The sources run in half precision; here the reference is float64, the trainers float32, and
+only the record's float16 buffer is modelled. Each filter is orthogonalised on its own (the
+record's zero-padded batch of filters changes nothing in exact arithmetic).
 """
 
 from __future__ import annotations
@@ -135,15 +120,9 @@ def target_magnitude(step: int, total_steps: int, spec: MuonSpec) -> float:
 def newton_schulz(
     g: np.ndarray, spec: MuonSpec, magnitude: float = 1.0, dtype: type = np.float64
 ) -> np.ndarray:
-    """Newton-Schulz orthogonalisation of a matrix, in `dtype` (float64: the reference).
-
-    The record first pre-scales to `magnitude` (`target_magnitude`); both then divide
-    by the Frobenius norm plus `ns_eps`, so every singular value is <= 1, and iterate
-    X <- aX + (bA + cA^2)X with A = XX^T on the wide orientation (a transpose when
-    rows > cols; in exact arithmetic the result is the same either way). Each singular
-    value s goes through p(s) = as + bs^3 + cs^5, `ns_steps` times; the singular vectors
-    stay (`singular_value_map`).
-    """
+    """Newton-Schulz orthogonalisation in `dtype`: the record's pre-scaling to `magnitude`,
+    then X / (||X||_F + ns_eps) and `ns_steps` of X <- aX + (bA + cA^2)X, A = XX^T, on the
+    wide orientation; each singular value goes through `singular_value_map`."""
     x = np.asarray(g, dtype=dtype)
     if spec.ns_target_magnitude is not None:
         x = x * (dtype(magnitude) / (np.linalg.norm(x) + dtype(spec.ns_target_eps)))
@@ -168,13 +147,9 @@ def singular_value_map(s: np.ndarray, spec: MuonSpec) -> np.ndarray:
 
 
 def update_scale_factor(shape: tuple[int, ...], spec: MuonSpec) -> float:
-    """The factor on the orthogonalised update, from the (out, in*kh*kw) matrix shape.
-
-    "none": 1, both sources. "width": sqrt(max(1, rows / cols)), Keller Jordan's later
-    Muon and optax.contrib.muon's default (1 for every filter of the speedrun net: rows
-    <= cols). "rms": 0.2 * sqrt(max(rows, cols)), torch.optim.Muon's "match_rms_adamw"
-    and optax's `consistent_rms=0.2`.
-    """
+    """The factor on the orthogonalised (out, in*kh*kw) update: "none" 1 (both sources);
+    "width" sqrt(max(1, rows / cols)) (optax.contrib.muon's default); "rms" 0.2 *
+    sqrt(max(rows, cols)) (torch.optim.Muon's "match_rms_adamw")."""
     rows = shape[0]
     cols = int(np.prod(shape[1:]))
     if spec.update_scale == "width":
@@ -185,12 +160,8 @@ def update_scale_factor(shape: tuple[int, ...], spec: MuonSpec) -> float:
 
 
 def normalization_steps(total_steps: int, spec: MuonSpec) -> np.ndarray:
-    """Bool table, index t = update t (from 1; index 0 unused): normalise before update t.
-
-    The record: interval(t) = base + int(slope * (t / total)) (2 growing to 17),
-    normalise when t - last >= interval(t), `last` the previous normalised update
-    (0 at the start), so the first is update 2. airbench94_muon: every update.
-    """
+    """Bool table, index t = update t (from 1): normalise before update t. The record's
+    adaptive rule normalises when t - last >= base + int(slope * t / total) (first at 2)."""
     table = np.zeros(total_steps + 1, dtype=bool)
     if spec.normalization == "every_step":
         table[1:] = True
@@ -208,11 +179,7 @@ def momentum_step(
     buf: np.ndarray, g: np.ndarray, spec: MuonSpec, dtype: type = np.float64
 ) -> tuple[np.ndarray, np.ndarray]:
     """(new buffer, Newton-Schulz input): `buf = m * buf + g`, then `g + m * buf` (nesterov).
-
-    With a float16 buffer (the record) `m * buf` is rounded to float16, the gradient is
-    rounded to float16, and their sum is rounded again, as the source's in-place
-    float16 `mul_` and `add_` do; the nesterov term reads the rounded buffer.
-    """
+    A float16 buffer rounds `m * buf`, g and their sum, as the record's in-place ops do."""
     g = np.asarray(g, dtype=dtype)
     m = dtype(spec.momentum)
     if spec.momentum_dtype == "float16":
@@ -236,11 +203,8 @@ def muon_update(
     spec: MuonSpec,
     dtype: type = np.float64,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """One Muon update of an OIHW filter `w` with gradient `g`: (new weights, new buffer).
-
-    `step` counts from 1 (the record's `step_count`); `lr` is this update's scheduled LR.
-    Steps 1-6 of the module docstring, in that order.
-    """
+    """Steps 1-6 of the module docstring on an OIHW filter: (new weights, new buffer);
+    `step` counts from 1, `lr` is this update's scheduled LR."""
     w = np.asarray(w, dtype=dtype)
     buf, n = momentum_step(buf, g, spec, dtype)
     magnitude = target_magnitude(step, total_steps, spec)

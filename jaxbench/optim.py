@@ -1,14 +1,9 @@
 """Loss, optimizer and EMA, with PyTorch's semantics (docs/design.md, "Loss and optimizer").
 
-The chain per parameter group is `add_decayed_weights(wd)` then `sgd(lr_t,
-momentum, nesterov)`: the decay joins the gradient *before* the momentum
-(coupled L2, as torch.optim.SGD's weight_decay), and optax's Nesterov trace is
-torch's dampening-0 form (`buf = m * buf + g; step = g + m * buf`). BN biases
-form a second group with their own LR and decay multipliers. With `optimizer="muon"`
-the trained conv filters get `jaxbench.optim_muon.muon` instead (airbench94_muon's
-split), the rest keeps the SGD groups. The LR of update
-t is `schedule.lr_at(t)`, computed in float32 without cancellation so it stays
-within ~1e-7 relative of the float64 reference even as it approaches zero.
+Per parameter group `add_decayed_weights(wd)` then `sgd(lr_t, momentum, nesterov)`: coupled
+L2 as torch.optim.SGD's, and optax's Nesterov trace is torch's dampening-0 form. BN biases
+have their own LR and decay multipliers; with `optimizer="muon"` the trained conv filters
+get `optim_muon.muon`. The LR is computed in float32 without cancellation near zero.
 """
 
 from __future__ import annotations
@@ -29,14 +24,12 @@ from jaxbench.optim_muon import is_muon_param, muon
 from jaxbench.schedule import ema_decays, lr_knots, whiten_bias_lr_knots
 
 PyTree = Any
+Schedule = Callable[[jax.Array], jax.Array]
 
 
-def piecewise_linear(xs: Sequence[int], ys: Sequence[float]) -> Callable[[jax.Array], jax.Array]:
-    """Schedule through the knots (xs, ys), constant outside them.
-
-    Each segment is evaluated as ((x1 - t) * y0 + (t - x0) * y1) / (x1 - x0) with
-    integer differences, so there is no `1 - fraction` cancellation near a zero end.
-    """
+def piecewise_linear(xs: Sequence[int], ys: Sequence[float]) -> Schedule:
+    """Schedule through the knots (xs, ys), constant outside them; each segment is
+    ((x1 - t) * y0 + (t - x0) * y1) / (x1 - x0), so nothing cancels near a zero end."""
     xs = [int(x) for x in xs]
     ys = [float(y) for y in ys]
 
@@ -56,7 +49,7 @@ def piecewise_linear(xs: Sequence[int], ys: Sequence[float]) -> Callable[[jax.Ar
     return schedule
 
 
-def lr_schedule(cfg: Config, steps_per_epoch: int) -> Callable[[jax.Array], jax.Array]:
+def lr_schedule(cfg: Config, steps_per_epoch: int) -> Schedule:
     """The one-cycle LR of `schedule.lr_knots` (optimizer units) as an optax schedule."""
     return piecewise_linear(*lr_knots(cfg, steps_per_epoch))
 
@@ -94,12 +87,8 @@ def muon_spec(cfg: Config) -> MuonSpec:
 
 
 def _freeze_after(updates: int) -> optax.GradientTransformation:
-    """Pass the first `updates` updates, then zero them: a frozen parameter without a recompile.
-
-    The switch reads optax's own update counter inside the jit, so nothing is
-    retraced when it flips. It zeroes the *update* (after decay and momentum),
-    as a PyTorch parameter with requires_grad=False is skipped by SGD entirely.
-    """
+    """Pass the first `updates` updates, then zero them (after decay and momentum, as torch
+    skips a frozen parameter): optax's own counter flips it, with no recompile."""
     return optax.scale_by_schedule(lambda count: (count < updates).astype(jnp.float32))
 
 
@@ -109,9 +98,9 @@ def make_optimizer(cfg: Config, steps_per_epoch: int) -> optax.GradientTransform
     _, wd = optimizer_scales(cfg)
     base = lr_schedule(cfg, steps_per_epoch)
 
-    def group(lr_mult: float, wd_mult: float) -> optax.GradientTransformation:
+    def group(lr_mult: float, wd_mult: float, lr: Schedule = base) -> optax.GradientTransformation:
         def schedule(count: jax.Array) -> jax.Array:
-            return base(count) * lr_mult if lr_mult != 1.0 else base(count)
+            return lr(count) * lr_mult if lr_mult != 1.0 else lr(count)
 
         return optax.chain(
             optax.add_decayed_weights(wd * wd_mult),
@@ -127,14 +116,8 @@ def make_optimizer(cfg: Config, steps_per_epoch: int) -> optax.GradientTransform
     if cfg.whiten == "patch2":
         whiten_bias = group(1.0, 1.0)
         if cfg.whiten_bias_own_lr:
-            whiten_bias = optax.chain(
-                optax.add_decayed_weights(wd * cfg.bn_bias_wd_mult),
-                optax.sgd(
-                    piecewise_linear(*whiten_bias_lr_knots(cfg, steps_per_epoch)),
-                    momentum=cfg.momentum,
-                    nesterov=cfg.nesterov,
-                ),
-            )
+            own = piecewise_linear(*whiten_bias_lr_knots(cfg, steps_per_epoch))
+            whiten_bias = group(1.0, cfg.bn_bias_wd_mult, own)
         groups["whiten_bias"] = optax.chain(
             whiten_bias, _freeze_after(cfg.whiten_bias_epochs * steps_per_epoch)
         )
@@ -152,10 +135,8 @@ def make_optimizer(cfg: Config, steps_per_epoch: int) -> optax.GradientTransform
 def cross_entropy(
     logits: jax.Array, labels: jax.Array, label_smoothing: float = 0.0, reduction: str = "mean"
 ) -> jax.Array:
-    """Cross-entropy against smoothed one-hot targets (PyTorch's `label_smoothing`).
-
-    Targets are (1 - ls) * onehot + ls / classes; `reduction` is 'sum' or 'mean'.
-    """
+    """Cross-entropy against (1 - ls) * onehot + ls / classes (PyTorch's `label_smoothing`),
+    summed or averaged over the batch (`reduction`)."""
     logits = logits.astype(jnp.float32)
     classes = logits.shape[-1]
     targets = jax.nn.one_hot(labels, classes, dtype=jnp.float32)
@@ -176,12 +157,8 @@ def ema_update(ema: PyTree, new: PyTree, momentum: float | jax.Array) -> PyTree:
 
 
 def _select(flag: jax.Array, on: PyTree, off: PyTree) -> PyTree:
-    """`on` where `flag` else `off`, leaf by leaf: a select, not a branch.
-
-    XLA keeps `lax.cond` as a conditional whose predicate the host reads on a GPU,
-    which splits the scanned epoch and defeats command-buffer capture; a select
-    costs one fused elementwise pass over the EMA trees and keeps `off` bit-exact.
-    """
+    """`on` where `flag` else `off`, leaf by leaf: a select, not a `lax.cond`, whose predicate
+    a GPU reads on the host (splitting the scanned epoch); `off` stays bit-exact."""
     return jax.tree_util.tree_map(lambda a, b: jnp.where(flag, a, b), on, off)
 
 
@@ -193,11 +170,9 @@ def is_ema_step(step: jax.Array, cfg: Config) -> jax.Array:
 def lookahead_update(
     ema: PyTree, live: PyTree, step: jax.Array, cfg: Config, total_steps: int
 ) -> tuple[PyTree, PyTree]:
-    """airbench's lookahead after update `step` (from 1): every `cfg.ema_every` steps,
-    `ema = d * ema + (1 - d) * live` with d = `schedule.ema_decays(cfg, total_steps)[step]`,
-    then the live net is reset to the EMA. `ema` and `live` are whole variable trees
-    ({'params', 'batch_stats'}), so BN running statistics are averaged and reset too.
-    Returns (ema, live), both unchanged (bit for bit) off the EMA steps. No control flow."""
+    """airbench's lookahead after update `step` (from 1): every `cfg.ema_every` steps
+    `ema = d * ema + (1 - d) * live` (d from `schedule.ema_decays`), then live = ema, over
+    whole variable trees (BN statistics too); both bit for bit unchanged between."""
     if cfg.ema_every <= 0:
         return ema, live
     decays = jnp.asarray(ema_decays(cfg, total_steps))
@@ -211,9 +186,8 @@ def lookahead_update(
 
 
 def maybe_ema_update(ema: PyTree, new: PyTree, step: jax.Array, cfg: Config) -> PyTree:
-    """Apply `ema_update` after optimizer step `step` (counted from 1) when it is a multiple
-    of `cfg.ema_every`; unchanged (bit for bit) otherwise or when the EMA is off.
-    A select, not a `lax.cond` (see `_select`)."""
+    """`ema_update` after update `step` (from 1) when it is a multiple of `cfg.ema_every`;
+    bit for bit unchanged otherwise or when the EMA is off (a select, `_select`)."""
     if cfg.ema_every <= 0:
         return ema
     return _select(is_ema_step(step, cfg), ema_update(ema, new, cfg.ema_momentum), ema)

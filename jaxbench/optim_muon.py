@@ -1,33 +1,18 @@
 """Muon for the conv filters in optax: `jaxbench.muon`'s reference update, in float32.
 
-`muon(spec, learning_rate, total_steps)` is an `optax.GradientTransformation` whose
-updates are the whole step (momentum, Newton-Schulz, weight normalisation, LR, decay:
-`params + updates` is the new filter), so it sits in an `optax.multi_transform`
-beside the SGD groups of `jaxbench.optim` with no `scale_by_learning_rate` after it.
-Every leaf it gets must be a flax HWIO conv kernel; `is_muon_param` names them.
+`muon(spec, learning_rate, total_steps)`'s updates are the whole step (`params + updates`
+is the new filter), so it sits in an `optax.multi_transform` beside `jaxbench.optim`'s SGD
+groups with no learning-rate scaling after it; its leaves are HWIO kernels (`is_muon_param`).
 
 Why not `optax.contrib.muon` (optax 0.2.8): it computes another update.
-- Momentum: an EMA `mu = b * mu + (1 - b) * g` with Adam-style bias correction, and a
-  nesterov input `b * mu_hat(t+1) + (1 - b) * g_hat(t)`; the sources use torch SGD's
-  `buf = m * buf + g`, `g + m * buf`. Up to a positive factor (which the Frobenius
-  normalisation removes) the two agree only once the bias corrections reach 1: the
-  weight of the buffer against the gradient is m(1 - m^t)/(1 - m^(t+1)) there, m
-  here (0.49 against 0.6 at the second update of airbench94_muon, checked
-  numerically against `scale_by_muon(ns_steps=0)`; the first is a multiple of g in both).
-- Newton-Schulz: 5 steps by default (the sources: 3); `x / (||x|| + eps)` with eps 1e-8
-  (airbench94_muon 1e-7, the record 1e-5 after its target-magnitude pre-scaling,
-  which optax does not have); the coefficients default to airbench94_muon's, the
-  record's must be passed.
-- 4-D tensors: only 2-D leaves go to Muon unless `MuonDimensionNumbers` are given
-  (the rest go to AdamW); with reduction axes (0, 1, 2) and output axis 3 an HWIO
-  kernel becomes the transpose of (out, kh*kw*in), the source's matrix with its
-  columns permuted, which Newton-Schulz commutes with.
-- Scale: `sqrt(max(1, fan_out / fan_in))` by default (1 for every filter of the
-  speedrun net, where out <= in*kh*kw; not for, say, a 1x1 conv 27 -> 64).
-- Decay: `add_decayed_weights` before the LR, W <- W - lr (O + wd W): the update is not
-  decayed; the record decays after the update, W <- (W - lr O)(1 - lr wd).
-- No weight normalisation (the sources' `W *= sqrt(out) / ||W||`), no adaptive interval,
-  and a float16 `mu_dtype` rounds once after the EMA, the record twice (mul, add).
+- Momentum: a bias-corrected EMA, not torch SGD's `buf = m * buf + g`; up to a factor the
+  two agree only once the corrections reach 1 (buffer weight 0.49 vs 0.6 at airbench94_muon's
+  second update, checked against `scale_by_muon(ns_steps=0)`).
+- Newton-Schulz: 5 steps (the sources 3), eps 1e-8 (1e-7; 1e-5 after the record's
+  pre-scaling, which optax lacks).
+- Only 2-D leaves unless `MuonDimensionNumbers` are given; a scale sqrt(max(1, out / in));
+  decay before the LR, not after the update as the record's; no weight normalisation, no
+  adaptive interval; a float16 buffer rounds once, the record's twice.
 """
 
 from __future__ import annotations
@@ -61,11 +46,8 @@ def is_muon_param(path: tuple[str, ...], value: Any) -> bool:
 
 
 def hwio_to_matrix(x: jax.Array) -> jax.Array:
-    """HWIO (kh, kw, in, out) -> the source's (out, in*kh*kw) matrix.
-
-    Transposing to OIHW first makes it the very matrix PyTorch's `g.reshape(len(g), -1)`
-    takes of an OIHW filter, element for element (same column order, so the same sums).
-    """
+    """HWIO -> the (out, in*kh*kw) matrix PyTorch's `g.reshape(len(g), -1)` takes of the
+    OIHW filter, element for element (same column order, so the same sums)."""
     return jnp.transpose(x, (3, 2, 0, 1)).reshape(x.shape[3], -1)
 
 
@@ -76,9 +58,8 @@ def matrix_to_hwio(m: jax.Array, shape: tuple[int, ...]) -> jax.Array:
 
 
 def frobenius(x: jax.Array) -> jax.Array:
-    """||x||_F as a float32 dot product: XLA's CPU reduction behind `jnp.linalg.norm` was
-    measured 9e-7 off (relative) on a 16x16x3x3 filter with dirac entries, which weight
-    normalisation multiplies into the update; the dot, like numpy's norm, stays near 5e-8."""
+    """||x||_F as a float32 dot: `jnp.linalg.norm`'s XLA:CPU reduction was 9e-7 off (relative)
+    on a dirac 16x16x3x3 filter, the dot stays near 5e-8 as numpy's norm does."""
     v = x.reshape(-1)
     return jnp.sqrt(jnp.dot(v, v, precision=jax.lax.Precision.HIGHEST))
 
@@ -126,10 +107,8 @@ def muon(
     *,
     precision: jax.lax.Precision = jax.lax.Precision.HIGHEST,
 ) -> optax.GradientTransformation:
-    """Muon on HWIO conv kernels with `spec`; `learning_rate(count)` is update count's LR
-    (count from 0, as optax schedules); `total_steps` sets the record's magnitude ramp and
-    normalisation interval. `precision` HIGHEST keeps float32 matmuls on GPUs (TF32 would
-    leave the float32 bound the tests hold it to)."""
+    """Muon on HWIO conv kernels: `learning_rate(count)` from count 0, `total_steps` for the
+    record's ramps; `precision` HIGHEST keeps GPU matmuls float32 (TF32 fails the tests)."""
     schedule = learning_rate if callable(learning_rate) else (lambda _: learning_rate)
     norm_table = jnp.asarray(normalization_steps(total_steps, spec))
     magnitudes = jnp.asarray(

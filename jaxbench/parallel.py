@@ -1,18 +1,14 @@
 """Data parallelism on JAX's own runtime: a 1-D device mesh, `NamedSharding`, `jax.distributed`.
 
-The training program does not change: the batch (and the evaluation batch) is
-constrained to be split over the mesh's `data` axis, everything else (weights,
-optimizer, EMA, the dataset itself) is replicated, and XLA's SPMD partitioner
-inserts the all-reduces. BN statistics over a sharded batch are therefore global
-(the same numbers as one device) unless `bn_sync="local"` asks for one set per
-device. Across processes (`initialize`), the mesh spans every process's devices;
-each process computes only its devices' share of every batch, and only process 0
-writes outputs.
+The batch is split over the mesh's `data` axis, the rest replicated, and XLA inserts the
+all-reduces, so BN statistics stay global unless `bn_sync="local"`. Across processes the
+mesh spans every process's devices; only process 0 writes outputs.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import os
 import socket
@@ -28,10 +24,8 @@ from jaxbench.configs import Config, check_wait
 
 DATA = "data"  # the mesh axis the batch is split over
 
-# Simulated CPU devices (`--xla_force_host_platform_device_count`) share the cores, so
-# one can fall behind the others at a collective by more than XLA:CPU's 40 s default,
-# which then kills the process. Give them ten minutes, unless the user chose a value;
-# read by XLA when the backend starts, which importing this module does not do.
+# Simulated CPU devices share the cores, so one can fall behind at a collective by more than
+# XLA:CPU's 40 s default, which kills the process: give them ten minutes unless set.
 _FORCED = "--xla_force_host_platform_device_count"
 _PATIENCE = "--xla_cpu_collective_call_terminate_timeout_seconds"
 if _FORCED in os.environ.get("XLA_FLAGS", "") and _PATIENCE not in os.environ["XLA_FLAGS"]:
@@ -134,11 +128,8 @@ def topology(cfg: Config) -> Topology:
 
 
 def replicate(tree: Any, topo: Topology) -> Any:
-    """Host or device arrays as copies on every device of the mesh (`device_put` for one).
-
-    Across processes each process supplies its own copy (`make_array_from_callback`),
-    so nothing crosses the network.
-    """
+    """Host or device arrays copied to every device of the mesh; across processes each
+    supplies its own copy, so nothing crosses the network."""
     if topo.mesh is None:
         return jax.device_put(tree)
     sharding = topo.replicated
@@ -214,27 +205,17 @@ def check_process_args(a: ProcessArgs) -> None:
         )
 
 
-def _split_address(address: str) -> tuple[str, int]:
-    host, _, port = address.rpartition(":")
-    return host.strip("[]"), int(port)
-
-
 def _rendezvous(a: ProcessArgs) -> None:
-    """Check that every process can reach process 0 before JAX's runtime starts.
-
-    `jax.distributed.initialize` aborts the whole interpreter (no Python exception)
-    when a peer or the coordinator never appears; this TCP roll call on the
-    coordinator's port turns those cases into a one-line error within the
-    timeout. Process 0 listens and collects every other id; the port is then
-    freed for JAX's coordination service.
-    """
+    """A TCP roll call on the coordinator's port before JAX's runtime starts, because
+    `jax.distributed.initialize` aborts the interpreter when a peer never appears; this
+    fails with one line within the timeout. The port is then freed for JAX."""
     assert a.coordinator is not None and a.num_processes is not None and a.process_id is not None
-    host, port = _split_address(a.coordinator)
+    host, _, port = a.coordinator.rpartition(":")
     deadline = time.monotonic() + a.timeout_s
     if a.process_id == 0:
-        _call_the_roll(a, port, deadline)
+        _call_the_roll(a, int(port), deadline)
     else:
-        _answer_the_roll(a, host, port, deadline)
+        _answer_the_roll(a, host.strip("[]"), int(port), deadline)
 
 
 def _call_the_roll(a: ProcessArgs, port: int, deadline: float) -> None:
@@ -249,13 +230,11 @@ def _call_the_roll(a: ProcessArgs, port: int, deadline: float) -> None:
         ) from None
     seen: set[int] = set()
     conns: list[socket.socket] = []
-    with server:
+    with server, contextlib.ExitStack() as open_conns:  # every connection closed at the end
         while len(seen) < a.num_processes - 1:
             left = deadline - time.monotonic()
             if left <= 0:
                 missing = sorted(set(range(1, a.num_processes)) - seen)
-                for c in conns:
-                    c.close()
                 raise TimeoutError(
                     f"process(es) {', '.join(map(str, missing))} did not reach "
                     f"{a.coordinator} within {a.timeout_s} s; start them with the same "
@@ -263,24 +242,20 @@ def _call_the_roll(a: ProcessArgs, port: int, deadline: float) -> None:
                 )
             server.settimeout(left)
             try:
-                conn, _ = server.accept()
+                conn = open_conns.enter_context(server.accept()[0])
             except TimeoutError:
                 continue
             conn.settimeout(max(deadline - time.monotonic(), 0.1))
             try:
                 line = conn.recv(64).decode().split()
             except (OSError, UnicodeDecodeError):
-                conn.close()
-                continue
+                line = []
             if len(line) != 2 or not all(s.isdigit() for s in line):
-                conn.close()
+                conn.close()  # the caller tries again
                 continue
             pid, count = int(line[0]), int(line[1])
             if count != a.num_processes or pid in seen or not 0 < pid < a.num_processes:
                 conn.sendall(b"no\n")
-                conn.close()
-                for c in conns:
-                    c.close()
                 why = (
                     f"process {pid} says --num-processes {count}"
                     if count != a.num_processes
@@ -291,7 +266,6 @@ def _call_the_roll(a: ProcessArgs, port: int, deadline: float) -> None:
             conns.append(conn)
         for c in conns:  # everyone is here: release them together
             c.sendall(b"ok\n")
-            c.close()
 
 
 def _answer_the_roll(a: ProcessArgs, host: str, port: int, deadline: float) -> None:
@@ -324,10 +298,8 @@ def _answer_the_roll(a: ProcessArgs, host: str, port: int, deadline: float) -> N
 
 
 def initialize(a: ProcessArgs) -> None:
-    """Join the run's processes (`jax.distributed.initialize`); nothing for one process.
-
-    Must run before JAX touches a device. On CPUs the collectives go over gloo.
-    """
+    """Join the run's processes (`jax.distributed.initialize`) before JAX touches a device;
+    nothing for one process."""
     check_process_args(a)
     if not a.explicit and not a.auto:
         return
@@ -352,9 +324,7 @@ def add_process_flags(parser: argparse.ArgumentParser) -> None:
         "--process-id; the batch is split over every process's devices and process 0 "
         "writes the outputs.",
     )
-    dist.add_argument(
-        "--coordinator", metavar="HOST:PORT", default=None, help="address of process 0"
-    )
+    dist.add_argument("--coordinator", metavar="HOST:PORT", help="address of process 0")
     dist.add_argument(
         "--num-processes", type=int, default=None, metavar="P", help=f"1 .. {MAX_PROCESSES}"
     )

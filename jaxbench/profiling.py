@@ -1,12 +1,8 @@
 """Profiles of the timed epochs, for both frameworks: a trace file and a top-operations table.
 
-Each trainer writes its framework's own trace (JAX: `jax.profiler`, a TensorBoard
-profile plus a Perfetto JSON; PyTorch: `torch.profiler`'s Chrome trace), both
-viewable in https://ui.perfetto.dev. Beside the trace, each reports the same
-small table, `rank`'s rows: operation name, seconds spent in it (self time:
-nested events are not double counted), calls, share of the profiled time.
-That table goes into the run's summary and the benchmark's report, so two
-frameworks' hot spots can be read side by side without opening a viewer.
+Each trainer writes its framework's own trace (viewable in https://ui.perfetto.dev) and the
+same table (`rank`: operation, self seconds, calls, share) into its summary, so two
+frameworks' hot spots read side by side without a viewer.
 """
 
 from __future__ import annotations
@@ -22,11 +18,8 @@ TOP_N = 15
 
 
 def rank(totals: dict[str, tuple[float, int]], n: int = TOP_N) -> list[dict[str, Any]]:
-    """Rows {name, seconds, calls, share} for the `n` operations with the most time.
-
-    `totals` maps an operation name to (seconds, calls); `share` is of the sum
-    over all operations, not only the top `n`.
-    """
+    """Rows {name, seconds, calls, share} for the `n` operations with the most time, from
+    name -> (seconds, calls); `share` is of every operation's sum."""
     whole = sum(s for s, _ in totals.values())
     top = sorted(totals.items(), key=lambda kv: kv[1][0], reverse=True)[:n]
     return [
@@ -68,12 +61,8 @@ def read_chrome_trace(path: str | Path) -> list[dict[str, Any]]:
 
 
 def self_times(events: Iterable[dict[str, Any]]) -> dict[str, tuple[float, int]]:
-    """Per name, (self seconds, calls) of complete ("X") events, thread by thread.
-
-    Events nest on a thread (a fusion inside a loop inside a program); an
-    event's self time is its duration minus that of its direct children, so a
-    sum over names counts every microsecond once.
-    """
+    """Per name, (self seconds, calls) of complete ("X") events: each nested event's time
+    counted once, its duration less its direct children's on the same thread."""
     by_thread: dict[tuple[Any, Any], list[dict[str, Any]]] = defaultdict(list)
     for e in events:
         if e.get("ph") == "X" and "dur" in e and "ts" in e:
@@ -102,13 +91,8 @@ def _close(frame: list[Any], totals: dict[str, list[float]]) -> None:
 
 
 def xla_events(events: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The events of XLA's executed operations in a JAX trace.
-
-    On an accelerator they live in the `/device:...` processes; on the CPU in the
-    `tf_XLA...` threads of the host process. Python and runtime bookkeeping
-    events (and the executor's waits) are left out, so the table ranks the
-    program's own operations.
-    """
+    """The events of XLA's executed operations in a JAX trace: an accelerator's
+    `/device:...` processes, or the CPU's `tf_XLA...` threads less the executor's waits."""
     procs: dict[Any, str] = {}
     threads: dict[tuple[Any, Any], str] = {}
     for e in events:
@@ -128,13 +112,8 @@ def xla_events(events: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 class JaxProfile:
-    """`jax.profiler` over the timed region, then the top-operations table.
-
-    One trace from the first `start()` to `finish()` (the profiler cannot pause,
-    so untimed monitoring evaluations in between appear in it too, under their
-    own program names). The trace lands in `folder/plugins/profile/<time>/`:
-    `*.xplane.pb` for TensorBoard and `perfetto_trace.json.gz` for Perfetto.
-    """
+    """`jax.profiler` from the first `start()` to `finish()` (it cannot pause, so monitoring
+    evaluations appear too), into `folder/plugins/profile/<time>/`; then the table."""
 
     def __init__(self, folder: str | Path) -> None:
         self.folder = Path(folder)

@@ -1,14 +1,9 @@
 """A JAX run set up for speed: data on the device, programs compiled ahead of time, the cache.
 
-`jaxbench.train` writes the recipe as pure, uncompiled functions and hands them
-over as a `Recipe`; `setup` puts the data on the device (once, on every device
-of a mesh) and compiles the recipe for the run's shapes before the clock starts
-(`Programs.seconds` is what it took), or vmapped over a leading seed axis so
-that K runs of one config share every launch (`seeds=`: each seed its own init,
-data order and augmentation; the training images and the whitening kernel
-shared). A `CompileCache` (the benchmark's, the sweep's) reuses the programs of
-an earlier run in the process whose config differs only in its seed. A `Run`
-is what `jaxbench.driver` trains (its `Trainer`); its state goes to disk with orbax.
+`setup` puts the data on the device and compiles `jaxbench.train`'s `Recipe` before the
+clock starts, or vmapped over seeds so K runs share every launch (each its own init and
+data order). A `CompileCache` reuses the programs of an earlier run differing only in its
+seed. A `Run` is the `Trainer` that `jaxbench.driver` drives; its state goes to orbax.
 """
 
 from __future__ import annotations
@@ -48,8 +43,7 @@ class Recipe:
 
 @dataclasses.dataclass
 class EvalData:
-    """The test images on the device, padded to whole evaluation batches (`valid` marks
-    the real ones)."""
+    """The test images on the device, padded to whole batches (`valid` marks the real ones)."""
 
     images: jax.Array
     labels: jax.Array
@@ -114,30 +108,28 @@ def compile_programs(
     data_key: jax.Array,
     test: EvalData,
     topo: parallel.Topology,
+    lanes: int | None = None,
 ) -> Programs:
-    """Every function of one run compiled ahead of time for these shapes and devices."""
+    """Every function of one run compiled ahead of time for these shapes and devices; with
+    `lanes`, vmapped over the leading axis of `state` and `data_key` (one per seed)."""
     t0 = time.perf_counter()
     everywhere = {} if topo.mesh is None else {"out_shardings": topo.replicated}
-    plan_spec = jax.eval_shape(lambda: recipe.plan_fn(data_key, 0))
-    plan = jax.jit(recipe.plan_fn, **everywhere).lower(data_key, np.int32(0)).compile()
-    if loop == "scan":
-        run = (
-            jax.jit(recipe.epoch_fn, donate_argnums=0, **everywhere)
-            .lower(state, images, labels, plan_spec)
-            .compile()
-        )
-    else:
-        run = (
-            jax.jit(recipe.step_fn, donate_argnums=0, **everywhere)
-            .lower(state, images, labels, plan_spec, np.int32(0))
-            .compile()
-        )
+
+    def each(fn: Callable[..., Any], *axes: int | None) -> Callable[..., Any]:
+        return fn if lanes is None else jax.vmap(fn, in_axes=axes)
+
+    draw = each(recipe.plan_fn, 0, None)
+    plan = jax.jit(draw, **everywhere).lower(data_key, np.int32(0)).compile()
+    plan_spec = jax.eval_shape(draw, data_key, np.int32(0))
+    fn, i = (recipe.epoch_fn, ()) if loop == "scan" else (recipe.step_fn, (np.int32(0),))
+    run = jax.jit(each(fn, 0, None, None, 0, *[None] * len(i)), donate_argnums=0, **everywhere)
+    run = run.lower(state, images, labels, plan_spec, *i).compile()
     args = (state.variables(), state.ema, test.images, test.labels, test.valid, np.int32(0))
-    with_ema = recipe.eval_one_fn is not None
-    zero_both, zero_one = eval_zeros(with_ema), eval_zeros(False)
-    eval_both = jax.jit(recipe.eval_both_fn, **everywhere).lower(zero_both, *args).compile()
-    eval_one = eval_both
-    if recipe.eval_one_fn is not None:
+    eval_axes = (0, 0, 0, None, None, None, None)
+    zero_both, zero_one = eval_zeros(recipe.eval_one_fn is not None, lanes), eval_zeros(False)
+    eval_both = jax.jit(each(recipe.eval_both_fn, *eval_axes), **everywhere)
+    eval_both = eval_one = eval_both.lower(zero_both, *args).compile()
+    if recipe.eval_one_fn is not None and lanes is None:  # vmapped seeds have no lookahead
         eval_one = jax.jit(recipe.eval_one_fn, **everywhere).lower(zero_one, *args).compile()
     moments = None
     if recipe.moments_fn is not None:
@@ -146,43 +138,10 @@ def compile_programs(
     return Programs(run, plan, eval_both, eval_one, moments, seconds, zero_both, zero_one)
 
 
-def compile_seed_programs(
-    recipe: Recipe,
-    loop: str,
-    state: Any,
-    images: jax.Array,
-    labels: jax.Array,
-    data_keys: jax.Array,
-    test: EvalData,
-) -> Programs:
-    """`recipe` vmapped over the leading axis of `state` and `data_keys` (one per seed),
-    on one device; the training and test images are shared by every seed."""
-    t0 = time.perf_counter()
-    lanes = len(data_keys)
-    draw = jax.vmap(recipe.plan_fn, in_axes=(0, None))
-    plan = jax.jit(draw).lower(data_keys, np.int32(0)).compile()
-    plan_spec = jax.eval_shape(draw, data_keys, np.int32(0))
-    if loop == "scan":
-        run = jax.jit(jax.vmap(recipe.epoch_fn, in_axes=(0, None, None, 0)), donate_argnums=0)
-        run = run.lower(state, images, labels, plan_spec).compile()
-    else:
-        run = jax.jit(jax.vmap(recipe.step_fn, in_axes=(0, None, None, 0, None)), donate_argnums=0)
-        run = run.lower(state, images, labels, plan_spec, np.int32(0)).compile()
-    zero = eval_zeros(recipe.eval_one_fn is not None, lanes)
-    evaluate = jax.jit(jax.vmap(recipe.eval_both_fn, in_axes=(0, 0, 0, None, None, None, None)))
-    args = (state.variables(), state.ema, test.images, test.labels, test.valid, np.int32(0))
-    evaluate = evaluate.lower(zero, *args).compile()
-    moments = None
-    if recipe.moments_fn is not None:
-        moments = jax.jit(recipe.moments_fn).lower(images).compile()
-    return Programs(run, plan, evaluate, None, moments, time.perf_counter() - t0, zero, {})
-
-
 def eval_sums(
     programs: Programs, test: EvalData, variables: Any, ema: Any, one: bool
 ) -> dict[str, np.ndarray]:
-    """The evaluation's sums over the test set, on the host (fetching them synchronises);
-    `one`: score `variables` alone (`Programs.eval_one`)."""
+    """The evaluation's sums over the test set, on the host; `one`: `variables` alone."""
     fn, acc = (
         (programs.eval_one, programs.zero_one) if one else (programs.eval_both, programs.zero_both)
     )
@@ -192,8 +151,8 @@ def eval_sums(
 
 
 def cache_key(cfg: Config, n_train: int, n_test: int, loop: str, state: Any) -> Any:
-    """What a run's programs depend on: the recipe and the devices (not the seed or the
-    folders), the data shapes, the loop, the backend and the state's tree."""
+    """What a run's programs depend on: the recipe, devices, data shapes, loop, backend and
+    the state's tree (not the seed or the folders)."""
     return (
         cfg.recipe(),
         cfg.devices,
@@ -207,13 +166,8 @@ def cache_key(cfg: Config, n_train: int, n_test: int, loop: str, state: Any) -> 
 
 
 class CompileCache:
-    """Compiled programs reused across runs of one process (the benchmark's seeds).
-
-    Keyed by `cache_key`, so a run of a new seed reuses the executables (and
-    their warmed-up kernels) instead of compiling again. Opt-in: the parity
-    suite patches trainer functions between runs and must not reuse a program
-    traced before the patch. `compiles` counts misses.
-    """
+    """Compiled programs reused across runs of one process, keyed by `cache_key`. Opt-in:
+    the parity suite patches trainer functions between runs. `compiles` counts misses."""
 
     def __init__(self) -> None:
         self._programs: dict[Any, Programs] = {}
@@ -241,8 +195,8 @@ def resolve_loop(cfg: Config) -> str:
 def host_arrays(
     cfg: Config, data: Any
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, int]:
-    """(train images, labels, test images, labels, steps per epoch) of `cfg`'s subsets,
-    as uint8 / int32 host arrays; a one-line ValueError when nothing could train."""
+    """(train images, labels, test images, labels, steps per epoch) of `cfg`'s subsets on the
+    host; a one-line ValueError when nothing could train."""
     train_x = np.asarray(data.train_images[: cfg.subset], np.uint8)
     train_y = np.asarray(data.train_labels[: cfg.subset], np.int32)
     test_x = np.asarray(data.test_images[: cfg.test_subset], np.uint8)
@@ -273,11 +227,8 @@ def eval_scores(acc: dict[str, Any], n_test: int, with_ema: bool, one: bool) -> 
 
 @dataclasses.dataclass
 class Run:
-    """What `setup` builds for one run, and the trainer `jaxbench.driver` drives: the
-    compiled functions, the data on the device and the state they train.
-
-    Over 80 lines because it carries the driver's whole `Trainer` interface, one short
-    method each."""
+    """One run's compiled functions, data on the device and state: what `jaxbench.driver`
+    drives. Over 80 lines: the driver's whole `Trainer` interface, one short method each."""
 
     framework: ClassVar[str] = "jax"
     cfg: Config  # `devices` resolved to the count the run uses
@@ -322,8 +273,7 @@ class Run:
     # --- the driver's interface (`jaxbench.driver.Trainer`)
 
     def start(self, clock: Callable[[], Any]) -> None:
-        """The data-dependent whitening kernel, on the clock as airbench times it (one
-        kernel, the data's, into every seed's state)."""
+        """The data's whitening kernel into every seed's state, on the clock as airbench."""
         if self.programs.moments is None:
             return
         whiten = functools.partial(
@@ -386,11 +336,8 @@ def setup(
     seeds: Sequence[int] | None = None,
 ) -> Run:
     """Data on the device, the initial state, `make_recipe(cfg, steps, n_train, eval_batch,
-    batch_split)` compiled ahead of time (or reused from `compile_cache`).
-
-    `seeds`: one state per seed (distinct), stacked, and the programs vmapped over them,
-    on one device.
-    """
+    batch_split)` compiled ahead of time (or from `compile_cache`); `seeds`: one state per
+    distinct seed, stacked, and the programs vmapped over them on one device."""
     if stream not in ("fast", "shared"):
         raise ValueError(f"stream must be 'fast' or 'shared', got {stream!r}")
     if seeds is not None:
@@ -422,19 +369,18 @@ def setup(
     states += [recipe.init_state(init_key, init_variables) for init_key, _ in keys[1:]]
     if seeds is None:
         state, data_key = parallel.replicate(states[0], topo), keys[0][1]
-
-        def build() -> Programs:
-            return compile_programs(recipe, loop, state, images, labels, data_key, test, topo)
-
-        key = cache_key(cfg, n_train, test.n, loop, state)
-        programs, compiled = (
-            (build(), True) if compile_cache is None else compile_cache.get(key, build)
-        )
     else:
         state = jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *states)
         data_key = jnp.stack([k for _, k in keys])
-        programs = compile_seed_programs(recipe, loop, state, images, labels, data_key, test)
-        compiled = True
+
+    def build() -> Programs:
+        vmapped = None if seeds is None else len(lanes)
+        return compile_programs(recipe, loop, state, images, labels, data_key, test, topo, vmapped)
+
+    if seeds is None and compile_cache is not None:
+        programs, compiled = compile_cache.get(cache_key(cfg, n_train, test.n, loop, state), build)
+    else:
+        programs, compiled = build(), True
 
     def make_plan(epoch: int) -> augment.Plan:
         if stream == "fast":
@@ -454,8 +400,7 @@ def seed_keys(seed: int) -> tuple[jax.Array, jax.Array]:
 
 
 def save_state(folder: Path, state: Any) -> None:
-    """The whole train state (step, params with the whitening kernel, batch stats,
-    optimizer state, EMA) with orbax into `folder/state`; returns once it is on disk."""
+    """The whole train state with orbax into `folder/state`; returns once it is on disk."""
     import orbax.checkpoint as ocp
 
     with ocp.StandardCheckpointer() as ckptr:

@@ -1,10 +1,5 @@
-"""The one-cycle learning-rate schedule, defined once as knots.
-
-Both trainers build their schedule from `lr_knots`: JAX through optax, PyTorch
-by setting each param group's LR before each step. `lr_at` is the float64
-reference the tests and the parity suite compare both against. The LR of
-optimizer update t (0-based) is `lr_at(t)`: the first update uses step 0.
-"""
+"""The one-cycle learning-rate schedule, defined once as knots (`lr_knots`) for both trainers;
+`lr_at(t)`, the float64 reference, is the LR of update t (0-based)."""
 
 from __future__ import annotations
 
@@ -14,13 +9,9 @@ from jaxbench.configs import Config, optimizer_scales
 
 
 def lr_knots(cfg: Config, steps_per_epoch: int) -> tuple[list[int], list[float]]:
-    """(steps, values): linear from lr_start*lr to lr at the peak, then to lr_end*lr
-    `lr_flat_epochs` before the end (default: at the last step), flat after it (Page's
-    EMA epochs: `epochs - ema_epochs` in his schedule). `lr_schedule="linear"`: from
-    lr at step 0 straight to lr_end*lr at the end.
-
-    Values are in optimizer units (already divided by the batch for a summed loss).
-    """
+    """(steps, values) in optimizer units: linear from lr_start*lr to lr at the peak, to
+    lr_end*lr `lr_flat_epochs` before the end, flat after it (Page's EMA epochs);
+    `lr_schedule="linear"`: lr at step 0 straight to lr_end*lr at the end."""
     lr, _ = optimizer_scales(cfg)
     total = cfg.epochs * steps_per_epoch
     if cfg.lr_schedule == "linear":  # airbench94_muon: lr * (1 - t / total), no warm-up
@@ -47,12 +38,8 @@ def lr_at(step: np.ndarray | int, cfg: Config, steps_per_epoch: int) -> np.ndarr
 
 
 def ema_decays(cfg: Config, total_steps: int) -> np.ndarray:
-    """EMA decay after update t (index t, counted from 1; index 0 unused), float32.
-
-    `cfg.ema_momentum` throughout, or with `cfg.lookahead` airbench's ramp
-    `ema_momentum * (t / total_steps) ** 3` (tiny early, the full value at the end).
-    Both trainers read this one table, so they multiply by the very same numbers.
-    """
+    """EMA decay after update t (from 1), float32, one table for both trainers:
+    `ema_momentum`, or with `lookahead` airbench's ramp `ema_momentum * (t / total) ** 3`."""
     t = np.arange(total_steps + 1, dtype=np.float64)
     if cfg.lookahead:
         return (cfg.ema_momentum * (t / max(total_steps, 1)) ** 3).astype(np.float32)

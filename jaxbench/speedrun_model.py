@@ -1,25 +1,9 @@
 """The airbench94-style net of the `speedrun` preset, in Flax.
 
-    whiten (conv 2x2 VALID, 3 -> 24, bias from zero; weight from `jaxbench.whitening`,
-    frozen) -> GELU (exact erf) -> block1, block2, block3 -> max pool 3 -> flatten -> head
-    (linear, no bias) -> x output_scale (1/9)
-
-Each block: `conv1` (3x3, pad 1, no bias), max pool 2, `bn1`, GELU, `conv2`
-(3x3, pad 1, no bias), `bn2`, GELU. Spatial sizes for 32x32 input: 31 after the
-whitening conv, then 15, 7, 3, and 1 after the final pool (so flattening is
-layout-independent and `head` sees `widths[-1]` features).
-
-Names mirror `torch_ref.speedrun_model` for the name-based weight conversion:
-`params["whiten"]["kernel"|"bias"]`, `params["blockN"]["convK"]["kernel"]`
-(HWIO), `params["blockN"]["bnK"]["bias"]`, `batch_stats["blockN"]["bnK"]["mean"|"var"]`
-(PyTorch's unbiased running variance), `params["head"]["kernel"]` (in, out).
-
-BN scale: with `bn_scale_trainable=False` (the preset) BN has *no* scale
-parameter (`use_scale=False`), and PyTorch's BN has `weight=None`; both
-multiply by an implicit 1, nothing needs freezing or masking, and the two
-parameter trees map one to one. BN statistics are float32 (float32 params and
-reductions) whatever the compute dtype; `use_fast_variance=False` so variances
-match PyTorch's two-pass computation.
+whiten (2x2 VALID conv 3 -> 24, frozen weight from `jaxbench.whitening`) -> GELU -> block1..3
+(`conv1`, max pool 2, `bn1`, GELU, `conv2`, `bn2`, GELU) -> max pool 3 -> `head` -> x 1/9.
+Spatial sizes 32, 31, 15, 7, 3, 1. Names mirror `torch_ref.speedrun_model`; with the
+preset's `bn_scale_trainable=False` neither framework's BN has a scale: one to one.
 """
 
 from __future__ import annotations
@@ -39,7 +23,6 @@ from jaxbench.layers import Initializer, dirac_init, torch_bias_init, torch_defa
 
 Array = jax.Array
 
-WHITEN_CHANNELS = 24  # concat(W, -W) of 12 eigenvectors of 2x2x3 patches
 NUM_CLASSES: dict[str, int] = {"cifar10": 10, "cifar100": 100}
 
 
@@ -53,27 +36,15 @@ class ConvGroup(nn.Module):
 
     @nn.compact
     def __call__(self, x: Array, train: bool = True) -> Array:
-        conv = partial(
-            nn.Conv,
-            self.width,
-            (3, 3),
-            padding=((1, 1), (1, 1)),
-            use_bias=False,
-            kernel_init=dirac_init(self.kernel_init),
-            dtype=self.dtype,
-            param_dtype=jnp.float32,
-        )
+        conv = partial(layers.conv, self.width, 3, self.dtype, dirac_init(self.kernel_init))
         bn = partial(layers.batch_norm, self.cfg, train, self.dtype)
-        x = layers.conv_block(self.cfg, x, conv(name="conv1"), bn("bn1"), pool=True)
-        return layers.conv_block(self.cfg, x, conv(name="conv2"), bn("bn2"), pool=False)
+        x = layers.conv_block(self.cfg, x, conv("conv1"), bn("bn1"), pool=True)
+        return layers.conv_block(self.cfg, x, conv("conv2"), bn("bn2"), pool=False)
 
 
 class SpeedrunNet(nn.Module):
-    """airbench94's net; NHWC float input (normalised), float32 logits out.
-
-    `cfg` picks the layers (activation, BN, pool order, whitening bias init);
-    the other fields override it (the parity suite plants through them).
-    """
+    """airbench94's net; normalised NHWC in, float32 logits out. `cfg` picks the layers; the
+    other fields override it (the parity suite plants through them)."""
 
     widths: Sequence[int] = (64, 256, 256)
     num_classes: int = 10
@@ -96,30 +67,15 @@ class SpeedrunNet(nn.Module):
         bias_init = (
             nn.initializers.zeros if cfg.whiten_bias_init == "zero" else torch_bias_init(c_in * 4)
         )
-        x = nn.Conv(
-            2 * c_in * 4,
-            (2, 2),
-            padding="VALID",
-            use_bias=True,
-            kernel_init=self.kernel_init,
-            bias_init=bias_init,
-            dtype=self.dtype,
-            param_dtype=jnp.float32,
-            name="whiten",
-        )(x.astype(self.dtype))
+        whiten = partial(layers.conv, padding="VALID", use_bias=True, bias_init=bias_init)
+        x = whiten(2 * c_in * 4, 2, self.dtype, self.kernel_init, "whiten")(x.astype(self.dtype))
         x = layers.activation(cfg)(x)
         for i, width in enumerate(self.widths):
             x = ConvGroup(width, cfg, self.dtype, self.kernel_init, name=f"block{i + 1}")(x, train)
         x = layers.max_pool(x, 3)  # VALID: floor, as torch MaxPool2d(3)
         x = x.reshape(x.shape[0], -1)
-        x = nn.Dense(
-            self.num_classes,
-            use_bias=False,
-            kernel_init=unit_std(self.kernel_init) if cfg.head_unit_std else self.kernel_init,
-            dtype=self.dtype,
-            param_dtype=jnp.float32,
-            name="head",
-        )(x)
+        init = unit_std(self.kernel_init) if cfg.head_unit_std else self.kernel_init
+        x = layers.head(self.num_classes, self.dtype, init)(x)
         return x.astype(jnp.float32) * self.output_scale
 
 
@@ -137,18 +93,21 @@ def speedrun_from_config(cfg: Config, dtype: Any = jnp.float32, **overrides: Any
     """The net a config describes (`cfg.widths` has three numbers); `overrides` win."""
     if len(cfg.widths) != 3:
         raise ValueError(f"the speedrun net takes three --widths, got {cfg.widths}")
-    fields: dict[str, Any] = dict(
+    fields = net_fields(cfg, dtype) | {"bn_scale_trainable": cfg.bn_scale_trainable}
+    return SpeedrunNet(**(fields | overrides))
+
+
+def net_fields(cfg: Config, dtype: Any) -> dict[str, Any]:
+    """The fields of either Flax net that a config sets."""
+    return dict(
         widths=tuple(cfg.widths),
         num_classes=NUM_CLASSES[cfg.dataset],
         output_scale=cfg.output_scale,
         bn_momentum=cfg.bn_momentum,
         bn_eps=cfg.bn_eps,
-        bn_scale_trainable=cfg.bn_scale_trainable,
         dtype=dtype,
         cfg=cfg,
     )
-    fields.update(overrides)
-    return SpeedrunNet(**fields)
 
 
 def with_whitening(variables: dict[str, Any], kernel_HWIO: Array | np.ndarray) -> dict[str, Any]:

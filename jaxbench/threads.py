@@ -1,18 +1,9 @@
 """Limit XLA:CPU and PyTorch to N CPU threads (e.g. `python -m parity --threads N`).
 
-Importing this module is cheap: it imports neither JAX nor PyTorch.
-
-How XLA:CPU is limited, verified on jax/jaxlib 0.10.2 by counting the threads that
-burn CPU time during a jitted 2048x2048 matmul and a conv on a 2-core machine:
-
-- `PJRT_NPROC=N` sizes the CPU client's intra-op thread pool: the process then has
-  exactly N threads named `tf_XLAEigen` (default: one per core), and with 1 a matmul
-  keeps one thread busy at twice the wall time of the default 2. XLA reads it when the
-  CPU backend is created (the first `jax.devices()` or computation), so setting it after
-  `import jax` still works, after the first computation it does nothing.
-- `XLA_FLAGS=--xla_cpu_multi_thread_eigen=false` alone changes nothing on this version
-  (two busy threads, as by default), and `intra_op_parallelism_threads=1` is not an XLA
-  flag at all (alone in XLA_FLAGS it aborts: "Could not open file ... to read flags").
+Imports neither framework. Verified on jax 0.10.2: `PJRT_NPROC=N` sizes XLA:CPU's intra-op
+pool (N `tf_XLAEigen` threads), read when the CPU backend is created, so it works after
+`import jax` but not after the first computation. `--xla_cpu_multi_thread_eigen=false`
+changes nothing, and `intra_op_parallelism_threads` is no XLA flag (XLA aborts on it).
 """
 
 from __future__ import annotations
@@ -55,11 +46,8 @@ def _jax_started() -> bool:
 
 
 def xla_thread_env(n: int, environ: MutableMapping[str, str] | None = None) -> dict[str, str]:
-    """Set the environment so XLA:CPU (and any OpenMP runtime) uses `n` threads.
-
-    Must run before JAX's first computation (RuntimeError after it). Returns the
-    variables it set, as set; `environ` defaults to `os.environ`.
-    """
+    """Set `environ` (default `os.environ`) so XLA:CPU and OpenMP use `n` threads, before JAX's
+    first computation (RuntimeError after it); returns the variables set."""
     check_threads(n)
     if environ is None:
         if _jax_started():
@@ -82,6 +70,12 @@ def torch_threads(n: int) -> dict[str, int]:
             torch.set_num_interop_threads(n)
         except RuntimeError:  # "cannot set ... after parallel work has started"
             pass
+    return _torch_counts()
+
+
+def _torch_counts() -> dict[str, int]:
+    import torch
+
     return {
         "torch_intra_op": torch.get_num_threads(),
         "torch_interop": torch.get_num_interop_threads(),
@@ -89,10 +83,9 @@ def torch_threads(n: int) -> dict[str, int]:
 
 
 def limit_threads(n: int) -> dict[str, Any]:
-    """XLA:CPU and PyTorch on `n` threads, for the rest of the process: call before JAX's
-    first computation. Returns what was set, for the run's record."""
-    env = xla_thread_env(n)
-    return {"threads": n, "env": env, **torch_threads(n)}
+    """XLA:CPU and PyTorch on `n` threads for the rest of the process (call before JAX's
+    first computation); what was set, for the run's record."""
+    return {"threads": n, "env": xla_thread_env(n), **torch_threads(n)}
 
 
 def xla_cpu_threads(environ: MutableMapping[str, str] | None = None) -> int:
@@ -113,14 +106,8 @@ def xla_cpu_threads(environ: MutableMapping[str, str] | None = None) -> int:
 def thread_settings() -> dict[str, Any]:
     """The thread limits in force now: XLA:CPU's pool size, the variables XLA/OpenMP read,
     and PyTorch's counts (when PyTorch is loaded), for recording beside results."""
-    out: dict[str, Any] = {
+    return {
         "xla_cpu_threads": xla_cpu_threads(),
         "env": {k: os.environ[k] for k in THREAD_ENV_VARS if k in os.environ},
+        **(_torch_counts() if "torch" in sys.modules else {}),
     }
-    if "torch" in sys.modules:
-        import torch
-
-        out.update(
-            torch_intra_op=torch.get_num_threads(), torch_interop=torch.get_num_interop_threads()
-        )
-    return out

@@ -1,11 +1,10 @@
 """Train the Flax ResNet-9 on CIFAR: `train_and_evaluate(cfg)` and `python -m jaxbench.train`.
 
 Top to bottom: model and state, the pure step, the epoch, the evaluation, then
-`train_and_evaluate`, which compiles ahead of time (`jaxbench.programs`) and hands the
-run to the framework-neutral `jaxbench.driver`. Images stay uint8 on the device,
-augmented inside the jitted step. `cfg.loop`: one `lax.scan` per epoch on accelerators,
-one compiled step in a Python loop on the CPU (XLA:CPU runs scanned convolutions ~30x
-slower); nothing synchronises with the host inside an epoch.
+`train_and_evaluate`, which compiles ahead of time (`jaxbench.programs`) and hands the run
+to `jaxbench.driver`. uint8 images are augmented inside the jitted step; an epoch is one
+`lax.scan` on accelerators, a Python loop of compiled steps on the CPU (XLA:CPU runs scanned
+convolutions ~30x slower), with no host sync inside.
 """
 
 from __future__ import annotations
@@ -52,8 +51,8 @@ class TrainState:
 
 
 def check_supported(cfg: Config) -> None:
-    """Refuse config fields this trainer does not implement (see `configs.check_supported`),
-    and a device count this machine lacks or a batch that does not split over it."""
+    """Refuse config fields this trainer lacks, more devices than here, or a batch that does
+    not split over them."""
     configs.check_supported(cfg, "jaxbench.train")
     parallel.check_batch(cfg, parallel.global_devices(cfg))
 
@@ -98,9 +97,8 @@ def set_whitening(
     cfg: Config,
     topo: parallel.Topology | None = None,
 ) -> TrainState:
-    """The whitening stem's kernel from the training images, in the net and its EMA: exact
-    integer patch moments summed on the device (`moments`), finished on the host in
-    float64 by `jaxbench.whitening`, so torch_ref loads the very same kernel."""
+    """The whitening kernel from the training images into the net and its EMA: exact moments
+    on the device, finished in float64 by `jaxbench.whitening`, the same as torch_ref's."""
     groups = parallel.fetch(moments(images))
     patch = layers.whiten_patch(cfg)
     cov = wh.covariance_from_moments(
@@ -145,10 +143,9 @@ def make_train_step(
     tx: optax.GradientTransformation,
     total_steps: int | None = None,
 ) -> Callable[[TrainState, dict[str, jax.Array]], tuple[TrainState, Metrics]]:
-    """The pure step `(state, {'images': uint8 NHWC augmented, 'labels'}) -> (state, metrics)`:
-    `loss` the mean per-example (label-smoothed) loss whatever `loss_reduction`, `correct`
-    the right predictions. With `cfg.lookahead` the EMA step also resets the net to the
-    EMA; its decay ramp needs `total_steps` (the run's number of updates)."""
+    """The pure step `(state, {'images': augmented uint8, 'labels'}) -> (state, metrics)`:
+    the mean per-example `loss` and the `correct` predictions. `cfg.lookahead` resets the net
+    to the EMA on EMA steps, its decay ramp over `total_steps` updates."""
     if cfg.lookahead and total_steps is None:
         raise ValueError("cfg.lookahead needs total_steps for the decay ramp")
     loss_fn = make_loss_fn(cfg, model)
@@ -212,9 +209,8 @@ def make_loop_fns(
 
 
 class Hooks:
-    """Observation points in the per-step loop (`cfg.loop="step"`) for the parity suite;
-    `before_step` and `before_eval` may return a replacement state (each step then starts
-    from the reference trainer's, so float32 chaos cannot build up between the two)."""
+    """The parity suite's observation points in the per-step loop; `before_step` and
+    `before_eval` may return a replacement state (the reference's, so no chaos builds up)."""
 
     def before_step(self, t: int, state: TrainState) -> TrainState:
         return state
@@ -384,14 +380,11 @@ def train_and_evaluate(
 ) -> dict[str, Any]:
     """Train per `cfg`, evaluate every epoch, and return the summary of docs/design.md.
 
-    `data`: a `jaxbench.data.Dataset` (else loaded; subset prefixes apply either way).
-    `init_variables`: {'params', 'batch_stats'} instead of the seeded init. `stream`:
-    'fast' (plan drawn on the device) or 'shared' (`stream.epoch_plan`). `workdir`
-    (default `cfg.out`): the run folder (`jaxbench.driver`). `return_variables` adds the
-    final `variables` and `ema_variables` (numpy) to the returned dict. `compile_cache`:
-    reuse programs across runs. `profile_dir`: a `jax.profiler` trace of the timed region
-    and `profile` in the summary. `resume`: a run folder whose latest checkpoint the run
-    continues from, bit for bit. Raises FloatingPointError, naming the epoch, on a NaN loss.
+    `data`: a `Dataset` (else loaded). `init_variables` replace the seeded init. `stream`:
+    'fast' (plans drawn on the device) or 'shared'. `workdir` (default `cfg.out`): the run
+    folder. `return_variables` adds the final weights as numpy. `profile_dir`: a trace of
+    the timed region. `resume`: a run folder to continue bit for bit. A NaN loss raises
+    FloatingPointError naming the epoch.
     """
     if jax.process_count() > 1 and (resume is not None or cfg.checkpoint_every):
         raise ValueError("--checkpoint-every and --resume need a single process; drop them")
@@ -401,9 +394,8 @@ def train_and_evaluate(
     r.hooks = hooks
     summary = run.run(r, JaxProfile(profile_dir) if profile_dir is not None else None)
     if return_variables:
-        summary = dict(summary)
-        summary["variables"] = parallel.fetch(r.state.variables())
-        summary["ema_variables"] = parallel.fetch(r.state.ema)
+        variables, ema = parallel.fetch((r.state.variables(), r.state.ema))
+        summary = {**summary, "variables": variables, "ema_variables": ema}
     return summary
 
 

@@ -1,25 +1,15 @@
 """Data-dependent weights of the frozen patch-whitening convs, numpy only.
 
-Two stems use them (`Config.whiten`). With C the uncentred covariance of all
-k x k patches of the first N (normalised) training images and
-C = V diag(lambda) V^T, the filters are the columns of W = V / sqrt(lambda + eps):
-- `patch2` (airbench94, the `speedrun` net): k = 2, N = 5,000, eps 5e-4, and the
-  filters W and -W (so GELU sees both signs), 24 filters of 2x2x3;
-- `patch3` (Page's ResNet-9): k = 3, N = 10,000, eps 1e-2, W alone, 27 filters
-  of 3x3x3 (Page divides C by n - 1 rather than n: a 1e-7 relative change).
-
-Everything here is numpy (exact integer patch moments of the raw uint8 pixels,
-then float64), so JAX and PyTorch load the *same* float32 kernel: no framework
-or device rounding reaches the eigendecomposition, which is sensitive to the
-smallest eigenvalues. A trainer may compute the integer moments on its device
-(they are exact there too) and finish with `covariance_from_moments`. Patch
-features are ordered (c, kh, kw), so an eigenvector reshapes directly into one
-OIHW filter. Eigenvalues are sorted largest first and each eigenvector's sign is
-fixed (its largest-magnitude entry is positive), so the kernel does not depend
-on the LAPACK build.
+With C = V diag(lambda) V^T the uncentred covariance of the k x k patches of the first N
+normalised training images, the filters are W = V / sqrt(lambda + eps): `patch2`
+(airbench94) k = 2, N = 5,000, eps 5e-4, W and -W; `patch3` (Page) k = 3, N = 10,000,
+eps 1e-2, W alone. Exact integer moments, then float64 numpy, so both frameworks load the
+same float32 kernel; sorted eigenvalues and fixed signs keep it from any LAPACK build.
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 import numpy as np
 
@@ -33,13 +23,8 @@ PATCH = 2
 def patch_moments(
     images_uint8_NHWC: np.ndarray, patch: int = PATCH, chunk: int = 500
 ) -> tuple[np.ndarray, np.ndarray, int]:
-    """Exact integer moments of every `patch` x `patch` patch of raw uint8 images.
-
-    Returns (sum of u u^T as int64 (d, d), sum of u as int64 (d,), number of
-    patches), features ordered (c, kh, kw). Integer sums are exact, so a device
-    that computes the same sums (e.g. per-image int32 partial sums) reproduces
-    them bit for bit and hence the very same kernel. Works in chunks of images.
-    """
+    """(sum of u u^T, sum of u, number of patches), int64, over every patch of raw uint8
+    images, features (c, kh, kw): exact, so a device's integer sums give the same kernel."""
     u = np.asarray(images_uint8_NHWC)
     if u.dtype != np.uint8 or u.ndim != 4 or u.shape[1] < patch or u.shape[2] < patch:
         raise ValueError(
@@ -69,11 +54,8 @@ def covariance_from_moments(
     dataset: str = "cifar10",
     patch: int = PATCH,
 ) -> np.ndarray:
-    """Uncentred covariance E[x x^T] of *normalised* patches x = a * u + b, in float64.
-
-    Normalisation is affine per channel (a = 1 / (255 std), b = -mean / std), so
-    E[x x^T] = A E[u u^T] A + (A E[u]) b^T + b (A E[u])^T + b b^T with A = diag(a).
-    """
+    """Uncentred float64 covariance of the normalised patches x = a * u + b (a = 1 / (255 std),
+    b = -mean / std): A E[u u^T] A + (A E[u]) b^T + b (A E[u])^T + b b^T, A = diag(a)."""
     mean, std = (np.asarray(v, np.float64) for v in MEAN_STD[dataset])
     a = np.repeat(1.0 / (255.0 * std), patch * patch)  # (c, kh, kw) order
     b = np.repeat(-mean / std, patch * patch)
@@ -126,11 +108,7 @@ def whitening_kernel_OIHW(
     negate: bool = True,
 ) -> np.ndarray:
     """Whitening kernel ((2 if negate else 1) * 3 * patch^2, 3, patch, patch), float32, from
-    the first `n_images`.
-
-    Takes the raw uint8 training images (the order the trainers see them in,
-    before any shuffling) and normalises them itself, in float64.
-    """
+    the first `n_images` raw uint8 training images (normalised here, in float64)."""
     images = np.asarray(train_images_uint8_NHWC)
     if images.dtype != np.uint8:
         raise ValueError(f"whitening expects uint8 NHWC images, got {images.dtype}")
@@ -143,25 +121,9 @@ def kernel_OIHW_to_HWIO(kernel_OIHW: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(np.asarray(kernel_OIHW).transpose(2, 3, 1, 0))
 
 
-def whitening_kernel_HWIO(
-    train_images_uint8_NHWC: np.ndarray,
-    *,
-    dataset: str = "cifar10",
-    n_images: int = WHITEN_IMAGES,
-    patch: int = PATCH,
-    eps: float = WHITEN_EPS,
-    negate: bool = True,
-) -> np.ndarray:
-    """`whitening_kernel_OIHW` in Flax's HWIO layout (the same numbers)."""
-    kernel_OIHW = whitening_kernel_OIHW(
-        train_images_uint8_NHWC,
-        dataset=dataset,
-        n_images=n_images,
-        patch=patch,
-        eps=eps,
-        negate=negate,
-    )
-    return kernel_OIHW_to_HWIO(kernel_OIHW)
+def whitening_kernel_HWIO(train_images_uint8_NHWC: np.ndarray, **kwargs: Any) -> np.ndarray:
+    """`whitening_kernel_OIHW` (same keywords) in Flax's HWIO layout (the same numbers)."""
+    return kernel_OIHW_to_HWIO(whitening_kernel_OIHW(train_images_uint8_NHWC, **kwargs))
 
 
 def whitening_for_config(cov: np.ndarray, whiten: str, eps: float, channels: int = 3) -> np.ndarray:

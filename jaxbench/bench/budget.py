@@ -1,15 +1,7 @@
 """A wall-clock budget for the benchmark (`--max-seconds`): plan rounds, stop in time.
 
-GPUs are rented by the minute, so `python -m jaxbench.bench --max-seconds S`
-must give the most comparison that fits in S seconds and then stop with its
-results written. Three pieces, all pure or injectable so tests can use a fake
-clock:
-
-* `Budget`: seconds allowed from a start on a clock.
-* `fits`: whether work predicted to take `estimate` seconds may start now; the
-  estimate is inflated by `SAFETY` and `SLACK_S` (one slow run must not overrun).
-* `Watchdog`: a SIGALRM near the end of the budget that interrupts a run far
-  slower than predicted, and nothing else (never a file write).
+`Budget` counts seconds on an injectable clock, `fits` says whether predicted work may start
+(inflated by `SAFETY` and `SLACK_S`), and `Watchdog` interrupts a run far slower than predicted.
 """
 
 from __future__ import annotations
@@ -52,19 +44,13 @@ class Budget:
 
 
 def fits(remaining: float, estimate: float, reserve: float = 0.0) -> bool:
-    """Whether work predicted to take `estimate` s may start with `remaining` s left.
-
-    `reserve` is kept for work that must still run afterwards.
-    """
+    """Whether work predicted to take `estimate` s may start, `reserve` s kept for later."""
     return remaining - reserve >= estimate * SAFETY + SLACK_S
 
 
 def round_order(items: Sequence[T], round_index: int) -> list[T]:
-    """ABAB: round 0 runs `items` in order, round 1 reversed, and so on.
-
-    Alternating who goes first spreads drift during the command (clocks, heat,
-    allocator state) over every contender alike.
-    """
+    """ABAB: `items` in order in even rounds, reversed in odd ones, so drift (clocks, heat,
+    allocator state) hits every contender alike."""
     return list(items) if round_index % 2 == 0 else list(reversed(items))
 
 
@@ -73,19 +59,10 @@ class BudgetExceeded(Exception):
 
 
 class Watchdog:
-    """A SIGALRM at the end of the budget that interrupts a guarded run, and nothing else.
-
-    The planner predicts costs and should end in time on its own; this is the
-    backstop for a run far slower than predicted. Outside `guard()` the alarm
-    only marks the budget spent, so writing results is never interrupted.
-    Main thread only (a signal handler); a no-op without `setitimer` or limit.
-    """
+    """A SIGALRM `reserve` s before the budget ends that interrupts a run in `guard()` (once
+    its call into C returns), else only marks the budget spent. Main thread; no-op unlimited."""
 
     def __init__(self, budget: Budget, reserve: float = 0.0) -> None:
-        """`reserve`: seconds before the end at which to fire, kept for what must follow
-        (writing the results). The signal lands only once a compile or training call in
-        C returns, so a budget with no reserve ends late by that much, and more on a
-        loaded machine."""
         self.budget = budget
         self.reserve = reserve
         self.expired = False

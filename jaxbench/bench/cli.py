@@ -1,10 +1,7 @@
 """`python -m jaxbench.bench`: flags, the data, and the command's start and stop.
 
-The command runs through `jaxbench.command.run_command`: a bad flag (refused at parse
-time, every number within its range), a trainer refusing a config, an --out or --profile
-that cannot hold results, or data that will not load stop with one line and exit 2 before
-any run, leaving no folder behind; SIGTERM and Ctrl-C end the race with bench.json written
-and one line (exit 143 / 130); the watchdog ending it is exit 0.
+Bad input stops with one line and exit 2 before any run, leaving no folder; SIGTERM and
+Ctrl-C end the race with bench.json written (exit 143 / 130); the watchdog's end is exit 0.
 """
 
 from __future__ import annotations
@@ -230,9 +227,8 @@ def load_data(cfgs: Sequence[configs.Config]) -> dict[str, Any]:
 
 
 def prepare(cmd: Command, opts: Options, command: str, budget: Budget) -> Bench:
-    """Trainers, output places and data, in that order (cheapest refusal first), then the
-    race's state. --profile is checked before --out: --overwrite empties --out, and a
-    refused --profile must leave the old results in place."""
+    """Trainers, output places and data (cheapest refusal first), then the race's state;
+    --profile before --out, so a refused --profile leaves the old results in place."""
     trainers = frameworks.load_trainers(opts.frameworks, opts.cfgs, opts.torch_compile_mode)
     if opts.profile is not None:
         cmd.prepare_out(opts.profile, (), overwrite=False, flag="--profile")
@@ -242,9 +238,8 @@ def prepare(cmd: Command, opts: Options, command: str, budget: Budget) -> Bench:
 
 
 def race(b: Bench) -> bool:
-    """Every phase of the race, with the files written however it ends; returns whether the
-    watchdog cut it short. Ctrl-C and SIGTERM propagate: `stopped` then writes the files,
-    with both signals held off."""
+    """Every phase of the race, the files written however it ends; whether the watchdog cut
+    it short. Ctrl-C and SIGTERM propagate, for `stopped` to write the files."""
     try:
         b.race()
     except BudgetExceeded as e:
@@ -262,11 +257,9 @@ def race(b: Bench) -> bool:
 
 
 def stopped(b: Bench, word: str) -> str:
-    """Ctrl-C or SIGTERM during the race: bench.json and the plots from what finished, and
-    the line that says where they are."""
-    b.doc["stop_reason"] = (
-        "terminated (SIGTERM)" if word == "terminated" else "interrupted (Ctrl-C)"
-    )
+    """Ctrl-C or SIGTERM during the race: the files from what finished, and where they are."""
+    reason = "terminated (SIGTERM)" if word == "terminated" else "interrupted (Ctrl-C)"
+    b.doc["stop_reason"] = reason
     b.close(complete=False)
     return f"{word}; partial results in {b.opts.out / 'bench.json'}"
 
@@ -294,8 +287,7 @@ def _main(cmd: Command, argv: Sequence[str] | None, budget: Budget) -> int:
     limit = f" within {opts.max_seconds:.0f} s" if opts.max_seconds is not None else ""
     print(
         f"bench {', '.join(c.name for c in opts.cfgs)}: {names}; a warm-up each (one untimed "
-        f"training run, compilation included), then {plan}"
-        f"{limit} -> {opts.out}",
+        f"training run, compilation included), then {plan}{limit} -> {opts.out}",
         flush=True,
     )
     if race(b):

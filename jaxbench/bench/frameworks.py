@@ -1,10 +1,5 @@
-"""The benchmark's one door into the trainers.
-
-Every call the benchmark makes into `jaxbench.train`, `torch_ref.train`
-and `torch_ref.fast` is here; the rest of the benchmark sees configs, summaries
-and plain dicts. The trainers are imported only when a function needs them, so that
-`python -m jaxbench.bench` sets JAX's allocator flags before JAX starts.
-"""
+"""The race's one door into the trainers (`jaxbench.train`, `torch_ref.train` and
+`torch_ref.fast`), imported only when needed, so the bench sets JAX's allocator flags first."""
 
 from __future__ import annotations
 
@@ -90,11 +85,8 @@ def torch_kwargs(compile: bool | None, compile_mode: str | None) -> dict[str, An
 def load_trainers(
     frameworks: Iterable[str], cfgs: Sequence[configs.Config], torch_compile_mode: str | None
 ) -> dict[str, Trainer]:
-    """Import each trainer and let it refuse every config before any run starts.
-
-    Raises ValueError("<framework>: <why>") for a missing trainer, a refused config or a
-    bad PyTorch compile mode.
-    """
+    """Import each trainer and let it refuse every config before any run starts
+    (ValueError "<framework>: <why>", also for a bad PyTorch compile mode)."""
     trainers = {}
     for name in frameworks:
         try:
@@ -121,11 +113,8 @@ def run_trainer(
     caches: dict[str, Any],
     **extra: Any,
 ) -> dict[str, Any]:
-    """One run of `entry`'s trainer on in-memory `data`, quiet, no run folder: its summary.
-
-    JAX runs of one contender share a `CompileCache` (kept in `caches` by contender name),
-    so only the first builds programs; PyTorch runs take the race's set-up (`torch_kwargs`).
-    """
+    """One quiet run of `entry`'s trainer on in-memory `data`, no run folder: its summary.
+    A JAX contender's runs share a `CompileCache` (in `caches`), so only the first compiles."""
     kwargs: dict[str, Any] = {
         "data": data,
         "stream": stream,
@@ -169,29 +158,3 @@ def torch_sync_check(cfg: configs.Config, data: Any, kwargs: dict[str, Any]) -> 
     return fast.check_no_host_sync(
         r, step=train.train_step, plan=train.plan_epoch, evaluate=train.evaluate_net
     )
-
-
-# --- JAX's programs, for the program and FLOP checks (`jaxbench.bench.program`) ---------------
-
-
-def jax_train_state(model: Any, tx: Any) -> Any:
-    """The trainer's TrainState for `model` and optimizer `tx` (seed 0)."""
-    import jax
-
-    from jaxbench import train
-
-    return train.create_train_state(model, tx, jax.random.PRNGKey(0))
-
-
-def jax_loop_fns(cfg: configs.Config, model: Any, tx: Any, total_steps: int) -> tuple[Any, Any]:
-    """(step_fn, epoch_fn) as the trainer builds them, before `jax.jit`."""
-    from jaxbench import train
-
-    return train.make_loop_fns(cfg, model, tx, total_steps)
-
-
-def jax_eval_fn(cfg: configs.Config, model: Any, batch: int, with_ema: bool) -> Any:
-    """The trainer's evaluation of one batch of `batch` images, before `jax.jit`."""
-    from jaxbench import train
-
-    return train.make_eval_fn(cfg, model, batch, with_ema)

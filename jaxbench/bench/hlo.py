@@ -1,9 +1,5 @@
-"""Reading a StableHLO program's text for what would slow a GPU down or change what it
-computes (`inspect_program`): host callbacks and transfers, conditionals and whether they
-sit in a loop body, the operand dtypes of every convolution and matmul, and which entry
-arguments are donated. Pure text: the programs are built and lowered by
-`jaxbench.bench.program`.
-"""
+"""Read a StableHLO program's text (`inspect_program`) for what would slow a GPU down or
+change what it computes; `jaxbench.bench.program` builds and lowers the programs."""
 
 from __future__ import annotations
 
@@ -128,12 +124,10 @@ def _parse(text: str) -> _Parsed:
 
 def _operand_types(p: _Parsed, i: int) -> tuple[str, str] | None:
     """Element types of the two operands of the op on line i (its type may wrap lines)."""
-    window = " ".join(p.code[i : i + 4])
-    found = _OPERANDS.findall(window)
+    found = _OPERANDS.search(" ".join(p.code[i : i + 4]))
     if not found:
         return None
-    lhs, rhs = found[0]
-    a, b = _ELEMENT.search(lhs), _ELEMENT.search(rhs)
+    a, b = (_ELEMENT.search(t) for t in found.groups())
     if not (a and b):
         return None
     return a.group(1), b.group(1)
@@ -200,12 +194,11 @@ def _host_callbacks(p: _Parsed) -> tuple[dict[str, int], list[str]]:
 
 def _conditionals(p: _Parsed) -> tuple[list[dict[str, Any]], list[str]]:
     """(every conditional, the problems they make): check (b)."""
-    conditionals = []
-    for i, code in enumerate(p.code):
-        for m in _CONDITIONAL.finditer(code):
-            conditionals.append(
-                {"op": m.group(0), "line": i + 1, "function": p.func_of[i], "in_loop": p.in_loop[i]}
-            )
+    conditionals = [
+        {"op": m.group(0), "line": i + 1, "function": p.func_of[i], "in_loop": p.in_loop[i]}
+        for i, code in enumerate(p.code)
+        for m in _CONDITIONAL.finditer(code)
+    ]
     problems = []
     in_loop = [c for c in conditionals if c["in_loop"]]
     if in_loop:
@@ -288,26 +281,12 @@ def inspect_program(
     expect_loop: bool = False,
     dots_in_compute_dtype: bool = True,
 ) -> dict[str, Any]:
-    """Findings on a StableHLO program (`program.lower_program`'s text; jax 0.10 and 0.11
-    print it differently: the scanned step is a `func.call` in 0.10 and inlined into the
-    while in 0.11; both, and MLIR's generic op form, are read). `problems` empty means it
-    passes:
-
-    (a) no host callback (a custom call whose target names a callback or Python) and no
-        host transfer (infeed, outfeed, send, recv), anywhere;
-    (b) no conditional (`case`, `if`): each is reported with whether it sits inside a
-        while loop's body (directly or through the functions that body calls); one outside
-        a loop still costs a host round trip per call on a GPU, so it fails too;
-    (c) every convolution and dot_general reads operands of `compute_dtype`. Both nets build
-        every conv *and* the head Dense with `dtype=compute_dtype`, and nothing else in
-        the step or the evaluation contracts tensors (BN statistics, the loss and the
-        optimizer are float32 elementwise work and reductions), so there is no legitimate
-        float32 matmul; `dots_in_compute_dtype=False` limits the check to convolutions;
-    (d) with `state_leaves`, the first that many entry arguments (the TrainState's leaves)
-        all carry `tf.aliasing_output` or `jax.buffer_donor`.
-
-    A text in which the parser finds no convolution (or no loop when `expect_loop`) fails:
-    a format it cannot read must not pass silently.
+    """Findings on a StableHLO program (jax 0.10's or 0.11's text, or MLIR's generic form);
+    no `problems` means (a) no host callback or transfer, (b) no conditional (said to be in
+    a loop body or not), (c) every convolution and dot_general (only convolutions with
+    `dots_in_compute_dtype=False`) reads `compute_dtype`: both nets contract nothing else,
+    (d) the first `state_leaves` arguments donated. A text with no convolution (or no loop
+    when `expect_loop`) fails: an unread format must not pass silently.
     """
     want = mlir_dtype(compute_dtype)
     p = _parse(text)

@@ -126,10 +126,8 @@ def format_tables(doc: dict[str, Any], elapsed: float) -> str:
 
 
 def plot(doc: dict[str, Any], path: Path) -> bool:
-    """bench.png: accuracy vs time (one point per run, mean epoch curve) and vs epoch.
-
-    Returns False (and writes nothing) when matplotlib is not installed.
-    """
+    """bench.png: accuracy vs time (per run, mean epoch curve) and vs epoch; False (nothing
+    written) without matplotlib."""
     try:
         from matplotlib.figure import Figure
     except ImportError:
@@ -139,33 +137,17 @@ def plot(doc: dict[str, Any], path: Path) -> bool:
     for name, fw in doc["frameworks"].items():
         if fw.get("summary") is None:
             continue
-        color = COLORS.get(name) if name in COLORS else None
-        runs = fw["runs"]
-        ax_t.scatter(
-            [r["time_seconds"] for r in runs],
-            [r["accuracy"] for r in runs],
-            color=color,
-            label=f"{name}: final, one point per run",
-            zorder=3,
-        )
+        color = COLORS.get(name)
+        times, accs = ([r[k] for r in fw["runs"]] for k in ("time_seconds", "accuracy"))
+        ax_t.scatter(times, accs, color=color, label=f"{name}: final, one point per run", zorder=3)
         curve = [p for p in fw["summary"]["mean_curve"] if p["accuracy"] is not None]
-        if curve:
-            if all(p["time_seconds"] is not None for p in curve):
-                ax_t.plot(
-                    [p["time_seconds"] for p in curve],
-                    [p["accuracy"] for p in curve],
-                    color=color,
-                    marker=".",
-                    alpha=0.6,
-                    label=f"{name}: mean epoch curve",
-                )
-            ax_e.plot(
-                [p["epoch"] for p in curve],
-                [p["accuracy"] for p in curve],
-                color=color,
-                marker="o",
-                label=name,
+        epochs, times, accs = ([p[k] for p in curve] for k in ("epoch", "time_seconds", "accuracy"))
+        if curve and None not in times:
+            ax_t.plot(
+                times, accs, color=color, marker=".", alpha=0.6, label=f"{name}: mean epoch curve"
             )
+        if curve:
+            ax_e.plot(epochs, accs, color=color, marker="o", label=name)
     for ax in (ax_t, ax_e):
         ax.axhline(doc["target"], color="gray", linestyle="--", linewidth=1, label="target")
         ax.set_ylabel(doc["accuracy_metric"])

@@ -1,18 +1,10 @@
 """Hold the GPU program to account on a machine without a GPU.
 
-Two checks that need no accelerator:
-
-* `check_programs(cfg, "cuda")` lowers the training epoch (the `lax.scan`), the training
-  step and the evaluation batch for CUDA (StableHLO, via `jax.export`, which works from the
-  CPU) and `hlo.inspect_program` reads the text for what would slow the GPU down or change
-  what it computes: host callbacks, conditionals (XLA:GPU reads a conditional's predicate on
-  the host, which splits the scanned epoch), convolutions or matmuls outside the compute
-  dtype, and a training state that is not donated (a second copy of every weight).
-* `flop_accounting(cfg)` compiles the step and an evaluation batch on the current backend
-  and sets XLA's own FLOP count (`cost_analysis`) against the analytic count of
-  `jaxbench.bench.flops`, which the benchmark's FLOP rate is built on.
-
-`format_report` turns either into a few lines for the benchmark's self-check.
+`check_programs(cfg, "cuda")` lowers the training epoch, step and evaluation batch for CUDA
+(`jax.export` works from the CPU) and `hlo.inspect_program` reads them for host callbacks,
+conditionals, contractions outside the compute dtype and an undonated state.
+`flop_accounting(cfg)` sets XLA's FLOP count of the compiled step and evaluation batch
+against the analytic count of `jaxbench.bench.flops`. `format_report` prints either.
 """
 
 from __future__ import annotations
@@ -26,18 +18,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxbench import augment, models, optim
-from jaxbench.bench import flops, frameworks
+from jaxbench import augment, models, optim, train
+from jaxbench.bench import flops
 from jaxbench.bench.hlo import inspect_program, mlir_dtype
 from jaxbench.configs import Config
+from jaxbench.programs import eval_zeros
 
 PROGRAMS: tuple[str, ...] = ("epoch", "step", "eval")
 PLATFORMS: tuple[str, ...] = ("cuda", "rocm", "tpu", "cpu")
 
-# executed / counted FLOPs of a meaningful config (ResNet-9 or speedrun at their preset
-# widths) measured on XLA:CPU: train 0.870-0.873, eval 0.869-0.882 (see `flop_accounting`).
-# One extra forward in the step adds ~0.29 to the train ratio, and scoring a second weight
-# set under one's name doubles the eval ratio; both leave these bounds.
+# executed / counted FLOPs at the preset widths on XLA:CPU: train 0.85-0.89, eval 0.87-0.88.
+# An extra forward in the step adds ~0.29, a second weight set doubles the eval ratio.
 RATIO_BOUNDS: dict[str, tuple[float, float]] = {"train": (0.80, 1.00), "eval": (0.80, 1.00)}
 
 
@@ -49,11 +40,8 @@ class ProgramError(RuntimeError):
 
 
 def for_platform(cfg: Config, platform: str) -> Config:
-    """`cfg` with `precision="auto"` resolved as the trainer resolves it on `platform`.
-
-    `models.compute_dtype` asks the *current* backend, which is the CPU here, so a CUDA
-    program lowered from this machine would otherwise be built in float32.
-    """
+    """`cfg` with `precision="auto"` resolved for `platform`, not for this machine's backend
+    (a CUDA program lowered from a CPU would otherwise be built in float32)."""
     if platform not in PLATFORMS:
         raise ValueError(f"platform must be one of {', '.join(PLATFORMS)}, got {platform!r}")
     if cfg.precision != "auto":
@@ -67,11 +55,10 @@ def _spec(x: Any) -> jax.ShapeDtypeStruct:
 
 @functools.lru_cache(maxsize=16)
 def _state_shapes(cfg: Config) -> Any:
-    """The TrainState's shapes, from `train.create_train_state` itself (not re-derived), so
-    the donation check counts exactly the trainer's leaves. Cached: it runs the init (~1 s);
-    only shapes are kept, so a plant that changes code, not parameters, still takes effect."""
+    """The trainer's own TrainState as shapes, so the donation check counts its leaves.
+    Cached (the init takes ~1 s); shapes only, so a plant that changes code still applies."""
     model = models.model_from_config(cfg)
-    state = frameworks.jax_train_state(model, optim.make_optimizer(cfg, 1))
+    state = train.create_train_state(model, optim.make_optimizer(cfg, 1), jax.random.PRNGKey(0))
     return jax.tree_util.tree_map(_spec, state)
 
 
@@ -91,14 +78,9 @@ class Pieces:
     with_ema: bool
 
 
-def build_pieces(
-    cfg: Config, *, batches: int = 2, eval_batch: int | None = None, with_ema: bool | None = None
-) -> Pieces:
-    """The trainer's pieces for an epoch of `batches` batches (the shapes change the sizes in
-    the program, not its structure, so a small epoch is as good as a real one).
-
-    `eval_batch` defaults to `cfg.eval_batch_size`; `with_ema` to the trainer's choice (EMA on).
-    """
+def build_pieces(cfg: Config, *, batches: int = 2, eval_batch: int | None = None) -> Pieces:
+    """The trainer's pieces for an epoch of `batches` batches (a small epoch has the same
+    program structure as a real one); `eval_batch` defaults to the config's."""
     n_train = batches * cfg.batch_size
     plan = jax.eval_shape(lambda: augment.draw_plan(jax.random.PRNGKey(0), 0, n_train, cfg))
     return Pieces(
@@ -111,7 +93,7 @@ def build_pieces(
         labels=jax.ShapeDtypeStruct((n_train,), jnp.int32),
         plan=plan,
         eval_batch=cfg.eval_batch_size if eval_batch is None else eval_batch,
-        with_ema=cfg.ema_every > 0 if with_ema is None else with_ema,
+        with_ema=cfg.ema_every > 0,
     )
 
 
@@ -121,14 +103,14 @@ def program_fn(p: Pieces, which: str, *, donate: bool = True) -> tuple[Any, tupl
     cfg = p.cfg
     donation = 0 if donate else ()
     if which in ("epoch", "step"):
-        step_fn, epoch_fn = frameworks.jax_loop_fns(cfg, p.model, p.tx, cfg.epochs * p.steps)
+        step_fn, epoch_fn = train.make_loop_fns(cfg, p.model, p.tx, cfg.epochs * p.steps)
         if which == "epoch":
             return jax.jit(epoch_fn, donate_argnums=donation), (p.state, p.images, p.labels, p.plan)
         i = jax.ShapeDtypeStruct((), jnp.int32)
         return jax.jit(step_fn, donate_argnums=donation), (p.state, p.images, p.labels, p.plan, i)
     if which == "eval":
         n = p.eval_batch
-        acc = {k: jax.ShapeDtypeStruct((), jnp.float32) for k in _eval_keys(p.with_ema)}
+        acc = jax.tree_util.tree_map(_spec, eval_zeros(p.with_ema))
         args = (
             acc,
             p.state.variables(),
@@ -138,23 +120,14 @@ def program_fn(p: Pieces, which: str, *, donate: bool = True) -> tuple[Any, tupl
             jax.ShapeDtypeStruct((n,), jnp.float32),
             jax.ShapeDtypeStruct((), jnp.int32),
         )
-        return jax.jit(frameworks.jax_eval_fn(cfg, p.model, n, p.with_ema)), args
+        return jax.jit(train.make_eval_fn(cfg, p.model, n, p.with_ema)), args
     raise ValueError(f"which must be one of {', '.join(PROGRAMS)}, got {which!r}")
 
 
-def _eval_keys(with_ema: bool) -> list[str]:
-    return ["loss", "correct"] + (["ema_loss", "ema_correct"] if with_ema else [])
-
-
 def lower_text(jitted: Any, args: Sequence[Any], platform: str) -> str:
-    """StableHLO text of `jitted(*args)` for `platform`, from any machine.
-
-    `jax.export` is the documented cross-platform path (custom calls allowed, so that the
-    inspection, not the exporter, judges them). It refuses host callbacks outright; those
-    are lowered with `jit(...).trace(...).lower(lowering_platforms=...)`, which works for
-    the local platform only: a Python callback cannot be lowered for a GPU from a CPU
-    machine, and that failure is raised as `ProgramError`.
-    """
+    """StableHLO text of `jitted(*args)` for `platform`, from any machine: `jax.export`
+    (custom calls allowed, for the inspection to judge), or for host callbacks, which it
+    refuses, a local lowering (another platform then raises `ProgramError`)."""
     try:
         exported = jax.export.export(
             jitted,
@@ -188,9 +161,8 @@ def lower_program(
     eval_batch: int | None = None,
     donate: bool = True,
 ) -> str:
-    """StableHLO text of one of the trainer's programs ('epoch', 'step' or 'eval') for
-    `platform`, with `precision="auto"` resolved for that platform (`for_platform`).
-    `donate=False` lowers without donation (a plant for the donation check)."""
+    """StableHLO text of one of `PROGRAMS` for `platform` (`for_platform`); `donate=False`
+    lowers without donation (a plant for the donation check)."""
     cfg = for_platform(cfg, platform)
     p = build_pieces(cfg, batches=batches, eval_batch=eval_batch)
     jitted, args = program_fn(p, which, donate=donate)
@@ -205,12 +177,10 @@ def state_leaf_count(cfg: Config) -> int:
 def check_program(
     cfg: Config, platform: str = "cuda", which: str = "epoch", *, batches: int = 2
 ) -> dict[str, Any]:
-    """Lower one program for `platform` and inspect it with the trainer's expectations: the
-    epoch is one loop, the epoch and the step donate every state leaf, evaluation donates
-    nothing. A lowering failure is a finding (`ok` False), not an exception."""
+    """Lower one program and inspect it: the epoch is one loop, the epoch and the step donate
+    every state leaf. A lowering failure is a finding (`ok` False), not an exception."""
     cfg = for_platform(cfg, platform)
     dtype = models.compute_dtype(cfg)  # precision is explicit now: backend-independent
-    trained = which in ("epoch", "step")
     try:
         text = lower_program(cfg, platform, which, batches=batches)
     except ProgramError as e:
@@ -218,7 +188,7 @@ def check_program(
     return inspect_program(
         text,
         dtype,
-        state_leaves=state_leaf_count(cfg) if trained else None,
+        state_leaves=state_leaf_count(cfg) if which in ("epoch", "step") else None,
         expect_loop=which == "epoch",
     )
 
@@ -226,8 +196,7 @@ def check_program(
 def check_programs(
     cfg: Config, platform: str = "cuda", which: Iterable[str] = PROGRAMS, *, batches: int = 2
 ) -> dict[str, Any]:
-    """`check_program` for each of `which`: {'ok', 'platform', 'config', 'compute_dtype',
-    'programs': {name: findings}}. Lowering takes well under a second per program."""
+    """`check_program` for each of `which`, with the platform, config and compute dtype."""
     cfg = for_platform(cfg, platform)
     programs = {w: check_program(cfg, platform, w, batches=batches) for w in which}
     return {
@@ -243,16 +212,8 @@ def check_programs(
 
 
 def executed_flops(compiled: Any) -> float:
-    """XLA's FLOP count of a compiled executable (`compiled.cost_analysis()["flops"]`).
-
-    jax returns a dict (0.10, 0.11) or, in older versions, a list with one dict per HLO
-    module; the modules' counts are added. XLA counts 2 FLOPs per multiply-add of a
-    convolution or dot (skipping multiply-adds on zero padding) and 1 per element of
-    elementwise work; transcendentals are counted apart and left out. A while loop's body
-    is counted once whatever its trip count (measured on XLA:CPU, jax 0.10.2 and 0.11.2:
-    a scan of 1, 2 or 4 training steps reports the same number), so the cost of a scanned
-    epoch is neither per epoch nor dependably per step: compile the step.
-    """
+    """XLA's FLOP count of a compiled executable (a dict, or in older jax a list per module);
+    a while loop's body counts once whatever its trip count, so compile the step, not a scan."""
     analysis = compiled.cost_analysis()
     entries = analysis if isinstance(analysis, (list, tuple)) else [analysis]
     values = [e.get("flops") for e in entries if isinstance(e, Mapping)]
@@ -269,17 +230,10 @@ def flop_accounting_from_compiled(
     eval_compiled: Any = None,
     eval_images: int = 0,
     eval_weight_sets: int = 1,
-    *,
-    method: str = "XLA cost_analysis of the compiled train step and eval batch",
 ) -> dict[str, Any]:
-    """`flop_accounting` for executables the caller already compiled (the trainer's own).
-
-    `step_compiled` trains on `batch_images` images (a compiled scan would report one step,
-    see `executed_flops`); `eval_compiled` scores `eval_images` test images with
-    `eval_weight_sets` weight sets (2: the net and its EMA, `train.make_eval_fn(...,
-    with_ema=True)`). Evaluation per image means *one weight set* (all TTA views), as
-    `flops.eval_flops_per_image` counts it and the benchmark multiplies by the sets.
-    """
+    """`flop_accounting` for executables already compiled: a step on `batch_images` images
+    and an evaluation of `eval_images` images with `eval_weight_sets` weight sets (2: net and
+    EMA). Evaluation per image is per weight set, as `flops.eval_flops_per_image` counts."""
     train_exec = executed_flops(step_compiled) / batch_images
     train_counted = flops.train_flops_per_image(cfg)
     train_unpadded = flops.unpadded_train_flops_per_image(cfg)
@@ -300,7 +254,7 @@ def flop_accounting_from_compiled(
         "batch_images": batch_images,
         "eval_images": eval_images,
         "backend": jax.default_backend(),
-        "method": method,
+        "method": "XLA cost_analysis of the compiled train step and eval batch",
     }
     if eval_compiled is not None:
         if eval_images <= 0 or eval_weight_sets <= 0:
@@ -315,45 +269,15 @@ def flop_accounting_from_compiled(
 def flop_accounting(
     cfg: Config, *, batch_size: int | None = None, eval_batch: int | None = None
 ) -> dict[str, Any]:
-    """XLA's executed FLOPs per image of the training step and of an evaluation batch,
-    against the analytic count of `jaxbench.bench.flops` (train: 3x forward; eval: one forward
-    per TTA view, per weight set), compiled on the current backend as the trainer compiles
-    them (evaluation with the EMA when `cfg.ema_every > 0`, per image and weight set).
+    """XLA's executed FLOPs per image of the training step and an evaluation batch, compiled
+    here as the trainer compiles them, against `jaxbench.bench.flops`'s count: `*_ratio`
+    (executed / counted), `*_unpadded_ratio` (against XLA's convention) and
+    `train_read_only_ratio` (also without the outputs nothing reads).
 
-    Keys: train_/eval_ executed_per_image, counted_per_image, ratio (executed / counted),
-    unpadded_per_image and unpadded_ratio (against `flops.unpadded_*`, XLA's convention),
-    train_read_only_ratio (against the same without outputs nothing reads, the least XLA
-    may execute),
-    eval_weight_sets, batch_images, eval_images, backend, method.
-
-    Why the ratio is not 1 (XLA:CPU, float32, jax 0.10.2; preset batch sizes, eval batch
-    1000; batch 16 moves the train ratios by < 0.004):
-
-        config    train ratio  eval ratio  train / unpadded  eval / unpadded
-        tiny      0.888        0.877       1.030             1.010
-        resnet9   0.871        0.869       1.009             1.003
-        speedrun  0.848        0.882       0.990             1.027
-
-    * XLA skips the multiply-adds that read zero padding; the count includes them. That is
-      most of the gap: -4% for a 3x3 conv at 32x32, -8% at 16, -16% at 8, -31% at 4, so
-      the unpadded forward is 0.866 of the counted one for ResNet-9 (0.858 for speedrun).
-    * Autodiff builds no input gradient for the first convolution (its input is data) and
-      speedrun's frozen whitening kernel gets no weight gradient, so "3x forward" is a
-      slight over-count (`flops.unpadded_train_flops_per_image` models both).
-    * What the count leaves out adds the rest, 1-3%: BatchNorm, activations, pooling and
-      their gradients, the loss, augmentation and normalisation, the optimizer and the
-      EMA (per step, so ~1/batch per image), the TTA sums. It weighs more at small widths
-      (elementwise work grows with width, convolutions with its square), so the bounds
-      (`RATIO_BOUNDS`) are meant for the preset widths.
-    * XLA computes only part of the conv outputs that nothing reads (speedrun's conv1 rows
-      and columns dropped by a flooring pool), so speedrun's train step is below the
-      unpadded count; against the count without them (`train_read_only_ratio`) it is
-      1.075.
-    * XLA counts 2 FLOPs per multiply-add, as the count does, so there is no factor 2.
-
-    Measured on XLA:CPU only. On a GPU the count comes from XLA:GPU's cost model after its
-    cuDNN rewrites, not checked here (no GPU): look at the ratio there before trusting
-    `RATIO_BOUNDS`.
+    XLA:CPU, float32, jax 0.10.2 (train, eval; against unpadded): tiny 0.888, 0.877 (1.030,
+    1.010); resnet9 0.871, 0.869 (1.009, 1.003); speedrun 0.848, 0.882 (0.990, 1.027;
+    read-only 1.075). Zero-padding taps are most of the gap; the uncounted elementwise work
+    adds 1-3%, more at small widths. Unchecked on GPUs (XLA:GPU's cost model, cuDNN).
     """
     if batch_size is not None:
         cfg = cfg.replace(batch_size=batch_size)
@@ -423,24 +347,3 @@ def format_report(
             )
         lines += [f"    - {p}" for p in flop_problems(acc)]
     return "\n".join(lines)
-
-
-__all__ = [
-    "PROGRAMS",
-    "RATIO_BOUNDS",
-    "Pieces",
-    "ProgramError",
-    "build_pieces",
-    "check_program",
-    "check_programs",
-    "executed_flops",
-    "flop_accounting",
-    "flop_accounting_from_compiled",
-    "flop_problems",
-    "for_platform",
-    "format_report",
-    "lower_program",
-    "lower_text",
-    "program_fn",
-    "state_leaf_count",
-]

@@ -1,10 +1,5 @@
 """The race: warm-ups, self-checks, interleaved timed rounds within the budget, then the
-vmapped seeds and the profiled runs, with bench.json rewritten after every run.
-
-`Bench` holds the command's state (options, budget, contenders, the JSON document and
-the run-time estimates the planner uses); the trainers are reached through
-`jaxbench.bench.frameworks`, the statistics through `jaxbench.bench.records`.
-"""
+vmapped seeds and the profiled runs, with bench.json rewritten after every run (`Bench`)."""
 
 from __future__ import annotations
 
@@ -68,9 +63,7 @@ def _guarded(fn: Callable[..., dict[str, Any]], *args: Any) -> dict[str, Any]:
 
 
 def _jax_program_check(cfg: configs.Config) -> dict[str, Any]:
-    """JAX's epoch, step and eval as exported for CUDA (whatever this machine is): no host
-    callback, no conditional, convolutions and matmuls in the compute dtype, the state
-    donated (`jaxbench.bench.program`)."""
+    """JAX's programs as exported for CUDA, whatever this machine is (`bench.program`)."""
     from jaxbench.bench import program
 
     check = program.check_programs(cfg, platform="cuda")
@@ -85,8 +78,7 @@ def _jax_program_check(cfg: configs.Config) -> dict[str, Any]:
 
 
 def _jax_flop_check(cfg: configs.Config) -> dict[str, Any]:
-    """XLA's executed FLOPs per image of the compiled train step and eval batch against the
-    analytic count: redundant compute shows up as a ratio out of `program.RATIO_BOUNDS`."""
+    """XLA's executed FLOPs against the counted ones: redundant compute leaves the bounds."""
     from jaxbench.bench import program
 
     acc = program.flop_accounting(cfg)
@@ -139,11 +131,10 @@ class Bench:
             },
             "files": ["bench.json"],
         }
-        for cfg in opts.cfgs:
-            for e in self.entries:
-                self.doc["races"][cfg.name]["frameworks"][e.name] = records.new_contender(
-                    e.framework, e.loop
-                )
+        for race in self.doc["races"].values():
+            race["frameworks"] = {
+                e.name: records.new_contender(e.framework, e.loop) for e in self.entries
+            }
 
     # -- files
     def save(self) -> None:
@@ -226,8 +217,7 @@ class Bench:
             fw["runs"].append(rec)
             if seed not in race["seeds"]:
                 race["seeds"].append(seed)
-            timed_walls = [r["wall_seconds"] for r in fw["runs"]]
-            self.estimates[key] = max(timed_walls)
+            self.estimates[key] = max(r["wall_seconds"] for r in fw["runs"])
         self.refresh(cfg)
         self.save()
         self.log(
@@ -252,8 +242,7 @@ class Bench:
 
     # -- the phases
     def race(self) -> None:
-        """Every phase in order. A run the watchdog cuts short raises `BudgetExceeded`, Ctrl-C
-        and SIGTERM a `KeyboardInterrupt`; the caller then writes the files with `close`."""
+        """Every phase in order; on `BudgetExceeded` or a signal the caller calls `close`."""
         self.record_environment()
         self.watchdog.arm()
         self.warmups()
@@ -264,12 +253,9 @@ class Bench:
             self.profiles()
 
     def warmups(self) -> None:
-        """A warm-up of every contender in every preset, then the self-checks.
-
-        Under a budget, a later preset starts only if its warm-up, one timed run of
-        it and one round of what is already warm fit: its runs are predicted from
-        the first preset's warm-up, scaled by the ratio of counted FLOPs per run.
-        """
+        """A warm-up of every contender in every preset, then the self-checks. Under a
+        budget, a later preset starts only if its warm-up, one timed run and a round of what
+        is warm fit (predicted from the first preset's warm-up and the counted FLOPs)."""
         first = self.opts.cfgs[0]
         for i, cfg in enumerate(self.opts.cfgs):
             for entry in self.entries:
@@ -447,12 +433,8 @@ class Bench:
         self.doc["finished"] = report.now_iso()
         self.save()
 
-    def table(self) -> str:
-        return format_tables(self.doc, self.budget.elapsed())
-
     def close(self, complete: bool) -> None:
-        """The race's end, however it came: bench.json and the plots written, then the
-        table and the files' names printed."""
+        """bench.json and the plots written, then the table and the files' names printed."""
         self.finish(complete)
-        print(self.table(), flush=True)
+        print(format_tables(self.doc, self.budget.elapsed()), flush=True)
         print(f"wrote {', '.join(str(self.opts.out / f) for f in self.doc['files'])}", flush=True)

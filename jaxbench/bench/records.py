@@ -1,10 +1,6 @@
-"""What bench.json keeps of each run and each race, and the statistics over the runs.
-
-A run's record is taken from its trainer summary with one definition of throughput for
-both frameworks (`run_record`); a race's summary, verdicts and ratio are recomputed from
-the records after every run (`refresh_race`), so a killed benchmark leaves them current.
-The numerics (means, spreads, the ratio's interval) are `jaxbench.stats`.
-"""
+"""What bench.json keeps of each run and race: run records with one throughput definition
+for both frameworks, and summaries and verdicts recomputed after every run (`refresh_race`),
+so a killed benchmark leaves them current."""
 
 from __future__ import annotations
 
@@ -45,14 +41,9 @@ def describe_metric(cfg: configs.Config) -> str:
 
 
 def mean_curve(epoch_rows: Sequence[Sequence[dict[str, Any]]], metric: str) -> list[dict]:
-    """Per epoch, the mean over runs of `metric` and of the cumulative timed seconds.
-
-    Built from the trainers' per-epoch monitoring rows; epochs that not every
-    run logged are dropped, and a value any run left empty stays None.
-    """
-    if not epoch_rows:
-        return []
-    length = min(len(rows) for rows in epoch_rows)
+    """Per epoch every run logged, the mean over runs of `metric` and of the cumulative timed
+    seconds (None where any run left it empty)."""
+    length = min((len(rows) for rows in epoch_rows), default=0)
     curve = []
     for i in range(length):
         rows = [r[i] for r in epoch_rows]
@@ -75,13 +66,8 @@ def first_epoch_at(curve: Sequence[dict[str, Any]], target: float) -> int | None
 def timed_work(
     cfg: configs.Config, n_train: int, n_test: int, weight_sets: int | None = None
 ) -> tuple[int, int]:
-    """(training images, counted FLOPs) inside one run's timed region.
-
-    Training: epochs x full batches; the final evaluation scores every test
-    image once per weight set the trainer scored (`final_eval_weight_sets`:
-    net and EMA, or one net when lookahead made them equal; by default 2 with
-    an EMA, else 1).
-    """
+    """(training images, counted FLOPs) of one run's timed region: epochs x full batches, and
+    the final evaluation of every test image per weight set scored (default: 2 with an EMA)."""
     images = cfg.epochs * steps_per_epoch(cfg, n_train) * cfg.batch_size
     if weight_sets is None:
         weight_sets = 2 if cfg.ema_every > 0 else 1
@@ -100,12 +86,8 @@ def work_ratio(cfg: configs.Config, first: configs.Config, races: dict[str, Any]
 def run_record(
     summary: dict[str, Any], cfg: configs.Config, n_train: int, n_test: int
 ) -> dict[str, Any]:
-    """The numbers the benchmark keeps from one trainer summary.
-
-    Throughput is computed here, not taken from the trainer, so that both
-    frameworks share one definition: training images (and counted FLOPs) per
-    timed second. The trainer's own figure is kept as `trainer_images_per_second`.
-    """
+    """The numbers kept from one trainer summary; throughput computed here, one definition
+    for both frameworks (the trainer's own is `trainer_images_per_second`)."""
     final = summary["final"]
     time_s = float(summary["total_time_seconds"])
     images, work = timed_work(cfg, n_train, n_test, summary.get("final_eval_weight_sets"))
@@ -176,12 +158,8 @@ def programs_built(runs: Sequence[dict[str, Any] | None]) -> int | None:
 def decide(
     runs: dict[str, Sequence[dict[str, Any]]], numerator: str, denominator: str, target: float
 ) -> dict[str, Any]:
-    """The race between two contenders' timed runs: a time ratio, or no winner.
-
-    Time-to-target only means something when both reach the target: if either
-    contender's mean accuracy is below `target`, the verdict is "target not
-    reached" and there is no ratio. Needs at least one timed run each.
-    """
+    """Two contenders' time ratio, or no winner: none when either mean accuracy is below
+    `target` (time-to-target means nothing then) or either has no timed run."""
     out: dict[str, Any] = {"numerator": numerator, "denominator": denominator, "target": target}
     pair = (numerator, denominator)
     if any(not runs.get(n) for n in pair):
