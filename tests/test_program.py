@@ -59,6 +59,18 @@ def test_cuda_programs_pass(cfg: configs.Config) -> None:
     assert set(epoch["operand_types"]["dot_general"]) == {"bf16 x bf16"}
 
 
+def test_muon_programs_pass_with_newton_schulz_in_float32() -> None:
+    """The step's float32 matmuls are Newton-Schulz's; its convolutions and the evaluation's
+    head still read bfloat16, so a float32 conv under Muon fails as under SGD."""
+    cfg = configs.get_config("speedrun_muon").replace(widths=(16, 32, 32))
+    check = program.check_programs(cfg, "cuda")
+    assert check["ok"], program.format_report(check)
+    step, ev = check["programs"]["step"], check["programs"]["eval"]
+    assert set(step["operand_types"]["convolution"]) == {"bf16 x bf16"}
+    assert step["operand_types"]["dot_general"].get("f32 x f32", 0) > 0
+    assert set(ev["operand_types"]["dot_general"]) == {"bf16 x bf16"}
+
+
 @pytest.mark.parametrize("cfg", [configs.get_config("tiny"), SPEEDRUN], ids=["tiny", "speedrun"])
 def test_cpu_programs_pass_in_float32(cfg: configs.Config) -> None:
     check = program.check_programs(cfg, "cpu")
