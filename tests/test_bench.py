@@ -514,6 +514,8 @@ def test_max_seconds_stops_in_time_with_valid_json(data_dir: str, tmp_path: Path
     doc = json.loads((out / "bench.json").read_text())
     assert doc["elapsed_seconds"] <= budget and wall < budget + 30  # + start-up and imports
     assert doc["stop_reason"].startswith(("budget", "watchdog")), doc["stop_reason"]
+    for check in doc["races"]["tiny"]["self_checks"].values():  # run, or skipped for the budget
+        assert check["status"] != "skipped" or check["detail"].startswith("budget"), check
     tiny, speedrun = (doc["races"][p]["frameworks"]["jax"] for p in ("tiny", "speedrun"))
     assert len(tiny["runs"]) >= 1
     # the later preset either raced whole rounds beside tiny or was skipped with the reason

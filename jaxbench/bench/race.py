@@ -283,14 +283,25 @@ class Bench:
         self.log(f"{self._stamp()} {cfg.name} {entry.name}: skipped: {reason}")
 
     def self_checks(self, cfg: configs.Config) -> None:
-        """Checks that hold each side to account, recorded in the race (never timed)."""
+        """Checks that hold each side to account, recorded in the race (never timed). Under a
+        budget they run only if they and a round still fit, each predicted to cost a warm-up
+        (they build the programs again): a check must not push the runs past --max-seconds."""
         checks = self.doc["races"][cfg.name]["self_checks"]
+        cost = sum(self.estimates.get((cfg.name, e.name), 0.0) for e in self.active(cfg))
+        budget_left = not self.budget.limited or fits(self.budget.remaining(), 2 * cost)
+        skipped = {"status": "skipped", "detail": f"budget: checks and a round (~{2 * cost:.0f} s)"}
         for entry in self.active(cfg):
             run_cfg = entry.config(cfg)
             if entry.framework == "jax" and "jax_program" not in checks:
+                if not budget_left:
+                    checks["jax_program"], checks["jax_flops"] = dict(skipped), dict(skipped)
+                    continue
                 checks["jax_program"] = _guarded(_jax_program_check, run_cfg)
                 checks["jax_flops"] = _guarded(_jax_flop_check, run_cfg)
             if entry.framework == "torch" and "torch_sync" not in checks:
+                if not budget_left:
+                    checks["torch_sync"] = dict(skipped)
+                    continue
                 checks["torch_sync"] = _guarded(
                     frameworks.torch_sync_check,
                     run_cfg.replace(seed=WARMUP_SEED, out=None),
