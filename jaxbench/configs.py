@@ -308,13 +308,13 @@ def _check_counts(cfg: Config) -> None:
             f"--widths entries must be in [1, {MAX_WIDTH}] channels, e.g. 16,32,64,128; "
             f"got {_shown(cfg.widths)}"
         )
-    if not 0.0 <= cfg.lr_flat_epochs <= cfg.epochs:  # NaN too
-        raise ValueError(
-            f"--lr-flat-epochs must be in [0, --epochs] = [0, {cfg.epochs}], "
-            f"got {cfg.lr_flat_epochs!r}"
-        )
-    if not 0 <= cfg.seed < SEEDS:
-        raise ValueError(f"--seed must be in [0, {SEEDS - 1}] (0 to 2**31 - 1), got {cfg.seed}")
+    for name, opening in (("lr_flat_epochs", "["), ("lr_peak_epoch", "(")):
+        v = getattr(cfg, name)
+        if not ((0.0 <= v) if opening == "[" else (0.0 < v)) or not v <= cfg.epochs:  # NaN too
+            raise ValueError(
+                f"--{name.replace('_', '-')} must be in {opening}0, --epochs] = "
+                f"{opening}0, {cfg.epochs}], got {v!r}"
+            )
     train_images, test_images = DATASET_IMAGES[cfg.dataset]
     if cfg.subset is not None and cfg.subset < cfg.batch_size:
         raise ValueError(
@@ -331,19 +331,10 @@ def _check_counts(cfg: Config) -> None:
             f"--test-subset must be in [1, {test_images}] images ({cfg.dataset}'s test set), "
             f"got {cfg.test_subset}"
         )
-    if not 0.0 <= cfg.label_smoothing < 1.0:
-        raise ValueError(f"--label-smoothing must be in [0, 1), got {cfg.label_smoothing!r}")
-    if not 0.0 < cfg.lr_peak_epoch <= cfg.epochs:
-        raise ValueError(
-            f"--lr-peak-epoch must be in (0, --epochs] = (0, {cfg.epochs}], "
-            f"got {cfg.lr_peak_epoch!r}"
-        )
-    if not 0.0 <= cfg.ema_momentum < 1.0:
-        raise ValueError(f"--ema-momentum must be in [0, 1), got {cfg.ema_momentum!r}")
 
 
 def _check_rates(cfg: Config) -> None:
-    """Rates that would train nothing or diverge at once."""
+    """Rates and fractions that would train nothing or diverge at once."""
     ranges = {  # name: (ends, lowest, highest, e.g.); an end "(" or ")" is left out
         "lr": ("(]", 0.0, 1e4, "0.4"),  # per mean loss: speedrun_muon's is 1340
         "weight_decay": ("[)", 0.0, 1.0, "5e-4"),
@@ -357,6 +348,11 @@ def _check_rates(cfg: Config) -> None:
         "celu_alpha": ("(]", 0.0, 100.0, "0.3"),
         "whiten_eps": ("(]", 0.0, 1.0, "1e-2"),
         "muon_lr": ("(]", 0.0, 100.0, "0.24"),
+        "momentum": ("[)", 0.0, 1.0, "0.9"),
+        "muon_momentum": ("[)", 0.0, 1.0, "0.6"),
+        "bn_momentum": ("(]", 0.0, 1.0, "0.1 (PyTorch's convention)"),
+        "label_smoothing": ("[)", 0.0, 1.0, "0.2"),
+        "ema_momentum": ("[)", 0.0, 1.0, "0.99"),
     }
     for name, (ends, low, high, example) in ranges.items():
         v = getattr(cfg, name)
@@ -368,14 +364,6 @@ def _check_rates(cfg: Config) -> None:
                 f"--{name.replace('_', '-')} must be {what} in {ends[0]}{low:g}, {high:g}"
                 f"{ends[1]}, e.g. {example}; got {v!r}"
             )
-    if not 0.0 <= cfg.momentum < 1.0:
-        raise ValueError(f"--momentum must be in [0, 1); got {cfg.momentum!r}")
-    if not 0.0 <= cfg.muon_momentum < 1.0:
-        raise ValueError(f"--muon-momentum must be in [0, 1), e.g. 0.6; got {cfg.muon_momentum!r}")
-    if not 0.0 < cfg.bn_momentum <= 1.0:
-        raise ValueError(
-            f"--bn-momentum must be in (0, 1] (PyTorch's convention); got {cfg.bn_momentum!r}"
-        )
 
 
 def check_supported(cfg: Config, trainer: str) -> None:
@@ -659,6 +647,7 @@ COUNT_RANGES: dict[str, tuple[int, int, str]] = {
     "devices": (0, MAX_DEVICES, "devices per process (0: every local device)"),
     "crop_pad": (0, 16, "pixels (0: no crop)"),
     "cutout": (0, 32, "pixels (0: no cutout)"),
+    "seed": (0, SEEDS - 1, "(0 to 2**31 - 1)"),
 }
 
 # `--no-<trick>`: the fields that remove one of Page's tricks, set to the Myrtle
