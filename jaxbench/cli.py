@@ -32,14 +32,12 @@ def trainer_parser(
     parser.add_argument(
         "--stream",
         choices=("fast", "shared"),
-        default=None,
         help="fast (default): augmentation plan drawn on the device from the seed; shared: the "
         "framework-neutral numpy plan of jaxbench.stream (the same batches in both trainers)",
     )
     parser.add_argument(
         "--resume",
         metavar="DIR",
-        default=None,
         help="continue the stopped run in DIR (its --out) from its latest checkpoint "
         "(see --checkpoint-every), with the config saved there; DIR becomes --out. A "
         "finished run is left as it is; one still running on this machine is refused",
@@ -63,7 +61,6 @@ def trainer_parser(
     parser.add_argument(
         "--profile",
         metavar="DIR",
-        default=None,
         help="write a profiler trace of the timed epochs to DIR (open it in Perfetto or "
         "TensorBoard) and add a table of the top operations by time to the summary",
     )

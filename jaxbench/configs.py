@@ -16,177 +16,121 @@ from pathlib import Path
 from typing import Any
 
 
+def _flag(default: Any, help_text: str) -> Any:
+    """A config field and its `--help` line."""
+    return field(default=default, metadata={"help": help_text})
+
+
 @dataclass(frozen=True)
 class Recipe:
     """The training recipe: what changes the numbers (one recipe and seed, one result)."""
 
-    name: str = field(default="resnet9", metadata={"help": "preset the config came from"})
+    name: str = _flag("resnet9", "preset the config came from")
     # --- data -----------------------------------------------------------------
-    dataset: str = field(default="cifar10", metadata={"help": "cifar10 or cifar100"})
-    source: str = field(default="auto", metadata={"help": "auto (official files) or tfds"})
-    subset: int | None = field(
-        default=None,
-        metadata={
-            "help": "train on the first N training images, --batch-size to 50000 (all if unset)"
-        },
+    dataset: str = _flag("cifar10", "cifar10 or cifar100")
+    source: str = _flag("auto", "auto (official files) or tfds")
+    subset: int | None = _flag(
+        None, "train on the first N training images, --batch-size to 50000 (all if unset)"
     )
-    test_subset: int | None = field(
-        default=None,
-        metadata={"help": "evaluate on the first N test images, 1 to 10000 (all if unset)"},
+    test_subset: int | None = _flag(
+        None, "evaluate on the first N test images, 1 to 10000 (all if unset)"
     )
     # --- model ----------------------------------------------------------------
-    model: str = field(default="resnet9", metadata={"help": "network architecture"})
-    widths: tuple[int, ...] = field(
-        default=(64, 128, 256, 512),
-        metadata={"help": "channel widths, each 1 to 4096, e.g. 16,32,64,128"},
+    model: str = _flag("resnet9", "network architecture")
+    widths: tuple[int, ...] = _flag(
+        (64, 128, 256, 512), "channel widths, each 1 to 4096, e.g. 16,32,64,128"
     )
-    output_scale: float = field(default=0.125, metadata={"help": "logits multiplier"})
-    head_unit_std: bool = field(
-        default=False,
-        metadata={
-            "help": "speedrun: the head's initial weights rescaled to unit standard deviation "
-            "(airbench94_muon's `w *= 1 / w.std()`)"
-        },
+    output_scale: float = _flag(0.125, "logits multiplier")
+    head_unit_std: bool = _flag(
+        False,
+        "speedrun: the head's initial weights rescaled to unit standard deviation "
+        "(airbench94_muon's `w *= 1 / w.std()`)",
     )
-    bn_momentum: float = field(
-        default=0.1, metadata={"help": "BN running-stat momentum, PyTorch convention"}
-    )
-    bn_eps: float = field(default=1e-5, metadata={"help": "BN epsilon"})
-    precision: str = field(
-        default="auto",
-        metadata={"help": "float32, bfloat16, or auto (bfloat16 on GPU, float32 on CPU)"},
-    )
+    bn_momentum: float = _flag(0.1, "BN running-stat momentum, PyTorch convention")
+    bn_eps: float = _flag(1e-5, "BN epsilon")
+    precision: str = _flag("auto", "float32, bfloat16, or auto (bfloat16 on GPU, float32 on CPU)")
     # --- optimisation -----------------------------------------------------------
-    epochs: int = field(default=12, metadata={"help": "training epochs"})
-    batch_size: int = field(
-        default=512, metadata={"help": "batch size (last partial batch dropped)"}
+    epochs: int = _flag(12, "training epochs")
+    batch_size: int = _flag(512, "batch size (last partial batch dropped)")
+    lr: float = _flag(0.4, "peak learning rate (per mean loss)")
+    lr_peak_epoch: float = _flag(2.5, "epoch at which the LR peaks")
+    lr_start: float = _flag(0.0, "LR at step 0, as a fraction of lr")
+    lr_end: float = _flag(0.0, "LR at the end of the decay, as a fraction of lr")
+    lr_flat_epochs: float = _flag(
+        0.0,
+        "last epochs with the LR held at lr_end (Page's EMA epochs; 0: none); "
+        "the decay never ends before the peak",
     )
-    lr: float = field(default=0.4, metadata={"help": "peak learning rate (per mean loss)"})
-    lr_peak_epoch: float = field(default=2.5, metadata={"help": "epoch at which the LR peaks"})
-    lr_start: float = field(default=0.0, metadata={"help": "LR at step 0, as a fraction of lr"})
-    lr_end: float = field(
-        default=0.0, metadata={"help": "LR at the end of the decay, as a fraction of lr"}
+    momentum: float = _flag(0.9, "SGD momentum")
+    nesterov: bool = _flag(True, "Nesterov momentum")
+    weight_decay: float = _flag(5e-4, "coupled L2 decay (per mean loss), added to the gradient")
+    bn_bias_lr_mult: float = _flag(1.0, "LR multiplier for BN biases")
+    bn_bias_wd_mult: float = _flag(1.0, "weight-decay multiplier for BN biases")
+    label_smoothing: float = _flag(0.2, "label smoothing")
+    loss_reduction: str = _flag("sum", "sum (Myrtle; LR/WD rescaled by batch) or mean")
+    lr_schedule: str = _flag(
+        "one_cycle",
+        "one_cycle (lr_start x lr -> lr at --lr-peak-epoch -> lr_end x lr) or "
+        "linear (lr at the first update straight down to lr_end x lr at the end, "
+        "airbench94_muon)",
     )
-    lr_flat_epochs: float = field(
-        default=0.0,
-        metadata={
-            "help": "last epochs with the LR held at lr_end (Page's EMA epochs; 0: none); "
-            "the decay never ends before the peak"
-        },
+    optimizer: str = _flag(
+        "sgd",
+        "sgd, or muon: Muon on every trained 3x3 conv filter, SGD on the rest "
+        "(airbench94_muon; speedrun net only)",
     )
-    momentum: float = field(default=0.9, metadata={"help": "SGD momentum"})
-    nesterov: bool = field(default=True, metadata={"help": "Nesterov momentum"})
-    weight_decay: float = field(
-        default=5e-4, metadata={"help": "coupled L2 decay (per mean loss), added to the gradient"}
+    muon_lr: float = _flag(
+        0.24, "--optimizer muon: peak LR of the filters (not rescaled by the batch)"
     )
-    bn_bias_lr_mult: float = field(default=1.0, metadata={"help": "LR multiplier for BN biases"})
-    bn_bias_wd_mult: float = field(
-        default=1.0, metadata={"help": "weight-decay multiplier for BN biases"}
-    )
-    label_smoothing: float = field(default=0.2, metadata={"help": "label smoothing"})
-    loss_reduction: str = field(
-        default="sum", metadata={"help": "sum (Myrtle; LR/WD rescaled by batch) or mean"}
-    )
-    lr_schedule: str = field(
-        default="one_cycle",
-        metadata={
-            "help": "one_cycle (lr_start x lr -> lr at --lr-peak-epoch -> lr_end x lr) or "
-            "linear (lr at the first update straight down to lr_end x lr at the end, "
-            "airbench94_muon)"
-        },
-    )
-    optimizer: str = field(
-        default="sgd",
-        metadata={
-            "help": "sgd, or muon: Muon on every trained 3x3 conv filter, SGD on the rest "
-            "(airbench94_muon; speedrun net only)"
-        },
-    )
-    muon_lr: float = field(
-        default=0.24,
-        metadata={"help": "--optimizer muon: peak LR of the filters (not rescaled by the batch)"},
-    )
-    muon_momentum: float = field(
-        default=0.6, metadata={"help": "--optimizer muon: the filters' Nesterov momentum"}
-    )
+    muon_momentum: float = _flag(0.6, "--optimizer muon: the filters' Nesterov momentum")
     # --- EMA and evaluation -------------------------------------------------------
-    ema_every: int = field(default=5, metadata={"help": "update the EMA every k steps (0: off)"})
-    ema_momentum: float = field(
-        default=0.99, metadata={"help": "EMA momentum: ema = m * ema + (1 - m) * params"}
+    ema_every: int = _flag(5, "update the EMA every k steps (0: off)")
+    ema_momentum: float = _flag(0.99, "EMA momentum: ema = m * ema + (1 - m) * params")
+    tta: bool = _flag(True, "flip test-time augmentation at evaluation")
+    tta_shift: bool = _flag(
+        False, "with --tta: also average 1-px shifted views (airbench's 3-view TTA)"
     )
-    tta: bool = field(default=True, metadata={"help": "flip test-time augmentation at evaluation"})
-    tta_shift: bool = field(
-        default=False,
-        metadata={"help": "with --tta: also average 1-px shifted views (airbench's 3-view TTA)"},
+    lookahead: bool = _flag(
+        False, "reset the net to the EMA at each EMA update (airbench lookahead)"
     )
-    lookahead: bool = field(
-        default=False,
-        metadata={"help": "reset the net to the EMA at each EMA update (airbench lookahead)"},
-    )
-    bn_scale_trainable: bool = field(
-        default=True, metadata={"help": "train BN scales (False: fixed at --bn-scale)"}
-    )
-    bn_scale: float = field(
-        default=1.0,
-        metadata={"help": "BN scale at init, or its fixed value when not trainable"},
-    )
+    bn_scale_trainable: bool = _flag(True, "train BN scales (False: fixed at --bn-scale)")
+    bn_scale: float = _flag(1.0, "BN scale at init, or its fixed value when not trainable")
     # --- Page's tricks: layer choices, built by each framework's layers.py ------------
-    activation: str = field(default="relu", metadata={"help": "relu, celu or gelu (exact erf)"})
-    celu_alpha: float = field(default=0.3, metadata={"help": "alpha of --activation celu"})
-    pool_before_act: bool = field(
-        default=False,
-        metadata={"help": "pool right after the conv (conv, pool, BN, act) instead of last"},
+    activation: str = _flag("relu", "relu, celu or gelu (exact erf)")
+    celu_alpha: float = _flag(0.3, "alpha of --activation celu")
+    pool_before_act: bool = _flag(
+        False, "pool right after the conv (conv, pool, BN, act) instead of last"
     )
-    ghost_bn: int = field(
-        default=0,
-        metadata={"help": "ghost batch norm: BN statistics over groups of N images (0: off)"},
+    ghost_bn: int = _flag(0, "ghost batch norm: BN statistics over groups of N images (0: off)")
+    whiten: str = _flag(
+        "none",
+        "input stem: none (conv3x3), patch3 (Page: frozen 3x3 patch whitening + "
+        "1x1 conv) or patch2 (airbench: frozen 2x2 whitening with bias)",
     )
-    whiten: str = field(
-        default="none",
-        metadata={
-            "help": "input stem: none (conv3x3), patch3 (Page: frozen 3x3 patch whitening + "
-            "1x1 conv) or patch2 (airbench: frozen 2x2 whitening with bias)"
-        },
+    whiten_eps: float = _flag(1e-2, "whitening: eps added to the eigenvalues")
+    whiten_images: int = _flag(10_000, "whitening: patch covariance of the first N training images")
+    whiten_bias_init: str = _flag(
+        "zero", "patch2 whitening bias init: zero (airbench) or uniform (torch default)"
     )
-    whiten_eps: float = field(
-        default=1e-2, metadata={"help": "whitening: eps added to the eigenvalues"}
+    whiten_bias_epochs: int = _flag(0, "speedrun: epochs during which the whitening bias trains")
+    whiten_bias_own_lr: bool = _flag(
+        False,
+        "speedrun: the whitening bias takes the BN biases' LR and decay, its LR "
+        "linear to zero over --whiten-bias-epochs (airbench94_muon); off: the run's LR "
+        "and decay (airbench94)",
     )
-    whiten_images: int = field(
-        default=10_000,
-        metadata={"help": "whitening: patch covariance of the first N training images"},
-    )
-    whiten_bias_init: str = field(
-        default="zero",
-        metadata={"help": "patch2 whitening bias init: zero (airbench) or uniform (torch default)"},
-    )
-    whiten_bias_epochs: int = field(
-        default=0, metadata={"help": "speedrun: epochs during which the whitening bias trains"}
-    )
-    whiten_bias_own_lr: bool = field(
-        default=False,
-        metadata={
-            "help": "speedrun: the whitening bias takes the BN biases' LR and decay, its LR "
-            "linear to zero over --whiten-bias-epochs (airbench94_muon); off: the run's LR "
-            "and decay (airbench94)"
-        },
-    )
-    eval_batch_size: int = field(default=1000, metadata={"help": "evaluation batch size"})
-    eval_every: int = field(
-        default=1,
-        metadata={"help": "monitoring evaluation every k epochs (the last epoch always)"},
-    )
+    eval_batch_size: int = _flag(1000, "evaluation batch size")
+    eval_every: int = _flag(1, "monitoring evaluation every k epochs (the last epoch always)")
     # --- augmentation -------------------------------------------------------------
-    crop_pad: int = field(default=4, metadata={"help": "reflect-pad then random-crop (0: off)"})
-    flip: str = field(default="random", metadata={"help": "none, random or alternating"})
-    cutout: int = field(default=8, metadata={"help": "cutout square side in pixels (0: off)"})
+    crop_pad: int = _flag(4, "reflect-pad then random-crop (0: off)")
+    flip: str = _flag("random", "none, random or alternating")
+    cutout: int = _flag(8, "cutout square side in pixels (0: off)")
     # --- several devices ------------------------------------------------------------
-    bn_sync: str = field(
-        default="global",
-        metadata={
-            "help": "with several devices: global (BN statistics over the whole batch, "
-            "the same numbers as one device) or local (each device's share on its own, "
-            "a different recipe)"
-        },
+    bn_sync: str = _flag(
+        "global",
+        "with several devices: global (BN statistics over the whole batch, "
+        "the same numbers as one device) or local (each device's share on its own, "
+        "a different recipe)",
     )
 
 
@@ -194,34 +138,25 @@ class Recipe:
 class RunOptions:
     """How and where one run of a recipe goes; these leave the numbers as they are."""
 
-    seed: int = field(default=0, metadata={"help": "seed for init, shuffling and augmentation"})
-    data_dir: str | None = field(
-        default=None,
-        metadata={"help": "folder with the official CIFAR layout (else $JAXBENCH_DATA_DIR, cache)"},
+    seed: int = _flag(0, "seed for init, shuffling and augmentation")
+    data_dir: str | None = _flag(
+        None, "folder with the official CIFAR layout (else $JAXBENCH_DATA_DIR, cache)"
     )
-    loop: str = field(
-        default="auto", metadata={"help": "scan (whole epoch in one jit), step, or auto"}
+    loop: str = _flag("auto", "scan (whole epoch in one jit), step, or auto")
+    devices: int = _flag(
+        0,
+        "data-parallel devices per process: the batch is split over them, "
+        "the weights replicated (0: every local device)",
     )
-    devices: int = field(
-        default=0,
-        metadata={
-            "help": "data-parallel devices per process: the batch is split over them, "
-            "the weights replicated (0: every local device)"
-        },
+    out: str | None = _flag(
+        None,
+        "the run folder: config.json, metrics.jsonl (a row per epoch), status.json "
+        "(running, done, diverged or interrupted, and how far) and summary.json",
     )
-    out: str | None = field(
-        default=None,
-        metadata={
-            "help": "the run folder: config.json, metrics.jsonl (a row per epoch), status.json "
-            "(running, done, diverged or interrupted, and how far) and summary.json"
-        },
-    )
-    checkpoint_every: int = field(
-        default=0,
-        metadata={
-            "help": "save a checkpoint to OUT/checkpoints every N epochs, off the clock, "
-            "for --resume (0: never)"
-        },
+    checkpoint_every: int = _flag(
+        0,
+        "save a checkpoint to OUT/checkpoints every N epochs, off the clock, "
+        "for --resume (0: never)",
     )
 
 
@@ -308,13 +243,13 @@ def _check_counts(cfg: Config) -> None:
             f"--widths entries must be in [1, {MAX_WIDTH}] channels, e.g. 16,32,64,128; "
             f"got {_shown(cfg.widths)}"
         )
-    if not 0.0 <= cfg.lr_flat_epochs <= cfg.epochs:  # NaN too
-        raise ValueError(
-            f"--lr-flat-epochs must be in [0, --epochs] = [0, {cfg.epochs}], "
-            f"got {cfg.lr_flat_epochs!r}"
-        )
-    if not 0 <= cfg.seed < SEEDS:
-        raise ValueError(f"--seed must be in [0, {SEEDS - 1}] (0 to 2**31 - 1), got {cfg.seed}")
+    for name, opening in (("lr_flat_epochs", "["), ("lr_peak_epoch", "(")):
+        v = getattr(cfg, name)
+        if not ((0.0 <= v) if opening == "[" else (0.0 < v)) or not v <= cfg.epochs:  # NaN too
+            raise ValueError(
+                f"--{name.replace('_', '-')} must be in {opening}0, --epochs] = "
+                f"{opening}0, {cfg.epochs}], got {v!r}"
+            )
     train_images, test_images = DATASET_IMAGES[cfg.dataset]
     if cfg.subset is not None and cfg.subset < cfg.batch_size:
         raise ValueError(
@@ -331,19 +266,10 @@ def _check_counts(cfg: Config) -> None:
             f"--test-subset must be in [1, {test_images}] images ({cfg.dataset}'s test set), "
             f"got {cfg.test_subset}"
         )
-    if not 0.0 <= cfg.label_smoothing < 1.0:
-        raise ValueError(f"--label-smoothing must be in [0, 1), got {cfg.label_smoothing!r}")
-    if not 0.0 < cfg.lr_peak_epoch <= cfg.epochs:
-        raise ValueError(
-            f"--lr-peak-epoch must be in (0, --epochs] = (0, {cfg.epochs}], "
-            f"got {cfg.lr_peak_epoch!r}"
-        )
-    if not 0.0 <= cfg.ema_momentum < 1.0:
-        raise ValueError(f"--ema-momentum must be in [0, 1), got {cfg.ema_momentum!r}")
 
 
 def _check_rates(cfg: Config) -> None:
-    """Rates that would train nothing or diverge at once."""
+    """Rates and fractions that would train nothing or diverge at once."""
     ranges = {  # name: (ends, lowest, highest, e.g.); an end "(" or ")" is left out
         "lr": ("(]", 0.0, 1e4, "0.4"),  # per mean loss: speedrun_muon's is 1340
         "weight_decay": ("[)", 0.0, 1.0, "5e-4"),
@@ -357,6 +283,11 @@ def _check_rates(cfg: Config) -> None:
         "celu_alpha": ("(]", 0.0, 100.0, "0.3"),
         "whiten_eps": ("(]", 0.0, 1.0, "1e-2"),
         "muon_lr": ("(]", 0.0, 100.0, "0.24"),
+        "momentum": ("[)", 0.0, 1.0, "0.9"),
+        "muon_momentum": ("[)", 0.0, 1.0, "0.6"),
+        "bn_momentum": ("(]", 0.0, 1.0, "0.1 (PyTorch's convention)"),
+        "label_smoothing": ("[)", 0.0, 1.0, "0.2"),
+        "ema_momentum": ("[)", 0.0, 1.0, "0.99"),
     }
     for name, (ends, low, high, example) in ranges.items():
         v = getattr(cfg, name)
@@ -368,14 +299,6 @@ def _check_rates(cfg: Config) -> None:
                 f"--{name.replace('_', '-')} must be {what} in {ends[0]}{low:g}, {high:g}"
                 f"{ends[1]}, e.g. {example}; got {v!r}"
             )
-    if not 0.0 <= cfg.momentum < 1.0:
-        raise ValueError(f"--momentum must be in [0, 1); got {cfg.momentum!r}")
-    if not 0.0 <= cfg.muon_momentum < 1.0:
-        raise ValueError(f"--muon-momentum must be in [0, 1), e.g. 0.6; got {cfg.muon_momentum!r}")
-    if not 0.0 < cfg.bn_momentum <= 1.0:
-        raise ValueError(
-            f"--bn-momentum must be in (0, 1] (PyTorch's convention); got {cfg.bn_momentum!r}"
-        )
 
 
 def check_supported(cfg: Config, trainer: str) -> None:
@@ -659,6 +582,7 @@ COUNT_RANGES: dict[str, tuple[int, int, str]] = {
     "devices": (0, MAX_DEVICES, "devices per process (0: every local device)"),
     "crop_pad": (0, 16, "pixels (0: no crop)"),
     "cutout": (0, 32, "pixels (0: no cutout)"),
+    "seed": (0, SEEDS - 1, "(0 to 2**31 - 1)"),
 }
 
 # `--no-<trick>`: the fields that remove one of Page's tricks, set to the Myrtle

@@ -467,17 +467,9 @@ def _read_entry(cache: Path, spec: Spec, archive: str) -> Dataset | None:
         if isinstance(e, DataError):
             raise
         raise DataError(f"cache entry {entry} is damaged ({type(e).__name__}); {fix}") from None
-    ok = (
-        x.dtype == np.uint8
-        and x.shape == (spec.n_train, 32, 32, 3)
-        and tx.dtype == np.uint8
-        and tx.shape == (spec.n_test, 32, 32, 3)
-        and y.shape == (spec.n_train,)
-        and ty.shape == (spec.n_test,)
-        and y.dtype == ty.dtype == np.int32
-        and len(classes) == spec.n_classes
-    )
-    if not ok:
+    want = [(np.uint8, (n, 32, 32, 3)) for n in (spec.n_train, spec.n_test)]
+    want = [want[0], (np.int32, (spec.n_train,)), want[1], (np.int32, (spec.n_test,))]
+    if [(a.dtype, a.shape) for a in (x, y, tx, ty)] != want or len(classes) != spec.n_classes:
         raise DataError(f"cache entry {entry} does not hold {spec.name}; {fix}")
     _check_labels(y, spec.n_classes, str(entry), fix)
     _check_labels(ty, spec.n_classes, str(entry), fix)
@@ -803,17 +795,11 @@ def channel_stats(images: np.ndarray) -> tuple[list[float], list[float]]:
 
 def summary(ds: Dataset) -> dict[str, Any]:
     """What the CLI prints with --json."""
-    train_mean, train_std = channel_stats(ds.train_images)
-    test_mean, test_std = channel_stats(ds.test_images)
-    return {
-        "train_count": len(ds.train_images),
-        "test_count": len(ds.test_images),
-        "classes": list(ds.classes),
-        "train_mean": train_mean,
-        "train_std": train_std,
-        "test_mean": test_mean,
-        "test_std": test_std,
-    }
+    s: dict[str, Any] = {"train_count": len(ds.train_images), "test_count": len(ds.test_images)}
+    s["classes"] = list(ds.classes)
+    for split, images in (("train", ds.train_images), ("test", ds.test_images)):
+        s[f"{split}_mean"], s[f"{split}_std"] = channel_stats(images)
+    return s
 
 
 def _per_class(labels: np.ndarray, n: int) -> str:

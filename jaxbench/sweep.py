@@ -375,12 +375,13 @@ def _spec_doc(base: Config, grid: Grid, args: Any, frameworks: list[str], planne
 
 
 def _same_sweep(old: dict[str, Any], new: dict[str, Any]) -> bool:
-    ignore = ("base", "workers")
-    a = {k: v for k, v in old.items() if k not in ignore}
-    b = {k: v for k, v in new.items() if k not in ignore}
-    base_a = {k: v for k, v in old.get("base", {}).items() if k != "data_dir"}
-    base_b = {k: v for k, v in new.get("base", {}).items() if k != "data_dir"}
-    return a == b and base_a == base_b
+    """The same plan: the worker count and the data folder may differ."""
+
+    def plan_of(doc: dict[str, Any]) -> dict[str, Any]:
+        base = {k: v for k, v in doc.get("base", {}).items() if k != "data_dir"}
+        return {**{k: v for k, v in doc.items() if k != "workers"}, "base": base}
+
+    return plan_of(old) == plan_of(new)
 
 
 def _trainers(frameworks: Sequence[str], specs: Sequence[RunSpec], base: Config) -> dict[str, Any]:
@@ -566,13 +567,7 @@ def build_parser() -> OneLineErrorParser:
     p.add_argument(
         "--shard", default="0/1", help=f"run only shard i of n (i/n, n up to {MAX_SHARDS})"
     )
-    p.add_argument(
-        "--merge",
-        nargs="+",
-        metavar="DIR",
-        default=None,
-        help="join these shard folders into --out",
-    )
+    p.add_argument("--merge", nargs="+", metavar="DIR", help="join these shard folders into --out")
     p.add_argument(
         "--workers",
         type=int,
