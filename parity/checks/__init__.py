@@ -24,9 +24,7 @@ from parity.checks import augmentation, curves, forward, gradients, init, optimi
 from parity.checks.base import CheckResult, Context, Figure, synthetic_dataset
 from parity.harness import full_precision
 
-CheckFn = Callable[[Context], CheckResult]
-
-CHECKS: dict[int, tuple[str, CheckFn]] = {
+CHECKS: dict[int, tuple[str, Callable[[Context], CheckResult]]] = {
     1: ("initialisation", init.check_init),
     2: ("forward", forward.check_forward),
     3: ("gradients", gradients.check_gradients),
@@ -38,14 +36,6 @@ CHECKS: dict[int, tuple[str, CheckFn]] = {
 STATISTICAL: frozenset[int] = frozenset({7})  # run in the trainers' normal precision
 
 __all__ = ["CHECKS", "CheckResult", "Context", "Figure", "run_check", "synthetic_dataset"]
-
-
-def by_name(name: str) -> int:
-    """The number of the check called `name` (as in the table above or its module)."""
-    for number, (title, fn) in CHECKS.items():
-        if name in (title, fn.__module__.rsplit(".", 1)[-1]):
-            return number
-    raise ValueError(f"no check named {name!r}")
 
 
 def run_check(number: int, ctx: Context) -> CheckResult:
