@@ -67,12 +67,9 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _setup_threads(argv: Sequence[str]) -> dict[str, Any] | None:
-    """Apply `--threads N` before JAX starts (build_parser imports it, via the plants).
-
-    Returns what was set (None without --threads); ValueError names a bad N. A value
-    that is not a number is left for build_parser's usage error.
-    """
+def setup_threads(argv: Sequence[str]) -> dict[str, Any] | None:
+    """Apply `--threads N` before JAX starts (build_parser imports it, via the plants); a value
+    that is not a number is left for build_parser's usage error."""
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--threads", default=None)
     text = pre.parse_known_args(argv)[0].threads
@@ -85,18 +82,6 @@ def _setup_threads(argv: Sequence[str]) -> dict[str, Any] | None:
     return limit_threads(n)
 
 
-def _compile_cache(folder: str) -> None:
-    """Share XLA compilations between the suite's trainer runs (seeds differ, programs don't).
-
-    Must run before the first JAX compilation of the process, hence only here.
-    """
-    import jax
-
-    jax.config.update("jax_compilation_cache_dir", folder)
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     """`python -m parity`; exit codes in the module docstring."""
     args = sys.argv[1:] if argv is None else list(argv)
@@ -105,7 +90,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _main(cmd: Command, argv: list[str]) -> int:
     """Check the flags, --out and the data, then run the suite (results come at the end)."""
-    _setup_threads(argv)
+    setup_threads(argv)
     args = build_parser().parse_args(argv)
     cmd.on_stop = lambda word: f"{word}; nothing written to {args.out} (results come at the end)"
     if args.plant is not None:
@@ -129,8 +114,10 @@ def _main(cmd: Command, argv: list[str]) -> int:
     with tempfile.TemporaryDirectory(prefix="parity-xla-") as folder:
         import jax
 
-        if jax.config.jax_compilation_cache_dir is None:
-            _compile_cache(folder)
+        if jax.config.jax_compilation_cache_dir is None:  # share compilations between seeds
+            jax.config.update("jax_compilation_cache_dir", folder)
+            jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+            jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
         return _run(args, cfg, checks, data)
 
 

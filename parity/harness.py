@@ -1,9 +1,8 @@
 """The entry points of both frameworks that the checks call, gathered in one swappable record.
 
-Every check reaches `jaxbench` and `torch_ref` only through a `Harness`, so a
-plant (`parity.plants`) is just a `Harness` with one entry replaced by a
-broken one, plus optional monkeypatches that `active()` applies and always
-restores. The default harness is the real code, unchanged.
+Every check reaches `jaxbench` and `torch_ref` only through a `Harness`, so a plant
+(`parity.plants`) is a `Harness` with one entry replaced, plus monkeypatches that `active()`
+applies and always restores.
 """
 
 from __future__ import annotations

@@ -1,18 +1,9 @@
 """Deliberately broken references: the suite must fail on each, naming the check that catches it.
 
-Two kinds of plant, each naming the check expected to catch it:
-
-- A harness plant swaps one entry of the `Harness` the checks call (a module
-  built with other arguments, a wrapped function, or a module attribute
-  monkeypatched inside a context manager that always restores it): the
-  classic framework-porting traps in the building blocks.
-- A source plant edits one line of a trainer's own code (`SourceEdit`: the
-  exact old text, which must occur once, and the new), in a temporary copy of
-  the packages; `python -m parity --plant NAME` re-runs itself on that copy.
-  These are the bugs of the trainers' glue: a loss call, the data path, the
-  EMA call site, the LR hand-over, the TTA average.
-
-`python -m parity --plant NAME` runs checks 1-6 and exits 1 when the plant is caught.
+A harness plant swaps one entry of the `Harness` (or monkeypatches a module attribute for the
+run): the classic porting traps in the building blocks. A source plant edits one line of a
+trainer's own code in a temporary copy of the packages, which `python -m parity --plant NAME`
+re-runs itself on: the bugs of the trainers' glue. Checks 1-6 run; exit 1 when caught.
 """
 
 from __future__ import annotations
@@ -139,8 +130,6 @@ def _flax_default_init(h: Harness) -> Harness:
     "momentum 0.1 (PyTorch's number copied into Flax's convention)",
 )
 def _bn_momentum(h: Harness) -> Harness:
-    # ResNet9 takes PyTorch's convention and passes 1 - m to Flax; handing it 0.9
-    # makes Flax's momentum 0.1, i.e. PyTorch's 0.1 copied into Flax unchanged.
     def model(cfg: Config) -> Any:
         return models.model_from_config(cfg, bn_momentum=1.0 - cfg.bn_momentum)
 
@@ -148,8 +137,7 @@ def _bn_momentum(h: Harness) -> Harness:
 
 
 def _flax_batch_norm(cfg: Config, train: bool, dtype: Any, name: str) -> nn.BatchNorm:
-    """Flax's own BatchNorm, otherwise configured like jaxbench's: it stores the running
-    average of the *biased* batch variance, where PyTorch stores the unbiased one."""
+    """Flax's own BatchNorm, otherwise configured like jaxbench's."""
     return nn.BatchNorm(
         use_running_average=not train,
         momentum=1.0 - cfg.bn_momentum,
@@ -205,7 +193,6 @@ def _decoupled_weight_decay(h: Harness) -> Harness:
         base = optim.lr_schedule(cfg, steps_per_epoch)
 
         def group(lr_mult: float, wd_mult: float) -> optax.GradientTransformation:
-            # The bug: momentum first, decay added after it (decoupled from the buffer).
             return optax.chain(
                 optax.trace(decay=cfg.momentum, nesterov=cfg.nesterov),
                 optax.add_decayed_weights(wd * wd_mult),
@@ -242,8 +229,6 @@ def _lr_schedule_off_by_one(h: Harness) -> Harness:
     4, "the JAX EMA replaced by optax.ema(m, debias=True): zero start, debiased read-out"
 )
 def _ema_debias(h: Harness) -> Harness:
-    """optax.ema as is: zero start, debiased read-out (torch_ref copies the weights first)."""
-
     def init(v: Any) -> Any:
         return {"opt": None, "value": jax.tree_util.tree_map(jnp.zeros_like, v)}
 
@@ -294,7 +279,6 @@ def _flip_mismatch(h: Harness) -> Harness:
     real = h.jax_apply_plan
 
     def apply_plan(images: Any, plan: dict[str, np.ndarray], cfg: Config) -> np.ndarray:
-        # The bug: flip the wrong axis (H instead of W), after cutout.
         out = real(images, {**plan, "flip": np.zeros_like(plan["flip"])}, cfg)
         flip = np.asarray(plan["flip"], bool)
         out = np.array(out)
@@ -341,8 +325,7 @@ def _celu_default_alpha(h: Harness) -> Harness:
     config="resnet9",
 )
 def _ghost_bn_chunks(h: Harness) -> Harness:
-    """Each BN sees its input permuted so that contiguous chunks (images 0..g-1, g..2g-1,
-    ...) become Page's `view(-1, C * splits, H, W)` groups, and its output permuted back."""
+    """Each BN sees its input permuted so that contiguous chunks become Page's groups."""
     real = layers.conv_block
 
     def conv_block(cfg: Config, x: jax.Array, conv: Any, norm: Any, pool: bool) -> jax.Array:
@@ -468,11 +451,8 @@ def get_plant(name: str) -> Plant:
 
 
 def planted_harness(name: str | None) -> Harness:
-    """The reference harness, or the one with plant `name` swapped in.
-
-    A source plant's harness is the reference one: its bug is in the code itself,
-    which only the child process started by `python -m parity --plant` runs.
-    """
+    """The reference harness, or the one with plant `name` swapped in (a source plant's is the
+    reference one: its bug is in the copy of the code the child process runs)."""
     base = Harness()
     if name is None:
         return base

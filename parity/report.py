@@ -40,17 +40,9 @@ def table_rows(suite: SuiteResult) -> list[list[str]]:
     rows = []
     for r in suite.results:
         h = r.headline
-        rows.append(
-            [
-                str(r.number),
-                r.name,
-                _num(h.value) if h else "error",
-                _tol(h),
-                "pass" if r.passed else "FAIL",
-                f"{r.seconds:.1f}",
-                (h.name if h else "") if r.error is None else f"error: {r.error}",
-            ]
-        )
+        measured, result = _num(h.value) if h else "error", "pass" if r.passed else "FAIL"
+        figure = (h.name if h else "") if r.error is None else f"error: {r.error}"
+        rows.append([str(r.number), r.name, measured, _tol(h), result, f"{r.seconds:.1f}", figure])
     return rows
 
 
@@ -158,13 +150,8 @@ def _pts(x: float, signed: bool = False) -> str:
 
 def _test_cells(row: dict[str, Any]) -> list[str]:
     """A chaos test's difference, bar, t (df) and verdict, in points."""
-    verdict = "pass" if row["passed"] else "**FAIL**"
-    return [
-        _pts(row["diff"], signed=True),
-        _pts(row["bar"]),
-        f"{row['t']:+.2f} ({row['df']})",
-        verdict,
-    ]
+    t, verdict = f"{row['t']:+.2f} ({row['df']})", "pass" if row["passed"] else "**FAIL**"
+    return [_pts(row["diff"], signed=True), _pts(row["bar"]), t, verdict]
 
 
 def _curves_table(d: dict[str, Any]) -> list[str]:
@@ -311,12 +298,10 @@ def plot_curves(curves: dict[str, Any]) -> bytes | None:
         for name, run in runs.items():
             acc = 100 * np.array([[row[metric] for row in r] for r in run], float)
             epochs = np.arange(1, acc.shape[1] + 1)
-            color, style = _RUN_STYLE.get(
-                name, ("tab:orange", "--" if name.count("'") == 1 else ":")
-            )
-            ax.plot(
-                epochs, acc.mean(0), style, marker="o", color=color, label=f"{name} (n={len(acc)})"
-            )
+            rerun = ("tab:orange", "--" if name.count("'") == 1 else ":")
+            color, style = _RUN_STYLE.get(name, rerun)
+            label = f"{name} (n={len(acc)})"
+            ax.plot(epochs, acc.mean(0), style, marker="o", color=color, label=label)
             if name in _RUN_STYLE:
                 ax.fill_between(epochs, acc.min(0), acc.max(0), color=color, alpha=0.15)
         ax.set_xticks(epochs)
@@ -333,11 +318,8 @@ def plot_curves(curves: dict[str, Any]) -> bytes | None:
                 e = np.array([row["epoch"] for row in pts], float) + shift
                 diff = 100 * np.array([row["diff"] for row in pts])
                 bar = 100 * np.array([row["bar"] for row in pts])
-                name = (
-                    "jax - torch"
-                    if label == "jax"
-                    else f"null: {reruns[-1] if reruns else ''} - torch"
-                )
+                null = f"null: {reruns[-1] if reruns else ''} - torch"
+                name = "jax - torch" if label == "jax" else null
                 ax.errorbar(
                     e, diff, yerr=bar, fmt="o", color=color, capsize=4, label=f"{name} ± bar"
                 )

@@ -49,6 +49,7 @@ from parity.checks.base import (
     Figure,
     PyTree,
     leaves,
+    path_keys,
     subset_data,
     synthetic_dataset,
 )
@@ -139,7 +140,7 @@ def _param_path(path: Any) -> tuple[str, ...] | None:
     names = [getattr(k, "name", None) for k in path]
     if "trace" not in names:
         return None
-    return tuple(str(getattr(k, "key", k)) for k in path[names.index("trace") + 1 :])
+    return path_keys(path[names.index("trace") + 1 :])
 
 
 def _lookup(tree: PyTree, path: tuple[str, ...]) -> Any:
