@@ -98,7 +98,7 @@ def _main(cmd: Command, argv: list[str]) -> int:
 
         plant = get_plant(args.plant)
         if plant.edit is not None and running_planted() != plant.name:
-            return _run_source_plant(plant, args, argv)
+            return _run_source_plant(plant, argv)
     from parity.suite import load_data, parse_checks
 
     checks = parse_checks(args.checks) if args.checks else None
@@ -132,34 +132,19 @@ def _preset(args: argparse.Namespace) -> str:
     return "tiny"
 
 
-def _run_source_plant(plant: Any, args: argparse.Namespace, argv: Sequence[str]) -> int:
+def _run_source_plant(plant: Any, argv: Sequence[str]) -> int:
     """Run this command again on a copy of the packages with the plant's edit applied."""
     import os
     import subprocess
 
     from parity.plants import PLANTED_ENV, planted_tree
 
-    paths = {"--out": args.out, "--data-dir": args.data_dir}
-    child: list[str] = []
-    skip = False
-    for i, a in enumerate(argv):  # the same arguments, with paths made absolute
-        if skip:
-            skip = False
-            continue
-        key = a.split("=", 1)[0]
-        if key in paths and paths[key] is not None:
-            child += [key, os.path.abspath(paths[key])]
-            skip = "=" not in a and i + 1 < len(argv)
-        else:
-            child.append(a)
-    if args.out == build_parser().get_default("out") and "--out" not in child:
-        child += ["--out", os.path.abspath(args.out)]
     with planted_tree(plant) as tree:
         env = {**os.environ, PLANTED_ENV: plant.name, "PYTHONPATH": str(tree)}
-        # The child has its own process group, so Ctrl-C reaches it once, from here
-        # (from a terminal or a `kill -INT` of this process alike); it reports it.
+        # -P: the packages come from the copy, not from this folder (where paths stay valid).
+        # The child has its own process group, so Ctrl-C reaches it once, from here.
         proc = subprocess.Popen(
-            [sys.executable, "-m", "parity", *child], cwd=tree, env=env, process_group=0
+            [sys.executable, "-P", "-m", "parity", *argv], env=env, process_group=0
         )
         previous = {
             s: signal.signal(s, lambda signum, _: proc.send_signal(signum))
