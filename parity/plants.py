@@ -360,87 +360,77 @@ def _lookahead_without_bn_stats(h: Harness) -> Harness:
     return _patched(h, optim, "lookahead_update", params_only)
 
 
+def _source_plant(
+    name: str, check: int, how: str, path: str, old: str, new: str, config: str = "tiny"
+) -> None:
+    """Register a plant that replaces `old` (which must occur once) by `new` in `path`."""
+    PLANTS[name] = Plant(name, check, how, config=config, edit=SourceEdit(path, old, new))
+
+
 # Source plants: one line of a trainer's own code edited in a copy (module docstring).
-for _plant in (
-    Plant(
-        "whiten_eps_airbench",
-        6,
-        "with --config resnet9: jaxbench.train builds Page's 3x3 whitening with airbench's "
-        "eps 5e-4 instead of the config's 1e-2",
-        config="resnet9",
-        edit=SourceEdit(
-            "jaxbench/train.py",
-            "whitening_for_config(cov, cfg.whiten, cfg.whiten_eps)",
-            "whitening_for_config(cov, cfg.whiten, 5e-4)",
-        ),
-    ),
-    Plant(
-        "tta_sum",
-        6,
-        "jaxbench.augment.tta_logits sums the TTA views' logits instead of weighting them "
-        "(flip TTA: logits + mirrored instead of their mean)",
-        edit=SourceEdit(
-            "jaxbench/augment.py",
-            "    combined = sum(w * v for w, v in zip(tta_weights(cfg), out, strict=True))\n",
-            "    combined = sum(out)\n",
-        ),
-    ),
-    Plant(
-        "ema_interval_call_site",
-        6,
-        "jaxbench.train's step calls the EMA update with ema_every + 1",
-        edit=SourceEdit(
-            "jaxbench/train.py",
-            "ema = optim.maybe_ema_update(state.ema, live, step, cfg)",
-            "ema = optim.maybe_ema_update(\n"
-            "                state.ema, live, step, cfg.replace(ema_every=cfg.ema_every + 1)\n"
-            "            )",
-        ),
-    ),
-    Plant(
-        "label_smoothing_call_site",
-        6,
-        "jaxbench.train's loss call hard-codes label smoothing 0.1 (the preset has 0.2)",
-        edit=SourceEdit(
-            "jaxbench/train.py",
-            "optim.cross_entropy(logits, labels, cfg.label_smoothing, cfg.loss_reduction)",
-            "optim.cross_entropy(logits, labels, 0.1, cfg.loss_reduction)",
-        ),
-    ),
-    Plant(
-        "normalization_data_path",
-        3,
-        "jaxbench.train's training data path normalises with CIFAR-100's mean and std",
-        edit=SourceEdit(
-            "jaxbench/train.py",
-            "        x = augment.normalize(images_u8, cfg.dataset, dtype)\n"
-            "        logits, mutated = model.apply(",
-            '        x = augment.normalize(images_u8, "cifar100", dtype)\n'
-            "        logits, mutated = model.apply(",
-        ),
-    ),
-    Plant(
-        "bn_bias_no_weight_decay",
-        4,
-        "jaxbench.optim.make_optimizer gives the BN biases no weight decay",
-        edit=SourceEdit(
-            "jaxbench/optim.py",
-            '"bn_bias": group(cfg.bn_bias_lr_mult, cfg.bn_bias_wd_mult),',
-            '"bn_bias": group(cfg.bn_bias_lr_mult, 0.0),',
-        ),
-    ),
-    Plant(
-        "lr_one_step_late",
-        6,
-        "torch_ref.train's step sets the LR of the previous update (lr_at(t - 1))",
-        edit=SourceEdit(
-            "torch_ref/train.py",
-            "set_lr(r.optimizer, r.lrs[r.t])",
-            "set_lr(r.optimizer, r.lrs[max(r.t - 1, 0)])",
-        ),
-    ),
-):
-    PLANTS[_plant.name] = _plant
+_source_plant(
+    "whiten_eps_airbench",
+    6,
+    "with --config resnet9: jaxbench.train builds Page's 3x3 whitening with airbench's "
+    "eps 5e-4 instead of the config's 1e-2",
+    "jaxbench/train.py",
+    "whitening_for_config(cov, cfg.whiten, cfg.whiten_eps)",
+    "whitening_for_config(cov, cfg.whiten, 5e-4)",
+    config="resnet9",
+)
+_source_plant(
+    "tta_sum",
+    6,
+    "jaxbench.augment.tta_logits sums the TTA views' logits instead of weighting them "
+    "(flip TTA: logits + mirrored instead of their mean)",
+    "jaxbench/augment.py",
+    "    combined = sum(w * v for w, v in zip(tta_weights(cfg), out, strict=True))\n",
+    "    combined = sum(out)\n",
+)
+_source_plant(
+    "ema_interval_call_site",
+    6,
+    "jaxbench.train's step calls the EMA update with ema_every + 1",
+    "jaxbench/train.py",
+    "ema = optim.maybe_ema_update(state.ema, live, step, cfg)",
+    "ema = optim.maybe_ema_update(\n"
+    "                state.ema, live, step, cfg.replace(ema_every=cfg.ema_every + 1)\n"
+    "            )",
+)
+_source_plant(
+    "label_smoothing_call_site",
+    6,
+    "jaxbench.train's loss call hard-codes label smoothing 0.1 (the preset has 0.2)",
+    "jaxbench/train.py",
+    "optim.cross_entropy(logits, labels, cfg.label_smoothing, cfg.loss_reduction)",
+    "optim.cross_entropy(logits, labels, 0.1, cfg.loss_reduction)",
+)
+_source_plant(
+    "normalization_data_path",
+    3,
+    "jaxbench.train's training data path normalises with CIFAR-100's mean and std",
+    "jaxbench/train.py",
+    "        x = augment.normalize(images_u8, cfg.dataset, dtype)\n"
+    "        logits, mutated = model.apply(",
+    '        x = augment.normalize(images_u8, "cifar100", dtype)\n'
+    "        logits, mutated = model.apply(",
+)
+_source_plant(
+    "bn_bias_no_weight_decay",
+    4,
+    "jaxbench.optim.make_optimizer gives the BN biases no weight decay",
+    "jaxbench/optim.py",
+    '"bn_bias": group(cfg.bn_bias_lr_mult, cfg.bn_bias_wd_mult),',
+    '"bn_bias": group(cfg.bn_bias_lr_mult, 0.0),',
+)
+_source_plant(
+    "lr_one_step_late",
+    6,
+    "torch_ref.train's step sets the LR of the previous update (lr_at(t - 1))",
+    "torch_ref/train.py",
+    "set_lr(r.optimizer, r.lrs[r.t])",
+    "set_lr(r.optimizer, r.lrs[max(r.t - 1, 0)])",
+)
 
 
 def get_plant(name: str) -> Plant:

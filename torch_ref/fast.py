@@ -79,42 +79,40 @@ class TorchSetup:
     def resolve(self, device: torch.device, compile: bool | None = None) -> TorchSetup:
         """Every field concrete for `device`. `compile` is the on/off switch: False is mode
         "none", True the device's compiled default; contradictions raise ValueError."""
-        mode = self.compile_mode
+        mode, backend, cuda = self.compile_mode, self.compile_backend, device.type == "cuda"
         if compile is False and mode not in (None, "none"):
             raise ValueError(f"compile=False contradicts compile mode {mode!r}")
         if compile is True and mode == "none":
             raise ValueError("compile=True contradicts compile mode 'none'")
         if mode is None:
             if compile is None:
-                compile = device.type == "cuda"
-            mode = ("max-autotune" if device.type == "cuda" else "default") if compile else "none"
+                compile = cuda
+            mode = ("max-autotune" if cuda else "default") if compile else "none"
         compiled = mode != "none"
-        if compiled and self.compile_backend != "inductor" and mode != "default":
+        if compiled and backend != "inductor" and mode != "default":
             raise ValueError(
-                f"compile mode {mode!r} is inductor's; backend {self.compile_backend!r} "
-                "takes compile mode 'default'"
+                f"compile mode {mode!r} is inductor's; backend {backend!r} takes compile mode "
+                "'default'"
             )
         if compiled:
-            _check_backend(self.compile_backend)
-        augment = self.compile_augment
-        if augment and not compiled:
+            import torch._dynamo
+
+            known = torch._dynamo.list_backends(exclude_tags=())
+            if backend not in known:
+                raise ValueError(
+                    f"unknown compile backend {backend!r}; torch has {', '.join(known)}"
+                )
+        if self.compile_augment and not compiled:
             raise ValueError("compile_augment needs a compile mode other than 'none'")
-        if augment is None:
-            augment = compiled and device.type == "cuda"
-        sgd = self.sgd_impl or ("fused" if device.type == "cuda" else "foreach")
-        cudnn = self.cudnn_benchmark
-        if cudnn is None:
-            cudnn = device.type == "cuda"
+        augment = compiled and cuda if self.compile_augment is None else self.compile_augment
         out = dataclasses.replace(
             self,
             compile_mode=mode,
             compile_augment=bool(augment),
-            sgd_impl=sgd,
-            cudnn_benchmark=bool(cudnn) and device.type == "cuda",
+            sgd_impl=self.sgd_impl or ("fused" if cuda else "foreach"),
+            cudnn_benchmark=cuda and self.cudnn_benchmark is not False,
         )
-        static = self.static_addresses
-        if static is None:
-            static = out.cuda_graphs(device)
+        static = out.cuda_graphs(device) if self.static_addresses is None else self.static_addresses
         return dataclasses.replace(out, static_addresses=bool(static))
 
     def compile_kwargs(self) -> dict[str, Any]:
@@ -157,14 +155,6 @@ def resolve(
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = bool(s.cudnn_benchmark)
     return s
-
-
-def _check_backend(name: str) -> None:
-    import torch._dynamo
-
-    known = torch._dynamo.list_backends(exclude_tags=())
-    if name not in known:
-        raise ValueError(f"unknown compile backend {name!r}; torch has {', '.join(known)}")
 
 
 def record(s: TorchSetup, device: torch.device, bf16: bool) -> dict[str, Any]:
