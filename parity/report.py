@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from jaxbench import report
-from parity.checks import CheckResult, Figure
+from parity.checks import Figure
 from parity.plants import PLANTS
 from parity.suite import SuiteResult
 
@@ -86,8 +86,8 @@ def _md_table(header: list[str], rows: list[list[str]]) -> list[str]:
     return out
 
 
-def _figures_md(r: CheckResult) -> list[str]:
-    rows = [[f.name, _num(f.value), _tol(f), "pass" if f.passed else "**FAIL**"] for f in r.figures]
+def _figures_md(figures: list[Figure]) -> list[str]:
+    rows = [[f.name, _num(f.value), _tol(f), "pass" if f.passed else "**FAIL**"] for f in figures]
     return _md_table(["figure", "measured", "tolerance", "result"], rows)
 
 
@@ -130,17 +130,12 @@ def to_markdown(suite: SuiteResult, has_plot: bool) -> str:
                 lines += ["```", tb.rstrip(), "```", ""]
         if r.number == 7 and "null_table" in r.details:
             lines += _curves_md(r.details, has_plot)
-        failed = r.failed_figures
+        shown = r.figures
         if len(r.figures) > 12:
-            shown = failed + [f for f in r.figures if f.passed and f.headline][:8]
-            lines += [
-                f"{len(r.figures)} figures; failed ones and the main ones shown "
-                "(all in parity.json).",
-                "",
-            ]
-            lines += _figures_md(CheckResult(r.number, r.name, figures=shown))
-        else:
-            lines += _figures_md(r)
+            shown = r.failed_figures + [f for f in r.figures if f.passed and f.headline][:8]
+            n = len(r.figures)
+            lines += [f"{n} figures; failed ones and the main ones shown (all in parity.json).", ""]
+        lines += _figures_md(shown)
     return "\n".join(lines) + "\n"
 
 

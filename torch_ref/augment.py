@@ -129,10 +129,12 @@ def draw_plan(
     """One epoch's plan drawn on the device, with `stream.epoch_plan`'s distributions; pass
     `base_flips` (`draw_base_flips`) to avoid redrawing them each epoch."""
     n = steps_per_epoch(cfg, n_train) * cfg.batch_size
+
+    def below(high: int) -> torch.Tensor:
+        return torch.randint(0, high, (n,), generator=generator, device=device)
+
     indices = torch.randperm(n_train, generator=generator, device=device)[:n]
-    span = 2 * cfg.crop_pad + 1
-    crop_y = torch.randint(0, span, (n,), generator=generator, device=device)
-    crop_x = torch.randint(0, span, (n,), generator=generator, device=device)
+    crop_y, crop_x = below(2 * cfg.crop_pad + 1), below(2 * cfg.crop_pad + 1)
     if cfg.flip == "random":
         flip = torch.rand(n, generator=generator, device=device) < 0.5
     elif cfg.flip == "alternating":
@@ -141,17 +143,9 @@ def draw_plan(
         flip = base_flips[indices] ^ bool(epoch % 2)
     else:
         flip = torch.zeros(n, dtype=torch.bool, device=device)
-    corner = IMAGE_SIZE - cfg.cutout + 1
-    cutout_y = torch.randint(0, corner, (n,), generator=generator, device=device)
-    cutout_x = torch.randint(0, corner, (n,), generator=generator, device=device)
-    return {
-        "indices": indices,
-        "crop_y": crop_y,
-        "crop_x": crop_x,
-        "flip": flip,
-        "cutout_y": cutout_y,
-        "cutout_x": cutout_x,
-    }
+    cutout_y, cutout_x = below(IMAGE_SIZE - cfg.cutout + 1), below(IMAGE_SIZE - cfg.cutout + 1)
+    drawn = (indices, crop_y, crop_x, flip, cutout_y, cutout_x)
+    return dict(zip(PLAN_FIELDS, drawn, strict=True))
 
 
 def tta_logits(

@@ -1,10 +1,7 @@
 """Loss-side state of the recipe in PyTorch, as `jaxbench/optim.py` is for JAX.
 
-SGD with Nesterov momentum and coupled decay (BN biases in a group of their own), the
-LR set per update from `schedule.lr_at`, and the EMA of the weights and BN statistics
-with airbench's lookahead reset (docs/design.md, "Loss and optimizer" and "EMA").
-With `optimizer="muon"` (or `whiten_bias_own_lr`) one `MuonSGD` holds every group:
-Muon on the trained conv filters, the same SGD on the rest, grouped as `jaxbench.optim`.
+SGD with Nesterov momentum and coupled decay, the LR set per update, and the EMA of the weights
+and BN statistics with airbench's lookahead reset (docs/design.md); `MuonSGD` for Muon.
 """
 
 from __future__ import annotations

@@ -48,11 +48,9 @@ def _torch_loss(
 
     labels = torch.as_tensor(y, dtype=torch.int64)
     if x_u8 is None:
+        smoothing, reduction = cfg.label_smoothing, cfg.loss_reduction
         return F.cross_entropy(
-            tmodel(nchw(x)),
-            labels,
-            label_smoothing=cfg.label_smoothing,
-            reduction=cfg.loss_reduction,
+            tmodel(nchw(x)), labels, label_smoothing=smoothing, reduction=reduction
         )
     mean, std = device_stats(cfg.dataset, torch.device("cpu"))
     options = ttrain.loss_options(cfg, False)
