@@ -39,15 +39,13 @@ class ResNet9(nn.Module):
         self,
         widths: tuple[int, ...] = (64, 128, 256, 512),
         output_scale: float = 0.125,
-        bn_momentum: float = 0.1,
-        bn_eps: float = 1e-5,
         num_classes: int = 10,
         cfg: Config | None = None,
     ) -> None:
         super().__init__()
         if len(widths) != 4:
             raise ValueError(f"ResNet9 takes four widths, got {tuple(widths)}")
-        cfg = (cfg or Config()).replace(bn_momentum=bn_momentum, bn_eps=bn_eps)
+        cfg = cfg or Config()  # BN settings and the layers' choices
         w0, w1, w2, w3 = widths
         if cfg.whiten == "patch3":
             self.prep: nn.Module = layers.PatchWhiten(cfg, 3, w0)
@@ -97,8 +95,6 @@ def model_from_config(cfg: Config, seed: int | None = None) -> nn.Module:
     model = ResNet9(
         widths=tuple(cfg.widths),
         output_scale=cfg.output_scale,
-        bn_momentum=cfg.bn_momentum,
-        bn_eps=cfg.bn_eps,
         num_classes=NUM_CLASSES[cfg.dataset],
         cfg=cfg,
     )

@@ -45,22 +45,23 @@ class TorchProfile:
             self.prof.toggle_collection_dynamic(False, self.activities)
             self.collecting = False
 
+    def _stop(self, prof: torch.profiler.profile) -> None:
+        if not self.collecting:
+            prof.toggle_collection_dynamic(True, self.activities)  # stop() expects it on
+        prof.stop()
+        self.collecting = False
+
     def abort(self) -> None:
         """Stop without writing anything (the run failed)."""
         if self.prof is not None:
-            if not self.collecting:
-                self.prof.toggle_collection_dynamic(True, self.activities)
-            self.prof.stop()
-            self.prof, self.collecting = None, False
+            self._stop(self.prof)
+            self.prof = None
 
     def finish(self) -> dict[str, Any]:
         """Stop; write `<folder>/torch-trace.json` atomically; {"trace": path, "top_ops": rows}."""
         if self.prof is None:
             return {"trace": None, "top_ops": []}
-        if not self.collecting:
-            self.prof.toggle_collection_dynamic(True, self.activities)  # stop() expects it on
-        self.prof.stop()
-        self.collecting = False
+        self._stop(self.prof)
         self.folder.mkdir(parents=True, exist_ok=True)
         path = self.folder / TRACE_NAME
         fd, tmp = tempfile.mkstemp(dir=self.folder, prefix=".torch-trace-", suffix=".json")

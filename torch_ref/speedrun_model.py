@@ -52,15 +52,10 @@ class SpeedrunNet(nn.Module):
         widths: Sequence[int] = (64, 256, 256),
         num_classes: int = 10,
         output_scale: float = 1.0 / 9.0,
-        bn_momentum: float = 0.4,
-        bn_eps: float = 1e-12,
-        bn_scale_trainable: bool = False,
         cfg: Config | None = None,
     ) -> None:
         super().__init__()
-        cfg = (cfg or speedrun()).replace(
-            bn_momentum=bn_momentum, bn_eps=bn_eps, bn_scale_trainable=bn_scale_trainable
-        )
+        cfg = cfg or speedrun()  # BN settings and the layers' choices
         self.output_scale = output_scale
         self.whiten_bias_zero = cfg.whiten_bias_init == "zero"
         self.head_unit_std = cfg.head_unit_std
@@ -118,9 +113,6 @@ def speedrun_from_config(cfg: Config, seed: int | None = None) -> SpeedrunNet:
         widths=tuple(cfg.widths),
         num_classes=NUM_CLASSES[cfg.dataset],
         output_scale=cfg.output_scale,
-        bn_momentum=cfg.bn_momentum,
-        bn_eps=cfg.bn_eps,
-        bn_scale_trainable=cfg.bn_scale_trainable,
         cfg=cfg,
     )
     net.reset_parameters(torch.Generator().manual_seed(cfg.seed if seed is None else seed))

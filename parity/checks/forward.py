@@ -146,28 +146,24 @@ def check_forward(ctx: Context) -> CheckResult:
     res.figures.append(Figure("logits max |diff|, eval mode", max_abs(f_eval, t_eval), 1e-5))
 
     t_train, acts = _torch_train_forward(tmodel, x)
-    f_train, state = jax.jit(
-        lambda v, xb: fmodel.apply(
-            v, xb, train=True, mutable=["batch_stats", "intermediates"], capture_intermediates=True
-        )
-    )(variables, x)
-    res.figures.append(
-        Figure("logits max |diff|, train mode", max_abs(np.asarray(f_train), t_train), 1e-5)
-    )
+    mutable = ["batch_stats", "intermediates"]
+
+    def train(v: PyTree, xb: np.ndarray) -> Any:
+        return fmodel.apply(v, xb, train=True, mutable=mutable, capture_intermediates=True)
+
+    f_train, state = jax.jit(train)(variables, x)
+    f_train = np.asarray(f_train)
+    res.figures.append(Figure("logits max |diff|, train mode", max_abs(f_train, t_train), 1e-5))
     act_figures, act_rows = _activation_figures(acts, leaves(state["intermediates"]))
     res.figures += act_figures
-    back = h.to_torch(
-        {"params": variables["params"], "batch_stats": state["batch_stats"]},
-        num_batches_tracked=len(warm) + 1,
-    )
+    trained = {"params": variables["params"], "batch_stats": state["batch_stats"]}
+    back = h.to_torch(trained, num_batches_tracked=len(warm) + 1)
     stat_rows = _stats_rows(back, tmodel.state_dict())
-    res.figures.append(
-        Figure("BN running stats max |diff| / max(1, |x|)", max(stat_rows.values()), 1e-5)
-    )
+    stats = max(stat_rows.values())
+    res.figures.append(Figure("BN running stats max |diff| / max(1, |x|)", stats, 1e-5))
     probe = _padding_probe(_flax_conv_configs(fmodel, variables, x), tmodel, seed=0)
-    res.figures.append(
-        Figure("stride-2 padding probe max |diff|", max(probe.values(), default=math.inf), 1e-5)
-    )
+    worst = max(probe.values(), default=math.inf)
+    res.figures.append(Figure("stride-2 padding probe max |diff|", worst, 1e-5))
     res.details = {
         "batch": b,
         "widths": list(cfg.widths),
