@@ -225,10 +225,16 @@ def prepare(r: Any) -> None:
     r.extras.update(devices=world, processes=world)  # data-parallel devices, one per process
 
 
+@torch.no_grad()
 def sum_over_processes(*tensors: torch.Tensor, mean: bool = False) -> None:
-    """Sum (or average) each tensor over the processes, in place; nothing to do alone."""
-    if world_size() > 1:
-        all_reduce_(*tensors, mean=mean)
+    """Sum (or average) each tensor over the processes, in place, outside autograd; nothing to
+    do alone."""
+    if world_size() <= 1:
+        return
+    for t in tensors:
+        dist.all_reduce(t)
+        if mean:
+            t.div_(dist.get_world_size())
 
 
 def refuse_resume(resume: Any) -> None:
@@ -274,12 +280,3 @@ def join(args: argparse.Namespace, torch_setup: Any) -> None:
         if hasattr(args, "out"):
             args.out = None
         args.quiet, args.no_progress, args.profile = True, True, None
-
-
-@torch.no_grad()
-def all_reduce_(*tensors: torch.Tensor, mean: bool = False) -> None:
-    """Sum (or average) each tensor over the processes, in place, outside autograd."""
-    for t in tensors:
-        dist.all_reduce(t)
-        if mean:
-            t.div_(dist.get_world_size())

@@ -105,7 +105,7 @@ class BatchNorm(nn.BatchNorm2d):
         if self.sync == "local":
             y = self._forward(x)  # this process's share: its own statistics and groups
             # `.data`: F.batch_norm's backward keeps the buffers but in training never reads them
-            distributed.all_reduce_(self.running_mean.data, self.running_var.data, mean=True)
+            distributed.sum_over_processes(self.running_mean.data, self.running_var.data, mean=True)
             return y
         n, c, h, w = x.shape
         total = n * world
