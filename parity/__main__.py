@@ -31,7 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="narrow widths for checks 2-6 and a reduced tiny config for check 7 "
         "(under 5 minutes on a 2-core CPU)",
     )
-    p.add_argument("--data-dir", default=None, help="CIFAR-10 folder (else $JAXBENCH_DATA_DIR)")
+    p.add_argument("--data-dir", help="CIFAR-10 folder (else $JAXBENCH_DATA_DIR)")
     p.add_argument(
         "--out", default="parity_out", help="folder for parity.json, the report, the plot"
     )
@@ -42,24 +42,21 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--plant",
-        default=None,
         metavar="NAME",
         help=f"run checks 1-6 against a planted bug: {', '.join(PLANTS)}",
     )
     p.add_argument(
         "--config",
-        default=None,
         choices=sorted(PRESETS),
         help="preset (default tiny; with --plant, the preset that plant breaks)",
     )
-    p.add_argument("--checks", default=None, help="which checks, e.g. 1-6 or 2,5 (default: all)")
-    p.add_argument("--seeds", type=int, default=None, help="seeds per framework for check 7")
-    p.add_argument("--epochs", type=int, default=None, help="epochs for check 7 (default: preset)")
+    p.add_argument("--checks", help="which checks, e.g. 1-6 or 2,5 (default: all)")
+    p.add_argument("--seeds", type=int, help="seeds per framework for check 7")
+    p.add_argument("--epochs", type=int, help="epochs for check 7 (default: preset)")
     p.add_argument("--quiet", action="store_true", help="only the table and the verdict")
     p.add_argument(
         "--threads",
         type=int,
-        default=None,
         metavar="N",
         help="CPU threads for XLA:CPU (PJRT_NPROC) and PyTorch (intra- and inter-op); "
         "default: XLA uses every core, PyTorch its default (1 in --quick)",
@@ -71,7 +68,7 @@ def setup_threads(argv: Sequence[str]) -> dict[str, Any] | None:
     """Apply `--threads N` before JAX starts (build_parser imports it, via the plants); a value
     that is not a number is left for build_parser's usage error."""
     pre = argparse.ArgumentParser(add_help=False)
-    pre.add_argument("--threads", default=None)
+    pre.add_argument("--threads")
     text = pre.parse_known_args(argv)[0].threads
     try:
         n = int(text)

@@ -227,18 +227,11 @@ def forwards(
 # --- nets and data at fixed addresses, warm-up once per process and configuration -----------------
 
 
-@dataclasses.dataclass
-class Pooled:
-    """A configuration's nets and device data, kept at fixed addresses across runs."""
+Placed = tuple[nn.Module, nn.Module | None, dict[str, torch.Tensor]]  # nets and device data
 
-    model: nn.Module
-    ema_model: nn.Module | None
-    tensors: dict[str, torch.Tensor]
-
-
-# Warm-up and pooled tensors, per (recipe, shapes, device, setup, bf16).
+# Warm-up and pooled nets and data, per (recipe, shapes, device, setup, bf16).
 _WARMED: set[Any] = set()
-_POOL: dict[Any, Pooled] = {}
+_POOL: dict[Any, Placed] = {}
 
 
 def forget_warmups() -> None:
@@ -260,7 +253,7 @@ def place(
     model: nn.Module,
     ema_model: nn.Module | None,
     tensors: dict[str, torch.Tensor],
-) -> tuple[nn.Module, nn.Module | None, dict[str, torch.Tensor]]:
+) -> Placed:
     """A run's nets and device data; with `static_addresses`, the last run's of `key` with
     these values copied in (CUDA graphs replay instead of re-recording)."""
     if not s.static_addresses:
@@ -271,17 +264,18 @@ def place(
 
         for t in tensors.values():  # the compiled augmentation reads train_x in place
             mark_static_address(t, guard=False)  # new address: re-record, not recompile
-        _POOL[key] = Pooled(model, ema_model, tensors)
-        return model, ema_model, tensors
+        _POOL[key] = (model, ema_model, tensors)
+        return _POOL[key]
+    kept_model, kept_ema, kept_tensors = pooled
     for k, t in tensors.items():
-        pooled.tensors[k].copy_(t)
-    for net, fresh in ((pooled.model, model), (pooled.ema_model, ema_model)):
+        kept_tensors[k].copy_(t)
+    for net, fresh in ((kept_model, model), (kept_ema, ema_model)):
         if net is not None and fresh is not None:
             net.load_state_dict(fresh.state_dict())
             net.train()
-    for p in pooled.model.parameters():
+    for p in kept_model.parameters():
         p.grad = None
-    return pooled.model, pooled.ema_model, pooled.tensors
+    return pooled
 
 
 def sync(device: torch.device) -> None:
@@ -434,14 +428,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--compile",
         action=argparse.BooleanOptionalAction,
-        default=None,
         help="torch.compile the forward/backward (default: on for CUDA, off on the CPU); "
         "--compile means --compile-mode's device default, --no-compile means 'none'",
     )
     parser.add_argument(
         "--compile-mode",
         choices=COMPILE_MODES,
-        default=None,
         help="torch.compile mode (default: max-autotune on CUDA, as airbench94_compiled; "
         "none on the CPU)",
     )
@@ -453,14 +445,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--compile-augment",
         action=argparse.BooleanOptionalAction,
-        default=None,
         help="compile the augmentation gather/cutout into the forward's graph (default: on "
         "when compiling on CUDA) or run it eagerly before it",
     )
     parser.add_argument(
         "--sgd-impl",
         choices=SGD_IMPLS,
-        default=None,
         help="torch.optim.SGD kernel (default: fused on CUDA, foreach on the CPU)",
     )
 
