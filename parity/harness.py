@@ -47,13 +47,6 @@ def _ema_update(state: PyTree, new: PyTree, step: int, cfg: Config) -> PyTree:
     return optim.maybe_ema_update(state, new, jax.numpy.asarray(step, jax.numpy.int32), cfg)
 
 
-DEFAULT_EMA = EmaOps(
-    init=lambda v: jax.tree_util.tree_map(lambda x: jax.numpy.array(x, copy=True), v),
-    update=_ema_update,
-    read=lambda s: s,
-)
-
-
 def _jax_apply_plan(images: Any, plan: dict[str, np.ndarray], cfg: Config) -> np.ndarray:
     return np.asarray(augment.apply_plan(jax.numpy.asarray(images), plan, cfg))
 
@@ -75,7 +68,11 @@ class Harness:
     to_torch: Callable[..., Any] = convert.flax_to_torch
     jax_optimizer: Callable[[Config, int], optax.GradientTransformation] = optim.make_optimizer
     jax_lr: Callable[[Config, int], Callable[[Any], Any]] = optim.lr_schedule
-    jax_ema: EmaOps = DEFAULT_EMA
+    jax_ema: EmaOps = EmaOps(
+        init=lambda v: jax.tree_util.tree_map(lambda x: jax.numpy.array(x, copy=True), v),
+        update=_ema_update,
+        read=lambda s: s,
+    )
     # Muon on conv filters: (spec, LR schedule, total steps) -> optax; (params, spec, total)
     jax_muon: Callable[..., optax.GradientTransformation] = optim_muon.muon
     torch_muon: Callable[..., torch.optim.Optimizer] = torch_muon.Muon

@@ -34,11 +34,6 @@ def env_world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
-def local_world_size() -> int:
-    """Processes on this machine (torchrun's LOCAL_WORLD_SIZE), to share its CPU cores."""
-    return int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-
-
 def world_size() -> int:
     """Processes in the running group (1 when there is none)."""
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
@@ -159,7 +154,8 @@ def cpu_threads() -> int:
 def share_cpu_threads() -> None:
     """Without CUDA: torch's threads are this process's share of the machine's cores."""
     if not torch.cuda.is_available():
-        torch.set_num_threads(max(1, cpu_threads() // local_world_size()))
+        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))  # processes on this machine
+        torch.set_num_threads(max(1, cpu_threads() // local_world))
 
 
 def eager_only(compile: bool | None, torch_setup: Any, world: int) -> bool | None:
