@@ -16,6 +16,7 @@ import tempfile
 import types
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -118,10 +119,8 @@ def _patched(h: Harness, obj: Any, attr: str, value: Any) -> Harness:
     "via model_from_config(..., kernel_init=...)",
 )
 def _flax_default_init(h: Harness) -> Harness:
-    def model(cfg: Config) -> Any:
-        return models.model_from_config(cfg, kernel_init=nn.initializers.lecun_normal())
-
-    return dataclasses.replace(h, flax_model=model)
+    lecun = nn.initializers.lecun_normal()
+    return dataclasses.replace(h, flax_model=partial(models.model_from_config, kernel_init=lecun))
 
 
 @_harness_plant(

@@ -254,9 +254,8 @@ _CHECK_NOTES: dict[int, str] = {
     "Per-step loss; BN statistics per element; the LR, weight decay and EMA decay each "
     "trainer actually applied, recovered from its own update, against the config; params, "
     "momentum and EMA params as a whole (their gradient is float32-ambiguous near ReLU "
-    "and max-pool kinks); "
-    "evaluation of identical weights: every TTA view's logits, the loss, the accuracies. "
-    "Module docstring of parity/checks/trainer.py: the argument and the bars.",
+    "and max-pool kinks); evaluation of identical weights: every TTA view's logits, the loss, "
+    "the accuracies. Module docstring of parity/checks/trainer.py: the argument and the bars.",
     7: "Both trainers, stream='shared', several seeds, each a matched pair (same weights, "
     "same batches), plus torch reruns from the same weights perturbed by ~1 ulp: is jax "
     "further from torch than torch is from itself? Per epoch and metric (test accuracy, EMA "

@@ -366,12 +366,8 @@ def check_no_host_sync(
     t0 = max(cfg.ema_every - 1, 0) if r.ema_model is not None else 0
     n = min(steps, r.steps)
     t0 = max(0, min(t0, len(r.lrs) - n))
-    scratch = dataclasses.replace(
-        r,
-        optimizer=scratch_optimizer(r.optimizer),
-        t=t0,
-        generator=torch.Generator(device=r.device).manual_seed(0),
-    )
+    gen = torch.Generator(device=r.device).manual_seed(0)
+    scratch = dataclasses.replace(r, optimizer=scratch_optimizer(r.optimizer), t=t0, generator=gen)
     phase = "draw_plan (once per epoch)"
     previous = torch.cuda.get_sync_debug_mode()
     detail = None
