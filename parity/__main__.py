@@ -90,6 +90,7 @@ def _main(cmd: Command, argv: list[str]) -> int:
     setup_threads(argv)
     args = build_parser().parse_args(argv)
     cmd.on_stop = lambda word: f"{word}; nothing written to {args.out} (results come at the end)"
+    plant = None
     if args.plant is not None:
         from parity.plants import get_plant, running_planted
 
@@ -99,7 +100,7 @@ def _main(cmd: Command, argv: list[str]) -> int:
     from parity.suite import load_data, parse_checks
 
     checks = parse_checks(args.checks) if args.checks else None
-    cfg = get_config(_preset(args))
+    cfg = get_config(args.config or (plant.config if plant else "tiny"))  # a plant's own preset
     if args.seeds is not None and args.seeds < 1:
         raise ValueError("--seeds must be at least 1")
     if args.epochs is not None and args.epochs < 1:
@@ -116,17 +117,6 @@ def _main(cmd: Command, argv: list[str]) -> int:
             jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
             jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
         return _run(args, cfg, checks, data)
-
-
-def _preset(args: argparse.Namespace) -> str:
-    """--config, else the preset a --plant breaks, else tiny."""
-    if args.config is not None:
-        return args.config
-    if args.plant is not None:
-        from parity.plants import get_plant
-
-        return get_plant(args.plant).config
-    return "tiny"
 
 
 def _run_source_plant(plant: Any, argv: Sequence[str]) -> int:

@@ -205,14 +205,6 @@ def compare(
     return figures, rows
 
 
-def _data(ctx: Context, cfg: Config) -> Any:
-    return subset_data(
-        ctx.data,
-        cfg.subset or len(ctx.data.train_images),
-        cfg.test_subset or len(ctx.data.test_images),
-    )
-
-
 def check_curves(ctx: Context, *, with_jax: bool = True) -> CheckResult:
     """Per-epoch accuracy and EMA accuracy: JAX against torch_ref, and torch_ref against itself.
 
@@ -232,7 +224,9 @@ def check_curves(ctx: Context, *, with_jax: bool = True) -> CheckResult:
         res.error = "needs CIFAR-10: pass --data-dir DIR or set JAXBENCH_DATA_DIR"
         return res
     cfg, note = curve_config(ctx)
-    runs, diag = train_runs(ctx, cfg, _data(ctx, cfg), with_jax=with_jax)
+    n_train = cfg.subset or len(ctx.data.train_images)
+    data = subset_data(ctx.data, n_train, cfg.test_subset or len(ctx.data.test_images))
+    runs, diag = train_runs(ctx, cfg, data, with_jax=with_jax)
     torch_names = [run_name(k) for k in range(TORCH_RUNS)]
     table: list[dict[str, Any]] = []
     null_table: list[dict[str, Any]] = []
@@ -243,13 +237,9 @@ def check_curves(ctx: Context, *, with_jax: bool = True) -> CheckResult:
         runs, torch_names[-1], torch_names[:-1], cfg.epochs, "null: ", headline=not with_jax
     )
     res.figures += figs
-    ctx.curves = {
-        "runs": runs,
-        "config": cfg.to_dict(),
-        "note": note,
-        "table": table,
-        "null_table": null_table,
-    }
+    ctx.curves = dict(
+        runs=runs, config=cfg.to_dict(), note=note, table=table, null_table=null_table
+    )
     res.details = {
         "note": note,
         "seeds": ctx.seeds,
