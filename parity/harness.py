@@ -19,6 +19,7 @@ import torch
 
 from jaxbench import augment, models, optim, optim_muon
 from jaxbench.configs import Config
+from jaxbench.train import seed_keys
 from parity import convert
 from torch_ref import augment as torch_augment
 from torch_ref import model as torch_model
@@ -38,8 +39,6 @@ class EmaOps:
 
 def _flax_init(model: models.ResNet9, seed: int) -> PyTree:
     """The trainer's own init for `seed` (jaxbench.train splits the seed into init and data)."""
-    from jaxbench.train import seed_keys
-
     return models.init_variables(model, seed_keys(seed)[0])
 
 

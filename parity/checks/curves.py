@@ -15,8 +15,10 @@ import numpy as np
 import torch
 
 from jaxbench import stats
+from jaxbench import train as jtrain
 from jaxbench.configs import Config
 from parity.checks.base import CheckResult, Context, Figure, quick_widths, subset_data
+from torch_ref import train as ttrain
 
 METRICS = ("val_acc", "ema_val_acc")
 TORCH_RUNS = 3  # per seed: the original and two perturbed reruns (the null needs >= 3)
@@ -127,9 +129,6 @@ def train_runs(
     Returns ({run name: [per-seed epoch rows]}, {wall and CPU seconds per run kind, the
     per-step loss divergence of jax and of the first rerun from the torch run}).
     """
-    from jaxbench import train as jtrain
-    from torch_ref import train as ttrain
-
     h = ctx.harness
     names = (["jax"] if with_jax else []) + [run_name(k) for k in range(TORCH_RUNS)]
     runs: dict[str, list[list[dict[str, Any]]]] = {n: [] for n in names}

@@ -12,17 +12,18 @@ import torch
 import torch.nn.functional as F
 
 from jaxbench import optim, stats
+from jaxbench import train as jtrain
 from jaxbench.configs import Config
 from parity import convert
 from parity.checks.base import CheckResult, Context, Figure, PyTree, nchw, sample_batch
+from torch_ref import train as ttrain
+from torch_ref.augment import device_stats
 
 
 def _jax_grads(
     cfg: Config, fmodel: Any, variables: PyTree, x: np.ndarray, x_u8: np.ndarray | None, y: Any
 ) -> tuple[jax.Array, PyTree]:
     """The loss and its gradient: the trainer's own loss on `x_u8`, else the model on `x`."""
-    from jaxbench import train as jtrain
-
     trainer_loss = jtrain.make_loss_fn(cfg, fmodel)
 
     def loss_fn(params: PyTree) -> jax.Array:
@@ -43,9 +44,6 @@ def _torch_loss(
     cfg: Config, tmodel: torch.nn.Module, x: np.ndarray, x_u8: np.ndarray | None, y: Any
 ) -> torch.Tensor:
     """The same loss in torch_ref: `train_forward` on `x_u8`, else the model on `x`."""
-    from torch_ref import train as ttrain
-    from torch_ref.augment import device_stats
-
     labels = torch.as_tensor(y, dtype=torch.int64)
     if x_u8 is None:
         smoothing, reduction = cfg.label_smoothing, cfg.loss_reduction

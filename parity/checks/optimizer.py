@@ -25,12 +25,11 @@ from jaxbench.stream import steps_per_epoch
 from parity import convert
 from parity.checks.base import CheckResult, Context, Figure, PyTree, max_abs, path_keys
 from parity.harness import Harness
+from torch_ref import optim as toptim
 
 
 def _lr_figure(h: Harness, cfg: Config, spe: int) -> tuple[float, dict[str, Any]]:
     """max over every step of |jax LR - torch LR| / peak LR, torch's as torch_ref sets it."""
-    from torch_ref import optim as toptim
-
     total = cfg.epochs * spe
     steps = np.arange(total)
     lr_fn = jax.jit(jax.vmap(h.jax_lr(cfg, spe)))
@@ -94,8 +93,6 @@ def _torch_diffs(tree: PyTree, tensors: dict[str, torch.Tensor]) -> dict[str, fl
 def _optimizer_run(h: Harness, cfg: Config, spe: int, steps: int, seed: int) -> dict[str, Any]:
     """`steps` updates from the same params and gradients, live BN stats changed identically
     every step (for the EMA of BN statistics): per-tensor max |diff|."""
-    from torch_ref import optim as toptim
-
     tmodel = _torch_start(h, cfg, seed)
     variables = convert.torch_to_flax({k: v.clone() for k, v in tmodel.state_dict().items()})
     params, bstats = variables["params"], variables["batch_stats"]

@@ -40,8 +40,10 @@ import jax.numpy as jnp
 import numpy as np
 import torch
 
-from jaxbench import optim, schedule
+from jaxbench import models, optim, schedule
+from jaxbench import train as jtrain
 from jaxbench.configs import Config, optimizer_scales
+from jaxbench.stream import apply_plan_numpy, epoch_plan
 from parity import convert
 from parity.checks.base import (
     CheckResult,
@@ -53,6 +55,9 @@ from parity.checks.base import (
     subset_data,
     synthetic_dataset,
 )
+from torch_ref import model as tmodel_mod
+from torch_ref import train as ttrain
+from torch_ref.augment import device_stats
 
 RTOL_UPDATE = 3e-4  # relative error allowed in one step's change of a BN statistic
 ULPS = 8.0  # float32 ulps of the stored value allowed on top
@@ -330,13 +335,6 @@ def _step_gradients(
 ) -> dict[str, dict[int, dict[str, np.ndarray]]]:
     """Each trainer's own loss gradient (`make_loss_fn`, `train_forward`) at each step's
     starting state, on that step's batch from the shared plan; Flax layout, by dotted name."""
-    from jaxbench import models
-    from jaxbench import train as jtrain
-    from jaxbench.stream import apply_plan_numpy, epoch_plan
-    from torch_ref import model as tmodel_mod
-    from torch_ref import train as ttrain
-    from torch_ref.augment import device_stats
-
     loss_fn = jtrain.make_loss_fn(cfg, models.model_from_config(cfg))
     grad_fn = jax.jit(jax.grad(lambda p, bs, x, y: loss_fn(p, bs, x, y)[0]))
     mean, std = device_stats(cfg.dataset, torch.device("cpu"))
@@ -429,12 +427,6 @@ def _eval_logits(
     cfg: Config, variables: dict[str, PyTree], ema: dict[str, PyTree] | None, images: np.ndarray
 ) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """Both trainers' own evaluation logits (every view, and combined) of the same weights."""
-    from jaxbench import models
-    from jaxbench import train as jtrain
-    from torch_ref import model as tmodel_mod
-    from torch_ref import train as ttrain
-    from torch_ref.augment import device_stats
-
     fmodel = models.model_from_config(cfg)
     logits_fn = jax.jit(jtrain.make_logits_fn(cfg, fmodel))
     mean, std = device_stats(cfg.dataset, torch.device("cpu"))
@@ -495,9 +487,6 @@ def _per_framework(title: str, pairs: dict[str, list[tuple[float, int]]]) -> lis
 
 def run_trainers(ctx: Context, cfg: Config) -> Runs:
     """Both trainers' `train_and_evaluate` from torch_ref's init for `cfg.seed`, recorded."""
-    from jaxbench import train as jtrain
-    from torch_ref import train as ttrain
-
     h = ctx.harness
     n_train, n_test = cfg.subset or 0, cfg.test_subset or 0
     data = (
