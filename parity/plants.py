@@ -198,13 +198,9 @@ def _decoupled_weight_decay(h: Harness) -> Harness:
                 optax.scale_by_learning_rate(lambda c: base(c) * lr_mult),
             )
 
-        return optax.multi_transform(
-            {
-                "default": group(1.0, 1.0),
-                "bn_bias": group(cfg.bn_bias_lr_mult, cfg.bn_bias_wd_mult),
-            },
-            optim.param_labels,
-        )
+        groups = {"default": group(1.0, 1.0)}
+        groups["bn_bias"] = group(cfg.bn_bias_lr_mult, cfg.bn_bias_wd_mult)
+        return optax.multi_transform(groups, optim.param_labels)
 
     return dataclasses.replace(h, jax_optimizer=optimizer)
 

@@ -10,8 +10,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+import torch
 
 from jaxbench.configs import Config
+from jaxbench.data import load_dataset
 from jaxbench.threads import thread_settings
 from parity.checks import CHECKS, CheckResult, Context, run_check, synthetic_dataset
 from parity.plants import get_plant, planted_harness
@@ -62,8 +64,6 @@ class SuiteResult:
 def _torch_threads(n: int | None) -> Iterator[None]:
     """Run PyTorch with n CPU threads, then restore (quick mode: one; on a shared 2-core CPU
     two threads measured 5x slower than one)."""
-    import torch
-
     old = torch.get_num_threads()
     if n is not None:
         torch.set_num_threads(n)
@@ -78,8 +78,6 @@ def load_data(data_dir: str | os.PathLike[str] | None, dataset: str = "cifar10")
     folder = data_dir or os.environ.get("JAXBENCH_DATA_DIR")
     if not folder:
         return None
-    from jaxbench.data import load_dataset
-
     return load_dataset(Config(dataset=dataset), data_dir=folder, download=False, progress=False)
 
 

@@ -183,9 +183,7 @@ def dynamo_graphs() -> int:
     """Graphs torch._dynamo has compiled in this process, recompiles included (0 if dynamo
     never loaded)."""
     dynamo = sys.modules.get("torch._dynamo.utils")
-    if dynamo is None:
-        return 0
-    return int(dynamo.counters["stats"]["unique_graphs"])
+    return 0 if dynamo is None else int(dynamo.counters["stats"]["unique_graphs"])
 
 
 def summary_fields(

@@ -33,12 +33,8 @@ def device_patch_moments(
         rows = win.reshape(-1, d)
         sum_uu += rows.T @ rows
         sum_u += rows.sum(0)
-    fetched = torch.cat([sum_uu.reshape(-1), sum_u]).cpu().numpy()
-    return (
-        fetched[: d * d].reshape(d, d).astype(np.int64),
-        fetched[d * d :].astype(np.int64),
-        n * hh * ww,
-    )
+    fetched = torch.cat([sum_uu.reshape(-1), sum_u]).cpu().numpy().astype(np.int64)
+    return fetched[: d * d].reshape(d, d), fetched[d * d :], n * hh * ww
 
 
 def whitening_kernel(train_images: torch.Tensor, cfg: Config) -> np.ndarray:

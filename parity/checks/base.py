@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from jaxbench.configs import Config
+from jaxbench.data import Dataset
 from jaxbench.stream import normalize_numpy
 from parity.harness import Harness
 
@@ -188,8 +189,6 @@ def subset_data(ds: Any, n_train: int, n_test: int) -> Any:
 
 def synthetic_dataset(n_train: int, n_test: int, seed: int = 0) -> Any:
     """Random uint8 images and labels in the `Dataset` shape, for runs without CIFAR."""
-    from jaxbench.data import Dataset
-
     rng = np.random.default_rng(seed)
     xtr = rng.integers(0, 256, (n_train, 32, 32, 3), dtype=np.uint8)
     ytr = rng.integers(0, 10, n_train).astype(np.int32)
