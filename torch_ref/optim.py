@@ -83,9 +83,8 @@ class MuonSGD(torch.optim.Optimizer):
 
 
 def make_muon_sgd(model: nn.Module, cfg: Config, steps_per_epoch: int) -> MuonSGD:
-    """The groups of `jaxbench.optim.make_optimizer` for `optimizer="muon"` or
-    `whiten_bias_own_lr`: default (head), BN biases, whitening bias, Muon filters, each
-    group's `label` that of `jaxbench.optim.param_labels`."""
+    """`jaxbench.optim.make_optimizer`'s groups (default, BN biases, whitening bias, Muon
+    filters, labelled as `param_labels`) for `optimizer="muon"` or `whiten_bias_own_lr`."""
     lr, wd = optimizer_scales(cfg)
     named = list(model.named_parameters())
     bn_ids = {id(m.bias) for m in model.modules() if isinstance(m, nn.BatchNorm2d)}

@@ -1,7 +1,6 @@
 """The whitening stem's kernel from training images on their device, equal to numpy's bit for bit.
 
-The patch moments are summed on the device in float64, where every product and partial
-sum is an integer below 2^53, so the sums are exact in any order; the float64 rest is
+Patch moments summed in float64 are integers below 2^53, exact in any order; the rest is
 `jaxbench.whitening`'s, so both frameworks start from the very same kernel.
 """
 
