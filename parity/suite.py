@@ -13,7 +13,6 @@ import numpy as np
 import torch
 
 from jaxbench.configs import Config
-from jaxbench.data import load_dataset
 from jaxbench.threads import thread_settings
 from parity.checks import CHECKS, CheckResult, Context, run_check, synthetic_dataset
 from parity.plants import get_plant, planted_harness
@@ -78,6 +77,8 @@ def load_data(data_dir: str | os.PathLike[str] | None, dataset: str = "cifar10")
     folder = data_dir or os.environ.get("JAXBENCH_DATA_DIR")
     if not folder:
         return None
+    from jaxbench.data import load_dataset  # looked up per call: tests replace it
+
     return load_dataset(Config(dataset=dataset), data_dir=folder, download=False, progress=False)
 
 
