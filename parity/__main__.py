@@ -34,7 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="narrow widths for checks 2-6 and a reduced tiny config for check 7 "
         "(under 5 minutes on a 2-core CPU)",
     )
-    p.add_argument("--data-dir", default=None, help="CIFAR-10 folder (else $JAXBENCH_DATA_DIR)")
+    p.add_argument("--data-dir", help="CIFAR-10 folder (else $JAXBENCH_DATA_DIR)")
     p.add_argument(
         "--out", default="parity_out", help="folder for parity.json, the report, the plot"
     )
@@ -45,31 +45,23 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--plant",
-        default=None,
         metavar="NAME",
         help=f"run checks 1-6 against a planted bug: {', '.join(PLANTS)}",
     )
     p.add_argument(
         "--config",
-        default=None,
         choices=sorted(PRESETS),
         help="preset (default tiny; with --plant, the preset that plant breaks)",
     )
-    p.add_argument("--checks", default=None, help="which checks, e.g. 1-6 or 2,5 (default: all)")
+    p.add_argument("--checks", help="which checks, e.g. 1-6 or 2,5 (default: all)")
+    p.add_argument("--seeds", type=int, help=f"seeds per framework for check 7, 1 to {MAX_SEEDS}")
     p.add_argument(
-        "--seeds", type=int, default=None, help=f"seeds per framework for check 7, 1 to {MAX_SEEDS}"
-    )
-    p.add_argument(
-        "--epochs",
-        type=int,
-        default=None,
-        help=f"epochs for check 7, 1 to {MAX_EPOCHS} (default: preset)",
+        "--epochs", type=int, help=f"epochs for check 7, 1 to {MAX_EPOCHS} (default: preset)"
     )
     p.add_argument("--quiet", action="store_true", help="only the table and the verdict")
     p.add_argument(
         "--threads",
         type=int,
-        default=None,
         metavar="N",
         help=f"CPU threads (1 to {MAX_THREADS}) for XLA:CPU (PJRT_NPROC) and PyTorch (intra- "
         "and inter-op); default: XLA uses every core, PyTorch its default (1 in --quick)",
@@ -77,14 +69,11 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _setup_threads(argv: Sequence[str]) -> dict[str, Any] | None:
-    """Apply `--threads N` before JAX starts (build_parser imports it, via the plants).
-
-    Returns what was set (None without --threads); ValueError names a bad N. A value
-    that is not a number is left for build_parser's usage error.
-    """
+def setup_threads(argv: Sequence[str]) -> dict[str, Any] | None:
+    """Apply `--threads N` before JAX starts (build_parser imports it, via the plants); a value
+    that is not a number is left for build_parser's usage error."""
     pre = argparse.ArgumentParser(add_help=False)
-    pre.add_argument("--threads", default=None)
+    pre.add_argument("--threads")
     text = pre.parse_known_args(argv)[0].threads
     try:
         n = int(text)
@@ -95,18 +84,6 @@ def _setup_threads(argv: Sequence[str]) -> dict[str, Any] | None:
     return limit_threads(n)
 
 
-def _compile_cache(folder: str) -> None:
-    """Share XLA compilations between the suite's trainer runs (seeds differ, programs don't).
-
-    Must run before the first JAX compilation of the process, hence only here.
-    """
-    import jax
-
-    jax.config.update("jax_compilation_cache_dir", folder)
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     """`python -m parity`; exit codes in the module docstring."""
     args = sys.argv[1:] if argv is None else list(argv)
@@ -115,19 +92,20 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _main(cmd: Command, argv: list[str]) -> int:
     """Check the flags, --out and the data, then run the suite (results come at the end)."""
-    _setup_threads(argv)
+    setup_threads(argv)
     args = build_parser().parse_args(argv)
     cmd.on_stop = lambda word: f"{word}; nothing written to {args.out} (results come at the end)"
+    plant = None
     if args.plant is not None:
         from parity.plants import get_plant, running_planted
 
         plant = get_plant(args.plant)
         if plant.edit is not None and running_planted() != plant.name:
-            return _run_source_plant(plant, args, argv)
+            return _run_source_plant(plant, argv)
     from parity.suite import load_data, parse_checks
 
     checks = parse_checks(args.checks) if args.checks else None
-    cfg = get_config(_preset(args))
+    cfg = get_config(args.config or (plant.config if plant else "tiny"))  # a plant's own preset
     if args.seeds is not None and args.seeds < 1:
         raise ValueError("--seeds must be at least 1")
     if args.seeds is not None and args.seeds > MAX_SEEDS:
@@ -145,50 +123,26 @@ def _main(cmd: Command, argv: list[str]) -> int:
     with tempfile.TemporaryDirectory(prefix="parity-xla-") as folder:
         import jax
 
-        if jax.config.jax_compilation_cache_dir is None:
-            _compile_cache(folder)
+        if jax.config.jax_compilation_cache_dir is None:  # share compilations between seeds
+            jax.config.update("jax_compilation_cache_dir", folder)
+            jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+            jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
         return _run(args, cfg, checks, data)
 
 
-def _preset(args: argparse.Namespace) -> str:
-    """--config, else the preset a --plant breaks, else tiny."""
-    if args.config is not None:
-        return args.config
-    if args.plant is not None:
-        from parity.plants import get_plant
-
-        return get_plant(args.plant).config
-    return "tiny"
-
-
-def _run_source_plant(plant: Any, args: argparse.Namespace, argv: Sequence[str]) -> int:
+def _run_source_plant(plant: Any, argv: Sequence[str]) -> int:
     """Run this command again on a copy of the packages with the plant's edit applied."""
     import os
     import subprocess
 
     from parity.plants import PLANTED_ENV, planted_tree
 
-    paths = {"--out": args.out, "--data-dir": args.data_dir}
-    child: list[str] = []
-    skip = False
-    for i, a in enumerate(argv):  # the same arguments, with paths made absolute
-        if skip:
-            skip = False
-            continue
-        key = a.split("=", 1)[0]
-        if key in paths and paths[key] is not None:
-            child += [key, os.path.abspath(paths[key])]
-            skip = "=" not in a and i + 1 < len(argv)
-        else:
-            child.append(a)
-    if args.out == build_parser().get_default("out") and "--out" not in child:
-        child += ["--out", os.path.abspath(args.out)]
     with planted_tree(plant) as tree:
         env = {**os.environ, PLANTED_ENV: plant.name, "PYTHONPATH": str(tree)}
-        # The child has its own process group, so Ctrl-C reaches it once, from here
-        # (from a terminal or a `kill -INT` of this process alike); it reports it.
+        # -P: the packages come from the copy, not from this folder (where paths stay valid).
+        # The child has its own process group, so Ctrl-C reaches it once, from here.
         proc = subprocess.Popen(
-            [sys.executable, "-m", "parity", *child], cwd=tree, env=env, process_group=0
+            [sys.executable, "-P", "-m", "parity", *argv], env=env, process_group=0
         )
         previous = {
             s: signal.signal(s, lambda signum, _: proc.send_signal(signum))

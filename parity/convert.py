@@ -1,15 +1,8 @@
 """Exact weight conversion between a `torch_ref` state dict and `jaxbench` Flax variables.
 
-The mapping is by name (docs/design.md): a torch key `a.b.conv.weight` is the
-Flax leaf `params[a][b][conv][kernel]`, so any module tree whose names agree
-converts, not only ResNet-9. Layouts: conv kernels OIHW <-> HWIO, linear
-(out, in) <-> (in, out), BN `weight` <-> `scale`, `running_mean|var` <->
-`batch_stats` `mean|var`. Transposes and copies are exact.
-
-BN statistics are copies too: `jaxbench.models.BatchNorm` stores PyTorch's
-unbiased running variance, so every element converts bit-exactly both ways.
-Flax keeps no batch counter; `num_batches_tracked` is an argument of
-`flax_to_torch` (it has no effect on training with a set momentum).
+By name (docs/design.md): torch key `a.b.conv.weight` is Flax leaf `params[a][b][conv][kernel]`.
+Conv kernels OIHW <-> HWIO, linear (out, in) <-> (in, out), BN `weight` <-> `scale`,
+`running_mean|var` <-> `batch_stats` `mean|var` (both store the unbiased variance): all exact.
 """
 
 from __future__ import annotations
@@ -79,9 +72,7 @@ def flax_to_torch(
     num_batches_tracked: int = 0,
 ) -> OrderedDict[str, torch.Tensor]:
     """A torch state dict from Flax variables; the inverse of `torch_to_flax`.
-
-    `num_batches_tracked` (train-mode batches seen) fills torch's BN counter.
-    """
+    Flax keeps no BN batch counter: `num_batches_tracked` fills torch's (unused in training)."""
     sd: OrderedDict[str, torch.Tensor] = OrderedDict()
     for path, value in _leaves(variables.get("params", {})):
         *mod, leaf = path
@@ -98,35 +89,10 @@ def flax_to_torch(
         sd[".".join([*mod, name])] = torch.from_numpy(np.ascontiguousarray(w).copy())
     for path, value in _leaves(variables.get("batch_stats", {})):
         *mod, leaf = path
-        x = np.asarray(value)
-        bn = ".".join(mod)
-        if leaf == "mean":
-            sd[f"{bn}.running_mean"] = torch.from_numpy(np.array(x, dtype=np.float32))
-        elif leaf == "var":
-            sd[f"{bn}.running_var"] = torch.from_numpy(np.array(x, dtype=np.float32))
-            sd[f"{bn}.num_batches_tracked"] = torch.tensor(num_batches_tracked, dtype=torch.long)
-        else:
+        if leaf not in ("mean", "var"):
             raise ValueError(f"don't know how to convert Flax batch stat {'/'.join(path)}")
+        bn = ".".join(mod)
+        sd[f"{bn}.running_{leaf}"] = torch.from_numpy(np.array(value, dtype=np.float32))
+        if leaf == "var":
+            sd[f"{bn}.num_batches_tracked"] = torch.tensor(num_batches_tracked, dtype=torch.long)
     return sd
-
-
-def max_abs_diff_trees(a: Mapping[str, Any], b: Mapping[str, Any]) -> dict[str, float]:
-    """Per-leaf max |a - b| for two trees of the same structure; inf where shapes differ."""
-    la, lb = dict(_leaves(a)), dict(_leaves(b))
-    if la.keys() != lb.keys():
-        missing = sorted("/".join(k) for k in la.keys() ^ lb.keys())
-        raise ValueError(f"trees differ in leaves: {missing[:5]}")
-    out: dict[str, float] = {}
-    for k in la:
-        x, y = np.asarray(la[k]), np.asarray(lb[k])
-        out["/".join(k)] = (
-            float(np.max(np.abs(x.astype(np.float64) - y))) if x.shape == y.shape else np.inf
-        )
-    return out
-
-
-def state_dicts_equal(a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor]) -> bool:
-    """Same keys, shapes, dtypes and bits."""
-    return a.keys() == b.keys() and all(
-        a[k].dtype == b[k].dtype and a[k].shape == b[k].shape and torch.equal(a[k], b[k]) for k in a
-    )

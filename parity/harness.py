@@ -1,9 +1,8 @@
 """The entry points of both frameworks that the checks call, gathered in one swappable record.
 
-Every check reaches `jaxbench` and `torch_ref` only through a `Harness`, so a
-plant (`parity.plants`) is just a `Harness` with one entry replaced by a
-broken one, plus optional monkeypatches that `active()` applies and always
-restores. The default harness is the real code, unchanged.
+Every check reaches `jaxbench` and `torch_ref` only through a `Harness`, so a plant
+(`parity.plants`) is a `Harness` with one entry replaced, plus monkeypatches that `active()`
+applies and always restores.
 """
 
 from __future__ import annotations
@@ -20,6 +19,7 @@ import torch
 
 from jaxbench import augment, models, optim, optim_muon
 from jaxbench.configs import Config
+from jaxbench.train import seed_keys
 from parity import convert
 from torch_ref import augment as torch_augment
 from torch_ref import model as torch_model
@@ -37,38 +37,13 @@ class EmaOps:
     read: Callable[[PyTree], PyTree]
 
 
-def _flax_model(cfg: Config) -> models.ResNet9:
-    return models.model_from_config(cfg)
-
-
 def _flax_init(model: models.ResNet9, seed: int) -> PyTree:
     """The trainer's own init for `seed` (jaxbench.train splits the seed into init and data)."""
-    from jaxbench.train import seed_keys
-
     return models.init_variables(model, seed_keys(seed)[0])
-
-
-def _torch_model(cfg: Config, seed: int) -> torch.nn.Module:
-    return torch_model.model_from_config(cfg, seed)
-
-
-def _jax_optimizer(cfg: Config, steps_per_epoch: int) -> optax.GradientTransformation:
-    return optim.make_optimizer(cfg, steps_per_epoch)
-
-
-def _jax_lr(cfg: Config, steps_per_epoch: int) -> Callable[[Any], Any]:
-    return optim.lr_schedule(cfg, steps_per_epoch)
 
 
 def _ema_update(state: PyTree, new: PyTree, step: int, cfg: Config) -> PyTree:
     return optim.maybe_ema_update(state, new, jax.numpy.asarray(step, jax.numpy.int32), cfg)
-
-
-DEFAULT_EMA = EmaOps(
-    init=lambda v: jax.tree_util.tree_map(lambda x: jax.numpy.array(x, copy=True), v),
-    update=_ema_update,
-    read=lambda s: s,
-)
 
 
 def _jax_apply_plan(images: Any, plan: dict[str, np.ndarray], cfg: Config) -> np.ndarray:
@@ -85,14 +60,18 @@ class Harness:
     """How the checks build, convert, optimise and augment in each framework."""
 
     name: str = "reference"
-    flax_model: Callable[[Config], Any] = _flax_model
+    flax_model: Callable[[Config], Any] = models.model_from_config
     flax_init: Callable[[Any, int], PyTree] = _flax_init
-    torch_model: Callable[[Config, int], torch.nn.Module] = _torch_model
+    torch_model: Callable[[Config, int], torch.nn.Module] = torch_model.model_from_config
     to_flax: Callable[..., PyTree] = convert.torch_to_flax
     to_torch: Callable[..., Any] = convert.flax_to_torch
-    jax_optimizer: Callable[[Config, int], optax.GradientTransformation] = _jax_optimizer
-    jax_lr: Callable[[Config, int], Callable[[Any], Any]] = _jax_lr
-    jax_ema: EmaOps = DEFAULT_EMA
+    jax_optimizer: Callable[[Config, int], optax.GradientTransformation] = optim.make_optimizer
+    jax_lr: Callable[[Config, int], Callable[[Any], Any]] = optim.lr_schedule
+    jax_ema: EmaOps = EmaOps(
+        init=lambda v: jax.tree_util.tree_map(lambda x: jax.numpy.array(x, copy=True), v),
+        update=_ema_update,
+        read=lambda s: s,
+    )
     # Muon on conv filters: (spec, LR schedule, total steps) -> optax; (params, spec, total)
     jax_muon: Callable[..., optax.GradientTransformation] = optim_muon.muon
     torch_muon: Callable[..., torch.optim.Optimizer] = torch_muon.Muon

@@ -1,18 +1,9 @@
 """Deliberately broken references: the suite must fail on each, naming the check that catches it.
 
-Two kinds of plant, each naming the check expected to catch it:
-
-- A harness plant swaps one entry of the `Harness` the checks call (a module
-  built with other arguments, a wrapped function, or a module attribute
-  monkeypatched inside a context manager that always restores it): the
-  classic framework-porting traps in the building blocks.
-- A source plant edits one line of a trainer's own code (`SourceEdit`: the
-  exact old text, which must occur once, and the new), in a temporary copy of
-  the packages; `python -m parity --plant NAME` re-runs itself on that copy.
-  These are the bugs of the trainers' glue: a loss call, the data path, the
-  EMA call site, the LR hand-over, the TTA average.
-
-`python -m parity --plant NAME` runs checks 1-6 and exits 1 when the plant is caught.
+A harness plant swaps one entry of the `Harness` (or monkeypatches a module attribute for the
+run): the classic porting traps in the building blocks. A source plant edits one line of a
+trainer's own code in a temporary copy of the packages, which `python -m parity --plant NAME`
+re-runs itself on: the bugs of the trainers' glue. Checks 1-6 run; exit 1 when caught.
 """
 
 from __future__ import annotations
@@ -25,6 +16,7 @@ import tempfile
 import types
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -127,10 +119,8 @@ def _patched(h: Harness, obj: Any, attr: str, value: Any) -> Harness:
     "via model_from_config(..., kernel_init=...)",
 )
 def _flax_default_init(h: Harness) -> Harness:
-    def model(cfg: Config) -> Any:
-        return models.model_from_config(cfg, kernel_init=nn.initializers.lecun_normal())
-
-    return dataclasses.replace(h, flax_model=model)
+    lecun = nn.initializers.lecun_normal()
+    return dataclasses.replace(h, flax_model=partial(models.model_from_config, kernel_init=lecun))
 
 
 @_harness_plant(
@@ -139,8 +129,6 @@ def _flax_default_init(h: Harness) -> Harness:
     "momentum 0.1 (PyTorch's number copied into Flax's convention)",
 )
 def _bn_momentum(h: Harness) -> Harness:
-    # ResNet9 takes PyTorch's convention and passes 1 - m to Flax; handing it 0.9
-    # makes Flax's momentum 0.1, i.e. PyTorch's 0.1 copied into Flax unchanged.
     def model(cfg: Config) -> Any:
         return models.model_from_config(cfg, bn_momentum=1.0 - cfg.bn_momentum)
 
@@ -148,8 +136,7 @@ def _bn_momentum(h: Harness) -> Harness:
 
 
 def _flax_batch_norm(cfg: Config, train: bool, dtype: Any, name: str) -> nn.BatchNorm:
-    """Flax's own BatchNorm, otherwise configured like jaxbench's: it stores the running
-    average of the *biased* batch variance, where PyTorch stores the unbiased one."""
+    """Flax's own BatchNorm, otherwise configured like jaxbench's."""
     return nn.BatchNorm(
         use_running_average=not train,
         momentum=1.0 - cfg.bn_momentum,
@@ -205,20 +192,15 @@ def _decoupled_weight_decay(h: Harness) -> Harness:
         base = optim.lr_schedule(cfg, steps_per_epoch)
 
         def group(lr_mult: float, wd_mult: float) -> optax.GradientTransformation:
-            # The bug: momentum first, decay added after it (decoupled from the buffer).
             return optax.chain(
                 optax.trace(decay=cfg.momentum, nesterov=cfg.nesterov),
                 optax.add_decayed_weights(wd * wd_mult),
                 optax.scale_by_learning_rate(lambda c: base(c) * lr_mult),
             )
 
-        return optax.multi_transform(
-            {
-                "default": group(1.0, 1.0),
-                "bn_bias": group(cfg.bn_bias_lr_mult, cfg.bn_bias_wd_mult),
-            },
-            optim.param_labels,
-        )
+        groups = {"default": group(1.0, 1.0)}
+        groups["bn_bias"] = group(cfg.bn_bias_lr_mult, cfg.bn_bias_wd_mult)
+        return optax.multi_transform(groups, optim.param_labels)
 
     return dataclasses.replace(h, jax_optimizer=optimizer)
 
@@ -242,8 +224,6 @@ def _lr_schedule_off_by_one(h: Harness) -> Harness:
     4, "the JAX EMA replaced by optax.ema(m, debias=True): zero start, debiased read-out"
 )
 def _ema_debias(h: Harness) -> Harness:
-    """optax.ema as is: zero start, debiased read-out (torch_ref copies the weights first)."""
-
     def init(v: Any) -> Any:
         return {"opt": None, "value": jax.tree_util.tree_map(jnp.zeros_like, v)}
 
@@ -294,7 +274,6 @@ def _flip_mismatch(h: Harness) -> Harness:
     real = h.jax_apply_plan
 
     def apply_plan(images: Any, plan: dict[str, np.ndarray], cfg: Config) -> np.ndarray:
-        # The bug: flip the wrong axis (H instead of W), after cutout.
         out = real(images, {**plan, "flip": np.zeros_like(plan["flip"])}, cfg)
         flip = np.asarray(plan["flip"], bool)
         out = np.array(out)
@@ -341,8 +320,7 @@ def _celu_default_alpha(h: Harness) -> Harness:
     config="resnet9",
 )
 def _ghost_bn_chunks(h: Harness) -> Harness:
-    """Each BN sees its input permuted so that contiguous chunks (images 0..g-1, g..2g-1,
-    ...) become Page's `view(-1, C * splits, H, W)` groups, and its output permuted back."""
+    """Each BN sees its input permuted so that contiguous chunks become Page's groups."""
     real = layers.conv_block
 
     def conv_block(cfg: Config, x: jax.Array, conv: Any, norm: Any, pool: bool) -> jax.Array:
@@ -377,87 +355,77 @@ def _lookahead_without_bn_stats(h: Harness) -> Harness:
     return _patched(h, optim, "lookahead_update", params_only)
 
 
+def _source_plant(
+    name: str, check: int, how: str, path: str, old: str, new: str, config: str = "tiny"
+) -> None:
+    """Register a plant that replaces `old` (which must occur once) by `new` in `path`."""
+    PLANTS[name] = Plant(name, check, how, config=config, edit=SourceEdit(path, old, new))
+
+
 # Source plants: one line of a trainer's own code edited in a copy (module docstring).
-for _plant in (
-    Plant(
-        "whiten_eps_airbench",
-        6,
-        "with --config resnet9: jaxbench.train builds Page's 3x3 whitening with airbench's "
-        "eps 5e-4 instead of the config's 1e-2",
-        config="resnet9",
-        edit=SourceEdit(
-            "jaxbench/train.py",
-            "whitening_for_config(cov, cfg.whiten, cfg.whiten_eps)",
-            "whitening_for_config(cov, cfg.whiten, 5e-4)",
-        ),
-    ),
-    Plant(
-        "tta_sum",
-        6,
-        "jaxbench.augment.tta_logits sums the TTA views' logits instead of weighting them "
-        "(flip TTA: logits + mirrored instead of their mean)",
-        edit=SourceEdit(
-            "jaxbench/augment.py",
-            "    combined = sum(w * v for w, v in zip(tta_weights(cfg), out, strict=True))\n",
-            "    combined = sum(out)\n",
-        ),
-    ),
-    Plant(
-        "ema_interval_call_site",
-        6,
-        "jaxbench.train's step calls the EMA update with ema_every + 1",
-        edit=SourceEdit(
-            "jaxbench/train.py",
-            "ema = optim.maybe_ema_update(state.ema, live, step, cfg)",
-            "ema = optim.maybe_ema_update(\n"
-            "                state.ema, live, step, cfg.replace(ema_every=cfg.ema_every + 1)\n"
-            "            )",
-        ),
-    ),
-    Plant(
-        "label_smoothing_call_site",
-        6,
-        "jaxbench.train's loss call hard-codes label smoothing 0.1 (the preset has 0.2)",
-        edit=SourceEdit(
-            "jaxbench/train.py",
-            "optim.cross_entropy(logits, labels, cfg.label_smoothing, cfg.loss_reduction)",
-            "optim.cross_entropy(logits, labels, 0.1, cfg.loss_reduction)",
-        ),
-    ),
-    Plant(
-        "normalization_data_path",
-        3,
-        "jaxbench.train's training data path normalises with CIFAR-100's mean and std",
-        edit=SourceEdit(
-            "jaxbench/train.py",
-            "        x = augment.normalize(images_u8, cfg.dataset, dtype)\n"
-            "        logits, mutated = model.apply(",
-            '        x = augment.normalize(images_u8, "cifar100", dtype)\n'
-            "        logits, mutated = model.apply(",
-        ),
-    ),
-    Plant(
-        "bn_bias_no_weight_decay",
-        4,
-        "jaxbench.optim.make_optimizer gives the BN biases no weight decay",
-        edit=SourceEdit(
-            "jaxbench/optim.py",
-            '"bn_bias": group(cfg.bn_bias_lr_mult, cfg.bn_bias_wd_mult),',
-            '"bn_bias": group(cfg.bn_bias_lr_mult, 0.0),',
-        ),
-    ),
-    Plant(
-        "lr_one_step_late",
-        6,
-        "torch_ref.train's step sets the LR of the previous update (lr_at(t - 1))",
-        edit=SourceEdit(
-            "torch_ref/train.py",
-            "set_lr(r.optimizer, r.lrs[r.t])",
-            "set_lr(r.optimizer, r.lrs[max(r.t - 1, 0)])",
-        ),
-    ),
-):
-    PLANTS[_plant.name] = _plant
+_source_plant(
+    "whiten_eps_airbench",
+    6,
+    "with --config resnet9: jaxbench.train builds Page's 3x3 whitening with airbench's "
+    "eps 5e-4 instead of the config's 1e-2",
+    "jaxbench/train.py",
+    "whitening_for_config(cov, cfg.whiten, cfg.whiten_eps)",
+    "whitening_for_config(cov, cfg.whiten, 5e-4)",
+    config="resnet9",
+)
+_source_plant(
+    "tta_sum",
+    6,
+    "jaxbench.augment.tta_logits sums the TTA views' logits instead of weighting them "
+    "(flip TTA: logits + mirrored instead of their mean)",
+    "jaxbench/augment.py",
+    "    combined = sum(w * v for w, v in zip(tta_weights(cfg), out, strict=True))\n",
+    "    combined = sum(out)\n",
+)
+_source_plant(
+    "ema_interval_call_site",
+    6,
+    "jaxbench.train's step calls the EMA update with ema_every + 1",
+    "jaxbench/train.py",
+    "ema = optim.maybe_ema_update(state.ema, live, step, cfg)",
+    "ema = optim.maybe_ema_update(\n"
+    "                state.ema, live, step, cfg.replace(ema_every=cfg.ema_every + 1)\n"
+    "            )",
+)
+_source_plant(
+    "label_smoothing_call_site",
+    6,
+    "jaxbench.train's loss call hard-codes label smoothing 0.1 (the preset has 0.2)",
+    "jaxbench/train.py",
+    "optim.cross_entropy(logits, labels, cfg.label_smoothing, cfg.loss_reduction)",
+    "optim.cross_entropy(logits, labels, 0.1, cfg.loss_reduction)",
+)
+_source_plant(
+    "normalization_data_path",
+    3,
+    "jaxbench.train's training data path normalises with CIFAR-100's mean and std",
+    "jaxbench/train.py",
+    "        x = augment.normalize(images_u8, cfg.dataset, dtype)\n"
+    "        logits, mutated = model.apply(",
+    '        x = augment.normalize(images_u8, "cifar100", dtype)\n'
+    "        logits, mutated = model.apply(",
+)
+_source_plant(
+    "bn_bias_no_weight_decay",
+    4,
+    "jaxbench.optim.make_optimizer gives the BN biases no weight decay",
+    "jaxbench/optim.py",
+    '"bn_bias": group(cfg.bn_bias_lr_mult, cfg.bn_bias_wd_mult),',
+    '"bn_bias": group(cfg.bn_bias_lr_mult, 0.0),',
+)
+_source_plant(
+    "lr_one_step_late",
+    6,
+    "torch_ref.train's step sets the LR of the previous update (lr_at(t - 1))",
+    "torch_ref/train.py",
+    "set_lr(r.optimizer, r.lrs[r.t])",
+    "set_lr(r.optimizer, r.lrs[max(r.t - 1, 0)])",
+)
 
 
 def get_plant(name: str) -> Plant:
@@ -468,11 +436,8 @@ def get_plant(name: str) -> Plant:
 
 
 def planted_harness(name: str | None) -> Harness:
-    """The reference harness, or the one with plant `name` swapped in.
-
-    A source plant's harness is the reference one: its bug is in the code itself,
-    which only the child process started by `python -m parity --plant` runs.
-    """
+    """The reference harness, or the one with plant `name` swapped in (a source plant's is the
+    reference one: its bug is in the copy of the code the child process runs)."""
     base = Harness()
     if name is None:
         return base

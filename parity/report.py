@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from jaxbench import report
-from parity.checks import CheckResult, Figure
+from parity.checks import Figure
 from parity.plants import PLANTS
 from parity.suite import SuiteResult
 
@@ -40,17 +40,9 @@ def table_rows(suite: SuiteResult) -> list[list[str]]:
     rows = []
     for r in suite.results:
         h = r.headline
-        rows.append(
-            [
-                str(r.number),
-                r.name,
-                _num(h.value) if h else "error",
-                _tol(h),
-                "pass" if r.passed else "FAIL",
-                f"{r.seconds:.1f}",
-                (h.name if h else "") if r.error is None else f"error: {r.error}",
-            ]
-        )
+        measured, result = _num(h.value) if h else "error", "pass" if r.passed else "FAIL"
+        figure = (h.name if h else "") if r.error is None else f"error: {r.error}"
+        rows.append([str(r.number), r.name, measured, _tol(h), result, f"{r.seconds:.1f}", figure])
     return rows
 
 
@@ -94,8 +86,8 @@ def _md_table(header: list[str], rows: list[list[str]]) -> list[str]:
     return out
 
 
-def _figures_md(r: CheckResult) -> list[str]:
-    rows = [[f.name, _num(f.value), _tol(f), "pass" if f.passed else "**FAIL**"] for f in r.figures]
+def _figures_md(figures: list[Figure]) -> list[str]:
+    rows = [[f.name, _num(f.value), _tol(f), "pass" if f.passed else "**FAIL**"] for f in figures]
     return _md_table(["figure", "measured", "tolerance", "result"], rows)
 
 
@@ -138,17 +130,12 @@ def to_markdown(suite: SuiteResult, has_plot: bool) -> str:
                 lines += ["```", tb.rstrip(), "```", ""]
         if r.number == 7 and "null_table" in r.details:
             lines += _curves_md(r.details, has_plot)
-        failed = r.failed_figures
+        shown = r.figures
         if len(r.figures) > 12:
-            shown = failed + [f for f in r.figures if f.passed and f.headline][:8]
-            lines += [
-                f"{len(r.figures)} figures; failed ones and the main ones shown "
-                "(all in parity.json).",
-                "",
-            ]
-            lines += _figures_md(CheckResult(r.number, r.name, figures=shown))
-        else:
-            lines += _figures_md(r)
+            shown = r.failed_figures + [f for f in r.figures if f.passed and f.headline][:8]
+            n = len(r.figures)
+            lines += [f"{n} figures; failed ones and the main ones shown (all in parity.json).", ""]
+        lines += _figures_md(shown)
     return "\n".join(lines) + "\n"
 
 
@@ -158,13 +145,8 @@ def _pts(x: float, signed: bool = False) -> str:
 
 def _test_cells(row: dict[str, Any]) -> list[str]:
     """A chaos test's difference, bar, t (df) and verdict, in points."""
-    verdict = "pass" if row["passed"] else "**FAIL**"
-    return [
-        _pts(row["diff"], signed=True),
-        _pts(row["bar"]),
-        f"{row['t']:+.2f} ({row['df']})",
-        verdict,
-    ]
+    t, verdict = f"{row['t']:+.2f} ({row['df']})", "pass" if row["passed"] else "**FAIL**"
+    return [_pts(row["diff"], signed=True), _pts(row["bar"]), t, verdict]
 
 
 def _curves_table(d: dict[str, Any]) -> list[str]:
@@ -272,9 +254,8 @@ _CHECK_NOTES: dict[int, str] = {
     "Per-step loss; BN statistics per element; the LR, weight decay and EMA decay each "
     "trainer actually applied, recovered from its own update, against the config; params, "
     "momentum and EMA params as a whole (their gradient is float32-ambiguous near ReLU "
-    "and max-pool kinks); "
-    "evaluation of identical weights: every TTA view's logits, the loss, the accuracies. "
-    "Module docstring of parity/checks/trainer.py: the argument and the bars.",
+    "and max-pool kinks); evaluation of identical weights: every TTA view's logits, the loss, "
+    "the accuracies. Module docstring of parity/checks/trainer.py: the argument and the bars.",
     7: "Both trainers, stream='shared', several seeds, each a matched pair (same weights, "
     "same batches), plus torch reruns from the same weights perturbed by ~1 ulp: is jax "
     "further from torch than torch is from itself? Per epoch and metric (test accuracy, EMA "
@@ -311,12 +292,10 @@ def plot_curves(curves: dict[str, Any]) -> bytes | None:
         for name, run in runs.items():
             acc = 100 * np.array([[row[metric] for row in r] for r in run], float)
             epochs = np.arange(1, acc.shape[1] + 1)
-            color, style = _RUN_STYLE.get(
-                name, ("tab:orange", "--" if name.count("'") == 1 else ":")
-            )
-            ax.plot(
-                epochs, acc.mean(0), style, marker="o", color=color, label=f"{name} (n={len(acc)})"
-            )
+            rerun = ("tab:orange", "--" if name.count("'") == 1 else ":")
+            color, style = _RUN_STYLE.get(name, rerun)
+            label = f"{name} (n={len(acc)})"
+            ax.plot(epochs, acc.mean(0), style, marker="o", color=color, label=label)
             if name in _RUN_STYLE:
                 ax.fill_between(epochs, acc.min(0), acc.max(0), color=color, alpha=0.15)
         ax.set_xticks(epochs)
@@ -333,11 +312,8 @@ def plot_curves(curves: dict[str, Any]) -> bytes | None:
                 e = np.array([row["epoch"] for row in pts], float) + shift
                 diff = 100 * np.array([row["diff"] for row in pts])
                 bar = 100 * np.array([row["bar"] for row in pts])
-                name = (
-                    "jax - torch"
-                    if label == "jax"
-                    else f"null: {reruns[-1] if reruns else ''} - torch"
-                )
+                null = f"null: {reruns[-1] if reruns else ''} - torch"
+                name = "jax - torch" if label == "jax" else null
                 ax.errorbar(
                     e, diff, yerr=bar, fmt="o", color=color, capsize=4, label=f"{name} ± bar"
                 )

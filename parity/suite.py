@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+import torch
 
 from jaxbench.configs import Config
 from jaxbench.threads import thread_settings
@@ -60,10 +61,8 @@ class SuiteResult:
 
 @contextlib.contextmanager
 def _torch_threads(n: int | None) -> Iterator[None]:
-    """Run PyTorch with n CPU threads, then restore. Quick mode uses one: on a shared 2-core
-    CPU, two OpenMP threads measured 5x slower than one (36 s vs 7 s for a check-7 run)."""
-    import torch
-
+    """Run PyTorch with n CPU threads, then restore (quick mode: one; on a shared 2-core CPU
+    two threads measured 5x slower than one)."""
     old = torch.get_num_threads()
     if n is not None:
         torch.set_num_threads(n)
@@ -78,7 +77,7 @@ def load_data(data_dir: str | os.PathLike[str] | None, dataset: str = "cifar10")
     folder = data_dir or os.environ.get("JAXBENCH_DATA_DIR")
     if not folder:
         return None
-    from jaxbench.data import load_dataset
+    from jaxbench.data import load_dataset  # looked up per call: tests replace it
 
     return load_dataset(Config(dataset=dataset), data_dir=folder, download=False, progress=False)
 
@@ -113,13 +112,9 @@ def run_suite(
     threads: int | None = None,
     log: Callable[[str], None] = print,
 ) -> SuiteResult:
-    """Run `checks` (default: 1-7, or 1-6 under a plant) and return every result.
-
-    `data`: a `jaxbench.data.Dataset` (see `load_data`); without it checks 2-6
-    use random images and check 7 fails, saying it needs CIFAR-10. `threads`: PyTorch's
-    thread count (default 1 in quick mode, else as set); XLA's is set before JAX starts
-    (`python -m parity --threads`, `jaxbench.threads`).
-    """
+    """Run `checks` (default: 1-7, or 1-6 under a plant) and return every result. Without
+    `data` checks 2-6 use random images and check 7 fails. `threads`: PyTorch's (default 1 in
+    quick mode); XLA's is set before JAX starts (`python -m parity --threads`)."""
     if plant is not None:
         get_plant(plant)  # validates the name before any work
     chosen = tuple(checks) if checks else (FAST_CHECKS if plant else ALL_CHECKS)
@@ -131,8 +126,8 @@ def run_suite(
         images, labels, source = synth.train_images, synth.train_labels, "synthetic (random)"
     harness = planted_harness(plant)
     ctx = Context(
-        cfg=cfg,
-        harness=harness,
+        cfg,
+        harness,
         quick=quick,
         images=np.asarray(images),
         labels=np.asarray(labels),

@@ -48,9 +48,9 @@ def test_thread_settings_record_torch_and_the_environment(monkeypatch: pytest.Mo
 _POOL_PROBE = textwrap.dedent(
     """
     import json, os, sys
-    from parity.__main__ import _setup_threads
+    from parity.__main__ import setup_threads
 
-    applied = _setup_threads(["--quick", "--threads", sys.argv[1]])
+    applied = setup_threads(["--quick", "--threads", sys.argv[1]])
     import jax, jax.numpy as jnp, torch
 
     x = jnp.ones((256, 256))

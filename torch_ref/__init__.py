@@ -1,6 +1,3 @@
-"""torch_ref: the PyTorch reference implementation of jaxbench's ResNet-9 recipe.
-
-It shares the framework-neutral modules (`jaxbench.configs`, `stream`,
-`schedule`, `report`, `data`), which import numpy only, so importing torch_ref
-never starts JAX.
+"""torch_ref: the PyTorch reference implementation of jaxbench's recipes. It shares only the
+framework-neutral modules of jaxbench (`configs`, `stream`, `schedule`, ...): it never starts JAX.
 """

@@ -1,14 +1,8 @@
 """Batched, on-device augmentation: apply a batch plan, or draw an epoch's plan.
 
-`apply_plan` does what `jaxbench.stream.apply_plan_numpy` does (crop -> flip ->
-cutout on uint8 NHWC images) but for a whole batch in one gather: the reflect
-padding, the crop window and the flip are folded into per-image row and column
-index vectors, so nothing is padded or copied besides the output batch. The
-result is uint8, bit-identical to the numpy reference.
-
-`draw_plan` is the fast path: the same distributions as `stream.epoch_plan`,
-drawn with a seeded `torch.Generator` on the device (different numbers, no host
-round trip).
+`apply_plan` is `jaxbench.stream.apply_plan_numpy` (crop, flip, cutout), bit for bit, as one
+gather: padding, crop and flip fold into per-image row and column indices. `draw_plan` draws
+`stream.epoch_plan`'s distributions with a `torch.Generator` on the device (other numbers).
 """
 
 from __future__ import annotations
@@ -27,11 +21,8 @@ _FLIP_SEED_TAG = 0xF11B  # base flips get their own generator, so they are drawn
 
 
 def plan_to_device(plan: Mapping[str, np.ndarray | torch.Tensor], device: torch.device | str):
-    """A plan (numpy arrays, e.g. `EpochPlan.as_dict()`) as int64/bool tensors on `device`.
-
-    Host arrays bound for CUDA go through pinned memory, so the copies are truly
-    asynchronous (a pageable host-to-device copy waits for the device).
-    """
+    """A plan (numpy arrays, e.g. `EpochPlan.as_dict()`) as int64/bool tensors on `device`,
+    through pinned memory for CUDA (a pageable copy would wait for the device)."""
     device = torch.device(device)
     out: dict[str, torch.Tensor] = {}
     for name in PLAN_FIELDS:
@@ -61,10 +52,7 @@ def _reflect(i: torch.Tensor, n: int) -> torch.Tensor:
 
 @functools.cache
 def fill_tensor(device: torch.device) -> torch.Tensor:
-    """Cutout's uint8 fill colour on `device`, made once per device and process.
-
-    Built per step it would be a pageable host-to-device copy, i.e. a sync, on CUDA.
-    """
+    """Cutout's uint8 fill colour on `device`, made once (per step it would be a sync)."""
     return torch.tensor(FILL_RGB, dtype=torch.uint8, device=device)
 
 
@@ -94,12 +82,8 @@ def apply_plan(
     *,
     fill: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Augmented uint8 batch (B, 32, 32, 3) from uint8 NHWC `images` and one batch's plan.
-
-    `images` is the whole resident training set; `plan["indices"]` picks the batch.
-    `fill`: `fill_tensor(images.device)` (the default), passed in by the trainer so a
-    compiled caller sees it as an input rather than tracing the cache.
-    """
+    """Augmented uint8 batch (B, 32, 32, 3) of the resident uint8 NHWC `images` that
+    `plan["indices"]` picks. `fill` (default `fill_tensor`) is an input for compiled callers."""
     idx = plan["indices"].to(images.device, torch.int64)
     b = idx.shape[0]
     iota = torch.arange(IMAGE_SIZE, device=images.device)
@@ -142,18 +126,15 @@ def draw_plan(
     device: torch.device | str,
     base_flips: torch.Tensor | None = None,
 ) -> dict[str, torch.Tensor]:
-    """One epoch's plan drawn on the device; the distributions of `stream.epoch_plan`.
-
-    Order uniform without replacement (last partial batch dropped), crop offsets
-    uniform in [0, 2 * crop_pad], flips Bernoulli(1/2) (or the base flips XOR the
-    epoch parity for alternating flip), cutout corners uniform in [0, 32 - cutout].
-    Pass `base_flips` (from `draw_base_flips`) to avoid redrawing them each epoch.
-    """
+    """One epoch's plan drawn on the device, with `stream.epoch_plan`'s distributions; pass
+    `base_flips` (`draw_base_flips`) to avoid redrawing them each epoch."""
     n = steps_per_epoch(cfg, n_train) * cfg.batch_size
+
+    def below(high: int) -> torch.Tensor:
+        return torch.randint(0, high, (n,), generator=generator, device=device)
+
     indices = torch.randperm(n_train, generator=generator, device=device)[:n]
-    span = 2 * cfg.crop_pad + 1
-    crop_y = torch.randint(0, span, (n,), generator=generator, device=device)
-    crop_x = torch.randint(0, span, (n,), generator=generator, device=device)
+    crop_y, crop_x = below(2 * cfg.crop_pad + 1), below(2 * cfg.crop_pad + 1)
     if cfg.flip == "random":
         flip = torch.rand(n, generator=generator, device=device) < 0.5
     elif cfg.flip == "alternating":
@@ -162,27 +143,16 @@ def draw_plan(
         flip = base_flips[indices] ^ bool(epoch % 2)
     else:
         flip = torch.zeros(n, dtype=torch.bool, device=device)
-    corner = IMAGE_SIZE - cfg.cutout + 1
-    cutout_y = torch.randint(0, corner, (n,), generator=generator, device=device)
-    cutout_x = torch.randint(0, corner, (n,), generator=generator, device=device)
-    return {
-        "indices": indices,
-        "crop_y": crop_y,
-        "crop_x": crop_x,
-        "flip": flip,
-        "cutout_y": cutout_y,
-        "cutout_x": cutout_x,
-    }
+    cutout_y, cutout_x = below(IMAGE_SIZE - cfg.cutout + 1), below(IMAGE_SIZE - cfg.cutout + 1)
+    drawn = (indices, crop_y, crop_x, flip, cutout_y, cutout_x)
+    return dict(zip(PLAN_FIELDS, drawn, strict=True))
 
 
 def tta_logits(
     logits_fn: Callable[[torch.Tensor], torch.Tensor], x_NCHW: torch.Tensor, cfg: Config
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(logits of every test-time view `[V, N, C]`, their weighted sum `[N, C]`), float32.
-
-    The views and weights of `stream.tta_weights`, as `jaxbench.augment.tta_logits`;
-    each view goes through `logits_fn` together with its mirror image.
-    """
+    """(logits of every test-time view `[V, N, C]`, their weighted sum `[N, C]`), float32: the
+    views and weights of `stream.tta_weights`, each view with its mirror in one call."""
     views = [x_NCHW]
     if cfg.tta and cfg.tta_shift:
         padded = torch.nn.functional.pad(x_NCHW, (1, 1, 1, 1), mode="reflect")

@@ -1,17 +1,11 @@
 """Data parallelism for torch_ref: one process per device, started by torchrun.
 
-`torchrun --nproc-per-node N -m torch_ref.train ...` starts N processes and sets
-WORLD_SIZE, RANK and LOCAL_RANK; `init` then joins them in a process group (gloo on
-the CPU, nccl on CUDA, device `cuda:LOCAL_RANK`). Every process draws the same epoch
-plan and trains on its contiguous share of each global batch (`local_share`); the
-model is wrapped in `DistributedDataParallel` (`wrap`), the EMA copy is not. The
-update equals one process's update of the whole global batch: `loss_scale` undoes
-DDP's averaging, and BN's training statistics are all-reduced over the processes
-(`torch_ref.layers.BatchNorm`, `bn_sync="global"`). Only process 0 writes outputs.
-
-Everything a run needs for that is here: `prepare` turns a single-process run of
-`torch_ref.train` into its share of the data-parallel one (DDP forward, test shard),
-and `sum_over_processes` adds up what each process counted (nothing to do alone).
+`init` joins torchrun's processes in a group (gloo on the CPU, nccl on `cuda:LOCAL_RANK`).
+Every process draws the same epoch plan and trains on its contiguous share of each global
+batch through `DistributedDataParallel` (the EMA copy is not wrapped); `loss_scale` undoes
+DDP's averaging and BN all-reduces its statistics (`bn_sync="global"`), so the update equals
+one process's on the whole batch. `prepare` turns a single-process run into its share; only
+process 0 writes outputs.
 """
 
 from __future__ import annotations
@@ -32,19 +26,12 @@ from jaxbench.configs import Config, check_wait
 
 RESUME_ALONE = "--resume runs in a single process; launch it without torchrun"
 
-# How long joining the group, and any one collective, may wait for the other processes
-# before it fails with an error instead of hanging.
-DEFAULT_TIMEOUT_S = 300
+DEFAULT_TIMEOUT_S = 300  # how long joining, or one collective, waits before it fails
 
 
 def env_world_size() -> int:
     """WORLD_SIZE as torchrun sets it (1 when started without torchrun)."""
     return int(os.environ.get("WORLD_SIZE", "1"))
-
-
-def local_world_size() -> int:
-    """Processes on this machine (torchrun's LOCAL_WORLD_SIZE), to share its CPU cores."""
-    return int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
 
 
 def world_size() -> int:
@@ -58,12 +45,8 @@ def rank() -> int:
 
 
 def init(timeout_s: int = DEFAULT_TIMEOUT_S) -> bool:
-    """Join the process group torchrun's variables describe; False (nothing done) for
-    WORLD_SIZE <= 1 or a group that already exists.
-
-    On CUDA each process takes `cuda:LOCAL_RANK`. `timeout_s` bounds the start and
-    every collective, so a missing or dead peer is an error, never a hang.
-    """
+    """Join the process group torchrun describes (False, nothing done, alone or if joined);
+    `timeout_s` bounds the start and every collective: a dead peer is an error, not a hang."""
     if env_world_size() <= 1 or dist.is_initialized():
         return False
     check_wait(timeout_s)
@@ -135,24 +118,15 @@ def shard(n: int, rank: int, world: int) -> slice:
 
 
 def loss_scale(reduction: str, world: int) -> float:
-    """What each process multiplies its loss by before `backward`.
-
-    DDP averages the processes' gradients, i.e. divides their sum by `world`. The
-    sum over processes of the gradients of each one's part of the global loss is the
-    global gradient (the all-reduces in BN send the cross-process terms back to the
-    process whose weights they belong to), so each process backpropagates `world`
-    times its part: "sum" -> world x the local sum; "mean" -> world x local sum /
-    global batch = the local mean, i.e. the loss as computed.
-    """
+    """What each process multiplies its loss by before `backward`: DDP divides the summed
+    gradients by `world`, so each backpropagates `world` x its part of the global loss ("sum":
+    world x the local sum; "mean": world x local sum / global batch = the local mean)."""
     return float(world) if reduction == "sum" else 1.0
 
 
 def wrap(model: nn.Module, device: torch.device) -> nn.Module:
-    """`model` in DistributedDataParallel (the weights of process 0 are broadcast once).
-
-    Buffers are not broadcast per step: BN keeps them equal on every process.
-    Rebuild the wrapper when a parameter's `requires_grad` changes.
-    """
+    """`model` in DistributedDataParallel (process 0's weights broadcast once; BN keeps the
+    buffers equal, so none per step). Rebuild it when a `requires_grad` changes."""
     ddp = nn.parallel.DistributedDataParallel
     # torch 2.13 renames `broadcast_buffers` (its per-forward sync) to `forward_sync_buffers`
     named = "forward_sync_buffers" in inspect.signature(ddp).parameters
@@ -179,13 +153,13 @@ def cpu_threads() -> int:
 def share_cpu_threads() -> None:
     """Without CUDA: torch's threads are this process's share of the machine's cores."""
     if not torch.cuda.is_available():
-        torch.set_num_threads(max(1, cpu_threads() // local_world_size()))
+        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))  # processes on this machine
+        torch.set_num_threads(max(1, cpu_threads() // local_world))
 
 
 def eager_only(compile: bool | None, torch_setup: Any, world: int) -> bool | None:
-    """The compile switch of a run over `world` processes: unchanged alone; False with
-    several, which train eagerly (BN's all-reduces and DDP's hooks are not compiled), where
-    asking for `torch.compile` is a ValueError."""
+    """The compile switch over `world` processes: unchanged alone; False with several (eager:
+    BN's all-reduces and DDP's hooks are not compiled), where asking to compile is an error."""
     if world <= 1:
         return compile
     if compile or (torch_setup is not None and torch_setup.compiled):
@@ -202,13 +176,9 @@ def bn_sync(cfg: Config) -> str | None:
 
 
 class DataParallelForward:
-    """A trainer's forward on this process's share of each global batch, through DDP.
-
-    Takes and returns what `torch_ref.train.augmented_train_forward` does; the loss is
-    scaled by `loss_scale`. DDP fixes its parameters when it wraps the model, so the
-    model is wrapped again when the set of trained parameters changes (the speedrun
-    net freezes its whitening bias).
-    """
+    """`augmented_train_forward` on this process's share of each global batch, through DDP,
+    the loss scaled by `loss_scale`; rewrapped when the trained parameters change (the
+    speedrun net freezes its whitening bias)."""
 
     def __init__(
         self, forward: Callable[..., Any], model: nn.Module, device: torch.device, reduction: str
@@ -250,10 +220,16 @@ def prepare(r: Any) -> None:
     r.extras.update(devices=world, processes=world)  # data-parallel devices, one per process
 
 
+@torch.no_grad()
 def sum_over_processes(*tensors: torch.Tensor, mean: bool = False) -> None:
-    """Sum (or average) each tensor over the processes, in place; nothing to do alone."""
-    if world_size() > 1:
-        all_reduce_(*tensors, mean=mean)
+    """Sum (or average) each tensor over the processes, in place, outside autograd; nothing to
+    do alone."""
+    if world_size() <= 1:
+        return
+    for t in tensors:
+        dist.all_reduce(t)
+        if mean:
+            t.div_(dist.get_world_size())
 
 
 def refuse_resume(resume: Any) -> None:
@@ -300,12 +276,3 @@ def join(args: argparse.Namespace, torch_setup: Any) -> None:
         if hasattr(args, "out"):
             args.out = None
         args.quiet, args.no_progress, args.profile = True, True, None
-
-
-@torch.no_grad()
-def all_reduce_(*tensors: torch.Tensor, mean: bool = False) -> None:
-    """Sum (or average) each tensor over the processes, in place, outside autograd."""
-    for t in tensors:
-        dist.all_reduce(t)
-        if mean:
-            t.div_(dist.get_world_size())

@@ -1,20 +1,13 @@
 """The speed set-up of torch_ref: how a run is raced in PyTorch, and the self-check that proves it.
 
-`torch_ref.train` is plain eager PyTorch. This module is what makes it fast, and
-every summary records which of it ran (`record`): `torch.compile` of the train and
-evaluation forwards (max-autotune with inductor's CUDA graphs on GPUs, as
-airbench94_compiled), the SGD kernel (fused on CUDA, foreach on the CPU),
-channels-last, cuDNN benchmark mode, nets and device data kept at fixed addresses
-across the runs of a process so CUDA graphs replay (`place`), and a warm-up that
-compiles and autotunes off the clock, once per process and configuration
-(`warm_up`). On the CPU the defaults resolve to eager, so the tests and the parity
-suite stay fast and exact. `check_no_host_sync` proves that nothing in an epoch waits
-for the device.
-
-The learning rate changes every step. It stays a host float in the optimizer's
-`param_groups`: the optimizer runs eagerly, outside the compiled (and CUDA-graphed)
-forward/backward, and passes the float to its kernels as an argument, so nothing
-syncs and nothing recompiles.
+`torch_ref.train` is plain eager PyTorch; this module makes it fast and every summary records
+which of it ran (`record`): `torch.compile` (max-autotune with inductor's CUDA graphs on GPUs,
+as airbench94_compiled), the SGD kernel, channels-last, cuDNN benchmark mode, nets and data at
+fixed addresses across runs so CUDA graphs replay (`place`), and a warm-up off the clock once
+per process and configuration (`warm_up`). On the CPU the defaults resolve to eager.
+`check_no_host_sync` proves nothing in an epoch waits for the device. The LR stays a host float
+in `param_groups`: the optimizer runs eagerly outside the compiled forward/backward, so changing
+it every step neither syncs nor recompiles.
 """
 
 from __future__ import annotations
@@ -49,29 +42,15 @@ LR_HANDLING = "host float in param_groups (eager optimizer: no sync, no recompil
 
 @dataclasses.dataclass(frozen=True)
 class TorchSetup:
-    """The PyTorch knobs of a run; `None` fields take the device's default in `resolve`.
+    """The PyTorch knobs of a run; `None` fields take the device's default in `resolve`."""
 
-    compile_mode: "none" (eager) or a `torch.compile` mode; the default is
-      "max-autotune" on CUDA (as airbench94_compiled), "none" on the CPU.
-    compile_backend: `torch.compile`'s backend ("inductor"; "eager"/"aot_eager" for
-      cheap guard/recompile tests; those take mode "default" only).
-    compile_augment: compile the augmentation gather/cutout into the same graph as
-      normalisation + forward + loss (True), or run it eagerly before it (False).
-    sgd_impl: torch.optim.SGD's kernel: "fused", "foreach" or "for-loop".
-    channels_last: the net and its input in channels-last memory.
-    cudnn_benchmark: `torch.backends.cudnn.benchmark` (CUDA only).
-    static_addresses: keep the nets, resident data and constants at fixed addresses
-      across the runs of a process (reused in place), so CUDA graphs replay instead
-      of re-recording on each new run; the default is on exactly when CUDA graphs are.
-    """
-
-    compile_mode: str | None = None
-    compile_backend: str = "inductor"
-    compile_augment: bool | None = None
-    sgd_impl: str | None = None
+    compile_mode: str | None = None  # "none" (eager) or a torch.compile mode
+    compile_backend: str = "inductor"  # "eager"/"aot_eager" (mode "default"): cheap tests
+    compile_augment: bool | None = None  # the augmentation in the forward's graph, or eager
+    sgd_impl: str | None = None  # torch.optim.SGD's kernel: fused, foreach or for-loop
     channels_last: bool = True
-    cudnn_benchmark: bool | None = None
-    static_addresses: bool | None = None
+    cudnn_benchmark: bool | None = None  # CUDA only
+    static_addresses: bool | None = None  # reuse nets and data across runs (`place`)
 
     def __post_init__(self) -> None:
         if self.compile_mode is not None and self.compile_mode not in COMPILE_MODES:
@@ -98,48 +77,42 @@ class TorchSetup:
         )
 
     def resolve(self, device: torch.device, compile: bool | None = None) -> TorchSetup:
-        """Every field concrete for `device`; `compile` is the older on/off switch.
-
-        compile=False means mode "none"; compile=True means the device's compiled
-        default ("max-autotune" on CUDA, "default" on the CPU). Contradictions raise
-        ValueError.
-        """
-        mode = self.compile_mode
+        """Every field concrete for `device`. `compile` is the on/off switch: False is mode
+        "none", True the device's compiled default; contradictions raise ValueError."""
+        mode, backend, cuda = self.compile_mode, self.compile_backend, device.type == "cuda"
         if compile is False and mode not in (None, "none"):
             raise ValueError(f"compile=False contradicts compile mode {mode!r}")
         if compile is True and mode == "none":
             raise ValueError("compile=True contradicts compile mode 'none'")
         if mode is None:
             if compile is None:
-                compile = device.type == "cuda"
-            mode = ("max-autotune" if device.type == "cuda" else "default") if compile else "none"
+                compile = cuda
+            mode = ("max-autotune" if cuda else "default") if compile else "none"
         compiled = mode != "none"
-        if compiled and self.compile_backend != "inductor" and mode != "default":
+        if compiled and backend != "inductor" and mode != "default":
             raise ValueError(
-                f"compile mode {mode!r} is inductor's; backend {self.compile_backend!r} "
-                "takes compile mode 'default'"
+                f"compile mode {mode!r} is inductor's; backend {backend!r} takes compile mode "
+                "'default'"
             )
         if compiled:
-            _check_backend(self.compile_backend)
-        augment = self.compile_augment
-        if augment and not compiled:
+            import torch._dynamo
+
+            known = torch._dynamo.list_backends(exclude_tags=())
+            if backend not in known:
+                raise ValueError(
+                    f"unknown compile backend {backend!r}; torch has {', '.join(known)}"
+                )
+        if self.compile_augment and not compiled:
             raise ValueError("compile_augment needs a compile mode other than 'none'")
-        if augment is None:
-            augment = compiled and device.type == "cuda"
-        sgd = self.sgd_impl or ("fused" if device.type == "cuda" else "foreach")
-        cudnn = self.cudnn_benchmark
-        if cudnn is None:
-            cudnn = device.type == "cuda"
+        augment = compiled and cuda if self.compile_augment is None else self.compile_augment
         out = dataclasses.replace(
             self,
             compile_mode=mode,
             compile_augment=bool(augment),
-            sgd_impl=sgd,
-            cudnn_benchmark=bool(cudnn) and device.type == "cuda",
+            sgd_impl=self.sgd_impl or ("fused" if cuda else "foreach"),
+            cudnn_benchmark=cuda and self.cudnn_benchmark is not False,
         )
-        static = self.static_addresses
-        if static is None:
-            static = out.cuda_graphs(device)
+        static = out.cuda_graphs(device) if self.static_addresses is None else self.static_addresses
         return dataclasses.replace(out, static_addresses=bool(static))
 
     def compile_kwargs(self) -> dict[str, Any]:
@@ -165,8 +138,8 @@ def default_device() -> torch.device:
 
 
 def resolve_device(device: torch.device | str | None = None) -> torch.device:
-    """The requested device, else `default_device()`; a GPU always with its index (one
-    name per device for the compile and warm-up caches)."""
+    """The requested device, else `default_device()`; a GPU always with its index (one name
+    per device for the caches)."""
     dev = torch.device(device) if device is not None else default_device()
     if dev.type == "cuda" and dev.index is None:
         dev = torch.device("cuda", torch.cuda.current_device())
@@ -182,14 +155,6 @@ def resolve(
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = bool(s.cudnn_benchmark)
     return s
-
-
-def _check_backend(name: str) -> None:
-    import torch._dynamo
-
-    known = torch._dynamo.list_backends(exclude_tags=())
-    if name not in known:
-        raise ValueError(f"unknown compile backend {name!r}; torch has {', '.join(known)}")
 
 
 def record(s: TorchSetup, device: torch.device, bf16: bool) -> dict[str, Any]:
@@ -215,15 +180,10 @@ def record(s: TorchSetup, device: torch.device, bf16: bool) -> dict[str, Any]:
 
 
 def dynamo_graphs() -> int:
-    """Graphs torch._dynamo has compiled in this process so far (0 if dynamo never loaded).
-
-    `counters["stats"]["unique_graphs"]` grows by one per graph handed to the
-    backend, recompiles after a failed guard included (torch 2.0 through 2.13).
-    """
+    """Graphs torch._dynamo has compiled in this process, recompiles included (0 if dynamo
+    never loaded)."""
     dynamo = sys.modules.get("torch._dynamo.utils")
-    if dynamo is None:
-        return 0
-    return int(dynamo.counters["stats"]["unique_graphs"])
+    return 0 if dynamo is None else int(dynamo.counters["stats"]["unique_graphs"])
 
 
 def summary_fields(
@@ -238,12 +198,8 @@ def summary_fields(
 
 @functools.cache
 def compiled(fn: Callable[..., Any], mode: str | None, backend: str) -> Callable[..., Any]:
-    """One compiled version per function, compile mode and backend per process; static shapes.
-
-    A module-level function taking the net as an argument compiles once for every run
-    in the process (a closure over a fresh model would recompile per run and hit
-    dynamo's recompile limit in the benchmark's seed loop).
-    """
+    """One compiled version per function, mode and backend per process; static shapes. The net
+    is an argument, so every run reuses it (a closure per model would hit the recompile limit)."""
     kw = TorchSetup(compile_mode=mode, compile_backend=backend).compile_kwargs()
     return torch.compile(fn, **kw)
 
@@ -254,13 +210,8 @@ def forwards(
     train_forward: Callable[..., Any],
     eval_forward: Callable[..., Any],
 ) -> tuple[Callable[..., Any], Callable[..., Any]]:
-    """The run's (train forward, evaluation forward): the eager ones, or compiled.
-
-    The train forward takes `augmented_train_forward`'s arguments. With
-    `compile_augment` the gather, cutout and normalisation fuse into the forward's
-    graph; without it the plan is applied eagerly before the compiled `train_forward`
-    (`augmented_train_forward`'s `forward`).
-    """
+    """The run's (train forward, evaluation forward), eager or compiled; the train forward takes
+    `augmented_train_forward`'s arguments, with the augmentation compiled in or run eagerly."""
     if not s.compiled:
         return augmented_train_forward, eval_forward
     mode, backend = s.compile_mode, s.compile_backend
@@ -274,18 +225,11 @@ def forwards(
 # --- nets and data at fixed addresses, warm-up once per process and configuration -----------------
 
 
-@dataclasses.dataclass
-class Pooled:
-    """A configuration's nets and device data, kept at fixed addresses across runs."""
+Placed = tuple[nn.Module, nn.Module | None, dict[str, torch.Tensor]]  # nets and device data
 
-    model: nn.Module
-    ema_model: nn.Module | None
-    tensors: dict[str, torch.Tensor]
-
-
-# Warm-up and pooled tensors, per (recipe, shapes, device, setup, bf16).
+# Warm-up and pooled nets and data, per (recipe, shapes, device, setup, bf16).
 _WARMED: set[Any] = set()
-_POOL: dict[Any, Pooled] = {}
+_POOL: dict[Any, Placed] = {}
 
 
 def forget_warmups() -> None:
@@ -307,7 +251,7 @@ def place(
     model: nn.Module,
     ema_model: nn.Module | None,
     tensors: dict[str, torch.Tensor],
-) -> tuple[nn.Module, nn.Module | None, dict[str, torch.Tensor]]:
+) -> Placed:
     """A run's nets and device data; with `static_addresses`, the last run's of `key` with
     these values copied in (CUDA graphs replay instead of re-recording)."""
     if not s.static_addresses:
@@ -318,17 +262,18 @@ def place(
 
         for t in tensors.values():  # the compiled augmentation reads train_x in place
             mark_static_address(t, guard=False)  # new address: re-record, not recompile
-        _POOL[key] = Pooled(model, ema_model, tensors)
-        return model, ema_model, tensors
+        _POOL[key] = (model, ema_model, tensors)
+        return _POOL[key]
+    kept_model, kept_ema, kept_tensors = pooled
     for k, t in tensors.items():
-        pooled.tensors[k].copy_(t)
-    for net, fresh in ((pooled.model, model), (pooled.ema_model, ema_model)):
+        kept_tensors[k].copy_(t)
+    for net, fresh in ((kept_model, model), (kept_ema, ema_model)):
         if net is not None and fresh is not None:
             net.load_state_dict(fresh.state_dict())
             net.train()
-    for p in pooled.model.parameters():
+    for p in kept_model.parameters():
         p.grad = None
-    return pooled.model, pooled.ema_model, pooled.tensors
+    return pooled
 
 
 def sync(device: torch.device) -> None:
@@ -350,13 +295,9 @@ def warm_up(
     evaluate: Callable[[Any, nn.Module], Any],
     ema_update: Callable[[list[torch.Tensor], list[torch.Tensor], float], None],
 ) -> dict[str, Any]:
-    """Compilation, cuDNN autotuning, CUDA-graph recording and first-call allocations on
-    every shape and op of run `r` (a `torch_ref.run.Run`), once per process and `key`;
-    the weights and BN statistics are put back. `evaluate(r, net)` scores a net and
-    `ema_update(ema, live, m)` is the trainer's (run here on a copy of the EMA).
-
-    Returns the summary's `compile_seconds` and `warmup_ran`.
-    """
+    """Compile, autotune, record CUDA graphs and allocate on every shape and op of run `r` (a
+    `torch_ref.run.Run`) once per process and `key`, then put the weights back. `evaluate` and
+    `ema_update` are the trainer's. Returns the summary's `compile_seconds` and `warmup_ran`."""
     if key in _WARMED:
         return {"compile_seconds": 0.0, "warmup_ran": False}
     sync(r.device)
@@ -409,17 +350,10 @@ def check_no_host_sync(
     steps: int = 3,
     raise_on_sync: bool = False,
 ) -> dict[str, Any]:
-    """Run `steps` real training steps (an EMA update among them), an epoch's plan draw and
-    an evaluation of run `r` under `torch.cuda.set_sync_debug_mode("error")`.
-
-    `step`, `plan` and `evaluate` are the trainer's (`torch_ref.train.train_step`,
-    `plan_epoch`, `evaluate_net`). Nothing in them may wait for the device (the
-    per-epoch fetch and the final `.item()` are outside what is checked; torch flags
-    copies and stream syncs, not every possible stall). The steps use the run's
-    warmed-up nets and a scratch optimizer; weights, BN statistics and EMA are
-    restored, so the run is unchanged. Returns {"status": "passed" | "skipped" |
-    "failed", "detail": ...}; a failure names the phase and the synchronising line
-    (RuntimeError with `raise_on_sync`).
+    """Run `steps` training steps (an EMA update among them), a plan draw and an evaluation
+    of run `r` (the trainer's `step`, `plan`, `evaluate`) under sync-debug mode "error"; the
+    nets are restored after. {"status": "passed" | "skipped" | "failed", "detail": ...}; a
+    failure names the phase and the synchronising line (RuntimeError with `raise_on_sync`).
     """
     if r.device.type != "cuda":
         return {"status": "skipped", "detail": "no CUDA device: sync-debug mode is CUDA's"}
@@ -430,12 +364,8 @@ def check_no_host_sync(
     t0 = max(cfg.ema_every - 1, 0) if r.ema_model is not None else 0
     n = min(steps, r.steps)
     t0 = max(0, min(t0, len(r.lrs) - n))
-    scratch = dataclasses.replace(
-        r,
-        optimizer=scratch_optimizer(r.optimizer),
-        t=t0,
-        generator=torch.Generator(device=r.device).manual_seed(0),
-    )
+    gen = torch.Generator(device=r.device).manual_seed(0)
+    scratch = dataclasses.replace(r, optimizer=scratch_optimizer(r.optimizer), t=t0, generator=gen)
     phase = "draw_plan (once per epoch)"
     previous = torch.cuda.get_sync_debug_mode()
     detail = None
@@ -492,14 +422,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--compile",
         action=argparse.BooleanOptionalAction,
-        default=None,
         help="torch.compile the forward/backward (default: on for CUDA, off on the CPU); "
         "--compile means --compile-mode's device default, --no-compile means 'none'",
     )
     parser.add_argument(
         "--compile-mode",
         choices=COMPILE_MODES,
-        default=None,
         help="torch.compile mode (default: max-autotune on CUDA, as airbench94_compiled; "
         "none on the CPU)",
     )
@@ -511,14 +439,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--compile-augment",
         action=argparse.BooleanOptionalAction,
-        default=None,
         help="compile the augmentation gather/cutout into the forward's graph (default: on "
         "when compiling on CUDA) or run it eagerly before it",
     )
     parser.add_argument(
         "--sgd-impl",
         choices=SGD_IMPLS,
-        default=None,
         help="torch.optim.SGD kernel (default: fused on CUDA, foreach on the CPU)",
     )
 

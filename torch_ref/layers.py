@@ -1,7 +1,5 @@
-"""The building blocks both PyTorch nets share, chosen by config fields (mirror of
-`jaxbench.layers`): BN (optionally ghost, with a trainable, frozen or absent scale),
-the activation, the pool/norm order of a conv block and Page's whitening stem.
-"""
+"""The building blocks both PyTorch nets share, chosen by config fields (`jaxbench.layers`'s
+mirror): BN, the activation, the pool/norm order of a conv block and Page's whitening stem."""
 
 from __future__ import annotations
 
@@ -16,24 +14,13 @@ from torch_ref import distributed
 class BatchNorm(nn.BatchNorm2d):
     """`BatchNorm2d` with the config's scale and optional ghost batches.
 
-    Scale: a trainable `weight` starting at `scale`, or (not trainable) no
-    weight at all -- F.batch_norm then multiplies by 1 -- and a fixed non-1 scale
-    as a constant, so the state dict maps one to one onto Flax's BN either way.
-
-    Ghost BN (`ghost` > 0, Page's trick): in training, Page's
-    `input.view(-1, C * splits, H, W)` puts image i in group i mod splits; each
-    group is normalised with its own statistics and the running statistics move
-    towards the mean of the groups' (unbiased) statistics -- what Page's per-group
-    buffers average to when he switches to eval -- so the buffers stay (C,).
-
-    Several processes (`sync`, set by the trainer): "global" normalises with the
-    statistics of the whole global batch -- per channel, or per ghost group and
-    channel, where a group's members are all-reduced from every process -- the same
-    mathematics as one process; "local" normalises each process's share on its own
-    (ghost groups within the share), a different recipe, and moves the running
-    statistics towards the mean over the processes, so every copy stays equal. One
-    implementation serves the CPU and CUDA (`nn.SyncBatchNorm` refuses CPU tensors
-    and has no ghost groups). With one process the plain path below runs unchanged.
+    Scale: a trainable `weight` from `scale`, or no weight (F.batch_norm multiplies by 1) and
+    a fixed non-1 scale as a constant, so the state dict maps one to one onto Flax's BN.
+    Ghost BN (Page's `view(-1, C * splits, H, W)`): image i in group i mod splits, each group
+    normalised on its own; the (C,) running statistics move towards the groups' mean.
+    `sync` (several processes): "global" normalises with the whole global batch's statistics
+    (one process's numbers), "local" each process's share, averaging the running statistics.
+    `nn.SyncBatchNorm` refuses CPU tensors and has no ghost groups, hence this one.
     """
 
     sync: str | None = None  # None: one process; "global" or "local": several
@@ -118,7 +105,7 @@ class BatchNorm(nn.BatchNorm2d):
         if self.sync == "local":
             y = self._forward(x)  # this process's share: its own statistics and groups
             # `.data`: F.batch_norm's backward keeps the buffers but in training never reads them
-            distributed.all_reduce_(self.running_mean.data, self.running_var.data, mean=True)
+            distributed.sum_over_processes(self.running_mean.data, self.running_var.data, mean=True)
             return y
         n, c, h, w = x.shape
         total = n * world

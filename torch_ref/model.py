@@ -1,11 +1,7 @@
 """The Myrtle ResNet-9 in PyTorch, named block for block like `jaxbench.models`.
 
-Module names (`prep`, `layer1`, `res1a`, ...; each with `.conv` and `.bn`; with
-Page's whitening stem `prep` holds `.whiten`, `.conv` (1x1) and `.bn`; `head`)
-are the contract the parity suite converts weights by (docs/design.md), so do
-not rename them. The layers (BN, activation, pool order, stem) come from
-`torch_ref.layers`, chosen by the config. Inputs are NCHW float tensors
-(channels-last memory is fine).
+The module names (`prep`, `layer1`, `res1a`, ..., each `.conv` and `.bn`; `head`) are the
+contract the parity suite converts weights by (docs/design.md): do not rename them.
 """
 
 from __future__ import annotations
@@ -43,15 +39,13 @@ class ResNet9(nn.Module):
         self,
         widths: tuple[int, ...] = (64, 128, 256, 512),
         output_scale: float = 0.125,
-        bn_momentum: float = 0.1,
-        bn_eps: float = 1e-5,
         num_classes: int = 10,
         cfg: Config | None = None,
     ) -> None:
         super().__init__()
         if len(widths) != 4:
             raise ValueError(f"ResNet9 takes four widths, got {tuple(widths)}")
-        cfg = (cfg or Config()).replace(bn_momentum=bn_momentum, bn_eps=bn_eps)
+        cfg = cfg or Config()  # BN settings and the layers' choices
         w0, w1, w2, w3 = widths
         if cfg.whiten == "patch3":
             self.prep: nn.Module = layers.PatchWhiten(cfg, 3, w0)
@@ -70,12 +64,8 @@ class ResNet9(nn.Module):
 
     @torch.no_grad()
     def reset_parameters(self, generator: torch.Generator | None = None) -> None:
-        """The contract's init, spelled out rather than relying on torch's defaults.
-
-        Conv/linear weights ~ U(-1/sqrt(fan_in), 1/sqrt(fan_in)), fan_in = kh*kw*c_in
-        (the whitening conv too, until the trainer loads its kernel); BN scale
-        `cfg.bn_scale`, bias 0, running mean 0, running var 1.
-        """
+        """The contract's init, spelled out: conv/linear weights ~ U(+-1/sqrt(kh kw c_in));
+        BN scale `cfg.bn_scale`, bias 0, running mean 0, running var 1."""
         for m in self.modules():
             if isinstance(m, (nn.Conv2d, nn.Linear)):
                 fan_in = m.weight[0].numel()
@@ -96,12 +86,8 @@ class ResNet9(nn.Module):
 
 
 def model_from_config(cfg: Config, seed: int | None = None) -> nn.Module:
-    """The configured net (ResNet-9, or the speedrun net for `model="speedrun"`) on the CPU,
-    initialised from `seed` (default `cfg.seed`).
-
-    Initialising on the CPU with a private generator makes the weights a function
-    of the seed alone, the same on every machine, and leaves torch's global RNG alone.
-    """
+    """The configured net (ResNet-9 or the speedrun net) on the CPU, initialised from `seed`
+    (default `cfg.seed`) by a private generator: the same weights on every machine."""
     if cfg.model == "speedrun":
         return speedrun_from_config(cfg, seed)
     if cfg.model != "resnet9":
@@ -109,8 +95,6 @@ def model_from_config(cfg: Config, seed: int | None = None) -> nn.Module:
     model = ResNet9(
         widths=tuple(cfg.widths),
         output_scale=cfg.output_scale,
-        bn_momentum=cfg.bn_momentum,
-        bn_eps=cfg.bn_eps,
         num_classes=NUM_CLASSES[cfg.dataset],
         cfg=cfg,
     )

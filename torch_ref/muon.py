@@ -1,23 +1,12 @@
 """Muon for the conv filters in PyTorch: `jaxbench.muon`'s reference update, in float32.
 
-`Muon(params, spec, total_steps)` updates OIHW conv filters in place; the trainer sets
-each group's `lr` before each step (as it does for SGD), and the update counter lives
-in each parameter's state (`step`), so a state dict restores it.
+`Muon(params, spec, total_steps)` updates OIHW filters in place; the trainer sets `lr`
+before each step, and the update counter is in each parameter's state (`step`).
 
-Why not `torch.optim.Muon` (torch 2.13): it computes another update, and rejects 4-D
-parameters outright ("Muon only supports 2D parameters").
-- Momentum: `buf.lerp_(g, 1 - m)`, nesterov `g.lerp(buf, m)`: (1 - m) times the
-  sources' `buf = m * buf + g`, `g + m * buf`, the same direction (Newton-Schulz
-  normalises it away) but the Frobenius norm is clamped, `max(||X||, eps)`, where
-  the sources add eps.
-- Newton-Schulz: always bfloat16 (as airbench94_muon; the record float16; here
-  float32), 5 steps by default (the sources: 3), airbench94_muon's coefficients by
-  default; no pre-scaling to the record's target magnitude.
-- Scale: `adjust_lr_fn` "original" `sqrt(max(1, A / B))` or "match_rms_adamw"
-  `0.2 sqrt(max(A, B))` from `param.shape[:2]`; the sources scale by nothing.
-- Decay: `W *= 1 - lr wd` before the update (default wd 0.1); the record decays after
-  it, `(W - lr O)(1 - lr wd)`; airbench94_muon's filters have none.
-- No weight normalisation, no adaptive interval, no float16 buffer.
+Not `torch.optim.Muon` (torch 2.13): it rejects 4-D parameters and computes another update:
+lerp momentum and a clamped norm, Newton-Schulz in bfloat16 for 5 steps without the record's
+pre-scaling, an `adjust_lr_fn` scale where the sources have none, decay before the update
+(the record decays after it), no weight normalisation, no float16 buffer.
 """
 
 from __future__ import annotations

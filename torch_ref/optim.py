@@ -1,10 +1,7 @@
 """Loss-side state of the recipe in PyTorch, as `jaxbench/optim.py` is for JAX.
 
-SGD with Nesterov momentum and coupled decay (BN biases in a group of their own), the
-LR set per update from `schedule.lr_at`, and the EMA of the weights and BN statistics
-with airbench's lookahead reset (docs/design.md, "Loss and optimizer" and "EMA").
-With `optimizer="muon"` (or `whiten_bias_own_lr`) one `MuonSGD` holds every group:
-Muon on the trained conv filters, the same SGD on the rest, grouped as `jaxbench.optim`.
+SGD with Nesterov momentum and coupled decay, the LR set per update, and the EMA of the weights
+and BN statistics with airbench's lookahead reset (docs/design.md); `MuonSGD` for Muon.
 """
 
 from __future__ import annotations
@@ -32,14 +29,9 @@ def is_muon_param(name: str, p: torch.Tensor) -> bool:
 
 
 class MuonSGD(torch.optim.Optimizer):
-    """Muon on the groups with `muon=True`, torch SGD's for-loop update on the rest.
-
-    One optimizer, so the trainer's `set_lr`, `step`, `zero_grad`, state dict and
-    scratch copy (`fast.scratch_optimizer`) serve both. SGD: coupled decay, then
-    `buf = m * buf + g` (the first buffer is g), Nesterov `g + m * buf`, as
-    `torch.optim.SGD`. Muon: `torch_ref.muon.muon_step_` with airbench94_muon's spec
-    and `muon_momentum`. A group with `lr_knots` takes its LR from them at its own
-    update count (`updates`), not from `set_lr`.
+    """Muon on the groups with `muon=True`, torch SGD's for-loop update on the rest, in one
+    optimizer (so `set_lr`, state dict and scratch copy serve both). A group with `lr_knots`
+    takes its LR from them at its own update count, not from `set_lr`.
     """
 
     def __init__(
@@ -91,9 +83,8 @@ class MuonSGD(torch.optim.Optimizer):
 
 
 def make_muon_sgd(model: nn.Module, cfg: Config, steps_per_epoch: int) -> MuonSGD:
-    """The groups of `jaxbench.optim.make_optimizer` for `optimizer="muon"` or
-    `whiten_bias_own_lr`: default (head), BN biases, whitening bias, Muon filters, each
-    group's `label` that of `jaxbench.optim.param_labels`."""
+    """`jaxbench.optim.make_optimizer`'s groups (default, BN biases, whitening bias, Muon
+    filters, labelled as `param_labels`) for `optimizer="muon"` or `whiten_bias_own_lr`."""
     lr, wd = optimizer_scales(cfg)
     named = list(model.named_parameters())
     bn_ids = {id(m.bias) for m in model.modules() if isinstance(m, nn.BatchNorm2d)}
@@ -136,13 +127,9 @@ def make_optimizer(
     sgd_impl: str | None = None,
     steps_per_epoch: int | None = None,
 ) -> torch.optim.Optimizer:
-    """SGD with Nesterov momentum and coupled decay; BN biases in their own group.
-
-    Each group carries `lr_mult`; the trainer sets `lr = lr_at(t) * lr_mult` before
-    update t. LR and decay are in optimizer units (`configs.optimizer_scales`).
-    `sgd_impl`: "fused", "foreach" or "for-loop" (None: torch's own choice).
-    `optimizer="muon"` or `whiten_bias_own_lr`: a `MuonSGD` (`make_muon_sgd`), which
-    needs `steps_per_epoch`.
+    """SGD with Nesterov momentum and coupled decay, BN biases in their own group, each group
+    with an `lr_mult` (`set_lr`); a `MuonSGD` for Muon or `whiten_bias_own_lr`, which needs
+    `steps_per_epoch`. `sgd_impl`: "fused", "foreach" or "for-loop" (None: torch's choice).
     """
     if cfg.optimizer == "muon" or cfg.whiten_bias_own_lr:
         if steps_per_epoch is None:
@@ -177,11 +164,8 @@ def ema_tensors(model: nn.Module) -> list[torch.Tensor]:
 
 @torch.no_grad()
 def ema_update(ema: Sequence[torch.Tensor], current: Sequence[torch.Tensor], m: float) -> None:
-    """`ema = m * ema + (1 - m) * w`, literally (two products, one sum), all tensors at once.
-
-    `m` and `1 - m` are formed in float32 (as `jaxbench.optim.ema_update` does), so
-    the two frameworks multiply by the very same coefficients.
-    """
+    """`ema = m * ema + (1 - m) * w`, literally, all tensors at once; `m` and `1 - m` formed in
+    float32 as `jaxbench.optim.ema_update` does, so both multiply by the same coefficients."""
     m32 = np.float32(m)
     scaled = torch._foreach_mul(list(current), float(np.float32(1.0) - m32))
     torch._foreach_mul_(list(ema), float(m32))

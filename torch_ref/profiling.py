@@ -1,12 +1,8 @@
 """`python -m torch_ref.train --profile DIR`: a Chrome trace and a table of top operations.
 
-You get `DIR/torch-trace.json`, which opens in https://ui.perfetto.dev, and a
-table of the operations that took the most time: name, ms, calls and share, the
-columns `python -m jaxbench.train --profile` prints, so a PyTorch run and a JAX
-run can be compared line by line. On a CPU each operation is ranked by its own
-CPU time; on a CUDA GPU by its kernels' device time (an operation's device time
-already contains its kernels', so only the kernels are summed). Only the timed
-training is recorded: the monitoring evaluations between epochs are left out.
+`DIR/torch-trace.json` opens in https://ui.perfetto.dev; the table has the columns of
+`python -m jaxbench.train --profile`, ranked by self CPU time on a CPU and by kernel device
+time on CUDA. Only the timed training is recorded, not the evaluations between epochs.
 """
 
 from __future__ import annotations
@@ -26,11 +22,7 @@ TRACE_NAME = "torch-trace.json"
 
 
 class TorchProfile:
-    """One profiler from the first `start()` to `finish()`; `pause()`/`start()` between.
-
-    Collection is switched off while paused (`toggle_collection_dynamic`), so the
-    untimed monitoring evaluations stay out of the trace and the table.
-    """
+    """One profiler from the first `start()` to `finish()`; collection is off while paused."""
 
     def __init__(self, folder: str | os.PathLike[str], device: torch.device) -> None:
         self.folder = Path(folder)
@@ -53,22 +45,23 @@ class TorchProfile:
             self.prof.toggle_collection_dynamic(False, self.activities)
             self.collecting = False
 
+    def _stop(self, prof: torch.profiler.profile) -> None:
+        if not self.collecting:
+            prof.toggle_collection_dynamic(True, self.activities)  # stop() expects it on
+        prof.stop()
+        self.collecting = False
+
     def abort(self) -> None:
         """Stop without writing anything (the run failed)."""
         if self.prof is not None:
-            if not self.collecting:
-                self.prof.toggle_collection_dynamic(True, self.activities)
-            self.prof.stop()
-            self.prof, self.collecting = None, False
+            self._stop(self.prof)
+            self.prof = None
 
     def finish(self) -> dict[str, Any]:
         """Stop; write `<folder>/torch-trace.json` atomically; {"trace": path, "top_ops": rows}."""
         if self.prof is None:
             return {"trace": None, "top_ops": []}
-        if not self.collecting:
-            self.prof.toggle_collection_dynamic(True, self.activities)  # stop() expects it on
-        self.prof.stop()
-        self.collecting = False
+        self._stop(self.prof)
         self.folder.mkdir(parents=True, exist_ok=True)
         path = self.folder / TRACE_NAME
         fd, tmp = tempfile.mkstemp(dir=self.folder, prefix=".torch-trace-", suffix=".json")

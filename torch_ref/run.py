@@ -1,11 +1,6 @@
-"""What one PyTorch run holds, how the run driver drives it, and its checkpoint file.
-
-`torch_ref.train.setup` builds a `Run` (the data on the device, the nets, the
-optimizer, the schedules); the recipe's step, epoch and evaluation read and update
-it. `Trainer` is that run as `jaxbench.driver.Driver` drives it, the recipe's epoch
-and score passed in. `save_state` and `restore_state` put everything its numbers
-depend on into a checkpoint folder and back, so a resumed run continues bit for bit.
-`Hooks` are where the parity suite watches the training loop.
+"""What one PyTorch run holds (`Run`), how the run driver drives it (`Trainer`), its checkpoint
+file (`save_state`, `restore_state`: a resumed run continues bit for bit) and the `Hooks` the
+parity suite watches the training loop through.
 """
 
 from __future__ import annotations
@@ -32,13 +27,8 @@ STATE_FILE = "state.pt"
 
 @dataclasses.dataclass
 class Run:
-    """What `setup` builds for one run: data on the device, the nets, the optimizer.
-
-    `t` counts optimizer updates done so far; `train_step` advances it. `forward`
-    takes `augmented_train_forward`'s arguments and `eval_forward` `eval_forward`'s:
-    the eager functions, or what `torch_ref.fast` and `torch_ref.distributed` make of
-    them. `extras` are the summary's fields about how the run ran.
-    """
+    """What `setup` builds for one run. `forward` and `eval_forward` are the eager functions or
+    what `torch_ref.fast` and `torch_ref.distributed` make of them; `extras` go to the summary."""
 
     cfg: Config
     device: torch.device
@@ -66,7 +56,7 @@ class Run:
     extras: dict[str, Any]
     ema_live: list[torch.Tensor]  # what the EMA averages (`ema_tensors`) of the net
     ema_copy: list[torch.Tensor]  # and of the EMA copy (empty without one)
-    t: int = 0
+    t: int = 0  # optimizer updates done so far
 
     @property
     def n_train(self) -> int:
@@ -74,12 +64,8 @@ class Run:
 
 
 class Hooks:
-    """Observation points in the training loop, for the parity suite (no-ops by default).
-
-    `before_step` sees the run before update `t`, `after_step` after it (model,
-    optimizer, EMA) with the step's mean loss (a device tensor); `before_eval`
-    sees it before each evaluation.
-    """
+    """Observation points in the training loop for the parity suite (no-ops by default): the
+    run before and after update `t` (with the step's mean loss) and before each evaluation."""
 
     def before_step(self, t: int, run: Run) -> None:
         pass
@@ -92,11 +78,8 @@ class Hooks:
 
 
 class Trainer:
-    """A `Run` as the trainer `jaxbench.driver.Driver` drives (its docstring has the interface).
-
-    The recipe (`torch_ref.train`'s) supplies `whiten(r)`, `epoch(r, epoch, progress=,
-    hooks=)` and `score(r, same_weights)`; the checkpoint file is this module's.
-    """
+    """A `Run` as `jaxbench.driver.Driver` drives it; the recipe supplies `whiten(r)`,
+    `epoch(r, epoch, progress=, hooks=)` and `score(r, same_weights)`."""
 
     framework = "torch"
 

@@ -1,13 +1,7 @@
 """The airbench94-style net of the `speedrun` preset, in PyTorch (mirror of jaxbench's).
 
-Same structure and names as `jaxbench.speedrun_model`: `whiten` (conv 2x2, no
-padding, bias from zero; weight frozen: `requires_grad=False`, loaded with
-`set_whitening`), exact GELU, `block1..3` each `conv1`, max pool 2, `bn1`, GELU,
-`conv2`, `bn2`, GELU; max pool 3, flatten, `head` (no bias), x output_scale.
-
-BN scale: with `bn_scale_trainable=False` (the preset) `bnK.weight` is None, so
-BN multiplies by an implicit 1 and the state dict maps one to one onto Flax's
-`use_scale=False` BatchNorm (`bias`, `running_mean`, `running_var`).
+Same structure and names as `jaxbench.speedrun_model`: `whiten` (frozen 2x2 conv with bias),
+`block1..3` (`conv1`, max pool 2, `bn1`, GELU, `conv2`, `bn2`, GELU), max pool 3, `head`.
 """
 
 from __future__ import annotations
@@ -58,15 +52,10 @@ class SpeedrunNet(nn.Module):
         widths: Sequence[int] = (64, 256, 256),
         num_classes: int = 10,
         output_scale: float = 1.0 / 9.0,
-        bn_momentum: float = 0.4,
-        bn_eps: float = 1e-12,
-        bn_scale_trainable: bool = False,
         cfg: Config | None = None,
     ) -> None:
         super().__init__()
-        cfg = (cfg or speedrun()).replace(
-            bn_momentum=bn_momentum, bn_eps=bn_eps, bn_scale_trainable=bn_scale_trainable
-        )
+        cfg = cfg or speedrun()  # BN settings and the layers' choices
         self.output_scale = output_scale
         self.whiten_bias_zero = cfg.whiten_bias_init == "zero"
         self.head_unit_std = cfg.head_unit_std
@@ -84,13 +73,8 @@ class SpeedrunNet(nn.Module):
 
     @torch.no_grad()
     def reset_parameters(self, generator: torch.Generator | None = None) -> None:
-        """The contract's init from `generator` (torch's default distributions, spelled out).
-
-        Conv/linear weights and the whitening bias ~ U(+-1/sqrt(fan_in)) (the bias then
-        zeroed under `whiten_bias_init="zero"`, airbench's choice), then
-        identity on the first C_in filters of every 3x3 conv; BN bias 0, running
-        mean 0, var 1.
-        """
+        """The contract's init from `generator`: conv/linear weights and the whitening bias ~
+        U(+-1/sqrt(fan_in)), then identity on the first C_in filters of every 3x3 conv."""
         for m in self.modules():
             if isinstance(m, (nn.Conv2d, nn.Linear)):
                 bound = 1.0 / math.sqrt(m.weight[0].numel())
@@ -121,20 +105,14 @@ class SpeedrunNet(nn.Module):
 
 
 def speedrun_from_config(cfg: Config, seed: int | None = None) -> SpeedrunNet:
-    """The configured net on the CPU, initialised from `seed` (default `cfg.seed`).
-
-    A private generator makes the weights a function of the seed alone (as
-    `torch_ref.model.model_from_config` does for ResNet-9).
-    """
+    """The configured net on the CPU, initialised from `seed` (default `cfg.seed`) by a
+    private generator."""
     if len(cfg.widths) != 3:
         raise ValueError(f"the speedrun net takes three --widths, got {cfg.widths}")
     net = SpeedrunNet(
         widths=tuple(cfg.widths),
         num_classes=NUM_CLASSES[cfg.dataset],
         output_scale=cfg.output_scale,
-        bn_momentum=cfg.bn_momentum,
-        bn_eps=cfg.bn_eps,
-        bn_scale_trainable=cfg.bn_scale_trainable,
         cfg=cfg,
     )
     net.reset_parameters(torch.Generator().manual_seed(cfg.seed if seed is None else seed))

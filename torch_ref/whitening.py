@@ -1,7 +1,6 @@
 """The whitening stem's kernel from training images on their device, equal to numpy's bit for bit.
 
-The patch moments are summed on the device in float64, where every product and partial
-sum is an integer below 2^53, so the sums are exact in any order; the float64 rest is
+Patch moments summed in float64 are integers below 2^53, exact in any order; the rest is
 `jaxbench.whitening`'s, so both frameworks start from the very same kernel.
 """
 
@@ -33,12 +32,8 @@ def device_patch_moments(
         rows = win.reshape(-1, d)
         sum_uu += rows.T @ rows
         sum_u += rows.sum(0)
-    fetched = torch.cat([sum_uu.reshape(-1), sum_u]).cpu().numpy()
-    return (
-        fetched[: d * d].reshape(d, d).astype(np.int64),
-        fetched[d * d :].astype(np.int64),
-        n * hh * ww,
-    )
+    fetched = torch.cat([sum_uu.reshape(-1), sum_u]).cpu().numpy().astype(np.int64)
+    return fetched[: d * d].reshape(d, d), fetched[d * d :], n * hh * ww
 
 
 def whitening_kernel(train_images: torch.Tensor, cfg: Config) -> np.ndarray:

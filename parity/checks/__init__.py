@@ -1,17 +1,7 @@
 """The parity checks, one module each, and the registry that numbers them.
 
-| # | module | what it compares |
-|---|--------|------------------|
-| 1 | `init` | both frameworks' own inits; the bit-exact weight conversion |
-| 2 | `forward` | logits, activations, BN running statistics, conv padding |
-| 3 | `gradients` | per-parameter gradients of the trainers' own loss |
-| 4 | `optimizer` | the LR at every step, K optimizer updates, the EMA, Muon |
-| 5 | `augmentation` | the shared stream's batches, byte for byte |
-| 6 | `trainer` | the trainers' own step loop and evaluation, step by step |
-| 7 | `curves` | per-epoch accuracy over matched seeds, against a same-framework null |
-
-Checks 1-6 are deterministic and compare at float32 full precision (no TF32);
-check 7 is statistical and runs the trainers in their normal mode.
+Checks 1-6 are deterministic and compare at float32 full precision (no TF32); check 7 is
+statistical and runs the trainers in their normal mode.
 """
 
 from __future__ import annotations
@@ -24,28 +14,18 @@ from parity.checks import augmentation, curves, forward, gradients, init, optimi
 from parity.checks.base import CheckResult, Context, Figure, synthetic_dataset
 from parity.harness import full_precision
 
-CheckFn = Callable[[Context], CheckResult]
-
-CHECKS: dict[int, tuple[str, CheckFn]] = {
-    1: ("initialisation", init.check_init),
-    2: ("forward", forward.check_forward),
-    3: ("gradients", gradients.check_gradients),
-    4: ("optimizer", optimizer.check_optimizer),
-    5: ("augmentation", augmentation.check_augment),
-    6: ("trainer", trainer.check_trainer),
-    7: ("epoch accuracy curves", curves.check_curves),
+CHECKS: dict[int, tuple[str, Callable[[Context], CheckResult]]] = {
+    1: ("initialisation", init.check_init),  # own inits; the bit-exact weight conversion
+    2: ("forward", forward.check_forward),  # logits, activations, BN statistics, padding
+    3: ("gradients", gradients.check_gradients),  # of the trainers' own loss
+    4: ("optimizer", optimizer.check_optimizer),  # LR, K updates, the EMA, Muon
+    5: ("augmentation", augmentation.check_augment),  # the shared stream's batches, bytes
+    6: ("trainer", trainer.check_trainer),  # the trainers' own loop, step by step
+    7: ("epoch accuracy curves", curves.check_curves),  # matched seeds vs a torch-only null
 }
 STATISTICAL: frozenset[int] = frozenset({7})  # run in the trainers' normal precision
 
 __all__ = ["CHECKS", "CheckResult", "Context", "Figure", "run_check", "synthetic_dataset"]
-
-
-def by_name(name: str) -> int:
-    """The number of the check called `name` (as in the table above or its module)."""
-    for number, (title, fn) in CHECKS.items():
-        if name in (title, fn.__module__.rsplit(".", 1)[-1]):
-            return number
-    raise ValueError(f"no check named {name!r}")
 
 
 def run_check(number: int, ctx: Context) -> CheckResult:

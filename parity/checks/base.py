@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from jaxbench.configs import Config
+from jaxbench.data import Dataset
 from jaxbench.stream import normalize_numpy
 from parity.harness import Harness
 
@@ -67,13 +68,8 @@ class Figure:
         return self.tolerance / self.value if self.value > 0 else math.inf
 
     def as_dict(self) -> dict[str, Any]:
-        return {
-            "name": self.name,
-            "value": self.value,
-            "tolerance": self.tolerance,
-            "op": self.op,
-            "passed": self.passed,
-        }
+        fields = ("name", "value", "tolerance", "op")
+        return {**{k: getattr(self, k) for k in fields}, "passed": self.passed}
 
 
 @dataclass
@@ -138,9 +134,8 @@ class Context:
 
     @property
     def arith_cfg(self) -> Config:
-        """The config for arithmetic checks: narrow in quick mode, float32 always, and ghost
-        batch norm (if on) over groups of `ARITH_GHOST` images, so that the checks' batches
-        of 16-32 images hold several groups and the grouping itself is compared."""
+        """The config for arithmetic checks: narrow in quick mode, float32, and ghost BN (if on)
+        over `ARITH_GHOST` images, so the checks' batches hold several groups."""
         cfg = self.cfg.replace(precision="float32")
         if cfg.ghost_bn:
             cfg = cfg.replace(ghost_bn=ARITH_GHOST)
@@ -150,13 +145,13 @@ class Context:
 # --- helpers --------------------------------------------------------------------------------
 
 
-def leaves(tree: PyTree) -> dict[str, np.ndarray]:
-    flat = jax.tree_util.tree_flatten_with_path(tree)[0]
-    return {".".join(str(getattr(k, "key", k)) for k in path): np.asarray(v) for path, v in flat}
-
-
 def path_keys(path: Any) -> tuple[str, ...]:
     return tuple(str(getattr(k, "key", k)) for k in path)
+
+
+def leaves(tree: PyTree) -> dict[str, np.ndarray]:
+    flat = jax.tree_util.tree_flatten_with_path(tree)[0]
+    return {".".join(path_keys(path)): np.asarray(v) for path, v in flat}
 
 
 def nchw(x_nhwc: np.ndarray) -> torch.Tensor:
@@ -194,15 +189,9 @@ def subset_data(ds: Any, n_train: int, n_test: int) -> Any:
 
 def synthetic_dataset(n_train: int, n_test: int, seed: int = 0) -> Any:
     """Random uint8 images and labels in the `Dataset` shape, for runs without CIFAR."""
-    from jaxbench.data import Dataset
-
     rng = np.random.default_rng(seed)
-
-    def split(n: int) -> tuple[np.ndarray, np.ndarray]:
-        return (
-            rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8),
-            rng.integers(0, 10, n).astype(np.int32),
-        )
-
-    (xtr, ytr), (xte, yte) = split(n_train), split(n_test)
+    xtr = rng.integers(0, 256, (n_train, 32, 32, 3), dtype=np.uint8)
+    ytr = rng.integers(0, 10, n_train).astype(np.int32)
+    xte = rng.integers(0, 256, (n_test, 32, 32, 3), dtype=np.uint8)
+    yte = rng.integers(0, 10, n_test).astype(np.int32)
     return Dataset("cifar10", [str(i) for i in range(10)], xtr, ytr, xte, yte, "synthetic")

@@ -1,15 +1,9 @@
 """Check 7: per-epoch accuracy curves over matched seeds, against a same-framework null.
 
-Is JAX-vs-PyTorch further apart than PyTorch-vs-PyTorch? For every seed s both
-frameworks start from the same weights (torch_ref's init for s, converted) and
-see the same batches (stream="shared"), and torch_ref also reruns from those
-weights perturbed by about one ulp. Whatever separates the reruns from the
-original is float32 chaos alone: rounding differences that training amplifies.
-JAX's run differs from torch_ref's by its own rounding differences; if it
-trains the same function, it is one more draw from the same chaos.
-`jaxbench.stats.chaos_test` turns that into a t test per epoch and metric, and
-the same test applied to a torch rerun in the role of JAX measures the
-procedure's false alarms on every call.
+Is JAX further from PyTorch than PyTorch is from itself? Per seed both start from the same
+weights on the same batches, and torch_ref reruns from those weights perturbed by ~1 ulp: what
+separates the reruns is float32 chaos alone, and a JAX trainer of the same function is one more
+draw from that chaos (`check_curves` tests it).
 """
 
 from __future__ import annotations
@@ -21,8 +15,10 @@ import numpy as np
 import torch
 
 from jaxbench import stats
+from jaxbench import train as jtrain
 from jaxbench.configs import Config
 from parity.checks.base import CheckResult, Context, Figure, quick_widths, subset_data
+from torch_ref import train as ttrain
 
 METRICS = ("val_acc", "ema_val_acc")
 TORCH_RUNS = 3  # per seed: the original and two perturbed reruns (the null needs >= 3)
@@ -33,35 +29,15 @@ PERTURB_SEED = 20_231  # the numpy stream behind the ulp perturbations (any fixe
 def curve_config(ctx: Context) -> tuple[Config, str]:
     """The check-7 config and a sentence saying what it is.
 
-    Quick mode (ResNet-9): widths 8,16,32,64; 8,000 training and 1,000 test images;
-    3 epochs of batch 50 (480 steps), LR 0.4 peaking at epoch 1; EMA every 5 steps at
-    momentum 0.8; no flip TTA (it was 30% of a torch run's time) and no cutout (no
-    measurable gain in so short a run). Chosen on torch_ref runs (final EMA test
-    accuracy, seed 0, three runs each: the original and two reruns): widths 16,32,64,128
-    at batch 100 took twice the time for no gain; at widths 8-64, batch 100 gave
-    58.9-61.8%, batch 50 62.3-62.8%; 6,000 or 7,000 images 55-61.5%; 12,000 images x 2
-    epochs 61-64% (no better); widths 6,12,24,48 were no faster (a torch run at these
-    widths is bound by memory traffic and per-op cost, not FLOPs).
-
-    Measured 2026-11-28 on a 2-core AMD EPYC (KVM, AVX-512; jax 0.10.2, torch 2.13 with
-    one thread, machine shared with another user's jobs). Final EMA test accuracy,
-    seeds 0-2: jax 62.4 / 63.1 / 62.9%, torch 62.8 / 62.3 / 62.5%, torch' 62.3 / 62.3 /
-    64.7%, torch'' 62.3 / 62.0 / 62.7%; over 24 torch runs (seeds 0-3, 6 runs each)
-    mean 62.6%, range 59.9-64.7%. Time: `python -m parity --quick` 177 s wall, 220 s
-    CPU (user + sys), of which check 7 160 s wall, 198 s CPU: per seed jax ~20 s wall /
-    33 s CPU (two threads), each torch run ~11 s (one thread); checks 1-6 ~13 s.
-    Chaos sd of one run, from those 24 torch runs (20 df per figure), in points: test
-    accuracy 3.9, 2.9, 1.1 and EMA test accuracy 1.05, 1.35, 0.99 at epochs 1-3; the
-    within-seed residuals look Gaussian (kurtosis 1.8-3.7, Gaussian 3; max |z| 2.5).
-    So quick mode's bars are ~4.1 chaos sd (`check_curves`): 3-5 points for the EMA
-    accuracy, ~4 for the final test accuracy, 12-17 for the mid-training ones.
-
-    Quick mode, the speedrun net: widths 32,48,48; 6,000 training and 1,000 test images;
-    3 epochs of batch 100 (180 steps), LR peak at 0.7 epochs (airbench's 23%), whitening
-    bias trained for one epoch, lookahead EMA as the preset, no TTA (six views cost more
-    than the training here; check 6 compares every view). Measured 2026-11-28, same
-    machine, torch_ref, seeds 0-2: final EMA accuracy 64.3 / 62.1 / 63.1%, 12-14 s a run
-    (one thread); jaxbench ~30 s a run (8,000 images: 41 s). Full mode: the preset itself.
+    Quick mode was chosen on torch_ref runs (final EMA test accuracy, seed 0, three runs each):
+    ResNet-9 at widths 8-64 with 8,000 / 1,000 images and 3 epochs of batch 50 (batch 100 gave
+    58.9-61.8% against 62.3-62.8%; wider took twice the time for no gain, narrower was no
+    faster), no flip TTA (30% of a run's time), no cutout (no gain so short). Measured
+    2026-11-28 on a 2-core AMD EPYC: mean 62.6% over 24 torch runs (59.9-64.7%), jax 62.4-63.1%;
+    check 7 160 s wall; chaos sd of one run 1.0-1.4 points for the EMA accuracy (test accuracy
+    3.9, 2.9, 1.1 at epochs 1-3), residuals near Gaussian, so ~4.1 sd bars are 3-5 points.
+    The speedrun net: widths 32,48,48, 6,000 images, batch 100, no TTA (~63%; 12-14 s a torch
+    run, ~30 s a jax run). Full mode: the preset itself.
     """
     quick = dict(
         widths=quick_widths(ctx.cfg),
@@ -118,15 +94,9 @@ def run_name(k: int) -> str:
 def perturb(state_dict: dict[str, torch.Tensor], seed: int, k: int) -> dict[str, torch.Tensor]:
     """The state dict with every float parameter moved by about one ulp; buffers unchanged.
 
-    Each weight w becomes round_to_float32(w * (1 + 2^-23 z)), z ~ N(0, 1) from a numpy
-    generator keyed by (PERTURB_SEED, seed, k). 2^-23 is float32's machine epsilon: with
-    w = m 2^e (1 <= m < 2) the exact product moves by m z ulp and rounds to w + round(m z)
-    ulp. For a ResNet-9 at widths 8-64 that leaves 29% of the weights as they were and
-    moves 43% by one ulp, 20% by two, 8% by three or more (mean |change| 1.1 ulp): the
-    size of one rounding error, random in sign and place, like the rounding differences
-    between two frameworks' kernels. Zeros (BN biases) stay zero. BN running statistics
-    are left alone: they do not enter training, only evaluation, and are overwritten
-    within a few dozen steps. Deterministic, so a rerun of the check reruns the same null.
+    w -> float32(w (1 + 2^-23 z)), z ~ N(0, 1) keyed by (PERTURB_SEED, seed, k): one rounding
+    error's size, random in sign and place (at widths 8-64: 29% unchanged, mean 1.1 ulp). BN
+    running statistics only enter evaluation and are soon overwritten; zeros stay zero.
     """
     rng = np.random.default_rng([PERTURB_SEED, seed, k])
     out: dict[str, torch.Tensor] = {}
@@ -156,13 +126,9 @@ def train_runs(
 ) -> tuple[dict[str, list[list[dict[str, Any]]]], dict[str, Any]]:
     """Per seed: jax (unless `with_jax` is False) and TORCH_RUNS torch runs from one init.
 
-    Returns ({run name: [per-seed epoch rows]}, diagnostics: wall and CPU (user + sys, all
-    threads) seconds per run kind, and the per-step loss divergence of jax and of the first
-    rerun from the unperturbed torch run).
+    Returns ({run name: [per-seed epoch rows]}, {wall and CPU seconds per run kind, the
+    per-step loss divergence of jax and of the first rerun from the torch run}).
     """
-    from jaxbench import train as jtrain
-    from torch_ref import train as ttrain
-
     h = ctx.harness
     names = (["jax"] if with_jax else []) + [run_name(k) for k in range(TORCH_RUNS)]
     runs: dict[str, list[list[dict[str, Any]]]] = {n: [] for n in names}
@@ -222,14 +188,8 @@ def compare(
                 [[runs[n][s][e][metric] for n in reference] for s in range(len(x))], np.float64
             )
             test = stats.chaos_test(x, y, n_tests=n_tests, alpha=ALPHA)
-            figures.append(
-                Figure(
-                    f"{label}{metric} epoch {e + 1}: |{treatment} - torch| (points)",
-                    100 * abs(test.diff),
-                    100 * test.bar,
-                    headline=headline,
-                )
-            )
+            name = f"{label}{metric} epoch {e + 1}: |{treatment} - torch| (points)"
+            figures.append(Figure(name, 100 * abs(test.diff), 100 * test.bar, headline=headline))
             rows.append(
                 {
                     "metric": metric,
@@ -244,55 +204,28 @@ def compare(
     return figures, rows
 
 
-def _data(ctx: Context, cfg: Config) -> Any:
-    return subset_data(
-        ctx.data,
-        cfg.subset or len(ctx.data.train_images),
-        cfg.test_subset or len(ctx.data.test_images),
-    )
-
-
 def check_curves(ctx: Context, *, with_jax: bool = True) -> CheckResult:
     """Per-epoch accuracy and EMA accuracy: JAX against torch_ref, and torch_ref against itself.
 
-    Runs per seed s (ctx.seeds of them): jax and torch from torch_ref's init for s,
-    and TORCH_RUNS - 1 torch reruns from that init perturbed by ~1 ulp (`perturb`),
-    all on the shared batch stream. Per (metric, epoch), `stats.chaos_test`:
-
-    - real: treatment jax, reference all TORCH_RUNS torch runs: t with
-      S (TORCH_RUNS - 1) degrees of freedom;
-    - null: treatment the last torch rerun, reference the other torch runs: the
-      same test with one reference run fewer, S (TORCH_RUNS - 2) df, exactly valid
-      because torch runs are exchangeable by construction.
-
-    Each comparison is Bonferroni-corrected over its 2 x epochs figures at
-    family-wise false-alarm rate ALPHA (0.5%), so an unbroken trainer fails check 7
-    with probability at most 2 ALPHA = 1%, provided the model holds: chaos
-    saturates (jax and the reruns diverge from torch alike, which the per-step loss
-    divergence in the details shows; the report warns when jax ends more than 3x
-    further out, as after one 10-step speedrun epoch) and its accuracy noise is near
-    Gaussian (see `curve_config` for what was measured). The null comparison on each call tests
-    exactly that on the machine at hand, and the unit tests simulate both designs
-    40,000 times to confirm the rate. Why no absolute floor: the bar scales with the
-    chaos measured in the same call, so a CPU whose float32 arithmetic (and hence
-    training) is more chaotic gets a wider bar and one that is less gets a narrower
-    one; a floor would only make the false-alarm rate lower than stated and the test
-    blunter. A bar of zero needs all torch runs of every seed to agree exactly, which
-    after a one-ulp perturbation and hundreds of steps does not happen in practice.
-
-    Power, quick mode (3 seeds, df 6, two-sided t quantile 6.17 at 0.5%/6): the bar
-    is 6.17 sqrt((1 + 1/3) / 3) = 4.1 chaos sd on average; a systematic bias of 4, 6,
-    8 chaos sd in one figure is caught ~50%, ~93%, >99% of the time (simulated). Each
-    further seed costs one jax and three torch runs (~55 s here); 4 seeds would bring
-    the bar to ~3.0 sd, 5 seeds to ~2.4 sd (`--seeds`). With `with_jax=False` only the
-    torch runs and the null comparison run.
+    Per seed: jax and torch from torch_ref's init, and TORCH_RUNS - 1 torch reruns from it
+    perturbed by ~1 ulp (`perturb`), all on the shared stream. Per (metric, epoch),
+    `stats.chaos_test`: real = jax against all torch runs; null = the last rerun against the
+    others (exchangeable by construction, so exactly valid). Each is Bonferroni-corrected over
+    its 2 x epochs figures at ALPHA, so an unbroken trainer fails with probability <= 2 ALPHA if
+    chaos saturates (the report warns when not) and the accuracy noise is near Gaussian, which
+    the null tests on every call. No absolute floor: the bar scales with the chaos measured in
+    the same call. Power (quick, 3 seeds): bar ~4.1 chaos sd; a bias of 4, 6, 8 sd is caught
+    ~50%, 93%, >99% of the time; 4 seeds: ~3.0 sd, 5: ~2.4 sd (`--seeds`). With
+    `with_jax=False` only the torch runs and the null comparison run.
     """
     res = CheckResult(7, "epoch accuracy curves")
     if ctx.data is None:
         res.error = "needs CIFAR-10: pass --data-dir DIR or set JAXBENCH_DATA_DIR"
         return res
     cfg, note = curve_config(ctx)
-    runs, diag = train_runs(ctx, cfg, _data(ctx, cfg), with_jax=with_jax)
+    n_train = cfg.subset or len(ctx.data.train_images)
+    data = subset_data(ctx.data, n_train, cfg.test_subset or len(ctx.data.test_images))
+    runs, diag = train_runs(ctx, cfg, data, with_jax=with_jax)
     torch_names = [run_name(k) for k in range(TORCH_RUNS)]
     table: list[dict[str, Any]] = []
     null_table: list[dict[str, Any]] = []
@@ -303,13 +236,9 @@ def check_curves(ctx: Context, *, with_jax: bool = True) -> CheckResult:
         runs, torch_names[-1], torch_names[:-1], cfg.epochs, "null: ", headline=not with_jax
     )
     res.figures += figs
-    ctx.curves = {
-        "runs": runs,
-        "config": cfg.to_dict(),
-        "note": note,
-        "table": table,
-        "null_table": null_table,
-    }
+    ctx.curves = dict(
+        runs=runs, config=cfg.to_dict(), note=note, table=table, null_table=null_table
+    )
     res.details = {
         "note": note,
         "seeds": ctx.seeds,

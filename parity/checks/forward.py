@@ -42,14 +42,8 @@ def _flax_conv_configs(model: Any, variables: PyTree, x: np.ndarray) -> dict[str
 def _padding_probe(
     fconfigs: dict[str, Any], tmodel: torch.nn.Module, seed: int
 ) -> dict[str, float]:
-    """Each conv layer re-run at stride 2 on an even-sized input, in both frameworks.
-
-    ResNet-9's convs are 3x3 stride 1, where XLA's 'SAME' equals PyTorch's
-    symmetric padding; at stride 2 on an even input 'SAME' pads (0, 1) and
-    PyTorch (1, 1). This probe keeps each layer's own padding setting and
-    kernel and only changes the stride, so a padding convention that would break
-    any strided variant of the model shows here.
-    """
+    """Each conv layer re-run at stride 2 on an even-sized input, in both frameworks: at stride
+    1 XLA's 'SAME' equals PyTorch's symmetric padding, at stride 2 it pads (0, 1), not (1, 1)."""
     rng = np.random.default_rng(seed)
     out: dict[str, float] = {}
     modules = dict(tmodel.named_modules())
@@ -147,35 +141,29 @@ def check_forward(ctx: Context) -> CheckResult:
     tmodel.eval()
     with torch.no_grad():
         t_eval = tmodel(nchw(x)).numpy()
-    # Eval mode normalises by the stored running variance: PyTorch's unbiased one in both
-    # (jaxbench.models.BatchNorm); a net storing Flax's biased variance differs here by
-    # ~1% where few values per channel are averaged (the speedrun net's 3x3 maps).
+    # Eval mode uses the stored variance: Flax's biased one would differ by ~1% on 3x3 maps.
     f_eval = np.asarray(jax.jit(lambda v, xb: fmodel.apply(v, xb, train=False))(variables, x))
     res.figures.append(Figure("logits max |diff|, eval mode", max_abs(f_eval, t_eval), 1e-5))
 
     t_train, acts = _torch_train_forward(tmodel, x)
-    f_train, state = jax.jit(
-        lambda v, xb: fmodel.apply(
-            v, xb, train=True, mutable=["batch_stats", "intermediates"], capture_intermediates=True
-        )
-    )(variables, x)
-    res.figures.append(
-        Figure("logits max |diff|, train mode", max_abs(np.asarray(f_train), t_train), 1e-5)
-    )
+    mutable = ["batch_stats", "intermediates"]
+
+    def train(v: PyTree, xb: np.ndarray) -> Any:
+        return fmodel.apply(v, xb, train=True, mutable=mutable, capture_intermediates=True)
+
+    f_train, state = jax.jit(train)(variables, x)
+    f_train = np.asarray(f_train)
+    res.figures.append(Figure("logits max |diff|, train mode", max_abs(f_train, t_train), 1e-5))
     act_figures, act_rows = _activation_figures(acts, leaves(state["intermediates"]))
     res.figures += act_figures
-    back = h.to_torch(
-        {"params": variables["params"], "batch_stats": state["batch_stats"]},
-        num_batches_tracked=len(warm) + 1,
-    )
+    trained = {"params": variables["params"], "batch_stats": state["batch_stats"]}
+    back = h.to_torch(trained, num_batches_tracked=len(warm) + 1)
     stat_rows = _stats_rows(back, tmodel.state_dict())
-    res.figures.append(
-        Figure("BN running stats max |diff| / max(1, |x|)", max(stat_rows.values()), 1e-5)
-    )
+    stats = max(stat_rows.values())
+    res.figures.append(Figure("BN running stats max |diff| / max(1, |x|)", stats, 1e-5))
     probe = _padding_probe(_flax_conv_configs(fmodel, variables, x), tmodel, seed=0)
-    res.figures.append(
-        Figure("stride-2 padding probe max |diff|", max(probe.values(), default=math.inf), 1e-5)
-    )
+    worst = max(probe.values(), default=math.inf)
+    res.figures.append(Figure("stride-2 padding probe max |diff|", worst, 1e-5))
     res.details = {
         "batch": b,
         "widths": list(cfg.widths),

@@ -12,17 +12,18 @@ import torch
 import torch.nn.functional as F
 
 from jaxbench import optim, stats
+from jaxbench import train as jtrain
 from jaxbench.configs import Config
 from parity import convert
 from parity.checks.base import CheckResult, Context, Figure, PyTree, nchw, sample_batch
+from torch_ref import train as ttrain
+from torch_ref.augment import device_stats
 
 
 def _jax_grads(
     cfg: Config, fmodel: Any, variables: PyTree, x: np.ndarray, x_u8: np.ndarray | None, y: Any
 ) -> tuple[jax.Array, PyTree]:
     """The loss and its gradient: the trainer's own loss on `x_u8`, else the model on `x`."""
-    from jaxbench import train as jtrain
-
     trainer_loss = jtrain.make_loss_fn(cfg, fmodel)
 
     def loss_fn(params: PyTree) -> jax.Array:
@@ -43,16 +44,11 @@ def _torch_loss(
     cfg: Config, tmodel: torch.nn.Module, x: np.ndarray, x_u8: np.ndarray | None, y: Any
 ) -> torch.Tensor:
     """The same loss in torch_ref: `train_forward` on `x_u8`, else the model on `x`."""
-    from torch_ref import train as ttrain
-    from torch_ref.augment import device_stats
-
     labels = torch.as_tensor(y, dtype=torch.int64)
     if x_u8 is None:
+        smoothing, reduction = cfg.label_smoothing, cfg.loss_reduction
         return F.cross_entropy(
-            tmodel(nchw(x)),
-            labels,
-            label_smoothing=cfg.label_smoothing,
-            reduction=cfg.loss_reduction,
+            tmodel(nchw(x)), labels, label_smoothing=smoothing, reduction=reduction
         )
     mean, std = device_stats(cfg.dataset, torch.device("cpu"))
     options = ttrain.loss_options(cfg, False)
@@ -71,11 +67,8 @@ def check_gradients(ctx: Context) -> CheckResult:
     x_u8: np.ndarray | None = np.asarray(ctx.images[:b])  # the trainers' own input
     if cfg.model == "speedrun":
         x_u8 = None
-        # The identity-initialised convs carry (whitened) pixels straight into the max
-        # pools, and neighbouring pixels of real images are often equal or within float32
-        # rounding of each other: XLA and PyTorch then route a pool's gradient to different
-        # elements (measured: 1e-3 relative error in block3's conv grads on CIFAR, 1e-6 on
-        # noise). Unit-variance noise has no such ties; the check is about the arithmetic.
+        # Identity convs carry pixels straight into the max pools, where real images' ties make
+        # XLA and PyTorch route gradients differently (1e-3 on CIFAR, 1e-6 on noise).
         x = np.random.default_rng(3).standard_normal(x.shape).astype(np.float32)
     tmodel = h.torch_model(cfg, 1)
     variables = h.to_flax({k: v.clone() for k, v in tmodel.state_dict().items()})

@@ -25,8 +25,8 @@ from parity.harness import Harness
 
 @dataclass
 class InitSample:
-    """One framework's init over several seeds, in Flax layout: the weights each uniform
-    fit pools (identity filters set aside), fans, and the worst deviations from exact values."""
+    """One framework's init over several seeds, in Flax layout: the weights each uniform fit
+    pools (identity filters aside), fans, and the worst deviations from exact values."""
 
     weights: dict[str, list[np.ndarray]] = field(default_factory=dict)
     fans: dict[str, int] = field(default_factory=dict)
@@ -96,9 +96,8 @@ def _conversion_figures(h: Harness, jax_init: PyTree, torch_init: Any) -> list[F
 
 
 def check_init(ctx: Context) -> CheckResult:
-    """Both frameworks' own inits against uniform(+-1/sqrt(fan_in)), pooled over seeds,
-    BN at (bn_scale, 0, 0, 1), zero biases, seeds that matter, and a bit-exact conversion
-    round trip. torch's init is read in Flax layout (the conversion is exact, see above)."""
+    """Both frameworks' own inits against uniform(+-1/sqrt(fan_in)) pooled over seeds, BN at
+    (bn_scale, 0, 0, 1), zero biases, seeds that matter, and exact conversion round trips."""
     res = CheckResult(1, "initialisation")
     h = ctx.harness
     cfg = ctx.cfg.replace(widths=quick_widths(ctx.cfg)) if ctx.quick else ctx.cfg

@@ -1,13 +1,9 @@
 """Check 4: the LR schedule, K optimizer updates and the EMA; Muon against its float64 reference.
 
-The Muon run takes the model's conv filters (`jaxbench.optim_muon.is_muon_param`)
-and one gradient sequence through both recipes' Muon (`jaxbench.muon`: airbench94_muon
-and the record) in three forms: the float64 numpy reference, the optax transform and
-the torch optimizer. Its bars are measured in the same run, not chosen: the reference
-rerun in float32 gives the float32 noise of this very computation (filters, gradients,
-recipe), and each framework passes within `MUON_HEADROOM` times that noise (measured
-0.2-2.7x on the quick nets' filters, other BLAS kernels summing in other orders; the
-plants of a Newton-Schulz coefficient and of the update scale land 1e4x above it).
+Muon runs the model's conv filters and one gradient sequence through both recipes (`jaxbench.muon`)
+as the float64 reference, the optax transform and the torch optimizer. The bar is measured in the
+same run: each framework within `MUON_HEADROOM` x the reference's own float32 noise (measured
+0.2-2.7x; the Newton-Schulz and update-scale plants land 1e4x above it).
 """
 
 from __future__ import annotations
@@ -29,12 +25,11 @@ from jaxbench.stream import steps_per_epoch
 from parity import convert
 from parity.checks.base import CheckResult, Context, Figure, PyTree, max_abs, path_keys
 from parity.harness import Harness
+from torch_ref import optim as toptim
 
 
 def _lr_figure(h: Harness, cfg: Config, spe: int) -> tuple[float, dict[str, Any]]:
     """max over every step of |jax LR - torch LR| / peak LR, torch's as torch_ref sets it."""
-    from torch_ref import optim as toptim
-
     total = cfg.epochs * spe
     steps = np.arange(total)
     lr_fn = jax.jit(jax.vmap(h.jax_lr(cfg, spe)))
@@ -96,10 +91,8 @@ def _torch_diffs(tree: PyTree, tensors: dict[str, torch.Tensor]) -> dict[str, fl
 
 
 def _optimizer_run(h: Harness, cfg: Config, spe: int, steps: int, seed: int) -> dict[str, Any]:
-    """`steps` updates from the same params and gradients; live BN stats change every step
-    (identically) so the EMA of BN statistics is exercised too. Returns per-tensor max |diff|."""
-    from torch_ref import optim as toptim
-
+    """`steps` updates from the same params and gradients, live BN stats changed identically
+    every step (for the EMA of BN statistics): per-tensor max |diff|."""
     tmodel = _torch_start(h, cfg, seed)
     variables = convert.torch_to_flax({k: v.clone() for k, v in tmodel.state_dict().items()})
     params, bstats = variables["params"], variables["batch_stats"]
@@ -268,14 +261,9 @@ def muon_figures(h: Harness, cfg: Config, steps: int, seed: int) -> tuple[list[F
             }
             worst = max(ratio, key=lambda k: ratio[k])
             against = "torch" if who == "jax vs torch" else "float64"
-            figures.append(
-                Figure(
-                    f"Muon ({recipe}) {who}: update error vs {against} / "
-                    f"({bar * MUON_HEADROOM:g} x float32 noise), worst ({worst})",
-                    ratio[worst],
-                    1.0,
-                )
-            )
+            name = f"Muon ({recipe}) {who}: update error vs {against} / "
+            name += f"({bar * MUON_HEADROOM:g} x float32 noise), worst ({worst})"
+            figures.append(Figure(name, ratio[worst], 1.0))
     return figures, details
 
 
@@ -288,12 +276,8 @@ def check_optimizer(ctx: Context) -> CheckResult:
     lr_diff, lr_info = _lr_figure(h, cfg, spe)
     res.figures.append(Figure("LR max |diff| / peak over all steps", lr_diff, 1e-6))
     k = 12 if ctx.quick else 25
-    variants = {
-        "preset": cfg,
-        "bn-bias multipliers 64x lr, 1/64 wd": cfg.replace(
-            bn_bias_lr_mult=64.0, bn_bias_wd_mult=1 / 64
-        ),
-    }
+    multipliers = cfg.replace(bn_bias_lr_mult=64.0, bn_bias_wd_mult=1 / 64)
+    variants = {"preset": cfg, "bn-bias multipliers 64x lr, 1/64 wd": multipliers}
     runs: dict[str, Any] = {}
     for label, c in variants.items():
         runs[label] = run = _optimizer_run(h, c, spe, k, seed=2)
