@@ -53,14 +53,12 @@ class TorchSetup:
     static_addresses: bool | None = None  # reuse nets and data across runs (`place`)
 
     def __post_init__(self) -> None:
-        if self.compile_mode is not None and self.compile_mode not in COMPILE_MODES:
-            raise ValueError(
-                f"compile mode must be one of {', '.join(COMPILE_MODES)}, got {self.compile_mode!r}"
-            )
-        if self.sgd_impl is not None and self.sgd_impl not in SGD_IMPLS:
-            raise ValueError(
-                f"SGD implementation must be one of {', '.join(SGD_IMPLS)}, got {self.sgd_impl!r}"
-            )
+        for what, value, known in (
+            ("compile mode", self.compile_mode, COMPILE_MODES),
+            ("SGD implementation", self.sgd_impl, SGD_IMPLS),
+        ):
+            if value is not None and value not in known:
+                raise ValueError(f"{what} must be one of {', '.join(known)}, got {value!r}")
         if not self.compile_backend:
             raise ValueError("compile backend must be a non-empty name, e.g. inductor")
 

@@ -19,11 +19,6 @@ def conv_flops(k: int, c_in: int, c_out: int, h: int, w: int) -> int:
     return 2 * k * k * c_in * c_out * h * w
 
 
-def linear_flops(d_in: int, d_out: int) -> int:
-    """FLOPs of one dense layer (2 per multiply-add)."""
-    return 2 * d_in * d_out
-
-
 def layer_flops(cfg: Config) -> list[tuple[str, int]]:
     """Forward FLOPs per image of every counted layer, named as the model's modules."""
     convs = [
@@ -116,8 +111,9 @@ def conv_layers(cfg: Config) -> list[tuple[str, int, int, int, int, int, bool]]:
 
 
 def _head_flops(cfg: Config) -> int:
-    # both nets end at 1x1 (speedrun: a flooring pool 3 of 3x3), so the head reads widths[-1]
-    return linear_flops(cfg.widths[-1], NUM_CLASSES[cfg.dataset])
+    # both nets end at 1x1 (speedrun: a flooring pool 3 of 3x3), so the dense head reads
+    # widths[-1]; 2 FLOPs per multiply-add
+    return 2 * cfg.widths[-1] * NUM_CLASSES[cfg.dataset]
 
 
 def unpadded_forward_flops_per_image(cfg: Config) -> int:

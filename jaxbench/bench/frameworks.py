@@ -115,13 +115,7 @@ def run_trainer(
 ) -> dict[str, Any]:
     """One quiet run of `entry`'s trainer on in-memory `data`, no run folder: its summary.
     A JAX contender's runs share a `CompileCache` (in `caches`), so only the first compiles."""
-    kwargs: dict[str, Any] = {
-        "data": data,
-        "stream": stream,
-        "progress": False,
-        "quiet": True,
-        **extra,
-    }
+    kwargs: dict[str, Any] = dict(data=data, stream=stream, progress=False, quiet=True, **extra)
     if entry.framework == "torch":
         kwargs.update(torch_setup)
     else:
@@ -131,11 +125,6 @@ def run_trainer(
             caches[entry.name] = CompileCache()
         kwargs["compile_cache"] = caches[entry.name]
     return train(cfg, None, **kwargs)
-
-
-def trainer_info(summary: dict[str, Any]) -> dict[str, Any]:
-    """The trainer's own set-up record from a summary (`TRAINER_INFO_KEYS`)."""
-    return {k: summary[k] for k in TRAINER_INFO_KEYS if k in summary}
 
 
 def train_seeds(cfg: configs.Config, seeds: Iterable[int], data: Any) -> dict[str, Any]:

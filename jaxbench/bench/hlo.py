@@ -29,6 +29,13 @@ _ELEMENT = re.compile(r"tensor<(?:[0-9?]+x)*([a-z][a-z0-9_]*)")
 _DONATION = re.compile(r"\btf\.aliasing_output\b|\bjax\.buffer_donor\b")
 _NOT_STATE_ARG = re.compile(r"!stablehlo\.token|!mhlo\.token|_platform_index|jax\.global_constant")
 _MAX_LISTED = 5
+_CONDITIONAL_COST = {  # in a loop body or not: where, and what it costs on a GPU
+    True: (
+        "inside the loop body",
+        "XLA:GPU copies its predicate to the host every iteration (use a select: optim._select)",
+    ),
+    False: ("outside any loop", "a host round trip per call on a GPU"),
+}
 
 MLIR_DTYPES: dict[str, str] = {
     "bfloat16": "bf16",
@@ -122,17 +129,6 @@ def _parse(text: str) -> _Parsed:
     return _Parsed(raw, code, func_of, in_loop, loops)
 
 
-def _operand_types(p: _Parsed, i: int) -> tuple[str, str] | None:
-    """Element types of the two operands of the op on line i (its type may wrap lines)."""
-    found = _OPERANDS.search(" ".join(p.code[i : i + 4]))
-    if not found:
-        return None
-    a, b = (_ELEMENT.search(t) for t in found.groups())
-    if not (a and b):
-        return None
-    return a.group(1), b.group(1)
-
-
 def _main_arguments(text: str) -> list[str]:
     """The argument declarations of the public entry function (`@main`), one string each."""
     m = re.search(r"func\.func\s+public\s+@main\s*\(", text) or re.search(
@@ -200,20 +196,11 @@ def _conditionals(p: _Parsed) -> tuple[list[dict[str, Any]], list[str]]:
         for m in _CONDITIONAL.finditer(code)
     ]
     problems = []
-    in_loop = [c for c in conditionals if c["in_loop"]]
-    if in_loop:
-        where = [f"{c['op']} at line {c['line']} (@{c['function']})" for c in in_loop]
-        problems.append(
-            f"conditional inside the loop body ({len(in_loop)}): {_listed(where)}; XLA:GPU "
-            "copies its predicate to the host every iteration (use a select: optim._select)"
-        )
-    outside = [c for c in conditionals if not c["in_loop"]]
-    if outside:
-        where = [f"{c['op']} at line {c['line']} (@{c['function']})" for c in outside]
-        problems.append(
-            f"conditional outside any loop ({len(outside)}): {_listed(where)}; "
-            "a host round trip per call on a GPU"
-        )
+    for inside, (what, cost) in _CONDITIONAL_COST.items():
+        found = [c for c in conditionals if c["in_loop"] == inside]
+        if found:
+            where = [f"{c['op']} at line {c['line']} (@{c['function']})" for c in found]
+            problems.append(f"conditional {what} ({len(found)}): {_listed(where)}; {cost}")
     return conditionals, problems
 
 
@@ -229,10 +216,12 @@ def _contraction_dtypes(
         if not m:
             continue
         op = "convolution" if m.group(1) == "convolution" else "dot_general"
-        types = _operand_types(p, i)
-        if types is None:
+        found = _OPERANDS.search(" ".join(p.code[i : i + 4]))  # its type may wrap lines
+        elements = [_ELEMENT.search(t) for t in found.groups()] if found else [None]
+        if not all(elements):
             unread.append(f"{op} at line {i + 1}")
             continue
+        types = tuple(e.group(1) for e in elements)
         key = " x ".join(types)
         operand_types[op][key] = operand_types[op].get(key, 0) + 1
         checked = op == "convolution" or dots_in_compute_dtype

@@ -129,27 +129,19 @@ def lower_text(jitted: Any, args: Sequence[Any], platform: str) -> str:
     (custom calls allowed, for the inspection to judge), or for host callbacks, which it
     refuses, a local lowering (another platform then raises `ProgramError`)."""
     try:
-        exported = jax.export.export(
-            jitted,
-            platforms=[platform],
-            disabled_checks=[jax.export.DisabledSafetyCheck.custom_call("ALL")],
-        )(*args)
-        return exported.mlir_module()
-    except NotImplementedError:  # export: "serialization of host_callbacks ..."
-        pass
+        try:
+            return jax.export.export(
+                jitted,
+                platforms=[platform],
+                disabled_checks=[jax.export.DisabledSafetyCheck.custom_call("ALL")],
+            )(*args).mlir_module()
+        except NotImplementedError:  # export: "serialization of host_callbacks ..."
+            return jitted.trace(*args).lower(lowering_platforms=(platform,)).as_text()
     except ValueError as e:
-        raise ProgramError(_lowering_hint(platform, e)) from e
-    try:
-        return jitted.trace(*args).lower(lowering_platforms=(platform,)).as_text()
-    except ValueError as e:
-        raise ProgramError(_lowering_hint(platform, e)) from e
-
-
-def _lowering_hint(platform: str, e: Exception) -> str:
-    return (
-        f"could not lower for {platform} on {jax.default_backend()}: {e} "
-        "(a host callback, e.g. jax.debug.callback, cannot be lowered for another platform)"
-    )
+        raise ProgramError(
+            f"could not lower for {platform} on {jax.default_backend()}: {e} "
+            "(a host callback, e.g. jax.debug.callback, cannot be lowered for another platform)"
+        ) from e
 
 
 def lower_program(
@@ -325,11 +317,9 @@ def format_report(
         )
         for name, f in check["programs"].items():
             if "convolutions" in f:
-                donated = (
-                    f", {f['donated']}/{f['state_leaves']} state leaves donated"
-                    if f.get("state_leaves") is not None
-                    else ""
-                )
+                donated = ""
+                if f.get("state_leaves") is not None:
+                    donated = f", {f['donated']}/{f['state_leaves']} state leaves donated"
                 lines.append(
                     f"  {name}: {f['loops']} loop(s), {f['convolutions']} conv, "
                     f"{f['dot_generals']} dot, {len(f['conditionals'])} conditional(s), "

@@ -211,7 +211,7 @@ class Bench:
         key = (cfg.name, entry.name)
         if kind == "warm-up":
             fw["warmup"] = rec
-            fw["trainer"] = frameworks.trainer_info(summary)
+            fw["trainer"] = {k: summary[k] for k in frameworks.TRAINER_INFO_KEYS if k in summary}
             self.estimates[key] = wall
         else:
             fw["runs"].append(rec)
@@ -235,6 +235,11 @@ class Bench:
             for e in self.entries
             if race[e.name]["warmup"] is not None and not race[e.name]["error"]
         ]
+
+    def round_cost(self, scale: float = 1.0) -> float:
+        """Predicted wall seconds of a run (x `scale`) of every contender still racing."""
+        runs = [(c.name, e.name) for c in self.opts.cfgs for e in self.active(c)]
+        return sum(scale * self.estimates[key] for key in runs)
 
     def refresh(self, cfg: configs.Config) -> None:
         """Statistics after every run, so a kill leaves them current."""
@@ -263,8 +268,7 @@ class Bench:
                     guess = self.estimates.get((first.name, entry.name), 0.0) * records.work_ratio(
                         cfg, first, self.doc["races"]
                     )
-                    warm = sum(self.estimates[(c.name, e.name)] for c in self.opts.cfgs
-                               for e in self.active(c))  # fmt: skip
+                    warm = self.round_cost()
                     if not fits(self.budget.remaining(), 2 * guess + warm):
                         self.skip(
                             cfg,
@@ -320,14 +324,14 @@ class Bench:
     def rounds(self) -> str:
         """Timed rounds until --runs or the budget; returns why they stopped."""
         r = 0
-        reserve = self.profile_cost()
+        reserve = 0.0 if self.opts.profile is None else self.round_cost(PROFILE_OVERHEAD)
         while True:
             todo = [(cfg, e) for cfg in self.opts.cfgs for e in self.active(cfg)]
             if not todo:
                 return "no contender left to run"
             if self.opts.runs is not None and r >= self.opts.runs:
                 return f"reached --runs {self.opts.runs}"
-            cost = sum(self.estimates[(cfg.name, e.name)] for cfg, e in todo)
+            cost = self.round_cost()
             if self.budget.limited and not fits(self.budget.remaining(), cost, reserve):
                 return (
                     f"budget: next round predicted {cost:.1f} s (x{SAFETY} + {SLACK_S:.0f} s), "
@@ -361,39 +365,25 @@ class Bench:
             except Exception as e:
                 race["vmap_seeds"] = {"k": k, **error_record(e)}
                 continue
-            race["vmap_seeds"] = self.vmapped_record(cfg, entry, res)
+            # the "K seeds, one program" row: its time, per seed, beside a run alone's mean
+            alone = race["frameworks"][entry.name]["summary"]
+            accs = [s["final"][records.headline_metric(cfg)] for s in res["seeds"]]
+            race["vmap_seeds"] = {
+                "k": k,
+                "contender": entry.name,
+                "time_seconds": res["total_time_seconds"],
+                "time_per_seed": res["total_time_seconds"] / k,
+                "time_alone": alone["time_seconds"]["mean"] if alone else None,
+                "compile_seconds": res["compile_seconds"],
+                "accuracy": stats.describe(accs),
+                "seeds": list(range(k)),
+            }
             self.save()
             self.log(
                 f"{self._stamp()} {cfg.name} {k} seeds, one program: "
                 f"{res['total_time_seconds']:.2f} s ({res['total_time_seconds'] / k:.2f} s per "
                 f"seed), acc mean {race['vmap_seeds']['accuracy']['mean']:.4f}"
             )
-
-    def vmapped_record(self, cfg: configs.Config, entry: Entry, res: dict) -> dict[str, Any]:
-        """The "K seeds, one program" row: its time, per seed, beside a run alone's mean."""
-        k = self.opts.vmap_seeds
-        metric = records.headline_metric(cfg)
-        accs = [s["final"][metric] for s in res["seeds"]]
-        alone = self.doc["races"][cfg.name]["frameworks"][entry.name]["summary"]
-        return {
-            "k": k,
-            "contender": entry.name,
-            "time_seconds": res["total_time_seconds"],
-            "time_per_seed": res["total_time_seconds"] / k,
-            "time_alone": alone["time_seconds"]["mean"] if alone else None,
-            "compile_seconds": res["compile_seconds"],
-            "accuracy": stats.describe(accs),
-            "seeds": list(range(k)),
-        }
-
-    def profile_cost(self) -> float:
-        if self.opts.profile is None:
-            return 0.0
-        return sum(
-            PROFILE_OVERHEAD * self.estimates[(cfg.name, e.name)]
-            for cfg in self.opts.cfgs
-            for e in self.active(cfg)
-        )
 
     def profiles(self) -> None:
         """One profiled run per contender (off the statistics): traces and top-op tables."""

@@ -57,12 +57,6 @@ def newton_schulz_flops(cfg: Config, spec: muon.MuonSpec) -> int:
     return total
 
 
-def counted_train_flops_per_image(cfg: Config, spec: muon.MuonSpec | None) -> float:
-    """3x forward per image, plus one Newton-Schulz pass per step shared by the batch."""
-    ns = newton_schulz_flops(cfg, spec) / cfg.batch_size if spec is not None else 0.0
-    return flops.train_flops_per_image(cfg) + ns
-
-
 def xla_train_flops_per_image(cfg: Config) -> float:
     """XLA's FLOPs of the compiled train step (this backend) per image of the batch."""
     from jaxbench.bench import program  # jax: only when asked
@@ -90,7 +84,9 @@ def rows(presets: Sequence[str], xla: bool) -> list[dict[str, object]]:
     out = []
     for name, cfg, a in todo:
         images = training_images(a.epochs, a.batch)
-        counted = counted_train_flops_per_image(cfg, a.spec)
+        # 3x forward per image, plus one Newton-Schulz pass per step shared by the batch
+        ns = newton_schulz_flops(cfg, a.spec) / cfg.batch_size if a.spec is not None else 0.0
+        counted = flops.train_flops_per_image(cfg) + ns
         key = (a.preset, a.batch)
         if xla and key not in cache:
             cache[key] = xla_train_flops_per_image(cfg)
