@@ -406,10 +406,9 @@ def _where(e: BaseException) -> str:
         return f"{f.filename}:{f.lineno} in {f.name}: {(f.line or '').strip()}"
 
     ours = [f for f in frames if "torch_ref" in f.filename or "jaxbench" in f.filename]
-    where = fmt(ours[-1]) if ours else fmt(frames[-1])
     if ours and ours[-1] is not frames[-1]:
-        where += f" (innermost: {fmt(frames[-1])})"
-    return where
+        return f"{fmt(ours[-1])} (innermost: {fmt(frames[-1])})"
+    return fmt(frames[-1])
 
 
 # --- command line ---------------------------------------------------------------------------------

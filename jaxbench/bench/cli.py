@@ -125,10 +125,9 @@ def _preset_configs(parser: argparse.ArgumentParser, args: argparse.Namespace) -
             parser.error(
                 f"unknown preset {name!r} in --config; choose from {', '.join(configs.PRESETS)}"
             )
+        preset_args = argparse.Namespace(**{**vars(args), "config": name})
         try:
-            cfgs.append(
-                configs.config_from_args(argparse.Namespace(**{**vars(args), "config": name}))
-            )
+            cfgs.append(configs.config_from_args(preset_args))
         except ValueError as e:
             parser.error(f"{name}: {e}")
     return cfgs

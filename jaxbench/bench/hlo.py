@@ -246,9 +246,8 @@ def _donation(text: str, state_leaves: int | None) -> tuple[list[bool], list[str
     donated = [bool(_DONATION.search(a)) for a in args]
     if state_leaves is None:
         return donated, []
-    head = donated[:state_leaves]
-    missing = [i for i, d in enumerate(head) if not d]
-    if len(head) < state_leaves:
+    missing = [i for i, d in enumerate(donated[:state_leaves]) if not d]
+    if len(donated) < state_leaves:
         return donated, [
             f"the entry function has {len(args)} arguments, fewer than the "
             f"{state_leaves} state leaves"

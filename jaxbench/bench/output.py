@@ -74,9 +74,7 @@ def _notes(doc: dict[str, Any]) -> list[str]:
         )
     elif v:
         lines.append(f"{v['k']} seeds, one program: {v.get('skipped') or v.get('error')}")
-    for verdict in doc.get("verdicts", {}).values():
-        lines.append(format_verdict(verdict, doc["preset"]))
-    return lines
+    return lines + [format_verdict(v, doc["preset"]) for v in doc.get("verdicts", {}).values()]
 
 
 def format_table(doc: dict[str, Any]) -> str:
@@ -114,10 +112,8 @@ def format_tables(doc: dict[str, Any], elapsed: float) -> str:
     """Every preset's table (or why it has none), the retired contenders, why it stopped."""
     parts = []
     for race in doc["races"].values():
-        if any(fw["summary"] for fw in race["frameworks"].values()):
-            parts.append(format_table(race))
-        else:
-            parts.append(f"{race['preset']}: no timed runs")
+        timed = any(fw["summary"] for fw in race["frameworks"].values())
+        parts.append(format_table(race) if timed else f"{race['preset']}: no timed runs")
         for name, fw in race["frameworks"].items():
             if fw["error"]:
                 parts.append(f"{race['preset']} {name}: {fw['error']['error']}")
@@ -152,13 +148,12 @@ def plot(doc: dict[str, Any], path: Path) -> bool:
         ax.axhline(doc["target"], color="gray", linestyle="--", linewidth=1, label="target")
         ax.set_ylabel(doc["accuracy_metric"])
         ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
     ax_t.set_xlabel("timed seconds (cumulative)")
     ax_t.set_title(f"{doc['preset']}: accuracy vs time")
     ax_e.set_xlabel("epoch")
     ax_e.xaxis.get_major_locator().set_params(integer=True)
     ax_e.set_title("mean accuracy per epoch (monitoring evaluations)")
-    ax_t.legend(fontsize=8)
-    ax_e.legend(fontsize=8)
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110)
     report.atomic_write_bytes(path, buf.getvalue())

@@ -229,12 +229,9 @@ class Bench:
 
     def active(self, cfg: configs.Config) -> list[Entry]:
         """The contenders still racing in this preset (warmed up, no error)."""
-        race = self.doc["races"][cfg.name]["frameworks"]
-        return [
-            e
-            for e in self.entries
-            if race[e.name]["warmup"] is not None and not race[e.name]["error"]
-        ]
+        fws = self.doc["races"][cfg.name]["frameworks"]
+        ready = {n for n, fw in fws.items() if fw["warmup"] is not None and not fw["error"]}
+        return [e for e in self.entries if e.name in ready]
 
     def round_cost(self, scale: float = 1.0) -> float:
         """Predicted wall seconds of a run (x `scale`) of every contender still racing."""
@@ -281,9 +278,8 @@ class Bench:
             self.self_checks(cfg)
 
     def skip(self, cfg: configs.Config, entry: Entry, reason: str) -> None:
-        self.doc["races"][cfg.name]["frameworks"][entry.name]["error"] = {
-            "error": f"skipped: {reason}"
-        }
+        fw = self.doc["races"][cfg.name]["frameworks"][entry.name]
+        fw["error"] = {"error": f"skipped: {reason}"}
         self.log(f"{self._stamp()} {cfg.name} {entry.name}: skipped: {reason}")
 
     def self_checks(self, cfg: configs.Config) -> None:

@@ -112,15 +112,14 @@ def markdown(table: list[dict[str, object]]) -> str:
         "| recipe | net (preset) | batch | epochs | steps | GFLOP/image counted | XLA "
         "| PFLOP counted | XLA | published |\n|---|---|---|---|---|---|---|---|---|---|"
     )
-    lines = [head]
-    for r in table:
-        lines.append(
-            f"| {r['recipe']} | `{r['net']}` | {r['batch']} | {r['epochs']:g} | {r['steps']} "
-            f"| {num(r['counted_gflop'], 4)} | {num(r['xla_gflop'], 4)} "
-            f"| {num(r['counted_pflop'], 3)} | {num(r['xla_pflop'], 3)} "
-            f"| {num(r['published_pflop'], 2)} |"
-        )
-    return "\n".join(lines)
+    body = [
+        f"| {r['recipe']} | `{r['net']}` | {r['batch']} | {r['epochs']:g} | {r['steps']} "
+        f"| {num(r['counted_gflop'], 4)} | {num(r['xla_gflop'], 4)} "
+        f"| {num(r['counted_pflop'], 3)} | {num(r['xla_pflop'], 3)} "
+        f"| {num(r['published_pflop'], 2)} |"
+        for r in table
+    ]
+    return "\n".join([head, *body])
 
 
 def _main(cmd: Command, argv: list[str]) -> int:
@@ -132,7 +131,7 @@ def _main(cmd: Command, argv: list[str]) -> int:
     )
     p.add_argument("--no-xla", action="store_true", help="counted FLOPs only (no compilation)")
     args = p.parse_args(argv)
-    presets = [c for c in args.config.split(",")]
+    presets = args.config.split(",")
     for name in presets:
         if name not in configs.PRESETS:
             raise ValueError(
