@@ -30,9 +30,7 @@ def layer_flops(cfg: Config) -> list[tuple[str, int]]:
 
 def eval_forwards(cfg: Config) -> int:
     """Forward passes per test image: 1, 2 with flip TTA, 6 with flip + shifted views."""
-    if not cfg.tta:
-        return 1
-    return 6 if cfg.tta_shift else 2
+    return (6 if cfg.tta_shift else 2) if cfg.tta else 1
 
 
 def forward_flops_per_image(cfg: Config) -> int:

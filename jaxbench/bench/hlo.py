@@ -4,6 +4,7 @@ change what it computes; `jaxbench.bench.program` builds and lowers the programs
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import re
 from typing import Any
 
@@ -73,27 +74,8 @@ def _parse(text: str) -> _Parsed:
     """Functions, while regions and the call graph, from brace depth and a few patterns."""
     raw = text.splitlines()
     code = [_code(line) for line in raw]
-    depth_before = []
-    d = 0
-    for line in code:
-        depth_before.append(d)
-        d += line.count("{") - line.count("}")
-    depth_after = depth_before[1:] + [d]
-
-    func_of: list[str | None] = [None] * len(raw)
-    i = 0
-    while i < len(raw):
-        m = _FUNC.search(code[i]) or ("func.func" in code[i] and _SYM_NAME.search(raw[i]) or None)
-        if not m:
-            i += 1
-            continue
-        name, base, j = m.group(1), depth_before[i], i
-        while j < len(raw):
-            func_of[j] = name
-            if depth_after[j] <= base and (j > i or depth_after[i] <= base):
-                break
-            j += 1
-        i = j + 1
+    depth_after = list(itertools.accumulate(line.count("{") - line.count("}") for line in code))
+    depth_before = [0, *depth_after[:-1]]
 
     def region_end(start: int) -> int:
         base, opened = depth_before[start], False
@@ -102,6 +84,15 @@ def _parse(text: str) -> _Parsed:
             if opened and depth_after[j] <= base:
                 return j
         return len(raw) - 1
+
+    func_of: list[str | None] = [None] * len(raw)
+    i = 0
+    while i < len(raw):
+        m = _FUNC.search(code[i]) or ("func.func" in code[i] and _SYM_NAME.search(raw[i]) or None)
+        end = region_end(i) if m and depth_after[i] > depth_before[i] else i  # to its "}"
+        if m:
+            func_of[i : end + 1] = [m.group(1)] * (end + 1 - i)
+        i = end + 1
 
     in_region = [False] * len(raw)
     loops = 0
