@@ -233,17 +233,6 @@ def _torch_parts(snap: dict[str, Any], template: dict[str, Any]) -> dict[str, Py
     }
 
 
-def _step_pairs(
-    rec: TorchRecorder, tf: TeacherForcing, t: int
-) -> dict[str, tuple[dict[str, PyTree], dict[str, PyTree]]]:
-    """Each trainer's (state before, state after) step t: torch's run, JAX's from the injection."""
-    pre_t = _torch_parts(rec.pre[t], _jax_parts(tf.post[t]))
-    return {
-        "torch": (pre_t, _torch_parts(rec.pre[t + 1], pre_t)),
-        "jax": (_jax_parts(tf.injected[t]), _jax_parts(tf.post[t])),
-    }
-
-
 def _stats_ratios(
     got: dict[str, PyTree], want: dict[str, PyTree], before: dict[str, PyTree]
 ) -> dict[str, float]:
@@ -400,23 +389,6 @@ def _live(parts: dict[str, PyTree]) -> dict[str, np.ndarray]:
     return {**leaves({"params": parts["params"]}), **leaves({"batch_stats": parts["batch_stats"]})}
 
 
-def _lookahead_resets(r: Runs) -> tuple[float, int]:
-    """Lookahead: after each EMA step JAX's live net equals its EMA, and the EMA moves only on
-    those steps, exactly: (worst violation / tolerance, its step)."""
-    pairs = []
-    for t in r.steps:
-        if t not in r.tf.post:
-            continue
-        post, pre = _jax_parts(r.tf.post[t]), _jax_parts(r.tf.injected[t])
-        live, ema1, ema0 = _live(post), leaves(post["ema"]), leaves(pre["ema"])
-        if (t + 1) % r.cfg.ema_every == 0:
-            bad = max(float(np.abs(live[k] - ema1[k]).max()) for k in live)  # must be 0
-        else:
-            bad = max(float(np.abs(ema1[k] - ema0[k]).max()) for k in ema1)  # must be 0
-        pairs.append((bad / 1e-30 if bad else 0.0, t))
-    return _worst(pairs, -1)
-
-
 def _eval_logits(
     cfg: Config, variables: dict[str, PyTree], ema: dict[str, PyTree] | None, images: np.ndarray
 ) -> dict[str, tuple[np.ndarray, np.ndarray]]:
@@ -455,10 +427,18 @@ class Runs:
         return sorted(self.rec.pre)
 
     def stepped(self) -> Iterator[tuple[int, dict[str, tuple[PyTree, PyTree]]]]:
-        """Every step both trainers completed, with each one's (state before, state after)."""
+        """Every step both trainers completed, with each one's (state before, state after) it:
+        torch's run, JAX's from the injection."""
         for t in self.steps:
             if t + 1 in self.rec.pre and t in self.tf.post:
-                yield t, _step_pairs(self.rec, self.tf, t)
+                pre_t = _torch_parts(self.rec.pre[t], _jax_parts(self.tf.post[t]))
+                yield (
+                    t,
+                    {
+                        "torch": (pre_t, _torch_parts(self.rec.pre[t + 1], pre_t)),
+                        "jax": (_jax_parts(self.tf.injected[t]), _jax_parts(self.tf.post[t])),
+                    },
+                )
 
 
 def _worst(pairs: Iterable[tuple[float, T]], empty: T) -> tuple[float, T]:
@@ -573,16 +553,23 @@ def _state_figures(r: Runs) -> tuple[list[Figure], dict[str, dict[str, Any]]]:
 
 def _ema_figures(r: Runs) -> list[Figure]:
     """The EMA decay each trainer applied at each step (1: no EMA update), recovered; with
-    lookahead, JAX's resets instead."""
+    lookahead, JAX's resets instead, exactly."""
     cfg = r.cfg
     if not cfg.ema_every:
         return []
     title = "applied EMA decay vs schedule / (4 x rounding bound + 1e-7)"
-    if cfg.lookahead:
-        ratio, t = _lookahead_resets(r)
-        return _per_framework(title, {"jax": [(ratio, t)]})
-    decays = schedule.ema_decays(cfg, len(r.steps))
-    pairs: dict[str, list[tuple[float, int]]] = {"jax": [], "torch": []}
+    pairs: dict[str, list[tuple[float, int]]] = {"jax": []}
+    if cfg.lookahead:  # after each EMA step the live net equals its EMA, else the EMA is kept
+        for t in (t for t in r.steps if t in r.tf.post):
+            post, pre = _jax_parts(r.tf.post[t]), _jax_parts(r.tf.injected[t])
+            live, ema1, ema0 = _live(post), leaves(post["ema"]), leaves(pre["ema"])
+            if (t + 1) % r.cfg.ema_every == 0:
+                bad = max(float(np.abs(live[k] - ema1[k]).max()) for k in live)  # must be 0
+            else:
+                bad = max(float(np.abs(ema1[k] - ema0[k]).max()) for k in ema1)  # must be 0
+            pairs["jax"].append((bad / 1e-30 if bad else 0.0, t))
+        return _per_framework(title, pairs)
+    decays, pairs["torch"] = schedule.ema_decays(cfg, len(r.steps)), []
     for t, runs in r.stepped():
         m = float(decays[t + 1]) if (t + 1) % cfg.ema_every == 0 else 1.0
         for fw, (pre, post) in runs.items():
