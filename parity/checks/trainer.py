@@ -389,28 +389,6 @@ def _live(parts: dict[str, PyTree]) -> dict[str, np.ndarray]:
     return {**leaves({"params": parts["params"]}), **leaves({"batch_stats": parts["batch_stats"]})}
 
 
-def _eval_logits(
-    cfg: Config, variables: dict[str, PyTree], ema: dict[str, PyTree] | None, images: np.ndarray
-) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """Both trainers' own evaluation logits (every view, and combined) of the same weights."""
-    fmodel = models.model_from_config(cfg)
-    logits_fn = jax.jit(jtrain.make_logits_fn(cfg, fmodel))
-    mean, std = device_stats(cfg.dataset, torch.device("cpu"))
-    out: dict[str, tuple[np.ndarray, np.ndarray]] = {}
-    for label, v in (("live", variables), ("ema", ema)):
-        if v is None:
-            continue
-        jv, jc = logits_fn(jax.device_put(v), jnp.asarray(images))
-        net = tmodel_mod.model_from_config(cfg)
-        net.load_state_dict(convert.flax_to_torch(v))
-        net.eval()
-        with torch.no_grad():
-            tv, tc = ttrain.eval_logits(net, torch.from_numpy(images), mean, std, cfg, bf16=False)
-        out[f"jax {label}"] = (np.asarray(jv), np.asarray(jc))
-        out[f"torch {label}"] = (tv.numpy(), tc.numpy())
-    return out
-
-
 @dataclass
 class Runs:
     """Both trainers' recorded runs of one config: torch_ref free, JAX teacher-forced."""
@@ -636,17 +614,25 @@ def _metric_figures(r: Runs) -> tuple[list[Figure], list[dict[str, Any]]]:
 
 
 def _logit_figures(r: Runs) -> tuple[list[Figure], dict[str, float]]:
-    """The final weights' logits, every TTA view and combined, and the final accuracies."""
-    n_test = r.cfg.test_subset or 0
+    """The final weights' logits, each trainer's own evaluation (every TTA view and combined),
+    and the final accuracies."""
+    cfg, n_test = r.cfg, r.cfg.test_subset or 0
     final = r.rec.at_eval[max(r.rec.at_eval)]
     images = np.asarray(r.data.test_images[:n_test])
-    logits = _eval_logits(r.cfg, final["variables"], final.get("ema"), images)
+    logits_fn = jax.jit(jtrain.make_logits_fn(cfg, models.model_from_config(cfg)))
+    mean, std = device_stats(cfg.dataset, torch.device("cpu"))
     figures: list[Figure] = []
     rows: dict[str, float] = {}
-    for label in ("live", "ema"):
-        if f"jax {label}" not in logits:
+    for label, v in (("live", final["variables"]), ("ema", final.get("ema"))):
+        if v is None:
             continue
-        (jv, jc), (tv, tc) = logits[f"jax {label}"], logits[f"torch {label}"]
+        jv, jc = (np.asarray(a) for a in logits_fn(jax.device_put(v), jnp.asarray(images)))
+        net = tmodel_mod.model_from_config(cfg)
+        net.load_state_dict(convert.flax_to_torch(v))
+        net.eval()
+        with torch.no_grad():
+            tv, tc = ttrain.eval_logits(net, torch.from_numpy(images), mean, std, cfg, bf16=False)
+        tv, tc = tv.numpy(), tc.numpy()
         scale = max(float(np.abs(tv).max()), 1e-12)
         per_view = [float(np.abs(jv[i] - tv[i]).max()) / scale for i in range(len(tv))]
         rows[f"{label} views"] = max(per_view) if jv.shape == tv.shape else math.inf
