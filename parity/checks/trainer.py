@@ -319,27 +319,26 @@ def _applied_lr(
     }
 
 
-def _step_gradients(
-    cfg: Config, data: Any, rec: TorchRecorder, tf: TeacherForcing, steps: list[int]
-) -> dict[str, dict[int, dict[str, np.ndarray]]]:
+def _step_gradients(r: Runs) -> dict[str, dict[int, dict[str, np.ndarray]]]:
     """Each trainer's own loss gradient (`make_loss_fn`, `train_forward`) at each step's
     starting state, on that step's batch from the shared plan; Flax layout, by dotted name."""
+    cfg = r.cfg
     loss_fn = jtrain.make_loss_fn(cfg, models.model_from_config(cfg))
     grad_fn = jax.jit(jax.grad(lambda p, bs, x, y: loss_fn(p, bs, x, y)[0]))
     mean, std = device_stats(cfg.dataset, torch.device("cpu"))
-    images = np.asarray(data.train_images[: cfg.subset])
-    labels = np.asarray(data.train_labels[: cfg.subset])
-    spe = len(steps) // cfg.epochs
+    images = np.asarray(r.data.train_images[: cfg.subset])
+    labels = np.asarray(r.data.train_labels[: cfg.subset])
+    spe = len(r.steps) // cfg.epochs
     out: dict[str, dict[int, dict[str, np.ndarray]]] = {"jax": {}, "torch": {}}
-    for t in steps:
+    for t in r.steps:
         bp = epoch_plan(cfg, t // spe, len(images)).batch(t % spe, cfg.batch_size)
         x = apply_plan_numpy(images, bp, cfg)
         y = labels[bp.indices].astype(np.int32)
-        inj = tf.injected[t]
+        inj = r.tf.injected[t]
         g = grad_fn(inj.params, inj.batch_stats, jnp.asarray(x), jnp.asarray(y))
         out["jax"][t] = leaves(jax.device_get(g))
         net = tmodel_mod.model_from_config(cfg)
-        net.load_state_dict(convert.flax_to_torch(rec.pre[t]["variables"]))
+        net.load_state_dict(convert.flax_to_torch(r.rec.pre[t]["variables"]))
         net = net.to(memory_format=torch.channels_last).train()
         xt, yt = torch.from_numpy(x), torch.from_numpy(y).long()
         loss = ttrain.train_forward(net, xt, yt, mean, std, **ttrain.loss_options(cfg, False))[0]
@@ -583,7 +582,7 @@ def _wd_figures(r: Runs, labels: dict[str, str]) -> tuple[list[Figure], list[dic
     """The coupled weight decay each trainer applied, recovered from its momentum buffers."""
     wd = optimizer_scales(r.cfg)[1]
     wd_want = {"default": wd, "bn_bias": wd * r.cfg.bn_bias_wd_mult}
-    grads = _step_gradients(r.cfg, r.data, r.rec, r.tf, r.steps)
+    grads = _step_gradients(r)
     rows: list[dict[str, Any]] = []
     pairs: dict[str, list[tuple[float, int]]] = {"jax": [], "torch": []}
     for t, runs in r.stepped():
