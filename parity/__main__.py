@@ -106,16 +106,15 @@ def _main(cmd: Command, argv: list[str]) -> int:
 
     checks = parse_checks(args.checks) if args.checks else None
     cfg = get_config(args.config or (plant.config if plant else "tiny"))  # a plant's own preset
-    if args.seeds is not None and args.seeds < 1:
-        raise ValueError("--seeds must be at least 1")
-    if args.seeds is not None and args.seeds > MAX_SEEDS:
-        raise ValueError(
-            f"--seeds must be in [1, {MAX_SEEDS}] seeds per framework, got {args.seeds}"
-        )
-    if args.epochs is not None and args.epochs < 1:
-        raise ValueError("--epochs must be at least 1")
-    if args.epochs is not None and args.epochs > MAX_EPOCHS:
-        raise ValueError(f"--epochs must be in [1, {MAX_EPOCHS}], got {args.epochs}")
+    bounds = (
+        ("--seeds", args.seeds, MAX_SEEDS, " seeds per framework"),
+        ("--epochs", args.epochs, MAX_EPOCHS, ""),
+    )
+    for flag, value, top, unit in bounds:
+        if value is not None and value < 1:
+            raise ValueError(f"{flag} must be at least 1")
+        if value is not None and value > top:
+            raise ValueError(f"{flag} must be in [1, {top}]{unit}, got {value}")
     # before the data loads and the suite runs: a bad --out costs nothing
     cmd.prepare_out(args.out, PARITY_FILES, overwrite=args.overwrite)
     data = load_data(args.data_dir, cfg.dataset)

@@ -105,13 +105,9 @@ def setattr_patch(obj: Any, name: str, value: Any) -> Iterator[None]:
 @contextlib.contextmanager
 def full_precision() -> Iterator[None]:
     """float32 matmuls/convs at full precision in both frameworks (no TF32), restored after."""
-    cuda_tf32 = torch.backends.cuda.matmul.allow_tf32
-    cudnn_tf32 = torch.backends.cudnn.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = False
-    torch.backends.cudnn.allow_tf32 = False
-    try:
-        with jax.default_matmul_precision("highest"):
-            yield
-    finally:
-        torch.backends.cuda.matmul.allow_tf32 = cuda_tf32
-        torch.backends.cudnn.allow_tf32 = cudnn_tf32
+    with (
+        setattr_patch(torch.backends.cuda.matmul, "allow_tf32", False),
+        setattr_patch(torch.backends.cudnn, "allow_tf32", False),
+        jax.default_matmul_precision("highest"),
+    ):
+        yield

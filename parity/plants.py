@@ -235,9 +235,7 @@ def _ema_debias(h: Harness) -> Harness:
         value, opt = tx.update(new, opt)
         return {"opt": opt, "value": value}
 
-    return dataclasses.replace(
-        h, jax_ema=EmaOps(init=init, update=update, read=lambda s: s["value"])
-    )
+    return dataclasses.replace(h, jax_ema=EmaOps(init, update, read=lambda s: s["value"]))
 
 
 @_harness_plant(

@@ -301,6 +301,7 @@ def plot_curves(curves: dict[str, Any]) -> bytes | None:
         ax.set_xticks(epochs)
         ax.set_title(title)
         ax.grid(alpha=0.3)
+        axes[-1, col].set_xlabel("epoch")
         if rows == 2:
             ax = axes[1, col]
             for (label, table), color, shift in zip(
@@ -318,11 +319,8 @@ def plot_curves(curves: dict[str, Any]) -> bytes | None:
                     e, diff, yerr=bar, fmt="o", color=color, capsize=4, label=f"{name} ± bar"
                 )
             ax.axhline(0, color="black", lw=0.8)
-            ax.set_xlabel("epoch")
             ax.set_title(f"{title}: paired mean difference (points)")
             ax.grid(alpha=0.3)
-        else:
-            ax.set_xlabel("epoch")
     axes[0, 0].set_ylabel("% (mean over seeds; band: min-max)")
     axes[0, 0].legend(fontsize=8)
     if rows == 2:

@@ -47,14 +47,11 @@ class SuiteResult:
         """One line: pass, fail, or for a plant whether the expected check caught it."""
         failed = ", ".join(f"{r.number} ({r.name})" for r in self.failed_checks)
         if self.plant is not None:
-            want = get_plant(self.plant).check
+            want, caught = get_plant(self.plant).check, f"plant {self.plant!r} caught by check"
             if any(r.number == want for r in self.failed_checks):
-                return f"plant {self.plant!r} caught by check {failed}"
+                return f"{caught} {failed}"
             if failed:
-                return (
-                    f"plant {self.plant!r} caught by check {failed}, "
-                    f"not by check {want} as expected"
-                )
+                return f"{caught} {failed}, not by check {want} as expected"
             return f"plant {self.plant!r} NOT caught (expected check {want})"
         return "all checks passed" if self.passed else f"FAILED: check {failed}"
 
@@ -148,13 +145,5 @@ def run_suite(
             status = "pass" if r.passed else "FAIL"
             log(f"check {number} ({r.name}): {status} in {r.seconds:.1f} s")
             results.append(r)
-    return SuiteResult(
-        results=results,
-        config=cfg,
-        quick=quick,
-        plant=plant,
-        data_source=source,
-        seconds=time.perf_counter() - t0,
-        curves=ctx.curves,
-        threads=thread_record,
-    )
+    seconds = time.perf_counter() - t0
+    return SuiteResult(results, cfg, quick, plant, source, seconds, ctx.curves, thread_record)

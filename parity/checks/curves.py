@@ -228,13 +228,11 @@ def check_curves(ctx: Context, *, with_jax: bool = True) -> CheckResult:
     runs, diag = train_runs(ctx, cfg, data, with_jax=with_jax)
     torch_names = [run_name(k) for k in range(TORCH_RUNS)]
     table: list[dict[str, Any]] = []
-    null_table: list[dict[str, Any]] = []
     if with_jax:
         figs, table = compare(runs, "jax", torch_names, cfg.epochs, "")
         res.figures += figs
-    figs, null_table = compare(
-        runs, torch_names[-1], torch_names[:-1], cfg.epochs, "null: ", headline=not with_jax
-    )
+    null = (runs, torch_names[-1], torch_names[:-1], cfg.epochs, "null: ")
+    figs, null_table = compare(*null, headline=not with_jax)
     res.figures += figs
     ctx.curves = dict(
         runs=runs, config=cfg.to_dict(), note=note, table=table, null_table=null_table

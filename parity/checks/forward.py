@@ -103,9 +103,8 @@ def _activation_figures(
         scale = max(float(np.max(np.abs(ta))), 1e-12)
         rel = max_abs(fa, ta) / scale
         rows[name] = {"max_abs_diff": max_abs(fa, ta), "max_abs": scale, "relative": rel}
-        figures.append(
-            Figure(f"activation {name}: max |diff| / max |x|", rel, 1e-5, headline=False)
-        )
+        title = f"activation {name}: max |diff| / max |x|"
+        figures.append(Figure(title, rel, 1e-5, headline=False))
     return figures, rows
 
 

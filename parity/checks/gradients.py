@@ -29,12 +29,8 @@ def _jax_grads(
     def loss_fn(params: PyTree) -> jax.Array:
         if x_u8 is not None:
             return trainer_loss(params, variables["batch_stats"], x_u8, jnp.asarray(y))[0]
-        logits, _ = fmodel.apply(
-            {"params": params, "batch_stats": variables["batch_stats"]},
-            x,
-            train=True,
-            mutable=["batch_stats"],
-        )
+        v = {"params": params, "batch_stats": variables["batch_stats"]}
+        logits, _ = fmodel.apply(v, x, train=True, mutable=["batch_stats"])
         return optim.cross_entropy(logits, jnp.asarray(y), cfg.label_smoothing, cfg.loss_reduction)
 
     return jax.jit(jax.value_and_grad(loss_fn))(variables["params"])

@@ -115,17 +115,14 @@ def check_init(ctx: Context) -> CheckResult:
         figures, fw_layers = _uniform_figures(fw, sample)
         layers.update(fw_layers)
         res.figures += figures
-        res.figures.append(
-            Figure(f"{fw} BN init max |x - (1,0,0,1)|", sample.bn_dev, 0.0, headline=False)
-        )
+        name = f"{fw} BN init max |x - (1,0,0,1)|"
+        res.figures.append(Figure(name, sample.bn_dev, 0.0, headline=False))
         if cfg.model == "speedrun":
             name = f"{fw} identity (dirac) filters max |diff|"
             res.figures.append(Figure(name, sample.dirac_dev, 0.0, headline=False))
     missing = set(samples["jax"].weights) ^ set(samples["torch"].weights)
-    res.figures.append(
-        Figure("layers present in only one framework", len(missing), 0, headline=False)
-    )
-    res.figures += _conversion_figures(h, *first)
+    only_one = Figure("layers present in only one framework", len(missing), 0, headline=False)
+    res.figures += [only_one, *_conversion_figures(h, *first)]
     res.details = {"seeds": seeds, "widths": list(cfg.widths), "layers": layers}
     return res
 

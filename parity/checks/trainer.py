@@ -233,17 +233,6 @@ def _torch_parts(snap: dict[str, Any], template: dict[str, Any]) -> dict[str, Py
     }
 
 
-def _step_pairs(
-    rec: TorchRecorder, tf: TeacherForcing, t: int
-) -> dict[str, tuple[dict[str, PyTree], dict[str, PyTree]]]:
-    """Each trainer's (state before, state after) step t: torch's run, JAX's from the injection."""
-    pre_t = _torch_parts(rec.pre[t], _jax_parts(tf.post[t]))
-    return {
-        "torch": (pre_t, _torch_parts(rec.pre[t + 1], pre_t)),
-        "jax": (_jax_parts(tf.injected[t]), _jax_parts(tf.post[t])),
-    }
-
-
 def _stats_ratios(
     got: dict[str, PyTree], want: dict[str, PyTree], before: dict[str, PyTree]
 ) -> dict[str, float]:
@@ -330,27 +319,26 @@ def _applied_lr(
     }
 
 
-def _step_gradients(
-    cfg: Config, data: Any, rec: TorchRecorder, tf: TeacherForcing, steps: list[int]
-) -> dict[str, dict[int, dict[str, np.ndarray]]]:
+def _step_gradients(r: Runs) -> dict[str, dict[int, dict[str, np.ndarray]]]:
     """Each trainer's own loss gradient (`make_loss_fn`, `train_forward`) at each step's
     starting state, on that step's batch from the shared plan; Flax layout, by dotted name."""
+    cfg = r.cfg
     loss_fn = jtrain.make_loss_fn(cfg, models.model_from_config(cfg))
     grad_fn = jax.jit(jax.grad(lambda p, bs, x, y: loss_fn(p, bs, x, y)[0]))
     mean, std = device_stats(cfg.dataset, torch.device("cpu"))
-    images = np.asarray(data.train_images[: cfg.subset])
-    labels = np.asarray(data.train_labels[: cfg.subset])
-    spe = len(steps) // cfg.epochs
+    images = np.asarray(r.data.train_images[: cfg.subset])
+    labels = np.asarray(r.data.train_labels[: cfg.subset])
+    spe = len(r.steps) // cfg.epochs
     out: dict[str, dict[int, dict[str, np.ndarray]]] = {"jax": {}, "torch": {}}
-    for t in steps:
+    for t in r.steps:
         bp = epoch_plan(cfg, t // spe, len(images)).batch(t % spe, cfg.batch_size)
         x = apply_plan_numpy(images, bp, cfg)
         y = labels[bp.indices].astype(np.int32)
-        inj = tf.injected[t]
+        inj = r.tf.injected[t]
         g = grad_fn(inj.params, inj.batch_stats, jnp.asarray(x), jnp.asarray(y))
         out["jax"][t] = leaves(jax.device_get(g))
         net = tmodel_mod.model_from_config(cfg)
-        net.load_state_dict(convert.flax_to_torch(rec.pre[t]["variables"]))
+        net.load_state_dict(convert.flax_to_torch(r.rec.pre[t]["variables"]))
         net = net.to(memory_format=torch.channels_last).train()
         xt, yt = torch.from_numpy(x), torch.from_numpy(y).long()
         loss = ttrain.train_forward(net, xt, yt, mean, std, **ttrain.loss_options(cfg, False))[0]
@@ -400,45 +388,6 @@ def _live(parts: dict[str, PyTree]) -> dict[str, np.ndarray]:
     return {**leaves({"params": parts["params"]}), **leaves({"batch_stats": parts["batch_stats"]})}
 
 
-def _lookahead_resets(r: Runs) -> tuple[float, int]:
-    """Lookahead: after each EMA step JAX's live net equals its EMA, and the EMA moves only on
-    those steps, exactly: (worst violation / tolerance, its step)."""
-    pairs = []
-    for t in r.steps:
-        if t not in r.tf.post:
-            continue
-        post, pre = _jax_parts(r.tf.post[t]), _jax_parts(r.tf.injected[t])
-        live, ema1, ema0 = _live(post), leaves(post["ema"]), leaves(pre["ema"])
-        if (t + 1) % r.cfg.ema_every == 0:
-            bad = max(float(np.abs(live[k] - ema1[k]).max()) for k in live)  # must be 0
-        else:
-            bad = max(float(np.abs(ema1[k] - ema0[k]).max()) for k in ema1)  # must be 0
-        pairs.append((bad / 1e-30 if bad else 0.0, t))
-    return _worst(pairs, -1)
-
-
-def _eval_logits(
-    cfg: Config, variables: dict[str, PyTree], ema: dict[str, PyTree] | None, images: np.ndarray
-) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """Both trainers' own evaluation logits (every view, and combined) of the same weights."""
-    fmodel = models.model_from_config(cfg)
-    logits_fn = jax.jit(jtrain.make_logits_fn(cfg, fmodel))
-    mean, std = device_stats(cfg.dataset, torch.device("cpu"))
-    out: dict[str, tuple[np.ndarray, np.ndarray]] = {}
-    for label, v in (("live", variables), ("ema", ema)):
-        if v is None:
-            continue
-        jv, jc = logits_fn(jax.device_put(v), jnp.asarray(images))
-        net = tmodel_mod.model_from_config(cfg)
-        net.load_state_dict(convert.flax_to_torch(v))
-        net.eval()
-        with torch.no_grad():
-            tv, tc = ttrain.eval_logits(net, torch.from_numpy(images), mean, std, cfg, bf16=False)
-        out[f"jax {label}"] = (np.asarray(jv), np.asarray(jc))
-        out[f"torch {label}"] = (tv.numpy(), tc.numpy())
-    return out
-
-
 @dataclass
 class Runs:
     """Both trainers' recorded runs of one config: torch_ref free, JAX teacher-forced."""
@@ -455,10 +404,18 @@ class Runs:
         return sorted(self.rec.pre)
 
     def stepped(self) -> Iterator[tuple[int, dict[str, tuple[PyTree, PyTree]]]]:
-        """Every step both trainers completed, with each one's (state before, state after)."""
+        """Every step both trainers completed, with each one's (state before, state after) it:
+        torch's run, JAX's from the injection."""
         for t in self.steps:
             if t + 1 in self.rec.pre and t in self.tf.post:
-                yield t, _step_pairs(self.rec, self.tf, t)
+                pre_t = _torch_parts(self.rec.pre[t], _jax_parts(self.tf.post[t]))
+                yield (
+                    t,
+                    {
+                        "torch": (pre_t, _torch_parts(self.rec.pre[t + 1], pre_t)),
+                        "jax": (_jax_parts(self.tf.injected[t]), _jax_parts(self.tf.post[t])),
+                    },
+                )
 
 
 def _worst(pairs: Iterable[tuple[float, T]], empty: T) -> tuple[float, T]:
@@ -573,16 +530,23 @@ def _state_figures(r: Runs) -> tuple[list[Figure], dict[str, dict[str, Any]]]:
 
 def _ema_figures(r: Runs) -> list[Figure]:
     """The EMA decay each trainer applied at each step (1: no EMA update), recovered; with
-    lookahead, JAX's resets instead."""
+    lookahead, JAX's resets instead, exactly."""
     cfg = r.cfg
     if not cfg.ema_every:
         return []
     title = "applied EMA decay vs schedule / (4 x rounding bound + 1e-7)"
-    if cfg.lookahead:
-        ratio, t = _lookahead_resets(r)
-        return _per_framework(title, {"jax": [(ratio, t)]})
-    decays = schedule.ema_decays(cfg, len(r.steps))
-    pairs: dict[str, list[tuple[float, int]]] = {"jax": [], "torch": []}
+    pairs: dict[str, list[tuple[float, int]]] = {"jax": []}
+    if cfg.lookahead:  # after each EMA step the live net equals its EMA, else the EMA is kept
+        for t in (t for t in r.steps if t in r.tf.post):
+            post, pre = _jax_parts(r.tf.post[t]), _jax_parts(r.tf.injected[t])
+            live, ema1, ema0 = _live(post), leaves(post["ema"]), leaves(pre["ema"])
+            if (t + 1) % r.cfg.ema_every == 0:
+                bad = max(float(np.abs(live[k] - ema1[k]).max()) for k in live)  # must be 0
+            else:
+                bad = max(float(np.abs(ema1[k] - ema0[k]).max()) for k in ema1)  # must be 0
+            pairs["jax"].append((bad / 1e-30 if bad else 0.0, t))
+        return _per_framework(title, pairs)
+    decays, pairs["torch"] = schedule.ema_decays(cfg, len(r.steps)), []
     for t, runs in r.stepped():
         m = float(decays[t + 1]) if (t + 1) % cfg.ema_every == 0 else 1.0
         for fw, (pre, post) in runs.items():
@@ -618,7 +582,7 @@ def _wd_figures(r: Runs, labels: dict[str, str]) -> tuple[list[Figure], list[dic
     """The coupled weight decay each trainer applied, recovered from its momentum buffers."""
     wd = optimizer_scales(r.cfg)[1]
     wd_want = {"default": wd, "bn_bias": wd * r.cfg.bn_bias_wd_mult}
-    grads = _step_gradients(r.cfg, r.data, r.rec, r.tf, r.steps)
+    grads = _step_gradients(r)
     rows: list[dict[str, Any]] = []
     pairs: dict[str, list[tuple[float, int]]] = {"jax": [], "torch": []}
     for t, runs in r.stepped():
@@ -649,17 +613,25 @@ def _metric_figures(r: Runs) -> tuple[list[Figure], list[dict[str, Any]]]:
 
 
 def _logit_figures(r: Runs) -> tuple[list[Figure], dict[str, float]]:
-    """The final weights' logits, every TTA view and combined, and the final accuracies."""
-    n_test = r.cfg.test_subset or 0
+    """The final weights' logits, each trainer's own evaluation (every TTA view and combined),
+    and the final accuracies."""
+    cfg, n_test = r.cfg, r.cfg.test_subset or 0
     final = r.rec.at_eval[max(r.rec.at_eval)]
     images = np.asarray(r.data.test_images[:n_test])
-    logits = _eval_logits(r.cfg, final["variables"], final.get("ema"), images)
+    logits_fn = jax.jit(jtrain.make_logits_fn(cfg, models.model_from_config(cfg)))
+    mean, std = device_stats(cfg.dataset, torch.device("cpu"))
     figures: list[Figure] = []
     rows: dict[str, float] = {}
-    for label in ("live", "ema"):
-        if f"jax {label}" not in logits:
+    for label, v in (("live", final["variables"]), ("ema", final.get("ema"))):
+        if v is None:
             continue
-        (jv, jc), (tv, tc) = logits[f"jax {label}"], logits[f"torch {label}"]
+        jv, jc = (np.asarray(a) for a in logits_fn(jax.device_put(v), jnp.asarray(images)))
+        net = tmodel_mod.model_from_config(cfg)
+        net.load_state_dict(convert.flax_to_torch(v))
+        net.eval()
+        with torch.no_grad():
+            tv, tc = ttrain.eval_logits(net, torch.from_numpy(images), mean, std, cfg, bf16=False)
+        tv, tc = tv.numpy(), tc.numpy()
         scale = max(float(np.abs(tv).max()), 1e-12)
         per_view = [float(np.abs(jv[i] - tv[i]).max()) / scale for i in range(len(tv))]
         rows[f"{label} views"] = max(per_view) if jv.shape == tv.shape else math.inf
