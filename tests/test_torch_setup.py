@@ -332,9 +332,10 @@ def test_profile_writes_a_trace_and_ranked_top_ops(tmp_path: Any) -> None:
 
 
 def test_a_failed_profiled_run_leaves_no_profiler_running(tmp_path: Any) -> None:
+    diverges = small_cfg(lr=1e4, output_scale=100.0)  # the largest rates the flags allow
     with pytest.raises(FloatingPointError):
         train.train_and_evaluate(
-            small_cfg(lr=1e30), data=SyntheticData(96, 40), profile_dir=tmp_path / "a", **KW
+            diverges, data=SyntheticData(96, 40), profile_dir=tmp_path / "a", **KW
         )
     s = train.train_and_evaluate(
         small_cfg(epochs=1), data=SyntheticData(96, 40), profile_dir=tmp_path / "b", **KW
