@@ -161,9 +161,6 @@ def fetch(tree: Any) -> Any:
     return jax.tree_util.tree_map(get, tree)
 
 
-# --- several processes -------------------------------------------------------------------
-
-
 @dataclasses.dataclass(frozen=True)
 class ProcessArgs:
     """How this process joins a multi-process run (all None: a single process)."""

@@ -400,8 +400,6 @@ class RunRecorder:
             raise
 
 
-# --- numeric settings and the GPU, for the benchmark's record ---------------------------
-
 # Environment variables that change what the frameworks compute or how they allocate.
 ENV_VARS = (
     "XLA_FLAGS",
@@ -466,8 +464,6 @@ def numeric_settings() -> dict[str, Any]:
         out["torch"] = {k: v if isinstance(v, (bool, int, float)) else str(v) for k, v in t.items()}
     return out
 
-
-# --- output folders -------------------------------------------------------------------------
 
 RUN_FILES: tuple[str, ...] = (
     "config.json",

@@ -153,9 +153,6 @@ def parse_shard(text: str) -> tuple[int, int]:
     return i, n
 
 
-# --- runs.jsonl ------------------------------------------------------------------------------
-
-
 def read_runs(path: Path, repair: bool = True) -> list[dict[str, Any]]:
     """The rows of a runs.jsonl. A last line cut short by a kill is not a run; `repair`
     removes it (only while no worker writes: else read under the writers' lock)."""
@@ -217,9 +214,6 @@ def run_row(spec: RunSpec, cfg: Config, summary: dict[str, Any] | None, status: 
         "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "config": cfg.to_dict(),
     }
-
-
-# --- aggregation and outputs -----------------------------------------------------------------
 
 
 def aggregate(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -355,9 +349,6 @@ def plot(out: Path, cells: Sequence[dict[str, Any]], grid: Grid, frameworks: Seq
     fig.savefig(tmp, format="png", dpi=110)
     os.replace(tmp, path)
     return path
-
-
-# --- running ---------------------------------------------------------------------------------
 
 
 def _spec_doc(base: Config, grid: Grid, args: Any, frameworks: list[str], planned: int

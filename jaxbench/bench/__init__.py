@@ -3,9 +3,6 @@
 Several presets, both frameworks, JAX's loops, within a wall-clock budget (docs/benchmark.md).
 Modules: `cli` (flags, start, stop), `race` (the phases, bench.json), `records` (run records,
 verdicts), `output` (table, plots), `frameworks` (calls into the trainers), `budget` (clock,
-watchdog), `flops` (counted FLOPs), `program` and `hlo` (JAX's programs held to account).
+watchdog), `flops` (counted FLOPs), `program` and `hlo` (JAX's programs held to account),
+`to94` (the FLOPs-to-94% table).
 """
-
-from jaxbench.bench.cli import main
-
-__all__ = ["main"]

@@ -53,9 +53,6 @@ def make_entries(frameworks: Sequence[str], loops: Sequence[str]) -> tuple[Entry
     return tuple(out)
 
 
-# --- the trainers ------------------------------------------------------------------------------
-
-
 def load_trainer(framework: str) -> Trainer:
     """Import a framework's `train_and_evaluate` only when it is raced."""
     try:

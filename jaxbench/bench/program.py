@@ -36,9 +36,6 @@ class ProgramError(RuntimeError):
     """A program could not be lowered for the requested platform."""
 
 
-# --- building the programs ---------------------------------------------------------------
-
-
 def for_platform(cfg: Config, platform: str) -> Config:
     """`cfg` with `precision="auto"` resolved for `platform`, not for this machine's backend
     (a CUDA program lowered from a CPU would otherwise be built in float32)."""
@@ -203,9 +200,6 @@ def check_programs(
     }
 
 
-# --- FLOPs as XLA executes them -------------------------------------------------------------
-
-
 def executed_flops(compiled: Any) -> float:
     """XLA's FLOP count of a compiled executable (a dict, or in older jax a list per module);
     a while loop's body counts once whatever its trip count, so compile the step, not a scan."""
@@ -299,9 +293,6 @@ def flop_problems(
         if r is not None and not lo <= r <= hi:
             out.append(f"{part} executed/counted FLOPs {r:.3f} outside [{lo}, {hi}]")
     return out
-
-
-# --- report ---------------------------------------------------------------------------------
 
 
 def format_report(

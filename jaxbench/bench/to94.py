@@ -21,7 +21,7 @@ from jaxbench.bench import flops
 from jaxbench.command import Command, run_command
 from jaxbench.configs import Config
 
-TRAIN_IMAGES = 50_000
+TRAIN_IMAGES = configs.DATASET_IMAGES["cifar10"][0]
 
 
 @dataclass(frozen=True)
@@ -40,9 +40,7 @@ ANCHORS: tuple[Anchor, ...] = (
     Anchor("Page's ResNet-9, bag of tricks", "resnet9", 10, 512, None, 1.15),
     Anchor("airbench94", "speedrun", 9.9, 1024, None, 0.36),
     Anchor("airbench94_muon", "speedrun_muon", 8, 2000, muon.AIRBENCH94_MUON, 0.29),
-    Anchor(
-        "record (cifar10-speedrun)", "speedrun_muon", 7.59, muon.RECORD_BATCH, muon.RECORD, None
-    ),
+    Anchor("record (cifar10-speedrun)", "speedrun_muon", 7.59, 1536, muon.RECORD, None),
 )
 
 
@@ -124,19 +122,13 @@ def markdown(table: list[dict[str, object]]) -> str:
 
 def _main(cmd: Command, argv: list[str]) -> int:
     p = configs.OneLineErrorParser(prog="python -m jaxbench.bench.to94", description=__doc__)
-    p.add_argument(
-        "--config",
-        default="resnet9,speedrun,speedrun_muon",
-        help="comma list of presets to add after the published recipes",
-    )
+    presets_help = "comma list of presets to add after the published recipes"
+    p.add_argument("--config", default="resnet9,speedrun,speedrun_muon", help=presets_help)
     p.add_argument("--no-xla", action="store_true", help="counted FLOPs only (no compilation)")
     args = p.parse_args(argv)
     presets = args.config.split(",")
     for name in presets:
-        if name not in configs.PRESETS:
-            raise ValueError(
-                f"--config: unknown preset {name!r}; choose from {', '.join(configs.PRESETS)}"
-            )
+        configs.get_config(name)  # an unknown name: one line, exit 2
     cmd.inputs_checked()
     print(markdown(rows(presets, xla=not args.no_xla)))
     return 0

@@ -39,9 +39,6 @@ def dirac_filters(cfg: Config, layer: str, hwio: tuple[int, ...]) -> int:
     return min(hwio[2], hwio[3]) if parts[1].startswith("conv") else 0
 
 
-# --- result records ---------------------------------------------------------------------------
-
-
 @dataclass(frozen=True)
 class Figure:
     """One measured number and its bar: passes when `value <= tolerance` (or `>=` for op '>=')."""
@@ -140,9 +137,6 @@ class Context:
         if cfg.ghost_bn:
             cfg = cfg.replace(ghost_bn=ARITH_GHOST)
         return cfg.replace(widths=quick_widths(cfg)) if self.quick else cfg
-
-
-# --- helpers --------------------------------------------------------------------------------
 
 
 def path_keys(path: Any) -> tuple[str, ...]:

@@ -18,6 +18,9 @@ TIME = {
 }
 
 
+ADDED: set[str] = set()  # config fields new in "after", with their values
+
+
 def strip(x):
     if isinstance(x, dict):
         return {k: strip(v) for k, v in x.items() if k not in TIME}
@@ -30,7 +33,9 @@ def diff(a, b, path=""):
     out = []
     if isinstance(a, dict) and isinstance(b, dict):
         for k in sorted(set(a) | set(b)):
-            if k not in a or k not in b:
+            if k not in a and path.endswith("/config"):
+                ADDED.add(f"{k}={b[k]!r}")  # a config field added since: its default is listed
+            elif k not in a or k not in b:
                 out.append(f"{path}/{k}: only in {'after' if k in b else 'before'}")
             else:
                 out += diff(a[k], b[k], f"{path}/{k}")
@@ -71,6 +76,8 @@ for run in sorted(p.name for p in before.iterdir() if p.is_dir()):
         for line in v[:10]:
             print("   ", k, line)
 if len(sys.argv) > 3:
-    report = {"all_identical": ok_all, "runs": rows}
+    report = {"all_identical": ok_all, "config_fields_added": sorted(ADDED), "runs": rows}
     Path(sys.argv[3]).write_text(json.dumps(report, indent=1) + "\n")
+if ADDED:
+    print("config fields added since (not differences):", ", ".join(sorted(ADDED)))
 sys.exit(0 if ok_all else 1)
