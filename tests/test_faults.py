@@ -192,7 +192,9 @@ def test_ctrl_c_in_the_bench(
     out = tmp_path / "bench"
     argv = [*TINY, "--epochs", "20", "--frameworks", "jax", "--runs", "2", "--target", "0.1",
             "--data-dir", str(real_data_dir), "--out", str(out)]  # fmt: skip
-    code, stdout, err = _run("jaxbench.bench", target, 0.0 if "load" in target else 0.5, argv, env)
+    code, stdout, err = _run(
+        "jaxbench.bench.cli", target, 0.0 if "load" in target else 0.5, argv, env
+    )
     if "load" in target:
         _assert_interrupted(
             code, stdout, err, f"interrupted before the race started; nothing written to {out}"
@@ -387,7 +389,7 @@ _BASE: dict[str, tuple[str, ...]] = {
     "parity": ("--quick",),
     "jaxbench.data": (),
 }
-_MAIN_MODULE = {"parity": "parity.__main__"}
+_MAIN_MODULE = {"parity": "parity.__main__", "jaxbench.bench": "jaxbench.bench.cli"}
 _OUT_FOLDER = ("jaxbench.train", "torch_ref.train", "jaxbench.bench", "jaxbench.sweep", "parity")
 _TRAINERS = ("jaxbench.train", "torch_ref.train")
 _CONFIG_CLIS = (*_TRAINERS, "jaxbench.bench", "jaxbench.microbench")
