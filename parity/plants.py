@@ -160,7 +160,7 @@ def _bn_unbiased_var(h: Harness) -> Harness:
 
 
 class _SamePaddingLinen(types.SimpleNamespace):
-    """`flax.linen` as jaxbench.models sees it, except that every Conv pads 'SAME'."""
+    """`flax.linen` as jaxbench.layers sees it, except that every Conv pads 'SAME'."""
 
     def __getattr__(self, name: str) -> Any:
         return getattr(nn, name)
@@ -173,12 +173,12 @@ class _SamePaddingLinen(types.SimpleNamespace):
 
 @_harness_plant(
     2,
-    "flax.linen.Conv replaced, inside jaxbench.models only and for the run, by one "
+    "flax.linen.Conv replaced, inside jaxbench.layers only and for the run, by one "
     "that pads 'SAME'; ResNet-9's stride-1 3x3 convs are unaffected (their logits "
     "still match), so it is caught by check 2's stride-2 probe of each conv layer",
 )
 def _same_padding(h: Harness) -> Harness:
-    return _patched(h, models, "nn", _SamePaddingLinen())
+    return _patched(h, layers, "nn", _SamePaddingLinen())
 
 
 @_harness_plant(

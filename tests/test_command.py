@@ -27,6 +27,15 @@ from jaxbench.command import (
 FILES = ("result.json", "plot-*.png")
 
 
+@pytest.fixture(autouse=True)
+def sigint_as_in_a_terminal():
+    """A suite started in the background inherits SIGINT ignored; these tests need a
+    terminal's handler, as a user who presses Ctrl-C has."""
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, before)
+
+
 def _snapshot(root: Path) -> dict[str, str]:
     """Every path under `root` with its content's hash ("dir" for a folder)."""
     return {

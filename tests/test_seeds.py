@@ -104,19 +104,20 @@ def test_memory_check_refuses_what_cannot_fit(monkeypatch: pytest.MonkeyPatch) -
 def test_cli_refuses_more_seeds_than_memory_holds(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """`--vmap-seeds 100000` of tiny needs terabytes: one line, exit 2, before the states
-    are built (it once grew for minutes), and no folder left behind."""
+    """More seeds than the free memory holds (here: a machine with 1 MiB free): one line,
+    exit 2, before the states are built (such a run once grew for minutes), no folder left."""
     from helpers import random_dataset
 
-    from jaxbench import data, train
+    from jaxbench import data, memory, train
 
     monkeypatch.setattr(data, "load_dataset", lambda cfg: random_dataset(64, 24))
+    monkeypatch.setattr(memory, "free_bytes", lambda: 2**20)
     out = tmp_path / "new" / "run"
     argv = ["--config", "tiny", "--subset", "64", "--test-subset", "24", "--batch-size", "16",
-            "--vmap-seeds", "100000", "--out", str(out), "--no-progress"]  # fmt: skip
+            "--vmap-seeds", "64", "--out", str(out), "--no-progress"]  # fmt: skip
     with pytest.raises(SystemExit) as e:
         train.main(argv)
     err = capsys.readouterr().err.strip().splitlines()
     assert e.value.code == 2 and len(err) == 1, err
-    assert "--vmap-seeds 100000 with --batch-size 16 needs at least" in err[0] and "GiB" in err[0]
+    assert "--vmap-seeds 64 with --batch-size 16 needs at least" in err[0] and "GiB" in err[0]
     assert list(tmp_path.iterdir()) == []
