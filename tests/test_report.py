@@ -295,7 +295,9 @@ def test_every_cli_checks_out_before_loading_data(
     out.mkdir()
     (out / produced).write_text("{}")
     module, *args = command
-    main = importlib.import_module({"parity": "parity.__main__", "jaxbench.bench": "jaxbench.bench.cli"}.get(module, module)).main
+    main = importlib.import_module(
+        {"parity": "parity.__main__", "jaxbench.bench": "jaxbench.bench.cli"}.get(module, module)
+    ).main
     try:
         code = main([*args, "--out", str(out), "--data-dir", str(tmp_path / "none")])
     except SystemExit as e:  # the trainers refuse at parse time
