@@ -8,15 +8,64 @@ however many files read its results.
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers import random_dataset
 
-from jaxbench.data import Dataset
+# An xdist worker gets its share of the cores, set before either framework starts so XLA,
+# torch and every subprocess a test starts read it: two workers each running every thread
+# the machine has would fight over the cores (OpenMP spin-waits) and take longer than one.
+if workers := int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0")):
+    for _var in ("PJRT_NPROC", "OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+        os.environ.setdefault(_var, str(max(1, (os.cpu_count() or 1) // workers)))
+
+# One XLA compilation cache for the whole run, workers and the subprocesses tests start
+# included: many tests compile the same small programs, and a program loaded from the
+# cache is the one compiled, so no number changes. Made by the first process (pytest
+# itself, not a worker), removed when it ends; a cache the user set is left alone.
+_OWN_CACHE = "JAX_COMPILATION_CACHE_DIR" not in os.environ and not workers
+if _OWN_CACHE:
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="jaxbench-tests-xla-")
+    os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+    os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
+
+from helpers import random_dataset  # noqa: E402
+
+from jaxbench.data import Dataset  # noqa: E402
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    if _OWN_CACHE:
+        shutil.rmtree(os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
+
+
+def pytest_xdist_auto_num_workers(config: pytest.Config) -> int:
+    """`-n auto`: one worker per core, at most 4 (each with its share of the threads, above):
+    past that, the tests that share a fixture and the longest ones set the suite's time."""
+    return max(1, min(4, os.cpu_count() or 1))
+
+
+# Fixtures that train or compile once for many tests: under xdist, the tests that read one
+# share a worker (`--dist loadgroup`), so the work is still done once.
+SHARED_FIXTURES = ("quick_parity", "resnet9_compiled", "runs", "four_devices")
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist reads the groups from the marks
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Group by shared fixture, and the quick parity run first: it is the longest unit of
+    work (minutes), so started last it would finish alone while the other workers idle."""
+    for item in items:
+        for name in SHARED_FIXTURES:
+            if name in getattr(item, "fixturenames", ()):
+                group = name if name == "quick_parity" else f"{item.path.stem}:{name}"
+                item.add_marker(pytest.mark.xdist_group(group))
+                break
+    items.sort(key=lambda item: "quick_parity" not in getattr(item, "fixturenames", ()))
 
 
 @pytest.fixture(scope="session")
@@ -42,14 +91,19 @@ def cifar10(real_data_dir: Path) -> Dataset:
 
 @pytest.fixture(scope="session")
 def quick_parity(real_data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Any:
-    """`python -m parity --quick` on the real data, run once: checks 1-7 on `tiny`.
+    """`python -m parity --quick --seeds 2 --epochs 2` on the real data, run once: checks
+    1-7 on `tiny`.
 
+    Check 7 at 2 seeds x 2 epochs (not the CLI's 3 x 3) trains 4/9 as much and still runs
+    every part of it: the JAX-vs-torch and the null comparisons, the figures, the plot. What
+    the defaults add is power against small biases, which these tests do not measure.
     Returns the finished process and its `--out` folder. The end-to-end CLI test and the
     tests of check 7 and of the unplanted checks on `tiny` all read this one run.
     """
     out = tmp_path_factory.mktemp("quick-parity") / "parity"
     proc = subprocess.run(
-        [sys.executable, "-m", "parity", "--quick", "--data-dir", str(real_data_dir)]
+        [sys.executable, "-m", "parity", "--quick", "--seeds", "2", "--epochs", "2"]
+        + ["--data-dir", str(real_data_dir)]
         + ["--out", str(out), "--quiet"],
         capture_output=True,
         text=True,

@@ -429,7 +429,7 @@ def _tar(path: Path, members: dict[str, bytes]) -> Path:
     [
         ("data", b"", "is an empty file"),
         ("cifar-10-binary.tar.gz", b"", "is an empty file"),  # the official name, empty
-        ("data.tar.gz", gzip.compress(b""), "is an empty archive"),
+        ("data.tar.gz", gzip.compress(b"", mtime=0), "is an empty archive"),
         ("notes.txt", b"some text", "is a file, not a data folder or archive"),
         ("empty.tar.gz", None, "is an archive with no cifar10 files"),
         ("other.tar.gz", {"junk/a": b"x"}, "is an archive with no cifar10 files"),

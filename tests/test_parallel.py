@@ -142,6 +142,7 @@ def _members(n: int, args: list[str], port: int) -> list[subprocess.Popen[str]]:
     ]
 
 
+@pytest.mark.xdist_group("test_parallel:four_devices")  # it reads the same probe
 def test_two_processes_match_one_process() -> None:
     """Two processes on localhost (gloo), one device each, against one device."""
     port = _free_port()
