@@ -1,7 +1,7 @@
 """Shared test fixtures: the real CIFAR-10 loaded once, one quick parity run, small data.
 
 Plain helpers (synthetic data, small configs) are in `helpers.py`; the fixtures here
-build on them. A fixture that trains is session-scoped, so the suite pays for it once
+build on them. A fixture that trains is scoped to the test run, so the suite pays for it once
 however many files read its results.
 """
 
@@ -72,7 +72,7 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 def real_data_dir() -> Path:
     """The real CIFAR-10 (official binary layout), or a visible skip when it is not configured.
 
-    Session-scoped, so it reads `JAXBENCH_DATA_DIR` before any per-test fixture edits the
+    Scoped to the test run, so it reads `JAXBENCH_DATA_DIR` before any per-test fixture edits the
     environment. A set but wrong path is not skipped: the test fails, which CI must notice.
     """
     path = os.environ.get("JAXBENCH_DATA_DIR")
@@ -83,7 +83,7 @@ def real_data_dir() -> Path:
 
 @pytest.fixture(scope="session")
 def cifar10(real_data_dir: Path) -> Dataset:
-    """The real CIFAR-10, decoded once for the session: tests read it and never edit it."""
+    """The real CIFAR-10, decoded once for the test run: tests read it and never edit it."""
     from jaxbench.data import load_dataset
 
     return load_dataset(data_dir=real_data_dir, download=False, progress=False)

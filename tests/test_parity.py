@@ -239,7 +239,7 @@ def test_curves_compare_and_report_show_real_and_null_side_by_side(tmp_path: Pat
 @pytest.mark.slow
 @pytest.mark.realdata
 def test_curves_null_comparison_passes_on_real_data(quick_parity: tuple) -> None:
-    """Check 7 of the session's quick run (2 seeds x 3 torch runs, 2 epochs): the
+    """Check 7 of the test run's quick parity run (2 seeds x 3 torch runs, 2 epochs): the
     torch-vs-torch null comparison passes, and the quick config learns (>= 50% EMA, ~55%
     measured; chance is 10%)."""
     proc, out = quick_parity

@@ -136,7 +136,7 @@ def test_unplanted_suite_passes_checks_1_to_6(preset: str, data: Any) -> None:
 @pytest.mark.slow
 @pytest.mark.realdata
 def test_unplanted_suite_passes_checks_1_to_6_on_tiny(quick_parity: tuple) -> None:
-    """`tiny` is the CLI's default: the session's one quick run (checks 1-7) holds its 1-6."""
+    """`tiny` is the CLI's default: the one quick parity run (checks 1-7) holds its 1-6."""
     proc, out = quick_parity
     assert (out / "parity.json").exists(), proc.stdout + proc.stderr[-3000:]
     report = json.loads((out / "parity.json").read_text())
