@@ -240,8 +240,9 @@ def test_curves_compare_and_report_show_real_and_null_side_by_side(tmp_path: Pat
 @pytest.mark.realdata
 def test_curves_null_comparison_passes_on_real_data(quick_parity: tuple) -> None:
     """Check 7 of the test run's quick parity run (2 seeds x 3 torch runs, 2 epochs): the
-    torch-vs-torch null comparison passes, and the quick config learns (>= 50% EMA, ~55%
-    measured; chance is 10%)."""
+    torch-vs-torch null comparison passes, and the quick config learns: mean final EMA
+    accuracy >= 53% (56.7% measured, runs 54.0-59.0%; the bar sits about 3 standard
+    deviations of that mean below it, as the 3-epoch run's 60% did; chance is 10%)."""
     proc, out = quick_parity
     assert (out / "parity.json").exists(), proc.stdout + proc.stderr[-3000:]
     report = json.loads((out / "parity.json").read_text())
@@ -255,7 +256,7 @@ def test_curves_null_comparison_passes_on_real_data(quick_parity: tuple) -> None
         for name in ("torch", "torch'", "torch''")
         for run in report["curves"]["runs"][name]
     ]
-    assert len(final) == 6 and np.mean(final) >= 0.50, final
+    assert len(final) == 6 and np.mean(final) >= 0.53, final
 
 
 def test_curves_without_jax_train_only_torch_and_compare_the_null(
