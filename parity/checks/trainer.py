@@ -74,12 +74,12 @@ def trainer_config(ctx: Context) -> Config:
     """Two short epochs that cross an epoch boundary, EMA (or lookahead) steps, the LR
     warm-up and decay, a padded last evaluation batch and, for the speedrun net, the
     whitening bias freeze."""
-    n_train, n_test, batch = (128, 500, 16) if ctx.quick else (512, 1000, 16)
+    n_train, n_test, batch = (128, 200, 16) if ctx.quick else (512, 1000, 16)
     cfg = ctx.arith_cfg.replace(
         subset=n_train,
         test_subset=n_test,
         batch_size=batch,
-        eval_batch_size=200,
+        eval_batch_size=128,
         eval_every=1,
         epochs=2,
         lr_peak_epoch=1.0,
