@@ -21,12 +21,15 @@ from jaxbench.stream import (
     IMAGE_SIZE,
     MEAN_STD,
     EpochPlan,
+    has_jitter,
     steps_per_epoch,
     tta_weights,
 )
 
 Plan = dict[str, jax.Array]
-PLAN_FIELDS: tuple[str, ...] = ("indices", "crop_y", "crop_x", "flip", "cutout_y", "cutout_x")
+PLAN_FIELDS: tuple[str, ...] = (
+    "indices", "crop_y", "crop_x", "flip", "cutout_y", "cutout_x", "brightness", "contrast",
+)  # fmt: skip
 
 
 def _reflect(i: jax.Array) -> jax.Array:
@@ -104,16 +107,46 @@ def draw_plan(key: jax.Array, epoch: jax.Array | int, n_train: int, cfg: Config)
     corner = IMAGE_SIZE - cfg.cutout + 1
     cutout_y = jax.random.randint(k_uy, (n,), 0, corner, jnp.int32)
     cutout_x = jax.random.randint(k_ux, (n,), 0, corner, jnp.int32)
-    return dict(zip(PLAN_FIELDS, (indices, crop_y, crop_x, flip, cutout_y, cutout_x), strict=True))
+    brightness, contrast = jnp.zeros((n,), jnp.float32), jnp.ones((n,), jnp.float32)
+    if has_jitter(cfg):  # keys of their own: the draws above stay as they were without jitter
+        k_b, k_c = jax.random.split(jax.random.fold_in(flip_key, epoch), 2)
+        brightness = jax.random.uniform(k_b, (n,), jnp.float32, -1.0, 1.0) * cfg.jitter_brightness
+        contrast = jax.random.uniform(k_c, (n,), jnp.float32, -1.0, 1.0) * cfg.jitter_contrast + 1
+    drawn = (indices, crop_y, crop_x, flip, cutout_y, cutout_x, brightness, contrast)
+    return dict(zip(PLAN_FIELDS, drawn, strict=True))
 
 
 def normalize(
-    images_u8: jax.Array, dataset: str = "cifar10", dtype: Any = jnp.float32
+    images_u8: jax.Array,
+    dataset: str = "cifar10",
+    dtype: Any = jnp.float32,
+    jitter: tuple[jax.Array, jax.Array] | None = None,
 ) -> jax.Array:
-    """`(x / 255 - mean) / std` in float32 (as `stream.normalize_numpy`), then cast to `dtype`."""
+    """`(x / 255 - mean) / std` in float32 (as `stream.normalize_numpy`); with `jitter`, a
+    batch plan's (brightness, contrast), `(x + b) * c` per image (`stream.jitter_numpy`);
+    then cast to `dtype`."""
     mean, std = (np.asarray(v, np.float32) for v in MEAN_STD[dataset])
     x = (images_u8.astype(jnp.float32) / 255.0 - mean) / std
+    if jitter is not None:
+        x = color_jitter(x, *jitter)
     return x.astype(dtype)
+
+
+def color_jitter(x_NHWC: jax.Array, brightness: jax.Array, contrast: jax.Array) -> jax.Array:
+    """`(x + b) * c` per image in float32 (`stream.jitter_numpy`): two rounded operations,
+    so the same inputs give the same bits in every framework."""
+    b = jnp.asarray(brightness, jnp.float32)[:, None, None, None]
+    c = jnp.asarray(contrast, jnp.float32)[:, None, None, None]
+    return (x_NHWC + b) * c
+
+
+def plan_jitter(plan: Plan | EpochPlan, cfg: Config) -> tuple[jax.Array, jax.Array] | None:
+    """A batch plan's (brightness, contrast) when the config jitters, else None."""
+    if not has_jitter(cfg):
+        return None
+    if isinstance(plan, EpochPlan):
+        plan = plan.as_dict()
+    return jnp.asarray(plan["brightness"]), jnp.asarray(plan["contrast"])
 
 
 def tta_logits(

@@ -19,7 +19,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from jaxbench import checkpoint
+from jaxbench import checkpoint, schedule
 from jaxbench.checkpoint import Ledger
 from jaxbench.configs import Config
 from jaxbench.profiling import format_top_ops
@@ -215,6 +215,7 @@ def _epoch(
     losses = np.asarray(losses, np.float64).reshape(lanes, -1)
     correct = np.asarray(correct).reshape(lanes)
     ledger.epoch = epoch + 1
+    trained = schedule.epoch_steps(cfg, trainer.steps, epoch) * cfg.batch_size
     rows = []
     for k in range(lanes):
         lane_losses[k].extend(float(v) for v in losses[k])
@@ -222,7 +223,7 @@ def _epoch(
             {
                 "epoch": epoch + 1,
                 "train_loss": float(losses[k].mean()),
-                "train_acc": float(correct[k]) / (trainer.steps * cfg.batch_size),
+                "train_acc": float(correct[k]) / trained,
             }
         )
     if not several and not np.isfinite(rows[0]["train_loss"]):
@@ -255,7 +256,7 @@ def _summary(
     """summary.json (docs/design.md, "Trainer API"); several lanes: one entry per seed."""
     cfg = trainer.cfg
     timed = ledger.timed_seconds
-    images = cfg.epochs * trainer.steps * cfg.batch_size
+    images = schedule.train_steps(cfg, trainer.steps) * cfg.batch_size
     runs = [
         {
             "seed": seed,

@@ -204,8 +204,8 @@ def batch_norm(cfg: Config, train: bool, dtype: Any, name: str) -> nn.Module:
 
 
 def activation(cfg: Config) -> Callable[[Array], Array]:
-    """relu; celu with `cfg.celu_alpha` (jax's default alpha is 1.0, Page's 0.3); or the
-    exact erf GELU of PyTorch's `nn.GELU()` (`jax.nn.gelu` defaults to the tanh form)."""
+    """relu; celu with `cfg.celu_alpha` (jax's default alpha is 1.0, Page's 0.3); the exact
+    erf GELU of PyTorch's `nn.GELU()` (`jax.nn.gelu` defaults to the tanh form); or SiLU."""
     if cfg.activation == "relu":
         return nn.relu
     if cfg.activation == "celu":
@@ -213,7 +213,9 @@ def activation(cfg: Config) -> Callable[[Array], Array]:
         return lambda x: jax.nn.celu(x, alpha=alpha)
     if cfg.activation == "gelu":
         return lambda x: jax.nn.gelu(x, approximate=False)
-    raise ValueError(f"--activation must be relu, celu or gelu, got {cfg.activation!r}")
+    if cfg.activation == "silu":
+        return nn.silu
+    raise ValueError(f"--activation must be relu, celu, gelu or silu, got {cfg.activation!r}")
 
 
 def _windows(x_NHWC: Array, k: int) -> Array:

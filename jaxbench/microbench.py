@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxbench import configs, layers, models, optim, report, train
+from jaxbench import configs, layers, models, optim, report, schedule, train
 from jaxbench.command import Command, run_command
 
 MAX_REPS = 1000  # A/B pairs per item: a thousand settle any difference worth timing
@@ -68,7 +68,8 @@ def _step_timer(cfg: configs.Config, data: Any) -> Timer:
     """A timer of one compiled train step on a fixed batch (the state is not donated)."""
     r = train.setup(cfg, data)
     tx = optim.make_optimizer(cfg, r.steps)
-    step_fn, _ = train.make_loop_fns(cfg, models.model_from_config(cfg), tx, r.steps * cfg.epochs)
+    total = schedule.train_steps(cfg, r.steps)
+    step_fn, _ = train.make_loop_fns(cfg, models.model_from_config(cfg), tx, total)
     plan = r.make_plan(0)
     compiled = jax.jit(step_fn).lower(r.state, r.images, r.labels, plan, np.int32(0)).compile()
     return lambda: compiled(r.state, r.images, r.labels, plan, np.int32(4))

@@ -21,7 +21,9 @@ record's zero-padded batch of filters changes nothing in exact arithmetic).
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -101,6 +103,22 @@ RECORD = MuonSpec(
     weight_decay=1.0418e-6 * RECORD_BATCH,  # cifar10_speedrun.py: weight_decay=wd (not wd / lr)
     momentum_dtype="float16",  # cifar10_speedrun.py: param_groups[0]["momentum_buffer_dtype"]
 )
+
+
+VARIANTS: dict[str, MuonSpec] = {"airbench94_muon": AIRBENCH94_MUON, "record": RECORD}
+
+
+def spec_of(cfg: Any) -> MuonSpec:
+    """A config's Muon (`muon_variant`, `muon_lr`, `muon_momentum`, `muon_weight_norm`): both
+    trainers build their update from this one spec."""
+    return make_spec(cfg.muon_variant, cfg.muon_lr, cfg.muon_momentum, cfg.muon_weight_norm)
+
+
+def make_spec(variant: str, lr: float, momentum: float, weight_norm: bool = True) -> MuonSpec:
+    """`VARIANTS[variant]` with this peak LR and momentum, its weight normalisation off
+    unless `weight_norm` (plain values, so an optimizer's settings stay plain too)."""
+    spec = dataclasses.replace(VARIANTS[variant], lr=lr, momentum=momentum)
+    return spec if weight_norm else dataclasses.replace(spec, normalization="none")
 
 
 def as_matrix(w_oihw: np.ndarray) -> np.ndarray:

@@ -8,7 +8,6 @@ get `optim_muon.muon`. The LR is computed in float32 without cancellation near z
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -19,9 +18,15 @@ import optax
 from flax import traverse_util
 
 from jaxbench.configs import Config, optimizer_scales
-from jaxbench.muon import AIRBENCH94_MUON, MuonSpec
+from jaxbench.muon import MuonSpec, spec_of
 from jaxbench.optim_muon import is_muon_param, muon
-from jaxbench.schedule import ema_decays, lr_knots, whiten_bias_lr_knots
+from jaxbench.schedule import (
+    ema_decays,
+    lr_knots,
+    train_steps,
+    whiten_bias_lr_knots,
+    whiten_bias_steps,
+)
 
 PyTree = Any
 Schedule = Callable[[jax.Array], jax.Array]
@@ -82,8 +87,8 @@ def param_labels(params: PyTree, with_muon: bool = False) -> PyTree:
 
 
 def muon_spec(cfg: Config) -> MuonSpec:
-    """airbench94_muon's update with the configured peak LR and momentum."""
-    return dataclasses.replace(AIRBENCH94_MUON, lr=cfg.muon_lr, momentum=cfg.muon_momentum)
+    """The configured Muon update (`jaxbench.muon.spec_of`)."""
+    return spec_of(cfg)
 
 
 def _freeze_after(updates: int) -> optax.GradientTransformation:
@@ -119,7 +124,7 @@ def make_optimizer(cfg: Config, steps_per_epoch: int) -> optax.GradientTransform
             own = piecewise_linear(*whiten_bias_lr_knots(cfg, steps_per_epoch))
             whiten_bias = group(1.0, cfg.bn_bias_wd_mult, own)
         groups["whiten_bias"] = optax.chain(
-            whiten_bias, _freeze_after(cfg.whiten_bias_epochs * steps_per_epoch)
+            whiten_bias, _freeze_after(whiten_bias_steps(cfg, steps_per_epoch))
         )
     if cfg.optimizer != "muon":
         return optax.multi_transform(groups, param_labels)
@@ -127,7 +132,7 @@ def make_optimizer(cfg: Config, steps_per_epoch: int) -> optax.GradientTransform
     lr, _ = optimizer_scales(cfg)
     scale = cfg.muon_lr / lr
     groups["muon"] = muon(
-        muon_spec(cfg), lambda count: base(count) * scale, cfg.epochs * steps_per_epoch
+        muon_spec(cfg), lambda count: base(count) * scale, train_steps(cfg, steps_per_epoch)
     )
     return optax.multi_transform(groups, functools.partial(param_labels, with_muon=True))
 

@@ -23,7 +23,7 @@ import numpy as np
 
 from jaxbench import augment, checkpoint, memory, models, parallel
 from jaxbench.configs import Config
-from jaxbench.stream import epoch_plan, steps_per_epoch
+from jaxbench.stream import cross_entropy_sum, epoch_plan, selective_tta, steps_per_epoch
 
 
 @dataclasses.dataclass
@@ -39,6 +39,8 @@ class Recipe:
     moments_fn: Callable[..., Any] | None  # training images -> whitening moments, or None
     set_whitening: Callable[..., Any]  # (state, moments, images, cfg, topo) -> state
     train_epoch: Callable[..., Any]  # (run, state, epoch, progress=, hooks=) -> (state, host)
+    last_steps: int | None = None  # updates of a part last epoch (`epoch_fn(..., steps=)`)
+    view_logits: tuple[int, int] | None = None  # selective TTA: (views, classes) kept per image
 
 
 @dataclasses.dataclass
@@ -51,6 +53,7 @@ class EvalData:
     n: int  # real test images
     batch: int  # images per evaluation batch
     steps: int  # evaluation batches
+    host_labels: np.ndarray  # the real images' labels (selective TTA scores on the host)
 
 
 @dataclasses.dataclass
@@ -62,6 +65,7 @@ class Programs:
     eval_both: Any  # compiled eval batch of the net and its EMA (or the net alone)
     eval_one: Any  # compiled eval batch of one weight set (the EMA equals the net)
     moments: Any  # compiled whitening moments (a whitening stem) or None
+    run_last: Any  # scan: the compiled part last epoch (`Recipe.last_steps`), else None
     seconds: float  # what compiling them took
     zero_both: dict[str, jax.Array]  # the sums `eval_both` starts from
     zero_one: dict[str, jax.Array]  # the sums `eval_one` starts from
@@ -72,11 +76,17 @@ def pad_to(x: np.ndarray, n: int) -> np.ndarray:
     return np.concatenate([x, np.zeros((n - len(x), *x.shape[1:]), x.dtype)]) if n > len(x) else x
 
 
-def eval_zeros(with_ema: bool, lanes: int | None = None) -> dict[str, jax.Array]:
-    """Zero sums of the evaluation (loss, correct, and the EMA's); one per lane with `lanes`."""
+def eval_zeros(
+    with_ema: bool, lanes: int | None = None, views: tuple[int, int, int] | None = None
+) -> dict[str, jax.Array]:
+    """Zero sums of the evaluation (loss, correct, and the EMA's); one per lane with `lanes`.
+    Selective TTA: zero view logits (views, padded test images, classes) instead."""
+    lane = () if lanes is None else (lanes,)
+    if views is not None:
+        keys = ["views"] + (["ema_views"] if with_ema else [])
+        return {k: jnp.zeros((*lane, *views), jnp.float32) for k in keys}
     keys = ["loss", "correct"] + (["ema_loss", "ema_correct"] if with_ema else [])
-    shape = () if lanes is None else (lanes,)
-    return {k: jnp.zeros(shape, jnp.float32) for k in keys}
+    return {k: jnp.zeros(lane, jnp.float32) for k in keys}
 
 
 def eval_data(
@@ -96,7 +106,7 @@ def eval_data(
         (pad_to(test_x, padded), pad_to(test_y, padded), pad_to(np.ones(n, np.float32), padded)),
         topo,
     )
-    return EvalData(images, labels, valid, n, batch, steps)
+    return EvalData(images, labels, valid, n, batch, steps, np.asarray(test_y))
 
 
 def compile_programs(
@@ -124,9 +134,18 @@ def compile_programs(
     fn, i = (recipe.epoch_fn, ()) if loop == "scan" else (recipe.step_fn, (np.int32(0),))
     run = jax.jit(each(fn, 0, None, None, 0, *[None] * len(i)), donate_argnums=0, **everywhere)
     run = run.lower(state, images, labels, plan_spec, *i).compile()
+    run_last = None
+    if loop == "scan" and recipe.last_steps is not None:
+        last = functools.partial(recipe.epoch_fn, steps=recipe.last_steps)
+        run_last = jax.jit(each(last, 0, None, None, 0), donate_argnums=0, **everywhere)
+        run_last = run_last.lower(state, images, labels, plan_spec).compile()
     args = (state.variables(), state.ema, test.images, test.labels, test.valid, np.int32(0))
     eval_axes = (0, 0, 0, None, None, None, None)
-    zero_both, zero_one = eval_zeros(recipe.eval_one_fn is not None, lanes), eval_zeros(False)
+    views = None
+    if recipe.view_logits is not None:
+        views = (recipe.view_logits[0], test.images.shape[0], recipe.view_logits[1])
+    zero_both = eval_zeros(recipe.eval_one_fn is not None, lanes, views)
+    zero_one = eval_zeros(False, None, views)
     eval_both = jax.jit(each(recipe.eval_both_fn, *eval_axes), **everywhere)
     eval_both = eval_one = eval_both.lower(zero_both, *args).compile()
     if recipe.eval_one_fn is not None and lanes is None:  # vmapped seeds have no lookahead
@@ -135,7 +154,7 @@ def compile_programs(
     if recipe.moments_fn is not None:
         moments = jax.jit(recipe.moments_fn, **everywhere).lower(images).compile()
     seconds = time.perf_counter() - t0
-    return Programs(run, plan, eval_both, eval_one, moments, seconds, zero_both, zero_one)
+    return Programs(run, plan, eval_both, eval_one, moments, run_last, seconds, zero_both, zero_one)
 
 
 def eval_sums(
@@ -212,9 +231,19 @@ def host_arrays(
     return train_x, train_y, test_x, test_y, steps
 
 
-def eval_scores(acc: dict[str, Any], n_test: int, with_ema: bool, one: bool) -> dict[str, Any]:
+def eval_scores(
+    acc: dict[str, Any], test: EvalData, with_ema: bool, one: bool, tta_select: float = 0.0
+) -> dict[str, Any]:
     """val_loss, val_acc, ema_val_acc from the evaluation's sums; `one`: the EMA equals the
-    net (lookahead's end), scored once and its accuracy copied."""
+    net (lookahead's end), scored once and its accuracy copied. Selective TTA: from the view
+    logits, by `stream.selective_tta` and `stream.cross_entropy_sum`."""
+    n_test = test.n
+    if "views" in acc:
+        for prefix in ("", "ema_") if with_ema and not one else ("",):
+            views = np.asarray(acc[prefix + "views"])[:, :n_test]
+            logits, _ = selective_tta(views[0], views, tta_select)
+            loss, correct = cross_entropy_sum(logits, test.host_labels)
+            acc = {**acc, prefix + "loss": loss, prefix + "correct": correct}
     out = {"val_loss": float(acc["loss"]) / n_test, "val_acc": float(acc["correct"]) / n_test}
     if not with_ema:
         out["ema_val_acc"] = None
@@ -265,10 +294,12 @@ class Run:
         with_ema = self.cfg.ema_every > 0
         one = same_weights and with_ema
         acc = eval_sums(self.programs, self.test, st.variables(), st.ema, one)
+        score = functools.partial(
+            eval_scores, test=self.test, with_ema=with_ema, one=one, tta_select=self.cfg.tta_select
+        )
         if not self.vmapped:
-            return eval_scores(acc, self.n_test, with_ema, one)
-        return [eval_scores({k: v[i] for k, v in acc.items()}, self.n_test, with_ema, one)
-                for i in range(len(self.seeds))]  # fmt: skip
+            return score(acc)
+        return [score({k: v[i] for k, v in acc.items()}) for i in range(len(self.seeds))]
 
     # --- the driver's interface (`jaxbench.driver.Trainer`)
 

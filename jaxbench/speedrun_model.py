@@ -1,7 +1,8 @@
 """The airbench94-style net of the `speedrun` preset, in Flax.
 
 whiten (2x2 VALID conv 3 -> 24, frozen weight from `jaxbench.whitening`) -> GELU -> block1..3
-(`conv1`, max pool 2, `bn1`, GELU, `conv2`, `bn2`, GELU) -> max pool 3 -> `head` -> x 1/9.
+(`conv1`, max pool 2, `bn1`, act, `conv2`, `bn2`, act) -> max pool 3 -> `head` -> x 1/9. The
+stem's GELU is fixed (all three sources); `cfg.activation` is the blocks' (the record's SiLU).
 Spatial sizes 32, 31, 15, 7, 3, 1. Names mirror `torch_ref.speedrun_model`; with the
 preset's `bn_scale_trainable=False` neither framework's BN has a scale: one to one.
 """
@@ -69,7 +70,7 @@ class SpeedrunNet(nn.Module):
         )
         whiten = partial(layers.conv, padding="VALID", use_bias=True, bias_init=bias_init)
         x = whiten(2 * c_in * 4, 2, self.dtype, self.kernel_init, "whiten")(x.astype(self.dtype))
-        x = layers.activation(cfg)(x)
+        x = layers.activation(cfg.replace(activation="gelu"))(x)  # the stem's, fixed
         for i, width in enumerate(self.widths):
             x = ConvGroup(width, cfg, self.dtype, self.kernel_init, name=f"block{i + 1}")(x, train)
         x = layers.max_pool(x, 3)  # VALID: floor, as torch MaxPool2d(3)

@@ -6,7 +6,8 @@ augmentation parameter; each framework applies it with its own batched ops, and
 (uint8 NHWC): take images[indices[b]]; reflect-pad by crop_pad (edge not repeated) and cut
 the 32x32 window at (crop_y, crop_x); mirror if flip; fill the cutout square at
 (cutout_y, cutout_x) with FILL_RGB. The result stays uint8, so frameworks agree bit for
-bit; normalisation happens afterwards, on the device.
+bit; normalisation happens afterwards, on the device, and with colour jitter (the record's)
+the normalised float32 image x becomes `(x + brightness) * contrast` (`jitter_numpy`).
 """
 
 from __future__ import annotations
@@ -40,6 +41,8 @@ class EpochPlan:
     flip: np.ndarray  # bool
     cutout_y: np.ndarray  # int32 in [0, 32 - cutout]
     cutout_x: np.ndarray  # int32 in [0, 32 - cutout]
+    brightness: np.ndarray  # float32 in [-jitter_brightness, jitter_brightness), else 0
+    contrast: np.ndarray  # float32 in [1 - jitter_contrast, 1 + jitter_contrast), else 1
 
     def batch(self, step: int, batch_size: int) -> EpochPlan:
         """The slice of the plan that step `step` of the epoch consumes."""
@@ -78,7 +81,25 @@ def epoch_plan(cfg: Config, epoch: int, n_train: int) -> EpochPlan:
     corner = IMAGE_SIZE - cfg.cutout + 1
     cutout_y = rng.integers(0, corner, n, dtype=np.int32)
     cutout_x = rng.integers(0, corner, n, dtype=np.int32)
-    return EpochPlan(indices, crop_y, crop_x, flip, cutout_y, cutout_x)
+    # drawn last, and only when on, so every earlier draw is the same with jitter or without
+    brightness, contrast = np.zeros(n, np.float32), np.ones(n, np.float32)
+    if has_jitter(cfg):
+        brightness = ((rng.random(n) * 2 - 1) * cfg.jitter_brightness).astype(np.float32)
+        contrast = ((rng.random(n) * 2 - 1) * cfg.jitter_contrast + 1).astype(np.float32)
+    return EpochPlan(indices, crop_y, crop_x, flip, cutout_y, cutout_x, brightness, contrast)
+
+
+def has_jitter(cfg: Config) -> bool:
+    """Whether the config's batches get colour jitter (either range non-zero)."""
+    return bool(cfg.jitter_brightness or cfg.jitter_contrast)
+
+
+def jitter_numpy(x_NHWC: np.ndarray, brightness: np.ndarray, contrast: np.ndarray) -> np.ndarray:
+    """The reference jitter of normalised float32 images: `(x + b) * c` per image, as the
+    record's `batch_color_jitter` (the shift first, the scale about zero, not the mean)."""
+    b = np.asarray(brightness, np.float32)[:, None, None, None]
+    c = np.asarray(contrast, np.float32)[:, None, None, None]
+    return (np.asarray(x_NHWC, np.float32) + b) * c
 
 
 def apply_plan_numpy(images_NHWC: np.ndarray, plan: EpochPlan, cfg: Config) -> np.ndarray:
@@ -113,3 +134,36 @@ def tta_weights(cfg: Config) -> tuple[float, ...]:
     if not cfg.tta_shift:
         return (0.5, 0.5)
     return (0.25, 0.25, 0.125, 0.125, 0.125, 0.125)
+
+
+def least_confident(plain_logits: np.ndarray, fraction: float) -> np.ndarray:
+    """Sorted indices of the int(fraction x n) images whose plain-view top softmax
+    probability is lowest (the record's `topk(confidences, k, largest=False)`; ties go to
+    the lower index, so the choice is a function of the logits alone)."""
+    x = np.asarray(plain_logits, np.float64)
+    confidence = 1.0 / np.exp(x - x.max(axis=1, keepdims=True)).sum(axis=1)
+    k = int(len(x) * fraction)
+    return np.sort(np.argsort(confidence, kind="stable")[:k])
+
+
+def selective_tta(
+    plain_logits: np.ndarray, views_logits: np.ndarray, fraction: float
+) -> tuple[np.ndarray, np.ndarray]:
+    """(logits, selected): the plain view's logits [N, C], those of the `least_confident`
+    images replaced by the equal mean of their 6 test-time views `views_logits` [6, N, C]
+    (the record's selective TTA; its weights are 1/6 each, not `tta_weights`')."""
+    selected = least_confident(plain_logits, fraction)
+    out = np.array(plain_logits, np.float32, copy=True)
+    out[selected] = np.asarray(views_logits, np.float32)[:, selected].mean(axis=0)
+    return out, selected
+
+
+def cross_entropy_sum(logits: np.ndarray, labels: np.ndarray) -> tuple[float, int]:
+    """(summed cross-entropy in float64, right predictions) of float32 logits: how both
+    trainers score selective TTA's logits, on the host."""
+    x = np.asarray(logits, np.float64)
+    top = x.max(axis=1, keepdims=True)
+    log_z = np.log(np.exp(x - top).sum(axis=1)) + top[:, 0]
+    y = np.asarray(labels, np.int64)
+    loss = float(np.sum(log_z - x[np.arange(len(x)), y]))
+    return loss, int(np.sum(np.argmax(np.asarray(logits), axis=1) == y))

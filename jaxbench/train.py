@@ -22,13 +22,14 @@ import numpy as np
 import optax
 from jax.sharding import NamedSharding
 
-from jaxbench import augment, cli, configs, driver, layers, models, optim, parallel
+from jaxbench import augment, cli, configs, driver, layers, models, optim, parallel, schedule
 from jaxbench import programs as aot
 from jaxbench import whitening as wh
 from jaxbench.configs import Config
 from jaxbench.profiling import JaxProfile
 from jaxbench.programs import CompileCache, load_checkpoint, seed_keys  # noqa: F401  (API)
 from jaxbench.progress import progress_bar
+from jaxbench.speedrun_model import NUM_CLASSES
 
 PyTree = Any
 Metrics = dict[str, jax.Array]
@@ -125,9 +126,13 @@ def make_loss_fn(
     dtype = models.compute_dtype(cfg)
 
     def loss_fn(
-        params: PyTree, batch_stats: PyTree, images_u8: jax.Array, labels: jax.Array
+        params: PyTree,
+        batch_stats: PyTree,
+        images_u8: jax.Array,
+        labels: jax.Array,
+        jitter: tuple[jax.Array, jax.Array] | None = None,
     ) -> tuple[jax.Array, tuple[jax.Array, PyTree]]:
-        x = augment.normalize(images_u8, cfg.dataset, dtype)
+        x = augment.normalize(images_u8, cfg.dataset, dtype, jitter)
         logits, mutated = model.apply(
             {"params": params, "batch_stats": batch_stats}, x, train=True, mutable=["batch_stats"]
         )
@@ -143,8 +148,9 @@ def make_train_step(
     tx: optax.GradientTransformation,
     total_steps: int | None = None,
 ) -> Callable[[TrainState, dict[str, jax.Array]], tuple[TrainState, Metrics]]:
-    """The pure step `(state, {'images': augmented uint8, 'labels'}) -> (state, metrics)`:
-    the mean per-example `loss` and the `correct` predictions. `cfg.lookahead` resets the net
+    """The pure step `(state, {'images': augmented uint8, 'labels'}) -> (state, metrics)`
+    (with colour jitter the batch also holds the plan's 'brightness' and 'contrast'): the
+    mean per-example `loss` and the `correct` predictions. `cfg.lookahead` resets the net
     to the EMA on EMA steps, its decay ramp over `total_steps` updates."""
     if cfg.lookahead and total_steps is None:
         raise ValueError("cfg.lookahead needs total_steps for the decay ramp")
@@ -152,8 +158,9 @@ def make_train_step(
 
     def train_step(state: TrainState, batch: dict[str, jax.Array]) -> tuple[TrainState, Metrics]:
         labels = batch["labels"]
+        jitter = (batch["brightness"], batch["contrast"]) if "brightness" in batch else None
         (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-            state.params, state.batch_stats, batch["images"], labels
+            state.params, state.batch_stats, batch["images"], labels, jitter
         )
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
@@ -181,8 +188,9 @@ def make_loop_fns(
     batch_split: NamedSharding | None = None,
 ) -> tuple[Callable[..., tuple[TrainState, Metrics]], Callable[..., tuple[TrainState, Metrics]]]:
     """(step_fn, epoch_fn), uncompiled: `step_fn(state, images, labels, plan, i)` runs batch
-    i of an epoch plan, `epoch_fn(state, images, labels, plan)` scans it over the plan
-    (metrics stacked along axis 0). `batch_split` lays each batch over a device mesh."""
+    i of an epoch plan, `epoch_fn(state, images, labels, plan, steps=None)` scans it over
+    the plan's first `steps` batches (all: None; metrics stacked along axis 0).
+    `batch_split` lays each batch over a device mesh."""
     train_step = make_train_step(cfg, model, tx, total_steps)
 
     def step_fn(
@@ -190,12 +198,18 @@ def make_loop_fns(
     ) -> tuple[TrainState, Metrics]:
         bp = augment.plan_batch(plan, i, cfg.batch_size)
         batch = {"images": augment.apply_plan(images, bp, cfg), "labels": labels[bp["indices"]]}
+        if (jitter := augment.plan_jitter(bp, cfg)) is not None:
+            batch["brightness"], batch["contrast"] = jitter
         return train_step(state, parallel.split_batch(batch, batch_split))
 
     def epoch_fn(
-        state: TrainState, images: jax.Array, labels: jax.Array, plan: augment.Plan
+        state: TrainState,
+        images: jax.Array,
+        labels: jax.Array,
+        plan: augment.Plan,
+        steps: int | None = None,
     ) -> tuple[TrainState, Metrics]:
-        steps = plan["indices"].shape[0] // cfg.batch_size
+        steps = plan["indices"].shape[0] // cfg.batch_size if steps is None else steps
 
         def body(s: TrainState, i: jax.Array) -> tuple[TrainState, Metrics]:
             return step_fn(s, images, labels, plan, i)
@@ -229,14 +243,18 @@ def train_epoch(
     axis when vmapped). Nothing synchronises with the host inside, unless `hooks` observe."""
     cfg = r.cfg
     plan = r.make_plan(epoch)
+    steps = schedule.epoch_steps(cfg, r.steps, epoch)
     if r.loop == "scan":
         if hooks is not None:
             raise ValueError("training hooks need the per-step loop: set --loop step")
-        state, metrics = r.run(state, r.images, r.labels, plan)
+        if steps < r.steps:  # the record's last part-epoch: its own program, the plan's head
+            state, metrics = r.programs.run_last(state, r.images, r.labels, plan)
+        else:
+            state, metrics = r.run(state, r.images, r.labels, plan)
     else:
         per_step = []
         desc, off = f"epoch {epoch + 1}/{cfg.epochs}", None if progress else True  # None: on a tty
-        bar = progress_bar(range(r.steps), desc=desc, leave=False, disable=off, file=sys.stderr)
+        bar = progress_bar(range(steps), desc=desc, leave=False, disable=off, file=sys.stderr)
         for i in bar:
             t = epoch * r.steps + i
             if hooks is not None:
@@ -283,8 +301,11 @@ def make_eval_fn(
 ) -> Callable[..., dict[str, jax.Array]]:
     """`eval_fn(acc, variables, ema_variables, images, labels, valid, i) -> acc` for batch i:
     sums of the cross-entropy (no smoothing) and of right predictions of the TTA logits
-    over the valid (unpadded) test images; `batch_split` lays the batch over a mesh."""
+    over the valid (unpadded) test images; `batch_split` lays the batch over a mesh. With
+    selective TTA, the batch's 6 view logits into `acc["views"]` [6, N, C] instead (the
+    selection is over the whole test set: `stream.selective_tta`, after the last batch)."""
     logits_fn = make_logits_fn(cfg, model)
+    views_fn = make_logits_fn(cfg.replace(tta=True, tta_shift=True), model)  # all 6 views
 
     def eval_fn(
         acc: dict[str, jax.Array],
@@ -302,6 +323,10 @@ def make_eval_fn(
         x, y, w = parallel.split_batch((x, y, w), batch_split)
 
         def score(prefix: str, v: PyTree) -> dict[str, jax.Array]:
+            if cfg.tta_select:  # every view's logits kept; the host selects and scores
+                views, _ = views_fn(v, x)
+                rows = jax.lax.dynamic_update_slice_in_dim(acc[prefix + "views"], views, start, 1)
+                return {prefix + "views": rows}
             _, logits = logits_fn(v, x)
             ce = -jnp.take_along_axis(jax.nn.log_softmax(logits), y[:, None], axis=-1)[:, 0]
             right = (jnp.argmax(logits, axis=-1) == y).astype(jnp.float32)
@@ -327,7 +352,8 @@ def make_recipe(
     """The run's pure functions, uncompiled, for `jaxbench.programs.setup` to compile."""
     model, tx = models.model_from_config(cfg), optim.make_optimizer(cfg, steps)
     with_ema = cfg.ema_every > 0
-    step_fn, epoch_fn = make_loop_fns(cfg, model, tx, cfg.epochs * steps, split)
+    step_fn, epoch_fn = make_loop_fns(cfg, model, tx, schedule.train_steps(cfg, steps), split)
+    last = schedule.epoch_steps(cfg, steps, cfg.epochs - 1)
     patch = layers.whiten_patch(cfg)
     whiten_n = min(cfg.whiten_images, n_train) if patch else 0
     return aot.Recipe(
@@ -342,6 +368,8 @@ def make_recipe(
         moments_fn=(lambda x: layers.patch_moment_groups(x[:whiten_n], patch))
         if whiten_n
         else None,
+        last_steps=last if last < steps else None,
+        view_logits=(6, NUM_CLASSES[cfg.dataset]) if cfg.tta_select else None,
     )
 
 

@@ -55,6 +55,44 @@ def _torch_apply_plan(images: Any, plan: dict[str, np.ndarray], cfg: Config) -> 
     return torch_augment.apply_plan(torch.as_tensor(np.asarray(images)), tplan, cfg).numpy()
 
 
+def _jax_normalize(images_u8: Any, plan: dict[str, np.ndarray], cfg: Config) -> np.ndarray:
+    """The JAX trainer's float32 input for a uint8 batch and its plan (colour jitter in)."""
+    jitter = augment.plan_jitter(plan, cfg)
+    return np.asarray(augment.normalize(jax.numpy.asarray(images_u8), cfg.dataset, jitter=jitter))
+
+
+def _torch_normalize(images_u8: Any, plan: dict[str, np.ndarray], cfg: Config) -> np.ndarray:
+    """torch_ref's float32 input for the same, back in NHWC."""
+    tplan = torch_augment.plan_to_device(plan, "cpu")
+    mean, std = torch_augment.device_stats(cfg.dataset, torch.device("cpu"))
+    x = torch.as_tensor(np.asarray(images_u8))
+    jitter = torch_augment.plan_jitter(tplan, cfg)
+    return torch_augment.normalize(x, mean, std, jitter=jitter).permute(0, 2, 3, 1).numpy()
+
+
+def _jax_jitter(x_NHWC: np.ndarray, plan: dict[str, np.ndarray], cfg: Config) -> np.ndarray:
+    """JAX's colour jitter of given float32 images with a plan's factors."""
+    b, c = augment.plan_jitter(plan, cfg)
+    return np.asarray(augment.color_jitter(jax.numpy.asarray(x_NHWC), b, c))
+
+
+def _torch_jitter(x_NHWC: np.ndarray, plan: dict[str, np.ndarray], cfg: Config) -> np.ndarray:
+    """torch_ref's colour jitter of the same."""
+    b, c = torch_augment.plan_jitter(torch_augment.plan_to_device(plan, "cpu"), cfg)
+    return torch_augment.color_jitter(torch.as_tensor(np.asarray(x_NHWC)), b, c).numpy()
+
+
+def _jax_draw_plan(seed: int, n_train: int, cfg: Config) -> dict[str, np.ndarray]:
+    """An epoch plan drawn on the device by the JAX trainer's generator."""
+    return jax.device_get(augment.draw_plan(jax.random.PRNGKey(seed), 0, n_train, cfg))
+
+
+def _torch_draw_plan(seed: int, n_train: int, cfg: Config) -> dict[str, np.ndarray]:
+    """The same from torch_ref's."""
+    plan = torch_augment.draw_plan(torch.Generator().manual_seed(seed), 0, n_train, cfg, "cpu")
+    return {k: v.numpy() for k, v in plan.items()}
+
+
 @dataclass(frozen=True)
 class Harness:
     """How the checks build, convert, optimise and augment in each framework."""
@@ -77,6 +115,12 @@ class Harness:
     torch_muon: Callable[..., torch.optim.Optimizer] = torch_muon.Muon
     jax_apply_plan: Callable[[Any, dict[str, np.ndarray], Config], np.ndarray] = _jax_apply_plan
     torch_apply_plan: Callable[[Any, dict[str, np.ndarray], Config], np.ndarray] = _torch_apply_plan
+    jax_normalize: Callable[[Any, dict[str, np.ndarray], Config], np.ndarray] = _jax_normalize
+    torch_normalize: Callable[[Any, dict[str, np.ndarray], Config], np.ndarray] = _torch_normalize
+    jax_jitter: Callable[[np.ndarray, dict[str, np.ndarray], Config], np.ndarray] = _jax_jitter
+    torch_jitter: Callable[[np.ndarray, dict[str, np.ndarray], Config], np.ndarray] = _torch_jitter
+    jax_draw_plan: Callable[[int, int, Config], dict[str, np.ndarray]] = _jax_draw_plan
+    torch_draw_plan: Callable[[int, int, Config], dict[str, np.ndarray]] = _torch_draw_plan
     # Context-manager factories entered for the whole run (monkeypatches that restore).
     patches: tuple[Callable[[], contextlib.AbstractContextManager[Any]], ...] = field(
         default_factory=tuple

@@ -26,11 +26,13 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jaxbench import layers, models, optim, optim_muon
+from jaxbench import augment, layers, models, optim, optim_muon, stream
 from jaxbench.configs import Config, optimizer_scales
 from jaxbench.muon import MuonSpec, update_scale_factor
 from parity.harness import EmaOps, Harness, setattr_patch
+from torch_ref import augment as torch_augment
 from torch_ref import muon as torch_muon
+from torch_ref import train as torch_train
 
 
 @dataclass(frozen=True)
@@ -279,6 +281,52 @@ def _flip_mismatch(h: Harness) -> Harness:
         return out
 
     return dataclasses.replace(h, jax_apply_plan=apply_plan)
+
+
+@_harness_plant(
+    5,
+    "torch_ref.augment.color_jitter patched for the run to compute x * contrast + "
+    "brightness (the scale first) where the record shifts first: (x + brightness) * contrast",
+)
+def _jitter_scale_first(h: Harness) -> Harness:
+    def color_jitter(x: Any, brightness: Any, contrast: Any) -> Any:
+        return x * contrast[:, None, None, None] + brightness[:, None, None, None]
+
+    return _patched(h, torch_augment, "color_jitter", color_jitter)
+
+
+@_harness_plant(
+    5,
+    "jaxbench.augment.draw_plan patched for the run to draw the brightness shift from "
+    "[0, B) instead of [-B, B)",
+)
+def _jitter_range_one_sided(h: Harness) -> Harness:
+    real = augment.draw_plan
+
+    def draw_plan(*args: Any, **kw: Any) -> Any:
+        plan = real(*args, **kw)
+        return {**plan, "brightness": jnp.abs(plan["brightness"])}
+
+    return _patched(h, augment, "draw_plan", draw_plan)
+
+
+@_harness_plant(
+    6,
+    "with --config speedrun_record: torch_ref.train's selective TTA patched for the run to "
+    "give the 6 views to the most confident images instead of the least confident",
+    config="speedrun_record",
+)
+def _tta_select_most_confident(h: Harness) -> Harness:
+    def patched(plain: Any, views: Any, fraction: float) -> Any:
+        k = len(stream.least_confident(plain, fraction))
+        x = np.asarray(plain, np.float64)
+        confidence = 1.0 / np.exp(x - x.max(axis=1, keepdims=True)).sum(axis=1)
+        selected = np.sort(np.argsort(confidence, kind="stable")[len(x) - k :])
+        out = np.array(plain, np.float32, copy=True)
+        out[selected] = np.asarray(views, np.float32)[:, selected].mean(axis=0)
+        return out, selected
+
+    return _patched(h, torch_train, "selective_tta", patched)
 
 
 def _activation_patch(h: Harness, kind: str, act: Callable[[jax.Array], jax.Array]) -> Harness:

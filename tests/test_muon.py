@@ -544,12 +544,33 @@ def preset_errors(run: list[dict], reference: list[dict]) -> dict[str, float]:
     return errors
 
 
-@pytest.mark.parametrize("framework", ["jax", "torch"])
-def test_preset_updates_within_float32_noise_of_the_reference(framework: str) -> None:
-    """Three updates of every parameter under speedrun_muon's optimizer (Muon, the three
-    SGD groups, the whitening bias's own LR and its freeze) within `NOISE_HEADROOM` times
-    the float32 noise of the same reference, measured per group."""
+def test_config_picks_the_muon_variant() -> None:
+    """`--muon-variant` picks the update, `--muon-lr`/`--muon-momentum` override its peak LR
+    and momentum, `--no-weight-norm` turns the filter normalisation off."""
     cfg = _preset()
+    assert ref.spec_of(cfg) == dataclasses.replace(AIRBENCH94_MUON, lr=0.24, momentum=0.6)
+    record = cfg.replace(muon_variant="record", muon_lr=0.205, muon_momentum=0.655)
+    assert ref.spec_of(record) == RECORD
+    bare = ref.spec_of(without_trick(record, "weight-norm"))
+    assert bare == dataclasses.replace(RECORD, normalization="none")
+    with pytest.raises(ValueError, match="--muon-variant must be one of"):
+        cfg.replace(muon_variant="airbench")
+
+
+VARIANTS = {
+    "airbench94_muon": {},
+    "record": {"muon_variant": "record", "muon_lr": 0.205, "muon_momentum": 0.655},
+    "record-no-weight-norm": {"muon_variant": "record", "muon_weight_norm": False},
+}
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("framework", ["jax", "torch"])
+def test_preset_updates_within_float32_noise_of_the_reference(framework: str, variant: str) -> None:
+    """Three updates of every parameter under speedrun_muon's optimizer (Muon, the three
+    SGD groups, the whitening bias's own LR and its freeze), and with the record's Muon,
+    within `NOISE_HEADROOM` times the float32 noise of the same reference, per group."""
+    cfg = _preset().replace(**VARIANTS[variant])
     runner = run_preset_jax if framework == "jax" else run_preset_torch
     labels = jax_labels(cfg) if framework == "jax" else torch_labels(cfg)
     shapes = {n: v.shape for n, v in runner(cfg, [])[0].items()}

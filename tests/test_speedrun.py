@@ -137,9 +137,13 @@ def test_param_counts_and_names_match() -> None:
     assert not torch_net.whiten.weight.requires_grad
 
 
-@pytest.mark.parametrize("widths", [(16, 32, 32), WIDTHS])
-def test_forward_parity_train_and_eval(widths: tuple[int, ...]) -> None:
-    """Same weights -> same logits (train and eval mode) and same updated BN statistics."""
+@pytest.mark.parametrize(
+    ("widths", "act"), [((16, 32, 32), "gelu"), (WIDTHS, "gelu"), ((16, 32, 32), "silu")]
+)
+def test_forward_parity_train_and_eval(widths: tuple[int, ...], act: str) -> None:
+    """Same weights -> same logits (train and eval mode) and same updated BN statistics;
+    `act` is the blocks' activation (the record's SiLU), the stem's GELU in both."""
+    cfg = get_config("speedrun").replace(activation=act)
     images = smooth_images(64, seed=3)
     kernel = whitening.whitening_kernel_OIHW(images)
     variables = with_whitening(init_flax(widths, seed=1), whitening.kernel_OIHW_to_HWIO(kernel))
@@ -154,13 +158,13 @@ def test_forward_parity_train_and_eval(widths: tuple[int, ...]) -> None:
         ),
         variables,
     )
-    torch_net = tsm.SpeedrunNet(widths=widths)
+    torch_net = tsm.SpeedrunNet(widths=widths, cfg=cfg)
     torch_net.load_state_dict(flax_to_torch(variables), strict=True)
 
     batch = 8
     mean, std = (np.asarray(v, np.float32) for v in MEAN_STD["cifar10"])
     x = (images[:batch].astype(np.float32) / 255.0 - mean) / std
-    net = SpeedrunNet(widths=widths)
+    net = SpeedrunNet(widths=widths, cfg=cfg)
     with jax.default_matmul_precision("highest"):
         logits_j, updates = net.apply(
             variables, jnp.asarray(x), train=True, mutable=["batch_stats"]
@@ -250,6 +254,18 @@ def test_gelu_is_the_exact_erf_form() -> None:
     assert np.abs(got - tanh).max() > 1e-4  # the tanh approximation would fail above
     acts = [m for m in tsm.SpeedrunNet(widths=(8, 8, 8)).modules() if isinstance(m, torch.nn.GELU)]
     assert acts and all(m.approximate == "none" for m in acts)
+
+
+def test_silu_in_the_blocks_gelu_in_the_stem() -> None:
+    """`--activation silu` (the record's) changes the blocks' activations, not the stem's."""
+    cfg = get_config("speedrun").replace(activation="silu")
+    x = np.linspace(-4, 4, 161)
+    got = np.asarray(activation(cfg)(jnp.asarray(x, jnp.float32)))
+    np.testing.assert_allclose(got, x / (1 + np.exp(-x)), rtol=1e-6, atol=1e-7)
+    net = tsm.SpeedrunNet(widths=(8, 8, 8), cfg=cfg)
+    assert isinstance(net.act, torch.nn.GELU)
+    kinds = {type(m).__name__ for name, m in net.named_modules() if name.startswith("block")}
+    assert "SiLU" in kinds and "GELU" not in kinds
 
 
 def test_bn_statistics_stay_float32_under_bfloat16() -> None:

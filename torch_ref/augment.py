@@ -14,20 +14,31 @@ import numpy as np
 import torch
 
 from jaxbench.configs import Config
-from jaxbench.stream import FILL_RGB, IMAGE_SIZE, MEAN_STD, steps_per_epoch, tta_weights
+from jaxbench.stream import (
+    FILL_RGB,
+    IMAGE_SIZE,
+    MEAN_STD,
+    has_jitter,
+    steps_per_epoch,
+    tta_weights,
+)
 
-PLAN_FIELDS: tuple[str, ...] = ("indices", "crop_y", "crop_x", "flip", "cutout_y", "cutout_x")
+PLAN_FIELDS: tuple[str, ...] = (
+    "indices", "crop_y", "crop_x", "flip", "cutout_y", "cutout_x", "brightness", "contrast",
+)  # fmt: skip
+FLOAT_FIELDS = ("brightness", "contrast")
 _FLIP_SEED_TAG = 0xF11B  # base flips get their own generator, so they are drawn "once"
 
 
 def plan_to_device(plan: Mapping[str, np.ndarray | torch.Tensor], device: torch.device | str):
-    """A plan (numpy arrays, e.g. `EpochPlan.as_dict()`) as int64/bool tensors on `device`,
-    through pinned memory for CUDA (a pageable copy would wait for the device)."""
+    """A plan (numpy arrays, e.g. `EpochPlan.as_dict()`) as int64/bool/float32 tensors on
+    `device`, through pinned memory for CUDA (a pageable copy would wait for the device)."""
     device = torch.device(device)
     out: dict[str, torch.Tensor] = {}
     for name in PLAN_FIELDS:
         v = plan[name]
         dtype = torch.bool if name == "flip" else torch.int64
+        dtype = torch.float32 if name in FLOAT_FIELDS else dtype
         if not torch.is_tensor(v):
             v = torch.from_numpy(np.ascontiguousarray(v)).to(dtype)
             if device.type == "cuda":
@@ -67,12 +78,37 @@ def device_stats(dataset: str, device: torch.device) -> tuple[torch.Tensor, torc
 
 
 def normalize(
-    images: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, *, channels_last: bool = True
+    images: torch.Tensor,
+    mean: torch.Tensor,
+    std: torch.Tensor,
+    *,
+    channels_last: bool = True,
+    jitter: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
-    """uint8 NHWC -> float32 NCHW, `(x / 255 - mean) / std`; the permute makes it channels-last
-    (`channels_last=False`: made contiguous NCHW)."""
-    x = ((images.float() / 255.0 - mean) / std).permute(0, 3, 1, 2)
+    """uint8 NHWC -> float32 NCHW, `(x / 255 - mean) / std`; with `jitter`, a batch plan's
+    (brightness, contrast), `(x + b) * c` per image (`stream.jitter_numpy`). The permute makes
+    it channels-last (`channels_last=False`: made contiguous NCHW)."""
+    x = (images.float() / 255.0 - mean) / std
+    if jitter is not None:
+        x = color_jitter(x, *jitter)
+    x = x.permute(0, 3, 1, 2)
     return x if channels_last else x.contiguous()
+
+
+def color_jitter(
+    x_NHWC: torch.Tensor, brightness: torch.Tensor, contrast: torch.Tensor
+) -> torch.Tensor:
+    """`(x + b) * c` per image in float32 (`stream.jitter_numpy`), as `jaxbench.augment`'s."""
+    b = brightness.to(x_NHWC.device, torch.float32)[:, None, None, None]
+    c = contrast.to(x_NHWC.device, torch.float32)[:, None, None, None]
+    return (x_NHWC + b) * c
+
+
+def plan_jitter(
+    plan: Mapping[str, torch.Tensor], cfg: Config
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """A batch plan's (brightness, contrast) when the config jitters, else None."""
+    return (plan["brightness"], plan["contrast"]) if has_jitter(cfg) else None
 
 
 def apply_plan(
@@ -144,7 +180,14 @@ def draw_plan(
     else:
         flip = torch.zeros(n, dtype=torch.bool, device=device)
     cutout_y, cutout_x = below(IMAGE_SIZE - cfg.cutout + 1), below(IMAGE_SIZE - cfg.cutout + 1)
-    drawn = (indices, crop_y, crop_x, flip, cutout_y, cutout_x)
+    brightness = torch.zeros(n, device=device)
+    contrast = torch.ones(n, device=device)
+    if has_jitter(cfg):  # drawn last: the draws above are the same with jitter or without
+        brightness = torch.rand(n, generator=generator, device=device) * 2 - 1
+        brightness = brightness * cfg.jitter_brightness
+        contrast = torch.rand(n, generator=generator, device=device) * 2 - 1
+        contrast = contrast * cfg.jitter_contrast + 1
+    drawn = (indices, crop_y, crop_x, flip, cutout_y, cutout_x, brightness, contrast)
     return dict(zip(PLAN_FIELDS, drawn, strict=True))
 
 

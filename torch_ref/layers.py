@@ -158,14 +158,16 @@ def batch_norm(cfg: Config, channels: int) -> BatchNorm:
 
 
 def activation(cfg: Config) -> nn.Module:
-    """ReLU, CELU(`cfg.celu_alpha`) or the exact erf GELU."""
+    """ReLU, CELU(`cfg.celu_alpha`), the exact erf GELU or SiLU."""
     if cfg.activation == "relu":
         return nn.ReLU()
     if cfg.activation == "celu":
         return nn.CELU(alpha=cfg.celu_alpha)
     if cfg.activation == "gelu":
         return nn.GELU()  # approximate="none"
-    raise ValueError(f"--activation must be relu, celu or gelu, got {cfg.activation!r}")
+    if cfg.activation == "silu":
+        return nn.SiLU()
+    raise ValueError(f"--activation must be relu, celu, gelu or silu, got {cfg.activation!r}")
 
 
 def conv_block(

@@ -6,7 +6,6 @@ and BN statistics with airbench's lookahead reset (docs/design.md); `MuonSGD` fo
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -15,8 +14,8 @@ import torch
 from torch import nn
 
 from jaxbench.configs import Config, optimizer_scales
-from jaxbench.muon import AIRBENCH94_MUON, normalization_steps
-from jaxbench.schedule import whiten_bias_lr_knots
+from jaxbench.muon import make_spec, normalization_steps
+from jaxbench.schedule import train_steps, whiten_bias_lr_knots
 from torch_ref import fast
 from torch_ref.muon import muon_step_
 
@@ -43,11 +42,15 @@ class MuonSGD(torch.optim.Optimizer):
         total_steps: int,
         muon_momentum: float,
         weight_decay: float = 0.0,
+        muon_variant: str = "airbench94_muon",
+        muon_weight_norm: bool = True,
     ) -> None:
         defaults = dict(lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay)
         defaults |= dict(total_steps=total_steps, muon_momentum=muon_momentum)
+        defaults |= dict(muon_variant=muon_variant, muon_weight_norm=muon_weight_norm)
         super().__init__(params, defaults)
-        self.spec = dataclasses.replace(AIRBENCH94_MUON, momentum=muon_momentum)
+        # plain settings (a checkpoint loads with weights_only), one spec built from them
+        self.spec = make_spec(muon_variant, lr, muon_momentum, muon_weight_norm)
         self.norm_table = normalization_steps(total_steps, self.spec)
 
     @torch.no_grad()
@@ -115,9 +118,11 @@ def make_muon_sgd(model: nn.Module, cfg: Config, steps_per_epoch: int) -> MuonSG
         lr=lr,
         momentum=cfg.momentum,
         nesterov=cfg.nesterov,
-        total_steps=cfg.epochs * steps_per_epoch,
+        total_steps=train_steps(cfg, steps_per_epoch),
         muon_momentum=cfg.muon_momentum,
         weight_decay=wd,
+        muon_variant=cfg.muon_variant,
+        muon_weight_norm=cfg.muon_weight_norm,
     )
 
 

@@ -19,6 +19,7 @@ from torch import nn
 from jaxbench import checkpoint
 from jaxbench.checkpoint import Ledger
 from jaxbench.configs import Config
+from jaxbench.schedule import whiten_bias_steps
 from jaxbench.stream import steps_per_epoch
 from torch_ref import fast, layers
 
@@ -171,7 +172,7 @@ def save_state(r: Run, folder: Path) -> None:
 
 def restore_state(r: Run, folder: Path, epochs_done: int) -> None:
     """Load `save_state`'s file into the run, in place (the nets keep their addresses), with
-    the whitening bias frozen if the epochs done froze it."""
+    the whitening bias frozen if the updates done froze it."""
     state = torch.load(folder / STATE_FILE, map_location=r.device, weights_only=True)
     r.model.load_state_dict(state["model"])
     if r.ema_model is not None:
@@ -179,8 +180,8 @@ def restore_state(r: Run, folder: Path, epochs_done: int) -> None:
     r.optimizer.load_state_dict(state["optimizer"])
     r.t = int(state["t"])
     r.generator.set_state(state["generator"].cpu())
-    if r.cfg.whiten == "patch2" and epochs_done > r.cfg.whiten_bias_epochs:
-        layers.set_whiten_bias_trainable(r.model, False)
+    if r.cfg.whiten == "patch2" and r.t > whiten_bias_steps(r.cfg, r.steps):
+        layers.set_whiten_bias_trainable(r.model, False)  # else the next step freezes it
     r.model.train()
 
 

@@ -1,7 +1,9 @@
 """The airbench94-style net of the `speedrun` preset, in PyTorch (mirror of jaxbench's).
 
 Same structure and names as `jaxbench.speedrun_model`: `whiten` (frozen 2x2 conv with bias),
-`block1..3` (`conv1`, max pool 2, `bn1`, GELU, `conv2`, `bn2`, GELU), max pool 3, `head`.
+`block1..3` (`conv1`, max pool 2, `bn1`, act, `conv2`, `bn2`, act), max pool 3, `head`. The
+stem's activation is GELU in all three sources; `cfg.activation` is the blocks' (the record's
+SiLU).
 """
 
 from __future__ import annotations
@@ -61,7 +63,7 @@ class SpeedrunNet(nn.Module):
         self.head_unit_std = cfg.head_unit_std
         self.whiten = nn.Conv2d(3, WHITEN_CHANNELS, 2, padding=0, bias=True)
         self.whiten.weight.requires_grad_(False)
-        self.act = layers.activation(cfg)
+        self.act = nn.GELU()  # the stem's, whatever the blocks use
         c_in = WHITEN_CHANNELS
         for i, width in enumerate(widths):
             self.add_module(f"block{i + 1}", ConvGroup(c_in, width, cfg))

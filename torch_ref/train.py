@@ -29,7 +29,7 @@ from jaxbench.command import Command, run_command
 from jaxbench.configs import Config
 from jaxbench.driver import Driver
 from jaxbench.progress import progress_bar
-from jaxbench.stream import epoch_plan, steps_per_epoch
+from jaxbench.stream import cross_entropy_sum, epoch_plan, selective_tta, steps_per_epoch
 from torch_ref import augment, distributed, fast, layers, optim
 from torch_ref.model import model_from_config
 from torch_ref.profiling import TorchProfile
@@ -60,10 +60,13 @@ def train_forward(
     label_smoothing: float,
     reduction: str,
     channels_last: bool = True,
+    jitter: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(loss to backpropagate, mean per-example loss, correct count) for one uint8 batch."""
+    """(loss to backpropagate, mean per-example loss, correct count) for one uint8 batch
+    (`jitter`: its plan's colour jitter)."""
+    x = augment.normalize(x_u8, mean, std, channels_last=channels_last, jitter=jitter)
     with torch.autocast(x_u8.device.type, dtype=torch.bfloat16, enabled=bf16):
-        logits = net(augment.normalize(x_u8, mean, std, channels_last=channels_last))
+        logits = net(x)
     logits = logits.float()
     loss = F.cross_entropy(logits, y, label_smoothing=label_smoothing, reduction=reduction)
     per_example = loss.detach() / y.shape[0] if reduction == "sum" else loss.detach()
@@ -87,7 +90,8 @@ def augmented_train_forward(
     """`forward` (`train_forward`, or its compiled twin) of the batch that `plan` cuts from
     the resident training set."""
     x = augment.apply_plan(images, plan, cfg, fill=fill)
-    return forward(net, x, labels[plan["indices"]], mean, std, **loss_kw)
+    jitter = augment.plan_jitter(plan, cfg)
+    return forward(net, x, labels[plan["indices"]], mean, std, jitter=jitter, **loss_kw)
 
 
 def loss_options(cfg: Config, bf16: bool) -> dict[str, Any]:
@@ -127,6 +131,11 @@ def check_supported(cfg: Config) -> None:
     and a device count or batch that the running processes cannot train."""
     configs.check_supported(cfg, "torch_ref.train")
     distributed.check(cfg, distributed.world_size())
+    if cfg.tta_select and distributed.world_size() > 1:
+        raise ValueError(
+            "--tta-select picks images over the whole test set, which torchrun splits over "
+            "processes: run it in one process (or --tta-select 0)"
+        )
 
 
 def setup(
@@ -173,6 +182,7 @@ def setup(
     layers.set_sync(model, distributed.bn_sync(cfg))
     forward, eval_fwd = fast.forwards(speed, augmented_train_forward, train_forward, eval_forward)
     steps = steps_per_epoch(cfg, n_train)
+    total = schedule.train_steps(cfg, steps)
     flips = augment.draw_base_flips(cfg, n_train, dev) if cfg.flip == "alternating" else None
     source = getattr(data, "source", None) or "arrays in memory"
     dtype = "bfloat16" if bf16 else "float32"
@@ -189,8 +199,8 @@ def setup(
         model=model,
         ema_model=ema_model,
         optimizer=optim.make_optimizer(model, cfg, speed.sgd_impl, steps),
-        lrs=[float(v) for v in schedule.lr_at(np.arange(cfg.epochs * steps), cfg, steps)],
-        decays=schedule.ema_decays(cfg, cfg.epochs * steps),  # float32, the same as JAX's
+        lrs=[float(v) for v in schedule.lr_at(np.arange(total), cfg, steps)],
+        decays=schedule.ema_decays(cfg, total),  # float32, the same as JAX's
         forward=forward,
         eval_forward=eval_fwd,
         loss_kw={**loss_options(cfg, bf16), "channels_last": speed.channels_last},
@@ -256,15 +266,16 @@ def train_epoch(
 ) -> tuple[list[float], int]:
     """One epoch; returns (per-step mean losses, correct count), fetched once at the end."""
     cfg = r.cfg
-    if cfg.whiten == "patch2" and epoch == cfg.whiten_bias_epochs:
-        layers.set_whiten_bias_trainable(r.model, False)
     plan = plan_epoch(r, epoch)
-    losses = torch.empty(r.steps, device=r.device)
+    steps = schedule.epoch_steps(cfg, r.steps, epoch)
+    losses = torch.empty(steps, device=r.device)
     correct = torch.zeros((), dtype=torch.int64, device=r.device)
     desc, off = f"epoch {epoch + 1}/{cfg.epochs}", None if progress else True  # None: on a tty
-    bar = progress_bar(range(r.steps), desc=desc, leave=False, disable=off, file=sys.stderr)
+    bar = progress_bar(range(steps), desc=desc, leave=False, disable=off, file=sys.stderr)
     for step in bar:
         t = r.t
+        if cfg.whiten == "patch2" and t == schedule.whiten_bias_steps(cfg, r.steps):
+            layers.set_whiten_bias_trainable(r.model, False)  # no gradient: torch skips it
         if hooks is not None:
             hooks.before_step(t, r)
         per_example, c = train_step(r, augment.slice_plan(plan, step, cfg.batch_size))
@@ -294,6 +305,10 @@ def evaluate_net(r: Run, net: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
     cfg, kw = r.cfg, {"bf16": r.bf16, "channels_last": r.loss_kw["channels_last"]}
     was_training = net.training
     net.eval()
+    if cfg.tta_select:
+        loss, correct = selective_scores(r, net, kw)
+        net.train(was_training)
+        return loss, correct
     loss_sum = torch.zeros((), device=r.device)
     correct = torch.zeros((), dtype=torch.int64, device=r.device)
     for i in range(0, len(r.test_x), cfg.eval_batch_size):
@@ -304,6 +319,26 @@ def evaluate_net(r: Run, net: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
     net.train(was_training)
     distributed.sum_over_processes(loss_sum, correct)
     return loss_sum / r.n_test, correct
+
+
+def selective_scores(
+    r: Run, net: nn.Module, kw: dict[str, Any]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean loss, correct count) under selective TTA: every batch's 6 view logits, then
+    `stream.selective_tta` and `stream.cross_entropy_sum` over the whole test set (one
+    fetch). A choice over the whole set: one process holds it all (`check_supported`)."""
+    six = r.cfg.replace(tta=True, tta_shift=True)
+    views = [
+        eval_logits(net, r.test_x[i : i + r.cfg.eval_batch_size], r.mean, r.std, six, **kw)[0]
+        for i in range(0, len(r.test_x), r.cfg.eval_batch_size)
+    ]
+    host = torch.cat(views, dim=1).float().cpu().numpy()
+    logits, _ = selective_tta(host[0], host, r.cfg.tta_select)
+    loss, correct = cross_entropy_sum(logits, r.test_y.cpu().numpy())
+    n = torch.tensor(r.n_test, dtype=torch.float64)
+    return (torch.tensor(loss, dtype=torch.float64) / n).to(r.device), torch.tensor(
+        correct, device=r.device
+    )
 
 
 def weights_equal(a: Sequence[torch.Tensor], b: Sequence[torch.Tensor]) -> bool:

@@ -18,11 +18,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxbench import augment, models, optim, train
+from jaxbench import augment, models, optim, schedule, train
 from jaxbench.bench import flops
 from jaxbench.bench.hlo import inspect_program, mlir_dtype
 from jaxbench.configs import Config
 from jaxbench.programs import eval_zeros
+from jaxbench.speedrun_model import NUM_CLASSES
 
 PROGRAMS: tuple[str, ...] = ("epoch", "step", "eval")
 PLATFORMS: tuple[str, ...] = ("cuda", "rocm", "tpu", "cpu")
@@ -100,14 +101,16 @@ def program_fn(p: Pieces, which: str, *, donate: bool = True) -> tuple[Any, tupl
     cfg = p.cfg
     donation = 0 if donate else ()
     if which in ("epoch", "step"):
-        step_fn, epoch_fn = train.make_loop_fns(cfg, p.model, p.tx, cfg.epochs * p.steps)
+        total = schedule.train_steps(cfg, p.steps)
+        step_fn, epoch_fn = train.make_loop_fns(cfg, p.model, p.tx, total)
         if which == "epoch":
             return jax.jit(epoch_fn, donate_argnums=donation), (p.state, p.images, p.labels, p.plan)
         i = jax.ShapeDtypeStruct((), jnp.int32)
         return jax.jit(step_fn, donate_argnums=donation), (p.state, p.images, p.labels, p.plan, i)
     if which == "eval":
         n = p.eval_batch
-        acc = jax.tree_util.tree_map(_spec, eval_zeros(p.with_ema))
+        views = (6, n, NUM_CLASSES[cfg.dataset]) if cfg.tta_select else None
+        acc = jax.tree_util.tree_map(_spec, eval_zeros(p.with_ema, None, views))
         args = (
             acc,
             p.state.variables(),

@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from jaxbench import configs, stats
+from jaxbench import configs, schedule, stats
 from jaxbench.bench import flops
 from jaxbench.stream import steps_per_epoch
 
@@ -68,7 +68,7 @@ def timed_work(
 ) -> tuple[int, int]:
     """(training images, counted FLOPs) of one run's timed region: epochs x full batches, and
     the final evaluation of every test image per weight set scored (default: 2 with an EMA)."""
-    images = cfg.epochs * steps_per_epoch(cfg, n_train) * cfg.batch_size
+    images = schedule.train_steps(cfg, steps_per_epoch(cfg, n_train)) * cfg.batch_size
     if weight_sets is None:
         weight_sets = 2 if cfg.ema_every > 0 else 1
     work = images * flops.train_flops_per_image(cfg)

@@ -40,7 +40,7 @@ ANCHORS: tuple[Anchor, ...] = (
     Anchor("Page's ResNet-9, bag of tricks", "resnet9", 10, 512, None, 1.15),
     Anchor("airbench94", "speedrun", 9.9, 1024, None, 0.36),
     Anchor("airbench94_muon", "speedrun_muon", 8, 2000, muon.AIRBENCH94_MUON, 0.29),
-    Anchor("record (cifar10-speedrun)", "speedrun_muon", 7.59, 1536, muon.RECORD, None),
+    Anchor("record (cifar10-speedrun)", "speedrun_record", 7.59, 1536, muon.RECORD, None),
 )
 
 
@@ -74,9 +74,10 @@ def rows(presets: Sequence[str], xla: bool) -> list[dict[str, object]]:
     todo = [(a.name, configs.get_config(a.preset).replace(batch_size=a.batch), a) for a in ANCHORS]
     for name in presets:
         cfg = configs.get_config(name)
-        spec = muon.AIRBENCH94_MUON if cfg.optimizer == "muon" else None
+        spec = muon.spec_of(cfg) if cfg.optimizer == "muon" else None
+        epochs = cfg.epochs - 1 + cfg.last_epoch_fraction  # the record's 7.59
         todo.append(
-            (f"preset `{name}`", cfg, Anchor(name, name, cfg.epochs, cfg.batch_size, spec, None))
+            (f"preset `{name}`", cfg, Anchor(name, name, epochs, cfg.batch_size, spec, None))
         )
     cache: dict[tuple[str, int], float] = {}
     out = []
@@ -123,7 +124,8 @@ def markdown(table: list[dict[str, object]]) -> str:
 def _main(cmd: Command, argv: list[str]) -> int:
     p = configs.OneLineErrorParser(prog="python -m jaxbench.bench.to94", description=__doc__)
     presets_help = "comma list of presets to add after the published recipes"
-    p.add_argument("--config", default="resnet9,speedrun,speedrun_muon", help=presets_help)
+    default = "resnet9,speedrun,speedrun_muon,speedrun_record"
+    p.add_argument("--config", default=default, help=presets_help)
     p.add_argument("--no-xla", action="store_true", help="counted FLOPs only (no compilation)")
     args = p.parse_args(argv)
     presets = args.config.split(",")

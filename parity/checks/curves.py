@@ -16,7 +16,8 @@ import torch
 
 from jaxbench import stats
 from jaxbench import train as jtrain
-from jaxbench.configs import Config
+from jaxbench.configs import DATASET_IMAGES, Config
+from jaxbench.stream import steps_per_epoch
 from parity.checks.base import CheckResult, Context, Figure, quick_widths, subset_data
 from torch_ref import train as ttrain
 
@@ -45,6 +46,7 @@ def curve_config(ctx: Context) -> tuple[Config, str]:
         eval_batch_size=1000,
         epochs=ctx.epochs or 3,
         tta=False,
+        tta_select=0.0,
         precision="float32",
     )
     if ctx.quick and ctx.cfg.model == "resnet9":
@@ -155,7 +157,7 @@ def train_runs(
             losses[name].append(summary.get("step_losses", []))
             msg.append(f"{name} {100 * summary['final']['ema_val_acc']:.2f}% ({dt:.0f} s)")
         ctx.log(f"  check 7 seed {s} (EMA accuracy): " + ", ".join(msg))
-    spe = len(losses["torch"][0]) // cfg.epochs if losses["torch"][0] else 0
+    spe = steps_per_epoch(cfg, cfg.subset or DATASET_IMAGES[cfg.dataset][0])
     divergence = {}
     for name in ("jax", run_name(1)):
         if name in losses and spe:

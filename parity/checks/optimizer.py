@@ -30,7 +30,7 @@ from torch_ref import optim as toptim
 
 def _lr_figure(h: Harness, cfg: Config, spe: int) -> tuple[float, dict[str, Any]]:
     """max over every step of |jax LR - torch LR| / peak LR, torch's as torch_ref sets it."""
-    total = cfg.epochs * spe
+    total = schedule.train_steps(cfg, spe)
     steps = np.arange(total)
     lr_fn = jax.jit(jax.vmap(h.jax_lr(cfg, spe)))
     jax_lr = np.asarray(lr_fn(jnp.asarray(steps, jnp.int32)), np.float64)
@@ -110,7 +110,7 @@ def _optimizer_run(h: Harness, cfg: Config, spe: int, steps: int, seed: int) -> 
     lookahead_ema = jax.tree_util.tree_map(jnp.array, {"params": params, "batch_stats": bstats})
     decays = schedule.ema_decays(cfg, steps)
     topt, t_ema = toptim.make_optimizer(tmodel, cfg), copy.deepcopy(tmodel)
-    lrs = schedule.lr_at(np.arange(cfg.epochs * spe), cfg, spe)
+    lrs = schedule.lr_at(np.arange(schedule.train_steps(cfg, spe)), cfg, spe)
     rng = np.random.default_rng(seed)
     named, buffers = dict(tmodel.named_parameters()), dict(tmodel.named_buffers())
     for t in range(steps):

@@ -43,7 +43,7 @@ import torch
 from jaxbench import models, optim, schedule
 from jaxbench import train as jtrain
 from jaxbench.configs import Config, optimizer_scales
-from jaxbench.stream import apply_plan_numpy, epoch_plan
+from jaxbench.stream import apply_plan_numpy, epoch_plan, selective_tta, steps_per_epoch
 from parity import convert
 from parity.checks.base import (
     CheckResult,
@@ -87,8 +87,8 @@ def trainer_config(ctx: Context) -> Config:
         seed=3,
         loop="step",
     )
-    if cfg.model == "speedrun":
-        cfg = cfg.replace(whiten_bias_epochs=1)
+    if cfg.model == "speedrun":  # a freeze inside the run: after epoch 1, or mid-epoch
+        cfg = cfg.replace(whiten_bias_epochs=min(cfg.whiten_bias_epochs, 1))
     return cfg
 
 
@@ -328,7 +328,7 @@ def _step_gradients(r: Runs) -> dict[str, dict[int, dict[str, np.ndarray]]]:
     mean, std = device_stats(cfg.dataset, torch.device("cpu"))
     images = np.asarray(r.data.train_images[: cfg.subset])
     labels = np.asarray(r.data.train_labels[: cfg.subset])
-    spe = len(r.steps) // cfg.epochs
+    spe = steps_per_epoch(cfg, len(images))
     out: dict[str, dict[int, dict[str, np.ndarray]]] = {"jax": {}, "torch": {}}
     for t in r.steps:
         bp = epoch_plan(cfg, t // spe, len(images)).batch(t % spe, cfg.batch_size)
@@ -498,7 +498,7 @@ def _state_figures(r: Runs) -> tuple[list[Figure], dict[str, dict[str, Any]]]:
         for t in steps
         if t + 1 in rec.pre
     ]
-    per_epoch = len(steps) // r.cfg.epochs
+    per_epoch = steps_per_epoch(r.cfg, r.cfg.subset or 0)
     for e, snap in rec.at_eval.items():
         last = max(s for s in steps if s < (e + 1) * per_epoch)
         ends.append((f"epoch {e + 1} end", tf.at_eval.get(e), snap, rec.pre[last]))
@@ -557,7 +557,7 @@ def _ema_figures(r: Runs) -> list[Figure]:
 
 def _lr_figures(r: Runs, labels: dict[str, str]) -> tuple[list[Figure], list[dict[str, Any]]]:
     """The LR each trainer applied, recovered from its own update, against `lr_at(t)`."""
-    cfg, total = r.cfg, len(r.steps)
+    cfg, spe = r.cfg, steps_per_epoch(r.cfg, r.cfg.subset or 0)
     lr_peak = optimizer_scales(cfg)[0]
     mults = {"default": 1.0, "bn_bias": cfg.bn_bias_lr_mult}
     rows: list[dict[str, Any]] = []
@@ -565,7 +565,7 @@ def _lr_figures(r: Runs, labels: dict[str, str]) -> tuple[list[Figure], list[dic
     for t, runs in r.stepped():
         if cfg.lookahead and (t + 1) % cfg.ema_every == 0:
             continue  # the lookahead reset overwrites the update
-        want = float(schedule.lr_at(t, cfg, total // cfg.epochs))
+        want = float(schedule.lr_at(t, cfg, spe))
         row: dict[str, Any] = {"step": t, "reference": want}
         for fw, (pre, post) in runs.items():
             for group, (lr, err) in _applied_lr(pre, post, cfg, labels).items():
@@ -574,7 +574,7 @@ def _lr_figures(r: Runs, labels: dict[str, str]) -> tuple[list[Figure], list[dic
                 row[f"{fw} {group}"] = lr / mults[group]
         rows.append(row)
     figures = _per_framework("applied LR vs lr_at(t) / (4 x rounding bound + 1e-6 peak)", pairs)
-    figures.append(Figure("LR steps recovered", len(rows), max(1, total // 2), ">=", False))
+    figures.append(Figure("LR steps recovered", len(rows), max(1, len(r.steps) // 2), ">=", False))
     return figures, rows
 
 
@@ -640,6 +640,8 @@ def _logit_figures(r: Runs) -> tuple[list[Figure], dict[str, float]]:
         for key, what in titles.items():
             name = f"{label} {what} max |diff| / max |x| / {LOGITS_RTOL:g}"
             figures.append(Figure(name, rows[f"{label} {key}"] / LOGITS_RTOL, 1.0))
+        if cfg.tta_select:  # the trainers score these, not the weighted views
+            jc, tc = _selective_figures(figures, rows, label, jv, tv, cfg.tta_select, scale)
         metric = "val_acc" if label == "live" else "ema_val_acc"
         flips = abs(r.jax_summary["final"][metric] - r.torch_summary["final"][metric]) * n_test
         # images whose top-2 TTA logits are this close may be scored either way
@@ -648,6 +650,43 @@ def _logit_figures(r: Runs) -> tuple[list[Figure], dict[str, float]]:
         name = f"final {metric}: images scored differently (allowed: {allowed} ambiguous)"
         figures.append(Figure(name, round(flips), allowed, headline=False))
     return figures, rows
+
+
+def _selective_figures(
+    figures: list[Figure],
+    rows: dict[str, float],
+    label: str,
+    jv: np.ndarray,
+    tv: np.ndarray,
+    fraction: float,
+    scale: float,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Selective TTA of each trainer's 6 view logits (`stream.selective_tta`): the images
+    each picks (a swap allowed only across a boundary closer than the plain views' noise
+    allows), and the logits they score; returns those logits (jax, torch)."""
+    if len(jv) != 6 or jv.shape != tv.shape:
+        raise AssertionError(f"selective TTA needs 6 views in both trainers, got {jv.shape}")
+    (jc, j_sel), (tc, t_sel) = (selective_tta(v[0], v, fraction) for v in (jv, tv))
+    confidence = [np.exp(v[0] - v[0].max(1, keepdims=True)) for v in (jv, tv)]
+    jconf, tconf = (1.0 / c.sum(1) for c in confidence)
+    k = len(t_sel)
+    order = np.sort(tconf)
+    edge = (order[k - 1] + order[min(k, len(order) - 1)]) / 2 if k else -np.inf
+    slack = MARGIN_FACTOR * float(np.abs(jconf - tconf).max())
+    allowed = 2 * int(np.sum(np.abs(tconf - edge) <= slack))
+    swapped = len(np.setxor1d(j_sel, t_sel))
+    rows[f"{label} selected"] = float(k)
+    figures.append(
+        Figure(
+            f"{label} selective TTA: images picked differently (allowed: {allowed} near the edge)",
+            swapped,
+            allowed,
+        )  # fmt: skip
+    )
+    rows[f"{label} selective"] = float(np.abs(jc - tc).max()) / scale
+    name = f"{label} selective-TTA logits max |diff| / max |x| / {LOGITS_RTOL:g}"
+    figures.append(Figure(name, rows[f"{label} selective"] / LOGITS_RTOL, 1.0))
+    return jc, tc
 
 
 def check_trainer(ctx: Context) -> CheckResult:
