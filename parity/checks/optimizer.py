@@ -67,13 +67,19 @@ def _torch_start(h: Harness, cfg: Config, seed: int) -> torch.nn.Module:
 
 
 def _random_grads(cfg: Config, params: PyTree, rng: np.random.Generator) -> PyTree:
-    """Gradients that move every tensor ~1e-2 per peak-LR step (BN biases' divided by their
-    LR multiplier), so float32 rounding stays far below the 1e-6 bar."""
+    """Gradients that move every tensor ~1e-2 per peak-LR step (divided by the LR multiplier
+    of the BN biases, and of the whitening bias where it takes their LR), so the weights stay
+    near 1 and float32 rounding far below the 1e-6 bar."""
     gscale = 1e-2 / optimizer_scales(cfg)[0]
+
+    def on_bias_lr(keys: tuple[str, ...]) -> bool:
+        own = cfg.whiten_bias_own_lr and keys[-2:] == ("whiten", "bias")
+        return optim.is_bn_bias(keys) or own
+
     return jax.tree_util.tree_map_with_path(
         lambda path, p: (
             gscale
-            / (cfg.bn_bias_lr_mult if optim.is_bn_bias(path_keys(path)) else 1.0)
+            / (cfg.bn_bias_lr_mult if on_bias_lr(path_keys(path)) else 1.0)
             * rng.standard_normal(np.shape(p))
         ).astype(np.float32),
         params,
@@ -109,7 +115,7 @@ def _optimizer_run(h: Harness, cfg: Config, spe: int, steps: int, seed: int) -> 
     # enough to matter, and after each EMA step the live net (params and BN stats) = EMA.
     lookahead_ema = jax.tree_util.tree_map(jnp.array, {"params": params, "batch_stats": bstats})
     decays = schedule.ema_decays(cfg, steps)
-    topt, t_ema = toptim.make_optimizer(tmodel, cfg), copy.deepcopy(tmodel)
+    topt, t_ema = toptim.make_optimizer(tmodel, cfg, None, spe), copy.deepcopy(tmodel)
     lrs = schedule.lr_at(np.arange(schedule.train_steps(cfg, spe)), cfg, spe)
     rng = np.random.default_rng(seed)
     named, buffers = dict(tmodel.named_parameters()), dict(tmodel.named_buffers())

@@ -40,6 +40,7 @@ import jax.numpy as jnp
 import numpy as np
 import torch
 
+from jaxbench import augment as jaugment
 from jaxbench import models, optim, schedule
 from jaxbench import train as jtrain
 from jaxbench.configs import Config, optimizer_scales
@@ -234,12 +235,12 @@ def _torch_parts(snap: dict[str, Any], template: dict[str, Any]) -> dict[str, Py
 
 
 def _stats_ratios(
-    got: dict[str, PyTree], want: dict[str, PyTree], before: dict[str, PyTree]
+    got: dict[str, PyTree], want: dict[str, PyTree], before: dict[str, PyTree], with_ema: bool
 ) -> dict[str, float]:
     """BN statistics (live and EMA), per tensor: |got - want| / (RTOL_UPDATE |change| + ULPS
     ulp(|want|)), worst element. Forward-only quantities: float32-accurate in both."""
     out: dict[str, float] = {}
-    for part, sub in (("batch_stats", None), ("ema", "batch_stats")):
+    for part, sub in (("batch_stats", None), ("ema", "batch_stats"))[: 2 if with_ema else 1]:
         g, w, b = (leaves(x[part] if sub is None else x[part][sub]) for x in (got, want, before))
         for name in w.keys() | g.keys():
             key = f"{part if sub is None else 'ema batch_stats'} {name}"
@@ -255,12 +256,17 @@ def _stats_ratios(
 
 
 def _gross_ratios(
-    got: dict[str, PyTree], want: dict[str, PyTree], before: dict[str, PyTree], skip: set[str]
+    got: dict[str, PyTree],
+    want: dict[str, PyTree],
+    before: dict[str, PyTree],
+    skip: set[str],
+    with_ema: bool,
 ) -> dict[str, float]:
-    """Params, momentum buffers and EMA params: ||got - want|| / ||want - before|| over all
-    tensors of each part (they carry the float32-ambiguous gradient: module doc)."""
+    """Params, momentum buffers and EMA params (`with_ema`): ||got - want|| / ||want -
+    before|| over all tensors of each part (they carry the float32-ambiguous gradient)."""
     out: dict[str, float] = {}
-    for part, sub in (("params", None), ("buffers", None), ("ema", "params")):
+    parts = (("params", None), ("buffers", None), ("ema", "params"))
+    for part, sub in parts[: 3 if with_ema else 2]:
         g, w, b = (leaves(x[part] if sub is None else x[part][sub]) for x in (got, want, before))
         if set(g) - skip != set(w) - skip:
             out[part if sub is None else "ema params"] = math.inf
@@ -324,7 +330,7 @@ def _step_gradients(r: Runs) -> dict[str, dict[int, dict[str, np.ndarray]]]:
     starting state, on that step's batch from the shared plan; Flax layout, by dotted name."""
     cfg = r.cfg
     loss_fn = jtrain.make_loss_fn(cfg, models.model_from_config(cfg))
-    grad_fn = jax.jit(jax.grad(lambda p, bs, x, y: loss_fn(p, bs, x, y)[0]))
+    grad_fn = jax.jit(jax.grad(lambda p, bs, x, y, jit: loss_fn(p, bs, x, y, jit)[0]))
     mean, std = device_stats(cfg.dataset, torch.device("cpu"))
     images = np.asarray(r.data.train_images[: cfg.subset])
     labels = np.asarray(r.data.train_labels[: cfg.subset])
@@ -335,13 +341,16 @@ def _step_gradients(r: Runs) -> dict[str, dict[int, dict[str, np.ndarray]]]:
         x = apply_plan_numpy(images, bp, cfg)
         y = labels[bp.indices].astype(np.int32)
         inj = r.tf.injected[t]
-        g = grad_fn(inj.params, inj.batch_stats, jnp.asarray(x), jnp.asarray(y))
+        jitter = jaugment.plan_jitter(bp, cfg)  # the record's colour jitter, or None
+        g = grad_fn(inj.params, inj.batch_stats, jnp.asarray(x), jnp.asarray(y), jitter)
         out["jax"][t] = leaves(jax.device_get(g))
         net = tmodel_mod.model_from_config(cfg)
         net.load_state_dict(convert.flax_to_torch(r.rec.pre[t]["variables"]))
         net = net.to(memory_format=torch.channels_last).train()
         xt, yt = torch.from_numpy(x), torch.from_numpy(y).long()
-        loss = ttrain.train_forward(net, xt, yt, mean, std, **ttrain.loss_options(cfg, False))[0]
+        tjitter = None if jitter is None else tuple(torch.from_numpy(np.asarray(v)) for v in jitter)
+        kw = {**ttrain.loss_options(cfg, False), "jitter": tjitter}
+        loss = ttrain.train_forward(net, xt, yt, mean, std, **kw)[0]
         loss.backward()
         grads = {n: q.grad for n, q in net.named_parameters() if q.grad is not None}
         out["torch"][t] = leaves(convert.torch_to_flax(grads)["params"])
@@ -511,10 +520,11 @@ def _state_figures(r: Runs) -> tuple[list[Figure], dict[str, dict[str, Any]]]:
             continue
         got = _jax_parts(jstate)
         want, before = _torch_parts(want_snap, got), _torch_parts(before_snap, got)
-        tight = _stats_ratios(got, want, before)
+        with_ema = r.cfg.ema_every > 0  # without, JAX's EMA slot is an unused copy
+        tight = _stats_ratios(got, want, before, with_ema)
         # torch leaves frozen parameters' momentum buffers alone; JAX's may move, unused
         frozen = {name.replace(".", "/") for name in before_snap["frozen"]}
-        gross = _gross_ratios(got, want, before, frozen)
+        gross = _gross_ratios(got, want, before, frozen, with_ema)
         name = max(tight, key=lambda k: tight[k])
         part = max(gross, key=lambda k: gross[k])
         rows[label] = {"stats": tight[name], "stats_tensor": name, **gross}
@@ -693,7 +703,10 @@ def check_trainer(ctx: Context) -> CheckResult:
     """Both trainers' own loop and evaluation, each step from the same state (module doc)."""
     r = run_trainers(ctx, trainer_config(ctx))
     params0 = r.rec.pre[0]["variables"]["params"]
-    labels = {k: str(v) for k, v in leaves(optim.param_labels(params0)).items()}
+    # Muon's filters apart: the SGD recoveries below do not model their update, which the
+    # state after every step holds to the same bound as the rest
+    with_muon = r.cfg.optimizer == "muon"
+    labels = {k: str(v) for k, v in leaves(optim.param_labels(params0, with_muon)).items()}
     loss_figs, loss_rel = _loss_figures(r)
     state_figs, state_rows = _state_figures(r)
     lr_figs, lr_rows = _lr_figures(r, labels)
