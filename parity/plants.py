@@ -451,9 +451,9 @@ _source_plant(
     3,
     "jaxbench.train's training data path normalises with CIFAR-100's mean and std",
     "jaxbench/train.py",
-    "        x = augment.normalize(images_u8, cfg.dataset, dtype)\n"
+    "        x = augment.normalize(images_u8, cfg.dataset, dtype, jitter)\n"
     "        logits, mutated = model.apply(",
-    '        x = augment.normalize(images_u8, "cifar100", dtype)\n'
+    '        x = augment.normalize(images_u8, "cifar100", dtype, jitter)\n'
     "        logits, mutated = model.apply(",
 )
 _source_plant(

@@ -348,7 +348,7 @@ def _step_gradients(r: Runs) -> dict[str, dict[int, dict[str, np.ndarray]]]:
         net.load_state_dict(convert.flax_to_torch(r.rec.pre[t]["variables"]))
         net = net.to(memory_format=torch.channels_last).train()
         xt, yt = torch.from_numpy(x), torch.from_numpy(y).long()
-        tjitter = None if jitter is None else tuple(torch.from_numpy(np.asarray(v)) for v in jitter)
+        tjitter = None if jitter is None else tuple(torch.tensor(np.asarray(v)) for v in jitter)
         kw = {**ttrain.loss_options(cfg, False), "jitter": tjitter}
         loss = ttrain.train_forward(net, xt, yt, mean, std, **kw)[0]
         loss.backward()
