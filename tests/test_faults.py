@@ -468,7 +468,7 @@ _ABOVE_COUNT = [
     ("--ema-every", "100001", "--ema-every must be in [0, 100000] steps (0: no EMA), got 100001"),
     ("--whiten-images", "50001", "--whiten-images must be in [1, 50000] training images, "
      "got 50001"),
-    ("--whiten-bias-epochs", "1001", "--whiten-bias-epochs must be in [0, 1000] epochs"),
+    ("--whiten-bias-epochs", "1001", "--whiten-bias-epochs must be a finite number in [0, 1000]"),
     ("--checkpoint-every", "1001", "--checkpoint-every must be in [0, 1000] epochs (0: no "
      "checkpoints), got 1001"),
     ("--devices", "1025", "--devices must be in [0, 1024] devices per process"),

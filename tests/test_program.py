@@ -378,10 +378,12 @@ def test_planted_second_forward_leaves_the_train_bound(monkeypatch: pytest.Monke
     def twice(cfg: configs.Config, model: Any) -> Any:
         loss_fn = real(cfg, model)
 
-        def planted(params: Any, stats: Any, images: jax.Array, labels: jax.Array) -> Any:
-            loss, (_, new_stats) = loss_fn(params, stats, images, labels)
+        def planted(
+            params: Any, stats: Any, images: jax.Array, labels: jax.Array, jitter: Any = None
+        ) -> Any:
+            loss, (_, new_stats) = loss_fn(params, stats, images, labels, jitter)
             # a second forward (of the mirrored batch, so XLA cannot merge the two)
-            _, (logits, _) = loss_fn(params, stats, images[:, :, ::-1], labels)
+            _, (logits, _) = loss_fn(params, stats, images[:, :, ::-1], labels, jitter)
             return loss, (logits, new_stats)
 
         return planted
