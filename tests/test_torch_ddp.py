@@ -355,3 +355,11 @@ def test_topology_errors(changes: dict[str, Any], words: str) -> None:
 
 if __name__ == "__main__":  # a torchrun process of the `runs` fixture
     _worker(Path(sys.argv[1]))
+
+
+def test_selective_tta_is_refused_over_processes() -> None:
+    """Selective TTA ranks the whole test set, which torchrun splits: one line, before work."""
+    cfg = speedrun().replace(tta_select=0.25)
+    distributed.check(cfg, 1)  # one process holds the whole test set
+    with pytest.raises(ValueError, match="--tta-select picks images over the whole test set"):
+        distributed.check(cfg, 2)

@@ -18,7 +18,9 @@ from jaxbench.stream import (
     FILL_RGB,
     IMAGE_SIZE,
     MEAN_STD,
+    cross_entropy_sum,
     has_jitter,
+    selective_tta,
     steps_per_epoch,
     tta_weights,
 )
@@ -102,6 +104,21 @@ def color_jitter(
     b = brightness.to(x_NHWC.device, torch.float32)[:, None, None, None]
     c = contrast.to(x_NHWC.device, torch.float32)[:, None, None, None]
     return (x_NHWC + b) * c
+
+
+def selective_tta_scores(
+    views_fn: Callable[[torch.Tensor], torch.Tensor],
+    test_x: torch.Tensor,
+    test_y: torch.Tensor,
+    cfg: Config,
+) -> tuple[float, int]:
+    """(summed loss, correct count) under selective TTA: `views_fn`'s 6 view logits of every
+    test batch, fetched once, then `stream.selective_tta` and `stream.cross_entropy_sum`."""
+    step = cfg.eval_batch_size
+    views = [views_fn(test_x[i : i + step]) for i in range(0, len(test_x), step)]
+    host = torch.cat(views, dim=1).float().cpu().numpy()
+    logits, _ = selective_tta(host[0], host, cfg.tta_select)
+    return cross_entropy_sum(logits, test_y.cpu().numpy())
 
 
 def plan_jitter(

@@ -78,6 +78,11 @@ def check(cfg: Config, world: int) -> None:
         )
     if world <= 1:
         return
+    if cfg.tta_select:
+        raise ValueError(
+            "--tta-select picks images over the whole test set, which torchrun splits over "
+            "processes: run it in one process (or --tta-select 0)"
+        )
     batch, ghost = cfg.batch_size, cfg.ghost_bn
     if batch % world:
         raise ValueError(

@@ -29,7 +29,7 @@ from jaxbench.command import Command, run_command
 from jaxbench.configs import Config
 from jaxbench.driver import Driver
 from jaxbench.progress import progress_bar
-from jaxbench.stream import cross_entropy_sum, epoch_plan, selective_tta, steps_per_epoch
+from jaxbench.stream import epoch_plan, steps_per_epoch
 from torch_ref import augment, distributed, fast, layers, optim
 from torch_ref.model import model_from_config
 from torch_ref.profiling import TorchProfile
@@ -131,11 +131,6 @@ def check_supported(cfg: Config) -> None:
     and a device count or batch that the running processes cannot train."""
     configs.check_supported(cfg, "torch_ref.train")
     distributed.check(cfg, distributed.world_size())
-    if cfg.tta_select and distributed.world_size() > 1:
-        raise ValueError(
-            "--tta-select picks images over the whole test set, which torchrun splits over "
-            "processes: run it in one process (or --tta-select 0)"
-        )
 
 
 def setup(
@@ -305,10 +300,13 @@ def evaluate_net(r: Run, net: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
     cfg, kw = r.cfg, {"bf16": r.bf16, "channels_last": r.loss_kw["channels_last"]}
     was_training = net.training
     net.eval()
-    if cfg.tta_select:
-        loss, correct = selective_scores(r, net, kw)
+    if cfg.tta_select:  # over the whole test set: one process holds it (`distributed.check`)
+        six = cfg.replace(tta=True, tta_shift=True)
+        loss, correct = augment.selective_tta_scores(
+            lambda x: eval_logits(net, x, r.mean, r.std, six, **kw)[0], r.test_x, r.test_y, cfg
+        )
         net.train(was_training)
-        return loss, correct
+        return torch.tensor(loss / r.n_test), torch.tensor(correct)
     loss_sum = torch.zeros((), device=r.device)
     correct = torch.zeros((), dtype=torch.int64, device=r.device)
     for i in range(0, len(r.test_x), cfg.eval_batch_size):
@@ -319,26 +317,6 @@ def evaluate_net(r: Run, net: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
     net.train(was_training)
     distributed.sum_over_processes(loss_sum, correct)
     return loss_sum / r.n_test, correct
-
-
-def selective_scores(
-    r: Run, net: nn.Module, kw: dict[str, Any]
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(mean loss, correct count) under selective TTA: every batch's 6 view logits, then
-    `stream.selective_tta` and `stream.cross_entropy_sum` over the whole test set (one
-    fetch). A choice over the whole set: one process holds it all (`check_supported`)."""
-    six = r.cfg.replace(tta=True, tta_shift=True)
-    views = [
-        eval_logits(net, r.test_x[i : i + r.cfg.eval_batch_size], r.mean, r.std, six, **kw)[0]
-        for i in range(0, len(r.test_x), r.cfg.eval_batch_size)
-    ]
-    host = torch.cat(views, dim=1).float().cpu().numpy()
-    logits, _ = selective_tta(host[0], host, r.cfg.tta_select)
-    loss, correct = cross_entropy_sum(logits, r.test_y.cpu().numpy())
-    n = torch.tensor(r.n_test, dtype=torch.float64)
-    return (torch.tensor(loss, dtype=torch.float64) / n).to(r.device), torch.tensor(
-        correct, device=r.device
-    )
 
 
 def weights_equal(a: Sequence[torch.Tensor], b: Sequence[torch.Tensor]) -> bool:
