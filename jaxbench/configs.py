@@ -599,9 +599,10 @@ def speedrun_record() -> Config:
     Measured here: not yet.
 
     The source's choices beside airbench94_muon's: 243 updates = ceil(7.59 x 32) (the last
-    epoch stops after 19 of its 32 batches, the LR at zero there); the whitening bias trained
-    ceil(0.19 x 32) = 7 updates, from the first 960 images (the source's SVD of the patch
-    covariance is its eigendecomposition, `jaxbench.whitening`'s); SiLU in the blocks; BN
+    epoch stops after 19 of its 32 batches, where the LR schedule ends); the whitening bias
+    trained ceil(0.19 x 32) = 7 updates; the whitening kernel from the first 960 images (the
+    source's SVD of the patch covariance is its eigendecomposition, `jaxbench.whitening`'s,
+    which needs no switch); SiLU in the blocks; BN
     momentum 0.5566 (0.4434 in PyTorch's convention); label smoothing 0.09; the record's
     Muon (lr 0.205, momentum 0.655: `jaxbench.muon.RECORD`); SGD momentum 0.825 with head lr
     0.5415 and biases 0.0573, decay 1.0418e-6 x 1536; brightness/contrast jitter 0.1399 /
