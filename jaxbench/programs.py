@@ -254,6 +254,21 @@ def eval_scores(
     return out
 
 
+class Hooks:
+    """The parity suite's observation points in the per-step loop (`train.train_epoch`);
+    `before_step` and `before_eval` may return a replacement state (the reference's, so no
+    chaos builds up). torch_ref's twin: `torch_ref.run.Hooks`."""
+
+    def before_step(self, t: int, state: Any) -> Any:
+        return state
+
+    def after_step(self, t: int, state: Any, metrics: dict[str, jax.Array]) -> None:
+        pass
+
+    def before_eval(self, epoch: int, state: Any) -> Any:
+        return state
+
+
 @dataclasses.dataclass
 class Run:
     """One run's compiled functions, data on the device and state: what `jaxbench.driver`
@@ -278,7 +293,7 @@ class Run:
     make_plan: Callable[[int], augment.Plan]
     data_source: str = "arrays in memory"  # where the images came from (`Dataset.source`)
     topology: parallel.Topology = dataclasses.field(default_factory=parallel.Topology.single)
-    hooks: Any = None  # `jaxbench.train.Hooks` (parity suite), or None
+    hooks: Hooks | None = None  # the parity suite's, or None
 
     @property
     def run(self) -> Any:

@@ -27,7 +27,7 @@ from jaxbench import programs as aot
 from jaxbench import whitening as wh
 from jaxbench.configs import Config
 from jaxbench.profiling import JaxProfile
-from jaxbench.programs import CompileCache, load_checkpoint, seed_keys  # noqa: F401  (API)
+from jaxbench.programs import CompileCache, Hooks, load_checkpoint, seed_keys  # noqa: F401
 from jaxbench.progress import progress_bar
 from jaxbench.speedrun_model import NUM_CLASSES
 
@@ -222,20 +222,6 @@ def make_loop_fns(
 # --- epoch ---------------------------------------------------------------------------------
 
 
-class Hooks:
-    """The parity suite's observation points in the per-step loop; `before_step` and
-    `before_eval` may return a replacement state (the reference's, so no chaos builds up)."""
-
-    def before_step(self, t: int, state: TrainState) -> TrainState:
-        return state
-
-    def after_step(self, t: int, state: TrainState, metrics: Metrics) -> None:
-        pass
-
-    def before_eval(self, epoch: int, state: TrainState) -> TrainState:
-        return state
-
-
 def train_epoch(
     r: aot.Run, state: TrainState, epoch: int, *, progress: bool = False, hooks: Hooks | None = None
 ) -> tuple[TrainState, dict[str, np.ndarray]]:
@@ -301,9 +287,8 @@ def make_eval_fn(
 ) -> Callable[..., dict[str, jax.Array]]:
     """`eval_fn(acc, variables, ema_variables, images, labels, valid, i) -> acc` for batch i:
     sums of the cross-entropy (no smoothing) and of right predictions of the TTA logits
-    over the valid (unpadded) test images; `batch_split` lays the batch over a mesh. With
-    selective TTA, the batch's 6 view logits into `acc["views"]` [6, N, C] instead (the
-    selection is over the whole test set: `stream.selective_tta`, after the last batch)."""
+    over the valid (unpadded) test images; `batch_split` lays the batch over a mesh. Selective
+    TTA: the 6 view logits into `acc["views"]` [6, N, C] (`programs.eval_scores` selects)."""
     logits_fn = make_logits_fn(cfg, model)
     views_fn = make_logits_fn(cfg.replace(tta=True, tta_shift=True), model)  # all 6 views
 

@@ -106,3 +106,11 @@ def model_from_config(cfg: Config, seed: int | None = None) -> nn.Module:
 def count_params(model: nn.Module) -> int:
     """Trainable parameters (BN running stats are buffers, not counted)."""
     return sum(p.numel() for p in model.parameters())
+
+
+def use_bfloat16(cfg: Config, device: torch.device) -> bool:
+    """`precision=auto` means bf16 autocast on GPU and float32 on the CPU (the twin of
+    `jaxbench.models.compute_dtype`)."""
+    if cfg.precision == "auto":
+        return device.type == "cuda"
+    return cfg.precision == "bfloat16"

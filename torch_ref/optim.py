@@ -182,3 +182,12 @@ def lookahead_reset(live: Sequence[torch.Tensor], ema: Sequence[torch.Tensor]) -
     """airbench's lookahead: after an EMA update the net (params and BN stats) becomes the EMA."""
     for w, e in zip(live, ema, strict=True):
         w.copy_(e)
+
+
+def weights_equal(a: Sequence[torch.Tensor], b: Sequence[torch.Tensor]) -> bool:
+    """Whether two tensor lists hold the same values (one host sync for all of them)."""
+    if len(a) != len(b):
+        return False
+    if not a:
+        return True
+    return not bool(torch.stack([(x != y).any() for x, y in zip(a, b, strict=True)]).any())

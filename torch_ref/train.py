@@ -31,7 +31,7 @@ from jaxbench.driver import Driver
 from jaxbench.progress import progress_bar
 from jaxbench.stream import epoch_plan, steps_per_epoch
 from torch_ref import augment, distributed, fast, layers, optim
-from torch_ref.model import model_from_config
+from torch_ref.model import model_from_config, use_bfloat16
 from torch_ref.profiling import TorchProfile
 from torch_ref.run import Hooks, Run, Trainer, device_data, load_checkpoint  # noqa: F401  (API)
 from torch_ref.whitening import whitening_kernel
@@ -40,13 +40,6 @@ STREAMS: tuple[str, ...] = ("fast", "shared")
 _STREAM_SEED_TAG = 0x5EED  # keeps the fast stream's generator apart from the init seed
 
 # --- model and state ------------------------------------------------------------------------------
-
-
-def use_bfloat16(cfg: Config, device: torch.device) -> bool:
-    """`precision=auto` means bf16 autocast on GPU and float32 on the CPU."""
-    if cfg.precision == "auto":
-        return device.type == "cuda"
-    return cfg.precision == "bfloat16"
 
 
 def train_forward(
@@ -319,15 +312,6 @@ def evaluate_net(r: Run, net: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
     return loss_sum / r.n_test, correct
 
 
-def weights_equal(a: Sequence[torch.Tensor], b: Sequence[torch.Tensor]) -> bool:
-    """Whether two tensor lists hold the same values (one host sync for all of them)."""
-    if len(a) != len(b):
-        return False
-    if not a:
-        return True
-    return not bool(torch.stack([(x != y).any() for x, y in zip(a, b, strict=True)]).any())
-
-
 def score(r: Run, same_weights: bool | None) -> tuple[dict[str, float | None], int]:
     """(val_loss, val_acc and ema_val_acc of the run's nets on its test set, how many weight
     sets were scored); synchronises.
@@ -336,7 +320,7 @@ def score(r: Run, same_weights: bool | None) -> tuple[dict[str, float | None], i
     epoch), None to compare them here; equal weights are scored once, for both.
     """
     if r.ema_model is not None and same_weights is None:
-        same_weights = weights_equal(r.ema_live, r.ema_copy)
+        same_weights = optim.weights_equal(r.ema_live, r.ema_copy)
     val_loss, val_correct = evaluate_net(r, r.model)
     correct = int(val_correct.item())
     ema_correct, sets = None, 1
