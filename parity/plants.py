@@ -32,7 +32,6 @@ from jaxbench.muon import MuonSpec, update_scale_factor
 from parity.harness import EmaOps, Harness, setattr_patch
 from torch_ref import augment as torch_augment
 from torch_ref import muon as torch_muon
-from torch_ref import train as torch_train
 
 
 @dataclass(frozen=True)
@@ -312,7 +311,7 @@ def _jitter_range_one_sided(h: Harness) -> Harness:
 
 @_harness_plant(
     6,
-    "with --config speedrun_record: torch_ref.train's selective TTA patched for the run to "
+    "with --config speedrun_record: torch_ref.augment's selective TTA patched for the run to "
     "give the 6 views to the most confident images instead of the least confident",
     config="speedrun_record",
 )
@@ -326,7 +325,7 @@ def _tta_select_most_confident(h: Harness) -> Harness:
         out[selected] = np.asarray(views, np.float32)[:, selected].mean(axis=0)
         return out, selected
 
-    return _patched(h, torch_train, "selective_tta", patched)
+    return _patched(h, torch_augment, "selective_tta", patched)
 
 
 def _activation_patch(h: Harness, kind: str, act: Callable[[jax.Array], jax.Array]) -> Harness:
