@@ -239,24 +239,25 @@ def test_curves_compare_and_report_show_real_and_null_side_by_side(tmp_path: Pat
 @pytest.mark.slow
 @pytest.mark.realdata
 def test_curves_null_comparison_passes_on_real_data(quick_parity: tuple) -> None:
-    """Check 7 of the test run's quick parity run (2 seeds x 3 torch runs, 2 epochs): the
+    """Check 7 of the test run's quick parity run (2 seeds x 3 torch runs, 1 epoch): the
     torch-vs-torch null comparison passes, and the quick config learns: mean final EMA
-    accuracy >= 53% (56.7% measured, runs 54.0-59.0%; the bar sits about 3 standard
-    deviations of that mean below it, as the 3-epoch run's 60% did; chance is 10%)."""
+    accuracy >= 40% (44.7% measured, runs 42.9-47.1%; the bar sits about 4 standard
+    deviations of that mean below it, counting the 2 seeds as the independent draws; chance
+    is 10%)."""
     proc, out = quick_parity
     assert (out / "parity.json").exists(), proc.stdout + proc.stderr[-3000:]
     report = json.loads((out / "parity.json").read_text())
     (check7,) = [c for c in report["checks"] if c["number"] == 7]
     assert check7["error"] is None
     null = [f for f in check7["figures"] if f["name"].startswith("null: ")]
-    assert len(null) == 4 and len(check7["figures"]) == 8  # 2 metrics x 2 epochs each
+    assert len(null) == 2 and len(check7["figures"]) == 4  # 2 metrics x 1 epoch each
     assert all(f["passed"] for f in null), [f for f in null if not f["passed"]]
     final = [
         run[-1]["ema_val_acc"]
         for name in ("torch", "torch'", "torch''")
         for run in report["curves"]["runs"][name]
     ]
-    assert len(final) == 6 and np.mean(final) >= 0.53, final
+    assert len(final) == 6 and np.mean(final) >= 0.40, final
 
 
 def test_curves_without_jax_train_only_torch_and_compare_the_null(
