@@ -625,6 +625,7 @@ def has_muon_state(state: object) -> bool:
     return any(is_muon(x) for x in jax.tree_util.tree_leaves(state, is_leaf=is_muon))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("flags", [(), ("--no-muon",)], ids=["muon", "no-muon"])
 @pytest.mark.parametrize("framework", ["jax", "torch"])
 def test_preset_trains_one_short_epoch(framework: str, flags: tuple[str, ...]) -> None:

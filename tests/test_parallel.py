@@ -228,6 +228,7 @@ def test_unreachable_topology_stops_within_timeout(pid: int) -> None:
     _one_line_error(proc, "3 s")
 
 
+@pytest.mark.slow
 def test_two_process_cli_writes_once(real_data_dir: Path, tmp_path: Path) -> None:
     """The CLI end to end on two processes: only process 0 writes, and it records the
     topology; the losses follow the one-process run's (a wrong shard would not)."""

@@ -78,6 +78,7 @@ def test_muon_run_passes_clean_and_fails_only_the_planted_framework(name: str | 
     assert all(f.value > 100 for f in figures if not f.passed), [(f.name, f.value) for f in figures]
 
 
+@pytest.mark.slow
 @pytest.mark.realdata
 @pytest.mark.parametrize("name", SOURCE_PLANTS)
 def test_source_plant_is_caught_by_its_check(
@@ -112,6 +113,7 @@ def test_source_plant_refuses_to_run_in_process() -> None:
         run_suite(get_config("tiny"), quick=True, checks=[6], plant=SOURCE_PLANTS[0], log=_quiet)
 
 
+@pytest.mark.slow
 @pytest.mark.realdata
 @pytest.mark.parametrize("name", HARNESS_PLANTS)
 def test_plant_is_caught_by_its_check(name: str, data: Any) -> None:
@@ -148,6 +150,7 @@ def test_unplanted_suite_passes_checks_1_to_6_on_tiny(quick_parity: tuple) -> No
     assert not failed, failed
 
 
+@pytest.mark.slow
 @pytest.mark.realdata
 def test_cli_plant_exits_1_and_names_the_check(real_data_dir: Path, tmp_path: Path) -> None:
     r = subprocess.run(

@@ -297,6 +297,7 @@ def test_only_process_0_writes(runs: dict[str, Any]) -> None:
         assert not (out / f"{name}-rank1").exists()
 
 
+@pytest.mark.slow
 @pytest.mark.realdata
 def test_cli_under_torchrun_trains_and_writes_once(real_data_dir: Path, tmp_path: Path) -> None:
     out = tmp_path / "run"
