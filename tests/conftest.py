@@ -57,21 +57,15 @@ SHARED_FIXTURES = ("quick_parity", "resnet9_compiled", "runs", "four_devices")
 
 @pytest.hookimpl(tryfirst=True)  # before xdist reads the groups from the marks
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Group by shared fixture; the quick parity run first, then the tests marked slow: a
-    long unit of work started last finishes alone while the other workers idle. (xdist puts
-    the groups of several tests first; the single tests keep this order.)"""
+    """Group by shared fixture, and the quick parity run first: it is the longest unit of
+    work (minutes), so started last it would finish alone while the other workers idle."""
     for item in items:
         for name in SHARED_FIXTURES:
             if name in getattr(item, "fixturenames", ()):
                 group = name if name == "quick_parity" else f"{item.path.stem}:{name}"
                 item.add_marker(pytest.mark.xdist_group(group))
                 break
-    items.sort(
-        key=lambda item: (
-            "quick_parity" not in getattr(item, "fixturenames", ()),
-            item.get_closest_marker("slow") is None,
-        )
-    )
+    items.sort(key=lambda item: "quick_parity" not in getattr(item, "fixturenames", ()))
 
 
 @pytest.fixture(scope="session")
