@@ -106,9 +106,8 @@ def set_whitening(
         *wh.moments_from_groups(groups), dataset=cfg.dataset, patch=patch
     )
     kernel = wh.kernel_OIHW_to_HWIO(wh.whitening_for_config(cov, cfg.whiten, cfg.whiten_eps))
-    path = layers.whiten_path(cfg)
+    path, topo = layers.whiten_path(cfg), topo or parallel.Topology.single()
     # two device copies: the state is donated, and one buffer must not be donated twice
-    topo = topo or parallel.Topology.single()
     live = layers.with_whitening(state.variables(), parallel.replicate(kernel, topo), path)
     ema = layers.with_whitening(state.ema, parallel.replicate(kernel, topo), path)
     return state.replace(params=live["params"], ema=ema)
@@ -233,10 +232,9 @@ def train_epoch(
     if r.loop == "scan":
         if hooks is not None:
             raise ValueError("training hooks need the per-step loop: set --loop step")
-        if steps < r.steps:  # the record's last part-epoch: its own program, the plan's head
-            state, metrics = r.programs.run_last(state, r.images, r.labels, plan)
-        else:
-            state, metrics = r.run(state, r.images, r.labels, plan)
+        # the record's last part-epoch has a program of its own, over the plan's head
+        run = r.programs.run_last if steps < r.steps else r.run
+        state, metrics = run(state, r.images, r.labels, plan)
     else:
         per_step = []
         desc, off = f"epoch {epoch + 1}/{cfg.epochs}", None if progress else True  # None: on a tty
@@ -254,11 +252,9 @@ def train_epoch(
         state = state.replace(params=state.ema["params"], batch_stats=state.ema["batch_stats"])
     jax.block_until_ready(state)
     if r.loop == "scan":
-        host = parallel.fetch(metrics)  # the one fetch of the epoch
-    else:
-        fetched = parallel.fetch(per_step)
-        host = {k: np.stack([m[k] for m in fetched], axis=-1) for k in fetched[0]}
-    return state, host
+        return state, parallel.fetch(metrics)  # the one fetch of the epoch
+    fetched = parallel.fetch(per_step)
+    return state, {k: np.stack([m[k] for m in fetched], axis=-1) for k in fetched[0]}
 
 
 # --- evaluate ------------------------------------------------------------------------------
@@ -341,6 +337,7 @@ def make_recipe(
     last = schedule.epoch_steps(cfg, steps, cfg.epochs - 1)
     patch = layers.whiten_patch(cfg)
     whiten_n = min(cfg.whiten_images, n_train) if patch else 0
+    moments = (lambda x: layers.patch_moment_groups(x[:whiten_n], patch)) if whiten_n else None
     return aot.Recipe(
         init_state=lambda key, init: create_train_state(model, tx, key, init),
         set_whitening=set_whitening,
@@ -350,9 +347,7 @@ def make_recipe(
         plan_fn=lambda key, epoch: augment.draw_plan(key, epoch, n_train, cfg),
         eval_both_fn=make_eval_fn(cfg, model, eval_batch, with_ema, split),
         eval_one_fn=make_eval_fn(cfg, model, eval_batch, False, split) if with_ema else None,
-        moments_fn=(lambda x: layers.patch_moment_groups(x[:whiten_n], patch))
-        if whiten_n
-        else None,
+        moments_fn=moments,
         last_steps=last if last < steps else None,
         view_logits=(6, NUM_CLASSES[cfg.dataset]) if cfg.tta_select else None,
     )
@@ -421,9 +416,8 @@ def train_seeds(
     """`cfg` once per (distinct) seed in one vmapped program; seeds.json's dict (`seeds`:
     seed, final, epochs, step_losses each), written to `workdir` with config.json and
     status.json. Each seed equals its single run within float32 tolerance."""
-    seeds = list(seeds)
     run = driver.Driver(cfg, "jax", "fast", workdir=workdir, lanes=len(seeds))
-    return run.run(setup(cfg, data, seeds=seeds))
+    return run.run(setup(cfg, data, seeds=list(seeds)))
 
 
 # --- command line --------------------------------------------------------------------------
