@@ -397,6 +397,21 @@ def test_planted_second_forward_leaves_the_train_bound(monkeypatch: pytest.Monke
     assert [p.split()[0] for p in program.flop_problems(acc)] == ["train"]
 
 
+def test_flop_check_judges_the_preset_widths_only() -> None:
+    """The ratios measured on a narrow speedrun (16,32,32: eval 1.106, outside the bounds
+    from its uncounted elementwise share) are recorded there, judged at the preset's widths."""
+    acc = {"train_ratio": 0.97, "eval_ratio": 1.106}
+    narrow = program.flop_check(SPEEDRUN.replace(widths=(16, 32, 32)), acc)
+    assert narrow["status"] == "skipped" and narrow["problems"] == []
+    assert narrow["detail"].startswith("bounds hold at the preset's widths 64,256,256, not at")
+    assert narrow["eval_ratio"] == 1.106
+    full = program.flop_check(SPEEDRUN, acc)
+    assert full["status"] == "failed" and [p.split()[0] for p in full["problems"]] == ["eval"]
+    assert program.flop_check(SPEEDRUN, dict(acc, eval_ratio=0.88))["status"] == "passed"
+    custom = program.flop_check(SPEEDRUN.replace(name="mine", widths=(16, 32, 32)), acc)
+    assert custom["status"] == "failed"  # no preset to compare with: judged as it is
+
+
 def test_format_report() -> None:
     check = program.check_programs(TINY_BF16, "cuda", ("epoch",))
     acc = {

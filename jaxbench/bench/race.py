@@ -81,11 +81,7 @@ def _jax_flop_check(cfg: configs.Config) -> dict[str, Any]:
     """XLA's executed FLOPs against the counted ones: redundant compute leaves the bounds."""
     from jaxbench.bench import program
 
-    acc = program.flop_accounting(cfg)
-    problems = program.flop_problems(acc)
-    bounds = {k: list(v) for k, v in program.RATIO_BOUNDS.items()}
-    return {"status": "failed" if problems else "passed", "problems": problems,
-            "bounds": bounds, **acc}  # fmt: skip
+    return program.flop_check(cfg)
 
 
 class Bench:
