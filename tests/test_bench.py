@@ -103,6 +103,11 @@ def test_headline_metric_follows_ema() -> None:
     no_ema = configs.resnet9().replace(ema_every=0)
     assert records.headline_metric(no_ema) == "val_acc"
     assert "trained weights" in records.describe_metric(no_ema)
+    record = configs.get_config("speedrun_record")  # selective TTA: the extra views for some
+    assert records.describe_metric(record).endswith(
+        "(trained weights, plain view; flip + shift TTA for the 25% least confident)"
+    )
+    assert records.describe_metric(record.replace(tta_select=0.0)).endswith("flip + shift TTA)")
 
 
 def test_run_record_derives_throughput_from_timed_work() -> None:

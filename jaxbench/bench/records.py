@@ -37,6 +37,8 @@ def headline_metric(cfg: configs.Config) -> str:
 def describe_metric(cfg: configs.Config) -> str:
     weights = "EMA weights" if cfg.ema_every > 0 else "trained weights"
     tta = ("flip + shift TTA" if cfg.tta_shift else "flip TTA") if cfg.tta else "no TTA"
+    if cfg.tta and cfg.tta_select:
+        tta = f"plain view; {tta} for the {cfg.tta_select:.0%} least confident"
     return f"final {headline_metric(cfg)} ({weights}, {tta})"
 
 
