@@ -408,6 +408,8 @@ def test_flop_check_judges_the_preset_widths_only() -> None:
     full = program.flop_check(SPEEDRUN, acc)
     assert full["status"] == "failed" and [p.split()[0] for p in full["problems"]] == ["eval"]
     assert program.flop_check(SPEEDRUN, dict(acc, eval_ratio=0.88))["status"] == "passed"
+    wider = program.flop_check(SPEEDRUN.replace(widths=(64, 256, 512)), acc)
+    assert wider["status"] == "failed"  # a wider net's elementwise share is smaller still
     custom = program.flop_check(SPEEDRUN.replace(name="mine", widths=(16, 32, 32)), acc)
     assert custom["status"] == "failed"  # no preset to compare with: judged as it is
 
