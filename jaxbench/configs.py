@@ -554,9 +554,8 @@ def speedrun_muon() -> Config:
     Source: `airbench94_muon.py`: 94.01% mean test accuracy (n=200) in 2.59 s on an A100.
     Command: `python -m jaxbench.train --config speedrun_muon --data-dir DIR` (or
     torch_ref); `--no-muon` trains every parameter with the SGD groups instead.
-    Measured here (2-core CPU, full data, seed 0): jaxbench 93.94%
-    (results/cpu-2core/speedrun_muon-jax-full); torch_ref 93.80% before `head_unit_std`
-    (results/cpu-2core/speedrun_muon-torch-full).
+    Measured here (2-core CPU, full data, seed 0): jaxbench 93.94%, torch_ref 93.97%
+    (results/cpu-2core/speedrun_muon-{jax,torch}-full).
 
     The source's choices: logits / 256; whitening bias from torch's default init, trained
     3 epochs at the biases' LR falling to zero; every LR linear from its peak to zero over
