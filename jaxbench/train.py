@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import flax
@@ -409,15 +409,16 @@ def train_and_evaluate(
 
 def train_seeds(
     cfg: Config,
-    seeds: Sequence[int],
+    seeds: Iterable[int],
     data: Any = None,
     workdir: str | os.PathLike[str] | None = None,
 ) -> dict[str, Any]:
     """`cfg` once per (distinct) seed in one vmapped program; seeds.json's dict (`seeds`:
     seed, final, epochs, step_losses each), written to `workdir` with config.json and
     status.json. Each seed equals its single run within float32 tolerance."""
+    seeds = list(seeds)  # any iterable, as bench.frameworks passes it
     run = driver.Driver(cfg, "jax", "fast", workdir=workdir, lanes=len(seeds))
-    return run.run(setup(cfg, data, seeds=list(seeds)))
+    return run.run(setup(cfg, data, seeds=seeds))
 
 
 # --- command line --------------------------------------------------------------------------
