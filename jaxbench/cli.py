@@ -95,72 +95,61 @@ def run_trainer(
         if join is not None:
             join(args)
         try:
-            return _train(cmd, args, check_supported, train, train_seeds, train_kwargs,
-                          compile_label)  # fmt: skip
+            return checked_run(cmd)
         except driver.Finished as e:  # --resume of a finished run: nothing to do
             if not args.quiet:
                 print(e)
             return 0
 
+    def checked_run(cmd: Command) -> int:
+        """Every check and output place first, then the data and the run."""
+        k = getattr(args, "vmap_seeds", 1)
+        if not 1 <= k <= configs.MAX_VMAP_SEEDS:
+            raise ValueError(
+                f"--vmap-seeds {k}: give K in [1, {configs.MAX_VMAP_SEEDS}] seeds per program"
+            )
+        if k > 1 and (args.resume is not None or args.profile is not None):
+            raise ValueError("--vmap-seeds runs without --resume and --profile")
+        if args.re_evaluate and args.resume is None:
+            raise ValueError("--re-evaluate goes with --resume DIR: drop it, or name the run")
+        cfg, stream = _config(cmd, args, check_supported)
+        if k > 1 and cfg.checkpoint_every:
+            raise ValueError("--vmap-seeds writes no checkpoints; drop --checkpoint-every")
+        if cfg.seed + k > configs.SEEDS:
+            raise ValueError(
+                f"--vmap-seeds {k} from --seed {cfg.seed} goes past the largest seed, "
+                f"{configs.SEEDS - 1}; lower --seed"
+            )
+        if args.profile is not None:  # before --out, whose --overwrite removes files
+            cmd.prepare_out(args.profile, (), overwrite=False, flag="--profile")
+        if cfg.out is not None and args.resume is None:
+            cmd.prepare_out(cfg.out, RUN_OUTPUTS, overwrite=args.overwrite)
+        cmd.on_stop = lambda word: _stop_line(word, cfg.out)
+        from jaxbench.data import load_dataset
+
+        data = load_dataset(cfg)
+        if k > 1:
+            assert train_seeds is not None
+            result = train_seeds(cfg, range(cfg.seed, cfg.seed + k), data, cfg.out)
+            if not args.quiet:
+                _print_seeds(result, cfg.out)
+            return 0
+        kwargs = train_kwargs if args.resume is None else {**train_kwargs, "resume": args.resume}
+        summary = train(cfg, cfg.out, data=data, stream=stream, progress=not args.no_progress,
+                        quiet=args.quiet, profile_dir=args.profile, **kwargs)  # fmt: skip
+        if not args.quiet:
+            print(
+                f"final {_accuracies(summary['final'])}; {summary['total_time_seconds']:.1f} s "
+                f"timed ({summary['images_per_second']:.0f} img/s),"
+                f" {summary['compile_seconds']:.1f} s {compile_label}"
+            )
+            if cfg.out is not None:
+                print(f"wrote config.json, metrics.jsonl, status.json, summary.json to {cfg.out}")
+        return 0
+
     code = run_command(body, errors={FloatingPointError: EXIT_FAILED, **BAD_INPUT})
     if code:
         raise SystemExit(code)
-    return 0
-
-
-def _train(
-    cmd: Command,
-    args: argparse.Namespace,
-    check_supported: Callable[[Config], None],
-    train: Callable[..., dict[str, Any]],
-    train_seeds: Callable[..., dict[str, Any]] | None,
-    train_kwargs: dict[str, Any],
-    compile_label: str,
-) -> int:
-    """`run_trainer`'s body: every check and output place first, then the data and the run."""
-    k = getattr(args, "vmap_seeds", 1)
-    if not 1 <= k <= configs.MAX_VMAP_SEEDS:
-        raise ValueError(
-            f"--vmap-seeds {k}: give K in [1, {configs.MAX_VMAP_SEEDS}] seeds per program"
-        )
-    if k > 1 and (args.resume is not None or args.profile is not None):
-        raise ValueError("--vmap-seeds runs without --resume and --profile")
-    if args.re_evaluate and args.resume is None:
-        raise ValueError("--re-evaluate goes with --resume DIR: drop it, or name the run")
-    cfg, stream = _config(cmd, args, check_supported)
-    if k > 1 and cfg.checkpoint_every:
-        raise ValueError("--vmap-seeds writes no checkpoints; drop --checkpoint-every")
-    if cfg.seed + k > configs.SEEDS:
-        raise ValueError(
-            f"--vmap-seeds {k} from --seed {cfg.seed} goes past the largest seed, "
-            f"{configs.SEEDS - 1}; lower --seed"
-        )
-    if args.profile is not None:  # before --out, whose --overwrite removes files
-        cmd.prepare_out(args.profile, (), overwrite=False, flag="--profile")
-    if cfg.out is not None and args.resume is None:
-        cmd.prepare_out(cfg.out, RUN_OUTPUTS, overwrite=args.overwrite)
-    cmd.on_stop = lambda word: _stop_line(word, cfg.out)
-    from jaxbench.data import load_dataset
-
-    data = load_dataset(cfg)
-    if k > 1:
-        assert train_seeds is not None
-        result = train_seeds(cfg, range(cfg.seed, cfg.seed + k), data, cfg.out)
-        if not args.quiet:
-            _print_seeds(result, cfg.out)
-        return 0
-    if args.resume is not None:
-        train_kwargs = {**train_kwargs, "resume": args.resume}
-    summary = train(cfg, cfg.out, data=data, stream=stream, progress=not args.no_progress,
-                    quiet=args.quiet, profile_dir=args.profile, **train_kwargs)  # fmt: skip
-    if not args.quiet:
-        print(
-            f"final {_accuracies(summary['final'])}; {summary['total_time_seconds']:.1f} s timed"
-            f" ({summary['images_per_second']:.0f} img/s),"
-            f" {summary['compile_seconds']:.1f} s {compile_label}"
-        )
-        if cfg.out is not None:
-            print(f"wrote config.json, metrics.jsonl, status.json, summary.json to {cfg.out}")
     return 0
 
 

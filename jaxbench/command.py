@@ -18,7 +18,7 @@ import tempfile
 import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -39,13 +39,6 @@ class Terminated(KeyboardInterrupt):
 
 def raise_terminated(signum: int, frame: Any) -> None:
     raise Terminated
-
-
-def exit_interrupted(message: str, code: int = EXIT_INTERRUPTED) -> NoReturn:
-    """Print `message`, `os._exit`: XLA work cut short is unsafe to tear down normally."""
-    sys.stdout.flush()
-    print(message, file=sys.stderr, flush=True)
-    os._exit(code)
 
 
 def one_line(error: BaseException) -> str:
@@ -260,9 +253,10 @@ def run_command(
             with _signals_ignored():
                 line = cmd.stop_line(word)
                 cmd.clean_up()
-            if hard_exit:
-                exit_interrupted(line, code)
+            sys.stdout.flush()
             print(line, file=sys.stderr, flush=True)
+            if hard_exit:
+                os._exit(code)  # XLA work cut short is unsafe to tear down normally
             return code
         return EXIT_OK if code is None else code
     except tuple(errors) as e:

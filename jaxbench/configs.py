@@ -241,12 +241,11 @@ def _check_choices(cfg: Config) -> None:
         "optimizer": ("sgd", "muon"),
         "lr_schedule": ("one_cycle", "linear"),
         "muon_variant": MUON_VARIANTS,
+        "model": MODELS,
     }
     for name, allowed in choices.items():
         if getattr(cfg, name) not in allowed:
             raise ValueError(f"--{name.replace('_', '-')} must be one of {', '.join(allowed)}")
-    if cfg.model not in MODELS:
-        raise ValueError(f"--model must be one of {', '.join(MODELS)}")
     if cfg.tta_select and not cfg.tta:
         raise ValueError("--tta-select picks images for test-time views: it needs --tta")
     if cfg.model == "resnet9" and len(cfg.widths) != 4:

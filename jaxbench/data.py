@@ -25,7 +25,7 @@ import urllib.error
 import urllib.request
 import zlib
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -85,7 +85,6 @@ class Spec:
     py_names: str  # key of the class-name list in the python meta file
     bin_archive: str
     py_archive: str
-    tfds_name: str = field(default="")
 
     @property
     def label_bytes(self) -> int:
@@ -111,7 +110,6 @@ SPECS: dict[str, Spec] = {
         py_names="label_names",
         bin_archive="cifar-10-binary.tar.gz",
         py_archive="cifar-10-python.tar.gz",
-        tfds_name="cifar10",
     ),
     "cifar100": Spec(
         name="cifar100",
@@ -131,7 +129,6 @@ SPECS: dict[str, Spec] = {
         py_names="fine_label_names",
         bin_archive="cifar-100-binary.tar.gz",
         py_archive="cifar-100-python.tar.gz",
-        tfds_name="cifar100",
     ),
 }
 
@@ -310,13 +307,12 @@ def _numpy_globals() -> dict[tuple[str, str], Any]:
         from numpy._core.multiarray import _reconstruct
     except ImportError:  # numpy < 2
         from numpy.core.multiarray import _reconstruct
-    allowed: dict[tuple[str, str], Any] = {
+    return {
         ("numpy", "ndarray"): np.ndarray,
         ("numpy", "dtype"): np.dtype,
+        ("numpy.core.multiarray", "_reconstruct"): _reconstruct,
+        ("numpy._core.multiarray", "_reconstruct"): _reconstruct,
     }
-    for module in ("numpy.core.multiarray", "numpy._core.multiarray"):
-        allowed[(module, "_reconstruct")] = _reconstruct
-    return allowed
 
 
 class SafeUnpickler(pickle.Unpickler):
@@ -697,14 +693,14 @@ def _from_tfds(spec: Spec, data_dir: str | None) -> Dataset:
     try:
         for split in ("train", "test"):
             splits[split] = tfds.data_source(
-                spec.tfds_name, split=split, data_dir=data_dir, download=False
+                spec.name, split=split, data_dir=data_dir, download=False
             )
         classes = list(splits["train"].dataset_info.features["label"].names)
     except Exception as e:  # tfds raises many kinds; all mean "not prepared here"
         first = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise DataError(
-            f"tfds has no prepared {spec.tfds_name} in array_record format ({first}); prepare "
-            f"it with `tfds build {spec.tfds_name} --file_format=array_record` (needs "
+            f"tfds has no prepared {spec.name} in array_record format ({first}); prepare "
+            f"it with `tfds build {spec.name} --file_format=array_record` (needs "
             "TensorFlow), or use --source auto"
         ) from None
     finally:
@@ -719,16 +715,16 @@ def _from_tfds(spec: Spec, data_dir: str | None) -> Dataset:
             img = np.asarray(ex["image"])
             if img.shape != (32, 32, 3) or img.dtype != np.uint8:
                 raise DataError(
-                    f"tfds {spec.tfds_name}[{split}][{i}] image is {img.dtype} {img.shape}, "
+                    f"tfds {spec.name}[{split}][{i}] image is {img.dtype} {img.shape}, "
                     "expected uint8 (32, 32, 3); rebuild the tfds dataset"
                 )
             images[i] = img
             labels[i] = int(ex["label"])
         _check_labels(
-            labels, spec.n_classes, f"tfds {spec.tfds_name}[{split}]", "rebuild the tfds dataset"
+            labels, spec.n_classes, f"tfds {spec.name}[{split}]", "rebuild the tfds dataset"
         )
         arrays += [images, labels]
-    return Dataset(spec.name, classes, *arrays, source=f"tfds {spec.tfds_name}")
+    return Dataset(spec.name, classes, *arrays, source=f"tfds {spec.name}")
 
 
 def load_dataset(

@@ -268,13 +268,7 @@ def _max_pool_bwd(k: int, res: tuple[Array, Array], g: Array) -> tuple[Array]:
 max_pool.defvjp(_max_pool_fwd, _max_pool_bwd)
 
 
-def conv_block(
-    cfg: Config,
-    x: Array,
-    conv: nn.Module,
-    norm: nn.Module,
-    pool: bool,
-) -> Array:
+def conv_block(cfg: Config, x: Array, conv: nn.Module, norm: nn.Module, pool: bool) -> Array:
     """conv -> BN -> act [-> pool], or with `cfg.pool_before_act` (Page's trick, airbench's
     order) conv [-> pool] -> BN -> act. A function, so each net keeps its module names."""
     act = activation(cfg)

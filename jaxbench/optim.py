@@ -18,7 +18,7 @@ import optax
 from flax import traverse_util
 
 from jaxbench.configs import Config, optimizer_scales
-from jaxbench.muon import MuonSpec, spec_of
+from jaxbench.muon import spec_of
 from jaxbench.optim_muon import is_muon_param, muon
 from jaxbench.schedule import (
     ema_decays,
@@ -86,11 +86,6 @@ def param_labels(params: PyTree, with_muon: bool = False) -> PyTree:
     return traverse_util.path_aware_map(lambda path, v: _label(tuple(path), v, with_muon), params)
 
 
-def muon_spec(cfg: Config) -> MuonSpec:
-    """The configured Muon update (`jaxbench.muon.spec_of`)."""
-    return spec_of(cfg)
-
-
 def _freeze_after(updates: int) -> optax.GradientTransformation:
     """Pass the first `updates` updates, then zero them (after decay and momentum, as torch
     skips a frozen parameter): optax's own counter flips it, with no recompile."""
@@ -132,7 +127,7 @@ def make_optimizer(cfg: Config, steps_per_epoch: int) -> optax.GradientTransform
     lr, _ = optimizer_scales(cfg)
     scale = cfg.muon_lr / lr
     groups["muon"] = muon(
-        muon_spec(cfg), lambda count: base(count) * scale, train_steps(cfg, steps_per_epoch)
+        spec_of(cfg), lambda count: base(count) * scale, train_steps(cfg, steps_per_epoch)
     )
     return optax.multi_transform(groups, functools.partial(param_labels, with_muon=True))
 

@@ -179,25 +179,22 @@ def _git_state(root: str) -> dict[str, Any]:
 def cpu_model() -> str | None:
     """The CPU's model name (Linux: lscpu, else /proc/cpuinfo; elsewhere platform.processor())."""
     if sys.platform.startswith("linux"):
-        names: list[str] = []
         text = probe(["lscpu"])[0] if shutil.which("lscpu") else None
-        for line in (text or "").splitlines():
-            key, _, value = line.partition(":")
-            if key.strip() == "Model name" and value.strip() and value.strip() not in names:
-                names.append(value.strip())
+        names = _values(text or "", "Model name")
         if not names:
             try:
-                text = Path("/proc/cpuinfo").read_text(errors="replace")
+                names = _values(Path("/proc/cpuinfo").read_text(errors="replace"), "model name")[:1]
             except OSError:
-                text = ""
-            for line in text.splitlines():
-                key, _, value = line.partition(":")
-                if key.strip() == "model name" and value.strip():
-                    names.append(value.strip())
-                    break
+                pass
         if names:
             return "; ".join(names)  # several only on hybrid CPUs (e.g. ARM big.LITTLE)
     return platform.processor() or None
+
+
+def _values(text: str, key: str) -> list[str]:
+    """The distinct non-empty values of `key: value` lines, in order."""
+    pairs = (line.partition(":") for line in text.splitlines())
+    return list(dict.fromkeys(v.strip() for k, _, v in pairs if k.strip() == key and v.strip()))
 
 
 def gpu_models() -> list[str] | None:
@@ -315,7 +312,7 @@ def read_status(run_dir: str | Path) -> dict[str, Any]:
     pid, host = doc.get("pid"), doc.get("host")
     if doc.get("status") != "running" or not isinstance(pid, int) or pid <= 0:
         return doc
-    if host != socket.gethostname():
+    if host != socket.gethostname():  # other hosts' are taken at their word
         return doc
     try:
         os.kill(pid, 0)
@@ -449,18 +446,18 @@ def numeric_settings() -> dict[str, Any]:
     if "torch" in sys.modules:
         import torch
 
+        cudnn = torch.backends.cudnn
         t: dict[str, Any] = {"float32_matmul_precision": torch.get_float32_matmul_precision()}
         with warnings.catch_warnings():  # newer torch deprecates allow_tf32 in favour of
             warnings.simplefilter("ignore")  # fp32_precision; record whichever exists
-            for name, obj in (("cuda_matmul", torch.backends.cuda.matmul), ("cudnn", None)):
-                obj = obj if obj is not None else torch.backends.cudnn
+            for name, obj in (("cuda_matmul", torch.backends.cuda.matmul), ("cudnn", cudnn)):
                 for attr in ("allow_tf32", "fp32_precision"):
                     try:
                         t[f"{name}.{attr}"] = getattr(obj, attr)
                     except (AttributeError, RuntimeError):
                         pass
-        t["cudnn.benchmark"] = torch.backends.cudnn.benchmark
-        t["cudnn.deterministic"] = torch.backends.cudnn.deterministic
+        t["cudnn.benchmark"] = cudnn.benchmark
+        t["cudnn.deterministic"] = cudnn.deterministic
         out["torch"] = {k: v if isinstance(v, (bool, int, float)) else str(v) for k, v in t.items()}
     return out
 

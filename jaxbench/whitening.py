@@ -48,11 +48,7 @@ def patch_moments(
 
 
 def covariance_from_moments(
-    sum_uu: np.ndarray,
-    sum_u: np.ndarray,
-    count: int,
-    dataset: str = "cifar10",
-    patch: int = PATCH,
+    sum_uu: np.ndarray, sum_u: np.ndarray, count: int, dataset: str = "cifar10", patch: int = PATCH
 ) -> np.ndarray:
     """Uncentred float64 covariance of the normalised patches x = a * u + b (a = 1 / (255 std),
     b = -mean / std): A E[u u^T] A + (A E[u]) b^T + b (A E[u])^T + b b^T, A = diag(a)."""

@@ -444,7 +444,7 @@ def reference_update(
     if label == "frozen":
         return w
     if label == "muon":
-        spec = optim.muon_spec(cfg)
+        spec = ref.spec_of(cfg)
         buf = state.get("buf", ref.zero_buffer(w.shape, spec))
         total = cfg.epochs * PRESET_SPE
         lr = cfg.muon_lr * lr_t / lr_opt
