@@ -36,11 +36,10 @@ def rank(totals: dict[str, tuple[float, int]], n: int = TOP_N) -> list[dict[str,
 def format_top_ops(rows: Iterable[dict[str, Any]], title: str) -> str:
     """A plain-text table of `rank`'s rows, one line per operation."""
     rows = list(rows)
-    lines = [title]
     if not rows:
         return title + "\n  (no operations recorded)"
     width = min(max(len(r["name"]) for r in rows), 60)
-    lines.append(f"  {'operation':<{width}}  {'ms':>9}  {'calls':>7}  {'share':>6}")
+    lines = [title, f"  {'operation':<{width}}  {'ms':>9}  {'calls':>7}  {'share':>6}"]
     for r in rows:
         name = r["name"] if len(r["name"]) <= width else r["name"][: width - 1] + "…"
         lines.append(

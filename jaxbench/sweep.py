@@ -107,20 +107,26 @@ def parse_grid(items: Sequence[str]) -> Grid:
     return grid
 
 
+def _runs(grid: Grid, first: int, seeds: int, frameworks: Sequence[str]) -> list[RunSpec]:
+    """Every run, cell by cell, seed by seed, frameworks interleaved."""
+    return [
+        RunSpec(fw, tuple(zip(grid, values, strict=True)), seed)
+        for values in itertools.product(*grid.values())
+        for seed in range(first, first + seeds)
+        for fw in frameworks
+    ]
+
+
 def plan(base: Config, grid: Grid, seeds: int, frameworks: Sequence[str]) -> list[RunSpec]:
-    """Every run, cell by cell, seed by seed, frameworks interleaved; each cell validated."""
-    specs = []
-    names = list(grid)
-    for values in itertools.product(*(grid[n] for n in names)):
-        cell = tuple(zip(names, values, strict=True))
+    """Every run (`_runs`), each cell validated."""
+    for values in itertools.product(*grid.values()):
+        cell = tuple(zip(grid, values, strict=True))
         try:
             base.replace(**dict(cell))  # validates
         except ValueError as e:
             shown = " ".join(f"{k}={_shown(v)}" for k, v in cell)
             raise ValueError(f"grid cell {shown}: {e}") from None
-        for seed in range(base.seed, base.seed + seeds):
-            specs += [RunSpec(fw, cell, seed) for fw in frameworks]
-    return specs
+    return _runs(grid, base.seed, seeds, frameworks)
 
 
 def _shown(value: Any) -> str:
@@ -129,13 +135,7 @@ def _shown(value: Any) -> str:
 
 def planned_keys(doc: dict[str, Any]) -> list[str]:
     """The keys of a sweep's whole plan (all shards) in `plan`'s order, from sweep.json."""
-    grid, first = doc["grid"], doc["base"]["seed"]
-    return [
-        RunSpec(fw, tuple(zip(grid, values, strict=True)), seed).key
-        for values in itertools.product(*grid.values())
-        for seed in range(first, first + doc["seeds"])
-        for fw in doc["frameworks"]
-    ]
+    return [s.key for s in _runs(doc["grid"], doc["base"]["seed"], doc["seeds"], doc["frameworks"])]
 
 
 def shard(specs: Sequence[RunSpec], index: int, count: int) -> list[RunSpec]:
@@ -213,6 +213,7 @@ def run_row(spec: RunSpec, cfg: Config, summary: dict[str, Any] | None, status: 
         "commit": commit,
         "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "config": cfg.to_dict(),
+        **{k: summary[k] for k in ("vmap_seeds", "program_seconds") if k in summary},
     }
 
 
@@ -292,11 +293,9 @@ def plot(out: Path, cells: Sequence[dict[str, Any]], grid: Grid, frameworks: Seq
         return None
 
     def mean(fw: str, cell: dict[str, Any]) -> tuple[float, float]:
-        for c in cells:
-            if c["framework"] == fw and c["cell"] == cell:
-                m, s = c["accuracy"]["mean"], c["accuracy"]["std"]
-                return (math.nan if m is None else 100 * m, math.nan if s is None else 100 * s)
-        return math.nan, math.nan
+        acc = next((c["accuracy"] for c in cells if c["framework"] == fw and c["cell"] == cell), {})
+        m, s = (math.nan if acc.get(k) is None else 100 * acc[k] for k in ("mean", "std"))
+        return m, s
 
     as_json = [[_jsonable(v) for v in grid[n]] for n in names]
     if len(names) == 1:
@@ -351,20 +350,6 @@ def plot(out: Path, cells: Sequence[dict[str, Any]], grid: Grid, frameworks: Seq
     return path
 
 
-def _spec_doc(base: Config, grid: Grid, args: Any, frameworks: list[str], planned: int
-              ) -> dict[str, Any]:  # fmt: skip
-    return {
-        "config": base.name,
-        "base": base.to_dict(),
-        "grid": {k: [_jsonable(v) for v in vs] for k, vs in grid.items()},
-        "seeds": args.seeds,
-        "frameworks": frameworks,
-        "shard": args.shard,
-        "planned": planned,
-        "workers": args.workers,
-    }
-
-
 def _same_sweep(old: dict[str, Any], new: dict[str, Any]) -> bool:
     """The same plan: the worker count and the data folder may differ."""
 
@@ -395,7 +380,7 @@ def _trainers(frameworks: Sequence[str], specs: Sequence[RunSpec], base: Config)
     return out
 
 
-def _data_for(base: Config, specs: Sequence[RunSpec]) -> Callable[[Config], Any]:
+def _data_for(base: Config) -> Callable[[Config], Any]:
     """The dataset, loaded once; each run takes its own subsets of it."""
     from jaxbench.data import load_dataset, take_subsets
 
@@ -448,15 +433,6 @@ def _train_group(
         return [(None, "failed", f"{type(e).__name__}: {e}")] * len(group)
 
 
-def run_line(row: dict[str, Any], count: int, planned: int) -> str:
-    """`[3/36] jax batch_size=100 lr=0.4 seed=0: done, 63.10%, 39.9 s`."""
-    acc = "-" if row["accuracy"] is None else f"{100 * row['accuracy']:.2f}%"
-    secs = "-" if row["time_seconds"] is None else f"{row['time_seconds']:.1f} s"
-    cell = " ".join(f"{k}={_shown(v)}" for k, v in row["cell"].items())
-    return (f"[{count}/{planned}] {row['framework']} {cell} seed={row['seed']}: "
-            f"{row['status']}, {acc}, {secs}")  # fmt: skip
-
-
 class Reporter:
     """The sweep's progress bar over all planned runs, or one line a run without it."""
 
@@ -466,10 +442,15 @@ class Reporter:
                                 disable=None if progress else True, file=sys.stderr)  # fmt: skip
 
     def row(self, row: dict[str, Any]) -> None:
+        """Without the bar: `[3/36] jax batch_size=100 lr=0.4 seed=0: done, 63.10%, 39.9 s`."""
         self.bar.update(1)
         self.count += 1
         if self.bar.disable:
-            self.log(run_line(row, self.count, self.planned))
+            acc = "-" if row["accuracy"] is None else f"{100 * row['accuracy']:.2f}%"
+            secs = "-" if row["time_seconds"] is None else f"{row['time_seconds']:.1f} s"
+            cell = " ".join(f"{k}={_shown(v)}" for k, v in row["cell"].items())
+            self.log(f"[{self.count}/{self.planned}] {row['framework']} {cell} "
+                     f"seed={row['seed']}: {row['status']}, {acc}, {secs}")  # fmt: skip
 
     def close(self) -> None:
         self.bar.close()
@@ -509,9 +490,6 @@ def run_sweep(out: Path, base: Config, todo: Sequence[RunSpec], trainers: dict[s
                 group, _train_group(group, base, trainers, data), strict=True
             ):
                 row = run_row(spec, spec.config(base), summary, status, detail, commit)
-                if summary is not None and "vmap_seeds" in summary:
-                    row["vmap_seeds"] = summary["vmap_seeds"]
-                    row["program_seconds"] = summary["program_seconds"]
                 row.update(worker or {})
                 append_run(out / RUNS, row)
                 reporter.row(row)
@@ -653,7 +631,7 @@ def _worker_main(cmd: Command, args: argparse.Namespace) -> int:
     finished = {r["key"] for r in read_runs(out / RUNS, repair=False)}
     todo = [s for s in mine if s.key not in finished]
     trainers = _trainers(frameworks, todo, base)
-    data = _data_for(base, todo)
+    data = _data_for(base)
     cmd.on_stop = lambda word: f"{word}: worker {index}/{count} stopped; its runs are in {out}"
     print(f"worker {index}/{count} on CPU cores {cpus}: {len(todo)} runs to share", flush=True)
     reporter = Reporter(len(mine) - len(todo), len(mine), False, lambda m: print(m, flush=True))
@@ -714,13 +692,22 @@ def _main(cmd: Command, argv: list[str]) -> int:
         return merge(cmd, out, args.merge, args.overwrite)
     workers.check_workers(args.workers)
     base, grid, frameworks, mine = sweep_plan(args)
-    spec = _spec_doc(base, grid, args, frameworks, len(mine))
+    spec = {
+        "config": base.name,
+        "base": base.to_dict(),
+        "grid": {k: [_jsonable(v) for v in vs] for k, vs in grid.items()},
+        "seeds": args.seeds,
+        "frameworks": frameworks,
+        "shard": args.shard,
+        "planned": len(mine),
+        "workers": args.workers,
+    }
     _prepare(cmd, out, spec, args.overwrite)
     finished = {r["key"] for r in read_runs(out / RUNS)}
     todo = [s for s in mine if s.key not in finished]
     trainers = _trainers(frameworks, todo, base)
     # With --workers each worker loads its own copy: this one only proves the data is there.
-    data = _data_for(base, todo) if todo else None
+    data = _data_for(base) if todo else None
     if args.workers > 1:
         data = None
     before = set(os.listdir(out))

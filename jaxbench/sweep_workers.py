@@ -20,7 +20,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 WORKERS_DIR = "workers"
 
@@ -156,30 +156,26 @@ def run_workers(
     (folder / "claims").mkdir(parents=True)
     seen = len(poll())
     procs: list[subprocess.Popen[bytes]] = []
-    logs: list[IO[bytes]] = []
-    try:
-        for i in range(count):
-            log = open(folder / f"worker{i}.log", "wb")  # noqa: SIM115 - closed below
-            logs.append(log)
-            cmd = [sys.executable, "-m", "jaxbench.sweep", *child_argv(argv)]
-            cmd += ["--worker", f"{i}/{count}", "--no-progress"]
-            env = worker_env(i, count, dict(os.environ))
-            procs.append(subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env))
-        while True:
-            running = any(p.poll() is None for p in procs)
-            rows = poll()
-            for row in rows[seen:]:
-                on_row(row)
-            seen = len(rows)
-            if not running:
-                break
-            time.sleep(interval)
-    except BaseException:
-        _stop(procs)
-        raise
-    finally:
-        for log in logs:
-            log.close()
+    with contextlib.ExitStack() as logs:
+        try:
+            for i in range(count):
+                log = logs.enter_context(open(folder / f"worker{i}.log", "wb"))
+                cmd = [sys.executable, "-m", "jaxbench.sweep", *child_argv(argv)]
+                cmd += ["--worker", f"{i}/{count}", "--no-progress"]
+                env = worker_env(i, count, dict(os.environ))
+                procs.append(subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env))
+            while True:
+                running = any(p.poll() is None for p in procs)
+                rows = poll()
+                for row in rows[seen:]:
+                    on_row(row)
+                seen = len(rows)
+                if not running:
+                    break
+                time.sleep(interval)
+        except BaseException:
+            _stop(procs)
+            raise
     failed = []
     for i, p in enumerate(procs):
         if p.returncode != 0:

@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from flax.traverse_util import flatten_dict
 
 Variables = dict[str, Any]
 
@@ -25,18 +26,6 @@ def _set(tree: dict[str, Any], path: list[str], value: Any) -> None:
     if path[-1] in tree:
         raise ValueError(f"two torch keys map to the Flax leaf {'/'.join(path)}")
     tree[path[-1]] = value
-
-
-def _leaves(
-    tree: Mapping[str, Any], prefix: tuple[str, ...] = ()
-) -> list[tuple[tuple[str, ...], Any]]:
-    out: list[tuple[tuple[str, ...], Any]] = []
-    for k, v in tree.items():
-        if isinstance(v, Mapping):
-            out.extend(_leaves(v, (*prefix, str(k))))
-        else:
-            out.append(((*prefix, str(k)), v))
-    return out
 
 
 def torch_to_flax(state_dict: Mapping[str, torch.Tensor]) -> Variables:
@@ -74,7 +63,7 @@ def flax_to_torch(
     """A torch state dict from Flax variables; the inverse of `torch_to_flax`.
     Flax keeps no BN batch counter: `num_batches_tracked` fills torch's (unused in training)."""
     sd: OrderedDict[str, torch.Tensor] = OrderedDict()
-    for path, value in _leaves(variables.get("params", {})):
+    for path, value in flatten_dict(variables.get("params", {})).items():
         *mod, leaf = path
         x = np.asarray(value)
         if leaf == "kernel" and x.ndim == 4:
@@ -87,7 +76,7 @@ def flax_to_torch(
             raise ValueError(f"don't know how to convert Flax param {'/'.join(path)} of {x.shape}")
         name = "weight" if leaf in ("kernel", "scale") else "bias"
         sd[".".join([*mod, name])] = torch.from_numpy(np.ascontiguousarray(w).copy())
-    for path, value in _leaves(variables.get("batch_stats", {})):
+    for path, value in flatten_dict(variables.get("batch_stats", {})).items():
         *mod, leaf = path
         if leaf not in ("mean", "var"):
             raise ValueError(f"don't know how to convert Flax batch stat {'/'.join(path)}")

@@ -70,10 +70,9 @@ def planted_tree(plant: Plant) -> Iterator[Path]:
     assert plant.edit is not None
     root = repo_root()
     with tempfile.TemporaryDirectory(prefix=f"parity-plant-{plant.name}-") as tmp:
+        ignore = shutil.ignore_patterns("__pycache__")
         for pkg in PACKAGES:
-            shutil.copytree(
-                root / pkg, Path(tmp) / pkg, ignore=shutil.ignore_patterns("__pycache__")
-            )
+            shutil.copytree(root / pkg, Path(tmp) / pkg, ignore=ignore)
         target = Path(tmp) / plant.edit.path
         text = target.read_text()
         if text.count(plant.edit.old) != 1:
@@ -97,14 +96,20 @@ PLANTS: dict[str, Plant] = {}
 
 
 def _harness_plant(
-    check: int, how: str, config: str = "tiny"
-) -> Callable[[Callable[[Harness], Harness]], Callable[[Harness], Harness]]:
-    """Register the decorated harness builder as a plant named after it (no leading `_`)."""
+    check: int, how: str, config: str = "tiny", target: tuple[Any, str] | None = None
+) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Register the decorated function as a plant named after it (no leading `_`): a harness
+    builder, or with `target` (module, attribute) what stands in for that attribute during
+    the run, called with the real one first."""
 
-    def register(build: Callable[[Harness], Harness]) -> Callable[[Harness], Harness]:
-        name = build.__name__.lstrip("_")
-        PLANTS[name] = Plant(name, check, how, build, config=config)
-        return build
+    def register(fn: Callable[..., Any]) -> Callable[..., Any]:
+        def patch(h: Harness) -> Harness:
+            obj, attr = target
+            return _patched(h, obj, attr, partial(fn, getattr(obj, attr)))
+
+        name = fn.__name__.lstrip("_")
+        PLANTS[name] = Plant(name, check, how, fn if target is None else patch, config=config)
+        return fn
 
     return register
 
@@ -136,7 +141,13 @@ def _bn_momentum(h: Harness) -> Harness:
     return dataclasses.replace(h, flax_model=model)
 
 
-def _flax_batch_norm(cfg: Config, train: bool, dtype: Any, name: str) -> nn.BatchNorm:
+@_harness_plant(
+    2,
+    "jaxbench's BN layers replaced, for the run, by Flax's nn.BatchNorm, which "
+    "stores the running average of the biased batch variance (PyTorch: unbiased)",
+    target=(layers, "batch_norm"),
+)
+def _bn_unbiased_var(_real: Any, cfg: Config, train: bool, dtype: Any, name: str) -> nn.BatchNorm:
     """Flax's own BatchNorm, otherwise configured like jaxbench's."""
     return nn.BatchNorm(
         use_running_average=not train,
@@ -149,15 +160,6 @@ def _flax_batch_norm(cfg: Config, train: bool, dtype: Any, name: str) -> nn.Batc
         force_float32_reductions=True,
         name=name,
     )
-
-
-@_harness_plant(
-    2,
-    "jaxbench's BN layers replaced, for the run, by Flax's nn.BatchNorm, which "
-    "stores the running average of the biased batch variance (PyTorch: unbiased)",
-)
-def _bn_unbiased_var(h: Harness) -> Harness:
-    return _patched(h, layers, "batch_norm", _flax_batch_norm)
 
 
 class _SamePaddingLinen(types.SimpleNamespace):
@@ -210,15 +212,13 @@ def _decoupled_weight_decay(h: Harness) -> Harness:
     4,
     "jaxbench.optim.lr_knots patched for the run so every knot after step 0 is one "
     "step late (the optax schedule lags torch_ref's lr_at(t) by a step)",
+    target=(optim, "lr_knots"),
 )
-def _lr_schedule_off_by_one(h: Harness) -> Harness:
-    real = optim.lr_knots
-
-    def shifted(cfg: Config, steps_per_epoch: int) -> tuple[list[int], list[float]]:
-        xs, ys = real(cfg, steps_per_epoch)
-        return [xs[0], *(x + 1 for x in xs[1:])], ys  # every knot after the start one step late
-
-    return _patched(h, optim, "lr_knots", shifted)
+def _lr_schedule_off_by_one(
+    real: Callable[..., Any], cfg: Config, steps_per_epoch: int
+) -> tuple[list[int], list[float]]:
+    xs, ys = real(cfg, steps_per_epoch)
+    return [xs[0], *(x + 1 for x in xs[1:])], ys  # every knot after the start one step late
 
 
 @_harness_plant(
@@ -243,27 +243,23 @@ def _ema_debias(h: Harness) -> Harness:
     4,
     "jaxbench.optim_muon.newton_schulz patched for the run to iterate with the "
     "quintic's c rounded to one decimal (2.0315 -> 2.0, the record's 2.0843 -> 2.1)",
+    target=(optim_muon, "newton_schulz"),
 )
-def _muon_ns_coefficient(h: Harness) -> Harness:
-    real = optim_muon.newton_schulz
-
-    def newton_schulz(g: jax.Array, spec: MuonSpec, *args: Any) -> jax.Array:
-        a, b, c = spec.ns_coefficients
-        return real(g, dataclasses.replace(spec, ns_coefficients=(a, b, round(c, 1))), *args)
-
-    return _patched(h, optim_muon, "newton_schulz", newton_schulz)
+def _muon_ns_coefficient(
+    real: Callable[..., jax.Array], g: jax.Array, spec: MuonSpec, *args: Any
+) -> jax.Array:
+    a, b, c = spec.ns_coefficients
+    return real(g, dataclasses.replace(spec, ns_coefficients=(a, b, round(c, 1))), *args)
 
 
 @_harness_plant(
     4,
     "torch_ref.muon's update scale patched for the run to torch.optim.Muon's "
     "match_rms_adamw, 0.2 sqrt(max(out, in*kh*kw)), where both recipes scale by 1",
+    target=(torch_muon, "update_scale_factor"),
 )
-def _muon_scale_rms(h: Harness) -> Harness:
-    def scale(shape: tuple[int, ...], spec: MuonSpec) -> float:
-        return update_scale_factor(shape, dataclasses.replace(spec, update_scale="rms"))
-
-    return _patched(h, torch_muon, "update_scale_factor", scale)
+def _muon_scale_rms(_real: Any, shape: tuple[int, ...], spec: MuonSpec) -> float:
+    return update_scale_factor(shape, dataclasses.replace(spec, update_scale="rms"))
 
 
 @_harness_plant(
@@ -273,9 +269,8 @@ def _flip_mismatch(h: Harness) -> Harness:
     real = h.jax_apply_plan
 
     def apply_plan(images: Any, plan: dict[str, np.ndarray], cfg: Config) -> np.ndarray:
-        out = real(images, {**plan, "flip": np.zeros_like(plan["flip"])}, cfg)
+        out = np.array(real(images, {**plan, "flip": np.zeros_like(plan["flip"])}, cfg))
         flip = np.asarray(plan["flip"], bool)
-        out = np.array(out)
         out[flip] = out[flip][:, ::-1]
         return out
 
@@ -286,118 +281,99 @@ def _flip_mismatch(h: Harness) -> Harness:
     5,
     "torch_ref.augment.color_jitter patched for the run to compute x * contrast + "
     "brightness (the scale first) where the record shifts first: (x + brightness) * contrast",
+    target=(torch_augment, "color_jitter"),
 )
-def _jitter_scale_first(h: Harness) -> Harness:
-    def color_jitter(x: Any, brightness: Any, contrast: Any) -> Any:
-        return x * contrast[:, None, None, None] + brightness[:, None, None, None]
-
-    return _patched(h, torch_augment, "color_jitter", color_jitter)
+def _jitter_scale_first(_real: Any, x: Any, brightness: Any, contrast: Any) -> Any:
+    return x * contrast[:, None, None, None] + brightness[:, None, None, None]
 
 
 @_harness_plant(
     5,
     "jaxbench.augment.draw_plan patched for the run to draw the brightness shift from "
     "[0, B) instead of [-B, B)",
+    target=(augment, "draw_plan"),
 )
-def _jitter_range_one_sided(h: Harness) -> Harness:
-    real = augment.draw_plan
-
-    def draw_plan(*args: Any, **kw: Any) -> Any:
-        plan = real(*args, **kw)
-        return {**plan, "brightness": jnp.abs(plan["brightness"])}
-
-    return _patched(h, augment, "draw_plan", draw_plan)
+def _jitter_range_one_sided(real: Callable[..., Any], *args: Any, **kw: Any) -> Any:
+    plan = real(*args, **kw)
+    return {**plan, "brightness": jnp.abs(plan["brightness"])}
 
 
 @_harness_plant(
     6,
     "with --config speedrun_record: torch_ref.augment's selective TTA patched for the run to "
     "give the 6 views to the most confident images instead of the least confident",
+    target=(torch_augment, "selective_tta"),
     config="speedrun_record",
 )
-def _tta_select_most_confident(h: Harness) -> Harness:
-    def patched(plain: Any, views: Any, fraction: float) -> Any:
-        k = len(stream.least_confident(plain, fraction))
-        x = np.asarray(plain, np.float64)
-        confidence = 1.0 / np.exp(x - x.max(axis=1, keepdims=True)).sum(axis=1)
-        selected = np.sort(np.argsort(confidence, kind="stable")[len(x) - k :])
-        out = np.array(plain, np.float32, copy=True)
-        out[selected] = np.asarray(views, np.float32)[:, selected].mean(axis=0)
-        return out, selected
-
-    return _patched(h, torch_augment, "selective_tta", patched)
-
-
-def _activation_patch(h: Harness, kind: str, act: Callable[[jax.Array], jax.Array]) -> Harness:
-    """`layers.activation` returning `act` for `--activation kind`, the real one otherwise."""
-    real = layers.activation
-
-    def activation(cfg: Config) -> Callable[[jax.Array], jax.Array]:
-        return act if cfg.activation == kind else real(cfg)
-
-    return _patched(h, layers, "activation", activation)
+def _tta_select_most_confident(_real: Any, plain: Any, views: Any, fraction: float) -> Any:
+    k = len(stream.least_confident(plain, fraction))
+    x = np.asarray(plain, np.float64)
+    confidence = 1.0 / np.exp(x - x.max(axis=1, keepdims=True)).sum(axis=1)
+    selected = np.sort(np.argsort(confidence, kind="stable")[len(x) - k :])
+    out = np.array(plain, np.float32, copy=True)
+    out[selected] = np.asarray(views, np.float32)[:, selected].mean(axis=0)
+    return out, selected
 
 
 @_harness_plant(
     2,
     "with --config speedrun: jaxbench.layers.activation patched for the run to give "
     "jax.nn.gelu's default tanh approximation (torch's nn.GELU is the exact erf form)",
+    target=(layers, "activation"),
     config="speedrun",
 )
-def _gelu_tanh(h: Harness) -> Harness:
-    return _activation_patch(h, "gelu", lambda x: jax.nn.gelu(x, approximate=True))
+def _gelu_tanh(real: Callable[..., Any], cfg: Config) -> Callable[[jax.Array], jax.Array]:
+    return partial(jax.nn.gelu, approximate=True) if cfg.activation == "gelu" else real(cfg)
 
 
 @_harness_plant(
     2,
     "with --config resnet9: jaxbench.layers.activation patched for the run to give "
     "jax.nn.celu with its default alpha 1.0 (the config and torch_ref use 0.3)",
+    target=(layers, "activation"),
     config="resnet9",
 )
-def _celu_default_alpha(h: Harness) -> Harness:
-    return _activation_patch(h, "celu", jax.nn.celu)
+def _celu_default_alpha(real: Callable[..., Any], cfg: Config) -> Callable[[jax.Array], jax.Array]:
+    return jax.nn.celu if cfg.activation == "celu" else real(cfg)
 
 
 @_harness_plant(
     2,
     "with --config resnet9: jaxbench's ghost batch norm groups contiguous chunks of "
     "the batch instead of Page's groups (image i in group i mod splits)",
+    target=(layers, "conv_block"),
     config="resnet9",
 )
-def _ghost_bn_chunks(h: Harness) -> Harness:
+def _ghost_bn_chunks(
+    real: Callable[..., jax.Array], cfg: Config, x: jax.Array, conv: Any, norm: Any, pool: bool
+) -> jax.Array:
     """Each BN sees its input permuted so that contiguous chunks become Page's groups."""
-    real = layers.conv_block
 
-    def conv_block(cfg: Config, x: jax.Array, conv: Any, norm: Any, pool: bool) -> jax.Array:
-        def chunked(y: jax.Array) -> jax.Array:
-            n, g = y.shape[0], cfg.ghost_bn
-            if not g or n <= g:
-                return norm(y)
-            # position j * splits + k holds image k * g + j: chunk k lands in group k
-            perm = np.arange(n).reshape(n // g, g).T.reshape(-1)
-            return norm(y[perm])[np.argsort(perm)]
+    def chunked(y: jax.Array) -> jax.Array:
+        n, g = y.shape[0], cfg.ghost_bn
+        if not g or n <= g:
+            return norm(y)
+        # position j * splits + k holds image k * g + j: chunk k lands in group k
+        perm = np.arange(n).reshape(n // g, g).T.reshape(-1)
+        return norm(y[perm])[np.argsort(perm)]
 
-        return real(cfg, x, conv, chunked, pool)
-
-    return _patched(h, layers, "conv_block", conv_block)
+    return real(cfg, x, conv, chunked, pool)
 
 
 @_harness_plant(
     4,
     "with --config speedrun: jaxbench.optim.lookahead_update patched for the run to "
     "average and reset the params only, leaving the BN running statistics out",
+    target=(optim, "lookahead_update"),
     config="speedrun",
 )
-def _lookahead_without_bn_stats(h: Harness) -> Harness:
-    real = optim.lookahead_update
-
-    def params_only(ema: Any, live: Any, step: Any, cfg: Config, total_steps: int) -> Any:
-        p_ema, p_live = real(
-            {"params": ema["params"]}, {"params": live["params"]}, step, cfg, total_steps
-        )
-        return {**ema, "params": p_ema["params"]}, {**live, "params": p_live["params"]}
-
-    return _patched(h, optim, "lookahead_update", params_only)
+def _lookahead_without_bn_stats(
+    real: Callable[..., Any], ema: Any, live: Any, step: Any, cfg: Config, total_steps: int
+) -> Any:
+    p_ema, p_live = real(
+        {"params": ema["params"]}, {"params": live["params"]}, step, cfg, total_steps
+    )
+    return {**ema, "params": p_ema["params"]}, {**live, "params": p_live["params"]}
 
 
 def _source_plant(

@@ -7,7 +7,6 @@ run leaves the previous report intact rather than half a new one.
 from __future__ import annotations
 
 import io
-import math
 import textwrap
 from pathlib import Path
 from typing import Any
@@ -23,10 +22,6 @@ from parity.suite import SuiteResult
 def _num(x: float | None) -> str:
     if x is None:
         return "-"
-    if isinstance(x, float) and not math.isfinite(x):
-        return str(x)
-    if x == 0:
-        return "0"
     if float(x).is_integer() and abs(x) < 1e6:
         return str(int(x))
     return f"{x:.3g}"

@@ -39,16 +39,13 @@ class SuiteResult:
     def passed(self) -> bool:
         return all(r.passed for r in self.results)
 
-    @property
-    def failed_checks(self) -> list[CheckResult]:
-        return [r for r in self.results if not r.passed]
-
     def verdict(self) -> str:
         """One line: pass, fail, or for a plant whether the expected check caught it."""
-        failed = ", ".join(f"{r.number} ({r.name})" for r in self.failed_checks)
+        failed_checks = [r for r in self.results if not r.passed]
+        failed = ", ".join(f"{r.number} ({r.name})" for r in failed_checks)
         if self.plant is not None:
             want, caught = get_plant(self.plant).check, f"plant {self.plant!r} caught by check"
-            if any(r.number == want for r in self.failed_checks):
+            if any(r.number == want for r in failed_checks):
                 return f"{caught} {failed}"
             if failed:
                 return f"{caught} {failed}, not by check {want} as expected"
@@ -115,21 +112,16 @@ def run_suite(
     if plant is not None:
         get_plant(plant)  # validates the name before any work
     chosen = tuple(checks) if checks else (FAST_CHECKS if plant else ALL_CHECKS)
-    if data is not None:
-        images, labels = data.train_images[:SAMPLE_IMAGES], data.train_labels[:SAMPLE_IMAGES]
-        source = getattr(data, "source", "") or "CIFAR-10"
-    else:
-        synth = synthetic_dataset(SAMPLE_IMAGES, 1)
-        images, labels, source = synth.train_images, synth.train_labels, "synthetic (random)"
+    sample = data if data is not None else synthetic_dataset(SAMPLE_IMAGES, 1)
+    source = "synthetic (random)" if data is None else getattr(data, "source", "") or "CIFAR-10"
     harness = planted_harness(plant)
     ctx = Context(
         cfg,
         harness,
         quick=quick,
-        images=np.asarray(images),
-        labels=np.asarray(labels),
+        images=np.asarray(sample.train_images[:SAMPLE_IMAGES]),
+        labels=np.asarray(sample.train_labels[:SAMPLE_IMAGES]),
         data=data,
-        synthetic=data is None,
         seeds=seeds if seeds is not None else (3 if quick else 5),
         epochs=epochs,
         log=log,
@@ -142,8 +134,7 @@ def run_suite(
         for number in chosen:
             log(f"check {number} ({CHECKS[number][0]}) ...")
             r = run_check(number, ctx)
-            status = "pass" if r.passed else "FAIL"
-            log(f"check {number} ({r.name}): {status} in {r.seconds:.1f} s")
+            log(f"check {number} ({r.name}): {'pass' if r.passed else 'FAIL'} in {r.seconds:.1f} s")
             results.append(r)
     seconds = time.perf_counter() - t0
     return SuiteResult(results, cfg, quick, plant, source, seconds, ctx.curves, thread_record)

@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 
 _STRING = re.compile(r'"(?:[^"\\]|\\.)*"')
+_ARG_TOKEN = re.compile(rf"{_STRING.pattern}|->|[\s\S]")  # a string, "->" or a character
 # generic-form op names are strings ("stablehlo.case"(...)): unquote them before strings go
 _GENERIC_OP = re.compile(r'"((?:stablehlo|mhlo|chlo|func|scf|sdy)\.[a-z_][\w.]*)"(?=\s*[(<])')
 _FUNC = re.compile(r"\bfunc\.func\s+(?:(?:public|private|nested)\s+)*@([\w$.\-]+)")
@@ -95,12 +96,10 @@ def _parse(text: str) -> _Parsed:
         i = end + 1
 
     in_region = [False] * len(raw)
-    loops = 0
-    for i, line in enumerate(code):
-        if _WHILE.search(line):
-            loops += 1
-            for j in range(i, region_end(i) + 1):
-                in_region[j] = True
+    whiles = [i for i, line in enumerate(code) if _WHILE.search(line)]
+    for i in whiles:
+        end = region_end(i)
+        in_region[i : end + 1] = [True] * (end + 1 - i)
 
     calls: dict[str | None, set[str]] = {}
     from_loops: set[str] = set()
@@ -117,7 +116,7 @@ def _parse(text: str) -> _Parsed:
                 from_loops.add(callee)
                 todo.append(callee)
     in_loop = [r or (f in from_loops) for r, f in zip(in_region, func_of, strict=True)]
-    return _Parsed(raw, code, func_of, in_loop, loops)
+    return _Parsed(raw, code, func_of, in_loop, len(whiles))
 
 
 def _main_arguments(text: str) -> list[str]:
@@ -127,32 +126,18 @@ def _main_arguments(text: str) -> list[str]:
     )
     if not m:
         return []
-    args, cur, depth, k, n = [], [], 0, m.end(), len(text)
-    closers = {")": "(", "}": "{", "]": "[", ">": "<"}
-    while k < n:
-        c = text[k]
-        if c == '"':
-            s = _STRING.match(text, k)
-            end = s.end() if s else k + 1
-            cur.append(text[k:end])
-            k = end
+    args, cur, depth = [], "", 0
+    for token in _ARG_TOKEN.finditer(text, m.end()):
+        t = token.group()
+        if depth == 0 and t in (")", ","):
+            if t == ")":
+                break
+            args.append(cur)
+            cur = ""
             continue
-        if c == ")" and depth == 0:
-            break
-        if c == "," and depth == 0:
-            args.append("".join(cur))
-            cur = []
-        else:
-            if c in "({[<":
-                depth += 1
-            elif c in closers and not (c == ">" and text[k - 1] == "-"):
-                depth -= 1
-            cur.append(c)
-        k += 1
-    last = "".join(cur).strip()
-    if last:
-        args.append(last)
-    return [a.strip() for a in args]
+        depth += (t in "({[<") - (t in ")}]>")  # "->" is one token: no bracket
+        cur += t
+    return [a.strip() for a in (args + [cur] if cur.strip() else args)]
 
 
 def _listed(items: list[str]) -> str:

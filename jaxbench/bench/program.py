@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import jax
@@ -124,10 +124,14 @@ def program_fn(p: Pieces, which: str, *, donate: bool = True) -> tuple[Any, tupl
     raise ValueError(f"which must be one of {', '.join(PROGRAMS)}, got {which!r}")
 
 
-def lower_text(jitted: Any, args: Sequence[Any], platform: str) -> str:
-    """StableHLO text of `jitted(*args)` for `platform`, from any machine: `jax.export`
-    (custom calls allowed, for the inspection to judge), or for host callbacks, which it
-    refuses, a local lowering (another platform then raises `ProgramError`)."""
+def lower_program(
+    cfg: Config, platform: str = "cuda", which: str = "epoch", *, donate: bool = True
+) -> str:
+    """StableHLO text of one of `PROGRAMS` for `platform` (`for_platform`), from any machine:
+    `jax.export` (custom calls allowed, for the inspection to judge), or for host callbacks,
+    which it refuses, a local lowering (another platform then raises `ProgramError`).
+    `donate=False` lowers without donation (a plant for the donation check)."""
+    jitted, args = program_fn(build_pieces(for_platform(cfg, platform)), which, donate=donate)
     try:
         try:
             return jax.export.export(
@@ -144,31 +148,12 @@ def lower_text(jitted: Any, args: Sequence[Any], platform: str) -> str:
         ) from e
 
 
-def lower_program(
-    cfg: Config,
-    platform: str = "cuda",
-    which: str = "epoch",
-    *,
-    batches: int = 2,
-    eval_batch: int | None = None,
-    donate: bool = True,
-) -> str:
-    """StableHLO text of one of `PROGRAMS` for `platform` (`for_platform`); `donate=False`
-    lowers without donation (a plant for the donation check)."""
-    cfg = for_platform(cfg, platform)
-    p = build_pieces(cfg, batches=batches, eval_batch=eval_batch)
-    jitted, args = program_fn(p, which, donate=donate)
-    return lower_text(jitted, args, platform)
-
-
 def state_leaf_count(cfg: Config) -> int:
     """Leaves of the trainer's TrainState: the arguments the epoch and the step must donate."""
     return len(jax.tree_util.tree_leaves(_state_shapes(cfg)))
 
 
-def check_program(
-    cfg: Config, platform: str = "cuda", which: str = "epoch", *, batches: int = 2
-) -> dict[str, Any]:
+def check_program(cfg: Config, platform: str = "cuda", which: str = "epoch") -> dict[str, Any]:
     """Lower one program and inspect it: the epoch is one loop, the epoch and the step donate
     every state leaf. A lowering failure is a finding (`ok` False), not an exception. Muon's
     Newton-Schulz matmuls run in float32 by design (held to the float64 reference), so a
@@ -176,7 +161,7 @@ def check_program(
     cfg = for_platform(cfg, platform)
     dtype = models.compute_dtype(cfg)  # precision is explicit now: backend-independent
     try:
-        text = lower_program(cfg, platform, which, batches=batches)
+        text = lower_program(cfg, platform, which)
     except ProgramError as e:
         return {"ok": False, "problems": [str(e)], "compute_dtype": mlir_dtype(dtype)}
     return inspect_program(
@@ -189,11 +174,11 @@ def check_program(
 
 
 def check_programs(
-    cfg: Config, platform: str = "cuda", which: Iterable[str] = PROGRAMS, *, batches: int = 2
+    cfg: Config, platform: str = "cuda", which: Iterable[str] = PROGRAMS
 ) -> dict[str, Any]:
     """`check_program` for each of `which`, with the platform, config and compute dtype."""
     cfg = for_platform(cfg, platform)
-    programs = {w: check_program(cfg, platform, w, batches=batches) for w in which}
+    programs = {w: check_program(cfg, platform, w) for w in which}
     return {
         "ok": all(f["ok"] for f in programs.values()),
         "platform": platform,

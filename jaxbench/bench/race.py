@@ -77,13 +77,6 @@ def _jax_program_check(cfg: configs.Config) -> dict[str, Any]:
     }
 
 
-def _jax_flop_check(cfg: configs.Config) -> dict[str, Any]:
-    """XLA's executed FLOPs against the counted ones: redundant compute leaves the bounds."""
-    from jaxbench.bench import program
-
-    return program.flop_check(cfg)
-
-
 class Bench:
     """The whole command's state: budget, contenders, bench.json, and the runs so far."""
 
@@ -167,32 +160,38 @@ class Bench:
         self.log(f"{self._stamp()} {framework}: dropped: {reason}")
 
     # -- one run
+    def attempt(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> tuple[Any, Any]:
+        """`fn(*args, **kwargs)` under the watchdog: (its result, None) or (None, its error
+        record); only the budget's end propagates (one failure must not cost the rest)."""
+        try:
+            with self.watchdog.guard():
+                return fn(*args, **kwargs), None
+        except BudgetExceeded:
+            raise
+        except Exception as e:
+            return None, error_record(e)
+
     def call(self, cfg: configs.Config, entry: Entry, seed: int, **extra: Any) -> dict[str, Any]:
-        """One trainer run (guarded by the watchdog); returns its summary."""
-        run_cfg = entry.config(cfg).replace(seed=seed, out=None)
-        with self.watchdog.guard():
-            return frameworks.run_trainer(
-                self.trainers[entry.framework],
-                entry,
-                run_cfg,
-                data=self.data[cfg.name],
-                stream=self.opts.stream,
-                torch_setup=self.torch_setup() if entry.framework == "torch" else {},
-                caches=self.caches,
-                **extra,
-            )
+        """One trainer run; returns its summary."""
+        return frameworks.run_trainer(
+            self.trainers[entry.framework],
+            entry,
+            entry.config(cfg).replace(seed=seed, out=None),
+            data=self.data[cfg.name],
+            stream=self.opts.stream,
+            torch_setup=self.torch_setup() if entry.framework == "torch" else {},
+            caches=self.caches,
+            **extra,
+        )
 
     def run(self, cfg: configs.Config, entry: Entry, seed: int, kind: str) -> dict[str, Any] | None:
         """A warm-up or timed run, recorded in bench.json; an error retires the contender."""
         race = self.doc["races"][cfg.name]
         fw = race["frameworks"][entry.name]
         t0 = self.budget.elapsed()
-        try:
-            summary = self.call(cfg, entry, seed)
-        except BudgetExceeded:
-            raise
-        except Exception as e:  # one failure must not cost the rest of the race
-            fw["error"] = {**error_record(e), "seed": seed, "kind": kind}
+        summary, error = self.attempt(self.call, cfg, entry, seed)
+        if error is not None:
+            fw["error"] = {**error, "seed": seed, "kind": kind}
             self.log(
                 f"{self._stamp()} {cfg.name} {entry.name}: {kind} failed: {fw['error']['error']}"
             )
@@ -214,7 +213,7 @@ class Bench:
             if seed not in race["seeds"]:
                 race["seeds"].append(seed)
             self.estimates[key] = max(r["wall_seconds"] for r in fw["runs"])
-        self.refresh(cfg)
+        records.refresh_race(race, cfg, self.opts.target)
         self.save()
         self.log(
             f"{self._stamp()} {cfg.name:<9} {entry.name:<9} {kind:<8} seed {seed:<4} "
@@ -233,10 +232,6 @@ class Bench:
         """Predicted wall seconds of a run (x `scale`) of every contender still racing."""
         runs = [(c.name, e.name) for c in self.opts.cfgs for e in self.active(c)]
         return sum(scale * self.estimates[key] for key in runs)
-
-    def refresh(self, cfg: configs.Config) -> None:
-        """Statistics after every run, so a kill leaves them current."""
-        records.refresh_race(self.doc["races"][cfg.name], cfg, self.opts.target)
 
     # -- the phases
     def race(self) -> None:
@@ -263,20 +258,16 @@ class Bench:
                     )
                     warm = self.round_cost()
                     if not fits(self.budget.remaining(), 2 * guess + warm):
-                        self.skip(
-                            cfg,
-                            entry,
+                        reason = (
                             f"budget: its warm-up and one run (~{2 * guess:.0f} s predicted) "
-                            f"and a round of the others (~{warm:.0f} s) do not fit",
+                            f"and a round of the others (~{warm:.0f} s) do not fit"
                         )
+                        fw = self.doc["races"][cfg.name]["frameworks"][entry.name]
+                        fw["error"] = {"error": f"skipped: {reason}"}
+                        self.log(f"{self._stamp()} {cfg.name} {entry.name}: skipped: {reason}")
                         continue
                 self.run(cfg, entry, WARMUP_SEED, "warm-up")
             self.self_checks(cfg)
-
-    def skip(self, cfg: configs.Config, entry: Entry, reason: str) -> None:
-        fw = self.doc["races"][cfg.name]["frameworks"][entry.name]
-        fw["error"] = {"error": f"skipped: {reason}"}
-        self.log(f"{self._stamp()} {cfg.name} {entry.name}: skipped: {reason}")
 
     def self_checks(self, cfg: configs.Config) -> None:
         """Checks that hold each side to account, recorded in the race (never timed). Under a
@@ -288,22 +279,18 @@ class Bench:
         skipped = {"status": "skipped", "detail": f"budget: checks and a round (~{2 * cost:.0f} s)"}
         for entry in self.active(cfg):
             run_cfg = entry.config(cfg)
-            if entry.framework == "jax" and "jax_program" not in checks:
-                if not budget_left:
-                    checks["jax_program"], checks["jax_flops"] = dict(skipped), dict(skipped)
-                    continue
-                checks["jax_program"] = _guarded(_jax_program_check, run_cfg)
-                checks["jax_flops"] = _guarded(_jax_flop_check, run_cfg)
-            if entry.framework == "torch" and "torch_sync" not in checks:
-                if not budget_left:
-                    checks["torch_sync"] = dict(skipped)
-                    continue
-                checks["torch_sync"] = _guarded(
-                    frameworks.torch_sync_check,
-                    run_cfg.replace(seed=WARMUP_SEED, out=None),
-                    self.data[cfg.name],
-                    self.torch_setup(),
-                )
+            if entry.framework == "jax":
+                from jaxbench.bench import program  # JAX's programs, XLA's FLOPs
+
+                todo = {"jax_program": _jax_program_check, "jax_flops": program.flop_check}
+                args: tuple[Any, ...] = (run_cfg,)
+            else:
+                todo = {"torch_sync": frameworks.torch_sync_check}
+                args = (run_cfg.replace(seed=WARMUP_SEED, out=None), self.data[cfg.name])
+                args += (self.torch_setup(),)
+            for name, fn in todo.items():
+                if name not in checks:
+                    checks[name] = _guarded(fn, *args) if budget_left else dict(skipped)
         for name, result in checks.items():
             why = result.get("problems") or result.get("error") or result.get("detail") or ""
             why = "; ".join(why) if isinstance(why, list) else why
@@ -348,14 +335,12 @@ class Bench:
                 race["vmap_seeds"] = {"k": k, "skipped": f"budget: ~{est:.0f} s predicted"}
                 self.log(f"{self._stamp()} {cfg.name} {k} seeds, one program: skipped (budget)")
                 continue
+            from jaxbench.train import train_seeds  # JAX: only when a JAX contender races
+
             run_cfg = entry.config(cfg).replace(out=None)
-            try:
-                with self.watchdog.guard():
-                    res = frameworks.train_seeds(run_cfg, range(k), self.data[cfg.name])
-            except BudgetExceeded:
-                raise
-            except Exception as e:
-                race["vmap_seeds"] = {"k": k, **error_record(e)}
+            res, error = self.attempt(train_seeds, run_cfg, range(k), self.data[cfg.name])
+            if error is not None:
+                race["vmap_seeds"] = {"k": k, **error}
                 continue
             # the "K seeds, one program" row: its time, per seed, beside a run alone's mean
             alone = race["frameworks"][entry.name]["summary"]
@@ -390,14 +375,12 @@ class Bench:
                     continue
                 folder = self.opts.profile / cfg.name / entry.name
                 fw = self.doc["races"][cfg.name]["frameworks"][entry.name]
-                try:
-                    summary = self.call(cfg, entry, WARMUP_SEED, profile_dir=folder)
-                except BudgetExceeded:
-                    raise
-                except Exception as e:
-                    fw["profile"] = error_record(e)
+                summary, error = self.attempt(
+                    self.call, cfg, entry, WARMUP_SEED, profile_dir=folder
+                )
+                fw["profile"] = error or summary.get("profile")
+                if error is not None:
                     continue
-                fw["profile"] = summary.get("profile")
                 if fw["profile"]:
                     self.log(
                         format_top_ops(
@@ -411,7 +394,7 @@ class Bench:
         self.watchdog.disarm()
         for cfg in self.opts.cfgs:
             race = self.doc["races"][cfg.name]
-            self.refresh(cfg)
+            records.refresh_race(race, cfg, self.opts.target)
             race["complete"] = complete
             if any(fw["runs"] for fw in race["frameworks"].values()):
                 png = f"bench-{cfg.name}.png"

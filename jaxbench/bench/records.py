@@ -59,10 +59,8 @@ def mean_curve(epoch_rows: Sequence[Sequence[dict[str, Any]]], metric: str) -> l
 
 def first_epoch_at(curve: Sequence[dict[str, Any]], target: float) -> int | None:
     """The first epoch whose mean accuracy reaches `target`, or None if none does."""
-    for point in curve:
-        if point["accuracy"] is not None and point["accuracy"] >= target:
-            return int(point["epoch"])
-    return None
+    reached = (p["epoch"] for p in curve if p["accuracy"] is not None and p["accuracy"] >= target)
+    return next((int(e) for e in reached), None)
 
 
 def timed_work(

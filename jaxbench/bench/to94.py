@@ -124,8 +124,7 @@ def markdown(table: list[dict[str, object]]) -> str:
 def _main(cmd: Command, argv: list[str]) -> int:
     p = configs.OneLineErrorParser(prog="python -m jaxbench.bench.to94", description=__doc__)
     presets_help = "comma list of presets to add after the published recipes"
-    default = "resnet9,speedrun,speedrun_muon,speedrun_record"
-    p.add_argument("--config", default=default, help=presets_help)
+    p.add_argument("--config", default=",".join(a.preset for a in ANCHORS), help=presets_help)
     p.add_argument("--no-xla", action="store_true", help="counted FLOPs only (no compilation)")
     args = p.parse_args(argv)
     presets = args.config.split(",")

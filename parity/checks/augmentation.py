@@ -42,11 +42,8 @@ def check_augment(ctx: Context) -> CheckResult:
                     "flipped": int(bp.flip.sum()),
                 }
     for who in ("jax_vs_numpy", "torch_vs_numpy", "jax_vs_torch"):
-        res.figures.append(
-            Figure(
-                f"bytes differing, {who.replace('_', ' ')}", sum(r[who] for r in rows.values()), 0
-            )
-        )
+        n = sum(r[who] for r in rows.values())
+        res.figures.append(Figure(f"bytes differing, {who.replace('_', ' ')}", n, 0))
     jcfg = ctx.cfg if has_jitter(ctx.cfg) else ctx.cfg.replace(**RECORD_JITTER)
     jcfg = jcfg.replace(batch_size=256, subset=None)
     jitter_rows = _jitter_inputs(ctx, images, jcfg)
@@ -58,9 +55,8 @@ def check_augment(ctx: Context) -> CheckResult:
         res.figures.append(Figure(name, worst, 1.0))
     ranges = _jitter_ranges(ctx, len(images), jcfg)
     for name, r in ranges.items():
-        res.figures.append(
-            Figure(f"{name}: draws outside the range or short of its ends", r["bad"], 0)
-        )
+        what = f"{name}: draws outside the range or short of its ends"
+        res.figures.append(Figure(what, r["bad"], 0))
     res.details = {
         "batches": rows,
         "crop_pad": ctx.cfg.crop_pad,
@@ -94,9 +90,8 @@ def _jitter_inputs(ctx: Context, images: np.ndarray, cfg: Config) -> dict[str, d
             row[f"{fw}_vs_numpy"] = _count_diff(jitter(x, plan, cfg), ref)
             noise = float(np.abs(normalize(u8, plan, off) - x).max())
             bound = noise * float(bp.contrast.max()) + 4 * EPS32 * float(np.abs(ref).max())
-            row[f"{fw}_vs_numpy input"] = (
-                float(np.abs(normalize(u8, plan, cfg) - ref).max()) / bound
-            )
+            error = float(np.abs(normalize(u8, plan, cfg) - ref).max())
+            row[f"{fw}_vs_numpy input"] = error / bound
         rows[f"epoch={epoch} step=0"] = row
     return rows
 

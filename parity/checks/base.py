@@ -123,7 +123,6 @@ class Context:
     images: np.ndarray | None = None  # uint8 NHWC sample for checks 2-5 (real or synthetic)
     labels: np.ndarray | None = None
     data: Any = None  # jaxbench.data.Dataset for checks 6-7 (None: synthetic for 6, 7 fails)
-    synthetic: bool = False
     seeds: int = 3  # per framework, check 7
     epochs: int | None = None  # check 7 override
     log: Callable[[str], None] = print

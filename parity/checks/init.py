@@ -79,18 +79,16 @@ def _uniform_figures(fw: str, sample: InitSample) -> tuple[list[Figure], dict[st
             # rescaled per seed by 1 / s(u): the std is exactly 1, the bound off by s(u)'s
             # noise, sd 1 / sqrt(2 n) of one seed's weights: five of those either way
             slack = 5.0 / math.sqrt(2.0 * ws[0].size)
-            figures += [
-                Figure(f"{p}: max |sample std - 1|", sample.unit_std[layer], 1e-5),
-                Figure(f"{p}: max|w| / bound", fit.max_ratio, 1.0 + slack, headline=False),
-                Figure(f"{p}: max|w| / bound (lower)", fit.max_ratio, 1 - slack, ">=", False),
-            ]
+            spread = Figure(f"{p}: max |sample std - 1|", sample.unit_std[layer], 1e-5)
+            upper, lower = 1.0 + slack, 1 - slack
         else:
-            figures += [
-                Figure(f"{p}: |z| of variance", abs(fit.std_z), stats.Z_TOL),
-                Figure(f"{p}: max|w| / bound", fit.max_ratio, 1.0 + 1e-6, headline=False),
-                Figure(f"{p}: max|w| / bound (lower)", fit.max_ratio, fit.min_max_ratio, ">=",
-                       False),
-            ]  # fmt: skip
+            spread = Figure(f"{p}: |z| of variance", abs(fit.std_z), stats.Z_TOL)
+            upper, lower = 1.0 + 1e-6, fit.min_max_ratio
+        figures += [
+            spread,
+            Figure(f"{p}: max|w| / bound", fit.max_ratio, upper, headline=False),
+            Figure(f"{p}: max|w| / bound (lower)", fit.max_ratio, lower, ">=", False),
+        ]
         if len(ws) > 1:
             same = float(np.mean(ws[0] == ws[1]))
             figures.append(Figure(f"{p}: share equal across seeds", same, 1e-3, headline=False))

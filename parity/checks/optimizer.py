@@ -240,10 +240,8 @@ def muon_figures(h: Harness, cfg: Config, steps: int, seed: int) -> tuple[list[F
         if is_muon_param(path_keys(path), w)
     }
     rng = np.random.default_rng(seed)
-    grads = {
-        k: [
-            rng.standard_normal(w.shape).astype(np.float32).astype(np.float64) for _ in range(steps)
-        ]
+    grads = {  # float32 values, `steps` per filter
+        k: list(rng.standard_normal((steps, *w.shape)).astype(np.float32).astype(np.float64))
         for k, w in filters.items()
     }
     figures, details = [], {}

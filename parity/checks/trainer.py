@@ -114,13 +114,17 @@ def _torch_snapshot(r: Any) -> dict[str, Any]:
     snap: dict[str, Any] = {
         "t": r.t,
         "variables": convert.torch_to_flax(sd),
-        "buffers": convert.torch_to_flax(bufs)["params"] if bufs else {},
-        "frozen": set(leaves(convert.torch_to_flax(frozen)["params"])) if frozen else set(),
+        "buffers": {k.replace(".", "/"): b for k, b in _flax_params(bufs).items()},
+        "frozen": set(_flax_params(frozen)),
     }
     if r.ema_model is not None:
         ema_sd = {k: v.detach().cpu().clone() for k, v in r.ema_model.state_dict().items()}
         snap["ema"] = convert.torch_to_flax(ema_sd)
     return snap
+
+
+def _flax_params(tensors: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
+    return leaves(convert.torch_to_flax(tensors)["params"])
 
 
 class TorchRecorder:
@@ -141,20 +145,12 @@ class TorchRecorder:
         self.at_eval[epoch] = _torch_snapshot(run)
 
 
-def _param_path(path: Any) -> tuple[str, ...] | None:
-    """The parameter path inside an optax trace leaf's key path, or None for other leaves."""
+def _param_path(path: Any) -> str | None:
+    """The parameter ("a/b/kernel") of an optax trace leaf's key path, or None for other leaves."""
     names = [getattr(k, "name", None) for k in path]
     if "trace" not in names:
         return None
-    return path_keys(path[names.index("trace") + 1 :])
-
-
-def _lookup(tree: PyTree, path: tuple[str, ...]) -> Any:
-    for k in path:
-        if not isinstance(tree, dict) or k not in tree:
-            return None
-        tree = tree[k]
-    return tree
+    return "/".join(path_keys(path[names.index("trace") + 1 :]))
 
 
 class TeacherForcing:
@@ -174,7 +170,7 @@ class TeacherForcing:
         def leaf(path: Any, x: jax.Array) -> jax.Array:
             p = _param_path(path)
             if p is not None:
-                b = _lookup(snap["buffers"], p)
+                b = snap["buffers"].get(p)
                 return jnp.asarray(np.zeros(x.shape, np.float32) if b is None else b, x.dtype)
             if path and getattr(path[-1], "name", None) == "count":
                 return jnp.asarray(t, x.dtype)
@@ -215,23 +211,16 @@ def _jax_parts(state: Any) -> dict[str, PyTree]:
     return {
         "params": state.params,
         "batch_stats": state.batch_stats,
-        "buffers": {"/".join(p): np.asarray(x) for p, x in traces if p is not None},
+        "buffers": {p: np.asarray(x) for p, x in traces if p is not None},
         "ema": state.ema,
     }
 
 
 def _torch_parts(snap: dict[str, Any], template: dict[str, Any]) -> dict[str, PyTree]:
-    bufs = {
-        k: (np.zeros_like(v) if (b := _lookup(snap["buffers"], tuple(k.split("/")))) is None else b)
-        for k, v in template["buffers"].items()
-    }
+    """torch's snapshot as the same parts, missing momentum buffers (before the first step) 0."""
     v = snap["variables"]
-    return {
-        "params": v["params"],
-        "batch_stats": v["batch_stats"],
-        "buffers": bufs,
-        "ema": snap.get("ema", v),
-    }
+    bufs = {k: snap["buffers"].get(k, np.zeros_like(x)) for k, x in template["buffers"].items()}
+    return {**v, "buffers": bufs, "ema": snap.get("ema", v)}
 
 
 def _stats_ratios(
@@ -267,9 +256,10 @@ def _gross_ratios(
     out: dict[str, float] = {}
     parts = (("params", None), ("buffers", None), ("ema", "params"))
     for part, sub in parts[: 3 if with_ema else 2]:
+        key = part if sub is None else "ema params"
         g, w, b = (leaves(x[part] if sub is None else x[part][sub]) for x in (got, want, before))
         if set(g) - skip != set(w) - skip:
-            out[part if sub is None else "ema params"] = math.inf
+            out[key] = math.inf
             continue
         num = den = 0.0
         for name in w:
@@ -278,7 +268,6 @@ def _gross_ratios(
             wv = w[name].astype(np.float64)
             num += float(np.sum((g[name].astype(np.float64) - wv) ** 2))
             den += float(np.sum((wv - b[name].astype(np.float64)) ** 2))
-        key = part if sub is None else "ema params"
         out[key] = math.sqrt(num / den) if den > 0 else (0.0 if num == 0 else math.inf)
     return out
 
@@ -379,13 +368,11 @@ def _applied_weight_decay(
         w0 = w0s[name].astype(np.float64)
         b0, b1 = pre["buffers"][key].astype(np.float64), post["buffers"][key].astype(np.float64)
         g = grads[name].astype(np.float64)
-        r = b1 - m * b0 - g
+        noise = 1e-5 * np.abs(g) + EPS32 * (np.abs(b1) + m * np.abs(b0))
         a = acc.setdefault(group, [0.0, 0.0, 0.0])
-        a[0] += float(np.sum(r * w0))
+        a[0] += float(np.sum((b1 - m * b0 - g) * w0))
         a[1] += float(np.sum(w0 * w0))
-        a[2] += float(
-            np.sum(np.abs(w0) * (1e-5 * np.abs(g) + EPS32 * (np.abs(b1) + m * np.abs(b0))))
-        )
+        a[2] += float(np.sum(np.abs(w0) * noise))
     return {
         grp: (n / d if d > 0 else 0.0, e / d if d > 0 else math.inf)
         for grp, (n, d, e) in acc.items()
@@ -417,14 +404,10 @@ class Runs:
         torch's run, JAX's from the injection."""
         for t in self.steps:
             if t + 1 in self.rec.pre and t in self.tf.post:
-                pre_t = _torch_parts(self.rec.pre[t], _jax_parts(self.tf.post[t]))
-                yield (
-                    t,
-                    {
-                        "torch": (pre_t, _torch_parts(self.rec.pre[t + 1], pre_t)),
-                        "jax": (_jax_parts(self.tf.injected[t]), _jax_parts(self.tf.post[t])),
-                    },
-                )
+                post = _jax_parts(self.tf.post[t])
+                pre_t = _torch_parts(self.rec.pre[t], post)
+                torch_run = (pre_t, _torch_parts(self.rec.pre[t + 1], pre_t))
+                yield t, {"torch": torch_run, "jax": (_jax_parts(self.tf.injected[t]), post)}
 
 
 def _worst(pairs: Iterable[tuple[float, T]], empty: T) -> tuple[float, T]:
@@ -686,13 +669,8 @@ def _selective_figures(
     allowed = 2 * int(np.sum(np.abs(tconf - edge) <= slack))
     swapped = len(np.setxor1d(j_sel, t_sel))
     rows[f"{label} selected"] = float(k)
-    figures.append(
-        Figure(
-            f"{label} selective TTA: images picked differently (allowed: {allowed} near the edge)",
-            swapped,
-            allowed,
-        )  # fmt: skip
-    )
+    name = f"{label} selective TTA: images picked differently (allowed: {allowed} near the edge)"
+    figures.append(Figure(name, swapped, allowed))
     rows[f"{label} selective"] = float(np.abs(jc - tc).max()) / scale
     name = f"{label} selective-TTA logits max |diff| / max |x| / {LOGITS_RTOL:g}"
     figures.append(Figure(name, rows[f"{label} selective"] / LOGITS_RTOL, 1.0))
