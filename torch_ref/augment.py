@@ -28,7 +28,7 @@ from jaxbench.stream import (
 PLAN_FIELDS: tuple[str, ...] = (
     "indices", "crop_y", "crop_x", "flip", "cutout_y", "cutout_x", "brightness", "contrast",
 )  # fmt: skip
-FLOAT_FIELDS = ("brightness", "contrast")
+_DTYPES = {"flip": torch.bool, "brightness": torch.float32, "contrast": torch.float32}  # else int64
 _FLIP_SEED_TAG = 0xF11B  # base flips get their own generator, so they are drawn "once"
 
 
@@ -39,8 +39,7 @@ def plan_to_device(plan: Mapping[str, np.ndarray | torch.Tensor], device: torch.
     out: dict[str, torch.Tensor] = {}
     for name in PLAN_FIELDS:
         v = plan[name]
-        dtype = torch.bool if name == "flip" else torch.int64
-        dtype = torch.float32 if name in FLOAT_FIELDS else dtype
+        dtype = _DTYPES.get(name, torch.int64)
         if not torch.is_tensor(v):
             v = torch.from_numpy(np.ascontiguousarray(v)).to(dtype)
             if device.type == "cuda":
@@ -72,11 +71,8 @@ def fill_tensor(device: torch.device) -> torch.Tensor:
 @functools.cache
 def device_stats(dataset: str, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """The normalisation mean and std on `device`, made once per process (no per-call copy)."""
-    mean, std = MEAN_STD[dataset]
-    return (
-        torch.tensor(mean, dtype=torch.float32, device=device),
-        torch.tensor(std, dtype=torch.float32, device=device),
-    )
+    mean, std = (torch.tensor(v, dtype=torch.float32, device=device) for v in MEAN_STD[dataset])
+    return mean, std
 
 
 def normalize(
@@ -87,9 +83,8 @@ def normalize(
     channels_last: bool = True,
     jitter: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
-    """uint8 NHWC -> float32 NCHW, `(x / 255 - mean) / std`; with `jitter`, a batch plan's
-    (brightness, contrast), `(x + b) * c` per image (`stream.jitter_numpy`). The permute makes
-    it channels-last (`channels_last=False`: made contiguous NCHW)."""
+    """uint8 NHWC -> float32 NCHW `(x / 255 - mean) / std`, then `jitter`'s (brightness, contrast)
+    `(x + b) * c` per image (`stream.jitter_numpy`); channels-last unless `channels_last=False`."""
     x = (images.float() / 255.0 - mean) / std
     if jitter is not None:
         x = color_jitter(x, *jitter)
@@ -140,8 +135,7 @@ def apply_plan(
     idx = plan["indices"].to(images.device, torch.int64)
     b = idx.shape[0]
     iota = torch.arange(IMAGE_SIZE, device=images.device)
-    rows = iota.expand(b, IMAGE_SIZE)
-    cols = rows
+    rows = cols = iota.expand(b, IMAGE_SIZE)
     p = cfg.crop_pad
     if p:
         crop_y = plan["crop_y"].to(images.device, torch.int64)
@@ -153,15 +147,12 @@ def apply_plan(
         cols = torch.where(flip[:, None], cols.flip(-1), cols)
     out = images[idx[:, None, None], rows[:, :, None], cols[:, None, :]]  # (B, 32, 32, 3)
     if cfg.cutout:
-        s = cfg.cutout
         cy = plan["cutout_y"].to(images.device, torch.int64)[:, None]
         cx = plan["cutout_x"].to(images.device, torch.int64)[:, None]
-        in_y = (iota >= cy) & (iota < cy + s)  # (B, 32)
-        in_x = (iota >= cx) & (iota < cx + s)
+        in_y = (iota >= cy) & (iota < cy + cfg.cutout)  # (B, 32)
+        in_x = (iota >= cx) & (iota < cx + cfg.cutout)
         mask = (in_y[:, :, None] & in_x[:, None, :])[..., None]
-        if fill is None:
-            fill = fill_tensor(images.device)
-        out = torch.where(mask, fill, out)
+        out = torch.where(mask, fill_tensor(images.device) if fill is None else fill, out)
     return out
 
 

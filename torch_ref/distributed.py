@@ -1,11 +1,10 @@
 """Data parallelism for torch_ref: one process per device, started by torchrun.
 
-`init` joins torchrun's processes in a group (gloo on the CPU, nccl on `cuda:LOCAL_RANK`).
-Every process draws the same epoch plan and trains on its contiguous share of each global
-batch through `DistributedDataParallel` (the EMA copy is not wrapped); `loss_scale` undoes
-DDP's averaging and BN all-reduces its statistics (`bn_sync="global"`), so the update equals
-one process's on the whole batch. `prepare` turns a single-process run into its share; only
-process 0 writes outputs.
+`init` joins torchrun's processes in a group (gloo on the CPU, nccl on `cuda:LOCAL_RANK`). Every
+process draws the same epoch plan and trains on its contiguous share of each global batch through
+`DistributedDataParallel` (the EMA copy is not wrapped); `loss_scale` undoes DDP's averaging and BN
+all-reduces its statistics (`bn_sync="global"`), so the update equals one process's on the whole
+batch. `prepare` turns a single-process run into its share; only process 0 writes outputs.
 """
 
 from __future__ import annotations
@@ -15,7 +14,7 @@ import datetime
 import inspect
 import os
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -107,21 +106,6 @@ def check(cfg: Config, world: int) -> None:
         )
 
 
-def local_share(
-    bp: Mapping[str, torch.Tensor], rank: int, world: int
-) -> Mapping[str, torch.Tensor]:
-    """This process's contiguous part of a global batch's plan (views, no copy)."""
-    if world == 1:
-        return bp
-    b = len(bp["indices"]) // world
-    return {name: v[rank * b : (rank + 1) * b] for name, v in bp.items()}
-
-
-def shard(n: int, rank: int, world: int) -> slice:
-    """This process's contiguous part of `n` items (the test set), sizes differing by <= 1."""
-    return slice(rank * n // world, (rank + 1) * n // world)
-
-
 def loss_scale(reduction: str, world: int) -> float:
     """What each process multiplies its loss by before `backward`: DDP divides the summed
     gradients by `world`, so each backpropagates `world` x its part of the global loss ("sum":
@@ -175,15 +159,9 @@ def eager_only(compile: bool | None, torch_setup: Any, world: int) -> bool | Non
     return False
 
 
-def bn_sync(cfg: Config) -> str | None:
-    """How BN's training statistics span the processes: `cfg.bn_sync`, None alone."""
-    return cfg.bn_sync if world_size() > 1 else None
-
-
 class DataParallelForward:
-    """`augmented_train_forward` on this process's share of each global batch, through DDP,
-    the loss scaled by `loss_scale`; rewrapped when the trained parameters change (the
-    speedrun net freezes its whitening bias)."""
+    """`augmented_train_forward` on this process's share of each global batch through DDP, the
+    loss scaled by `loss_scale`; rewrapped when the speedrun net freezes its whitening bias."""
 
     def __init__(
         self, forward: Callable[..., Any], model: nn.Module, device: torch.device, reduction: str
@@ -208,7 +186,8 @@ class DataParallelForward:
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         if self._trained() != self.trained:
             self.ddp, self.trained = wrap(self.model, self.device), self._trained()
-        share = local_share(plan, self.rank, self.world)
+        b = len(plan["indices"]) // self.world  # this process's contiguous part, as views
+        share = {name: v[self.rank * b : (self.rank + 1) * b] for name, v in plan.items()}
         loss, per_example, correct = self.forward(self.ddp, images, labels, share, *args, **kw)
         return loss * self.scale, per_example, correct
 
@@ -220,27 +199,21 @@ def prepare(r: Any) -> None:
     if world <= 1:
         return
     r.forward = DataParallelForward(r.forward, r.model, r.device, r.cfg.loss_reduction)
-    part = shard(r.n_test, rank(), world)
+    n, i = r.n_test, rank()
+    part = slice(i * n // world, (i + 1) * n // world)  # parts differ by one image at most
     r.test_x, r.test_y = r.test_x[part], r.test_y[part]
     r.extras.update(devices=world, processes=world)  # data-parallel devices, one per process
 
 
 @torch.no_grad()
 def sum_over_processes(*tensors: torch.Tensor, mean: bool = False) -> None:
-    """Sum (or average) each tensor over the processes, in place, outside autograd; nothing to
-    do alone."""
+    """Sum (or average) each tensor over the processes, in place, outside autograd."""
     if world_size() <= 1:
         return
     for t in tensors:
         dist.all_reduce(t)
         if mean:
             t.div_(dist.get_world_size())
-
-
-def refuse_resume(resume: Any) -> None:
-    """`--resume` runs in a single process: a ValueError in a process group."""
-    if resume is not None and world_size() > 1:
-        raise ValueError(RESUME_ALONE)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

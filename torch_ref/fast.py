@@ -1,13 +1,12 @@
 """The speed set-up of torch_ref: how a run is raced in PyTorch, and the self-check that proves it.
 
-`torch_ref.train` is plain eager PyTorch; this module makes it fast and every summary records
-which of it ran (`record`): `torch.compile` (max-autotune with inductor's CUDA graphs on GPUs,
-as airbench94_compiled), the SGD kernel, channels-last, cuDNN benchmark mode, nets and data at
-fixed addresses across runs so CUDA graphs replay (`place`), and a warm-up off the clock once
-per process and configuration (`warm_up`). On the CPU the defaults resolve to eager.
-`check_no_host_sync` proves nothing in an epoch waits for the device. The LR stays a host float
-in `param_groups`: the optimizer runs eagerly outside the compiled forward/backward, so changing
-it every step neither syncs nor recompiles.
+`torch_ref.train` is plain eager PyTorch; this makes it fast, and every summary records which
+of it ran (`record`): `torch.compile` (max-autotune with inductor's CUDA graphs on GPUs, as
+airbench94_compiled), the SGD kernel, channels-last, cuDNN benchmark mode, nets and data at
+fixed addresses so CUDA graphs replay (`place`), a warm-up off the clock once per process and
+configuration (`warm_up`); eager on the CPU. `check_no_host_sync` proves nothing in an epoch
+waits for the device. The LR is a host float in `param_groups`: the optimizer runs eagerly
+outside the compiled forward/backward, so a new LR each step neither syncs nor recompiles.
 """
 
 from __future__ import annotations
@@ -24,7 +23,6 @@ from typing import Any
 import torch
 from torch import nn
 
-from jaxbench.configs import Config
 from torch_ref import augment
 from torch_ref.layers import set_whiten_bias_trainable
 
@@ -123,11 +121,9 @@ class TorchSetup:
 
 def sgd_kwargs(sgd_impl: str | None) -> dict[str, Any]:
     """torch.optim.SGD's `fused=`/`foreach=` for a kernel name (None: torch's own choice)."""
-    return {
-        "fused": {"fused": True, "foreach": False},
-        "foreach": {"fused": False, "foreach": True},
-        "for-loop": {"fused": False, "foreach": False},
-    }.get(sgd_impl or "", {})
+    if sgd_impl not in SGD_IMPLS:
+        return {}
+    return {"fused": sgd_impl == "fused", "foreach": sgd_impl == "foreach"}
 
 
 def default_device() -> torch.device:
@@ -136,8 +132,7 @@ def default_device() -> torch.device:
 
 
 def resolve_device(device: torch.device | str | None = None) -> torch.device:
-    """The requested device, else `default_device()`; a GPU always with its index (one name
-    per device for the caches)."""
+    """The requested device, else `default_device()`; a GPU with its index (one cache name)."""
     dev = torch.device(device) if device is not None else default_device()
     if dev.type == "cuda" and dev.index is None:
         dev = torch.device("cuda", torch.cuda.current_device())
@@ -147,8 +142,7 @@ def resolve_device(device: torch.device | str | None = None) -> torch.device:
 def resolve(
     device: torch.device, compile: bool | None = None, torch_setup: TorchSetup | None = None
 ) -> TorchSetup:
-    """A run's setup, every field concrete for `device` (None: the device's defaults);
-    cuDNN's benchmark mode is set to match."""
+    """`TorchSetup.resolve` (None: the device's defaults), cuDNN's benchmark mode set to match."""
     s = (torch_setup or TorchSetup()).resolve(device, compile)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = bool(s.cudnn_benchmark)
@@ -175,20 +169,6 @@ def record(s: TorchSetup, device: torch.device, bf16: bool) -> dict[str, Any]:
         cpu_threads=torch.get_num_threads(),
     )
     return out
-
-
-def dynamo_graphs() -> int:
-    """Graphs torch._dynamo has compiled in this process, recompiles included (0 if dynamo
-    never loaded)."""
-    dynamo = sys.modules.get("torch._dynamo.utils")
-    return 0 if dynamo is None else int(dynamo.counters["stats"]["unique_graphs"])
-
-
-def summary_fields(
-    s: TorchSetup, device: torch.device, bf16: bool, warm: Mapping[str, Any]
-) -> dict[str, Any]:
-    """What the speed set-up adds to summary.json: the warm-up's record and the setup."""
-    return {**warm, "compile": s.compiled, "torch_setup": record(s, device, bf16)}
 
 
 # --- compiled functions ---------------------------------------------------------------------------
@@ -236,13 +216,6 @@ def forget_warmups() -> None:
     _POOL.clear()
 
 
-def run_key(
-    cfg: Config, n_train: int, n_test: int, dev: torch.device, s: TorchSetup, bf16: bool
-) -> tuple[Any, ...]:
-    """What the warm-up depends on: the recipe, not the run options or the data's values."""
-    return (cfg.recipe(), n_train, n_test, str(dev), s, bf16)
-
-
 def place(
     s: TorchSetup,
     key: tuple[Any, ...],
@@ -269,8 +242,7 @@ def place(
         if net is not None and fresh is not None:
             net.load_state_dict(fresh.state_dict())
             net.train()
-    for p in kept_model.parameters():
-        p.grad = None
+    kept_model.zero_grad(set_to_none=True)
     return pooled
 
 
@@ -351,8 +323,7 @@ def check_no_host_sync(
     """Run `steps` training steps (an EMA update among them), a plan draw and an evaluation
     of run `r` (the trainer's `step`, `plan`, `evaluate`) under sync-debug mode "error"; the
     nets are restored after. {"status": "passed" | "skipped" | "failed", "detail": ...}; a
-    failure names the phase and the synchronising line (RuntimeError with `raise_on_sync`).
-    """
+    failure names the phase and the synchronising line (RuntimeError with `raise_on_sync`)."""
     if r.device.type != "cuda":
         return {"status": "skipped", "detail": "no CUDA device: sync-debug mode is CUDA's"}
     cfg = r.cfg

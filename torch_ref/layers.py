@@ -20,8 +20,7 @@ class BatchNorm(nn.BatchNorm2d):
     normalised on its own; the (C,) running statistics move towards the groups' mean.
     `sync` (several processes): "global" normalises with the whole global batch's statistics
     (one process's numbers), "local" each process's share, averaging the running statistics.
-    `nn.SyncBatchNorm` refuses CPU tensors and has no ghost groups, hence this one.
-    """
+    `nn.SyncBatchNorm` refuses CPU tensors and has no ghost groups, hence this one."""
 
     sync: str | None = None  # None: one process; "global" or "local": several
 
@@ -35,9 +34,7 @@ class BatchNorm(nn.BatchNorm2d):
         ghost: int = 0,
     ) -> None:
         super().__init__(channels, eps=eps, momentum=momentum, affine=True)
-        self.scale_trainable = scale_trainable
-        self.scale = float(scale)
-        self.ghost = int(ghost)
+        self.scale, self.ghost = float(scale), int(ghost)
         if not scale_trainable:
             self.weight = None  # F.batch_norm treats a missing weight as 1
             if self.scale != 1.0:
@@ -54,9 +51,7 @@ class BatchNorm(nn.BatchNorm2d):
             self.bias.zero_()
 
     def _scale(self) -> torch.Tensor | None:
-        if self.weight is not None:
-            return self.weight
-        return getattr(self, "fixed_scale", None)
+        return self.weight if self.weight is not None else getattr(self, "fixed_scale", None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.sync is not None and self.training:
@@ -138,8 +133,7 @@ class BatchNorm(nn.BatchNorm2d):
 
 
 def set_sync(model: nn.Module, sync: str | None) -> None:
-    """Make every BN layer of `model` train over the process group ("global" or "local"
-    statistics), or alone (None)."""
+    """Every BN layer of `model` trains over the process group ("global"/"local") or alone."""
     for m in model.modules():
         if isinstance(m, BatchNorm):
             m.sync = sync
@@ -159,24 +153,16 @@ def batch_norm(cfg: Config, channels: int) -> BatchNorm:
 
 def activation(cfg: Config) -> nn.Module:
     """ReLU, CELU(`cfg.celu_alpha`), the exact erf GELU or SiLU."""
-    if cfg.activation == "relu":
-        return nn.ReLU()
     if cfg.activation == "celu":
         return nn.CELU(alpha=cfg.celu_alpha)
-    if cfg.activation == "gelu":
-        return nn.GELU()  # approximate="none"
-    if cfg.activation == "silu":
-        return nn.SiLU()
-    raise ValueError(f"--activation must be relu, celu, gelu or silu, got {cfg.activation!r}")
+    plain = {"relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU}  # GELU's approximate="none"
+    if cfg.activation not in plain:
+        raise ValueError(f"--activation must be relu, celu, gelu or silu, got {cfg.activation!r}")
+    return plain[cfg.activation]()
 
 
 def conv_block(
-    cfg: Config,
-    x: torch.Tensor,
-    conv: nn.Module,
-    norm: nn.Module,
-    act: nn.Module,
-    pool: bool,
+    cfg: Config, x: torch.Tensor, conv: nn.Module, norm: nn.Module, act: nn.Module, pool: bool
 ) -> torch.Tensor:
     """conv -> BN -> act [-> pool], or with `cfg.pool_before_act` conv [-> pool] -> BN -> act."""
     x = conv(x)

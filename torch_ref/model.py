@@ -17,8 +17,7 @@ from torch_ref.speedrun_model import NUM_CLASSES, speedrun_from_config
 
 
 class ConvBN(nn.Module):
-    """conv3x3 (no bias), BN and the activation, with an optional 2x2 max pool placed by
-    `cfg.pool_before_act` (`layers.conv_block`)."""
+    """conv3x3 (no bias), BN, the activation and an optional 2x2 max pool (`layers.conv_block`)."""
 
     def __init__(self, c_in: int, c_out: int, *, pool: bool, cfg: Config) -> None:
         super().__init__()
@@ -68,8 +67,7 @@ class ResNet9(nn.Module):
         BN scale `cfg.bn_scale`, bias 0, running mean 0, running var 1."""
         for m in self.modules():
             if isinstance(m, (nn.Conv2d, nn.Linear)):
-                fan_in = m.weight[0].numel()
-                bound = 1.0 / math.sqrt(fan_in)
+                bound = 1.0 / math.sqrt(m.weight[0].numel())  # fan_in = kh kw c_in
                 m.weight.uniform_(-bound, bound, generator=generator)
             elif isinstance(m, nn.BatchNorm2d):
                 m.reset_parameters()
@@ -98,8 +96,7 @@ def model_from_config(cfg: Config, seed: int | None = None) -> nn.Module:
         num_classes=NUM_CLASSES[cfg.dataset],
         cfg=cfg,
     )
-    gen = torch.Generator().manual_seed(cfg.seed if seed is None else seed)
-    model.reset_parameters(gen)
+    model.reset_parameters(torch.Generator().manual_seed(cfg.seed if seed is None else seed))
     return model
 
 
@@ -109,8 +106,7 @@ def count_params(model: nn.Module) -> int:
 
 
 def use_bfloat16(cfg: Config, device: torch.device) -> bool:
-    """`precision=auto` means bf16 autocast on GPU and float32 on the CPU (the twin of
-    `jaxbench.models.compute_dtype`)."""
+    """`precision=auto`: bf16 autocast on GPU, float32 on CPU (`models.compute_dtype`'s twin)."""
     if cfg.precision == "auto":
         return device.type == "cuda"
     return cfg.precision == "bfloat16"

@@ -58,8 +58,7 @@ class Muon(torch.optim.Optimizer):
             for p in group["params"]:
                 if p.ndim != 4:
                     raise ValueError(f"Muon takes OIHW conv filters only, got {tuple(p.shape)}")
-        self.spec = spec
-        self.total_steps = total_steps
+        self.spec, self.total_steps = spec, total_steps
         self.norm_table = normalization_steps(total_steps, spec)
 
     @torch.no_grad()

@@ -21,8 +21,7 @@ from torch_ref.muon import muon_step_
 
 
 def is_muon_param(name: str, p: torch.Tensor) -> bool:
-    """A trained conv filter: a 4-D weight outside the frozen whitening conv
-    (`jaxbench.optim_muon.is_muon_param` on the same net)."""
+    """A trained conv filter: a 4-D weight outside the frozen whitening conv (as jaxbench's)."""
     parts = name.split(".")
     return p.ndim == 4 and parts[-1] == "weight" and (len(parts) < 2 or parts[-2] != "whiten")
 
@@ -30,8 +29,7 @@ def is_muon_param(name: str, p: torch.Tensor) -> bool:
 class MuonSGD(torch.optim.Optimizer):
     """Muon on the groups with `muon=True`, torch SGD's for-loop update on the rest, in one
     optimizer (so `set_lr`, state dict and scratch copy serve both). A group with `lr_knots`
-    takes its LR from them at its own update count, not from `set_lr`.
-    """
+    takes its LR from them at its own update count, not from `set_lr`."""
 
     def __init__(
         self,
@@ -127,15 +125,11 @@ def make_muon_sgd(model: nn.Module, cfg: Config, steps_per_epoch: int) -> MuonSG
 
 
 def make_optimizer(
-    model: nn.Module,
-    cfg: Config,
-    sgd_impl: str | None = None,
-    steps_per_epoch: int | None = None,
+    model: nn.Module, cfg: Config, sgd_impl: str | None = None, steps_per_epoch: int | None = None
 ) -> torch.optim.Optimizer:
     """SGD with Nesterov momentum and coupled decay, BN biases in their own group, each group
     with an `lr_mult` (`set_lr`); a `MuonSGD` for Muon or `whiten_bias_own_lr`, which needs
-    `steps_per_epoch`. `sgd_impl`: "fused", "foreach" or "for-loop" (None: torch's choice).
-    """
+    `steps_per_epoch`. `sgd_impl`: "fused", "foreach" or "for-loop" (None: torch's choice)."""
     if cfg.optimizer == "muon" or cfg.whiten_bias_own_lr:
         if steps_per_epoch is None:
             raise ValueError("make_optimizer needs steps_per_epoch for Muon or the bias's LR")

@@ -7,7 +7,6 @@ time on CUDA. Only the timed training is recorded, not the evaluations between e
 
 from __future__ import annotations
 
-import contextlib
 import os
 import tempfile
 from pathlib import Path
@@ -70,8 +69,7 @@ class TorchProfile:
             self.prof.export_chrome_trace(tmp)
             os.replace(tmp, path)
         finally:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp)
+            Path(tmp).unlink(missing_ok=True)  # gone once replaced
         return {"trace": str(path), "top_ops": rank(op_totals(self.prof, cuda=self.cuda))}
 
 

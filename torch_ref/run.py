@@ -1,5 +1,5 @@
 """What one PyTorch run holds (`Run`), how the run driver drives it (`Trainer`), its checkpoint
-file (`save_state`, `restore_state`: a resumed run continues bit for bit) and the `Hooks` the
+file (`write_state`, `restore`: a resumed run continues bit for bit) and the `Hooks` the
 parity suite watches the training loop through.
 """
 
@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -106,14 +107,25 @@ class Trainer:
         self.r.model.train()
 
     def restore(self, folder: Path, epochs_done: int) -> None:
-        restore_state(self.r, folder, epochs_done)
+        """Load `write_state`'s file into the run, in place (the nets keep their addresses), with
+        the whitening bias frozen if the updates done froze it."""
+        r = self.r
+        state = torch.load(folder / STATE_FILE, map_location=r.device, weights_only=True)
+        r.model.load_state_dict(state["model"])
+        if r.ema_model is not None:
+            r.ema_model.load_state_dict(state["ema_model"])
+        r.optimizer.load_state_dict(state["optimizer"])
+        r.t = int(state["t"])
+        r.generator.set_state(state["generator"].cpu())
+        if r.cfg.whiten == "patch2" and r.t > whiten_bias_steps(r.cfg, r.steps):
+            layers.set_whiten_bias_trainable(r.model, False)  # else the next step freezes it
+        r.model.train()
 
     def train_epoch(self, epoch: int, progress: bool) -> tuple[list[float], int]:
         return self.epoch_fn(self.r, epoch, progress=progress, hooks=self.hooks)
 
     def score(self, epoch: int, same_weights: bool) -> tuple[dict[str, float | None], int]:
-        """The recipe's scores; equal weights scored once unless hooks may have touched them
-        (then they are compared)."""
+        """The recipe's scores; equal weights scored once, compared if hooks may touch them."""
         if self.hooks is not None:
             self.hooks.before_eval(epoch, self.r)
         same = (True if self.hooks is None else None) if same_weights else False
@@ -123,10 +135,26 @@ class Trainer:
         fast.sync(self.r.device)
 
     def compile_count(self) -> int:
-        return fast.dynamo_graphs()
+        """Graphs dynamo has compiled in this process, recompiles included (0: never loaded)."""
+        dynamo = sys.modules.get("torch._dynamo.utils")
+        return 0 if dynamo is None else int(dynamo.counters["stats"]["unique_graphs"])
 
     def write_state(self, folder: Path) -> None:
-        save_state(self.r, folder)
+        """Both nets, the optimizer, the update count and the plan generator's state, atomically,
+        as tensors and plain containers (so `restore` loads them with `weights_only`)."""
+        r = self.r
+        state = {
+            "model": r.model.state_dict(),
+            "ema_model": r.ema_model.state_dict() if r.ema_model is not None else None,
+            "optimizer": r.optimizer.state_dict(),
+            "t": r.t,
+            "generator": r.generator.get_state(),
+        }
+        tmp = folder / f".{STATE_FILE}.tmp"
+        torch.save(state, tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, folder / STATE_FILE)
 
     def summary_extras(self, ledger: Ledger) -> dict[str, Any]:
         return {"dynamo_compiles": ledger.compiles, **self.r.extras}
@@ -151,38 +179,6 @@ def device_data(cfg: Config, data: Any, device: torch.device) -> dict[str, torch
         raise ValueError("the test set is empty; check the data or --test-subset")
     as_tensor = lambda a, dt: torch.from_numpy(np.ascontiguousarray(a)).to(device, dt)  # noqa: E731
     return {k: as_tensor(a, dt) for k, (a, dt) in host.items()}
-
-
-def save_state(r: Run, folder: Path) -> None:
-    """Everything the numbers depend on, as tensors and plain containers, written atomically:
-    both nets, the optimizer, the update counter and the plan generator's state."""
-    state = {
-        "model": r.model.state_dict(),
-        "ema_model": r.ema_model.state_dict() if r.ema_model is not None else None,
-        "optimizer": r.optimizer.state_dict(),
-        "t": r.t,
-        "generator": r.generator.get_state(),
-    }
-    tmp = folder / f".{STATE_FILE}.tmp"
-    torch.save(state, tmp)
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, folder / STATE_FILE)
-
-
-def restore_state(r: Run, folder: Path, epochs_done: int) -> None:
-    """Load `save_state`'s file into the run, in place (the nets keep their addresses), with
-    the whitening bias frozen if the updates done froze it."""
-    state = torch.load(folder / STATE_FILE, map_location=r.device, weights_only=True)
-    r.model.load_state_dict(state["model"])
-    if r.ema_model is not None:
-        r.ema_model.load_state_dict(state["ema_model"])
-    r.optimizer.load_state_dict(state["optimizer"])
-    r.t = int(state["t"])
-    r.generator.set_state(state["generator"].cpu())
-    if r.cfg.whiten == "patch2" and r.t > whiten_bias_steps(r.cfg, r.steps):
-        layers.set_whiten_bias_trainable(r.model, False)  # else the next step freezes it
-    r.model.train()
 
 
 def load_checkpoint(run_dir: str | os.PathLike[str]) -> tuple[dict[str, Any], dict[str, Any]]:

@@ -2,8 +2,7 @@
 
 Same structure and names as `jaxbench.speedrun_model`: `whiten` (frozen 2x2 conv with bias),
 `block1..3` (`conv1`, max pool 2, `bn1`, act, `conv2`, `bn2`, act), max pool 3, `head`. The
-stem's activation is GELU in all three sources; `cfg.activation` is the blocks' (the record's
-SiLU).
+stem's activation is GELU in all three sources; `cfg.activation` is the blocks' (record: SiLU).
 """
 
 from __future__ import annotations
@@ -20,13 +19,6 @@ from torch_ref import layers
 
 WHITEN_CHANNELS = 24
 NUM_CLASSES: dict[str, int] = {"cifar10": 10, "cifar100": 100}
-
-
-def dirac_(conv: nn.Conv2d) -> None:
-    """Identity on the first min(C_in, C_out) filters, as airbench's init."""
-    with torch.no_grad():
-        w = conv.weight
-        nn.init.dirac_(w[: w.size(1)])
 
 
 class ConvGroup(nn.Module):
@@ -87,10 +79,9 @@ class SpeedrunNet(nn.Module):
                 m.reset_parameters()
         if self.whiten_bias_zero:  # airbench: the whitening bias starts at zero
             self.whiten.bias.zero_()
-        for i in range(self.n_blocks):
-            group = getattr(self, f"block{i + 1}")
-            dirac_(group.conv1)
-            dirac_(group.conv2)
+        for m in self.modules():  # the blocks' 3x3 convs
+            if isinstance(m, nn.Conv2d) and m.kernel_size == (3, 3):
+                nn.init.dirac_(m.weight[: m.in_channels])
         if self.head_unit_std:  # airbench94_muon: w *= 1 / w.std()
             self.head.weight.mul_(1 / self.head.weight.std())
 
@@ -107,8 +98,7 @@ class SpeedrunNet(nn.Module):
 
 
 def speedrun_from_config(cfg: Config, seed: int | None = None) -> SpeedrunNet:
-    """The configured net on the CPU, initialised from `seed` (default `cfg.seed`) by a
-    private generator."""
+    """The configured net on the CPU, initialised from `seed` (default `cfg.seed`) privately."""
     if len(cfg.widths) != 3:
         raise ValueError(f"the speedrun net takes three --widths, got {cfg.widths}")
     net = SpeedrunNet(

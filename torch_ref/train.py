@@ -1,13 +1,12 @@
 """Train and evaluate the ResNet-9 recipe in PyTorch: `python -m torch_ref.train`.
 
 The same recipe, config presets, flags, table and files as `python -m jaxbench.train`
-(docs/design.md), in plain eager PyTorch, top to bottom: the model and its state, one
-step, one epoch, evaluation, the run, the command line. Data stays on the device as
-uint8, augmentation runs as batched tensor ops there, and an epoch's metrics stay in
-device tensors until its one fetch. What makes it fast (`torch.compile`, CUDA graphs,
-the SGD kernel, warm-up off the clock) is `torch_ref.fast`; what splits it over
-processes under torchrun is `torch_ref.distributed`; what a run holds and saves is
-`torch_ref.run`. Each plugs in where `setup` says.
+(docs/design.md), in plain eager PyTorch, top to bottom: the model and its state, one step, one
+epoch, evaluation, the run, the command line. Data stays on the device as uint8, augmentation runs
+as batched tensor ops there, and an epoch's metrics stay in device tensors until its one fetch. What
+makes it fast (`torch.compile`, CUDA graphs, the SGD kernel, warm-up off the clock) is
+`torch_ref.fast`; what splits it over processes under torchrun is `torch_ref.distributed`; what a
+run holds and saves is `torch_ref.run`. Each plugs in where `setup` says.
 """
 
 from __future__ import annotations
@@ -80,8 +79,7 @@ def augmented_train_forward(
     forward: Callable[..., tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = train_forward,
     **loss_kw: Any,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """`forward` (`train_forward`, or its compiled twin) of the batch that `plan` cuts from
-    the resident training set."""
+    """`forward` (`train_forward` or its compiled twin) of the batch `plan` cuts from train_x."""
     x = augment.apply_plan(images, plan, cfg, fill=fill)
     jitter = augment.plan_jitter(plan, cfg)
     return forward(net, x, labels[plan["indices"]], mean, std, jitter=jitter, **loss_kw)
@@ -112,8 +110,7 @@ def eval_logits(
 def eval_forward(
     net: nn.Module, x_u8: torch.Tensor, y: torch.Tensor, *args: Any, **kw: Any
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(summed cross-entropy without smoothing, correct count) of `eval_logits`'s TTA logits
-    (`args`, `kw`: its `mean, std, cfg` and options)."""
+    """(summed cross-entropy without smoothing, correct count) of `eval_logits`'s TTA logits."""
     _, logits = eval_logits(net, x_u8, *args, **kw)
     loss = F.cross_entropy(logits, y, reduction="sum")
     return loss, (logits.argmax(1) == y).sum()
@@ -137,13 +134,11 @@ def setup(
     torch_setup: fast.TorchSetup | None = None,
 ) -> Run:
     """Data on the device, model, EMA copy and optimizer (`data` None: `load_dataset(cfg)`;
-    `init_state_dict`: start from these weights instead of the seed's).
-
-    `torch_setup` (`torch_ref.fast.TorchSetup`; None: the device's defaults, eager on
-    the CPU) and `compile` (the older switch) choose the speed set-up, which warms up
-    off the clock once per process and configuration. In a process group the run is
-    this process's part of a data-parallel one, eager (compiling is a ValueError).
-    """
+    `init_state_dict`: start from these weights instead of the seed's). `torch_setup`
+    (`fast.TorchSetup`; None: the device's defaults, eager on the CPU) and `compile` (the
+    older switch) choose the speed set-up, which warms up off the clock once per process and
+    configuration. In a process group: this process's part of a data-parallel run, eager
+    (compiling is a ValueError)."""
     if stream not in STREAMS:
         raise ValueError(f"stream must be one of {', '.join(STREAMS)}, got {stream!r}")
     check_supported(cfg)
@@ -164,10 +159,10 @@ def setup(
     fmt = torch.channels_last if speed.channels_last else torch.contiguous_format
     model = init.to(dev, memory_format=fmt)
     ema_model = copy.deepcopy(model) if cfg.ema_every else None
-    key = fast.run_key(cfg, n_train, n_test, dev, speed, bf16)
+    key = (cfg.recipe(), n_train, n_test, str(dev), speed, bf16)  # the warm-up's: not the data
     model, ema_model, tensors = fast.place(speed, key, model, ema_model, tensors)
     layers.set_whiten_bias_trainable(model, True)
-    layers.set_sync(model, distributed.bn_sync(cfg))
+    layers.set_sync(model, cfg.bn_sync if distributed.world_size() > 1 else None)
     forward, eval_fwd = fast.forwards(speed, augmented_train_forward, train_forward, eval_forward)
     steps = steps_per_epoch(cfg, n_train)
     total = schedule.train_steps(cfg, steps)
@@ -202,7 +197,7 @@ def setup(
     )
     distributed.prepare(r)  # several processes: DDP forward, a part of the test set each
     warm = fast.warm_up(r, speed, key, evaluate=evaluate_net, ema_update=optim.ema_update)
-    r.extras.update(fast.summary_fields(speed, dev, bf16, warm))
+    r.extras.update(warm, compile=speed.compiled, torch_setup=fast.record(speed, dev, bf16))
     return r
 
 
@@ -218,10 +213,8 @@ def set_whitening(r: Run) -> None:
 
 
 def train_step(r: Run, bp: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Update `r.t` on batch plan `bp`: LR, forward, backward, SGD, EMA (and lookahead).
-
-    Returns (mean per-example loss, correct count) as device tensors: no sync.
-    """
+    """Update `r.t` on batch plan `bp`: LR, forward, backward, SGD, EMA (and lookahead);
+    (mean per-example loss, correct count) as device tensors: no sync."""
     cfg = r.cfg
     optim.set_lr(r.optimizer, r.lrs[r.t])
     args = (r.model, r.train_x, r.train_y, bp, r.fill, r.mean, r.std, cfg)
@@ -287,9 +280,7 @@ def train_epoch(
 def evaluate_net(r: Run, net: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
     """(mean loss, correct count) of `net` on the run's whole test set as device tensors (no
     sync); BN in eval mode, TTA per cfg; each process scores its part and the sums are added.
-
-    The count, not a float32 ratio, so the host divides exactly (accuracy = correct / n).
-    """
+    The count, not a float32 ratio, so the host divides exactly (accuracy = correct / n)."""
     cfg, kw = r.cfg, {"bf16": r.bf16, "channels_last": r.loss_kw["channels_last"]}
     was_training = net.training
     net.eval()
@@ -313,27 +304,18 @@ def evaluate_net(r: Run, net: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def score(r: Run, same_weights: bool | None) -> tuple[dict[str, float | None], int]:
-    """(val_loss, val_acc and ema_val_acc of the run's nets on its test set, how many weight
-    sets were scored); synchronises.
-
-    `same_weights`: True when the caller knows the net equals its EMA (lookahead's last
-    epoch), None to compare them here; equal weights are scored once, for both.
-    """
+    """(val_loss, val_acc and ema_val_acc of the run's nets, how many weight sets were scored);
+    synchronises. `same_weights`: True when the caller knows the net equals its EMA
+    (lookahead's last epoch), None to compare them here; equal weights are scored once."""
     if r.ema_model is not None and same_weights is None:
         same_weights = optim.weights_equal(r.ema_live, r.ema_copy)
     val_loss, val_correct = evaluate_net(r, r.model)
-    correct = int(val_correct.item())
-    ema_correct, sets = None, 1
+    val_acc, ema_acc, sets = int(val_correct.item()) / r.n_test, None, 1
     if r.ema_model is not None and same_weights:
-        ema_correct = correct
+        ema_acc = val_acc
     elif r.ema_model is not None:
-        ema_correct, sets = int(evaluate_net(r, r.ema_model)[1].item()), 2
-    ema_acc = None if ema_correct is None else ema_correct / r.n_test
-    return {
-        "val_loss": val_loss.item(),
-        "val_acc": correct / r.n_test,
-        "ema_val_acc": ema_acc,
-    }, sets
+        ema_acc, sets = int(evaluate_net(r, r.ema_model)[1].item()) / r.n_test, 2
+    return {"val_loss": val_loss.item(), "val_acc": val_acc, "ema_val_acc": ema_acc}, sets
 
 
 # --- train_and_evaluate ---------------------------------------------------------------------------
@@ -358,19 +340,18 @@ def train_and_evaluate(
 ) -> dict[str, Any]:
     """Train `cfg`, evaluate every epoch, return the summary (docs/design.md, "Trainer API").
 
-    `setup`, then `jaxbench.driver.Driver` runs `Trainer`: the run folder (`workdir`,
-    default `cfg.out`: config.json, metrics.jsonl, summary.json), the clock, the
-    per-epoch rows, checkpoints and `resume` (a run folder whose latest checkpoint the
-    run continues from, bit for bit). `data`, `init_state_dict`, `stream`, `compile`,
-    `device`, `torch_setup`: see `setup`. `return_variables` adds the final `variables`
-    and `ema_variables` (CPU state dicts) to the returned dict, not to summary.json.
+    `setup`, then `jaxbench.driver.Driver` runs `Trainer`: the run folder (`workdir`, default
+    `cfg.out`), the clock, the per-epoch rows, checkpoints and `resume` (a run folder whose
+    latest checkpoint the run continues from, bit for bit). `data`, `init_state_dict`,
+    `stream`, `compile`, `device`, `torch_setup`: see `setup`. `return_variables` adds the
+    final `variables` and `ema_variables` (CPU state dicts) to the returned dict only.
     `hooks`: see `Hooks`. `profile_dir`: profile the timed region into
     `<profile_dir>/torch-trace.json`, `profile` (trace, top_ops) in the summary. Raises
-    FloatingPointError, naming the epoch, when the training loss is not finite. In a
-    process group every process trains and returns the same numbers; only process 0
-    writes files or prints.
+    FloatingPointError, naming the epoch, when the training loss is not finite. In a process
+    group every process returns the same numbers; only process 0 writes files or prints.
     """
-    distributed.refuse_resume(resume)
+    if resume is not None and distributed.world_size() > 1:
+        raise ValueError(distributed.RESUME_ALONE)
     driver = Driver(
         cfg,
         "torch",
@@ -413,11 +394,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """CLI entry point on `jaxbench.command`: exit 0 on success, 1 if training diverged, 2 on
-    bad input (one line, checked before any work), 130 on Ctrl-C, 143 on SIGTERM.
-
-    Under torchrun the processes first join a process group (`distributed.join`) and
-    leave it on the way out, errors included.
-    """
+    bad input (one line, checked before any work), 130 on Ctrl-C, 143 on SIGTERM. Under
+    torchrun the processes join a process group (`distributed.join`) and always leave it."""
     return run_command(lambda cmd: _main(cmd, argv))
 
 

@@ -16,8 +16,7 @@ from jaxbench.whitening import PATCH, covariance_from_moments, whitening_for_con
 def device_patch_moments(
     images: torch.Tensor, patch: int = PATCH, chunk: int = 1000
 ) -> tuple[np.ndarray, np.ndarray, int]:
-    """`jaxbench.whitening.patch_moments` of uint8 NHWC `images`, summed on their device
-    (one fetch at the end)."""
+    """`jaxbench.whitening.patch_moments` of uint8 NHWC `images`: summed on device, one fetch."""
     n, h, w, c = images.shape
     d = c * patch * patch
     sum_uu = torch.zeros((d, d), dtype=torch.float64, device=images.device)
@@ -37,8 +36,7 @@ def device_patch_moments(
 
 
 def whitening_kernel(train_images: torch.Tensor, cfg: Config) -> np.ndarray:
-    """The config's float32 OIHW whitening kernel from its first `cfg.whiten_images`
-    training images (uint8 NHWC on any device)."""
+    """The float32 OIHW whitening kernel from the first `cfg.whiten_images` uint8 NHWC images."""
     patch = {"patch2": 2, "patch3": 3}[cfg.whiten]
     images = train_images[: cfg.whiten_images]
     moments = device_patch_moments(images, patch)
