@@ -106,6 +106,17 @@ def check(cfg: Config, world: int) -> None:
         )
 
 
+def bn_sync(cfg: Config) -> str | None:
+    """How BN's training statistics span the processes: `cfg.bn_sync`, None alone."""
+    return cfg.bn_sync if world_size() > 1 else None
+
+
+def refuse_resume(resume: Any) -> None:
+    """`--resume` runs in a single process: a ValueError in a process group."""
+    if resume is not None and world_size() > 1:
+        raise ValueError(RESUME_ALONE)
+
+
 def loss_scale(reduction: str, world: int) -> float:
     """What each process multiplies its loss by before `backward`: DDP divides the summed
     gradients by `world`, so each backpropagates `world` x its part of the global loss ("sum":

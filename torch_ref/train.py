@@ -162,7 +162,7 @@ def setup(
     key = (cfg.recipe(), n_train, n_test, str(dev), speed, bf16)  # the warm-up's: not the data
     model, ema_model, tensors = fast.place(speed, key, model, ema_model, tensors)
     layers.set_whiten_bias_trainable(model, True)
-    layers.set_sync(model, cfg.bn_sync if distributed.world_size() > 1 else None)
+    layers.set_sync(model, distributed.bn_sync(cfg))
     forward, eval_fwd = fast.forwards(speed, augmented_train_forward, train_forward, eval_forward)
     steps = steps_per_epoch(cfg, n_train)
     total = schedule.train_steps(cfg, steps)
@@ -350,8 +350,7 @@ def train_and_evaluate(
     FloatingPointError, naming the epoch, when the training loss is not finite. In a process
     group every process returns the same numbers; only process 0 writes files or prints.
     """
-    if resume is not None and distributed.world_size() > 1:
-        raise ValueError(distributed.RESUME_ALONE)
+    distributed.refuse_resume(resume)
     driver = Driver(
         cfg,
         "torch",
