@@ -57,15 +57,21 @@ SHARED_FIXTURES = ("quick_parity", "resnet9_compiled", "runs", "four_devices")
 
 @pytest.hookimpl(tryfirst=True)  # before xdist reads the groups from the marks
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Group by shared fixture, and the quick parity run first: it is the longest unit of
-    work (minutes), so started last it would finish alone while the other workers idle."""
+    """Group by shared fixture; the quick parity run first, then the tests that train: the
+    longest units of work (minutes), so started last they would finish alone while the other
+    workers idle. The quick tests come last and fill the gaps."""
     for item in items:
         for name in SHARED_FIXTURES:
             if name in getattr(item, "fixturenames", ()):
                 group = name if name == "quick_parity" else f"{item.path.stem}:{name}"
                 item.add_marker(pytest.mark.xdist_group(group))
                 break
-    items.sort(key=lambda item: "quick_parity" not in getattr(item, "fixturenames", ()))
+    items.sort(
+        key=lambda item: (
+            "quick_parity" not in getattr(item, "fixturenames", ()),
+            item.get_closest_marker("slow") is None,
+        )
+    )
 
 
 @pytest.fixture(scope="session")
