@@ -416,7 +416,7 @@ def train_seeds(
     """`cfg` once per (distinct) seed in one vmapped program; seeds.json's dict (`seeds`:
     seed, final, epochs, step_losses each), written to `workdir` with config.json and
     status.json. Each seed equals its single run within float32 tolerance."""
-    seeds = list(seeds)  # any iterable, as bench.frameworks passes it
+    seeds = list(seeds)  # any iterable: the bench passes a range
     run = driver.Driver(cfg, "jax", "fast", workdir=workdir, lanes=len(seeds))
     return run.run(setup(cfg, data, seeds=seeds))
 

@@ -124,6 +124,13 @@ def run_trainer(
     return train(cfg, None, **kwargs)
 
 
+def train_seeds(cfg: configs.Config, seeds: Iterable[int], data: Any) -> dict[str, Any]:
+    """K JAX seeds in one vmapped program (`jaxbench.train.train_seeds`)."""
+    from jaxbench.train import train_seeds as vmapped
+
+    return vmapped(cfg, seeds, data)
+
+
 def torch_sync_check(cfg: configs.Config, data: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
     """On CUDA: PyTorch's training steps under sync-debug mode "error" (skipped on the CPU),
     in the race's own set-up (`kwargs`, from `torch_kwargs`)."""

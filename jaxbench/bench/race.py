@@ -335,10 +335,10 @@ class Bench:
                 race["vmap_seeds"] = {"k": k, "skipped": f"budget: ~{est:.0f} s predicted"}
                 self.log(f"{self._stamp()} {cfg.name} {k} seeds, one program: skipped (budget)")
                 continue
-            from jaxbench.train import train_seeds  # JAX: only when a JAX contender races
-
             run_cfg = entry.config(cfg).replace(out=None)
-            res, error = self.attempt(train_seeds, run_cfg, range(k), self.data[cfg.name])
+            res, error = self.attempt(
+                frameworks.train_seeds, run_cfg, range(k), self.data[cfg.name]
+            )
             if error is not None:
                 race["vmap_seeds"] = {"k": k, **error}
                 continue
