@@ -133,12 +133,6 @@ SPECS: dict[str, Spec] = {
 }
 
 
-def get_spec(name: str) -> Spec:
-    if name not in SPECS:
-        raise DataError(f"unknown dataset {name!r}; use --dataset {' or '.join(SPECS)}")
-    return SPECS[name]
-
-
 # --- where files come from: a folder or an archive read in one pass -------------------------
 
 
@@ -626,11 +620,7 @@ def _check_cache_folder(cache: Path) -> None:
 
 def _from_folder(root: Path, spec: Spec, cache: Path) -> Dataset:
     """An official layout in or at the folder, else an archive in it, or the archive itself."""
-    if (
-        root.is_file()
-        and root.stat().st_size > 0
-        and root.name in (spec.bin_archive, spec.py_archive)
-    ):
+    if root.is_file() and root.name in (spec.bin_archive, spec.py_archive) and root.stat().st_size:
         return _from_archive(root, spec, cache, f"fetch the official {root.name} again")
     if root.exists() and not root.is_dir():
         raise DataError(_not_a_data_folder(root, spec))
@@ -639,15 +629,13 @@ def _from_folder(root: Path, spec: Spec, cache: Path) -> Dataset:
             f"data folder {root} does not exist; pass --data-dir (or set JAXBENCH_DATA_DIR to) "
             f"the folder that holds {spec.bin_dir}/"
         )
-    for sub, marker, layout in (
-        (spec.bin_dir, spec.bin_train[0], "binary"),
-        (spec.py_dir, spec.py_train[0], "python"),
+    for sub, marker, layout, decode in (
+        (spec.bin_dir, spec.bin_train[0], "binary", _decode_binary),
+        (spec.py_dir, spec.py_train[0], "python", _decode_python),
     ):
         for folder in (root / sub, root):
             if (folder / marker).exists() or (folder.name == sub and folder.is_dir()):
-                files = _Folder(folder, sub)
-                decode = _decode_binary if layout == "binary" else _decode_python
-                classes, arrays = decode(files, spec)
+                classes, arrays = decode(_Folder(folder, sub), spec)
                 return Dataset(spec.name, classes, *arrays, source=f"{layout} folder {folder}")
     for archive in (spec.bin_archive, spec.py_archive):
         if (root / archive).is_file():
@@ -686,15 +674,14 @@ def _from_tfds(spec: Spec, data_dir: str | None) -> Dataset:
         raise DataError(
             "--source tfds needs tensorflow-datasets: pip install 'jaxbench[tfds]'"
         ) from None
-    splits = {}
     absl = logging.getLogger("absl")  # tfds warns about metadata; our error says it in one line
     level = absl.level
     absl.setLevel(logging.ERROR)
     try:
-        for split in ("train", "test"):
-            splits[split] = tfds.data_source(
-                spec.name, split=split, data_dir=data_dir, download=False
-            )
+        splits = {
+            split: tfds.data_source(spec.name, split=split, data_dir=data_dir, download=False)
+            for split in ("train", "test")
+        }
         classes = list(splits["train"].dataset_info.features["label"].names)
     except Exception as e:  # tfds raises many kinds; all mean "not prepared here"
         first = str(e).splitlines()[0] if str(e) else type(e).__name__
@@ -739,7 +726,9 @@ def load_dataset(
 ) -> Dataset:
     """The dataset of `cfg` (keywords override it), subsets applied; DataError if wrong."""
     cfg = cfg or Config()
-    spec = get_spec(dataset or cfg.dataset)
+    if (name := dataset or cfg.dataset) not in SPECS:
+        raise DataError(f"unknown dataset {name!r}; use --dataset {' or '.join(SPECS)}")
+    spec = SPECS[name]
     source = source or cfg.source
     folder = data_dir or cfg.data_dir or os.environ.get("JAXBENCH_DATA_DIR") or None
     cache_root = Path(cache) if cache is not None else cache_dir()
