@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import itertools
 import os
 import shutil
 import signal
@@ -69,9 +70,7 @@ def prepare_output(
             )
         check_writable(p, flag)
         return p
-    existing = (
-        sorted({q.name for pattern in produces for q in p.glob(pattern)}) if p.is_dir() else []
-    )
+    existing = sorted({q.name for pattern in produces for q in p.glob(pattern)})  # none: no p
     if existing and not overwrite:
         raise OutputError(
             f"{flag} {p} already holds results ({', '.join(existing)}); pass --overwrite to "
@@ -102,12 +101,7 @@ def check_writable(p: Path, flag: str, named: Path | None = None) -> None:
 
 def _missing_parents(p: Path) -> list[Path]:
     """The folders `p` needs that do not exist yet, deepest first."""
-    missing = []
-    for q in [p, *p.absolute().parents]:
-        if q.exists():
-            break
-        missing.append(q)
-    return missing
+    return list(itertools.takewhile(lambda q: not q.exists(), [p, *p.absolute().parents]))
 
 
 class Command:
@@ -148,9 +142,8 @@ class Command:
             raise OutputError(
                 f"{flag} {p} already exists; pass --overwrite to replace it or choose another file"
             )
-        parent = p.parent
-        self._made[:0] = _missing_parents(parent)
-        check_writable(parent, flag, named=p)
+        self._made[:0] = _missing_parents(p.parent)
+        check_writable(p.parent, flag, named=p)
         self.out = self.out or p
         return p
 
@@ -158,24 +151,18 @@ class Command:
         """From here on `run_command`'s `errors` are bugs and keep their traceback."""
         self.checking = False
 
-    def wrote(self, p: Path) -> bool:
-        """Whether anything was added to `p` since it was prepared."""
-        if p not in self._fresh:
-            return p.exists()
-        try:
-            return bool(set(os.listdir(p)) - self._fresh[p])
-        except OSError:
-            return False
-
     def stop_line(self, word: str) -> str:
         """The one line for Ctrl-C or SIGTERM: the command's own, or where results are."""
         if self.on_stop is not None:
             return self.on_stop(word)
-        if self.out is None:
+        if (out := self.out) is None:
             return word
-        if self.wrote(self.out):
-            return f"{word}; partial results in {self.out}"
-        return f"{word}; nothing written to {self.out}"
+        fresh = self._fresh.get(out)
+        try:  # anything added to a prepared folder since; a prepared file: whether it exists
+            wrote = out.exists() if fresh is None else bool(set(os.listdir(out)) - fresh)
+        except OSError:
+            wrote = False
+        return f"{word}; {'partial results in' if wrote else 'nothing written to'} {out}"
 
     def clean_up(self) -> None:
         """Remove the folders this command made that are still empty, deepest first."""
@@ -237,19 +224,17 @@ def run_command(
     (first match; others are bugs and propagate). Ctrl-C or SIGTERM: the stop line, then
     `os._exit(130 or 143)`, or that code returned without `hard_exit` (tests)."""
     cmd = Command()
+    stopped: KeyboardInterrupt | None = None
     try:
         with _sigterm_raises():
             try:
                 code = body(cmd)
             except KeyboardInterrupt as e:
-                stopped: KeyboardInterrupt | None = e
-            else:
-                stopped = None
+                stopped = e
         if stopped is not None:
             terminated = isinstance(stopped, Terminated)
-            word, code = (
-                ("terminated", EXIT_TERMINATED) if terminated else ("interrupted", EXIT_INTERRUPTED)
-            )
+            word = "terminated" if terminated else "interrupted"
+            code = EXIT_TERMINATED if terminated else EXIT_INTERRUPTED
             with _signals_ignored():
                 line = cmd.stop_line(word)
                 cmd.clean_up()
