@@ -89,13 +89,10 @@ def now_iso() -> str:
 @functools.lru_cache(maxsize=1)
 def gpu_driver() -> str | None:
     """The NVIDIA driver version (from /proc, else nvidia-smi), or None without one."""
-    try:
+    with contextlib.suppress(OSError):
         text = Path("/proc/driver/nvidia/version").read_text()
-        m = re.search(r"Kernel Module(?: for \S+)?\s+(\d+(?:\.\d+)+)", text)
-        if m:
+        if m := re.search(r"Kernel Module(?: for \S+)?\s+(\d+(?:\.\d+)+)", text):
             return m.group(1)
-    except OSError:
-        pass
     smi = shutil.which("nvidia-smi")
     text = probe([smi, "--query-gpu=driver_version", "--format=csv,noheader"])[0] if smi else None
     words = (text or "").split()
@@ -182,10 +179,8 @@ def cpu_model() -> str | None:
         text = probe(["lscpu"])[0] if shutil.which("lscpu") else None
         names = _values(text or "", "Model name")
         if not names:
-            try:
+            with contextlib.suppress(OSError):
                 names = _values(Path("/proc/cpuinfo").read_text(errors="replace"), "model name")[:1]
-            except OSError:
-                pass
         if names:
             return "; ".join(names)  # several only on hybrid CPUs (e.g. ARM big.LITTLE)
     return platform.processor() or None
@@ -309,10 +304,9 @@ def read_status(run_dir: str | Path) -> dict[str, Any]:
     this host) reads `STOPPED_SILENTLY`, `was` the recorded status. Other hosts' are
     taken at their word."""
     doc = json.loads((Path(run_dir) / "status.json").read_text())
-    pid, host = doc.get("pid"), doc.get("host")
-    if doc.get("status") != "running" or not isinstance(pid, int) or pid <= 0:
-        return doc
-    if host != socket.gethostname():  # other hosts' are taken at their word
+    pid = doc.get("pid")
+    running = doc.get("status") == "running" and isinstance(pid, int) and pid > 0
+    if not running or doc.get("host") != socket.gethostname():
         return doc
     try:
         os.kill(pid, 0)
@@ -452,10 +446,8 @@ def numeric_settings() -> dict[str, Any]:
             warnings.simplefilter("ignore")  # fp32_precision; record whichever exists
             for name, obj in (("cuda_matmul", torch.backends.cuda.matmul), ("cudnn", cudnn)):
                 for attr in ("allow_tf32", "fp32_precision"):
-                    try:
+                    with contextlib.suppress(AttributeError, RuntimeError):
                         t[f"{name}.{attr}"] = getattr(obj, attr)
-                    except (AttributeError, RuntimeError):
-                        pass
         t["cudnn.benchmark"] = cudnn.benchmark
         t["cudnn.deterministic"] = cudnn.deterministic
         out["torch"] = {k: v if isinstance(v, (bool, int, float)) else str(v) for k, v in t.items()}
