@@ -36,15 +36,12 @@ def should_save(cfg: Config, epoch: int) -> bool:
 
 def latest(run_dir: str | os.PathLike[str]) -> tuple[int, Path] | None:
     """(epochs done, folder) of the newest complete checkpoint, or None."""
-    folder = Path(run_dir) / CHECKPOINTS
-    if not folder.is_dir():
-        return None
-    found = []
-    for p in folder.iterdir():
-        m = _NAME.fullmatch(p.name)
-        if m and p.is_dir() and (p / PROGRESS).is_file():
-            found.append((int(m.group(1)), p))
-    return max(found) if found else None
+    found = [
+        (int(m.group(1)), p)
+        for p in (Path(run_dir) / CHECKPOINTS).glob("epoch_*")  # none without the folder
+        if (m := _NAME.fullmatch(p.name)) and (p / PROGRESS).is_file()
+    ]
+    return max(found, default=None)
 
 
 @contextlib.contextmanager
