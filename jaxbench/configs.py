@@ -219,14 +219,9 @@ def recipe_of(cfg: Recipe) -> Recipe:
 
 
 def validate(cfg: Config) -> Config:
-    """Reject impossible combinations early, with a message that names the fix."""
-    _check_choices(cfg)
-    _check_counts(cfg)
-    _check_rates(cfg)
-    return cfg
-
-
-def _check_choices(cfg: Config) -> None:
+    """Reject impossible combinations early, with a message that names the fix: the choices,
+    then sizes, epochs and pixel counts (`COUNT_RANGES`), then rates and fractions that
+    would train nothing or diverge at once."""
     choices = {
         "dataset": ("cifar10", "cifar100"),
         "source": ("auto", "tfds"),
@@ -259,10 +254,6 @@ def _check_choices(cfg: Config) -> None:
             "the speedrun net's stem is airbench's 2x2 whitening: --whiten patch2 "
             "(start from --config speedrun for airbench's whitening eps and image count)"
         )
-
-
-def _check_counts(cfg: Config) -> None:
-    """Sizes, epochs and pixel counts, each in its range (`COUNT_RANGES`)."""
     for name, (low, high, unit) in COUNT_RANGES.items():
         v = getattr(cfg, name)
         if not low <= v <= high:
@@ -302,10 +293,6 @@ def _check_counts(cfg: Config) -> None:
             f"--test-subset must be in [1, {test_images}] images ({cfg.dataset}'s test set), "
             f"got {cfg.test_subset}"
         )
-
-
-def _check_rates(cfg: Config) -> None:
-    """Rates and fractions that would train nothing or diverge at once."""
     ranges = {  # name: (ends, lowest, highest, e.g.); an end "(" or ")" is left out
         "lr": ("(]", 0.0, 1e4, "0.4"),  # per mean loss: speedrun_muon's is 1340
         "weight_decay": ("[)", 0.0, 1.0, "5e-4"),
@@ -341,6 +328,7 @@ def _check_rates(cfg: Config) -> None:
                 f"--{name.replace('_', '-')} must be {what} in {ends[0]}{low:g}, {high:g}"
                 f"{ends[1]}, e.g. {example}; got {v!r}"
             )
+    return cfg
 
 
 def check_supported(cfg: Config, trainer: str) -> None:
@@ -545,13 +533,8 @@ def speedrun_muon() -> Config:
     Command: `python -m jaxbench.train --config speedrun_muon --data-dir DIR` (or
     torch_ref); `--no-muon` trains every parameter with the SGD groups instead.
     Measured here (2-core CPU, full data, seed 0): jaxbench 93.94%, torch_ref 93.97%
-    (results/cpu-2core/speedrun_muon-{jax,torch}-full).
-
-    The source's choices: logits / 256; whitening bias from torch's default init, trained
-    3 epochs at the biases' LR falling to zero; every LR linear from its peak to zero over
-    200 steps; Muon on the six 3x3 filters (lr 0.24, Nesterov 0.6, no decay); SGD 0.85
-    with head lr 0.67 and biases 0.053 (summed loss, lr = 1340 per mean loss), decay
-    2e-6 x 2000 coupled; no EMA; 3-view TTA; head weights rescaled to unit std.
+    (results/cpu-2core/speedrun_muon-{jax,torch}-full). The source's choices, each with
+    its field and the SGD numbers in per-mean-loss units: docs/recipes.md, `speedrun_muon`.
     """
     head_lr, bias_lr, batch = 0.67, 0.053, 2000
     return speedrun().replace(
@@ -587,18 +570,10 @@ def speedrun_record() -> Config:
     with `--no-<trick>`: `muon`, `weight-norm`, `color-jitter`, `silu`, `selective-tta`,
     `bn-momentum`; `--whiten-images 5000` gives airbench's whitening sample back.
     Measured here (2-core CPU, full data, seed 0): torch_ref 94.15%, jaxbench 94.00%
-    (results/cpu-2core/speedrun_record-{torch,jax}-full).
-
-    The source's choices beside airbench94_muon's: 243 updates = ceil(7.59 x 32) (the last
-    epoch stops after 19 of its 32 batches, where the LR schedule ends); the whitening bias
-    trained ceil(0.19 x 32) = 7 updates; the whitening kernel from the first 960 images (the
-    source's SVD of the patch covariance is its eigendecomposition, `jaxbench.whitening`'s,
-    which needs no switch); SiLU in the blocks; BN
-    momentum 0.5566 (0.4434 in PyTorch's convention); label smoothing 0.09; the record's
-    Muon (lr 0.205, momentum 0.655: `jaxbench.muon.RECORD`); SGD momentum 0.825 with head lr
-    0.5415 and biases 0.0573, decay 1.0418e-6 x 1536; brightness/contrast jitter 0.1399 /
-    0.1308; selective TTA: the 6 views, weighted equally, only for the int(0.25 n) test
-    images with the lowest top softmax probability (`stream.selective_tta`).
+    (results/cpu-2core/speedrun_record-{torch,jax}-full). 243 updates = ceil(7.59 x 32):
+    the last epoch stops after 19 of its 32 batches, where the LR schedule ends. The
+    source's other choices, each with its field: docs/recipes.md, `speedrun_record` (its
+    SVD whitening is `jaxbench.whitening`'s eigendecomposition: no switch).
     """
     head_lr, bias_lr, batch = 0.5415, 0.0573, 1536
     return speedrun_muon().replace(
