@@ -35,6 +35,11 @@ from jaxbench.command import Command, run_command
 from jaxbench.configs import Config, OneLineErrorParser
 from jaxbench.progress import progress_bar
 
+try:
+    from numpy._core.multiarray import _reconstruct
+except ImportError:  # numpy < 2
+    from numpy.core.multiarray import _reconstruct
+
 IMAGE_BYTES = 32 * 32 * 3
 DEFAULT_URL = "https://www.cs.toronto.edu/~kriz/"
 # Published md5 of the official archives (https://www.cs.toronto.edu/~kriz/cifar.html).
@@ -220,17 +225,6 @@ def md5_of(path: Path) -> str:
     return h.hexdigest()
 
 
-def _check_md5(path: Path, how: str) -> str:
-    expected = ARCHIVE_MD5[path.name]
-    got = md5_of(path)
-    if got != expected:
-        raise DataError(
-            f"{path} has md5 {got}, not the published {expected}: the archive is damaged "
-            f"or not the official one; {how}"
-        )
-    return got
-
-
 # --- decoding the two official layouts -------------------------------------------------------
 
 
@@ -245,21 +239,6 @@ def _check_labels(labels: np.ndarray, n: int, where: str, fix: str, kind: str = 
     if labels.size and (labels.min() < 0 or labels.max() >= n):
         bad = int(labels.max() if labels.max() >= n else labels.min())
         raise DataError(f"{where} has {kind} {bad}, outside 0..{n - 1}: the file is damaged; {fix}")
-
-
-def _read_names(files: _Files, name: str, spec: Spec) -> list[str]:
-    files.size(name)
-    try:
-        text = files.read(name).decode("ascii")
-    except UnicodeDecodeError:
-        raise DataError(f"{files.where(name)} is not a text file; {files.refetch}") from None
-    names = [line.strip() for line in text.splitlines() if line.strip()]
-    if len(names) != spec.n_classes:
-        raise DataError(
-            f"{files.where(name)} lists {len(names)} class names, expected {spec.n_classes}; "
-            f"{files.refetch}"
-        )
-    return names
 
 
 def _decode_binary_split(
@@ -289,30 +268,32 @@ def _decode_binary_split(
 
 
 def _decode_binary(files: _Files, spec: Spec) -> tuple[list[str], tuple[np.ndarray, ...]]:
-    classes = _read_names(files, spec.bin_meta, spec)
+    where = files.where(spec.bin_meta)
+    files.size(spec.bin_meta)
+    try:
+        text = files.read(spec.bin_meta).decode("ascii")
+    except UnicodeDecodeError:
+        raise DataError(f"{where} is not a text file; {files.refetch}") from None
+    classes = [line.strip() for line in text.splitlines() if line.strip()]
+    if len(classes) != spec.n_classes:
+        raise DataError(
+            f"{where} lists {len(classes)} class names, expected {spec.n_classes}; {files.refetch}"
+        )
     x, y = _decode_binary_split(files, spec.bin_train, spec.n_train, spec)
     tx, ty = _decode_binary_split(files, (spec.bin_test,), spec.n_test, spec)
     return classes, (x, y, tx, ty)
 
 
-def _numpy_globals() -> dict[tuple[str, str], Any]:
-    """The only globals an official python batch references, under numpy 1 and 2 spellings."""
-    try:
-        from numpy._core.multiarray import _reconstruct
-    except ImportError:  # numpy < 2
-        from numpy.core.multiarray import _reconstruct
-    return {
+class SafeUnpickler(pickle.Unpickler):
+    """Builds containers, bytes, str, numbers and numpy arrays; refuses every other global."""
+
+    # the only globals an official python batch references, under numpy 1 and 2 spellings
+    allowed = {
         ("numpy", "ndarray"): np.ndarray,
         ("numpy", "dtype"): np.dtype,
         ("numpy.core.multiarray", "_reconstruct"): _reconstruct,
         ("numpy._core.multiarray", "_reconstruct"): _reconstruct,
     }
-
-
-class SafeUnpickler(pickle.Unpickler):
-    """Builds containers, bytes, str, numbers and numpy arrays; refuses every other global."""
-
-    allowed = _numpy_globals()
 
     def find_class(self, module: str, name: str) -> Any:
         try:
@@ -566,7 +547,12 @@ def _unwritable_cache(cache: Path, e: OSError) -> DataError:
 def _from_archive(path: Path, spec: Spec, cache: Path, how: str) -> Dataset:
     """An md5-verified official archive, decoded once into the cache."""
     _check_cache_folder(cache)
-    md5 = _check_md5(path, how)
+    md5, expected = md5_of(path), ARCHIVE_MD5[path.name]
+    if md5 != expected:
+        raise DataError(
+            f"{path} has md5 {md5}, not the published {expected}: the archive is damaged "
+            f"or not the official one; {how}"
+        )
     if (hit := _read_entry(cache, spec, path.name)) is not None:
         return hit
     if path.name == spec.bin_archive:
@@ -694,7 +680,7 @@ def _from_tfds(spec: Spec, data_dir: str | None) -> Dataset:
         absl.setLevel(level)
     arrays = []
     for split, src in splits.items():
-        n = len(src)
+        n, where = len(src), f"tfds {spec.name}[{split}]"
         images = np.empty((n, 32, 32, 3), np.uint8)
         labels = np.empty(n, np.int32)
         for i in range(n):
@@ -702,14 +688,12 @@ def _from_tfds(spec: Spec, data_dir: str | None) -> Dataset:
             img = np.asarray(ex["image"])
             if img.shape != (32, 32, 3) or img.dtype != np.uint8:
                 raise DataError(
-                    f"tfds {spec.name}[{split}][{i}] image is {img.dtype} {img.shape}, "
+                    f"{where}[{i}] image is {img.dtype} {img.shape}, "
                     "expected uint8 (32, 32, 3); rebuild the tfds dataset"
                 )
             images[i] = img
             labels[i] = int(ex["label"])
-        _check_labels(
-            labels, spec.n_classes, f"tfds {spec.name}[{split}]", "rebuild the tfds dataset"
-        )
+        _check_labels(labels, spec.n_classes, where, "rebuild the tfds dataset")
         arrays += [images, labels]
     return Dataset(spec.name, classes, *arrays, source=f"tfds {spec.name}")
 
