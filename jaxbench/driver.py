@@ -70,9 +70,7 @@ class Profiler(Protocol):
     """`jaxbench.profiling.JaxProfile`, `torch_ref.profiling.TorchProfile` (`abort` optional)."""
 
     def start(self) -> None: ...
-
     def pause(self) -> None: ...
-
     def finish(self) -> dict[str, Any]: ...
 
 
@@ -219,13 +217,8 @@ def _epoch(
     rows = []
     for k in range(lanes):
         lane_losses[k].extend(float(v) for v in losses[k])
-        rows.append(
-            {
-                "epoch": epoch + 1,
-                "train_loss": float(losses[k].mean()),
-                "train_acc": float(correct[k]) / trained,
-            }
-        )
+        loss, acc = float(losses[k].mean()), float(correct[k]) / trained
+        rows.append({"epoch": epoch + 1, "train_loss": loss, "train_acc": acc})
     if not several and not np.isfinite(rows[0]["train_loss"]):
         return rows
     last = epoch == cfg.epochs - 1
