@@ -18,9 +18,6 @@ from jaxbench.command import BAD_INPUT, EXIT_FAILED, Command, run_command
 from jaxbench.configs import Config
 from jaxbench.report import RUN_FILES
 
-# What a run folder holds: one run's files, or one program's seeds (`--vmap-seeds`).
-RUN_OUTPUTS: tuple[str, ...] = (*RUN_FILES, "seeds.json")
-
 
 def trainer_parser(
     prog: str, description: str, *, vmap_seeds: bool = False
@@ -92,17 +89,9 @@ def run_trainer(
     `train_seeds(cfg, seeds, data, workdir)` serves `--vmap-seeds K`."""
 
     def body(cmd: Command) -> int:
+        """Every check and output place first, then the data and the run."""
         if join is not None:
             join(args)
-        try:
-            return checked_run(cmd)
-        except driver.Finished as e:  # --resume of a finished run: nothing to do
-            if not args.quiet:
-                print(e)
-            return 0
-
-    def checked_run(cmd: Command) -> int:
-        """Every check and output place first, then the data and the run."""
         k = getattr(args, "vmap_seeds", 1)
         if not 1 <= k <= configs.MAX_VMAP_SEEDS:
             raise ValueError(
@@ -112,7 +101,12 @@ def run_trainer(
             raise ValueError("--vmap-seeds runs without --resume and --profile")
         if args.re_evaluate and args.resume is None:
             raise ValueError("--re-evaluate goes with --resume DIR: drop it, or name the run")
-        cfg, stream = _config(cmd, args, check_supported)
+        try:
+            cfg, stream = _config(cmd, args, check_supported)
+        except driver.Finished as e:  # --resume of a finished run: nothing to do
+            if not args.quiet:
+                print(e)
+            return 0
         if k > 1 and cfg.checkpoint_every:
             raise ValueError("--vmap-seeds writes no checkpoints; drop --checkpoint-every")
         if cfg.seed + k > configs.SEEDS:
@@ -122,8 +116,8 @@ def run_trainer(
             )
         if args.profile is not None:  # before --out, whose --overwrite removes files
             cmd.prepare_out(args.profile, (), overwrite=False, flag="--profile")
-        if cfg.out is not None and args.resume is None:
-            cmd.prepare_out(cfg.out, RUN_OUTPUTS, overwrite=args.overwrite)
+        if cfg.out is not None and args.resume is None:  # a run's files, or --vmap-seeds' seeds
+            cmd.prepare_out(cfg.out, (*RUN_FILES, "seeds.json"), overwrite=args.overwrite)
         cmd.on_stop = lambda word: _stop_line(word, cfg.out)
         from jaxbench.data import load_dataset
 
