@@ -288,10 +288,6 @@ def format_row(values: dict[str, Any], columns: Sequence[str] = EPOCH_COLUMNS) -
     return "  ".join(cells)
 
 
-def format_header(columns: Sequence[str] = EPOCH_COLUMNS) -> str:
-    return "  ".join(f"{c:>{_width(c)}}" for c in columns)
-
-
 def _width(column: str) -> int:
     return max(len(column), 8)
 
@@ -339,7 +335,7 @@ class RunRecorder:
                 write_jsonl(self.workdir / "metrics.jsonl", self.rows)
         self.set_status("running")
         if not quiet:
-            print(format_header(), flush=True)
+            print("  ".join(f"{c:>{_width(c)}}" for c in EPOCH_COLUMNS), flush=True)
             for row in self.rows:
                 print(format_row(row), flush=True)
 
