@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import itertools
 import json
 import math
@@ -404,12 +405,9 @@ def batches(todo: Sequence[RunSpec], vmap_seeds: int) -> list[list[RunSpec]]:
     return out
 
 
-Outcome = tuple[dict[str, Any] | None, str, str | None]  # (summary, status, detail)
-
-
 def _train_group(
     group: list[RunSpec], base: Config, trainers: dict[str, Any], data: Callable[[Config], Any]
-) -> list[Outcome]:
+) -> list[tuple[dict[str, Any] | None, str, str | None]]:
     """(summary, status, detail) per run of `group`: one run, or seeds in one program."""
     cfg = group[0].config(base)
     try:
@@ -589,10 +587,9 @@ def sweep_plan(args: argparse.Namespace) -> tuple[Config, Grid, list[str], list[
             raise ValueError(f"--set {item!r}: expected FIELD=VALUE (e.g. epochs=2)")
         name = name.strip().replace("-", "_")
         base = base.replace(**{name: parse_field(name, text.strip())})
-    if args.data_dir is not None:
-        base = base.replace(data_dir=args.data_dir)
-    elif os.environ.get("JAXBENCH_DATA_DIR"):
-        base = base.replace(data_dir=os.environ["JAXBENCH_DATA_DIR"])
+    env_dir = os.environ.get("JAXBENCH_DATA_DIR") or None
+    if (data_dir := env_dir if args.data_dir is None else args.data_dir) is not None:
+        base = base.replace(data_dir=data_dir)
     frameworks = [f.strip() for f in args.frameworks.split(",") if f.strip()]
     if not frameworks or any(f not in FRAMEWORKS for f in frameworks):
         raise ValueError(f"--frameworks {args.frameworks!r}: choose jax, torch or both")
@@ -725,13 +722,8 @@ def _main(cmd: Command, argv: list[str]) -> int:
         reporter = Reporter(len(mine) - len(todo), len(mine), not args.no_progress, print)
         if args.workers > 1:
             try:
-                failed = workers.run_workers(
-                    out,
-                    argv,
-                    args.workers,
-                    lambda: read_runs(out / RUNS, repair=False),
-                    reporter.row,
-                )
+                poll = functools.partial(read_runs, out / RUNS, repair=False)
+                failed = workers.run_workers(out, argv, args.workers, poll, reporter.row)
             finally:
                 reporter.close()
             for line in failed:
