@@ -125,10 +125,7 @@ def locked(fd: int, exclusive: bool) -> Iterator[None]:
 
 def prefer_same_program(groups: list[list[Any]], last: tuple[str, Any] | None) -> int:
     """Index of the first group of the (framework, cell) just compiled, else 0."""
-    for i, group in enumerate(groups):
-        if (group[0].framework, group[0].cell) == last:
-            return i
-    return 0
+    return next((i for i, g in enumerate(groups) if (g[0].framework, g[0].cell) == last), 0)
 
 
 def child_argv(argv: Sequence[str]) -> list[str]:
@@ -156,10 +153,11 @@ def run_workers(
     (folder / "claims").mkdir(parents=True)
     seen = len(poll())
     procs: list[subprocess.Popen[bytes]] = []
-    with contextlib.ExitStack() as logs:
+    logs = [folder / f"worker{i}.log" for i in range(count)]
+    with contextlib.ExitStack() as files:
         try:
             for i in range(count):
-                log = logs.enter_context(open(folder / f"worker{i}.log", "wb"))
+                log = files.enter_context(open(logs[i], "wb"))
                 cmd = [sys.executable, "-m", "jaxbench.sweep", *child_argv(argv)]
                 cmd += ["--worker", f"{i}/{count}", "--no-progress"]
                 env = worker_env(i, count, dict(os.environ))
@@ -176,13 +174,11 @@ def run_workers(
         except BaseException:
             _stop(procs)
             raise
-    failed = []
-    for i, p in enumerate(procs):
-        if p.returncode != 0:
-            path = folder / f"worker{i}.log"
-            failed.append(f"worker {i} exited with code {p.returncode}: {_last_line(path)} "
-                          f"(whole log: {path})")  # fmt: skip
-    return failed
+    return [
+        f"worker {i} exited with code {p.returncode}: {_last_line(path)} (whole log: {path})"
+        for i, (p, path) in enumerate(zip(procs, logs, strict=True))
+        if p.returncode != 0
+    ]
 
 
 def _stop(procs: Sequence[subprocess.Popen[bytes]], grace: float = 30.0) -> None:
