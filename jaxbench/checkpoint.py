@@ -1,9 +1,8 @@
 """Checkpoints of a run folder, shared by both trainers.
 
-`RUN/checkpoints/epoch_N` (N epochs done) holds the framework's tensors and
-`progress.json` (rows, step losses, timed seconds: `Ledger`). It is built under a
-temporary name and renamed into place, so a killed run leaves all of it or none; only
-the latest is kept.
+`RUN/checkpoints/epoch_N` (N epochs done) holds the framework's tensors and `progress.json`
+(rows, step losses, timed seconds: `Ledger`). It is built under a temporary name and renamed
+into place, so a killed run leaves all of it or none; only the latest is kept.
 """
 
 from __future__ import annotations
