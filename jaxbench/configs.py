@@ -219,9 +219,14 @@ def recipe_of(cfg: Recipe) -> Recipe:
 
 
 def validate(cfg: Config) -> Config:
-    """Reject impossible combinations early, with a message that names the fix: the choices,
-    then sizes, epochs and pixel counts (`COUNT_RANGES`), then rates and fractions that
-    would train nothing or diverge at once."""
+    """Reject impossible combinations early, with a message that names the fix."""
+    _check_choices(cfg)
+    _check_counts(cfg)
+    _check_rates(cfg)
+    return cfg
+
+
+def _check_choices(cfg: Config) -> None:
     choices = {
         "dataset": ("cifar10", "cifar100"),
         "source": ("auto", "tfds"),
@@ -254,6 +259,10 @@ def validate(cfg: Config) -> Config:
             "the speedrun net's stem is airbench's 2x2 whitening: --whiten patch2 "
             "(start from --config speedrun for airbench's whitening eps and image count)"
         )
+
+
+def _check_counts(cfg: Config) -> None:
+    """Sizes, epochs and pixel counts, each in its range (`COUNT_RANGES`)."""
     for name, (low, high, unit) in COUNT_RANGES.items():
         v = getattr(cfg, name)
         if not low <= v <= high:
@@ -293,6 +302,10 @@ def validate(cfg: Config) -> Config:
             f"--test-subset must be in [1, {test_images}] images ({cfg.dataset}'s test set), "
             f"got {cfg.test_subset}"
         )
+
+
+def _check_rates(cfg: Config) -> None:
+    """Rates and fractions that would train nothing or diverge at once."""
     ranges = {  # name: (ends, lowest, highest, e.g.); an end "(" or ")" is left out
         "lr": ("(]", 0.0, 1e4, "0.4"),  # per mean loss: speedrun_muon's is 1340
         "weight_decay": ("[)", 0.0, 1.0, "5e-4"),
@@ -328,7 +341,6 @@ def validate(cfg: Config) -> Config:
                 f"--{name.replace('_', '-')} must be {what} in {ends[0]}{low:g}, {high:g}"
                 f"{ends[1]}, e.g. {example}; got {v!r}"
             )
-    return cfg
 
 
 def check_supported(cfg: Config, trainer: str) -> None:
