@@ -52,6 +52,7 @@ from parity.checks.base import (
     Figure,
     PyTree,
     leaves,
+    max_abs,
     path_keys,
     subset_data,
     synthetic_dataset,
@@ -69,6 +70,7 @@ LOGITS_RTOL = 1e-5
 GROSS_RTOL = 5e-2  # see _gross_ratios: measured up to 5e-3 at batch 16
 MARGIN_FACTOR = 100.0  # top-2 margins within this x the logit difference may flip
 T = TypeVar("T")
+Parts = dict[str, PyTree]  # a state as the parts compared (`_jax_parts`, `_torch_parts`)
 
 
 def trainer_config(ctx: Context) -> Config:
@@ -114,7 +116,7 @@ def _torch_snapshot(r: Any) -> dict[str, Any]:
     snap: dict[str, Any] = {
         "t": r.t,
         "variables": convert.torch_to_flax(sd),
-        "buffers": {k.replace(".", "/"): b for k, b in _flax_params(bufs).items()},
+        "buffers": _flax_params(bufs),
         "frozen": set(_flax_params(frozen)),
     }
     if r.ema_model is not None:
@@ -146,11 +148,11 @@ class TorchRecorder:
 
 
 def _param_path(path: Any) -> str | None:
-    """The parameter ("a/b/kernel") of an optax trace leaf's key path, or None for other leaves."""
+    """The parameter ("a.b.kernel") of an optax trace leaf's key path, or None for other leaves."""
     names = [getattr(k, "name", None) for k in path]
     if "trace" not in names:
         return None
-    return "/".join(path_keys(path[names.index("trace") + 1 :]))
+    return ".".join(path_keys(path[names.index("trace") + 1 :]))
 
 
 class TeacherForcing:
@@ -204,7 +206,7 @@ class TeacherForcing:
 # --- comparisons --------------------------------------------------------------------------------
 
 
-def _jax_parts(state: Any) -> dict[str, PyTree]:
+def _jax_parts(state: Any) -> Parts:
     """A recorded JAX TrainState as the parts compared: params, stats, momentum traces, EMA."""
     flat = jax.tree_util.tree_flatten_with_path(state.opt_state)[0]
     traces = [(_param_path(path), leaf) for path, leaf in flat]
@@ -216,16 +218,14 @@ def _jax_parts(state: Any) -> dict[str, PyTree]:
     }
 
 
-def _torch_parts(snap: dict[str, Any], template: dict[str, Any]) -> dict[str, PyTree]:
+def _torch_parts(snap: dict[str, Any], template: Parts) -> Parts:
     """torch's snapshot as the same parts, missing momentum buffers (before the first step) 0."""
     v = snap["variables"]
     bufs = {k: snap["buffers"].get(k, np.zeros_like(x)) for k, x in template["buffers"].items()}
     return {**v, "buffers": bufs, "ema": snap.get("ema", v)}
 
 
-def _stats_ratios(
-    got: dict[str, PyTree], want: dict[str, PyTree], before: dict[str, PyTree], with_ema: bool
-) -> dict[str, float]:
+def _stats_ratios(got: Parts, want: Parts, before: Parts, with_ema: bool) -> dict[str, float]:
     """BN statistics (live and EMA), per tensor: |got - want| / (RTOL_UPDATE |change| + ULPS
     ulp(|want|)), worst element. Forward-only quantities: float32-accurate in both."""
     out: dict[str, float] = {}
@@ -245,11 +245,7 @@ def _stats_ratios(
 
 
 def _gross_ratios(
-    got: dict[str, PyTree],
-    want: dict[str, PyTree],
-    before: dict[str, PyTree],
-    skip: set[str],
-    with_ema: bool,
+    got: Parts, want: Parts, before: Parts, skip: set[str], with_ema: bool
 ) -> dict[str, float]:
     """Params, momentum buffers and EMA params (`with_ema`): ||got - want|| / ||want -
     before|| over all tensors of each part (they carry the float32-ambiguous gradient)."""
@@ -258,12 +254,12 @@ def _gross_ratios(
     for part, sub in parts[: 3 if with_ema else 2]:
         key = part if sub is None else "ema params"
         g, w, b = (leaves(x[part] if sub is None else x[part][sub]) for x in (got, want, before))
-        if set(g) - skip != set(w) - skip:
+        if set(g) != set(w):  # the buffers' names are JAX's in both (`_torch_parts`)
             out[key] = math.inf
             continue
         num = den = 0.0
         for name in w:
-            if part == "buffers" and name.replace(".", "/") in skip:
+            if part == "buffers" and name in skip:
                 continue
             wv = w[name].astype(np.float64)
             num += float(np.sum((g[name].astype(np.float64) - wv) ** 2))
@@ -272,7 +268,7 @@ def _gross_ratios(
     return out
 
 
-def _applied_decay(pre: dict[str, PyTree], post: dict[str, PyTree]) -> tuple[float, float]:
+def _applied_decay(pre: Parts, post: Parts) -> tuple[float, float]:
     """The EMA decay d a trainer applied in a step, and the float32 bound of that estimate:
     ema1 = d ema0 + (1 - d) w1, so d = <ema1 - w1, ema0 - w1> / |ema0 - w1|^2."""
     e0, e1 = leaves(pre["ema"]), leaves(post["ema"])
@@ -287,7 +283,7 @@ def _applied_decay(pre: dict[str, PyTree], post: dict[str, PyTree]) -> tuple[flo
 
 
 def _applied_lr(
-    pre: dict[str, PyTree], post: dict[str, PyTree], cfg: Config, labels: dict[str, str]
+    pre: Parts, post: Parts, cfg: Config, labels: dict[str, str]
 ) -> dict[str, tuple[float, float]]:
     """The LR each parameter group was updated with, and the float32 bound of that estimate.
 
@@ -301,9 +297,8 @@ def _applied_lr(
     for name, group in labels.items():
         if group not in ("default", "bn_bias"):
             continue
-        key = name.replace(".", "/")
         w0, w1 = w0s[name].astype(np.float64), w1s[name].astype(np.float64)
-        b0, b1 = b0s[key].astype(np.float64), b1s[key].astype(np.float64)
+        b0, b1 = b0s[name].astype(np.float64), b1s[name].astype(np.float64)
         d = (b1 - m * b0) + m * b1 if cfg.nesterov else b1
         acc = dots.setdefault(group, [0.0, 0.0, 0.0])
         acc[0] += float(np.sum((w1 - w0) * d))
@@ -347,11 +342,7 @@ def _step_gradients(r: Runs) -> dict[str, dict[int, dict[str, np.ndarray]]]:
 
 
 def _applied_weight_decay(
-    pre: dict[str, PyTree],
-    post: dict[str, PyTree],
-    grads: dict[str, np.ndarray],
-    cfg: Config,
-    labels: dict[str, str],
+    pre: Parts, post: Parts, grads: dict[str, np.ndarray], cfg: Config, labels: dict[str, str]
 ) -> dict[str, tuple[float, float]]:
     """The coupled weight decay each parameter group got in a step, and its error scale.
 
@@ -364,9 +355,8 @@ def _applied_weight_decay(
     for name, group in labels.items():
         if group not in ("default", "bn_bias") or name not in grads:
             continue
-        key = name.replace(".", "/")
         w0 = w0s[name].astype(np.float64)
-        b0, b1 = pre["buffers"][key].astype(np.float64), post["buffers"][key].astype(np.float64)
+        b0, b1 = pre["buffers"][name].astype(np.float64), post["buffers"][name].astype(np.float64)
         g = grads[name].astype(np.float64)
         noise = 1e-5 * np.abs(g) + EPS32 * (np.abs(b1) + m * np.abs(b0))
         a = acc.setdefault(group, [0.0, 0.0, 0.0])
@@ -379,7 +369,7 @@ def _applied_weight_decay(
     }
 
 
-def _live(parts: dict[str, PyTree]) -> dict[str, np.ndarray]:
+def _live(parts: Parts) -> dict[str, np.ndarray]:
     """The live net of a state's parts (params, then BN statistics), by dotted name."""
     return {**leaves({"params": parts["params"]}), **leaves({"batch_stats": parts["batch_stats"]})}
 
@@ -399,7 +389,7 @@ class Runs:
     def steps(self) -> list[int]:
         return sorted(self.rec.pre)
 
-    def stepped(self) -> Iterator[tuple[int, dict[str, tuple[PyTree, PyTree]]]]:
+    def stepped(self) -> Iterator[tuple[int, dict[str, tuple[Parts, Parts]]]]:
         """Every step both trainers completed, with each one's (state before, state after) it:
         torch's run, JAX's from the injection."""
         for t in self.steps:
@@ -469,15 +459,9 @@ def _start_figures(r: Runs) -> list[Figure]:
     snap = r.rec.pre[r.steps[0]]
     params = snap["variables"]["params"]
     want = leaves({"params": params, "ema": snap.get("ema", {}).get("params", params)})
-    ratio, where = 0.0, ""
-    for name, w in want.items():
-        if name not in got:
-            ratio, where = math.inf, f"{name} missing"
-            break
-        scale = max(float(np.max(np.abs(w))), 1e-30)
-        max_rel = float(np.max(np.abs(got[name].astype(np.float64) - w))) / scale
-        if max_rel >= ratio:
-            ratio, where = max_rel, name
+    missing = [name for name in want if name not in got]
+    pairs = ((max_abs(got[n], w) / max(float(np.abs(w).max()), 1e-30), n) for n, w in want.items())
+    ratio, where = (math.inf, f"{missing[0]} missing") if missing else _worst(pairs, "")
     title = "weights entering step 1 (after the whitening init): max |diff| / max |x|"
     return [Figure(f"{title} / {START_RTOL:g}, worst ({where})", ratio / START_RTOL, 1.0)]
 
@@ -506,8 +490,7 @@ def _state_figures(r: Runs) -> tuple[list[Figure], dict[str, dict[str, Any]]]:
         with_ema = r.cfg.ema_every > 0  # without, JAX's EMA slot is an unused copy
         tight = _stats_ratios(got, want, before, with_ema)
         # torch leaves frozen parameters' momentum buffers alone; JAX's may move, unused
-        frozen = {name.replace(".", "/") for name in before_snap["frozen"]}
-        gross = _gross_ratios(got, want, before, frozen, with_ema)
+        gross = _gross_ratios(got, want, before, before_snap["frozen"], with_ema)
         name = max(tight, key=lambda k: tight[k])
         part = max(gross, key=lambda k: gross[k])
         rows[label] = {"stats": tight[name], "stats_tensor": name, **gross}
@@ -694,10 +677,9 @@ def check_trainer(ctx: Context) -> CheckResult:
     figures = [*loss_figs, *_start_figures(r), *state_figs, *_ema_figures(r), *lr_figs, *wd_figs]
     res = CheckResult(6, "trainer", figures=[*figures, *eval_figs, *logit_figs])
     cfg = r.cfg.to_dict()
+    shown = ("model", "widths", "subset", "test_subset", "batch_size", "epochs")
     res.details = {
-        "config": {
-            k: cfg[k] for k in ("model", "widths", "subset", "test_subset", "batch_size", "epochs")
-        },
+        "config": {k: cfg[k] for k in shown},
         "steps": len(r.steps),
         "jax_losses": [r.tf.loss.get(t) for t in r.steps],
         "torch_losses": [r.rec.loss[t] for t in r.steps],
