@@ -72,18 +72,13 @@ def _random_grads(cfg: Config, params: PyTree, rng: np.random.Generator) -> PyTr
     near 1 and float32 rounding far below the 1e-6 bar."""
     gscale = 1e-2 / optimizer_scales(cfg)[0]
 
-    def on_bias_lr(keys: tuple[str, ...]) -> bool:
+    def grad(path: Any, p: Any) -> np.ndarray:
+        keys = path_keys(path)
         own = cfg.whiten_bias_own_lr and keys[-2:] == ("whiten", "bias")
-        return optim.is_bn_bias(keys) or own
+        mult = cfg.bn_bias_lr_mult if optim.is_bn_bias(keys) or own else 1.0
+        return (gscale / mult * rng.standard_normal(np.shape(p))).astype(np.float32)
 
-    return jax.tree_util.tree_map_with_path(
-        lambda path, p: (
-            gscale
-            / (cfg.bn_bias_lr_mult if on_bias_lr(path_keys(path)) else 1.0)
-            * rng.standard_normal(np.shape(p))
-        ).astype(np.float32),
-        params,
-    )
+    return jax.tree_util.tree_map_with_path(grad, params)
 
 
 def _torch_diffs(tree: PyTree, tensors: dict[str, torch.Tensor]) -> dict[str, float]:
