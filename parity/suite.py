@@ -109,8 +109,6 @@ def run_suite(
     """Run `checks` (default: 1-7, or 1-6 under a plant) and return every result. Without
     `data` checks 2-6 use random images and check 7 fails. `threads`: PyTorch's (default 1 in
     quick mode); XLA's is set before JAX starts (`python -m parity --threads`)."""
-    if plant is not None:
-        get_plant(plant)  # validates the name before any work
     chosen = tuple(checks) if checks else (FAST_CHECKS if plant else ALL_CHECKS)
     sample = data if data is not None else synthetic_dataset(SAMPLE_IMAGES, 1)
     source = "synthetic (random)" if data is None else getattr(data, "source", "") or "CIFAR-10"
