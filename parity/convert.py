@@ -56,9 +56,7 @@ def torch_to_flax(state_dict: Mapping[str, torch.Tensor]) -> Variables:
 
 
 def flax_to_torch(
-    variables: Mapping[str, Any],
-    *,
-    num_batches_tracked: int = 0,
+    variables: Mapping[str, Any], *, num_batches_tracked: int = 0
 ) -> OrderedDict[str, torch.Tensor]:
     """A torch state dict from Flax variables; the inverse of `torch_to_flax`.
     Flax keeps no BN batch counter: `num_batches_tracked` fills torch's (unused in training)."""

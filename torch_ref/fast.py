@@ -26,13 +26,7 @@ from torch import nn
 from torch_ref import augment
 from torch_ref.layers import set_whiten_bias_trainable
 
-COMPILE_MODES: tuple[str, ...] = (
-    "none",
-    "default",
-    "max-autotune",
-    "max-autotune-no-cudagraphs",
-    "reduce-overhead",
-)
+COMPILE_MODES = ("none", "default", "max-autotune", "max-autotune-no-cudagraphs", "reduce-overhead")
 CUDA_GRAPH_MODES: tuple[str, ...] = ("max-autotune", "reduce-overhead")  # inductor's cudagraphs
 SGD_IMPLS: tuple[str, ...] = ("fused", "foreach", "for-loop")
 LR_HANDLING = "host float in param_groups (eager optimizer: no sync, no recompile)"

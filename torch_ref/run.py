@@ -69,14 +69,11 @@ class Hooks:
     """Observation points in the training loop for the parity suite (no-ops by default): the
     run before and after update `t` (with the step's mean loss) and before each evaluation."""
 
-    def before_step(self, t: int, run: Run) -> None:
-        pass
+    def before_step(self, t: int, run: Run) -> None: ...
 
-    def after_step(self, t: int, run: Run, loss: torch.Tensor) -> None:
-        pass
+    def after_step(self, t: int, run: Run, loss: torch.Tensor) -> None: ...
 
-    def before_eval(self, epoch: int, run: Run) -> None:
-        pass
+    def before_eval(self, epoch: int, run: Run) -> None: ...
 
 
 class Trainer:
