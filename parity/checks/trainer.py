@@ -617,7 +617,9 @@ def _logit_figures(r: Runs) -> tuple[list[Figure], dict[str, float]]:
             name = f"{label} {what} max |diff| / max |x| / {LOGITS_RTOL:g}"
             figures.append(Figure(name, rows[f"{label} {key}"] / LOGITS_RTOL, 1.0))
         if cfg.tta_select:  # the trainers score these, not the weighted views
-            jc, tc = _selective_figures(figures, rows, label, jv, tv, cfg.tta_select, scale)
+            selective, sel_rows, jc, tc = _selective_figures(label, jv, tv, cfg.tta_select, scale)
+            figures += selective
+            rows.update(sel_rows)
         metric = "val_acc" if label == "live" else "ema_val_acc"
         flips = abs(r.jax_summary["final"][metric] - r.torch_summary["final"][metric]) * n_test
         # images whose top-2 TTA logits are this close may be scored either way
@@ -629,17 +631,11 @@ def _logit_figures(r: Runs) -> tuple[list[Figure], dict[str, float]]:
 
 
 def _selective_figures(
-    figures: list[Figure],
-    rows: dict[str, float],
-    label: str,
-    jv: np.ndarray,
-    tv: np.ndarray,
-    fraction: float,
-    scale: float,
-) -> tuple[np.ndarray, np.ndarray]:
+    label: str, jv: np.ndarray, tv: np.ndarray, fraction: float, scale: float
+) -> tuple[list[Figure], dict[str, float], np.ndarray, np.ndarray]:
     """Selective TTA of each trainer's 6 view logits (`stream.selective_tta`): the images
     each picks (a swap allowed only across a boundary closer than the plain views' noise
-    allows), and the logits they score; returns those logits (jax, torch)."""
+    allows), and the logits they score; also returns those logits (jax, torch)."""
     if len(jv) != 6 or jv.shape != tv.shape:
         raise AssertionError(f"selective TTA needs 6 views in both trainers, got {jv.shape}")
     (jc, j_sel), (tc, t_sel) = (selective_tta(v[0], v, fraction) for v in (jv, tv))
@@ -651,13 +647,11 @@ def _selective_figures(
     slack = MARGIN_FACTOR * float(np.abs(jconf - tconf).max())
     allowed = 2 * int(np.sum(np.abs(tconf - edge) <= slack))
     swapped = len(np.setxor1d(j_sel, t_sel))
-    rows[f"{label} selected"] = float(k)
-    name = f"{label} selective TTA: images picked differently (allowed: {allowed} near the edge)"
-    figures.append(Figure(name, swapped, allowed))
-    rows[f"{label} selective"] = float(np.abs(jc - tc).max()) / scale
-    name = f"{label} selective-TTA logits max |diff| / max |x| / {LOGITS_RTOL:g}"
-    figures.append(Figure(name, rows[f"{label} selective"] / LOGITS_RTOL, 1.0))
-    return jc, tc
+    diff = float(np.abs(jc - tc).max()) / scale
+    picked = f"{label} selective TTA: images picked differently (allowed: {allowed} near the edge)"
+    logits = f"{label} selective-TTA logits max |diff| / max |x| / {LOGITS_RTOL:g}"
+    figures = [Figure(picked, swapped, allowed), Figure(logits, diff / LOGITS_RTOL, 1.0)]
+    return figures, {f"{label} selected": float(k), f"{label} selective": diff}, jc, tc
 
 
 def check_trainer(ctx: Context) -> CheckResult:
