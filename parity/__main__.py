@@ -8,7 +8,9 @@ expected outcome, and the verdict line names the check that caught it); 2 bad in
 from __future__ import annotations
 
 import argparse
+import os
 import signal
+import subprocess
 import sys
 import tempfile
 from collections.abc import Sequence
@@ -131,9 +133,6 @@ def _main(cmd: Command, argv: list[str]) -> int:
 
 def _run_source_plant(plant: Any, argv: Sequence[str]) -> int:
     """Run this command again on a copy of the packages with the plant's edit applied."""
-    import os
-    import subprocess
-
     from parity.plants import PLANTED_ENV, planted_tree
 
     with planted_tree(plant) as tree:

@@ -463,11 +463,10 @@ def planted_harness(name: str | None) -> Harness:
     if name is None:
         return base
     plant = get_plant(name)
-    if plant.build is None:
-        if running_planted() != name:
-            raise ValueError(
-                f"plant {name!r} edits the trainers' source: run it with "
-                f"`python -m parity --plant {name}`"
-            )
-        return dataclasses.replace(base, name=f"plant:{name}")
-    return dataclasses.replace(plant.build(base), name=f"plant:{name}")
+    if plant.build is None and running_planted() != name:
+        raise ValueError(
+            f"plant {name!r} edits the trainers' source: run it with "
+            f"`python -m parity --plant {name}`"
+        )
+    built = base if plant.build is None else plant.build(base)
+    return dataclasses.replace(built, name=f"plant:{name}")

@@ -89,8 +89,7 @@ class CheckResult:
         """The figure the summary shows: the worst failure, else the closest headline figure."""
         if not self.figures:
             return None
-        failed = [f for f in self.figures if not f.passed]
-        pool = failed or [f for f in self.figures if f.headline] or self.figures
+        pool = self.failed_figures or [f for f in self.figures if f.headline] or self.figures
         return max(pool, key=lambda f: f.severity)
 
     @property

@@ -97,12 +97,11 @@ def _uniform_figures(fw: str, sample: InitSample) -> tuple[list[Figure], dict[st
 
 def _conversion_figures(h: Harness, jax_init: PyTree, torch_init: Any) -> list[Figure]:
     """Names and shapes line up with Flax's own init, and both round trips are exact."""
-    shapes_f = {k: v.shape for k, v in leaves(jax_init).items()}
-    shapes_c = {k: v.shape for k, v in leaves(h.to_flax(torch_init)).items()}
+    shapes = [
+        {(k, v.shape) for k, v in leaves(t).items()} for t in (jax_init, h.to_flax(torch_init))
+    ]
     counts = {
-        "converted leaves not matching Flax init (name/shape)": len(
-            set(shapes_f.items()) ^ set(shapes_c.items())
-        ),
+        "converted leaves not matching Flax init (name/shape)": len(shapes[0] ^ shapes[1]),
         "torch->flax->torch elements not bit-identical": _bit_mismatches(
             torch_init, h.to_torch(h.to_flax(torch_init))
         ),
