@@ -516,10 +516,8 @@ def _ema_figures(r: Runs) -> list[Figure]:
         for t in (t for t in r.steps if t in r.tf.post):
             post, pre = _jax_parts(r.tf.post[t]), _jax_parts(r.tf.injected[t])
             live, ema1, ema0 = _live(post), leaves(post["ema"]), leaves(pre["ema"])
-            if (t + 1) % r.cfg.ema_every == 0:
-                bad = max(float(np.abs(live[k] - ema1[k]).max()) for k in live)  # must be 0
-            else:
-                bad = max(float(np.abs(ema1[k] - ema0[k]).max()) for k in ema1)  # must be 0
+            a, b = (live, ema1) if (t + 1) % cfg.ema_every == 0 else (ema1, ema0)
+            bad = max(float(np.abs(a[k] - b[k]).max()) for k in a)  # must be 0
             pairs["jax"].append((bad / 1e-30 if bad else 0.0, t))
         return _per_framework(title, pairs)
     decays, pairs["torch"] = schedule.ema_decays(cfg, len(r.steps)), []
