@@ -28,18 +28,12 @@ PERTURB_SEED = 20_231  # the numpy stream behind the ulp perturbations (any fixe
 
 
 def curve_config(ctx: Context) -> tuple[Config, str]:
-    """The check-7 config and a sentence saying what it is.
-
-    Quick mode was chosen on torch_ref runs (final EMA test accuracy, seed 0, three runs each):
-    ResNet-9 at widths 8-64 with 8,000 / 1,000 images and 3 epochs of batch 50 (batch 100 gave
-    58.9-61.8% against 62.3-62.8%; wider took twice the time for no gain, narrower was no
-    faster), no flip TTA (30% of a run's time), no cutout (no gain so short). Measured
-    2026-11-28 on a 2-core AMD EPYC: mean 62.6% over 24 torch runs (59.9-64.7%), jax 62.4-63.1%;
-    check 7 160 s wall; chaos sd of one run 1.0-1.4 points for the EMA accuracy (test accuracy
-    3.9, 2.9, 1.1 at epochs 1-3), residuals near Gaussian, so ~4.1 sd bars are 3-5 points.
-    The speedrun net: widths 32,48,48, 6,000 images, batch 100, no TTA (~63%; 12-14 s a torch
-    run, ~30 s a jax run). Full mode: the preset itself.
-    """
+    """The check-7 config and a sentence saying what it is. Quick mode, chosen on torch_ref
+    runs: ResNet-9 at widths 8-64, 3 epochs of batch 50 (batch 100 lost 1-3 points; wider took
+    twice the time for no gain), no flip TTA (30% of a run's time), no cutout (no gain so short):
+    62.6% mean EMA accuracy over 24 torch runs, chaos sd 1.0-1.4 points, so ~4.1 sd bars are 3-5
+    points, 160 s on a 2-core CPU (2026-11-28). The speedrun net: widths 32,48,48, 6,000 images,
+    batch 100, no TTA (~63%). Full mode: the preset itself."""
     quick = dict(
         widths=quick_widths(ctx.cfg),
         test_subset=1000,
@@ -214,16 +208,13 @@ def compare(
 def check_curves(ctx: Context, *, with_jax: bool = True) -> CheckResult:
     """Per-epoch accuracy and EMA accuracy: JAX against torch_ref, and torch_ref against itself.
 
-    Per seed: jax and torch from torch_ref's init, and TORCH_RUNS - 1 torch reruns from it
-    perturbed by ~1 ulp (`perturb`), all on the shared stream. Per (metric, epoch),
-    `stats.chaos_test`: real = jax against all torch runs; null = the last rerun against the
-    others (exchangeable by construction, so exactly valid). Each is Bonferroni-corrected over
-    its 2 x epochs figures at ALPHA, so an unbroken trainer fails with probability <= 2 ALPHA if
-    chaos saturates (the report warns when not) and the accuracy noise is near Gaussian, which
-    the null tests on every call. No absolute floor: the bar scales with the chaos measured in
-    the same call. Power (quick, 3 seeds): bar ~4.1 chaos sd; a bias of 4, 6, 8 sd is caught
-    ~50%, 93%, >99% of the time; 4 seeds: ~3.0 sd, 5: ~2.4 sd (`--seeds`). With
-    `with_jax=False` only the torch runs and the null comparison run.
+    Per (metric, epoch), `stats.chaos_test` of jax against all torch runs (`train_runs`), and as
+    the null of the last rerun against the others (exchangeable by construction, so exactly
+    valid), each Bonferroni-corrected at ALPHA: an unbroken trainer fails with probability <= 2
+    ALPHA if chaos saturates (the report warns when not) and the noise is near Gaussian (which
+    the null tests every call). The bar scales with the chaos measured in the same call. Power
+    (quick, 3 seeds): bar ~4.1 chaos sd, a bias of 4, 6, 8 sd caught ~50%, 93%, >99% of the
+    time; 4 seeds: ~3.0 sd, 5: ~2.4 sd (`--seeds`). `with_jax=False`: the torch runs and null.
     """
     res = CheckResult(7, "epoch accuracy curves")
     if ctx.data is None:

@@ -5,27 +5,22 @@ weights on the shared batch plan, watched through their parity hooks (`jaxbench.
 `torch_ref.train.Hooks`); nothing of either trainer is re-implemented here.
 
 Why step by step ("teacher forcing"): SGD on a small ResNet is chaotic in float32 (a one-ulp
-change grows ~10x per step), so free-running trajectories part within ~10 steps by a
-CPU-dependent amount. torch_ref runs free and records its state before every step; the JAX
-trainer starts *every* step from that state (params, BN statistics, momentum, step counters,
-EMA), converted exactly. Each step then differs by one step's rounding (~1e-6 of the update)
-while a recipe or glue bug moves the update by 1e-2 or more. What JAX's loop carries into step
-t+1 is compared with torch's state before step t+1, so the code between steps is covered too.
+change grows ~10x per step), so free-running trajectories part within ~10 steps. torch_ref runs
+free and records its state before every step; the JAX trainer starts *every* step from that
+state (params, BN statistics, momentum, step counters, EMA), converted exactly, so a step
+differs by its own rounding (~1e-6 of the update) while a recipe or glue bug moves the update by
+1e-2 or more. What JAX's loop carries into step t+1 is compared with torch's state there, so
+the code between steps is covered too.
 
-Figures, each a ratio that must stay <= 1 (the bars are the constants below):
-- the weights entering step 1, after each trainer's data-dependent (whitening) init;
-- the per-step training loss; the BN statistics (live and EMA) after every step and at every
-  evaluation, per element, against this step's change plus a few ulp;
-- the LR, EMA decay and coupled weight decay each trainer applied, recovered from its own
-  update (`_applied_lr`, `_applied_decay`, `_applied_weight_decay`), against the schedule and
-  the config, with bars of 4x each recovery's rounding bound; with lookahead, the net equals
-  its EMA after each EMA step and the EMA is untouched on the others, exactly;
-- params, momentum and EMA params as a whole, ||jax - torch|| / ||change||: they carry the
-  gradient, which XLA:CPU and PyTorch compute differently by up to ~5e-3 of the step where a
-  ReLU or max-pool sits within rounding of a kink (batch 16 keeps that rare; at batch 100 a BN
-  bias's gradient moved 2.5e-2), so the recovered LR, decays and check 4 carry the tight verdict;
-- evaluation of identical weights: every TTA view's logits, the loss, and the accuracies, which
-  may differ only on images whose top-2 logit margin is within 100x the logit difference.
+Figures, each a ratio that must stay <= 1 (bars: the constants below): the weights entering
+step 1 (after the whitening init); the per-step loss; the BN statistics (live and EMA) per
+element after every step and at every evaluation; the LR, EMA decay and weight decay each
+trainer applied, recovered from its own update, against the schedule and the config (with
+lookahead: net = EMA after each EMA step, exactly); params, momentum and EMA params as a whole,
+loosely: they carry the gradient, which XLA:CPU and PyTorch compute up to ~5e-3 of the step
+apart where a ReLU or max-pool sits at a kink (2.5e-2 at batch 100, hence batch 16), so the
+recovered LR, decays and check 4 carry the tight verdict; evaluation of identical weights:
+every TTA view's logits, the loss, and the accuracies (up to near-tied top-2 logits).
 """
 
 from __future__ import annotations
@@ -285,11 +280,9 @@ def _applied_decay(pre: Parts, post: Parts) -> tuple[float, float]:
 def _applied_lr(
     pre: Parts, post: Parts, cfg: Config, labels: dict[str, str]
 ) -> dict[str, tuple[float, float]]:
-    """The LR each parameter group was updated with, and the float32 bound of that estimate.
-
+    """The LR each parameter group was updated with, and the float32 bound of that estimate:
     SGD moves w by -lr d, d = g' + m b1 (Nesterov) or b1, with b1 = m b0 + g', so
-    lr = -<dw, d> / <d, d>, off by at most sum |d| eps (|w0| + |w1|) / <d, d>.
-    """
+    lr = -<dw, d> / <d, d>, off by at most sum |d| eps (|w0| + |w1|) / <d, d>."""
     m = cfg.momentum
     dots: dict[str, list[float]] = {}
     w0s, w1s = leaves(pre["params"]), leaves(post["params"])
@@ -344,11 +337,9 @@ def _step_gradients(r: Runs) -> dict[str, dict[int, dict[str, np.ndarray]]]:
 def _applied_weight_decay(
     pre: Parts, post: Parts, grads: dict[str, np.ndarray], cfg: Config, labels: dict[str, str]
 ) -> dict[str, tuple[float, float]]:
-    """The coupled weight decay each parameter group got in a step, and its error scale.
-
+    """The coupled weight decay each parameter group got in a step, and its error scale:
     b1 = m b0 + g + wd w0, so wd = <b1 - m b0 - g, w0> / |w0|^2 (g recomputed at the step's
-    start); error scale: g's float32 noise, taken as 1e-5 |g| per element, projected alike.
-    """
+    start); error scale: g's float32 noise, taken as 1e-5 |g| per element, projected alike."""
     m = cfg.momentum
     w0s = leaves(pre["params"])
     acc: dict[str, list[float]] = {}
