@@ -1,12 +1,10 @@
 """The speed set-up of torch_ref: how a run is raced in PyTorch, and the self-check that proves it.
 
 `torch_ref.train` is plain eager PyTorch; this makes it fast, and every summary records which
-of it ran (`record`): `torch.compile` (max-autotune with inductor's CUDA graphs on GPUs, as
-airbench94_compiled), the SGD kernel, channels-last, cuDNN benchmark mode, nets and data at
-fixed addresses so CUDA graphs replay (`place`), a warm-up off the clock once per process and
-configuration (`warm_up`); eager on the CPU. `check_no_host_sync` proves nothing in an epoch
-waits for the device. The LR is a host float in `param_groups`: the optimizer runs eagerly
-outside the compiled forward/backward, so a new LR each step neither syncs nor recompiles.
+of it ran (`record`): `torch.compile` (max-autotune with CUDA graphs on GPUs, as
+airbench94_compiled), the SGD kernel, channels-last, cuDNN benchmark, fixed addresses so CUDA
+graphs replay (`place`), a warm-up off the clock (`warm_up`); eager on the CPU.
+`check_no_host_sync` proves an epoch never waits for the device; the LR: `LR_HANDLING`.
 """
 
 from __future__ import annotations

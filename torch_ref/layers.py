@@ -12,15 +12,11 @@ from torch_ref import distributed
 
 
 class BatchNorm(nn.BatchNorm2d):
-    """`BatchNorm2d` with the config's scale and optional ghost batches.
-
-    Scale: a trainable `weight` from `scale`, or no weight (F.batch_norm multiplies by 1) and
-    a fixed non-1 scale as a constant, so the state dict maps one to one onto Flax's BN.
-    Ghost BN (Page's `view(-1, C * splits, H, W)`): image i in group i mod splits, each group
-    normalised on its own; the (C,) running statistics move towards the groups' mean.
-    `sync` (several processes): "global" normalises with the whole global batch's statistics
-    (one process's numbers), "local" each process's share, averaging the running statistics.
-    `nn.SyncBatchNorm` refuses CPU tensors and has no ghost groups, hence this one."""
+    """`BatchNorm2d` with the config's scale and optional ghost batches. A fixed scale is a
+    constant, not a weight, so the state dict maps one to one onto Flax's BN. Ghost BN (Page's
+    `view(-1, C * splits, H, W)`): image i in group i mod splits; the (C,) running statistics
+    move towards the groups' mean. `sync` over processes: "global" uses the whole batch's
+    statistics, "local" each share's (`nn.SyncBatchNorm` refuses CPU tensors and ghost groups)."""
 
     sync: str | None = None  # None: one process; "global" or "local": several
 

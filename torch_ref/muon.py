@@ -3,10 +3,8 @@
 `Muon(params, spec, total_steps)` updates OIHW filters in place; the trainer sets `lr`
 before each step, and the update counter is in each parameter's state (`step`).
 
-Not `torch.optim.Muon` (torch 2.13): it rejects 4-D parameters and computes another update:
-lerp momentum and a clamped norm, Newton-Schulz in bfloat16 for 5 steps without the record's
-pre-scaling, an `adjust_lr_fn` scale where the sources have none, decay before the update
-(the record decays after it), no weight normalisation, no float16 buffer.
+Not `torch.optim.Muon` (torch 2.13): it rejects 4-D parameters and its update differs (lerp
+momentum, bfloat16 Newton-Schulz without pre-scaling, an LR scale, decay first, no weight norm).
 """
 
 from __future__ import annotations

@@ -1,12 +1,9 @@
 """Train and evaluate the ResNet-9 recipe in PyTorch: `python -m torch_ref.train`.
 
-The same recipe, config presets, flags, table and files as `python -m jaxbench.train`
-(docs/design.md), in plain eager PyTorch, top to bottom: the model and its state, one step, one
-epoch, evaluation, the run, the command line. Data stays on the device as uint8, augmentation runs
-as batched tensor ops there, and an epoch's metrics stay in device tensors until its one fetch. What
-makes it fast (`torch.compile`, CUDA graphs, the SGD kernel, warm-up off the clock) is
-`torch_ref.fast`; what splits it over processes under torchrun is `torch_ref.distributed`; what a
-run holds and saves is `torch_ref.run`. Each plugs in where `setup` says.
+The same recipe, presets, flags, table and files as `python -m jaxbench.train` (docs/design.md),
+in plain eager PyTorch: data stays on the device as uint8, augmentation runs there as batched
+tensor ops, and an epoch's metrics are fetched once. Speed is `torch_ref.fast`, several processes
+`torch_ref.distributed`, what a run holds and saves `torch_ref.run`; each plugs in in `setup`.
 """
 
 from __future__ import annotations
@@ -134,11 +131,9 @@ def setup(
     torch_setup: fast.TorchSetup | None = None,
 ) -> Run:
     """Data on the device, model, EMA copy and optimizer (`data` None: `load_dataset(cfg)`;
-    `init_state_dict`: start from these weights instead of the seed's). `torch_setup`
-    (`fast.TorchSetup`; None: the device's defaults, eager on the CPU) and `compile` (the
-    older switch) choose the speed set-up, which warms up off the clock once per process and
-    configuration. In a process group: this process's part of a data-parallel run, eager
-    (compiling is a ValueError)."""
+    `init_state_dict`: these weights, not the seed's). `torch_setup` (None: the device's
+    defaults) and `compile` (the older switch) choose the speed set-up; in a process group,
+    this process's part of a data-parallel run, eager (compiling is a ValueError)."""
     if stream not in STREAMS:
         raise ValueError(f"stream must be one of {', '.join(STREAMS)}, got {stream!r}")
     check_supported(cfg)
