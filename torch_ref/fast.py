@@ -58,11 +58,8 @@ class TorchSetup:
 
     def cuda_graphs(self, device: torch.device) -> bool:
         """Whether inductor captures the compiled functions in CUDA graphs on `device`."""
-        return (
-            device.type == "cuda"
-            and self.compile_backend == "inductor"
-            and self.compile_mode in CUDA_GRAPH_MODES
-        )
+        inductor = self.compile_backend == "inductor"
+        return device.type == "cuda" and inductor and self.compile_mode in CUDA_GRAPH_MODES
 
     def resolve(self, device: torch.device, compile: bool | None = None) -> TorchSetup:
         """Every field concrete for `device`. `compile` is the on/off switch: False is mode

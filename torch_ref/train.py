@@ -337,13 +337,11 @@ def train_and_evaluate(
 
     `setup`, then `jaxbench.driver.Driver` runs `Trainer`: the run folder (`workdir`, default
     `cfg.out`), the clock, the per-epoch rows, checkpoints and `resume` (a run folder whose
-    latest checkpoint the run continues from, bit for bit). `data`, `init_state_dict`,
-    `stream`, `compile`, `device`, `torch_setup`: see `setup`. `return_variables` adds the
-    final `variables` and `ema_variables` (CPU state dicts) to the returned dict only.
-    `hooks`: see `Hooks`. `profile_dir`: profile the timed region into
-    `<profile_dir>/torch-trace.json`, `profile` (trace, top_ops) in the summary. Raises
-    FloatingPointError, naming the epoch, when the training loss is not finite. In a process
-    group every process returns the same numbers; only process 0 writes files or prints.
+    latest checkpoint the run continues from, bit for bit). Other arguments: see `setup` and
+    `Hooks`; `return_variables` adds the final CPU state dicts (`variables`, `ema_variables`);
+    `profile_dir` gets `torch-trace.json` of the timed region (`profile` in the summary).
+    Raises FloatingPointError, naming the epoch, when the training loss is not finite. In a
+    process group every process returns the same numbers; only process 0 writes or prints.
     """
     distributed.refuse_resume(resume)
     driver = Driver(

@@ -88,12 +88,10 @@ def run_name(k: int) -> str:
 
 
 def perturb(state_dict: dict[str, torch.Tensor], seed: int, k: int) -> dict[str, torch.Tensor]:
-    """The state dict with every float parameter moved by about one ulp; buffers unchanged.
-
+    """The state dict with every float parameter moved by about one ulp; buffers unchanged:
     w -> float32(w (1 + 2^-23 z)), z ~ N(0, 1) keyed by (PERTURB_SEED, seed, k): one rounding
     error's size, random in sign and place (at widths 8-64: 29% unchanged, mean 1.1 ulp). BN
-    running statistics only enter evaluation and are soon overwritten; zeros stay zero.
-    """
+    running statistics only enter evaluation and are soon overwritten; zeros stay zero."""
     rng = np.random.default_rng([PERTURB_SEED, seed, k])
     out: dict[str, torch.Tensor] = {}
     for name, t in state_dict.items():
@@ -121,10 +119,8 @@ def train_runs(
     ctx: Context, cfg: Config, data: Any, *, with_jax: bool = True
 ) -> tuple[dict[str, list[list[dict[str, Any]]]], dict[str, Any]]:
     """Per seed: jax (unless `with_jax` is False) and TORCH_RUNS torch runs from one init.
-
     Returns ({run name: [per-seed epoch rows]}, {wall and CPU seconds per run kind, the
-    per-step loss divergence of jax and of the first rerun from the torch run}).
-    """
+    per-step loss divergence of jax and of the first rerun from the torch run})."""
     h = ctx.harness
     names = (["jax"] if with_jax else []) + [run_name(k) for k in range(TORCH_RUNS)]
     runs: dict[str, list[list[dict[str, Any]]]] = {n: [] for n in names}
