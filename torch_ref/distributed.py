@@ -1,8 +1,7 @@
 """Data parallelism for torch_ref: one process per device, started by torchrun.
 
-`init` joins torchrun's processes in a group (gloo on the CPU, nccl on `cuda:LOCAL_RANK`). Every
-process draws the same epoch plan and trains on its contiguous share of each global batch through
-`DistributedDataParallel` (the EMA copy is not wrapped); `loss_scale` undoes DDP's averaging and BN
+Every process draws the same epoch plan and trains on its contiguous share of each global batch
+through `DistributedDataParallel` (not the EMA copy); `loss_scale` undoes DDP's averaging and BN
 all-reduces its statistics (`bn_sync="global"`), so the update equals one process's on the whole
 batch. `prepare` turns a single-process run into its share; only process 0 writes outputs.
 """

@@ -6,6 +6,7 @@ statistical and runs the trainers in their normal mode.
 
 from __future__ import annotations
 
+import contextlib
 import time
 import traceback
 from collections.abc import Callable
@@ -33,11 +34,8 @@ def run_check(number: int, ctx: Context) -> CheckResult:
     name, fn = CHECKS[number]
     t0 = time.perf_counter()
     try:
-        if number in STATISTICAL:
+        with contextlib.nullcontext() if number in STATISTICAL else full_precision():
             res = fn(ctx)
-        else:
-            with full_precision():
-                res = fn(ctx)
     except Exception as e:  # noqa: BLE001 - reported as a failed check, traceback kept
         res = CheckResult(number, name, error=f"{type(e).__name__}: {e}")
         res.details["traceback"] = traceback.format_exc()
