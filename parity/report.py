@@ -276,10 +276,11 @@ def plot_curves(curves: dict[str, Any]) -> bytes | None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    tables = {"jax": curves.get("table") or [], "null": curves.get("null_table") or []}
+    reruns = [n for n in runs if n.startswith("torch'")]
+    null = f"null: {reruns[-1] if reruns else ''} - torch"
+    tables = {"jax - torch": curves.get("table") or [], null: curves.get("null_table") or []}
     rows = 2 if any(tables.values()) else 1
     fig, axes = plt.subplots(rows, 2, figsize=(11, 4 * rows), sharex=True, squeeze=False)
-    reruns = [n for n in runs if n.startswith("torch'")]
     for col, (metric, title) in enumerate(
         (("val_acc", "test accuracy"), ("ema_val_acc", "EMA test accuracy"))
     ):
@@ -299,7 +300,7 @@ def plot_curves(curves: dict[str, Any]) -> bytes | None:
         axes[-1, col].set_xlabel("epoch")
         if rows == 2:
             ax = axes[1, col]
-            for (label, table), color, shift in zip(
+            for (name, table), color, shift in zip(
                 tables.items(), ("tab:blue", "tab:gray"), (-0.06, 0.06), strict=True
             ):
                 pts = [row for row in table if row["metric"] == metric]
@@ -308,8 +309,6 @@ def plot_curves(curves: dict[str, Any]) -> bytes | None:
                 e = np.array([row["epoch"] for row in pts], float) + shift
                 diff = 100 * np.array([row["diff"] for row in pts])
                 bar = 100 * np.array([row["bar"] for row in pts])
-                null = f"null: {reruns[-1] if reruns else ''} - torch"
-                name = "jax - torch" if label == "jax" else null
                 ax.errorbar(
                     e, diff, yerr=bar, fmt="o", color=color, capsize=4, label=f"{name} ± bar"
                 )
