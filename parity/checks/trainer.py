@@ -286,12 +286,11 @@ def _applied_lr(
     m = cfg.momentum
     dots: dict[str, list[float]] = {}
     w0s, w1s = leaves(pre["params"]), leaves(post["params"])
-    b0s, b1s = pre["buffers"], post["buffers"]
     for name, group in labels.items():
         if group not in ("default", "bn_bias"):
             continue
         w0, w1 = w0s[name].astype(np.float64), w1s[name].astype(np.float64)
-        b0, b1 = b0s[name].astype(np.float64), b1s[name].astype(np.float64)
+        b0, b1 = pre["buffers"][name].astype(np.float64), post["buffers"][name].astype(np.float64)
         d = (b1 - m * b0) + m * b1 if cfg.nesterov else b1
         acc = dots.setdefault(group, [0.0, 0.0, 0.0])
         acc[0] += float(np.sum((w1 - w0) * d))
