@@ -34,10 +34,7 @@ def _lr_figure(h: Harness, cfg: Config, spe: int) -> tuple[float, dict[str, Any]
     steps = np.arange(total)
     lr_fn = jax.jit(jax.vmap(h.jax_lr(cfg, spe)))
     jax_lr = np.asarray(lr_fn(jnp.asarray(steps, jnp.int32)), np.float64)
-    dummy = torch.nn.Linear(1, 1, bias=False)
-    opt = torch.optim.SGD(
-        [{"params": dummy.parameters(), "lr": 0.0, "lr_mult": 1.0}], lr=0.0, momentum=0.0
-    )
+    opt = torch.optim.SGD([{"params": torch.nn.Linear(1, 1).parameters(), "lr_mult": 1.0}], lr=0.0)
     torch_lr = np.empty(total)
     for t, lr in enumerate(schedule.lr_at(steps, cfg, spe)):
         toptim.set_lr(opt, float(lr))
