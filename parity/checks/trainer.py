@@ -99,7 +99,7 @@ def _np_tree(tree: PyTree) -> PyTree:
 
 def _torch_snapshot(r: Any) -> dict[str, Any]:
     """torch_ref's run state in Flax layout: variables, momentum buffers, EMA, trainable."""
-    sd = {k: v.detach().cpu().clone() for k, v in r.model.state_dict().items()}
+    cpu = lambda m: {k: v.detach().cpu().clone() for k, v in m.state_dict().items()}  # noqa: E731
     bufs: dict[str, torch.Tensor] = {}
     frozen: dict[str, torch.Tensor] = {}
     for name, p in r.model.named_parameters():
@@ -110,13 +110,12 @@ def _torch_snapshot(r: Any) -> dict[str, Any]:
             bufs[name] = b.detach().cpu().clone()
     snap: dict[str, Any] = {
         "t": r.t,
-        "variables": convert.torch_to_flax(sd),
+        "variables": convert.torch_to_flax(cpu(r.model)),
         "buffers": _flax_params(bufs),
         "frozen": set(_flax_params(frozen)),
     }
     if r.ema_model is not None:
-        ema_sd = {k: v.detach().cpu().clone() for k, v in r.ema_model.state_dict().items()}
-        snap["ema"] = convert.torch_to_flax(ema_sd)
+        snap["ema"] = convert.torch_to_flax(cpu(r.ema_model))
     return snap
 
 
