@@ -13,8 +13,6 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
-from scipy.stats import ks_1samp, kstwobign
-from scipy.stats import t as student_t
 
 CI_LEVEL = 0.95
 
@@ -23,6 +21,14 @@ CI_LEVEL = 0.95
 Z_TOL = 5.0  # |z| of the sample mean and standard deviation
 KS_ALPHA = 1e-4  # per-test false-alarm rate of the Kolmogorov-Smirnov test
 MAX_TAIL_P = 1e-6  # P(max |w| falls below the accepted range) for a true uniform
+
+
+def _scipy_stats() -> Any:
+    """`scipy.stats`, imported on first use: it takes about a second, which every command
+    that imports this module (the sweep's workers, each parity run) would pay at start."""
+    import scipy.stats
+
+    return scipy.stats
 
 
 def mean_std(values: Sequence[float]) -> dict[str, Any]:
@@ -54,12 +60,12 @@ def t_quantile(p: float, df: float) -> float:
     """The p-quantile of Student's t (df = inf: the normal)."""
     if not 0.0 < p < 1.0:
         raise ValueError(f"t_quantile needs 0 < p < 1, got {p}")
-    return float(student_t.ppf(p, df))
+    return float(_scipy_stats().t.ppf(p, df))
 
 
 def t_sf(t: float, df: float) -> float:
     """P(T > t) for Student's t (df = inf: the normal)."""
-    return float(student_t.sf(t, df))
+    return float(_scipy_stats().t.sf(t, df))
 
 
 def ratio_ci(
@@ -130,8 +136,9 @@ def uniform_fit(sample: np.ndarray, bound: float) -> UniformFit:
     s = float(w.std(ddof=1))
     se_var = math.sqrt((bound**4 / 5.0 - sigma**4) / n)
     std_z = (s * s - sigma * sigma) / se_var  # z of the variance; the std's is ~ the same
-    ks = float(ks_1samp((w / bound + 1.0) / 2.0, lambda u: u).statistic)
-    ks_crit = float(kstwobign.isf(KS_ALPHA)) / math.sqrt(n)
+    sps = _scipy_stats()
+    ks = float(sps.ks_1samp((w / bound + 1.0) / 2.0, lambda u: u).statistic)
+    ks_crit = float(sps.kstwobign.isf(KS_ALPHA)) / math.sqrt(n)
     # P(max |w| < b (1 - d)) = (1 - d)^n  =>  d = 1 - MAX_TAIL_P^(1/n)
     min_max_ratio = MAX_TAIL_P ** (1.0 / n)
     return UniformFit(
