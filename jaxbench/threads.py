@@ -8,6 +8,7 @@ changes nothing, and `intra_op_parallelism_threads` is no XLA flag (XLA aborts o
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 from collections.abc import MutableMapping
@@ -22,15 +23,6 @@ THREAD_ENV_VARS: tuple[str, ...] = (
     "OPENBLAS_NUM_THREADS",
 )
 MAX_THREADS = 1024  # --threads: more than any machine here has cores
-
-
-def check_threads(n: int) -> int:
-    """`n` if it is a valid thread count, else ValueError with a one-line message."""
-    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-        raise ValueError(f"--threads must be at least 1; got {n!r}")
-    if n > MAX_THREADS:
-        raise ValueError(f"--threads must be in [1, {MAX_THREADS}]; got {n}")
-    return n
 
 
 def _jax_started() -> bool:
@@ -48,7 +40,10 @@ def _jax_started() -> bool:
 def xla_thread_env(n: int, environ: MutableMapping[str, str] | None = None) -> dict[str, str]:
     """Set `environ` (default `os.environ`) so XLA:CPU and OpenMP use `n` threads, before JAX's
     first computation (RuntimeError after it); returns the variables set."""
-    check_threads(n)
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ValueError(f"--threads must be at least 1; got {n!r}")
+    if n > MAX_THREADS:
+        raise ValueError(f"--threads must be in [1, {MAX_THREADS}]; got {n}")
     if environ is None:
         if _jax_started():
             raise RuntimeError("--threads must be applied before JAX starts its CPU backend")
@@ -56,21 +51,6 @@ def xla_thread_env(n: int, environ: MutableMapping[str, str] | None = None) -> d
     flags = {"PJRT_NPROC": str(n), "OMP_NUM_THREADS": str(n)}
     environ.update(flags)
     return flags
-
-
-def torch_threads(n: int) -> dict[str, int]:
-    """torch.set_num_threads(n), and the inter-op pool too where it can still be sized
-    (only before PyTorch's first inter-op work). Returns the counts now in force."""
-    import torch
-
-    check_threads(n)
-    torch.set_num_threads(n)
-    if torch.get_num_interop_threads() != n:
-        try:
-            torch.set_num_interop_threads(n)
-        except RuntimeError:  # "cannot set ... after parallel work has started"
-            pass
-    return _torch_counts()
 
 
 def _torch_counts() -> dict[str, int]:
@@ -84,8 +64,16 @@ def _torch_counts() -> dict[str, int]:
 
 def limit_threads(n: int) -> dict[str, Any]:
     """XLA:CPU and PyTorch on `n` threads for the rest of the process (call before JAX's
-    first computation); what was set, for the run's record."""
-    return {"threads": n, "env": xla_thread_env(n), **torch_threads(n)}
+    first computation; PyTorch's inter-op pool is sized only before its first inter-op
+    work); what was set, for the run's record."""
+    env = xla_thread_env(n)
+    import torch
+
+    torch.set_num_threads(n)
+    if torch.get_num_interop_threads() != n:
+        with contextlib.suppress(RuntimeError):  # "cannot set ... after parallel work started"
+            torch.set_num_interop_threads(n)
+    return {"threads": n, "env": env, **_torch_counts()}
 
 
 def xla_cpu_threads(environ: MutableMapping[str, str] | None = None) -> int:
