@@ -24,14 +24,10 @@ class _NoBar:
     def __enter__(self) -> _NoBar:
         return self
 
-    def __exit__(self, *exc: object) -> None:
-        return None
+    def update(self, *_: Any) -> None:
+        """Nothing: the bar's update, close and the end of its `with` block."""
 
-    def update(self, n: float = 1) -> None:
-        return None
-
-    def close(self) -> None:
-        return None
+    close = __exit__ = update
 
 
 def progress_bar(iterable: Iterable[Any] | None = None, **kwargs: Any) -> Any:
