@@ -46,12 +46,10 @@ def free_bytes() -> int | None:
         return int(stats["bytes_limit"]) - int(stats.get("bytes_in_use", 0))
     try:
         with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
+            kib = next((line.split()[1] for line in f if line.startswith("MemAvailable:")), None)
     except OSError:
-        pass
-    return None
+        return None
+    return None if kib is None else int(kib) * 1024
 
 
 def check(cfg: Config, state: Any, lanes: int, devices: int = 1) -> None:
