@@ -50,10 +50,8 @@ def format_table(suite: SuiteResult) -> str:
     widths = [max(len(row[i]) for row in rows) for i in range(len(HEADER) - 1)]
     lines = []
     for row in rows:
-        cells = [
-            c.ljust(w) if i == 1 else c.rjust(w)
-            for i, (c, w) in enumerate(zip(row, widths, strict=False))
-        ]
+        cells = [c.rjust(w) for c, w in zip(row, widths, strict=False)]
+        cells[1] = row[1].ljust(widths[1])  # the check's name
         lines.append("  ".join([*cells, row[-1]]))
     return "\n".join(lines)
 
@@ -79,11 +77,6 @@ def _md_table(header: list[str], rows: list[list[str]]) -> list[str]:
     out = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     out += ["| " + " | ".join(c.replace("|", "\\|") for c in row) + " |" for row in rows]
     return out
-
-
-def _figures_md(figures: list[Figure]) -> list[str]:
-    rows = [[f.name, _num(f.value), _tol(f), "pass" if f.passed else "**FAIL**"] for f in figures]
-    return _md_table(["figure", "measured", "tolerance", "result"], rows)
 
 
 def to_markdown(suite: SuiteResult, has_plot: bool) -> str:
@@ -115,13 +108,11 @@ def to_markdown(suite: SuiteResult, has_plot: bool) -> str:
     lines += _md_table(HEADER, table_rows(suite))
     for r in suite.results:
         lines += ["", f"## Check {r.number}: {r.name}", ""]
-        doc = _CHECK_NOTES.get(r.number)
-        if doc:
+        if doc := _CHECK_NOTES.get(r.number):
             lines += [doc, ""]
         if r.error:
             lines += [f"Error: `{r.error}`", ""]
-            tb = r.details.get("traceback")
-            if tb:
+            if tb := r.details.get("traceback"):
                 lines += ["```", tb.rstrip(), "```", ""]
         if r.number == 7 and "null_table" in r.details:
             lines += _curves_md(r.details, has_plot)
@@ -130,7 +121,8 @@ def to_markdown(suite: SuiteResult, has_plot: bool) -> str:
             shown = r.failed_figures + [f for f in r.figures if f.passed and f.headline][:8]
             n = len(r.figures)
             lines += [f"{n} figures; failed ones and the main ones shown (all in parity.json).", ""]
-        lines += _figures_md(shown)
+        rows = [[f.name, _num(f.value), _tol(f), "pass" if f.passed else "**FAIL**"] for f in shown]
+        lines += _md_table(["figure", "measured", "tolerance", "result"], rows)
     return "\n".join(lines) + "\n"
 
 
@@ -163,31 +155,6 @@ def _curves_table(d: dict[str, Any]) -> list[str]:
     return _md_table(header, rows)
 
 
-def _divergence_md(div: dict[str, Any]) -> list[str]:
-    """The per-step loss divergence from the torch run, and a warning where chaos has not
-    saturated (jax 3x further out than the rerun in the last epoch)."""
-    parts = [
-        f"{pair}: {v['first_10_steps']:.2g} in the first 10 steps, {v['last_epoch']:.2g} "
-        "in the last epoch"
-        for pair, v in div.items()
-    ]
-    lines = [
-        "",
-        "Divergence from the torch run (mean |per-step training loss difference|, over "
-        "seeds): " + "; ".join(parts) + ".",
-    ]
-    real, null = div.get("jax vs torch"), div.get("torch' vs torch")
-    if real and null and real["last_epoch"] > 3 * null["last_epoch"]:
-        lines += [
-            "",
-            "**Warning**: in the last epoch jax is "
-            f"{real['last_epoch'] / max(null['last_epoch'], 1e-30):.0f}x further from "
-            "torch than the rerun is: chaos has not saturated (too few steps), so the "
-            "null understates the noise and the bars are too narrow for this run.",
-        ]
-    return lines
-
-
 def _curves_md(d: dict[str, Any], has_plot: bool) -> list[str]:
     """Check 7's configuration, its real and null comparisons side by side, and the plot."""
     runs, alpha = d.get("torch_runs", 3), d.get("alpha", float("nan"))
@@ -206,8 +173,26 @@ def _curves_md(d: dict[str, Any], has_plot: bool) -> list[str]:
         "",
         *_curves_table(d),
     ]
-    if d.get("loss_divergence"):
-        lines += _divergence_md(d["loss_divergence"])
+    if div := d.get("loss_divergence"):
+        parts = [
+            f"{pair}: {v['first_10_steps']:.2g} in the first 10 steps, {v['last_epoch']:.2g} "
+            "in the last epoch"
+            for pair, v in div.items()
+        ]
+        lines += [
+            "",
+            "Divergence from the torch run (mean |per-step training loss difference|, over "
+            "seeds): " + "; ".join(parts) + ".",
+        ]
+        real, null = div.get("jax vs torch"), div.get("torch' vs torch")
+        if real and null and real["last_epoch"] > 3 * null["last_epoch"]:
+            lines += [
+                "",
+                "**Warning**: in the last epoch jax is "
+                f"{real['last_epoch'] / max(null['last_epoch'], 1e-30):.0f}x further from "
+                "torch than the rerun is: chaos has not saturated (too few steps), so the "
+                "null understates the noise and the bars are too narrow for this run.",
+            ]
     secs, cpu = d.get("seconds") or {}, d.get("cpu_seconds") or {}
     if secs:
         times = ", ".join(f"{k} {secs[k]:.0f} / {cpu.get(k, float('nan')):.0f} s" for k in secs)
@@ -271,16 +256,14 @@ def plot_curves(curves: dict[str, Any]) -> bytes | None:
     runs = curves.get("runs")
     if not runs or not runs.get("torch"):
         return None
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure as PlotFigure
 
     reruns = [n for n in runs if n.startswith("torch'")]
     null = f"null: {reruns[-1] if reruns else ''} - torch"
     tables = {"jax - torch": curves.get("table") or [], null: curves.get("null_table") or []}
     rows = 2 if any(tables.values()) else 1
-    fig, axes = plt.subplots(rows, 2, figsize=(11, 4 * rows), sharex=True, squeeze=False)
+    fig = PlotFigure(figsize=(11, 4 * rows))
+    axes = fig.subplots(rows, 2, sharex=True, squeeze=False)
     for col, (metric, title) in enumerate(
         (("val_acc", "test accuracy"), ("ema_val_acc", "EMA test accuracy"))
     ):
@@ -324,19 +307,16 @@ def plot_curves(curves: dict[str, Any]) -> bytes | None:
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=100)
-    plt.close(fig)
     return buf.getvalue()
 
 
 def write_outputs(suite: SuiteResult, out: str | Path) -> list[Path]:
     """parity.json, parity_report.md and (when check 7 ran) curves.png under `out`."""
     out = Path(out)
-    written = []
     png = plot_curves(suite.curves)
     if png is not None:
         report.atomic_write_bytes(out / "curves.png", png)
-        written.append(out / "curves.png")
     report.write_json(out / "parity.json", to_json(suite))
     report.atomic_write_text(out / "parity_report.md", to_markdown(suite, png is not None))
-    written += [out / "parity.json", out / "parity_report.md"]
-    return written
+    written = [out / "parity.json", out / "parity_report.md"]
+    return written if png is None else [out / "curves.png", *written]
