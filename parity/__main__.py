@@ -108,11 +108,10 @@ def _main(cmd: Command, argv: list[str]) -> int:
 
     checks = parse_checks(args.checks) if args.checks else None
     cfg = get_config(args.config or (plant.config if plant else "tiny"))  # a plant's own preset
-    bounds = (
+    for flag, value, top, unit in (
         ("--seeds", args.seeds, MAX_SEEDS, " seeds per framework"),
         ("--epochs", args.epochs, MAX_EPOCHS, ""),
-    )
-    for flag, value, top, unit in bounds:
+    ):
         if value is not None and value < 1:
             raise ValueError(f"{flag} must be at least 1")
         if value is not None and value > top:
