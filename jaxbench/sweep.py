@@ -6,13 +6,11 @@
     python -m jaxbench.sweep --merge runs/s0 runs/s1 --out runs/sweep
 
 Every run is a preset (`--config`, changed for all runs by `--set FIELD=VALUE`) with one
-grid cell and one seed applied; it skips monitoring evaluations unless `eval_every` is
-named. Each finished run is one line of `OUT/runs.jsonl`, appended and flushed, so a
-killed sweep loses at most the run in flight and the same command continues it. At the
-end (and on Ctrl-C) the folder gets `summary.json`, `table.md` and, for a 1-D or 2-D grid,
-`lines.png` or `heatmap.png`. A sweep stopped before its first run writes nothing.
-A field whose values have commas (`widths`) separates them with `;`. Exit codes: 0 done,
-1 a worker failed, 2 bad input, 130 Ctrl-C, 143 SIGTERM.
+grid cell and one seed applied, without monitoring evaluations unless `eval_every` is named.
+Each finished run is a flushed line of `OUT/runs.jsonl`: the same command continues a killed
+sweep. At the end (and on Ctrl-C; not before the first run) come `summary.json`, `table.md`
+and, for a 1-D or 2-D grid, `lines.png` or `heatmap.png`. Values with commas (`widths`) are
+separated by `;`. Exit codes: 0 done, 1 a worker failed, 2 bad input, 130 Ctrl-C, 143 SIGTERM.
 """
 
 from __future__ import annotations
@@ -120,14 +118,14 @@ def _runs(grid: Grid, first: int, seeds: int, frameworks: Sequence[str]) -> list
 
 def plan(base: Config, grid: Grid, seeds: int, frameworks: Sequence[str]) -> list[RunSpec]:
     """Every run (`_runs`), each cell validated."""
-    for values in itertools.product(*grid.values()):
-        cell = tuple(zip(grid, values, strict=True))
+    specs = _runs(grid, base.seed, seeds, frameworks)
+    for cell in dict.fromkeys(s.cell for s in specs):
         try:
             base.replace(**dict(cell))  # validates
         except ValueError as e:
             shown = " ".join(f"{k}={_shown(v)}" for k, v in cell)
             raise ValueError(f"grid cell {shown}: {e}") from None
-    return _runs(grid, base.seed, seeds, frameworks)
+    return specs
 
 
 def _shown(value: Any) -> str:
@@ -166,15 +164,13 @@ def read_runs(path: Path, repair: bool = True) -> list[dict[str, Any]]:
     if repair and len(complete) < len(raw):  # a write cut short: not a run
         report.atomic_write_bytes(path, complete)
     rows = []
-    for i, line in enumerate(complete.splitlines()):
+    for n, line in enumerate(complete.splitlines(), 1):
         if not line.strip():
             continue
         try:
             rows.append(json.loads(line))
         except ValueError:
-            raise ValueError(
-                f"{path}: line {i + 1} is not a run; remove it, then run again"
-            ) from None
+            raise ValueError(f"{path}: line {n} is not a run; remove it, then run again") from None
     return rows
 
 
@@ -293,10 +289,9 @@ def plot(out: Path, cells: Sequence[dict[str, Any]], grid: Grid, frameworks: Seq
     if len(names) not in (1, 2):
         return None
 
-    def mean(fw: str, cell: dict[str, Any]) -> tuple[float, float]:
+    def mean(fw: str, cell: dict[str, Any]) -> tuple[float, ...]:
         acc = next((c["accuracy"] for c in cells if c["framework"] == fw and c["cell"] == cell), {})
-        m, s = (math.nan if acc.get(k) is None else 100 * acc[k] for k in ("mean", "std"))
-        return m, s
+        return tuple(math.nan if acc.get(k) is None else 100 * acc[k] for k in ("mean", "std"))
 
     as_json = [[_jsonable(v) for v in grid[n]] for n in names]
     if len(names) == 1:
@@ -304,9 +299,8 @@ def plot(out: Path, cells: Sequence[dict[str, Any]], grid: Grid, frameworks: Seq
         ax = fig.add_subplot()
         xs = range(len(as_json[0]))
         for fw in frameworks:
-            ms = [mean(fw, {names[0]: v}) for v in as_json[0]]
-            ax.errorbar(xs, [m for m, _ in ms], yerr=[s for _, s in ms], capsize=4, label=fw,
-                        marker="o")  # fmt: skip
+            m, s = zip(*(mean(fw, {names[0]: v}) for v in as_json[0]), strict=True)
+            ax.errorbar(xs, m, yerr=s, capsize=4, label=fw, marker="o")
         ax.set_xticks(list(xs), [_shown(v) for v in grid[names[0]]])
         ax.set(xlabel=names[0], ylabel="test accuracy %")
         ax.legend()
@@ -319,8 +313,7 @@ def plot(out: Path, cells: Sequence[dict[str, Any]], grid: Grid, frameworks: Seq
         fig = Figure(figsize=(4.2 * len(panels), 3.6), layout="constrained")
         for i, (title, fw) in enumerate(panels):
             ax = fig.add_subplot(1, len(panels), i + 1)
-            m = np.full((len(rows_v), len(cols_v)), np.nan)
-            s = np.full_like(m, np.nan)
+            m, s = np.full((2, len(rows_v), len(cols_v)), np.nan)  # means, spreads
             for (a, ra), (b, cb) in itertools.product(enumerate(rows_v), enumerate(cols_v)):
                 cell = {names[0]: ra, names[1]: cb}
                 if fw is not None:
@@ -351,14 +344,10 @@ def plot(out: Path, cells: Sequence[dict[str, Any]], grid: Grid, frameworks: Seq
     return path
 
 
-def _same_sweep(old: dict[str, Any], new: dict[str, Any]) -> bool:
-    """The same plan: the worker count and the data folder may differ."""
-
-    def plan_of(doc: dict[str, Any]) -> dict[str, Any]:
-        base = {k: v for k, v in doc.get("base", {}).items() if k != "data_dir"}
-        return {**{k: v for k, v in doc.items() if k != "workers"}, "base": base}
-
-    return plan_of(old) == plan_of(new)
+def _plan_of(doc: dict[str, Any]) -> dict[str, Any]:
+    """What two sweep.json of the same sweep share: all but the worker count and data folder."""
+    base = {k: v for k, v in doc.get("base", {}).items() if k != "data_dir"}
+    return {**{k: v for k, v in doc.items() if k != "workers"}, "base": base}
 
 
 def _trainers(frameworks: Sequence[str], specs: Sequence[RunSpec], base: Config) -> dict[str, Any]:
@@ -392,14 +381,11 @@ def _data_for(base: Config) -> Callable[[Config], Any]:
 def batches(todo: Sequence[RunSpec], vmap_seeds: int) -> list[list[RunSpec]]:
     """The runs in order, JAX runs of one cell grouped up to `vmap_seeds` per program."""
     out: list[list[RunSpec]] = []
-    open_group: dict[tuple[tuple[str, Any], ...], list[RunSpec]] = {}
+    open_group: dict[tuple[str, tuple[tuple[str, Any], ...]], list[RunSpec]] = {}
     for spec in todo:
-        if spec.framework != "jax" or vmap_seeds <= 1:
-            out.append([spec])
-            continue
-        group = open_group.get(spec.cell)
-        if group is None or len(group) >= vmap_seeds:
-            group = open_group[spec.cell] = []
+        group = open_group.get(key := (spec.framework, spec.cell))
+        if spec.framework != "jax" or group is None or len(group) >= vmap_seeds:
+            group = open_group[key] = []
             out.append(group)
         group.append(spec)
     return out
@@ -438,6 +424,7 @@ class Reporter:
         self.count, self.planned, self.log = done, planned, log
         self.bar = progress_bar(total=planned, initial=done, desc="sweep", unit="run",
                                 disable=None if progress else True, file=sys.stderr)  # fmt: skip
+        self.close = self.bar.close
 
     def row(self, row: dict[str, Any]) -> None:
         """Without the bar: `[3/36] jax batch_size=100 lr=0.4 seed=0: done, 63.10%, 39.9 s`."""
@@ -450,9 +437,6 @@ class Reporter:
             self.log(f"[{self.count}/{self.planned}] {row['framework']} {cell} "
                      f"seed={row['seed']}: {row['status']}, {acc}, {secs}")  # fmt: skip
 
-    def close(self) -> None:
-        self.bar.close()
-
 
 def _next_group(pending: list[list[RunSpec]], claims: workers.Claims | None,
                 last: tuple[str, Any] | None) -> list[RunSpec]:  # fmt: skip
@@ -461,8 +445,7 @@ def _next_group(pending: list[list[RunSpec]], claims: workers.Claims | None,
         return pending.pop(0)
     while pending:
         group = pending.pop(workers.prefer_same_program(pending, last))
-        mine = [s for s in group if claims.claim(s.key)]
-        if mine:
+        if mine := [s for s in group if claims.claim(s.key)]:
             return mine
     return []
 
@@ -557,9 +540,9 @@ def merge(cmd: Command, out: Path, folders: Sequence[str], overwrite: bool) -> i
             specs.append(json.loads((Path(folder) / SPEC).read_text()))
         except (OSError, ValueError) as e:
             raise ValueError(f"--merge {folder}: not a sweep folder ({e})") from None
-    first = {**specs[0], "shard": None, "planned": None}
+    first = _plan_of({**specs[0], "shard": None, "planned": None})
     for folder, s in zip(folders, specs, strict=True):
-        if not _same_sweep(first, {**s, "shard": None, "planned": None}):
+        if _plan_of({**s, "shard": None, "planned": None}) != first:
             raise ValueError(f"--merge {folder}: a different sweep (grid, seeds or config differ)")
     cmd.prepare_out(out, SWEEP_FILES, overwrite=overwrite)
     rows: dict[str, dict[str, Any]] = {}
@@ -645,7 +628,7 @@ def _prepare(cmd: Command, out: Path, spec: dict[str, Any], overwrite: bool) -> 
             old = json.loads((out / SPEC).read_text())
         except ValueError as e:
             raise ValueError(f"--out {out}: its {SPEC} is unreadable ({e})") from None
-        if not _same_sweep(old, spec):
+        if _plan_of(old) != _plan_of(spec):
             raise ValueError(
                 f"--out {out} holds a different sweep; rerun its own command to "
                 "continue it, choose another folder, or pass --overwrite"
