@@ -74,9 +74,8 @@ def to_json(suite: SuiteResult) -> dict[str, Any]:
 
 
 def _md_table(header: list[str], rows: list[list[str]]) -> list[str]:
-    out = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    out += ["| " + " | ".join(c.replace("|", "\\|") for c in row) + " |" for row in rows]
-    return out
+    head = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    return head + ["| " + " | ".join(c.replace("|", "\\|") for c in row) + " |" for row in rows]
 
 
 def to_markdown(suite: SuiteResult, has_plot: bool) -> str:
@@ -104,8 +103,7 @@ def to_markdown(suite: SuiteResult, has_plot: bool) -> str:
     ]
     if suite.plant:
         lines += ["", f"Planted bug `{suite.plant}`: {PLANTS[suite.plant].how}."]
-    lines += ["", "## Summary", ""]
-    lines += _md_table(HEADER, table_rows(suite))
+    lines += ["", "## Summary", "", *_md_table(HEADER, table_rows(suite))]
     for r in suite.results:
         lines += ["", f"## Check {r.number}: {r.name}", ""]
         if doc := _CHECK_NOTES.get(r.number):
