@@ -81,10 +81,8 @@ def xla_cpu_threads(environ: MutableMapping[str, str] | None = None) -> int:
     NPROC, else the cores this process may run on."""
     environ = os.environ if environ is None else environ
     for key in ("PJRT_NPROC", "NPROC"):
-        try:
+        with contextlib.suppress(ValueError):  # unset or not a number: the next source
             return max(0, int(environ.get(key, "")))
-        except ValueError:
-            continue
     try:
         return len(os.sched_getaffinity(0))
     except AttributeError:  # not on Linux
