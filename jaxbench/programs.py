@@ -157,18 +157,6 @@ def compile_programs(
     return Programs(run, plan, eval_both, eval_one, moments, run_last, seconds, zero_both, zero_one)
 
 
-def eval_sums(
-    programs: Programs, test: EvalData, variables: Any, ema: Any, one: bool
-) -> dict[str, np.ndarray]:
-    """The evaluation's sums over the test set, on the host; `one`: `variables` alone."""
-    fn, acc = (
-        (programs.eval_one, programs.zero_one) if one else (programs.eval_both, programs.zero_both)
-    )
-    for i in range(test.steps):
-        acc = fn(acc, variables, ema, test.images, test.labels, test.valid, np.int32(i))
-    return parallel.fetch(acc)
-
-
 def cache_key(cfg: Config, n_train: int, n_test: int, loop: str, state: Any) -> Any:
     """What a run's programs depend on: the recipe, devices, data shapes, loop, backend and
     the state's tree (not the seed or the folders)."""
@@ -202,33 +190,6 @@ class CompileCache:
         self._programs[key] = programs
         self.compiles += 1
         return programs, True
-
-
-def resolve_loop(cfg: Config) -> str:
-    """`auto`: whole-epoch scan on accelerators, per-step jit on the CPU."""
-    if cfg.loop != "auto":
-        return cfg.loop
-    return "step" if jax.default_backend() == "cpu" else "scan"
-
-
-def host_arrays(
-    cfg: Config, data: Any
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, int]:
-    """(train images, labels, test images, labels, steps per epoch) of `cfg`'s subsets on the
-    host; a one-line ValueError when nothing could train."""
-    train_x = np.asarray(data.train_images[: cfg.subset], np.uint8)
-    train_y = np.asarray(data.train_labels[: cfg.subset], np.int32)
-    test_x = np.asarray(data.test_images[: cfg.test_subset], np.uint8)
-    test_y = np.asarray(data.test_labels[: cfg.test_subset], np.int32)
-    steps = steps_per_epoch(cfg, len(train_x))
-    if steps == 0:
-        raise ValueError(
-            f"{len(train_x)} training images make no full batch of {cfg.batch_size}; "
-            "lower --batch-size or raise --subset"
-        )
-    if len(test_x) == 0:
-        raise ValueError("the test set is empty; check the data or --test-subset")
-    return train_x, train_y, test_x, test_y, steps
 
 
 def eval_scores(
@@ -308,9 +269,13 @@ class Run:
         `same_weights`: the EMA equals the net (lookahead's end), so it is scored once."""
         with_ema = self.cfg.ema_every > 0
         one = same_weights and with_ema
-        acc = eval_sums(self.programs, self.test, st.variables(), st.ema, one)
+        p, test, variables = self.programs, self.test, st.variables()
+        fn, acc = (p.eval_one, p.zero_one) if one else (p.eval_both, p.zero_both)
+        for i in range(test.steps):  # the sums over the test set, fetched once
+            acc = fn(acc, variables, st.ema, test.images, test.labels, test.valid, np.int32(i))
+        acc = parallel.fetch(acc)
         score = functools.partial(
-            eval_scores, test=self.test, with_ema=with_ema, one=one, tta_select=self.cfg.tta_select
+            eval_scores, test=test, with_ema=with_ema, one=one, tta_select=self.cfg.tta_select
         )
         if not self.vmapped:
             return score(acc)
@@ -355,7 +320,12 @@ class Run:
         return 0  # everything was compiled before the clock started
 
     def write_state(self, folder: Path) -> None:
-        save_state(folder, self.state)
+        """The whole train state with orbax into `folder/state`; returns once it is on disk."""
+        import orbax.checkpoint as ocp
+
+        with ocp.StandardCheckpointer() as ckptr:
+            ckptr.save(folder / "state", self.state)
+            ckptr.wait_until_finished()
 
     def summary_extras(self, ledger: Any) -> dict[str, Any]:
         extras = {"compile_seconds": self.compile_seconds, "loop": self.loop}
@@ -401,9 +371,21 @@ def setup(
         from jaxbench.data import load_dataset
 
         data = load_dataset(cfg)
-    train_x, train_y, test_x, test_y, steps = host_arrays(cfg, data)
-    n_train = len(train_x)
-    loop = resolve_loop(cfg)
+    train_x = np.asarray(data.train_images[: cfg.subset], np.uint8)
+    train_y = np.asarray(data.train_labels[: cfg.subset], np.int32)
+    test_x = np.asarray(data.test_images[: cfg.test_subset], np.uint8)
+    test_y = np.asarray(data.test_labels[: cfg.test_subset], np.int32)
+    n_train, steps = len(train_x), steps_per_epoch(cfg, len(train_x))
+    if steps == 0:
+        raise ValueError(
+            f"{n_train} training images make no full batch of {cfg.batch_size}; "
+            "lower --batch-size or raise --subset"
+        )
+    if len(test_x) == 0:
+        raise ValueError("the test set is empty; check the data or --test-subset")
+    loop = cfg.loop  # `auto`: whole-epoch scan on accelerators, per-step jit on the CPU
+    if loop == "auto":
+        loop = "step" if jax.default_backend() == "cpu" else "scan"
     images, labels = parallel.replicate((train_x, train_y), topo)  # once, on every device
     test = eval_data(test_x, test_y, cfg.eval_batch_size, topo)
     jax.block_until_ready((images, labels, test.images, test.labels, test.valid))  # untimed
@@ -445,17 +427,8 @@ def seed_keys(seed: int) -> tuple[jax.Array, jax.Array]:
     return init_key, data_key
 
 
-def save_state(folder: Path, state: Any) -> None:
-    """The whole train state with orbax into `folder/state`; returns once it is on disk."""
-    import orbax.checkpoint as ocp
-
-    with ocp.StandardCheckpointer() as ckptr:
-        ckptr.save(folder / "state", state)
-        ckptr.wait_until_finished()
-
-
 def restore_state(folder: Path, like: Any = None) -> Any:
-    """`save_state`'s state with the structure, dtypes and placement of `like` (the
+    """`Run.write_state`'s state with the structure, dtypes and placement of `like` (the
     freshly set-up state, so the compiled programs take it unchanged); None: as saved."""
     import orbax.checkpoint as ocp
 
