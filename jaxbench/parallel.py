@@ -47,7 +47,6 @@ class Topology:
 
     @classmethod
     def single(cls) -> Topology:
-        """One device in one process: nothing sharded."""
         return cls(None, 1, 1, 0)
 
     @property
@@ -145,9 +144,7 @@ def replicate(tree: Any, topo: Topology) -> Any:
 
 def split_batch(tree: Any, sharding: NamedSharding | None) -> Any:
     """Inside a jitted function: lay a batch's leading axis over the devices."""
-    if sharding is None:
-        return tree
-    return jax.lax.with_sharding_constraint(tree, sharding)
+    return tree if sharding is None else jax.lax.with_sharding_constraint(tree, sharding)
 
 
 def fetch(tree: Any) -> Any:
@@ -175,6 +172,11 @@ class ProcessArgs:
     def explicit(self) -> bool:
         return self.coordinator is not None
 
+    @property
+    def several(self) -> bool:
+        """Whether these flags start more than one process."""
+        return (self.explicit and (self.num_processes or 1) > 1) or self.auto
+
 
 def check_process_args(a: ProcessArgs) -> None:
     """One-line errors for a topology that cannot start, before anything waits on it."""
@@ -189,7 +191,6 @@ def check_process_args(a: ProcessArgs) -> None:
     check_wait(a.timeout_s)
     if not a.explicit:
         return
-    assert a.coordinator is not None and a.num_processes is not None and a.process_id is not None
     host, _, port = a.coordinator.rpartition(":")
     if not host or not port.isdigit() or not 0 < int(port) < 65536:
         raise ValueError(f"--coordinator {a.coordinator!r}: give HOST:PORT, e.g. node0:12355")
@@ -202,22 +203,8 @@ def check_process_args(a: ProcessArgs) -> None:
         )
 
 
-def _rendezvous(a: ProcessArgs) -> None:
-    """A TCP roll call on the coordinator's port before JAX's runtime starts, because
-    `jax.distributed.initialize` aborts the interpreter when a peer never appears; this
-    fails with one line within the timeout. The port is then freed for JAX."""
-    assert a.coordinator is not None and a.num_processes is not None and a.process_id is not None
-    host, _, port = a.coordinator.rpartition(":")
-    deadline = time.monotonic() + a.timeout_s
-    if a.process_id == 0:
-        _call_the_roll(a, int(port), deadline)
-    else:
-        _answer_the_roll(a, host.strip("[]"), int(port), deadline)
-
-
 def _call_the_roll(a: ProcessArgs, port: int, deadline: float) -> None:
     """Process 0: wait for every other id, then release them together."""
-    assert a.num_processes is not None
     try:
         server = socket.create_server(("", port), reuse_port=hasattr(socket, "SO_REUSEPORT"))
     except OSError as e:
@@ -298,14 +285,19 @@ def initialize(a: ProcessArgs) -> None:
     """Join the run's processes (`jax.distributed.initialize`) before JAX touches a device;
     nothing for one process."""
     check_process_args(a)
-    if not a.explicit and not a.auto:
-        return
-    if a.explicit and a.num_processes == 1:
+    if not a.several:
         return
     # CPU processes exchange collectives over gloo (GPUs use NCCL whatever this says)
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     if a.explicit:
-        _rendezvous(a)
+        # A TCP roll call on the coordinator's port first: `jax.distributed.initialize` aborts
+        # the interpreter when a peer never appears; this fails with one line in the timeout.
+        host, _, port = a.coordinator.rpartition(":")
+        deadline = time.monotonic() + a.timeout_s
+        if a.process_id == 0:
+            _call_the_roll(a, int(port), deadline)
+        else:
+            _answer_the_roll(a, host.strip("[]"), int(port), deadline)
         jax.distributed.initialize(
             a.coordinator, a.num_processes, a.process_id, initialization_timeout=a.timeout_s
         )
@@ -348,9 +340,8 @@ def join_processes(args: argparse.Namespace) -> None:
         args.coordinator, args.num_processes, args.process_id, args.distributed, args.dist_timeout
     )
     check_process_args(pa)
-    several = (pa.explicit and (pa.num_processes or 1) > 1) or pa.auto
     single_only = args.resume is not None or getattr(args, "checkpoint_every", 0)
-    if several and (single_only or args.vmap_seeds != 1):
+    if pa.several and (single_only or args.vmap_seeds != 1):
         raise ValueError(
             "--resume, --checkpoint-every and --vmap-seeds run in a single process; "
             "drop them from a multi-process run"
