@@ -55,13 +55,6 @@ def error_record(e: BaseException) -> dict[str, Any]:
     return {"error": f"{type(e).__name__}: {e}", "traceback_tail": "".join(tail)}
 
 
-def _guarded(fn: Callable[..., dict[str, Any]], *args: Any) -> dict[str, Any]:
-    try:
-        return fn(*args)
-    except Exception as e:
-        return {"status": "error", **error_record(e)}
-
-
 def _jax_program_check(cfg: configs.Config) -> dict[str, Any]:
     """JAX's programs as exported for CUDA, whatever this machine is (`bench.program`)."""
     from jaxbench.bench import program
@@ -289,8 +282,12 @@ class Bench:
                 args = (run_cfg.replace(seed=WARMUP_SEED, out=None), self.data[cfg.name])
                 args += (self.torch_setup(),)
             for name, fn in todo.items():
-                if name not in checks:
-                    checks[name] = _guarded(fn, *args) if budget_left else dict(skipped)
+                if name in checks:
+                    continue
+                try:
+                    checks[name] = fn(*args) if budget_left else dict(skipped)
+                except Exception as e:
+                    checks[name] = {"status": "error", **error_record(e)}
         for name, result in checks.items():
             why = result.get("problems") or result.get("error") or result.get("detail") or ""
             why = "; ".join(why) if isinstance(why, list) else why
@@ -345,11 +342,12 @@ class Bench:
             # the "K seeds, one program" row: its time, per seed, beside a run alone's mean
             alone = race["frameworks"][entry.name]["summary"]
             accs = [s["final"][records.headline_metric(cfg)] for s in res["seeds"]]
+            t = res["total_time_seconds"]
             race["vmap_seeds"] = {
                 "k": k,
                 "contender": entry.name,
-                "time_seconds": res["total_time_seconds"],
-                "time_per_seed": res["total_time_seconds"] / k,
+                "time_seconds": t,
+                "time_per_seed": t / k,
                 "time_alone": alone["time_seconds"]["mean"] if alone else None,
                 "compile_seconds": res["compile_seconds"],
                 "accuracy": stats.describe(accs),
@@ -357,16 +355,14 @@ class Bench:
             }
             self.save()
             self.log(
-                f"{self._stamp()} {cfg.name} {k} seeds, one program: "
-                f"{res['total_time_seconds']:.2f} s ({res['total_time_seconds'] / k:.2f} s per "
-                f"seed), acc mean {race['vmap_seeds']['accuracy']['mean']:.4f}"
+                f"{self._stamp()} {cfg.name} {k} seeds, one program: {t:.2f} s ({t / k:.2f} s "
+                f"per seed), acc mean {race['vmap_seeds']['accuracy']['mean']:.4f}"
             )
 
     def profiles(self) -> None:
         """One profiled run per contender (off the statistics): traces and top-op tables."""
         from jaxbench.profiling import format_top_ops
 
-        assert self.opts.profile is not None
         for cfg in self.opts.cfgs:
             for entry in self.active(cfg):
                 est = PROFILE_OVERHEAD * self.estimates[(cfg.name, entry.name)]
@@ -382,11 +378,8 @@ class Bench:
                 if error is not None:
                     continue
                 if fw["profile"]:
-                    self.log(
-                        format_top_ops(
-                            fw["profile"]["top_ops"], f"{cfg.name} {entry.name}: top operations"
-                        )
-                    )
+                    title = f"{cfg.name} {entry.name}: top operations"
+                    self.log(format_top_ops(fw["profile"]["top_ops"], title))
                 self.save()
 
     def finish(self, complete: bool) -> None:
