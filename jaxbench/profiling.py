@@ -21,16 +21,11 @@ def rank(totals: dict[str, tuple[float, int]], n: int = TOP_N) -> list[dict[str,
     """Rows {name, seconds, calls, share} for the `n` operations with the most time, from
     name -> (seconds, calls); `share` is of every operation's sum."""
     whole = sum(s for s, _ in totals.values())
-    top = sorted(totals.items(), key=lambda kv: kv[1][0], reverse=True)[:n]
-    return [
-        {
-            "name": name,
-            "seconds": float(sec),
-            "calls": int(calls),
-            "share": float(sec / whole) if whole > 0 else 0.0,
-        }
-        for name, (sec, calls) in top
-    ]
+    rows = []
+    for name, (sec, calls) in sorted(totals.items(), key=lambda kv: kv[1][0], reverse=True)[:n]:
+        share = float(sec / whole) if whole > 0 else 0.0
+        rows.append({"name": name, "seconds": float(sec), "calls": int(calls), "share": share})
+    return rows
 
 
 def format_top_ops(rows: Iterable[dict[str, Any]], title: str) -> str:

@@ -215,32 +215,31 @@ def flop_accounting_from_compiled(
     train_counted = flops.train_flops_per_image(cfg)
     train_unpadded = flops.unpadded_train_flops_per_image(cfg)
     train_read_only = flops.unpadded_train_flops_per_image(cfg, read_only=True)
-    out: dict[str, Any] = {
+    eval_counted = float(flops.eval_flops_per_image(cfg))
+    eval_unpadded = float(flops.unpadded_eval_flops_per_image(cfg))
+    ev = None
+    if eval_compiled is not None:
+        if eval_images <= 0 or eval_weight_sets <= 0:
+            raise ValueError("eval_images and eval_weight_sets must be positive")
+        ev = executed_flops(eval_compiled) / (eval_images * eval_weight_sets)
+    return {
         "train_executed_per_image": train_exec,
         "train_counted_per_image": float(train_counted),
         "train_ratio": train_exec / train_counted,
         "train_unpadded_per_image": float(train_unpadded),
         "train_unpadded_ratio": train_exec / train_unpadded,
         "train_read_only_ratio": train_exec / train_read_only,
-        "eval_executed_per_image": None,
-        "eval_counted_per_image": float(flops.eval_flops_per_image(cfg)),
-        "eval_ratio": None,
-        "eval_unpadded_per_image": float(flops.unpadded_eval_flops_per_image(cfg)),
-        "eval_unpadded_ratio": None,
+        "eval_executed_per_image": ev,
+        "eval_counted_per_image": eval_counted,
+        "eval_ratio": None if ev is None else ev / eval_counted,
+        "eval_unpadded_per_image": eval_unpadded,
+        "eval_unpadded_ratio": None if ev is None else ev / eval_unpadded,
         "eval_weight_sets": eval_weight_sets,
         "batch_images": batch_images,
         "eval_images": eval_images,
         "backend": jax.default_backend(),
         "method": "XLA cost_analysis of the compiled train step and eval batch",
     }
-    if eval_compiled is not None:
-        if eval_images <= 0 or eval_weight_sets <= 0:
-            raise ValueError("eval_images and eval_weight_sets must be positive")
-        ev = executed_flops(eval_compiled) / (eval_images * eval_weight_sets)
-        out["eval_executed_per_image"] = ev
-        out["eval_ratio"] = ev / out["eval_counted_per_image"]
-        out["eval_unpadded_ratio"] = ev / out["eval_unpadded_per_image"]
-    return out
 
 
 def flop_accounting(
