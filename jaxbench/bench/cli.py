@@ -225,17 +225,6 @@ def load_data(cfgs: Sequence[configs.Config]) -> dict[str, Any]:
     return out
 
 
-def prepare(cmd: Command, opts: Options, command: str, budget: Budget) -> Bench:
-    """Trainers, output places and data (cheapest refusal first), then the race's state;
-    --profile before --out, so a refused --profile leaves the old results in place."""
-    trainers = frameworks.load_trainers(opts.frameworks, opts.cfgs, opts.torch_compile_mode)
-    if opts.profile is not None:
-        cmd.prepare_out(opts.profile, (), overwrite=False, flag="--profile")
-    cmd.prepare_out(opts.out, BENCH_FILES, overwrite=opts.overwrite)
-    data = load_data(opts.cfgs)
-    return Bench(opts, trainers, data, command, budget, log=lambda m: print(m, flush=True))
-
-
 def race(b: Bench) -> bool:
     """Every phase of the race, the files written however it ends; whether the watchdog cut
     it short. Ctrl-C and SIGTERM propagate, for `stopped` to write the files."""
@@ -278,7 +267,14 @@ def _main(cmd: Command, argv: Sequence[str] | None, budget: Budget) -> int:
     os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
     command = " ".join([PROG, *map(shlex.quote, sys.argv[1:] if argv is None else argv)])
     cmd.on_stop = lambda word: f"{word} before the race started; nothing written to {opts.out}"
-    b = prepare(cmd, opts, command, budget)
+    # Trainers, output places and data (cheapest refusal first); --profile before --out, so
+    # a refused --profile leaves the old results in place.
+    trainers = frameworks.load_trainers(opts.frameworks, opts.cfgs, opts.torch_compile_mode)
+    if opts.profile is not None:
+        cmd.prepare_out(opts.profile, (), overwrite=False, flag="--profile")
+    cmd.prepare_out(opts.out, BENCH_FILES, overwrite=opts.overwrite)
+    data = load_data(opts.cfgs)
+    b = Bench(opts, trainers, data, command, budget, log=lambda m: print(m, flush=True))
     cmd.on_stop = lambda word: stopped(b, word)
     cmd.inputs_checked()
     names = ", ".join(e.name for e in b.entries)
