@@ -26,8 +26,7 @@ Initializer = Callable[[jax.Array, Sequence[int], Any], jax.Array]
 def torch_default_init(key: jax.Array, shape: Sequence[int], dtype: Any = jnp.float32) -> jax.Array:
     """Uniform(+-1/sqrt(fan_in)), fan_in = all axes but the last: PyTorch's default
     `kaiming_uniform_(a=sqrt(5))` for conv and linear weights."""
-    fan_in = math.prod(shape[:-1])
-    bound = 1.0 / math.sqrt(fan_in)
+    bound = 1.0 / math.sqrt(math.prod(shape[:-1]))
     return jax.random.uniform(key, tuple(shape), dtype, minval=-bound, maxval=bound)
 
 
@@ -44,8 +43,7 @@ def dirac_init(base: Initializer = torch_default_init) -> Initializer:
     def init(key: Array, shape: Sequence[int], dtype: Any = jnp.float32) -> Array:
         kh, kw, c_in, c_out = shape
         n = min(c_in, c_out)
-        kernel = base(key, shape, dtype)
-        kernel = kernel.at[:, :, :, :n].set(0)
+        kernel = base(key, shape, dtype).at[:, :, :, :n].set(0)
         idx = jnp.arange(n)
         return kernel.at[kh // 2, kw // 2, idx, idx].set(1)
 
@@ -209,8 +207,7 @@ def activation(cfg: Config) -> Callable[[Array], Array]:
     if cfg.activation == "relu":
         return nn.relu
     if cfg.activation == "celu":
-        alpha = cfg.celu_alpha
-        return lambda x: jax.nn.celu(x, alpha=alpha)
+        return functools.partial(jax.nn.celu, alpha=cfg.celu_alpha)
     if cfg.activation == "gelu":
         return lambda x: jax.nn.gelu(x, approximate=False)
     if cfg.activation == "silu":

@@ -168,8 +168,7 @@ def update_scale_factor(shape: tuple[int, ...], spec: MuonSpec) -> float:
     """The factor on the orthogonalised (out, in*kh*kw) update: "none" 1 (both sources);
     "width" sqrt(max(1, rows / cols)) (optax.contrib.muon's default); "rms" 0.2 *
     sqrt(max(rows, cols)) (torch.optim.Muon's "match_rms_adamw")."""
-    rows = shape[0]
-    cols = int(np.prod(shape[1:]))
+    rows, cols = shape[0], int(np.prod(shape[1:]))
     if spec.update_scale == "width":
         return float(np.sqrt(max(1.0, rows / cols)))
     if spec.update_scale == "rms":

@@ -90,9 +90,8 @@ def _momentum(buf: jax.Array, g: jax.Array, spec: MuonSpec) -> tuple[jax.Array, 
         # float32 products and sums rounded to float16 (a Python scalar times a float16
         # array would round m itself to float16 in JAX; torch keeps it in float32)
         scaled = (buf.astype(jnp.float32) * m).astype(jnp.float16)
-        new = (scaled.astype(jnp.float32) + g.astype(jnp.float16).astype(jnp.float32)).astype(
-            jnp.float16
-        )
+        g16 = g.astype(jnp.float16).astype(jnp.float32)
+        new = (scaled.astype(jnp.float32) + g16).astype(jnp.float16)
         wide = new.astype(jnp.float32)
     else:
         new = m * buf + g

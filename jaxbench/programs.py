@@ -186,10 +186,9 @@ class CompileCache:
         if key in self._programs:
             self.hits += 1
             return self._programs[key], False
-        programs = build()
-        self._programs[key] = programs
+        self._programs[key] = build()
         self.compiles += 1
-        return programs, True
+        return self._programs[key], True
 
 
 def eval_scores(

@@ -100,11 +100,8 @@ def set_whitening(
 ) -> TrainState:
     """The whitening kernel from the training images into the net and its EMA: exact moments
     on the device, finished in float64 by `jaxbench.whitening`, the same as torch_ref's."""
-    groups = parallel.fetch(moments(images))
-    patch = layers.whiten_patch(cfg)
-    cov = wh.covariance_from_moments(
-        *wh.moments_from_groups(groups), dataset=cfg.dataset, patch=patch
-    )
+    stats = wh.moments_from_groups(parallel.fetch(moments(images)))
+    cov = wh.covariance_from_moments(*stats, dataset=cfg.dataset, patch=layers.whiten_patch(cfg))
     kernel = wh.kernel_OIHW_to_HWIO(wh.whitening_for_config(cov, cfg.whiten, cfg.whiten_eps))
     path, topo = layers.whiten_path(cfg), topo or parallel.Topology.single()
     # two device copies: the state is donated, and one buffer must not be donated twice

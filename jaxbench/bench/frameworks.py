@@ -116,11 +116,9 @@ def run_trainer(
     if entry.framework == "torch":
         kwargs.update(torch_setup)
     else:
-        if entry.name not in caches:
-            from jaxbench.programs import CompileCache
+        from jaxbench.programs import CompileCache
 
-            caches[entry.name] = CompileCache()
-        kwargs["compile_cache"] = caches[entry.name]
+        kwargs["compile_cache"] = caches.setdefault(entry.name, CompileCache())
     return train(cfg, None, **kwargs)
 
 
