@@ -224,12 +224,9 @@ def _windows(x_NHWC: Array, k: int) -> Array:
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
 def max_pool(x_NHWC: Array, k: int) -> Array:
-    """k x k max pool, stride k, VALID (floor, as PyTorch's `MaxPool2d(k)`).
-
-    Flax's values and gradients (to each window's first maximum, as PyTorch), as a reshape
-    and selects: XLA:CPU's select_and_scatter is slow (`tiny` step 139 ms vs 168 ms on 2
-    cores; `python -m jaxbench.microbench` times both).
-    """
+    """k x k max pool, stride k, VALID (floor, as PyTorch's `MaxPool2d(k)`), with Flax's values
+    and gradients (to each window's first maximum) as a reshape and selects: XLA:CPU's
+    select_and_scatter is slower (`tiny` step 168 vs 139 ms; `jaxbench.microbench` times it)."""
     return _windows(x_NHWC, k).max(axis=(2, 4))
 
 

@@ -1,18 +1,12 @@
 """Muon for the conv filters in optax: `jaxbench.muon`'s reference update, in float32.
 
-`muon(spec, learning_rate, total_steps)`'s updates are the whole step (`params + updates`
-is the new filter), so it sits in an `optax.multi_transform` beside `jaxbench.optim`'s SGD
-groups with no learning-rate scaling after it; its leaves are HWIO kernels (`is_muon_param`).
-
-Why not `optax.contrib.muon` (optax 0.2.8): it computes another update.
-- Momentum: a bias-corrected EMA, not torch SGD's `buf = m * buf + g`; up to a factor the
-  two agree only once the corrections reach 1 (buffer weight 0.49 vs 0.6 at airbench94_muon's
-  second update, checked against `scale_by_muon(ns_steps=0)`).
-- Newton-Schulz: 5 steps (the sources 3), eps 1e-8 (1e-7; 1e-5 after the record's
-  pre-scaling, which optax lacks).
-- Only 2-D leaves unless `MuonDimensionNumbers` are given; a scale sqrt(max(1, out / in));
-  decay before the LR, not after the update as the record's; no weight normalisation, no
-  adaptive interval; a float16 buffer rounds once, the record's twice.
+`muon(spec, learning_rate, total_steps)`'s updates are the whole step (`params + updates` is
+the new filter), so it sits in an `optax.multi_transform` beside `jaxbench.optim`'s SGD groups
+with no learning-rate scaling after it. Not `optax.contrib.muon` (0.2.8), whose update
+differs: a bias-corrected EMA momentum, not torch SGD's (buffer weight 0.49 vs 0.6 at
+airbench94_muon's second update), 5 Newton-Schulz steps (the sources 3) with eps 1e-8 and no
+pre-scaling, 2-D leaves only, a sqrt(max(1, out / in)) scale, decay before the LR, no weight
+normalisation, and a float16 buffer rounded once (the record's twice).
 """
 
 from __future__ import annotations

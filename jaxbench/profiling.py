@@ -1,9 +1,6 @@
-"""Profiles of the timed epochs, for both frameworks: a trace file and a top-operations table.
-
-Each trainer writes its framework's own trace (viewable in https://ui.perfetto.dev) and the
-same table (`rank`: operation, self seconds, calls, share) into its summary, so two
-frameworks' hot spots read side by side without a viewer.
-"""
+"""Profiles of the timed epochs, for both frameworks: each its own trace (viewable in
+https://ui.perfetto.dev) and the same top-operations table (`rank`) in its summary, so two
+frameworks' hot spots read side by side without a viewer."""
 
 from __future__ import annotations
 

@@ -1,10 +1,7 @@
-"""A JAX run set up for speed: data on the device, programs compiled ahead of time, the cache.
-
-`setup` puts the data on the device and compiles `jaxbench.train`'s `Recipe` before the
-clock starts, or vmapped over seeds so K runs share every launch (each its own init and
-data order). A `CompileCache` reuses the programs of an earlier run differing only in its
-seed. A `Run` is the `Trainer` that `jaxbench.driver` drives; its state goes to orbax.
-"""
+"""A JAX run set up for speed: `setup` puts the data on the device and compiles
+`jaxbench.train`'s `Recipe` before the clock starts (vmapped over seeds, K runs share every
+launch); a `CompileCache` reuses an earlier run's programs. A `Run` is what `jaxbench.driver`
+drives."""
 
 from __future__ import annotations
 

@@ -384,13 +384,11 @@ def train_and_evaluate(
     resume: str | os.PathLike[str] | None = None,
 ) -> dict[str, Any]:
     """Train per `cfg`, evaluate every epoch, and return the summary of docs/design.md.
-
-    `data`: a `Dataset` (else loaded). `init_variables` replace the seeded init. `stream`:
-    'fast' (plans drawn on the device) or 'shared'. `workdir` (default `cfg.out`): the run
-    folder. `return_variables` adds the final weights as numpy. `profile_dir`: a trace of
-    the timed region. `resume`: a run folder to continue bit for bit. A NaN loss raises
-    FloatingPointError naming the epoch.
-    """
+    `data`: a `Dataset` (else loaded); `init_variables` replace the seeded init; `stream`:
+    'fast' (plans drawn on the device) or 'shared'; `workdir` (default `cfg.out`): the run
+    folder; `return_variables` adds the final weights as numpy; `profile_dir`: a trace of the
+    timed region; `resume`: a run folder to continue bit for bit. A NaN loss raises
+    FloatingPointError naming the epoch."""
     if jax.process_count() > 1 and (resume is not None or cfg.checkpoint_every):
         raise ValueError("--checkpoint-every and --resume need a single process; drop them")
     run = driver.Driver(cfg, "jax", stream, workdir=workdir, resume=resume, quiet=quiet,

@@ -1,8 +1,5 @@
-"""A wall-clock budget for the benchmark (`--max-seconds`): plan rounds, stop in time.
-
-`Budget` counts seconds on an injectable clock, `fits` says whether predicted work may start
-(inflated by `SAFETY` and `SLACK_S`), and `Watchdog` interrupts a run far slower than predicted.
-"""
+"""A wall-clock budget for the benchmark (`--max-seconds`): plan rounds, stop in time;
+`Watchdog` interrupts a run far slower than predicted."""
 
 from __future__ import annotations
 

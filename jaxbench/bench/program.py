@@ -1,11 +1,7 @@
-"""Hold the GPU program to account on a machine without a GPU.
-
-`check_programs(cfg, "cuda")` lowers the training epoch, step and evaluation batch for CUDA
-(`jax.export` works from the CPU) and `hlo.inspect_program` reads them for host callbacks,
-conditionals, contractions outside the compute dtype and an undonated state.
-`flop_accounting(cfg)` sets XLA's FLOP count of the compiled step and evaluation batch
-against the analytic count of `jaxbench.bench.flops`. `format_report` prints either.
-"""
+"""Hold the GPU program to account on a machine without a GPU: `check_programs(cfg, "cuda")`
+lowers the epoch, step and evaluation batch for CUDA (`jax.export` works from the CPU) for
+`hlo.inspect_program` to read; `flop_accounting(cfg)` sets XLA's FLOP count of the compiled
+step and evaluation against `jaxbench.bench.flops`'s. `format_report` prints either."""
 
 from __future__ import annotations
 
@@ -247,14 +243,9 @@ def flop_accounting(
 ) -> dict[str, Any]:
     """XLA's executed FLOPs per image of the training step and an evaluation batch, compiled
     here as the trainer compiles them, against `jaxbench.bench.flops`'s count: `*_ratio`
-    (executed / counted), `*_unpadded_ratio` (against XLA's convention) and
-    `train_read_only_ratio` (also without the outputs nothing reads).
-
-    XLA:CPU, float32, jax 0.10.2 (train, eval; against unpadded): tiny 0.888, 0.877 (1.030,
-    1.010); resnet9 0.871, 0.869 (1.009, 1.003); speedrun 0.848, 0.882 (0.990, 1.027;
-    read-only 1.075). Zero-padding taps are most of the gap; the uncounted elementwise work
-    adds 1-3%, more at small widths. Unchecked on GPUs (XLA:GPU's cost model, cuDNN).
-    """
+    (executed / counted), `*_unpadded_ratio` (XLA's convention), `train_read_only_ratio`
+    (also without the outputs nothing reads). XLA:CPU, jax 0.10.2: 0.85-0.89 (0.99-1.03
+    unpadded), the padding taps most of the gap; unchecked on GPUs (XLA:GPU's cost model)."""
     if batch_size is not None:
         cfg = cfg.replace(batch_size=batch_size)
     p = build_pieces(cfg, eval_batch=eval_batch)
