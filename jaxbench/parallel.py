@@ -266,11 +266,10 @@ def _answer_the_roll(a: ProcessArgs, host: str, port: int, deadline: float) -> N
                 conn.sendall(f"{a.process_id} {a.num_processes}\n".encode())
                 conn.settimeout(max(deadline - time.monotonic(), 0.1))
                 reply = conn.recv(16)
-        except (TimeoutError, ConnectionRefusedError, ConnectionResetError, socket.gaierror) as e:
-            if isinstance(e, socket.gaierror):
-                raise ValueError(f"--coordinator {a.coordinator}: unknown host {host!r}") from None
-            time.sleep(0.2)
-            continue
+        except socket.gaierror:
+            raise ValueError(f"--coordinator {a.coordinator}: unknown host {host!r}") from None
+        except (TimeoutError, ConnectionRefusedError, ConnectionResetError):
+            reply = b""
         if reply.startswith(b"ok"):
             return
         if reply.startswith(b"no"):
@@ -278,7 +277,7 @@ def _answer_the_roll(a: ProcessArgs, host: str, port: int, deadline: float) -> N
                 f"the coordinator refused process {a.process_id}: another process has this id "
                 "or a different --num-processes"
             )
-        time.sleep(0.2)  # the coordinator went away mid-call: try again until the deadline
+        time.sleep(0.2)  # not up yet, or gone mid-call: try again until the deadline
 
 
 def initialize(a: ProcessArgs) -> None:

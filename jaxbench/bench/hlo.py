@@ -246,12 +246,10 @@ def inspect_program(
     dots_in_compute_dtype: bool = True,
 ) -> dict[str, Any]:
     """Findings on a StableHLO program (jax 0.10's or 0.11's text, or MLIR's generic form);
-    no `problems` means (a) no host callback or transfer, (b) no conditional (said to be in
-    a loop body or not), (c) every convolution and dot_general (only convolutions with
-    `dots_in_compute_dtype=False`) reads `compute_dtype`: both nets contract nothing else,
-    (d) the first `state_leaves` arguments donated. A text with no convolution (or no loop
-    when `expect_loop`) fails: an unread format must not pass silently.
-    """
+    no `problems` means (a) no host callback or transfer, (b) no conditional, (c) every
+    convolution and dot_general (convolutions only with `dots_in_compute_dtype=False`) reads
+    `compute_dtype`, (d) the first `state_leaves` arguments donated. A text with no convolution
+    (or no loop when `expect_loop`) fails: an unread format must not pass silently."""
     want = mlir_dtype(compute_dtype)
     p = _parse(text)
     problems: list[str] = []

@@ -107,15 +107,9 @@ def program_fn(p: Pieces, which: str, *, donate: bool = True) -> tuple[Any, tupl
         n = p.eval_batch
         views = (6, n, NUM_CLASSES[cfg.dataset]) if cfg.tta_select else None
         acc = jax.tree_util.tree_map(_spec, eval_zeros(p.with_ema, None, views))
-        args = (
-            acc,
-            p.state.variables(),
-            p.state.ema,
-            jax.ShapeDtypeStruct((n, 32, 32, 3), jnp.uint8),
-            jax.ShapeDtypeStruct((n,), jnp.int32),
-            jax.ShapeDtypeStruct((n,), jnp.float32),
-            jax.ShapeDtypeStruct((), jnp.int32),
-        )
+        sds = jax.ShapeDtypeStruct  # the test images, labels and valid flags, the batch index
+        test = (sds((n, 32, 32, 3), jnp.uint8), sds((n,), jnp.int32), sds((n,), jnp.float32))
+        args = (acc, p.state.variables(), p.state.ema, *test, sds((), jnp.int32))
         return jax.jit(train.make_eval_fn(cfg, p.model, n, p.with_ema)), args
     raise ValueError(f"which must be one of {', '.join(PROGRAMS)}, got {which!r}")
 
