@@ -252,14 +252,6 @@ class Run:
     topology: parallel.Topology = dataclasses.field(default_factory=parallel.Topology.single)
     hooks: Hooks | None = None  # the parity suite's, or None
 
-    @property
-    def run(self) -> Any:
-        return self.programs.run
-
-    @property
-    def compile_seconds(self) -> float:
-        return self.programs.seconds if self.compiled else 0.0
-
     def evaluate(self, st: Any, same_weights: bool = False) -> Any:
         """`st`'s val_loss, val_acc, ema_val_acc (a list, one per seed, when vmapped);
         `same_weights`: the EMA equals the net (lookahead's end), so it is scored once."""
@@ -324,7 +316,8 @@ class Run:
             ckptr.wait_until_finished()
 
     def summary_extras(self, ledger: Any) -> dict[str, Any]:
-        extras = {"compile_seconds": self.compile_seconds, "loop": self.loop}
+        seconds = self.programs.seconds if self.compiled else 0.0
+        extras = {"compile_seconds": seconds, "loop": self.loop}
         if self.vmapped:
             return extras
         return {

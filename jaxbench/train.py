@@ -230,7 +230,7 @@ def train_epoch(
         if hooks is not None:
             raise ValueError("training hooks need the per-step loop: set --loop step")
         # the record's last part-epoch has a program of its own, over the plan's head
-        run = r.programs.run_last if steps < r.steps else r.run
+        run = r.programs.run_last if steps < r.steps else r.programs.run
         state, metrics = run(state, r.images, r.labels, plan)
     else:
         per_step = []
@@ -240,7 +240,7 @@ def train_epoch(
             t = epoch * r.steps + i
             if hooks is not None:
                 state = hooks.before_step(t, state)
-            state, m = r.run(state, r.images, r.labels, plan, np.int32(i))
+            state, m = r.programs.run(state, r.images, r.labels, plan, np.int32(i))
             if hooks is not None:
                 hooks.after_step(t, state, m)
             per_step.append(m)  # stays on the device until the epoch ends
