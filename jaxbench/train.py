@@ -163,7 +163,6 @@ def make_train_step(
         step = state.step + 1
         live = {"params": params, "batch_stats": batch_stats}
         if cfg.lookahead:
-            assert total_steps is not None
             ema, live = optim.lookahead_update(state.ema, live, step, cfg, total_steps)
             params, batch_stats = live["params"], live["batch_stats"]
         else:
