@@ -39,12 +39,7 @@ _CONDITIONAL_COST = {  # in a loop body or not: where, and what it costs on a GP
     False: ("outside any loop", "a host round trip per call on a GPU"),
 }
 
-MLIR_DTYPES: dict[str, str] = {
-    "bfloat16": "bf16",
-    "float16": "f16",
-    "float32": "f32",
-    "float64": "f64",
-}
+MLIR_DTYPES: dict[str, str] = dict(bfloat16="bf16", float16="f16", float32="f32", float64="f64")
 
 
 def mlir_dtype(dtype: Any) -> str:

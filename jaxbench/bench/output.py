@@ -99,8 +99,7 @@ def format_verdict(verdict: dict[str, Any], preset: str) -> str:
         )
     if verdict["status"] != "ratio":
         return f"time ratio {pair}: {verdict['status']}"
-    ratio = verdict["ratio"]
-    ci = ratio["ci"]
+    ratio, ci = verdict["ratio"], verdict["ratio"]["ci"]
     span = "n/a (needs >= 2 runs each)" if ci is None else f"{ci[0]:.3f}..{ci[1]:.3f}"
     return (
         f"time ratio {pair}: {ratio['value']:.3f}, {100 * ratio['level']:.0f}% CI {span} "
