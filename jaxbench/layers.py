@@ -156,8 +156,7 @@ class BatchNorm(nn.Module):
         elif self.scale_init != 1.0:
             mul = mul * jnp.float32(self.scale_init)
         bias = self.param("bias", nn.initializers.zeros, (features,), jnp.float32)
-        y = ((xs - mean) * mul + bias).reshape(shape)
-        return y.astype(self.dtype)
+        return ((xs - mean) * mul + bias).reshape(shape).astype(self.dtype)
 
     def _sharded(self, x: jax.Array, ra_mean: Any, ra_var: Any) -> jax.Array:
         """Training statistics per contiguous share of the batch (one device's part, so the
@@ -311,8 +310,7 @@ def with_whitening(
     variables: dict[str, Any], kernel_HWIO: Array, path: tuple[str, ...]
 ) -> dict[str, Any]:
     """A copy of `variables` whose whitening kernel at `path` is `kernel_HWIO` (shape-checked)."""
-    params = dict(variables["params"])
-    node = params
+    node = params = dict(variables["params"])
     for p in path:
         node[p] = dict(node[p])
         node = node[p]

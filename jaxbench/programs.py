@@ -228,8 +228,7 @@ class Hooks:
 
 @dataclasses.dataclass
 class Run:
-    """One run's compiled functions, data on the device and state: what `jaxbench.driver`
-    drives. Over 80 lines: the driver's whole `Trainer` interface, one short method each."""
+    """One run's compiled functions, data on the device and state: the driver's `Trainer`."""
 
     framework: ClassVar[str] = "jax"
     cfg: Config  # `devices` resolved to the count the run uses
