@@ -240,11 +240,9 @@ def _call_the_roll(a: ProcessArgs, port: int, deadline: float) -> None:
             pid, count = int(line[0]), int(line[1])
             if count != a.num_processes or pid in seen or not 0 < pid < a.num_processes:
                 conn.sendall(b"no\n")
-                why = (
-                    f"process {pid} says --num-processes {count}"
-                    if count != a.num_processes
-                    else f"two processes say --process-id {pid}"
-                )
+                why = f"two processes say --process-id {pid}"
+                if count != a.num_processes:
+                    why = f"process {pid} says --num-processes {count}"
                 raise ValueError(f"inconsistent topology: {why}; give every process its own id")
             seen.add(pid)
             conns.append(conn)
