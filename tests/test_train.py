@@ -235,18 +235,19 @@ def cifar_dir(request: pytest.FixtureRequest) -> str:
 @pytest.mark.slow
 @pytest.mark.realdata
 def test_tiny_learns_on_real_data(cifar_dir: str) -> None:
-    """The tiny recipe on half its data for two epochs (~30 s; measured 47% EMA, chance 10%)."""
+    """The tiny recipe on a quarter of its data for two epochs, 40 steps (~20 s; measured
+    40% plain and 32% EMA, chance is 10%)."""
     cfg = tiny().replace(
         data_dir=cifar_dir,
-        subset=4000,
+        subset=2000,
         test_subset=500,
         epochs=2,
         batch_size=100,
         lr_peak_epoch=0.5,
     )
     summary = train.train_and_evaluate(cfg, progress=False, quiet=True)
-    assert summary["final"]["ema_val_acc"] >= 0.35, summary["final"]
-    assert summary["final"]["val_acc"] >= 0.35, summary["final"]
+    assert summary["final"]["ema_val_acc"] >= 0.25, summary["final"]
+    assert summary["final"]["val_acc"] >= 0.3, summary["final"]
 
 
 def test_compile_cache_reuses_programs_and_changes_no_number() -> None:
