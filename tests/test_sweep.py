@@ -267,20 +267,20 @@ def test_two_workers_share_the_sweep_and_a_rerun_resumes_it(
     with every run once, both workers having trained some, each on its own core."""
     out = tmp_path / "sweep"
     cmd = [sys.executable, "-m", "jaxbench.sweep", *SMALL, "--grid", "lr=0.2,0.4",
-           "--seeds", "2", "--frameworks", "jax,torch", "--workers", "2",
+           "--frameworks", "jax,torch", "--workers", "2",
            "--data-dir", str(real_data_dir), "--out", str(out), "--no-progress"]  # fmt: skip
     runs = out / "runs.jsonl"
     _signal_after_first_run(cmd, runs, signal.SIGKILL)
     time.sleep(3)  # the workers get SIGTERM from the kernel when their parent dies
     before = runs.read_text().splitlines()
-    assert 1 <= len(before) < 8, before
+    assert 1 <= len(before) < 4, before
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
     assert res.returncode == 0, res.stderr[-3000:]
-    assert "[8/8]" in res.stdout, res.stdout
+    assert "[4/4]" in res.stdout, res.stdout
     rows = sweep.read_runs(runs)
     keys = [r["key"] for r in rows]
     planned = sweep.planned_keys(json.loads((out / "sweep.json").read_text()))
-    assert sorted(keys) == sorted(planned) and len(set(keys)) == 8
+    assert sorted(keys) == sorted(planned) and len(set(keys)) == 4
     assert all(r["status"] == "done" for r in rows)
     assert {r["worker"] for r in rows} == {"0/2", "1/2"}
     assert all(r["cpus"] == len(workers.split(workers.usable_cpus(), 0, 2)) for r in rows)
