@@ -16,6 +16,7 @@ import tempfile
 from collections.abc import Sequence
 from typing import Any
 
+from jaxbench import configs
 from jaxbench.command import BAD_INPUT, Command, run_command
 from jaxbench.configs import MAX_EPOCHS, PRESETS, Config, OneLineErrorParser, get_config
 from jaxbench.threads import MAX_THREADS
@@ -59,6 +60,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", type=int, help=f"seeds per framework for check 7, 1 to {MAX_SEEDS}")
     p.add_argument(
         "--epochs", type=int, help=f"epochs for check 7, 1 to {MAX_EPOCHS} (default: preset)"
+    )
+    p.add_argument(
+        "--subset",
+        type=int,
+        metavar="N",
+        help="training images for check 7, at least one batch (default: 8,000 with --quick, "
+        "6,000 for the speedrun net; else the preset's): fewer is quicker and less powerful",
     )
     p.add_argument("--quiet", action="store_true", help="only the table and the verdict")
     p.add_argument(
@@ -111,6 +119,7 @@ def _main(cmd: Command, argv: list[str]) -> int:
     for flag, value, top, unit in (
         ("--seeds", args.seeds, MAX_SEEDS, " seeds per framework"),
         ("--epochs", args.epochs, MAX_EPOCHS, ""),
+        ("--subset", args.subset, configs.DATASET_IMAGES[cfg.dataset][0], " training images"),
     ):
         if value is not None and value < 1:
             raise ValueError(f"{flag} must be at least 1")
@@ -174,6 +183,7 @@ def _run(args: argparse.Namespace, cfg: Config, checks: tuple[int, ...] | None, 
         plant=args.plant,
         seeds=args.seeds,
         epochs=args.epochs,
+        subset=args.subset,
         threads=args.threads,
         log=log,
     )

@@ -103,6 +103,7 @@ def run_suite(
     plant: str | None = None,
     seeds: int | None = None,
     epochs: int | None = None,
+    subset: int | None = None,
     threads: int | None = None,
     log: Callable[[str], None] = print,
 ) -> SuiteResult:
@@ -122,6 +123,7 @@ def run_suite(
         data=data,
         seeds=seeds if seeds is not None else (3 if quick else 5),
         epochs=epochs,
+        subset=subset,
         log=log,
     )
     results: list[CheckResult] = []

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -239,11 +237,11 @@ def test_curves_compare_and_report_show_real_and_null_side_by_side(tmp_path: Pat
 @pytest.mark.slow
 @pytest.mark.realdata
 def test_curves_null_comparison_passes_on_real_data(quick_parity: tuple) -> None:
-    """Check 7 of the test run's quick parity run (2 seeds x 3 torch runs, 1 epoch): the
-    torch-vs-torch null comparison passes, and the quick config learns: mean final EMA
-    accuracy >= 40% (44.9% measured, runs 42.9-47.1%; the bar sits about 4 standard
-    deviations of that mean below it, counting the 2 seeds as the independent draws; chance
-    is 10%)."""
+    """Check 7 of the test run's quick parity run (2 seeds x 3 torch runs, 1 epoch of 4,000
+    images): the torch-vs-torch null comparison passes, and the quick config learns: mean
+    final EMA accuracy >= 30% (36.7% measured, runs 32.5-41.1%; the bar sits about 4
+    standard deviations of that mean below it, counting the 2 seeds as the independent
+    draws; chance is 10%), on the number of images asked for."""
     proc, out = quick_parity
     assert (out / "parity.json").exists(), proc.stdout + proc.stderr[-3000:]
     report = json.loads((out / "parity.json").read_text())
@@ -257,7 +255,11 @@ def test_curves_null_comparison_passes_on_real_data(quick_parity: tuple) -> None
         for name in ("torch", "torch'", "torch''")
         for run in report["curves"]["runs"][name]
     ]
-    assert len(final) == 6 and np.mean(final) >= 0.40, final
+    assert len(final) == 6 and np.mean(final) >= 0.30, final
+    assert (
+        report["curves"]["config"]["subset"] == 4000
+        and "4,000 training" in check7["details"]["note"]
+    )
 
 
 def test_curves_without_jax_train_only_torch_and_compare_the_null(
@@ -294,24 +296,26 @@ def test_curves_without_jax_train_only_torch_and_compare_the_null(
     assert ctx.curves["table"] == [] and len(ctx.curves["null_table"]) == 2
 
 
-def _cli(*args: str, timeout: float = 600) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "parity", *args], capture_output=True, text=True, timeout=timeout
-    )
-
-
 @pytest.mark.parametrize(
     ("args", "message"),
     [
         (["--plant", "nope"], "unknown --plant 'nope'"),
         (["--checks", "9"], "--checks must name checks"),
         (["--seeds", "0"], "--seeds must be at least 1"),
+        (["--subset", "0"], "--subset must be at least 1"),
+        (["--subset", "50001"], "--subset must be in [1, 50000] training images, got 50001"),
     ],
 )
-def test_cli_rejects_bad_input_with_one_line(args: list[str], message: str, tmp_path: Path) -> None:
-    r = _cli(*args, "--out", str(tmp_path))
-    assert r.returncode == 2
-    assert message in r.stderr and "Traceback" not in r.stderr
+def test_cli_rejects_bad_input_with_one_line(
+    args: list[str], message: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """In this process (a real one: test_faults, test_readme): exit 2, one line, no output."""
+    from parity.__main__ import main
+
+    assert main([*args, "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.slow

@@ -123,7 +123,8 @@ class Context:
     labels: np.ndarray | None = None
     data: Any = None  # jaxbench.data.Dataset for checks 6-7 (None: synthetic for 6, 7 fails)
     seeds: int = 3  # per framework, check 7
-    epochs: int | None = None  # check 7 override
+    epochs: int | None = None  # check 7 overrides
+    subset: int | None = None
     log: Callable[[str], None] = print
     curves: dict[str, Any] = field(default_factory=dict)  # check 7 fills it for the plot
 

@@ -36,6 +36,7 @@ def curve_config(ctx: Context) -> tuple[Config, str]:
     batch 100, no TTA (~63%). Full mode: the preset itself."""
     quick = dict(
         widths=quick_widths(ctx.cfg),
+        subset=ctx.subset or (8000 if ctx.cfg.model == "resnet9" else 6000),
         test_subset=1000,
         eval_batch_size=1000,
         epochs=ctx.epochs or 3,
@@ -46,7 +47,6 @@ def curve_config(ctx: Context) -> tuple[Config, str]:
     if ctx.quick and ctx.cfg.model == "resnet9":
         cfg = ctx.cfg.replace(
             **quick,
-            subset=8000,
             batch_size=50,
             lr=0.4,
             lr_peak_epoch=1.0,
@@ -57,29 +57,29 @@ def curve_config(ctx: Context) -> tuple[Config, str]:
             ema_momentum=0.8,
         )
         note = (
-            f"quick mode: the {ctx.cfg.name} recipe at ResNet-9 widths 8,16,32,64; 8,000 "
-            f"training and 1,000 test images; {cfg.epochs} epochs of batch 50 (ghost BN "
-            "groups of 10 if on), LR 0.4 peaking at epoch 1; no cutout, no TTA; EMA every 5 "
-            "steps, momentum 0.8 (tiny: ~62% final EMA accuracy), not the full preset"
+            f"quick mode: the {ctx.cfg.name} recipe at ResNet-9 widths 8,16,32,64; "
+            f"{cfg.subset:,} training and 1,000 test images; {cfg.epochs} epochs of batch 50 "
+            "(ghost BN groups of 10 if on), LR 0.4 peaking at epoch 1; no cutout, no TTA; EMA "
+            "every 5 steps, momentum 0.8 (tiny: ~62% final EMA accuracy), not the full preset"
         )
         return cfg, note
     if ctx.quick:  # the speedrun net
         cfg = ctx.cfg.replace(
             **quick,
-            subset=6000,
             batch_size=100,
             lr_peak_epoch=0.7,  # airbench's 23% of the run
             whiten_bias_epochs=1,
             tta_shift=False,
         )
         note = (
-            f"quick mode: the {ctx.cfg.name} recipe at widths 32,48,48; 6,000 training and "
-            f"1,000 test images; {cfg.epochs} epochs of batch 100, LR peak at 23%, whitening "
+            f"quick mode: the {ctx.cfg.name} recipe at widths 32,48,48; {cfg.subset:,} training "
+            f"and 1,000 test images; {cfg.epochs} epochs of batch 100, LR peak at 23%, whitening "
             "bias trained for 1 epoch; no TTA (~63% final EMA accuracy), not the full preset"
         )
         return cfg, note
-    cfg = ctx.cfg if ctx.epochs is None else ctx.cfg.replace(epochs=ctx.epochs)
-    return cfg, f"the {ctx.cfg.name} preset ({cfg.epochs} epochs)"
+    cfg = ctx.cfg.replace(epochs=ctx.epochs or ctx.cfg.epochs, subset=ctx.subset or ctx.cfg.subset)
+    images = f", {cfg.subset:,} training images" if ctx.subset else ""
+    return cfg, f"the {ctx.cfg.name} preset ({cfg.epochs} epochs{images})"
 
 
 def run_name(k: int) -> str:
