@@ -10,7 +10,7 @@ import pytest
 
 from jaxbench.configs import get_config
 from jaxbench.data import load_dataset
-from jaxbench.train import train_and_evaluate, train_seeds
+from jaxbench.train import CompileCache, train_and_evaluate, train_seeds
 
 
 @pytest.mark.slow
@@ -25,11 +25,12 @@ def test_each_vmapped_seed_equals_its_single_run(real_data_dir: Path) -> None:
     )  # fmt: skip
     data = load_dataset(cfg)
     together = train_seeds(cfg, [3, 0, 7], data)
-    firsts = []
+    firsts, cache = [], CompileCache()  # the single runs share one program, as a sweep's do
     for got in together["seeds"]:
         alone = train_and_evaluate(
-            cfg.replace(seed=got["seed"]), None, data=data, progress=False, quiet=True
-        )
+            cfg.replace(seed=got["seed"]), None, data=data, progress=False, quiet=True,
+            compile_cache=cache,
+        )  # fmt: skip
         a, b = np.asarray(got["step_losses"]), np.asarray(alone["step_losses"])
         assert a.shape == b.shape == (4,)
         firsts.append(b[0])
@@ -40,6 +41,7 @@ def test_each_vmapped_seed_equals_its_single_run(real_data_dir: Path) -> None:
         for key in ("val_acc", "ema_val_acc"):  # a prediction or two may flip
             assert abs(f[key] - g[key]) <= 3 / 500, (key, f, g)
     assert len({round(x, 4) for x in firsts}) == 3  # the seeds really differ
+    assert (cache.compiles, cache.hits) == (1, 2)
     assert together["total_time_seconds"] > 0 and together["compile_seconds"] > 0
 
 
