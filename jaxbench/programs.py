@@ -228,7 +228,8 @@ class Hooks:
 
 @dataclasses.dataclass
 class Run:
-    """One run's compiled functions, data on the device and state: the driver's `Trainer`."""
+    """One run's compiled functions, data on the device and state: the driver's `Trainer`.
+    Over 80 lines: the driver's whole `Trainer` interface, one short method each."""
 
     framework: ClassVar[str] = "jax"
     cfg: Config  # `devices` resolved to the count the run uses

@@ -383,6 +383,7 @@ def train_and_evaluate(
     resume: str | os.PathLike[str] | None = None,
 ) -> dict[str, Any]:
     """Train per `cfg`, evaluate every epoch, and return the summary of docs/design.md.
+
     `data`: a `Dataset` (else loaded); `init_variables` replace the seeded init; `stream`:
     'fast' (plans drawn on the device) or 'shared'; `workdir` (default `cfg.out`): the run
     folder; `return_variables` adds the final weights as numpy; `profile_dir`: a trace of the
