@@ -235,7 +235,7 @@ def cifar_dir(request: pytest.FixtureRequest) -> str:
 @pytest.mark.slow
 @pytest.mark.realdata
 def test_tiny_learns_on_real_data(cifar_dir: str) -> None:
-    """The tiny recipe on a quarter of its data for two epochs, 40 steps (~20 s; measured
+    """The tiny recipe on a quarter of its data for two epochs, 40 steps (~25 s; measured
     40% plain and 32% EMA, chance is 10%)."""
     cfg = tiny().replace(
         data_dir=cifar_dir,
