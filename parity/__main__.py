@@ -125,6 +125,14 @@ def _main(cmd: Command, argv: list[str]) -> int:
             raise ValueError(f"{flag} must be at least 1")
         if value is not None and value > top:
             raise ValueError(f"{flag} must be in [1, {top}]{unit}, got {value}")
+    if args.subset is not None:  # at least check 7's batch: refused now, not after checks 1-6
+        from parity.checks import Context, curves
+
+        ctx = Context(cfg, None, quick=args.quick, epochs=args.epochs)  # type: ignore[arg-type]
+        if args.subset < (batch := curves.curve_config(ctx)[0].batch_size):
+            raise ValueError(
+                f"--subset must be at least check 7's batch ({batch}), got {args.subset}"
+            )
     # before the data loads and the suite runs: a bad --out costs nothing
     cmd.prepare_out(args.out, PARITY_FILES, overwrite=args.overwrite)
     data = load_data(args.data_dir, cfg.dataset)

@@ -304,6 +304,8 @@ def test_curves_without_jax_train_only_torch_and_compare_the_null(
         (["--seeds", "0"], "--seeds must be at least 1"),
         (["--subset", "0"], "--subset must be at least 1"),
         (["--subset", "50001"], "--subset must be in [1, 50000] training images, got 50001"),
+        (["--quick", "--subset", "49"], "--subset must be at least check 7's batch (50), got 49"),
+        (["--subset", "99"], "--subset must be at least check 7's batch (100), got 99"),
     ],
 )
 def test_cli_rejects_bad_input_with_one_line(
