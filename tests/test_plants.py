@@ -3,8 +3,12 @@ alone); the unplanted suite passes 1-6. Source plants edit a trainer's own code 
 
 from __future__ import annotations
 
+import contextlib
+import importlib
 import json
 import re
+import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +17,7 @@ import pytest
 from jaxbench.configs import get_config
 from parity.checks import Context, optimizer
 from parity.harness import full_precision
-from parity.plants import PLANTS, planted_harness
+from parity.plants import PACKAGES, PLANTED_ENV, PLANTS, planted_harness, planted_tree
 from parity.suite import FAST_CHECKS, run_suite
 
 
@@ -76,20 +80,54 @@ def test_muon_run_passes_clean_and_fails_only_the_planted_framework(name: str | 
     assert all(f.value > 100 for f in figures if not f.passed), [(f.name, f.value) for f in figures]
 
 
+# The source plant whose test starts the real `python -m parity` child (a new interpreter on
+# the planted copy); the others run that child's code in this process, from the same copy.
+REAL_CHILD = "normalization_data_path"
+
+
+@contextlib.contextmanager
+def _packages_from(tree: Path) -> Iterator[None]:
+    """Inside the block, this process imports jaxbench, torch_ref and parity from `tree`, and
+    its own modules again after it: the child's work without the child's start-up (~6 s of
+    imports on two cores), the frameworks already loaded."""
+    ours = lambda: [k for k in sys.modules if k.split(".")[0] in PACKAGES]  # noqa: E731
+    saved = {k: sys.modules.pop(k) for k in ours()}
+    sys.path.insert(0, str(tree))
+    try:
+        yield
+    finally:
+        sys.path.remove(str(tree))
+        for k in ours():
+            del sys.modules[k]
+        sys.modules.update(saved)
+
+
 @pytest.mark.slow
 @pytest.mark.realdata
 @pytest.mark.parametrize("name", SOURCE_PLANTS)
 def test_source_plant_is_caught_by_its_check(
-    name: str, real_data_dir: Path, tmp_path: Path, capfd: pytest.CaptureFixture[str]
+    name: str,
+    real_data_dir: Path,
+    tmp_path: Path,
+    capfd: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """`python -m parity --plant NAME`, its first half in this process: it starts the real
-    child on the planted copy, whose output reaches this process's stdout."""
+    """`python -m parity --plant NAME`: for REAL_CHILD the command's first half runs here and
+    starts the real child on the planted copy; for the others the child's own `main` runs
+    here on the planted copy's modules (what `-P` and PYTHONPATH give the real child)."""
     from parity.__main__ import main
 
     out_dir = tmp_path / "out"
     argv = ["--quick", "--plant", name, "--checks", str(PLANTS[name].check),
             "--data-dir", str(real_data_dir), "--out", str(out_dir), "--quiet"]  # fmt: skip
-    code = main(argv)
+    if name == REAL_CHILD:
+        code = main(argv)
+    else:
+        with planted_tree(PLANTS[name]) as tree, _packages_from(tree):
+            monkeypatch.setenv(PLANTED_ENV, name)
+            child = importlib.import_module("parity.__main__")
+            assert Path(child.__file__).is_relative_to(tree)  # the planted copy runs
+            code = child.main(argv)
     out, err = capfd.readouterr()
     assert code == 1, out + err[-3000:]
     assert f"plant {name!r} caught by check {PLANTS[name].check}" in out, out
