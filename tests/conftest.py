@@ -12,6 +12,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +43,19 @@ from jaxbench.data import Dataset  # noqa: E402
 def pytest_unconfigure(config: pytest.Config) -> None:
     if _OWN_CACHE:
         shutil.rmtree(os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
+
+
+@pytest.fixture(autouse=True)
+def _torch_keeps_the_workers_share() -> Iterator[None]:
+    """A command run in this process (`torch_ref.train.main` sizes torch's pool to the
+    machine's cores) must not leave the worker's later tests on more threads than its share:
+    on two busy cores, test_torch_setup.py then took 114 CPU-s in the test run, else 24."""
+    yield
+    if workers and "torch" in sys.modules:
+        import torch
+
+        if torch.get_num_threads() != (share := int(os.environ["OMP_NUM_THREADS"])):
+            torch.set_num_threads(share)
 
 
 def pytest_xdist_auto_num_workers(config: pytest.Config) -> int:
