@@ -24,7 +24,7 @@ def test_each_vmapped_seed_equals_its_single_run(real_data_dir: Path) -> None:
         lr_peak_epoch=0.5, data_dir=str(real_data_dir),
     )  # fmt: skip
     data = load_dataset(cfg)
-    together = train_seeds(cfg, [3, 0, 7], data)
+    together = train_seeds(cfg, [3, 0], data)
     firsts, cache = [], CompileCache()  # the single runs share one program, as a sweep's do
     for got in together["seeds"]:
         alone = train_and_evaluate(
@@ -40,8 +40,8 @@ def test_each_vmapped_seed_equals_its_single_run(real_data_dir: Path) -> None:
         assert abs(f["val_loss"] - g["val_loss"]) <= 1e-3 * g["val_loss"]
         for key in ("val_acc", "ema_val_acc"):  # a prediction or two may flip
             assert abs(f[key] - g[key]) <= 3 / 500, (key, f, g)
-    assert len({round(x, 4) for x in firsts}) == 3  # the seeds really differ
-    assert (cache.compiles, cache.hits) == (1, 2)
+    assert len({round(x, 4) for x in firsts}) == 2  # the seeds really differ
+    assert (cache.compiles, cache.hits) == (1, 1)
     assert together["total_time_seconds"] > 0 and together["compile_seconds"] > 0
 
 
