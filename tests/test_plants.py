@@ -88,8 +88,8 @@ REAL_CHILD = "normalization_data_path"
 @contextlib.contextmanager
 def _packages_from(tree: Path) -> Iterator[None]:
     """Inside the block, this process imports jaxbench, torch_ref and parity from `tree`, and
-    its own modules again after it: the child's work without the child's start-up (~6 s of
-    imports on two cores), the frameworks already loaded."""
+    its own modules again after it: the child's work without the child's start-up (imports,
+    torch's first optimizer, the data: ~6 CPU-s a plant, measured), the frameworks loaded."""
     ours = lambda: [k for k in sys.modules if k.split(".")[0] in PACKAGES]  # noqa: E731
     saved = {k: sys.modules.pop(k) for k in ours()}
     sys.path.insert(0, str(tree))
