@@ -47,9 +47,9 @@ def pytest_unconfigure(config: pytest.Config) -> None:
 
 @pytest.fixture(autouse=True)
 def _torch_keeps_the_workers_share() -> Iterator[None]:
-    """A command run in this process (`torch_ref.train.main` sizes torch's pool to the
-    machine's cores) must not leave the worker's later tests on more threads than its share:
-    on two busy cores, test_torch_setup.py then took 114 CPU-s in the test run, else 24."""
+    """A command run in this process can resize torch's pool for the rest of it (parity's
+    `--threads`); the worker's later tests must stay on its share. On two busy cores, torch on
+    two threads per worker took test_torch_setup.py from 24 to 114 CPU-s."""
     yield
     if workers and "torch" in sys.modules:
         import torch

@@ -364,3 +364,31 @@ def test_selective_tta_is_refused_over_processes() -> None:
     distributed.check(cfg, 1)  # one process holds the whole test set
     with pytest.raises(ValueError, match="--tta-select picks images over the whole test set"):
         distributed.check(cfg, 2)
+
+
+@pytest.mark.parametrize(
+    ("env", "want"),
+    [
+        ({"OMP_NUM_THREADS": "1"}, 1),  # alone, the user's choice stands
+        ({}, 4),  # alone, unset: every core this process may use
+        ({"OMP_NUM_THREADS": "1", "LOCAL_WORLD_SIZE": "2"}, 2),  # torchrun's 1: cores / 2
+    ],
+    ids=["user-set", "unset", "torchrun"],
+)
+def test_cpu_threads_keep_the_users_setting_outside_torchrun(
+    env: dict[str, str], want: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On a 4-core machine, torch started on one thread (as under OMP_NUM_THREADS=1):
+    `share_cpu_threads` once set every core whatever OMP_NUM_THREADS said."""
+    for var in ("OMP_NUM_THREADS", "LOCAL_WORLD_SIZE"):
+        monkeypatch.delenv(var, raising=False)
+    for var, value in env.items():
+        monkeypatch.setenv(var, value)
+    monkeypatch.setattr(distributed, "cpu_threads", lambda: 4)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        distributed.share_cpu_threads()
+        assert torch.get_num_threads() == want
+    finally:
+        torch.set_num_threads(before)

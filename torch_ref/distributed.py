@@ -150,10 +150,15 @@ def cpu_threads() -> int:
 
 
 def share_cpu_threads() -> None:
-    """Without CUDA: torch's threads are this process's share of the machine's cores."""
-    if not torch.cuda.is_available():
-        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))  # processes on this machine
-        torch.set_num_threads(max(1, cpu_threads() // local_world))
+    """Without CUDA: torch's threads are this process's share of the machine's cores. Alone,
+    an OMP_NUM_THREADS the user set stands (torch sized its pool from it); under torchrun,
+    which sets it to 1 for every process, the cores are split over the local processes."""
+    if torch.cuda.is_available():
+        return
+    if "LOCAL_WORLD_SIZE" not in os.environ and os.environ.get("OMP_NUM_THREADS"):
+        return
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))  # processes on this machine
+    torch.set_num_threads(max(1, cpu_threads() // local_world))
 
 
 def eager_only(compile: bool | None, torch_setup: Any, world: int) -> bool | None:
