@@ -378,8 +378,10 @@ def test_selective_tta_is_refused_over_processes() -> None:
 def test_cpu_threads_keep_the_users_setting_outside_torchrun(
     env: dict[str, str], want: int, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """On a 4-core machine, torch started on one thread (as under OMP_NUM_THREADS=1):
-    `share_cpu_threads` once set every core whatever OMP_NUM_THREADS said."""
+    """On a 4-core machine without CUDA (with it, torch's CPU threads are left alone),
+    torch started on one thread (as under OMP_NUM_THREADS=1): `share_cpu_threads` once set
+    every core whatever OMP_NUM_THREADS said."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     for var in ("OMP_NUM_THREADS", "LOCAL_WORLD_SIZE"):
         monkeypatch.delenv(var, raising=False)
     for var, value in env.items():
